@@ -1,0 +1,159 @@
+"""Validated, hashable, serialisable run configuration and model specification.
+
+Defaults follow the textbook's classic BN-LeNet setting (lr 1.0, batch 256,
+10 epochs, plain SGD, float32, decay 0.9, eps 1e-5, seed 0).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import ConfigError
+
+VARIANTS = ("scratch", "builtin", "builtin-defaults", "none")
+# The four places BN-LeNet can have a BN layer, in network order.
+BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
+ACTIVATIONS = ("sigmoid", "relu")
+POOLINGS = ("avg", "max")
+PLACEMENTS = ("before_activation", "after_activation")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What BN-LeNet looks like. All frameworks build the same network from it."""
+
+    variant: str = "scratch"  # scratch | builtin | builtin-defaults | none
+    bn_positions: tuple = BN_POSITIONS  # which layers are followed by BN
+    bias_before_bn: bool = True  # the textbook keeps the conv/dense bias before BN
+    activation: str = "sigmoid"
+    pooling: str = "avg"
+    bn_placement: str = "before_activation"
+    dropout: float = 0.0  # after the fc1 and fc2 activations; 0 = no dropout layer
+    freeze_gamma_beta: bool = False  # gamma and beta stay at their initial 1 and 0
+    decay: float = 0.9  # running = decay * running + (1 - decay) * batch
+    epsilon: float = 1e-5  # inside the square root
+    input_size: int = 28  # images are zero-padded (centred) to this size
+
+    def __post_init__(self):
+        object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
+        _check(self.variant in VARIANTS,
+               f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        for pos in self.bn_positions:
+            _check(pos in BN_POSITIONS,
+                   f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
+        _check(len(set(self.bn_positions)) == len(self.bn_positions),
+               f"BN position listed twice: {self.bn_positions}")
+        object.__setattr__(self, "bn_positions",
+                           tuple(p for p in BN_POSITIONS if p in self.bn_positions))
+        _check(self.activation in ACTIVATIONS,
+               f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        _check(self.pooling in POOLINGS,
+               f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        _check(self.bn_placement in PLACEMENTS,
+               f"unknown BN placement {self.bn_placement!r}; choose from {', '.join(PLACEMENTS)}")
+        _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+               f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check(isinstance(self.bias_before_bn, bool), "bias_before_bn must be true or false")
+        _check(isinstance(self.freeze_gamma_beta, bool), "freeze_gamma_beta must be true or false")
+        _check(_is_number(self.decay) and 0.0 <= self.decay < 1.0,
+               f"decay must be in [0, 1), got {self.decay!r} (PyTorch's momentum m is decay 1 - m)")
+        _check(_is_number(self.epsilon) and self.epsilon > 0,
+               f"epsilon must be a positive number, got {self.epsilon!r}")
+        _check(isinstance(self.input_size, int) and not isinstance(self.input_size, bool)
+               and self.input_size >= 28 and self.input_size % 4 == 0,
+               f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}")
+
+    @property
+    def has_bn(self) -> bool:
+        return self.variant != "none" and bool(self.bn_positions)
+
+    def bn_at(self, position: str) -> bool:
+        return self.variant != "none" and position in self.bn_positions
+
+    @property
+    def flat_size(self) -> int:
+        """Features after the second pooling, flattened in (C, H, W) order."""
+        side = ((self.input_size - 4) // 2 - 4) // 2
+        return 16 * side * side
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["bn_positions"] = list(self.bn_positions)
+        return data
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run of one variant with one seed (the framework is chosen apart)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lr: float = 1.0
+    batch_size: int = 256
+    epochs: int = 10
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"  # auto = the GPU when there is one, else the CPU
+    warmup_steps: int = 5  # the first steps of each epoch, timed apart from the rest
+    eval_batch_size: int = 1000
+    probe_size: int = 512  # fixed test images for the train/eval divergence
+    train_limit: int = 0  # 0 = the whole training set; else its first N examples
+    test_limit: int = 0
+    trace_steps: int = 0  # record the loss of each of the first N steps of every epoch
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelSpec(**self.model))
+        _check(isinstance(self.model, ModelSpec), "model must be a ModelSpec")
+        _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        for name, low in (("batch_size", 2), ("epochs", 1), ("eval_batch_size", 1),
+                          ("probe_size", 2), ("warmup_steps", 0), ("seed", 0),
+                          ("train_limit", 0), ("test_limit", 0),
+                          ("trace_steps", 0)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                   f"{name} must be an integer >= {low}, got {value!r}")
+        _check(self.seed < 2**32, f"seed must be below 2**32, got {self.seed}")
+        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+    def replace(self, **changes) -> "RunConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        _check(not unknown, f"unknown config keys: {sorted(unknown)}")
+        model = data.get("model", {})
+        if isinstance(model, dict):
+            known_model = {f.name for f in fields(ModelSpec)}
+            bad = set(model) - known_model
+            _check(not bad, f"unknown model keys: {sorted(bad)}")
+            model = ModelSpec(**model)
+        return cls(**{**data, "model": model})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def config_id(self) -> str:
+        """A short stable hash of the configuration (the same on every framework)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]

@@ -1,0 +1,21 @@
+"""Error types that carry a message a user can act on."""
+
+
+class BNCompareError(Exception):
+    """Base class of every error bn-compare raises on purpose."""
+
+
+class ConfigError(BNCompareError, ValueError):
+    """A configuration or model-specification value is invalid."""
+
+
+class DataError(BNCompareError):
+    """The Fashion-MNIST files are missing, corrupt or not what they claim."""
+
+
+class BackendUnavailable(BNCompareError):
+    """A framework cannot be imported or cannot use the requested device."""
+
+
+class NonFiniteError(BNCompareError):
+    """Training produced a NaN or infinite loss or input."""

@@ -1,0 +1,91 @@
+"""Seeded initial parameters of BN-LeNet in the canonical layout.
+
+The canonical layout is PyTorch's: conv weight (out, in, kh, kw), dense weight
+(out, in), flatten order (C, H, W). BN layers are named bn1..bn4 after the
+layer they follow and hold gamma, beta, running_mean and running_var. Every
+backend converts to its own layout on load and back on export.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelSpec
+
+# BN position -> the canonical name of its BN layer
+BN_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
+BN_STATS = ("running_mean", "running_var")
+
+
+def layer_shapes(spec: ModelSpec) -> dict:
+    """Weight shape of each conv/dense layer, in network order."""
+    return {
+        "conv1": (6, 1, 5, 5),
+        "conv2": (16, 6, 5, 5),
+        "fc1": (120, spec.flat_size),
+        "fc2": (84, 120),
+        "fc3": (10, 84),
+    }
+
+
+def has_bias(spec: ModelSpec, layer: str) -> bool:
+    """A layer followed by BN keeps its bias only when spec.bias_before_bn is set."""
+    return not spec.bn_at(layer) or spec.bias_before_bn
+
+
+def bn_layers(spec: ModelSpec) -> dict:
+    """Canonical BN name -> number of features, for the BN layers the spec has."""
+    shapes = layer_shapes(spec)
+    return {BN_NAMES[pos]: shapes[pos][0] for pos in BN_NAMES if spec.bn_at(pos)}
+
+
+def parameter_shapes(spec: ModelSpec) -> dict:
+    """Every canonical array (trainable and BN running statistics), in network order."""
+    out = {}
+    for layer, shape in layer_shapes(spec).items():
+        out[f"{layer}.weight"] = shape
+        if has_bias(spec, layer):
+            out[f"{layer}.bias"] = (shape[0],)
+        if layer in BN_NAMES and spec.bn_at(layer):
+            bn = BN_NAMES[layer]
+            for suffix in ("gamma", "beta") + BN_STATS:
+                out[f"{bn}.{suffix}"] = (shape[0],)
+    return out
+
+
+def is_trainable(name: str, spec: ModelSpec) -> bool:
+    suffix = name.split(".")[1]
+    if suffix in BN_STATS:
+        return False
+    if suffix in ("gamma", "beta"):
+        return not spec.freeze_gamma_beta
+    return True
+
+
+def init_params(spec: ModelSpec, seed: int, dtype: str = "float32") -> dict:
+    """Glorot-uniform weights, zero biases, gamma 1, beta 0, running mean 0, running var 1."""
+    rng = np.random.RandomState([seed, 0, 2])  # RandomState: the same stream on numpy 1.23 and 2.x
+    params = {}
+    for name, shape in parameter_shapes(spec).items():
+        suffix = name.split(".")[1]
+        if suffix == "weight":
+            receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            value = rng.uniform(-limit, limit, size=shape)
+        elif suffix in ("gamma", "running_var"):
+            value = np.ones(shape)
+        else:  # bias, beta, running_mean
+            value = np.zeros(shape)
+        params[name] = value.astype(dtype)
+    return params
+
+
+def check_params(params: dict, spec: ModelSpec) -> None:
+    """Raise a ValueError naming every missing, extra or misshapen array."""
+    expected = parameter_shapes(spec)
+    problems = [f"missing {n}" for n in expected if n not in params]
+    problems += [f"unexpected {n}" for n in params if n not in expected]
+    problems += [f"{n} has shape {tuple(np.shape(params[n]))}, expected {s}"
+                 for n, s in expected.items() if n in params and tuple(np.shape(params[n])) != s]
+    if problems:
+        raise ValueError("canonical parameters do not fit the model spec: " + "; ".join(problems))

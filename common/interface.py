@@ -1,0 +1,112 @@
+"""The Backend interface every framework implements.
+
+numpy arrays go in and out at this boundary, so `common`, `compare` and most
+tests never touch a framework tensor. Parameters are exchanged in the
+canonical layout of `common.init` (PyTorch's), BN running statistics included.
+Training mode is always explicit: `train_step` and `probe` use batch
+statistics, `evaluate` and `predict` use the running statistics; nothing is
+inferred from grad mode or autograd recording.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import RunConfig
+
+
+@dataclass
+class ProbeResult:
+    """A train-mode and an eval-mode forward of the same images; no state changed."""
+
+    logits_eval: np.ndarray  # (N, 10), running statistics
+    logits_train: np.ndarray  # (N, 10), batch statistics of these N images
+    # canonical BN name -> dict(batch_mean, batch_var, running_mean, running_var),
+    # batch_var biased; the batch statistics are those the train-mode forward used
+    bn: dict
+
+
+@dataclass
+class BNResult:
+    """One BN layer's forward and backward, as numpy (see run_batch_norm)."""
+
+    y: np.ndarray
+    dx: np.ndarray
+    dgamma: np.ndarray
+    dbeta: np.ndarray
+    mean_after_forward: np.ndarray  # running statistics right after the forward...
+    var_after_forward: np.ndarray
+    mean_after_backward: np.ndarray  # ...and after the backward (MXNet on CPU updates here)
+    var_after_backward: np.ndarray
+
+
+# Each frameworks/<fw>/backend.py also defines, at module level:
+#
+#   BACKEND: the Backend subclass
+#   run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *,
+#                  training, decay, epsilon, dtype) -> BNResult
+#       kind "scratch" runs the project's batch_norm layer, "builtin" the
+#       framework's layer set to decay/epsilon, "builtin-defaults" the
+#       framework's layer as constructed by default (decay/epsilon ignored).
+#       One forward in the given mode, then a backward of sum(dy * y). Bad
+#       input raises ValueError, as the layer does.
+
+
+class Backend(ABC):
+    """One framework's BN-LeNet on one device, built from a RunConfig."""
+
+    name: str = ""  # the registry name: torch, mxnet, tensorflow
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Framework version, device name, execution mode, and the BN decay and
+        epsilon the model really uses (they differ from the spec for builtin-defaults)."""
+
+    @abstractmethod
+    def set_params(self, params: dict) -> None:
+        """Load canonical parameters (every array of common.init.parameter_shapes)."""
+
+    @abstractmethod
+    def get_params(self) -> dict:
+        """Export every canonical array as float numpy arrays of the run's dtype."""
+
+    @abstractmethod
+    def put(self, images: np.ndarray, labels: np.ndarray):
+        """Move a whole split to the device once; returns an opaque handle."""
+
+    @abstractmethod
+    def put_order(self, order: np.ndarray):
+        """Move one epoch's (steps, batch_size) index matrix to the device."""
+
+    @abstractmethod
+    def train_step(self, data, order, step: int):
+        """One SGD step on the batch order[step] in training mode (batch statistics,
+        running statistics updated). Returns an opaque on-device [loss_sum, correct]
+        without waiting for the device."""
+
+    @abstractmethod
+    def reduce_stats(self, stats: list) -> np.ndarray:
+        """Sum the train_step results: numpy [loss_sum, correct] (waits for the device)."""
+
+    @abstractmethod
+    def evaluate(self, data, batch_size: int) -> np.ndarray:
+        """Eval mode over a whole split: numpy [loss_sum, correct]. Changes no state."""
+
+    @abstractmethod
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Eval-mode logits of numpy images. Changes no state."""
+
+    @abstractmethod
+    def probe(self, images: np.ndarray) -> ProbeResult:
+        """Eval-mode and train-mode logits of the same images, and each BN layer's batch
+        and running statistics. Changes no state: running statistics, parameters and
+        any optimizer or framework counters are exactly as before."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work (timing boundaries)."""

@@ -1,0 +1,138 @@
+"""The one training and evaluation loop, shared by every framework.
+
+It calls only Backend primitives. Per step it queues work and keeps the
+on-device [loss_sum, correct]; the host waits for the device only at timing
+boundaries (after the warm-up steps and at the end of the epoch), as a bare
+framework loop would.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import records
+from .config import RunConfig
+from .data import Dataset, batch_order, probe_indices
+from .errors import NonFiniteError
+from .init import init_params
+from .interface import Backend, ProbeResult
+
+
+def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
+    """Train/eval-mode divergence on the probe set, from one ProbeResult."""
+    pred_eval = probe.logits_eval.argmax(axis=1)
+    pred_train = probe.logits_train.argmax(axis=1)
+    gaps = []
+    for layer, s in probe.bn.items():
+        scale = np.sqrt(np.asarray(s["running_var"], np.float64) + epsilon)
+        gaps.append({
+            "layer": layer,
+            # |batch mean - running mean| in units of the running std, averaged over features
+            "mean_gap": float(np.mean(np.abs(s["batch_mean"] - s["running_mean"]) / scale)),
+            # |log((batch var + eps) / (running var + eps))|, averaged over features
+            "var_log_ratio": float(np.mean(np.abs(
+                np.log((np.asarray(s["batch_var"], np.float64) + epsilon)
+                       / (np.asarray(s["running_var"], np.float64) + epsilon))))),
+        })
+    return {
+        "probe_acc_eval": float(np.mean(pred_eval == labels)),
+        "probe_acc_train": float(np.mean(pred_train == labels)),
+        "probe_logit_mad": float(np.mean(np.abs(
+            probe.logits_train.astype(np.float64) - probe.logits_eval.astype(np.float64)))),
+        "probe_disagreement": float(np.mean(pred_eval != pred_train)),
+        "bn_gap": gaps,
+    }
+
+
+def subset(dataset: Dataset, config: RunConfig) -> Dataset:
+    """Apply train_limit / test_limit (their first N examples)."""
+    ntrain = config.train_limit or len(dataset.train_labels)
+    ntest = config.test_limit or len(dataset.test_labels)
+    return Dataset(dataset.train_images[:ntrain], dataset.train_labels[:ntrain],
+                   dataset.test_images[:ntest], dataset.test_labels[:ntest],
+                   dataset.source, dataset.verified)
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    if not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise NonFiniteError(f"{name} contain {count} NaN or infinite value(s); "
+                             f"the input must be finite (check the data files or the transform)")
+
+
+def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset: Dataset,
+        emit: Callable[..., None], progress: Callable[..., None] | None = None) -> None:
+    """Train config.epochs epochs; emit one epoch record per epoch.
+
+    emit(record, arrays=None): arrays (parameters and probe logits) are for the
+    caller to store; the record's "snapshot" field names where.
+    progress(epoch, step, steps): called after each queued step.
+    """
+    dataset = subset(dataset, config)
+    check_finite("training images", dataset.train_images)
+    check_finite("test images", dataset.test_images)
+    backend = backend_cls(config)
+    ident = {"framework": backend.name, "variant": config.model.variant, "seed": config.seed,
+             "config_id": config.config_id}
+    emit(records.make("run_start", **ident, config=config.to_dict(), backend=backend.describe(),
+                      data_source=dataset.source, data_verified=dataset.verified,
+                      train_examples=len(dataset.train_labels), test_examples=len(dataset.test_labels)))
+    backend.set_params(init_params(config.model, config.seed, config.dtype))
+    train = backend.put(dataset.train_images, dataset.train_labels)
+    test = backend.put(dataset.test_images, dataset.test_labels)
+    probe_idx = probe_indices(len(dataset.test_labels), config.probe_size)
+    probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
+    epsilon = backend.describe()["bn_epsilon"]
+    batch = config.batch_size
+    for epoch in range(1, config.epochs + 1):
+        order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
+        steps = len(order_np)
+        warm = min(config.warmup_steps, steps - 1)
+        order = backend.put_order(order_np)
+        stats = []
+        backend.synchronize()
+        start = time.perf_counter()
+        warm_end = start
+        for step in range(steps):
+            if step == warm:
+                backend.synchronize()
+                warm_end = time.perf_counter()
+            stats.append(backend.train_step(train, order, step))
+            if progress:
+                progress(epoch, step + 1, steps)
+        backend.synchronize()
+        end = time.perf_counter()
+        loss_sum, correct = backend.reduce_stats(stats)
+        # per-step losses for step-by-step parity checks; read after the timed region
+        step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[:config.trace_steps]]
+        if not np.isfinite(loss_sum):
+            raise NonFiniteError(
+                f"training loss became {loss_sum / (steps * batch)} in epoch {epoch} "
+                f"(lr {config.lr}, variant {config.model.variant}); lower --lr or use a BN variant")
+        eval_start = time.perf_counter()
+        test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
+        eval_seconds = time.perf_counter() - eval_start
+        probe = backend.probe(probe_images)
+        params = backend.get_params()
+        snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"
+                    f"_{config.config_id}_e{epoch:03d}.npz")
+        ntest = len(dataset.test_labels)
+        timed = steps - warm
+        record = records.make(
+            "epoch", **ident, epoch=epoch,
+            train_loss=loss_sum / (steps * batch), train_acc=correct / (steps * batch),
+            test_loss=test_loss / ntest, test_acc=test_correct / ntest,
+            train_examples_per_s=timed * batch / (end - warm_end), train_seconds=end - start,
+            timed_steps=timed,
+            warmup_examples_per_s=(warm * batch / (warm_end - start)) if warm else None,
+            warmup_seconds=warm_end - start, warmup_steps=warm,
+            eval_examples_per_s=ntest / eval_seconds, eval_seconds=eval_seconds,
+            snapshot=snapshot, step_losses=step_losses,
+            **divergence(probe, probe_labels, epsilon))
+        arrays = {f"param/{k}": v for k, v in params.items()}
+        arrays["probe/logits_eval"] = probe.logits_eval
+        arrays["probe/logits_train"] = probe.logits_train
+        emit(record, arrays)
+    emit(records.make("run_end", **ident))

@@ -1,0 +1,128 @@
+"""Float64 numpy reference of BN and BN-LeNet: the oracle for every test.
+
+Written for clarity, not speed. Conventions are the project's specification:
+biased batch variance, running = decay * running + (1 - decay) * batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelSpec
+from .init import BN_NAMES, has_bias
+
+
+def _axes(x: np.ndarray) -> tuple:
+    if x.ndim == 2:
+        return (0,)
+    if x.ndim == 4:
+        return (0, 2, 3)
+    raise ValueError(f"batch_norm expects 2-D or 4-D input, got {x.ndim}-D")
+
+
+def _shape(x: np.ndarray) -> tuple:
+    return (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training: bool,
+                       decay: float = 0.9, epsilon: float = 1e-5):
+    """Returns (y, new_running_mean, new_running_var, cache for the backward)."""
+    x = np.asarray(x, dtype=np.float64)
+    axes, shape = _axes(x), _shape(x)
+    if training:
+        mean = x.mean(axis=axes)
+        var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)  # biased (1/n)
+        new_mean = decay * running_mean + (1 - decay) * mean
+        new_var = decay * running_var + (1 - decay) * var
+    else:
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+        new_mean, new_var = running_mean, running_var
+    inv_std = 1.0 / np.sqrt(var + epsilon)
+    x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    y = gamma.reshape(shape) * x_hat + beta.reshape(shape)
+    cache = (x_hat, inv_std, np.asarray(gamma, np.float64), axes, shape, training)
+    return y, np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64), cache
+
+
+def batch_norm_backward(dy, cache):
+    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for the forward that made cache."""
+    x_hat, inv_std, gamma, axes, shape, training = cache
+    dy = np.asarray(dy, dtype=np.float64)
+    dgamma = (dy * x_hat).sum(axis=axes)
+    dbeta = dy.sum(axis=axes)
+    dx_hat = dy * gamma.reshape(shape)
+    if not training:  # running statistics are constants
+        return dx_hat * inv_std.reshape(shape), dgamma, dbeta
+    n = dy.size // dy.shape[1]
+    dx = (inv_std.reshape(shape) / n) * (
+        n * dx_hat - dx_hat.sum(axis=axes, keepdims=True)
+        - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+def conv2d(x, weight, bias=None):
+    """Valid cross-correlation, stride 1: x (N, C, H, W), weight (O, C, kh, kw)."""
+    kh, kw = weight.shape[2:]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # N,C,H',W',kh,kw
+    out = np.einsum("nchwij,ocij->nohw", windows, weight, optimize=True)
+    return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
+def pool2d(x, kind: str):
+    n, c, h, w = x.shape
+    blocks = x.reshape(n, c, h // 2, 2, w // 2, 2)
+    return blocks.mean(axis=(3, 5)) if kind == "avg" else blocks.max(axis=(3, 5))
+
+
+def activate(x, kind: str):
+    return 1.0 / (1.0 + np.exp(-x)) if kind == "sigmoid" else np.maximum(x, 0.0)
+
+
+def lenet_forward(params: dict, spec: ModelSpec, x, *, training: bool, epsilon: float | None = None,
+                  decay: float | None = None):
+    """BN-LeNet logits in float64 (no dropout), plus per-BN-layer statistics.
+
+    Returns (logits, stats) where stats[bn] = dict(batch_mean, batch_var,
+    new_running_mean, new_running_var); batch_* are None in eval mode.
+    """
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    eps = spec.epsilon if epsilon is None else epsilon
+    dec = spec.decay if decay is None else decay
+    stats = {}
+    h = np.asarray(x, dtype=np.float64)
+    for layer in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+        if layer == "fc1":
+            h = h.reshape(h.shape[0], -1)  # (C, H, W) flatten order
+        bias = p.get(f"{layer}.bias") if has_bias(spec, layer) else None
+        w = p[f"{layer}.weight"]
+        h = conv2d(h, w, bias) if layer.startswith("conv") else h @ w.T + (0 if bias is None else bias)
+        if layer == "fc3":
+            return h, stats
+        bn = BN_NAMES[layer] if spec.bn_at(layer) else None
+
+        def norm(h):
+            y, new_mean, new_var, _ = batch_norm_forward(
+                h, p[f"{bn}.gamma"], p[f"{bn}.beta"], p[f"{bn}.running_mean"],
+                p[f"{bn}.running_var"], training=training, decay=dec, epsilon=eps)
+            axes = _axes(h)
+            stats[bn] = dict(
+                batch_mean=h.mean(axis=axes) if training else None,
+                batch_var=h.var(axis=axes) if training else None,
+                new_running_mean=new_mean, new_running_var=new_var)
+            return y
+
+        if bn and spec.bn_placement == "before_activation":
+            h = norm(h)
+        h = activate(h, spec.activation)
+        if bn and spec.bn_placement == "after_activation":
+            h = norm(h)
+        if layer.startswith("conv"):
+            h = pool2d(h, spec.pooling)
+    raise AssertionError("unreachable")
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy over the batch, computed stably."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())

@@ -1,0 +1,1 @@
+"""The orchestrator: CLI, worker subprocesses, pandas reports. Never imports a framework."""

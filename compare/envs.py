@@ -1,0 +1,83 @@
+"""Finds or creates each framework's Python environment.
+
+Order: an explicit --python fw=PATH; the current interpreter if it can import
+the framework; an existing tox env; creating that tox env; otherwise a clear
+error saying how to get one. Import checks run in a subprocess, so the
+orchestrator itself never imports a framework.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from common.errors import BackendUnavailable
+from common.registry import framework_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def can_import(python: str, module: str) -> tuple:
+    """(ok, message) for `python -c "import module"`, run in a subprocess."""
+    try:
+        proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True,
+                              timeout=300, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    if proc.returncode == 0:
+        return True, ""
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return False, lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def tox_python(env: str, root: Path = ROOT) -> Path:
+    work = Path(os.environ.get("TOX_WORK_DIR", root / ".tox"))
+    return work / env / "bin" / "python"
+
+
+def tox_command() -> list | None:
+    if shutil.which("tox"):
+        return [shutil.which("tox")]
+    probe = subprocess.run([sys.executable, "-c", "import tox"], capture_output=True)
+    return [sys.executable, "-m", "tox"] if probe.returncode == 0 else None
+
+
+def resolve(framework: str, explicit: dict, *, create: bool = True, log=print) -> str:
+    info = framework_info(framework)
+    if framework in explicit:
+        python = explicit[framework]
+        if not (Path(python).is_file() or shutil.which(python)):
+            raise BackendUnavailable(f"--python {framework}={python}: no such interpreter")
+        ok, why = can_import(python, info.import_name)
+        if not ok:
+            raise BackendUnavailable(f"--python {framework}={python} cannot import {info.import_name}: {why}")
+        return python
+    if can_import(sys.executable, info.import_name)[0]:
+        return sys.executable
+    python = tox_python(info.tox_env)
+    if python.is_file():
+        ok, why = can_import(str(python), info.import_name)
+        if ok:
+            return str(python)
+        log(f"[{framework}] the tox env at {python.parent.parent} cannot import "
+            f"{info.import_name} ({why}); recreating it")
+    hint = (f"create it with `tox -e {info.tox_env} --notest` (pip install tox first), "
+            f"or pass --python {framework}=/path/to/python of an environment with {info.label}")
+    if not create:
+        raise BackendUnavailable(f"no environment with {info.label} found; {hint}")
+    tox = tox_command()
+    if tox is None:
+        raise BackendUnavailable(f"no environment with {info.label} found and tox is not installed; {hint}")
+    log(f"[{framework}] creating the tox env '{info.tox_env}' (once; this downloads {info.label})")
+    proc = subprocess.run(tox + ["-e", info.tox_env, "--notest", "--recreate"] if python.is_file()
+                          else tox + ["-e", info.tox_env, "--notest"],
+                          cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0 or not python.is_file():
+        raise BackendUnavailable(f"creating the tox env '{info.tox_env}' failed (exit {proc.returncode}); "
+                                 f"see the output above; {hint}")
+    ok, why = can_import(str(python), info.import_name)
+    if not ok:
+        raise BackendUnavailable(f"the new tox env '{info.tox_env}' cannot import {info.import_name}: {why}")
+    return str(python)

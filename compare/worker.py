@@ -1,0 +1,126 @@
+"""Entry point executed inside a framework's environment.
+
+Reads one job (JSON) from stdin, runs every configuration of it through
+common.loop with that framework's backend, and writes JSON lines to stdout:
+result records (kept by the runner) and progress lines (kind "progress", shown
+and dropped). Parameter and probe snapshots go to <out>/snapshots/*.npz. A
+failure of one configuration becomes an error record and the next one runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from common import records
+from common.config import ModelSpec, RunConfig
+from common.data import load_fashion_mnist
+from common.errors import BNCompareError
+from common.loop import run as run_loop
+from common.registry import framework_info, load_backend_module
+
+_stdout = sys.stdout
+
+
+def send(obj: dict) -> None:
+    _stdout.write(json.dumps(obj) + "\n")
+    _stdout.flush()
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    """Write atomically: a crash never leaves half a snapshot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def error_record(framework, config: RunConfig | None, exc: BaseException) -> dict:
+    ident = {}
+    if config is not None:
+        ident = {"variant": config.model.variant, "seed": config.seed, "config_id": config.config_id}
+    return records.make("error", framework=framework, **ident,
+                        error_type=type(exc).__name__, message=str(exc),
+                        traceback=None if isinstance(exc, BNCompareError) else traceback.format_exc())
+
+
+def bench(job: dict) -> int:
+    """The suite's loop and the framework's textbook loop, alternating epochs in one process."""
+    framework = job["framework"]
+    module = load_backend_module(framework)
+    textbook = load_backend_module(framework, "textbook")
+    config = RunConfig(model=ModelSpec(variant=job["variant"]), epochs=1, batch_size=job["batch_size"],
+                       device=job["device"], train_limit=job["train_limit"], test_limit=1000, probe_size=64)
+    dataset = load_fashion_mnist(job["data_dir"], verify=job["verify"])
+    suite, book, describe = [], [], {}
+    for _ in range(job["repeats"]):
+        epochs = []
+        run_loop(module.BACKEND, config, dataset,
+                 lambda record, arrays=None: epochs.append(record) if record["kind"] == "epoch" else
+                 describe.update(record.get("backend", {})))
+        suite.append(epochs[0]["train_examples_per_s"])
+        book.append(textbook.examples_per_second(config, dataset))
+        print(f"suite {suite[-1]:.0f} ex/s, textbook {book[-1]:.0f} ex/s", file=sys.stderr)
+    send({"kind": "bench", "framework": framework, "variant": config.model.variant,
+          "suite_examples_per_s": float(np.median(suite)), "textbook_examples_per_s": float(np.median(book)),
+          "suite_all": suite, "textbook_all": book, "textbook": textbook.DESCRIPTION,
+          "device_name": describe.get("device_name"), "execution": describe.get("execution")})
+    return 0
+
+
+def main() -> int:
+    # Everything a framework prints goes to stderr, so stdout carries records only.
+    sys.stdout = sys.stderr
+    job = json.loads(sys.stdin.read())
+    if job.get("mode") == "bench":
+        return bench(job)
+    framework, out = job["framework"], Path(job["out"])
+    configs = [RunConfig.from_dict(c) for c in job["configs"]]
+    try:
+        module = load_backend_module(framework)
+        info = framework_info(framework)
+        send(records.make("worker", framework=framework, python=sys.version.split()[0],
+                          executable=sys.executable, numpy=np.__version__,
+                          platform=platform.platform(),
+                          framework_version=getattr(sys.modules[info.import_name], "__version__", None)))
+    except BaseException as exc:  # the whole framework is unavailable: every config fails
+        for config in configs:
+            send(error_record(framework, config, exc))
+        return 1
+    status = 0
+    datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
+    for config in configs:
+        def emit(record, arrays=None):
+            if arrays is not None:
+                save_npz(out / record["snapshot"], arrays)
+            send(record)
+
+        def progress(epoch, step, steps, config=config):
+            if step == steps or step % 10 == 0:
+                send({"kind": "progress", "framework": framework, "variant": config.model.variant,
+                      "seed": config.seed, "epoch": epoch, "epochs": config.epochs,
+                      "step": step, "steps": steps, "time": time.time()})
+
+        try:
+            key = (config.dtype, config.model.input_size)
+            if key not in datasets:
+                datasets[key] = load_fashion_mnist(job.get("data_dir"), verify=job.get("verify", True),
+                                                        dtype=config.dtype, input_size=config.model.input_size)
+            run_loop(module.BACKEND, config, datasets[key], emit, progress)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            send(error_record(framework, config, exc))
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

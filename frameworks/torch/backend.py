@@ -1,0 +1,180 @@
+"""PyTorch backend: common.interface.Backend over BNLeNet.
+
+Training mode is set explicitly with module.train()/eval() before each kind of
+work; the probe puts only the BN layers in train mode (dropout stays off) and
+restores every buffer afterwards, so it changes no state.
+"""
+import platform
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from common.errors import BackendUnavailable
+from common.init import check_params, parameter_shapes
+from common.interface import Backend, BNResult, ProbeResult
+
+from .lenet import BNLeNet, canonical_to_torch, effective_bn
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(requested):
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"--device gpu asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+            "use --device cpu or auto, or install a CUDA build of PyTorch")
+    if requested in ("gpu", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        torch.manual_seed(config.seed)  # dropout masks only; weights come from common
+        self.model = BNLeNet(config.model).to(device=self.device, dtype=self.dtype)
+        self.spec = config.model
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
+        self._training = None
+
+    def describe(self):
+        decay, epsilon = effective_bn(self.spec)
+        if self.device.type == "cuda":
+            device_name = torch.cuda.get_device_name(self.device)
+        else:
+            device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return {"framework": "torch", "version": torch.__version__, "device": "gpu" if self.device.type == "cuda" else "cpu",
+                "device_name": device_name, "execution": "eager", "bn_decay": decay,
+                "bn_epsilon": epsilon, "dtype": self.config.dtype}
+
+    def _mode(self, training):
+        if self._training is not training:
+            self.model.train(training)
+            self._training = training
+
+    # parameters ---------------------------------------------------------------
+    def set_params(self, params):
+        check_params(params, self.spec)
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, value in params.items():
+                state[canonical_to_torch(name, self.spec)].copy_(torch.as_tensor(np.asarray(value)))
+
+    def get_params(self):
+        state = self.model.state_dict()
+        dtype = self.config.dtype
+        return {name: state[canonical_to_torch(name, self.spec)].detach().cpu().numpy().astype(dtype)
+                for name in parameter_shapes(self.spec)}
+
+    # data ---------------------------------------------------------------------
+    def put(self, images, labels):
+        return (torch.as_tensor(images).to(self.device, self.dtype),
+                torch.as_tensor(labels).to(self.device, torch.int64))
+
+    def put_order(self, order):
+        return torch.as_tensor(order).to(self.device)
+
+    # work ---------------------------------------------------------------------
+    def train_step(self, data, order, step):
+        self._mode(True)
+        index = order[step]
+        x, y = data[0].index_select(0, index), data[1].index_select(0, index)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == y).sum().to(loss.dtype)
+            return torch.stack([loss.detach() * len(index), correct])
+
+    def reduce_stats(self, stats):
+        return torch.stack(stats).sum(dim=0).double().cpu().numpy()
+
+    @torch.inference_mode()
+    def evaluate(self, data, batch_size):
+        self._mode(False)
+        images, labels = data
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(labels), batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            logits = self.model(x)
+            total[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            total[1] += (logits.argmax(dim=1) == y).sum()
+        return total.cpu().numpy()
+
+    @torch.inference_mode()
+    def predict(self, images):
+        self._mode(False)
+        return self.model(torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
+
+    @torch.no_grad()
+    def probe(self, images):
+        x = torch.as_tensor(images).to(self.device, self.dtype)
+        self._mode(False)
+        logits_eval = self.model(x).cpu().numpy()
+        bns = self.model.bn_modules()
+        saved = {k: v.clone() for k, v in self.model.named_buffers()}
+        stats, hooks = {}, []
+
+        def capture(name):
+            def hook(module, inputs):
+                h = inputs[0].double()
+                axes = (0,) if h.dim() == 2 else (0, 2, 3)
+                stats[name] = {"batch_mean": h.mean(dim=axes).cpu().numpy(),
+                               "batch_var": h.var(dim=axes, unbiased=False).cpu().numpy(),
+                               "running_mean": module.running_mean.double().cpu().numpy(),
+                               "running_var": module.running_var.double().cpu().numpy()}
+            return hook
+
+        try:
+            for name, module in bns.items():
+                hooks.append(module.register_forward_pre_hook(capture(name)))
+                module.train()  # BN only: dropout stays in eval mode
+            logits_train = self.model(x).cpu().numpy()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.model.eval()
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(saved[name])
+        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+BACKEND = TorchBackend  # what common.registry hands to the loop
+
+
+def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
+    """See common.interface: one BN layer's forward and backward, numpy in and out."""
+    from common.config import ModelSpec
+    from .lenet import make_bn
+
+    dt = DTYPES[dtype]
+    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
+    layer = make_bn(spec, x.shape[1], 4 if np.ndim(x) == 4 else 2).to(dt)
+    names = ("gamma", "beta") if kind == "scratch" else ("weight", "bias")
+    with torch.no_grad():
+        getattr(layer, names[0]).copy_(torch.as_tensor(gamma))
+        getattr(layer, names[1]).copy_(torch.as_tensor(beta))
+        layer.running_mean.copy_(torch.as_tensor(running_mean))
+        layer.running_var.copy_(torch.as_tensor(running_var))
+    layer.train(training)
+    xt = torch.tensor(np.asarray(x), dtype=dt, requires_grad=True)
+    y = layer(xt)
+    after_forward = (layer.running_mean.detach().cpu().numpy().copy(), layer.running_var.detach().cpu().numpy().copy())
+    (y * torch.as_tensor(np.asarray(dy), dtype=dt)).sum().backward()
+    g, b = getattr(layer, names[0]), getattr(layer, names[1])
+    return BNResult(y=y.detach().numpy(), dx=xt.grad.numpy(), dgamma=g.grad.numpy(), dbeta=b.grad.numpy(),
+                    mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
+                    mean_after_backward=layer.running_mean.detach().numpy(),
+                    var_after_backward=layer.running_var.detach().numpy())

@@ -1,0 +1,52 @@
+"""The framework under test comes from --framework (or $BN_FRAMEWORK).
+
+Each tox env runs the whole suite for its own framework. An unknown name is a
+usage error; a framework that fails to import in its own env fails its tests
+(the backend fixture raises), it is never skipped. Without --framework, the
+framework tests are skipped with that reason, and the framework-free ones run.
+"""
+import os
+
+import pytest
+
+from common.registry import FRAMEWORKS, load_backend_module
+
+
+def pytest_addoption(parser):
+    parser.addoption("--framework", default=os.environ.get("BN_FRAMEWORK"),
+                     help=f"framework under test: {', '.join(FRAMEWORKS)}")
+    parser.addoption("--cross", action="store_true",
+                     help="run the cross-framework tests (needs every framework's environment)")
+
+
+def pytest_configure(config):
+    name = config.getoption("--framework")
+    if name and name not in FRAMEWORKS:
+        raise pytest.UsageError(f"--framework {name!r} is unknown; choose from {', '.join(FRAMEWORKS)}")
+    config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
+
+
+def pytest_report_header(config):
+    return f"bn-compare framework under test: {config.getoption('--framework') or '(none: framework tests skipped)'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--cross"):
+        skip = pytest.mark.skip(reason="cross-framework test: run with --cross (tox -e cross)")
+        for item in items:
+            if "cross" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def framework(request):
+    name = request.config.getoption("--framework")
+    if not name:
+        pytest.skip("framework test: pass --framework NAME (tox -e NAME does)")
+    return name
+
+
+@pytest.fixture(scope="session")
+def fw(framework):
+    """The backend module of the framework under test (frameworks.<name>.backend)."""
+    return load_backend_module(framework)

@@ -1,0 +1,22 @@
+"""What each framework's built-in BN layer really does, pinned by tests.
+
+One visible table instead of `if framework == ...` branches in test bodies.
+Sources: CONVENTIONS.md, the frameworks' docs and source; every row is
+asserted by tests/test_backend.py::test_builtin_layer_conventions.
+"""
+BUILTIN = {
+    # running_var: which batch variance is folded into the running variance
+    # updated_in: when the running statistics change in training mode (CPU)
+    # defaults: (decay, epsilon) of the layer as constructed by default
+    "torch": {"running_var": "unbiased", "updated_in": "forward", "defaults": (0.9, 1e-5)},
+    "mxnet": {"running_var": "biased", "updated_in": "backward", "defaults": (0.9, 1e-5)},
+    "tensorflow": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-3)},
+}
+
+# Tolerances of the scratch layer against the float64 reference.
+# float32: relative error of a few ulps through mean/var/rsqrt; TensorFlow's
+# fused formula x*inv + (beta - mean*inv) cancels when |mean| >> std (see the
+# far-from-zero test), so it gets its own, looser bound there.
+FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
+FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
+FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 2e-3, "tensorflow": 2e-3}

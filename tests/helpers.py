@@ -1,0 +1,44 @@
+"""Small IDX data sets made by the tests, and shared numeric helpers."""
+from pathlib import Path
+
+import numpy as np
+
+from common.data import FILES, write_idx
+
+
+def make_images(n: int, seed: int) -> tuple:
+    """Learnable synthetic 28x28 images: class k lights up a horizontal band, plus noise."""
+    rng = np.random.RandomState(seed)
+    labels = rng.randint(0, 10, size=n).astype(np.uint8)
+    images = rng.randint(0, 60, size=(n, 28, 28)).astype(np.int64)
+    for i, k in enumerate(labels):
+        images[i, 2 + 2 * k: 5 + 2 * k, 3:25] += 180
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def make_idx_dir(directory: Path, n_train: int = 1200, n_test: int = 400, compress: bool = True) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    train, test = make_images(n_train, 1), make_images(n_test, 2)
+    arrays = {"train_images": train[0], "train_labels": train[1],
+              "test_images": test[0], "test_labels": test[1]}
+    for part, (stem, _, _) in FILES.items():
+        write_idx(directory / (stem + (".gz" if compress else "")), arrays[part])
+    return directory
+
+
+def random_bn_params(spec, seed=3, dtype="float64"):
+    """Canonical parameters with non-trivial BN gamma, beta and running statistics."""
+    from common.init import init_params
+    rng = np.random.RandomState(seed)
+    params = init_params(spec, seed, dtype)
+    for name in params:
+        suffix = name.split(".")[1]
+        shape = params[name].shape
+        if suffix == "gamma":
+            params[name] = rng.uniform(0.5, 1.5, shape).astype(dtype)
+        elif suffix in ("beta", "running_mean", "bias"):
+            params[name] = rng.normal(0, 0.3, shape).astype(dtype)
+        elif suffix == "running_var":
+            params[name] = rng.uniform(0.5, 2.0, shape).astype(dtype)
+    return params

@@ -1,0 +1,272 @@
+"""One body per behaviour, run once per framework (--framework / tox -e NAME).
+
+Expected values come from common.reference in float64.
+"""
+import numpy as np
+import pytest
+
+from common.config import ModelSpec, RunConfig
+from common.errors import BackendUnavailable, NonFiniteError
+from common.init import init_params
+from common.loop import run as run_loop
+from common.data import load_fashion_mnist
+from common.reference import batch_norm_backward, batch_norm_forward, lenet_forward
+from tests.conventions import BUILTIN, FAR_FROM_ZERO_ATOL, FLOAT32, FLOAT64
+from tests.helpers import make_idx_dir, random_bn_params
+
+TOL = {"float32": FLOAT32, "float64": FLOAT64}
+
+
+def bn_inputs(shape, seed=0, loc=0.5, scale=2.0):
+    rng = np.random.RandomState(seed)
+    c = shape[1]
+    return dict(x=rng.normal(loc, scale, shape), gamma=rng.uniform(0.5, 1.5, c), beta=rng.normal(0, 0.5, c),
+                running_mean=rng.normal(0, 1, c), running_var=rng.uniform(0.5, 2, c), dy=rng.normal(0, 1, shape))
+
+
+def call(fw, kind, inputs, dtype, training, decay=0.9, epsilon=1e-5):
+    cast = {k: v.astype(dtype) for k, v in inputs.items()}
+    return fw.run_batch_norm(kind, cast["x"], cast["gamma"], cast["beta"], cast["running_mean"],
+                             cast["running_var"], cast["dy"], training=training, decay=decay,
+                             epsilon=epsilon, dtype=dtype)
+
+
+def expected(inputs, training, decay=0.9, epsilon=1e-5):
+    y, rm, rv, cache = batch_norm_forward(inputs["x"], inputs["gamma"], inputs["beta"], inputs["running_mean"],
+                                          inputs["running_var"], training=training, decay=decay, epsilon=epsilon)
+    dx, dgamma, dbeta = batch_norm_backward(inputs["dy"], cache)
+    return dict(y=y, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=rm, running_var=rv)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(16, 7), (6, 3, 5, 4)], ids=["2d", "4d"])
+def test_scratch_bn_matches_reference(fw, framework, shape, training, dtype):
+    inputs = bn_inputs(shape)
+    got, want = call(fw, "scratch", inputs, dtype, training), expected(inputs, training)
+    for name in ("y", "dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(getattr(got, name), want[name], **TOL[dtype],
+                                   err_msg=f"{framework} scratch {name} {dtype} training={training}")
+    for name, key in (("mean_after_forward", "running_mean"), ("var_after_forward", "running_var"),
+                      ("mean_after_backward", "running_mean"), ("var_after_backward", "running_var")):
+        np.testing.assert_allclose(getattr(got, name), want[key], **TOL[dtype],
+                                   err_msg=f"{framework} scratch {name} {dtype} training={training}")
+    if training:  # the update really happened (the textbook's TF slip: it never did)
+        assert not np.allclose(got.var_after_forward, inputs["running_var"].astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_scratch_bn_far_from_zero_mean(fw, framework, dtype):
+    inputs = bn_inputs((32, 4, 3, 3), loc=1000.0, scale=1.0)
+    got, want = call(fw, "scratch", inputs, dtype, True), expected(inputs, True)
+    atol = FLOAT64["atol"] * 1e3 if dtype == "float64" else FAR_FROM_ZERO_ATOL[framework]
+    np.testing.assert_allclose(got.y, want["y"], rtol=0, atol=atol, err_msg=f"{framework} y, mean 1000, {dtype}")
+    np.testing.assert_allclose(got.var_after_backward, want["running_var"], rtol=1e-4 if dtype == "float32" else 1e-10,
+                               err_msg=f"{framework} running var, mean 1000, {dtype}")
+
+
+def test_scratch_bn_bad_input(fw, framework):
+    inputs = bn_inputs((4, 3, 5))
+    with pytest.raises(ValueError, match="2-D .* or 4-D"):
+        call(fw, "scratch", inputs, "float32", True)
+    one = bn_inputs((1, 3))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        call(fw, "scratch", one, "float32", True)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        call(fw, "scratch", bn_inputs((1, 3, 1, 1)), "float32", True)
+    # eval mode normalises a single example with the running statistics: no error
+    got = call(fw, "scratch", one, "float64", False)
+    np.testing.assert_allclose(got.y, expected(one, False)["y"], **FLOAT64, err_msg=f"{framework} single-example eval")
+
+
+@pytest.mark.parametrize("shape", [(16, 7), (8, 3, 4, 4)], ids=["2d", "4d"])
+def test_builtin_layer_conventions(fw, framework, shape):
+    """builtin agrees with scratch on y and gradients; its running variance and the moment it
+    updates follow the table in tests/conventions.py."""
+    conv = BUILTIN[framework]
+    inputs = bn_inputs(shape)
+    got, want = call(fw, "builtin", inputs, "float64", True), expected(inputs, True)
+    for name in ("y", "dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-9, atol=1e-10,
+                                   err_msg=f"{framework} builtin {name}")
+    n = inputs["x"].size // shape[1]
+    batch_var = want["running_var"] - 0.9 * inputs["running_var"]  # (1 - decay) * biased var
+    factor = n / (n - 1) if conv["running_var"] == "unbiased" else 1.0
+    expected_var = 0.9 * inputs["running_var"] + batch_var * factor
+    np.testing.assert_allclose(got.var_after_backward, expected_var, rtol=1e-10,
+                               err_msg=f"{framework} builtin running var ({conv['running_var']})")
+    np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
+                               err_msg=f"{framework} builtin running mean")
+    if conv["updated_in"] == "forward":
+        np.testing.assert_allclose(got.var_after_forward, expected_var, rtol=1e-10)
+    else:  # running statistics untouched by the forward alone
+        np.testing.assert_array_equal(got.var_after_forward, inputs["running_var"])
+        np.testing.assert_array_equal(got.mean_after_forward, inputs["running_mean"])
+
+
+def test_builtin_defaults(fw, framework):
+    decay, epsilon = BUILTIN[framework]["defaults"]
+    inputs = bn_inputs((16, 5))
+    got = call(fw, "builtin-defaults", inputs, "float64", True, decay=0.5, epsilon=0.5)  # both ignored
+    want = expected(inputs, True, decay=decay, epsilon=epsilon)
+    np.testing.assert_allclose(got.y, want["y"], rtol=1e-9, err_msg=f"{framework} default epsilon {epsilon}")
+    np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
+                               err_msg=f"{framework} default decay {decay}")
+    backend = fw.BACKEND(RunConfig(model=ModelSpec(variant="builtin-defaults"), device="cpu"))
+    assert (backend.describe()["bn_decay"], backend.describe()["bn_epsilon"]) == pytest.approx((decay, epsilon))
+
+
+# BN-LeNet ----------------------------------------------------------------------
+SPECS = {
+    "default": ModelSpec(),
+    "builtin": ModelSpec(variant="builtin"),
+    "none": ModelSpec(variant="none"),
+    "knobs": ModelSpec(bias_before_bn=False, bn_positions=("conv2", "fc1"), activation="relu", pooling="max",
+                       bn_placement="after_activation", input_size=32),
+}
+
+
+def backend_for(fw, spec, dtype="float64", device="cpu", **kw):
+    return fw.BACKEND(RunConfig(model=spec, dtype=dtype, device=device, **kw))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_lenet_logits_match_reference(fw, framework, name):
+    spec = SPECS[name]
+    params = random_bn_params(spec)
+    backend = backend_for(fw, spec)
+    backend.set_params(params)
+    x = np.random.RandomState(5).uniform(size=(24, 1, spec.input_size, spec.input_size))
+    want_eval, _ = lenet_forward(params, spec, x, training=False)
+    want_train, stats = lenet_forward(params, spec, x, training=True)
+    np.testing.assert_allclose(backend.predict(x), want_eval, rtol=1e-9, atol=1e-10,
+                               err_msg=f"{framework} {name} eval logits")
+    probe = backend.probe(x)
+    np.testing.assert_allclose(probe.logits_eval, want_eval, rtol=1e-9, atol=1e-10,
+                               err_msg=f"{framework} {name} probe eval logits")
+    np.testing.assert_allclose(probe.logits_train, want_train, rtol=1e-9, atol=1e-10,
+                               err_msg=f"{framework} {name} probe train logits")
+    assert sorted(probe.bn) == sorted(stats)
+    for layer, s in stats.items():
+        np.testing.assert_allclose(probe.bn[layer]["batch_mean"], s["batch_mean"], rtol=1e-9, atol=1e-12,
+                                   err_msg=f"{framework} {layer} batch mean")
+        np.testing.assert_allclose(probe.bn[layer]["batch_var"], s["batch_var"], rtol=1e-9,
+                                   err_msg=f"{framework} {layer} batch var")
+        np.testing.assert_array_equal(probe.bn[layer]["running_var"], params[f"{layer}.running_var"])
+
+
+def test_float32_logits_match_reference(fw, framework):
+    spec = ModelSpec()
+    params = random_bn_params(spec, dtype="float32")
+    backend = backend_for(fw, spec, "float32")
+    backend.set_params(params)
+    x = np.random.RandomState(5).uniform(size=(16, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(backend.predict(x), lenet_forward(params, spec, x, training=False)[0],
+                               rtol=1e-4, atol=1e-5, err_msg=f"{framework} float32 logits")
+
+
+# Mode and state ----------------------------------------------------------------
+def _equal_params(a, b, framework, what):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{framework}: {k} changed by {what}")
+
+
+@pytest.fixture
+def trained(fw):
+    spec = ModelSpec()
+    backend = backend_for(fw, spec, "float64", lr=0.5, batch_size=8)
+    backend.set_params(random_bn_params(spec))
+    rng = np.random.RandomState(0)
+    images, labels = rng.uniform(size=(32, 1, 28, 28)), rng.randint(0, 10, 32)
+    return backend, images, labels
+
+
+def test_eval_and_probe_change_nothing(fw, framework, trained):
+    backend, images, labels = trained
+    before = backend.get_params()
+    data = backend.put(images, labels)
+    backend.evaluate(data, 10)
+    backend.predict(images)
+    backend.probe(images)
+    backend.probe(images[:5])
+    _equal_params(before, backend.get_params(), framework, "evaluate/predict/probe")
+
+
+def test_probe_leaves_training_unchanged(fw, framework, trained):
+    """A probe between two steps changes neither state nor the next step's result."""
+    backend, images, labels = trained
+    other = backend_for(fw, ModelSpec(), "float64", lr=0.5, batch_size=8)
+    other.set_params(backend.get_params())
+    order = np.arange(16).reshape(2, 8)
+    results = []
+    for b, do_probe in ((backend, True), (other, False)):
+        data, o = b.put(images, labels), b.put_order(order)
+        s0 = b.train_step(data, o, 0)
+        if do_probe:
+            b.probe(images)
+        s1 = b.train_step(data, o, 1)
+        results.append((b.reduce_stats([s0]), b.reduce_stats([s1]), b.get_params()))
+    np.testing.assert_array_equal(results[0][1], results[1][1], err_msg=f"{framework} step after probe")
+    _equal_params(results[0][2], results[1][2], framework, "a probe between steps")
+
+
+def test_training_step_updates_running_statistics_by_the_spec(fw, framework, trained):
+    backend, images, labels = trained
+    before = backend.get_params()
+    data, order = backend.put(images, labels), backend.put_order(np.arange(8).reshape(1, 8))
+    backend.train_step(data, order, 0)
+    after = backend.get_params()
+    spec = ModelSpec()
+    _, stats = lenet_forward(before, spec, images[:8], training=True)
+    for layer, s in stats.items():
+        np.testing.assert_allclose(after[f"{layer}.running_mean"], s["new_running_mean"], rtol=1e-9, atol=1e-12,
+                                   err_msg=f"{framework} {layer} running mean after one step")
+        np.testing.assert_allclose(after[f"{layer}.running_var"], s["new_running_var"], rtol=1e-9,
+                                   err_msg=f"{framework} {layer} running var after one step")
+    assert not np.array_equal(after["conv1.weight"], before["conv1.weight"])
+
+
+def test_params_round_trip_into_a_new_model(fw, framework, trained):
+    backend, images, labels = trained
+    data, order = backend.put(images, labels), backend.put_order(np.arange(16).reshape(2, 8))
+    backend.train_step(data, order, 0)
+    saved = backend.get_params()
+    fresh = backend_for(fw, ModelSpec(), "float64")
+    fresh.set_params(saved)
+    _equal_params(saved, fresh.get_params(), framework, "a set/get round trip")
+    np.testing.assert_array_equal(fresh.predict(images), backend.predict(images))
+    with pytest.raises(ValueError, match="missing bn1.running_var"):
+        fresh.set_params({k: v for k, v in saved.items() if k != "bn1.running_var"})
+
+
+def test_frozen_gamma_beta_stay(fw, framework):
+    spec = ModelSpec(freeze_gamma_beta=True)
+    backend = backend_for(fw, spec, "float64", batch_size=8)
+    params = init_params(spec, 0, "float64")
+    backend.set_params(params)
+    rng = np.random.RandomState(0)
+    data = backend.put(rng.uniform(size=(8, 1, 28, 28)), rng.randint(0, 10, 8))
+    backend.train_step(data, backend.put_order(np.arange(8).reshape(1, 8)), 0)
+    after = backend.get_params()
+    np.testing.assert_array_equal(after["bn1.gamma"], params["bn1.gamma"])
+    np.testing.assert_array_equal(after["bn3.beta"], params["bn3.beta"])
+    assert not np.array_equal(after["fc1.weight"], params["fc1.weight"])
+
+
+def test_gpu_without_one_is_a_clear_error(fw, framework):
+    try:
+        backend_for(fw, ModelSpec(), device="gpu")
+    except BackendUnavailable as exc:
+        assert "--device" in str(exc)
+    else:  # a GPU is present: the backend must really be on it
+        assert backend_for(fw, ModelSpec(), device="gpu").describe()["device"] == "gpu"
+
+
+def test_nan_input_is_reported(fw, framework, tmp_path):
+    make_idx_dir(tmp_path, 64, 32)
+    ds = load_fashion_mnist(tmp_path, verify=False)
+    ds.train_images[3, 0, 5, 5] = np.nan
+    config = RunConfig(epochs=1, batch_size=16, device="cpu", probe_size=8)
+    with pytest.raises(NonFiniteError, match="training images contain 1 NaN"):
+        run_loop(fw.BACKEND, config, ds, lambda *a: None)

@@ -1,0 +1,70 @@
+import pytest
+
+from common.config import ModelSpec, RunConfig
+from common.errors import ConfigError
+from common.init import init_params, parameter_shapes
+from common.registry import load_backend_module, parse_frameworks
+
+
+def test_defaults_are_the_textbook_setting():
+    c = RunConfig()
+    assert (c.lr, c.batch_size, c.epochs, c.dtype, c.seed) == (1.0, 256, 10, "float32", 0)
+    assert (c.model.decay, c.model.epsilon, c.model.variant) == (0.9, 1e-5, "scratch")
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"lr": 0}, "lr must be a positive"), ({"lr": float("nan")}, "lr must be a positive"),
+    ({"batch_size": 1}, "batch_size"), ({"epochs": 0}, "epochs"), ({"dtype": "float16"}, "dtype"),
+    ({"device": "tpu"}, "device"), ({"seed": -1}, "seed"), ({"batch_size": 2.5}, "batch_size"),
+])
+def test_bad_run_config_values(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(**changes)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"variant": "fancy"}, "unknown variant 'fancy'"), ({"decay": 1.0}, "decay must be in"),
+    ({"epsilon": 0}, "epsilon must be a positive"), ({"dropout": 1.0}, "dropout"),
+    ({"bn_positions": ("conv3",)}, "unknown BN position"), ({"activation": "tanh"}, "activation"),
+    ({"input_size": 30}, "input_size"),
+])
+def test_bad_model_spec_values(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelSpec(**changes)
+
+
+def test_round_trip_hash_and_equality():
+    c = RunConfig(model=ModelSpec(variant="builtin", bn_positions=("fc1", "conv1")), seed=3)
+    assert c.model.bn_positions == ("conv1", "fc1")  # normalised to network order
+    again = RunConfig.from_dict(c.to_dict())
+    assert again == c and hash(again) == hash(c) and again.config_id == c.config_id
+    assert RunConfig(seed=4).config_id != RunConfig(seed=5).config_id
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        RunConfig.from_dict({**c.to_dict(), "momentum": 0.1})
+
+
+def test_unknown_framework_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown framework 'jax'"):
+        parse_frameworks("torch,jax")
+    with pytest.raises(ConfigError, match="unknown framework"):
+        load_backend_module("caffe")
+
+
+def test_spec_knobs_change_the_parameter_layout():
+    spec = ModelSpec(bias_before_bn=False, bn_positions=("conv1", "fc2"), input_size=32)
+    shapes = parameter_shapes(spec)
+    assert "conv1.bias" not in shapes and "conv2.bias" in shapes and "fc2.bias" not in shapes
+    assert "bn2.gamma" not in shapes and "bn4.running_var" in shapes
+    assert shapes["fc1.weight"] == (120, 16 * 5 * 5)
+    assert "bn1.gamma" not in parameter_shapes(ModelSpec(variant="none"))
+
+
+def test_initial_parameters_are_seeded_and_glorot():
+    spec = ModelSpec()
+    a, b, c = init_params(spec, 0), init_params(spec, 0), init_params(spec, 1)
+    assert all((a[k] == b[k]).all() for k in a)
+    assert not (a["conv1.weight"] == c["conv1.weight"]).all()
+    limit = (6 / (25 + 150)) ** 0.5
+    assert abs(a["conv1.weight"]).max() <= limit and abs(a["conv1.weight"]).max() > 0.9 * limit
+    assert (a["bn1.running_var"] == 1).all() and (a["bn1.running_mean"] == 0).all()  # not the textbook's 0
+    assert a["fc1.weight"].dtype.name == "float32"
