@@ -20,6 +20,7 @@ POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
+EXECUTIONS = ("compiled", "eager")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -106,6 +107,7 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"  # auto = the GPU when there is one, else the CPU
+    execution: str = "compiled"  # compiled = hybridized Gluon / tf.function; eager = imperative (PyTorch: always eager)
     warmup_steps: int = 5  # the first steps of each epoch, timed apart from the rest
     eval_batch_size: int = 1000
     probe_size: int = 512  # fixed test images for the train/eval divergence
@@ -127,6 +129,8 @@ class RunConfig:
                    f"{name} must be an integer >= {low}, got {value!r}")
         _check(self.seed < 2**32, f"seed must be below 2**32, got {self.seed}")
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        _check(self.execution in EXECUTIONS,
+               f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}")
         _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     def replace(self, **changes) -> "RunConfig":

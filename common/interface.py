@@ -36,7 +36,10 @@ class BNResult:
     dx: np.ndarray
     dgamma: np.ndarray
     dbeta: np.ndarray
-    mean_after_forward: np.ndarray  # running statistics right after the forward...
+    # running statistics right after the forward (for MXNet's scratch layer, the values its
+    # forward returns: a recorded graph cannot be written to, so its owner stores them after
+    # the backward)...
+    mean_after_forward: np.ndarray
     var_after_forward: np.ndarray
     mean_after_backward: np.ndarray  # ...and after the backward (MXNet on CPU updates here)
     var_after_backward: np.ndarray

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import records
-from common.config import ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, PLACEMENTS, POOLINGS, VARIANTS, ModelSpec, RunConfig
+from common.config import ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, EXECUTIONS, PLACEMENTS, POOLINGS, VARIANTS, ModelSpec, RunConfig
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     g.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto = the GPU when the framework sees one; gpu without one is an error")
+    g.add_argument("--execution", choices=EXECUTIONS, default=d.execution,
+                   help="compiled = hybridized Gluon / tf.function; eager = imperative (PyTorch is always eager)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="first steps of each epoch, timed apart from the throughput figure")
     g.add_argument("--train-limit", type=int, default=None, help="use the first N training images (0 = all)")
@@ -119,7 +121,7 @@ def configs_from_args(args) -> list:
             out.append(RunConfig(
                 model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=args.dtype,
                 device=args.device, warmup_steps=args.warmup_steps, probe_size=args.probe_size,
-                trace_steps=args.trace_steps,
+                trace_steps=args.trace_steps, execution=args.execution,
                 epochs=args.epochs if args.epochs is not None else limits.get("epochs", RunConfig.epochs),
                 train_limit=args.train_limit if args.train_limit is not None else limits.get("train_limit", 0),
                 test_limit=args.test_limit if args.test_limit is not None else limits.get("test_limit", 0)))

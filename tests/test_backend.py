@@ -85,14 +85,15 @@ def test_builtin_layer_conventions(fw, framework, shape):
     updates follow the table in tests/conventions.py."""
     conv = BUILTIN[framework]
     inputs = bn_inputs(shape)
-    got, want = call(fw, "builtin", inputs, "float64", True), expected(inputs, True)
+    decay = float(np.dtype(conv["decay_dtype"]).type(0.9))
+    got, want = call(fw, "builtin", inputs, "float64", True), expected(inputs, True, decay=decay)
     for name in ("y", "dx", "dgamma", "dbeta"):
         np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-9, atol=1e-10,
                                    err_msg=f"{framework} builtin {name}")
     n = inputs["x"].size // shape[1]
-    batch_var = want["running_var"] - 0.9 * inputs["running_var"]  # (1 - decay) * biased var
+    batch_var = want["running_var"] - decay * inputs["running_var"]  # (1 - decay) * biased var
     factor = n / (n - 1) if conv["running_var"] == "unbiased" else 1.0
-    expected_var = 0.9 * inputs["running_var"] + batch_var * factor
+    expected_var = decay * inputs["running_var"] + batch_var * factor
     np.testing.assert_allclose(got.var_after_backward, expected_var, rtol=1e-10,
                                err_msg=f"{framework} builtin running var ({conv['running_var']})")
     np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
@@ -108,7 +109,8 @@ def test_builtin_defaults(fw, framework):
     decay, epsilon = BUILTIN[framework]["defaults"]
     inputs = bn_inputs((16, 5))
     got = call(fw, "builtin-defaults", inputs, "float64", True, decay=0.5, epsilon=0.5)  # both ignored
-    want = expected(inputs, True, decay=decay, epsilon=epsilon)
+    want = expected(inputs, True, decay=float(np.dtype(BUILTIN[framework]["decay_dtype"]).type(decay)),
+                    epsilon=epsilon)
     np.testing.assert_allclose(got.y, want["y"], rtol=1e-9, err_msg=f"{framework} default epsilon {epsilon}")
     np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
                                err_msg=f"{framework} default decay {decay}")

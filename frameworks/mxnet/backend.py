@@ -1,0 +1,175 @@
+"""MXNet Gluon backend: common.interface.Backend over BNLeNet.
+
+Training mode is set at every call: train_step runs under
+`autograd.record(train_mode=True)`; evaluate/predict call the net with
+training=False outside recording; the probe runs under
+`autograd.train_mode()` with training=False, bn_training=True (BN on batch
+statistics, dropout off), without recording, and restores the running
+statistics afterwards (built-in BN on GPU updates them in the forward).
+Execution: hybridized (static graph) unless the run asks for eager.
+"""
+import platform
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+
+from common.errors import BackendUnavailable
+from common.init import check_params, parameter_shapes
+from common.interface import Backend, BNResult, ProbeResult
+
+from .lenet import BNLeNet, effective_bn, make_bn
+
+
+def resolve_context(requested):
+    gpus = mx.context.num_gpus()
+    if requested == "gpu" and gpus == 0:
+        raise BackendUnavailable(
+            f"--device gpu asked for, but this MXNet ({mx.__version__}) sees no GPU (the PyPI 'mxnet' wheel is "
+            "CPU-only); use --device cpu or auto, or install a CUDA build such as mxnet-cu112")
+    return mx.gpu(0) if requested in ("gpu", "auto") and gpus > 0 else mx.cpu()
+
+
+def _param(net, name):
+    layer, suffix = name.split(".")
+    return getattr(getattr(net, layer), suffix)
+
+
+class MXNetBackend(Backend):
+    name = "mxnet"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ctx = resolve_context(config.device)
+        self.dtype = config.dtype
+        self.spec = config.model
+        mx.random.seed(config.seed)  # dropout masks only; weights come from common
+        self.net = BNLeNet(config.model)
+        self.net.initialize(ctx=self.ctx)
+        self.net.cast(self.dtype)
+        self.hybridized = config.execution == "compiled"
+        if self.hybridized:
+            self.net.hybridize(static_alloc=True, static_shape=True)
+        trainable = [p for p in self.net.collect_params().values() if p.grad_req != "null"]
+        self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr})
+        self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def describe(self):
+        decay, epsilon = effective_bn(self.spec)
+        device_name = f"GPU {self.ctx.device_id}" if self.ctx.device_type == "gpu" else \
+            f"CPU ({platform.processor() or platform.machine()})"
+        return {"framework": "mxnet", "version": mx.__version__,
+                "device": "gpu" if self.ctx.device_type == "gpu" else "cpu", "device_name": device_name,
+                "execution": "hybridized" if self.hybridized else "imperative", "bn_decay": decay,
+                "bn_epsilon": epsilon, "dtype": self.dtype}
+
+    def set_params(self, params):
+        check_params(params, self.spec)
+        for name, value in params.items():
+            _param(self.net, name).set_data(nd.array(value, ctx=self.ctx, dtype=self.dtype))
+
+    def get_params(self):
+        return {name: _param(self.net, name).data().asnumpy().astype(self.dtype)
+                for name in parameter_shapes(self.spec)}
+
+    def put(self, images, labels):
+        return (nd.array(images, ctx=self.ctx, dtype=self.dtype), nd.array(labels, ctx=self.ctx, dtype=self.dtype))
+
+    def put_order(self, order):
+        return nd.array(order, ctx=self.ctx, dtype="int32")
+
+    def train_step(self, data, order, step):
+        index = order[step]
+        x, y = nd.take(data[0], index), nd.take(data[1], index)
+        with autograd.record(train_mode=True):
+            logits, *new_stats = self.net(x)
+            loss = self.loss(logits, y)
+        loss.backward()
+        self.trainer.step(x.shape[0])  # the loss is per example: step(n) makes it the batch mean
+        self.net.store_running(new_stats)
+        correct = (logits.argmax(axis=1) == y).sum()
+        return nd.concat(loss.sum(), correct, dim=0)
+
+    def reduce_stats(self, stats):
+        return nd.add_n(*stats).asnumpy().astype(np.float64) if len(stats) > 1 else \
+            stats[0].asnumpy().astype(np.float64)
+
+    def evaluate(self, data, batch_size):
+        images, labels = data
+        total = []
+        for start in range(0, labels.shape[0], batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            logits = self.net(x, False)[0]
+            total.append(nd.concat(self.loss(logits, y).sum(), (logits.argmax(axis=1) == y).sum(), dim=0))
+        return self.reduce_stats(total)
+
+    def predict(self, images):
+        return self.net(nd.array(images, ctx=self.ctx, dtype=self.dtype), False)[0].asnumpy()
+
+    def probe(self, images):
+        x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
+        logits_eval = self.net(x, False)[0].asnumpy()
+        blocks = self.net.bn_blocks()
+        saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
+        stats = {}
+        # BN inputs: run the net up to each BN layer is costly to rebuild, so record them with hooks
+        inputs = {}
+        hooks = [b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
+                 for name, b in blocks.items()]
+        try:
+            if self.hybridized:
+                self.net.hybridize(active=False)  # hooks only fire on imperative calls
+            with autograd.train_mode():
+                logits_train = self.net(x, False, True)[0].asnumpy()
+        finally:
+            for hook in hooks:
+                hook.detach()
+            for name, b in blocks.items():
+                b.running_mean.set_data(saved[name][0])
+                b.running_var.set_data(saved[name][1])
+            if self.hybridized:
+                self.net.hybridize(static_alloc=True, static_shape=True)
+        for name, b in blocks.items():
+            h = inputs[name].asnumpy().astype(np.float64)
+            axes = (0,) if h.ndim == 2 else (0, 2, 3)
+            stats[name] = {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
+                           "running_mean": saved[name][0].asnumpy().astype(np.float64),
+                           "running_var": saved[name][1].asnumpy().astype(np.float64)}
+        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
+
+    def synchronize(self):
+        nd.waitall()
+
+
+BACKEND = MXNetBackend  # what common.registry hands to the loop
+
+
+def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
+    """See common.interface: one BN layer's forward and backward, numpy in and out."""
+    from common.config import ModelSpec
+
+    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
+    layer = make_bn(spec, x.shape[1], 4 if np.ndim(x) == 4 else 2)
+    layer.initialize(ctx=mx.cpu())
+    layer.cast(dtype)
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        getattr(layer, name).set_data(nd.array(value, dtype=dtype))
+    xt = nd.array(x, dtype=dtype)
+    xt.attach_grad()
+    mode = nd.array([float(training)], dtype=dtype)
+    with autograd.record(train_mode=training):
+        out = layer(xt, mode) if kind == "scratch" else layer(xt)
+        y = out[0] if kind == "scratch" else out
+        # scratch: the statistics its forward returns (stored below, once the graph is freed);
+        # builtin: what the operator has written so far
+        after_forward = (out[1].asnumpy(), out[2].asnumpy()) if kind == "scratch" else \
+            (layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
+        loss = (y * nd.array(dy, dtype=dtype)).sum()
+    loss.backward()
+    if kind == "scratch" and training:
+        layer.store(out[1], out[2])
+    return BNResult(y=y.asnumpy(), dx=xt.grad.asnumpy(), dgamma=layer.gamma.grad().asnumpy(),
+                    dbeta=layer.beta.grad().asnumpy(), mean_after_forward=after_forward[0],
+                    var_after_forward=after_forward[1], mean_after_backward=layer.running_mean.data().asnumpy(),
+                    var_after_backward=layer.running_var.data().asnumpy())

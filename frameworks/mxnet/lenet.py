@@ -1,0 +1,109 @@
+"""BN-LeNet for MXNet Gluon, built from a ModelSpec. Layout NCHW, canonical names
+map to attributes: conv1.weight -> net.conv1.weight, bn1.gamma -> net.bn1.gamma.
+
+Variants: scratch (our BatchNorm), builtin (gluon.nn.BatchNorm(momentum=decay,
+epsilon=eps)), builtin-defaults (gluon.nn.BatchNorm() as constructed), none.
+
+Modes. `net(x, training=None, bn_training=None)`: `training` defaults to Gluon's
+flag `autograd.is_training()` (True inside `autograd.record()`), `bn_training`
+to `training`. Both reach the graph as inputs, so a hybridized net follows
+them at run time. The built-in BN reads Gluon's flag itself, at run time. The
+net returns (logits, new_running_stats); call store_running(new_running_stats)
+after a training forward (the scratch layers' update).
+"""
+import mxnet as mx
+from mxnet import autograd, nd
+from mxnet.gluon import HybridBlock, nn
+
+from common.init import BN_NAMES, has_bias, layer_shapes
+
+from .batchnorm import BatchNorm
+
+
+def make_bn(spec, num_features, dims):
+    if spec.variant == "scratch":
+        return BatchNorm(num_features, dims, decay=spec.decay, epsilon=spec.epsilon)
+    if spec.variant == "builtin":
+        # Gluon's momentum weights the old running value, like our decay
+        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, in_channels=num_features)
+    return nn.BatchNorm(in_channels=num_features)  # builtin-defaults
+
+
+def effective_bn(spec):
+    if spec.variant == "builtin-defaults":
+        kwargs = nn.BatchNorm(in_channels=1)._kwargs
+        return kwargs["momentum"], kwargs["eps"]
+    return spec.decay, spec.epsilon
+
+
+class BNLeNet(HybridBlock):
+    def __init__(self, spec, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.scratch = spec.variant == "scratch"
+        self.bn_names = [BN_NAMES[l] for l in BN_NAMES if spec.bn_at(l)]
+        with self.name_scope():
+            for layer, shape in layer_shapes(spec).items():
+                bias = has_bias(spec, layer)
+                if layer.startswith("conv"):
+                    block = nn.Conv2D(shape[0], kernel_size=shape[2:], in_channels=shape[1], use_bias=bias)
+                else:  # Dense flattens NCHW input in (C, H, W) order, as the canonical layout
+                    block = nn.Dense(shape[0], in_units=shape[1], use_bias=bias)
+                setattr(self, layer, block)
+                if layer in BN_NAMES and spec.bn_at(layer):
+                    bn = make_bn(spec, shape[0], 4 if layer.startswith("conv") else 2)
+                    setattr(self, BN_NAMES[layer], bn)
+                    if spec.freeze_gamma_beta:
+                        bn.gamma.grad_req = bn.beta.grad_req = "null"
+
+    def bn_blocks(self):
+        return {name: getattr(self, name) for name in self.bn_names}
+
+    def forward(self, x, training=None, bn_training=None):
+        training = autograd.is_training() if training is None else training
+        bn_training = training if bn_training is None else bn_training
+        if bn_training and self.spec.has_bn and x.shape[0] < 2:
+            raise ValueError(f"training-mode BN needs a batch of at least 2, got {x.shape[0]}")
+        flags = nd.array([float(bn_training), float(training)], ctx=x.context, dtype=x.dtype)
+        return super().forward(x, flags)
+
+    def _block(self, F, layer, h, bn_mode, new_stats):
+        bn = getattr(self, BN_NAMES[layer]) if self.spec.bn_at(layer) else None
+
+        def norm(h):
+            if not self.scratch:
+                return bn(h)
+            y, mean, var = bn(h, bn_mode)
+            new_stats.extend([mean, var])
+            return y
+
+        before = self.spec.bn_placement == "before_activation"
+        if bn is not None and before:
+            h = norm(h)
+        h = F.sigmoid(h) if self.spec.activation == "sigmoid" else F.relu(h)
+        if bn is not None and not before:
+            h = norm(h)
+        return h
+
+    def _dropout(self, F, h, training):
+        if self.spec.dropout == 0:
+            return h
+        # mode="always" plus `where`: dropout follows the `training` input, not the trace-time flag
+        dropped = F.Dropout(h, p=self.spec.dropout, mode="always")
+        return F.where(F.broadcast_like(F.reshape(training, shape=(1, 1)), h), dropped, h)
+
+    def hybrid_forward(self, F, x, flags):
+        bn_mode = F.slice_axis(flags, axis=0, begin=0, end=1)
+        training = F.slice_axis(flags, axis=0, begin=1, end=2)
+        pool = dict(kernel=(2, 2), stride=(2, 2), pool_type=self.spec.pooling)
+        new_stats = []
+        h = F.Pooling(self._block(F, "conv1", self.conv1(x), bn_mode, new_stats), **pool)
+        h = F.Pooling(self._block(F, "conv2", self.conv2(h), bn_mode, new_stats), **pool)
+        h = self._dropout(F, self._block(F, "fc1", self.fc1(h), bn_mode, new_stats), training)
+        h = self._dropout(F, self._block(F, "fc2", self.fc2(h), bn_mode, new_stats), training)
+        return (self.fc3(h),) + tuple(new_stats)
+
+    def store_running(self, new_stats):
+        """After a training forward: store what the scratch layers computed."""
+        for i, name in enumerate(self.bn_names if self.scratch else []):
+            getattr(self, name).store(new_stats[2 * i], new_stats[2 * i + 1])
