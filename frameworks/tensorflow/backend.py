@@ -1,0 +1,184 @@
+"""TensorFlow / Keras 3 backend: common.interface.Backend over BNLeNet (NHWC).
+
+Training mode is passed at every call: train_step calls the model with
+training=True; evaluate/predict with training=False; the probe with
+training=False, bn_training=True, and restores the running statistics
+afterwards. Images arrive as canonical NCHW numpy and are transposed to NHWC
+once, when they are put on the device. Execution: the step and the eval
+forward are tf.function-compiled unless the run asks for eager.
+"""
+import platform
+
+import numpy as np
+import tensorflow as tf
+
+from common.errors import BackendUnavailable
+from common.init import check_params, parameter_shapes
+from common.interface import Backend, BNResult, ProbeResult
+
+from .lenet import BNLeNet, effective_bn, from_keras, make_bn, nchw_to_nhwc, to_keras, trainable_variables, variable
+
+
+def resolve_device(requested):
+    gpus = tf.config.list_physical_devices("GPU")
+    if requested == "gpu" and not gpus:
+        raise BackendUnavailable(
+            f"--device gpu asked for, but this TensorFlow ({tf.__version__}) sees no GPU; use --device cpu or "
+            "auto, or install tensorflow[and-cuda] on a machine with an NVIDIA driver")
+    return "/GPU:0" if requested in ("gpu", "auto") and gpus else "/CPU:0"
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.device = resolve_device(config.device)
+        self.dtype = config.dtype
+        self.spec = config.model
+        tf.random.set_seed(config.seed)  # dropout masks only; weights come from common
+        size = config.model.input_size
+        with tf.device(self.device):
+            self.model = BNLeNet(config.model, dtype=config.dtype)
+            self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
+        self.trainable = trainable_variables(self.model)
+        self.lr = tf.constant(config.lr, dtype=config.dtype)
+        self.compiled = config.execution == "compiled"
+        wrap = tf.function if self.compiled else (lambda f: f)
+        self._step = wrap(self._step_impl)
+        self._forward = wrap(self._forward_impl)
+
+    def describe(self):
+        decay, epsilon = effective_bn(self.spec)
+        if self.device.startswith("/GPU"):
+            details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+            device_name = details.get("device_name", "GPU")
+        else:
+            device_name = f"CPU ({platform.processor() or platform.machine()})"
+        return {"framework": "tensorflow", "version": tf.__version__,
+                "device": "gpu" if self.device.startswith("/GPU") else "cpu", "device_name": device_name,
+                "execution": "tf.function" if self.compiled else "eager", "bn_decay": float(decay),
+                "bn_epsilon": float(epsilon), "dtype": self.dtype}
+
+    def set_params(self, params):
+        check_params(params, self.spec)
+        for name, value in params.items():
+            variable(self.model, name).assign(to_keras(name, np.asarray(value, dtype=self.dtype), self.spec))
+
+    def get_params(self):
+        return {name: from_keras(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
+                for name in parameter_shapes(self.spec)}
+
+    def put(self, images, labels):
+        with tf.device(self.device):
+            return (tf.constant(nchw_to_nhwc(images).astype(self.dtype)), tf.constant(labels, dtype=tf.int32))
+
+    def put_order(self, order):
+        with tf.device(self.device):
+            return tf.constant(order, dtype=tf.int32)
+
+    def _step_impl(self, images, labels, order, step):
+        index = order[step]
+        x, y = tf.gather(images, index), tf.gather(labels, index)
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            loss = tf.reduce_mean(losses)
+        grads = tape.gradient(loss, self.trainable)
+        for var, grad in zip(self.trainable, grads):
+            var.assign_sub(self.lr * grad)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y), loss.dtype))
+        return tf.stack([tf.reduce_sum(losses), correct])
+
+    def train_step(self, data, order, step):
+        with tf.device(self.device):
+            return self._step(data[0], data[1], order, tf.constant(step, dtype=tf.int32))
+
+    def reduce_stats(self, stats):
+        return tf.add_n(stats).numpy().astype(np.float64)
+
+    def _forward_impl(self, x, y):
+        logits = self.model(x, training=False)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y), losses.dtype))
+        return tf.stack([tf.reduce_sum(losses), correct])
+
+    def evaluate(self, data, batch_size):
+        images, labels = data
+        n = int(labels.shape[0])
+        with tf.device(self.device):
+            totals = [self._forward(images[s:s + batch_size], labels[s:s + batch_size])
+                      for s in range(0, n, batch_size)]
+        return self.reduce_stats(totals)
+
+    def predict(self, images):
+        with tf.device(self.device):
+            return self.model(tf.constant(nchw_to_nhwc(images).astype(self.dtype)), training=False).numpy()
+
+    def probe(self, images):
+        x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
+        with tf.device(self.device):
+            logits_eval = self.model(x, training=False).numpy()
+        layers = self.model.bn_layers()
+        stat_names = ("running_mean", "running_var")
+        saved = {name: [variable(self.model, f"{name}.{s}").numpy() for s in stat_names] for name in layers}
+        inputs = {}
+        originals = {}
+        for name, layer in layers.items():  # record each BN layer's input on this eager call
+            originals[name] = layer.call
+
+            def call(h, *args, _name=name, _call=layer.call, **kwargs):
+                inputs[_name] = h.numpy()
+                return _call(h, *args, **kwargs)
+
+            layer.call = call
+        try:
+            with tf.device(self.device):
+                logits_train = self.model(x, training=False, bn_training=True).numpy()
+        finally:
+            for name, layer in layers.items():
+                layer.call = originals[name]
+                for s, value in zip(stat_names, saved[name]):
+                    variable(self.model, f"{name}.{s}").assign(value)
+        stats = {}
+        for name in layers:
+            h = inputs[name].astype(np.float64)
+            axes = (0,) if h.ndim == 2 else (0, 1, 2)
+            stats[name] = {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
+                           "running_mean": saved[name][0].astype(np.float64),
+                           "running_var": saved[name][1].astype(np.float64)}
+        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
+
+    def synchronize(self):
+        # Eager ops are dispatched synchronously on the host (TensorFlow's default). On a GPU the
+        # kernels run on its stream; reading a variable every step updates waits for all of them.
+        self.model.fc3.kernel.numpy()
+
+
+BACKEND = TensorFlowBackend  # what common.registry hands to the loop
+
+
+def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
+    """See common.interface: one BN layer's forward and backward, numpy in and out (NCHW in, NCHW out)."""
+    from common.config import ModelSpec
+
+    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
+    layer = make_bn(spec, x.shape[1], dtype)
+    to_last = (lambda a: nchw_to_nhwc(a)) if np.ndim(x) == 4 else (lambda a: np.asarray(a))
+    from_last = (lambda a: a.transpose(0, 3, 1, 2)) if np.ndim(x) == 4 else (lambda a: a)
+    xt = tf.constant(to_last(x).astype(dtype))
+    layer.build(xt.shape)
+    names = ("gamma", "beta") + (("running_mean", "running_var") if kind == "scratch"
+                                 else ("moving_mean", "moving_variance"))
+    for name, value in zip(names, (gamma, beta, running_mean, running_var)):
+        getattr(layer, name).assign(np.asarray(value, dtype=dtype))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=training)
+        after_forward = [getattr(layer, n).numpy().copy() for n in names[2:]]
+        loss = tf.reduce_sum(y * tf.constant(to_last(dy).astype(dtype)))
+    dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names[0]), getattr(layer, names[1])])
+    return BNResult(y=from_last(y.numpy()), dx=from_last(dx.numpy()), dgamma=dgamma.numpy(), dbeta=dbeta.numpy(),
+                    mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
+                    mean_after_backward=getattr(layer, names[2]).numpy(),
+                    var_after_backward=getattr(layer, names[3]).numpy())

@@ -1,0 +1,61 @@
+"""Scratch batch normalization for TensorFlow / Keras 3.
+
+Layout: NHWC (4-D, normalised over batch and spatial axes per channel) or NC
+(2-D). Training mode is the `training` argument, passed explicitly at every
+call and defaulting to False in the signature (Keras 3 Sequential needs a
+default; a plain call is inference, as in Keras's own layers). The running
+statistics are non-trainable weights, updated with assign in training mode.
+The normalisation is written (x - mean) * inv_std * gamma + beta, not
+TensorFlow's x * inv + (beta - mean * inv), which cancels when |mean| >> std.
+"""
+import keras
+import tensorflow as tf
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon):
+    """Return (y, new_running_mean, new_running_var); eval mode returns the running ones."""
+    rank = x.shape.rank
+    if rank not in (2, 4):
+        raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
+                         f"flatten or reshape before the BN layer")
+    axes = [0] if rank == 2 else [0, 1, 2]
+    if training:
+        per_channel = 1
+        for axis in axes:
+            per_channel = None if per_channel is None or x.shape[axis] is None else per_channel * x.shape[axis]
+        if per_channel is not None and per_channel < 2:
+            raise ValueError(f"training-mode batch_norm needs more than one value per channel, got input shape "
+                             f"{tuple(x.shape)}; use a batch of at least 2 or eval mode")
+        mean = tf.reduce_mean(x, axis=axes)
+        var = tf.reduce_mean(tf.square(x - mean), axis=axes)  # biased (1/n)
+        # stop_gradient: the running statistics must not carry autograd history
+        new_mean = decay * running_mean + (1.0 - decay) * tf.stop_gradient(mean)
+        new_var = decay * running_var + (1.0 - decay) * tf.stop_gradient(var)
+    else:
+        mean, var = running_mean, running_var
+        new_mean, new_var = running_mean, running_var
+    y = (x - mean) * tf.math.rsqrt(var + epsilon)  # channel-last: broadcasts over the last axis
+    return y * gamma + beta, new_mean, new_var
+
+
+class BatchNorm(keras.layers.Layer):
+    """gamma, beta (trainable) and running_mean, running_var (non-trainable weights)."""
+
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_features, self.decay, self.epsilon = num_features, decay, epsilon
+
+    def build(self, input_shape):
+        shape = (self.num_features,)
+        self.gamma = self.add_weight(shape=shape, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=shape, initializer="zeros", name="beta")
+        self.running_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="running_mean")
+        self.running_var = self.add_weight(shape=shape, initializer="ones", trainable=False, name="running_var")
+
+    def call(self, x, training=False):
+        y, new_mean, new_var = batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var,
+                                          training=bool(training), decay=self.decay, epsilon=self.epsilon)
+        if training:
+            self.running_mean.assign(new_mean)
+            self.running_var.assign(new_var)
+        return y
