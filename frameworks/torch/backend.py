@@ -37,6 +37,10 @@ class TorchBackend(Backend):
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)  # dropout masks only; weights come from common
+        if self.device.type == "cuda":
+            # the same seed must repeat exactly on a GPU too: no non-deterministic cuDNN algorithms
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         self.model = BNLeNet(config.model).to(device=self.device, dtype=self.dtype)
         self.spec = config.model
         self.optimizer = torch.optim.SGD(
