@@ -16,22 +16,39 @@ from mxnet import nd
 from mxnet.gluon import HybridBlock
 
 
-def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, axes, decay, epsilon):
-    """Return (y, new_running_mean, new_running_var); see the module docstring for `mode`."""
-    mean = F.mean(x, axis=axes, keepdims=True)
-    var = F.mean(F.square(F.broadcast_sub(x, mean)), axis=axes, keepdims=True)  # biased (1/n)
-    mean, var = F.reshape(mean, shape=(-1,)), F.reshape(var, shape=(-1,))
+def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon):
+    """Return (y, new_running_mean, new_running_var); see the module docstring for `mode`.
+
+    x is (N, C) or (N, C, H, W). MXNet's CPU reduction and broadcast kernels are
+    slow, so per-channel sums and the broadcasts back are matrix products with
+    ones (GEMM); the arithmetic is the spec's, unchanged.
+    """
+    x3 = F.reshape(x, shape=(0, 0, -1))  # (N, C, S), S = H*W (1 for 2-D input)
+    rows = F.reshape(x3, shape=(-3, -1))  # (N*C, S)
+    ones_s = F.stop_gradient(F.ones_like(F.slice_axis(rows, axis=0, begin=0, end=1)))  # (1, S)
+    ones_n = F.stop_gradient(F.ones_like(F.reshape(F.slice_axis(F.slice_axis(
+        x3, axis=2, begin=0, end=1), axis=1, begin=0, end=1), shape=(-1, 1))))  # (N, 1)
+    per_row = F.slice_axis(x3, axis=2, begin=0, end=1)  # (N, C, 1): the shape of per-row sums
+    count = F.sum(ones_s) * F.sum(ones_n)  # N * S values per channel
+
+    def channel_mean(t):  # (N*C, S) -> (C,)
+        row_sums = F.reshape(F.reshape_like(F.dot(t, ones_s, transpose_b=True), per_row), shape=(0, -1))
+        return F.broadcast_div(F.reshape(F.dot(ones_n, row_sums, transpose_a=True), shape=(-1,)), count)
+
+    def spread(v):  # (C,) -> (N*C, S)
+        per_sample = F.dot(ones_n, F.reshape(v, shape=(1, -1)))  # (N, C)
+        return F.dot(F.reshape(per_sample, shape=(-1, 1)), ones_s)
+
+    mean = channel_mean(rows)
+    var = channel_mean(F.square(rows - spread(mean)))  # biased (1/n)
     use_batch = F.broadcast_like(mode, running_mean)
     mean_used = F.where(use_batch, mean, running_mean)
     var_used = F.where(use_batch, var, running_var)
-    shape = (1, -1) if axes == (0,) else (1, -1, 1, 1)
-    inv_std = F.rsqrt(var_used + epsilon)
-    y = F.broadcast_mul(F.broadcast_sub(x, F.reshape(mean_used, shape=shape)), F.reshape(inv_std, shape=shape))
-    y = F.broadcast_add(F.broadcast_mul(y, F.reshape(gamma, shape=shape)), F.reshape(beta, shape=shape))
+    y = (rows - spread(mean_used)) * spread(gamma * F.rsqrt(var_used + epsilon)) + spread(beta)
     # stop_gradient: the running statistics must not carry autograd history
     new_mean = F.where(use_batch, decay * running_mean + (1 - decay) * F.stop_gradient(mean), running_mean)
     new_var = F.where(use_batch, decay * running_var + (1 - decay) * F.stop_gradient(var), running_var)
-    return y, new_mean, new_var
+    return F.reshape_like(y, x), new_mean, new_var
 
 
 class BatchNorm(HybridBlock):
@@ -42,7 +59,6 @@ class BatchNorm(HybridBlock):
         if num_dims not in (2, 4):
             raise ValueError(f"num_dims must be 2 or 4, got {num_dims}")
         self.num_features, self.num_dims, self.decay, self.epsilon = num_features, num_dims, decay, epsilon
-        self.axes = (0,) if num_dims == 2 else (0, 2, 3)
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
             self.beta = self.params.get("beta", shape=(num_features,), init=mx.init.Zero())
@@ -63,7 +79,7 @@ class BatchNorm(HybridBlock):
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var):
         return batch_norm(F, x, gamma, beta, running_mean, running_var, mode,
-                          axes=self.axes, decay=self.decay, epsilon=self.epsilon)
+                          decay=self.decay, epsilon=self.epsilon)
 
     def store(self, new_mean, new_var):
         """Write the running statistics a training forward returned (asynchronous, no sync)."""
