@@ -79,6 +79,15 @@ class Backend(ABC):
         """Export every canonical array as float numpy arrays of the run's dtype."""
 
     @abstractmethod
+    def save(self, path: str) -> None:
+        """Write a checkpoint in the framework's own format (state_dict, Gluon .params,
+        Keras .weights.h5), BN running statistics included."""
+
+    @abstractmethod
+    def load(self, path: str) -> None:
+        """Read a checkpoint written by save() into this model."""
+
+    @abstractmethod
     def put(self, images: np.ndarray, labels: np.ndarray):
         """Move a whole split to the device once; returns an opaque handle."""
 

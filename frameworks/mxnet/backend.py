@@ -72,6 +72,12 @@ class MXNetBackend(Backend):
         return {name: _param(self.net, name).data().asnumpy().astype(self.dtype)
                 for name in parameter_shapes(self.spec)}
 
+    def save(self, path):
+        self.net.save_parameters(path)
+
+    def load(self, path):
+        self.net.load_parameters(path, ctx=self.ctx)
+
     def put(self, images, labels):
         return (nd.array(images, ctx=self.ctx, dtype=self.dtype), nd.array(labels, ctx=self.ctx, dtype=self.dtype))
 

@@ -69,6 +69,12 @@ class TensorFlowBackend(Backend):
         return {name: from_keras(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
                 for name in parameter_shapes(self.spec)}
 
+    def save(self, path):
+        self.model.save_weights(path if path.endswith(".weights.h5") else path + ".weights.h5")
+
+    def load(self, path):
+        self.model.load_weights(path if path.endswith(".weights.h5") else path + ".weights.h5")
+
     def put(self, images, labels):
         with tf.device(self.device):
             return (tf.constant(nchw_to_nhwc(images).astype(self.dtype)), tf.constant(labels, dtype=tf.int32))

@@ -76,6 +76,12 @@ class TorchBackend(Backend):
         return {name: state[canonical_to_torch(name, self.spec)].detach().cpu().numpy().astype(dtype)
                 for name in parameter_shapes(self.spec)}
 
+    def save(self, path):
+        torch.save(self.model.state_dict(), path)
+
+    def load(self, path):
+        self.model.load_state_dict(torch.load(path, map_location=self.device))
+
     # data ---------------------------------------------------------------------
     def put(self, images, labels):
         return (torch.as_tensor(images).to(self.device, self.dtype),

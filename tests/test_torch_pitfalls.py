@@ -1,0 +1,62 @@
+"""PyTorch's own mode pitfalls (CONVENTIONS.md 1-3), shown on our layer and nn.BatchNorm.
+
+PyTorch-specific by nature, so this module runs in the torch environment only.
+"""
+import numpy as np
+import pytest
+
+from common.config import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def torch(framework):
+    if framework != "torch":
+        pytest.skip("PyTorch-specific pitfalls: run in tox -e torch")
+    import torch
+    return torch
+
+
+@pytest.fixture(params=["scratch", "builtin"])
+def layer(request, torch):
+    from frameworks.torch.lenet import make_bn
+    bn = make_bn(ModelSpec(variant=request.param), 3, 2).double()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    return bn
+
+
+def test_eval_alone_switches_to_running_statistics(torch, layer):
+    x = torch.randn(16, 3, dtype=torch.float64) * 3 + 1
+    layer.eval()  # grad mode stays on: no no_grad, no inference_mode
+    assert torch.is_grad_enabled()
+    y = layer(x)
+    np.testing.assert_allclose(y.detach().numpy(), (x.detach().numpy() - 0.5) / np.sqrt(2.0 + 1e-5),
+                               rtol=1e-12)
+    assert (layer.running_mean == 0.5).all() and (layer.running_var == 2.0).all()
+
+
+def test_no_grad_is_not_eval(torch, layer):
+    """Pitfall 1: a train-mode forward under no_grad still uses and updates batch statistics."""
+    x = torch.randn(16, 3, dtype=torch.float64) + 4
+    layer.train()
+    with torch.no_grad():
+        y = layer(x)
+    np.testing.assert_allclose(y.mean(0).numpy(), 0.0, atol=1e-12)  # batch statistics were used
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.9 * 0.5 + 0.1 * x.mean(0).numpy(), rtol=1e-12)
+
+
+def test_running_statistics_carry_no_autograd_history(torch, layer):
+    """The textbook's slip before it used .data: running statistics that keep the graph alive."""
+    x = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+    layer.train()
+    layer(x).sum().backward()
+    assert not layer.running_mean.requires_grad and layer.running_mean.grad_fn is None
+    assert not layer.running_var.requires_grad and layer.running_var.grad_fn is None
+
+
+def test_functional_batch_norm_defaults_to_eval(torch):
+    """Pitfall 2: F.batch_norm's training argument defaults to False."""
+    x = torch.randn(8, 2, dtype=torch.float64) + 3
+    y = torch.nn.functional.batch_norm(x, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    np.testing.assert_allclose(y.numpy(), (x / np.sqrt(1 + 1e-5)).numpy(), rtol=1e-12)
