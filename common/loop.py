@@ -84,7 +84,7 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     test = backend.put(dataset.test_images, dataset.test_labels)
     probe_idx = probe_indices(len(dataset.test_labels), config.probe_size)
     probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
-    epsilon = backend.describe()["bn_epsilon"]
+    epsilon = backend.describe()["bn_epsilon"] or config.model.epsilon  # None without BN layers
     batch = config.batch_size
     for epoch in range(1, config.epochs + 1):
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)

@@ -30,6 +30,8 @@ def make_bn(spec, num_features, dims):
 
 
 def effective_bn(spec):
+    if not spec.has_bn:
+        return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
         kwargs = nn.BatchNorm(in_channels=1)._kwargs
         return kwargs["momentum"], kwargs["eps"]

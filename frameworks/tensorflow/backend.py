@@ -57,8 +57,9 @@ class TensorFlowBackend(Backend):
             device_name = f"CPU ({platform.processor() or platform.machine()})"
         return {"framework": "tensorflow", "version": tf.__version__,
                 "device": "gpu" if self.device.startswith("/GPU") else "cpu", "device_name": device_name,
-                "execution": "tf.function" if self.compiled else "eager", "bn_decay": float(decay),
-                "bn_epsilon": float(epsilon), "dtype": self.dtype}
+                "execution": "tf.function" if self.compiled else "eager",
+                "bn_decay": None if decay is None else float(decay),
+                "bn_epsilon": None if epsilon is None else float(epsilon), "dtype": self.dtype}
 
     def set_params(self, params):
         check_params(params, self.spec)

@@ -34,6 +34,8 @@ def make_bn(spec, num_features, dtype):
 
 
 def effective_bn(spec):
+    if not spec.has_bn:
+        return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
         layer = keras.layers.BatchNormalization()
         return layer.momentum, layer.epsilon

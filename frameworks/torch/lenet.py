@@ -28,6 +28,8 @@ def make_bn(spec, num_features, dims):
 
 def effective_bn(spec):
     """(decay, epsilon) the BN layers really use."""
+    if not spec.has_bn:
+        return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
         probe = nn.BatchNorm1d(1)
         return 1.0 - probe.momentum, probe.eps
