@@ -7,6 +7,12 @@ training=False outside recording; the probe runs under
 statistics, dropout off), without recording, and restores the running
 statistics afterwards (built-in BN on GPU updates them in the forward).
 Execution: hybridized (static graph) unless the run asks for eager.
+
+Every read of the running statistics (export, save, evaluate, predict, probe)
+first waits for all queued work: the built-in BatchNorm on CPU writes them
+inside its backward, and a save right after a step was seen to write the old
+values while a later read returned the new ones (the engine does not order
+reads after that write). Once per epoch, so it costs nothing measurable.
 """
 import platform
 
@@ -69,10 +75,12 @@ class MXNetBackend(Backend):
             _param(self.net, name).set_data(nd.array(value, ctx=self.ctx, dtype=self.dtype))
 
     def get_params(self):
+        nd.waitall()  # see the module docstring
         return {name: _param(self.net, name).data().asnumpy().astype(self.dtype)
                 for name in parameter_shapes(self.spec)}
 
     def save(self, path):
+        nd.waitall()  # see the module docstring
         self.net.save_parameters(path)
 
     def load(self, path):
@@ -102,6 +110,7 @@ class MXNetBackend(Backend):
 
     def evaluate(self, data, batch_size):
         images, labels = data
+        nd.waitall()  # see the module docstring
         total = []
         for start in range(0, labels.shape[0], batch_size):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
@@ -110,10 +119,12 @@ class MXNetBackend(Backend):
         return self.reduce_stats(total)
 
     def predict(self, images):
+        nd.waitall()  # see the module docstring
         return self.net(nd.array(images, ctx=self.ctx, dtype=self.dtype), False)[0].asnumpy()
 
     def probe(self, images):
         x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
+        nd.waitall()  # see the module docstring
         logits_eval = self.net(x, False)[0].asnumpy()
         blocks = self.net.bn_blocks()
         saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
