@@ -5,11 +5,12 @@ usage error; a framework that fails to import in its own env fails its tests
 (the backend fixture raises), it is never skipped. Without --framework, the
 framework tests are skipped with that reason, and the framework-free ones run.
 """
+import importlib
 import os
 
 import pytest
 
-from common.registry import FRAMEWORKS, load_backend_module
+from common.registry import FRAMEWORKS, framework_info, load_backend_module
 
 
 def pytest_addoption(parser):
@@ -50,3 +51,13 @@ def framework(request):
 def fw(framework):
     """The backend module of the framework under test (frameworks.<name>.backend)."""
     return load_backend_module(framework)
+
+
+@pytest.fixture(scope="module")
+def native(request, framework):
+    """For a module of one framework's own pitfalls (it sets FRAMEWORK = name): that framework's
+    module in its own env; elsewhere the module is skipped, saying where it runs."""
+    wanted = request.module.FRAMEWORK
+    if framework != wanted:
+        pytest.skip(f"{framework_info(wanted).label}-specific pitfalls: run in tox -e {wanted}")
+    return importlib.import_module(framework_info(wanted).import_name)

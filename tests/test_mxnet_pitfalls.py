@@ -8,12 +8,12 @@ import pytest
 from common.reference import batch_norm_forward
 
 
+FRAMEWORK = "mxnet"
+
+
 @pytest.fixture(scope="module")
-def mx(framework):
-    if framework != "mxnet":
-        pytest.skip("MXNet-specific pitfalls: run in tox -e mxnet")
-    import mxnet
-    return mxnet
+def mx(native):
+    return native
 
 
 def _inputs(seed=0, n=16, c=3):

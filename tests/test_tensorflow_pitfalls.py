@@ -8,11 +8,12 @@ import pytest
 from common.reference import batch_norm_forward
 
 
+FRAMEWORK = "tensorflow"
+
+
 @pytest.fixture(scope="module")
-def keras(framework):
-    if framework != "tensorflow":
-        pytest.skip("Keras-specific pitfalls: run in tox -e tensorflow")
-    import keras
+def keras(native):
+    import keras  # comes with TensorFlow 2.16+
     return keras
 
 

@@ -8,12 +8,12 @@ import pytest
 from common.config import ModelSpec
 
 
+FRAMEWORK = "torch"
+
+
 @pytest.fixture(scope="module")
-def torch(framework):
-    if framework != "torch":
-        pytest.skip("PyTorch-specific pitfalls: run in tox -e torch")
-    import torch
-    return torch
+def torch(native):
+    return native
 
 
 @pytest.fixture(params=["scratch", "builtin"])

@@ -11,7 +11,6 @@ them at run time. The built-in BN reads Gluon's flag itself, at run time. The
 net returns (logits, new_running_stats); call store_running(new_running_stats)
 after a training forward (the scratch layers' update).
 """
-import mxnet as mx
 from mxnet import autograd, nd
 from mxnet.gluon import HybridBlock, nn
 
