@@ -85,10 +85,14 @@ class ModelSpec:
         return self.variant != "none" and position in self.bn_positions
 
     @property
+    def flat_side(self) -> int:
+        """Height (= width) of the 16 feature maps after the second pooling."""
+        return ((self.input_size - 4) // 2 - 4) // 2
+
+    @property
     def flat_size(self) -> int:
         """Features after the second pooling, flattened in (C, H, W) order."""
-        side = ((self.input_size - 4) // 2 - 4) // 2
-        return 16 * side * side
+        return 16 * self.flat_side ** 2
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -57,6 +57,16 @@ class BNResult:
 #       input raises ValueError, as the layer does.
 
 
+def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:
+    """One entry of ProbeResult.bn: the per-channel batch mean and biased variance of the
+    BN layer's input (computed in float64) beside its running statistics."""
+    h = np.asarray(bn_input, dtype=np.float64)
+    axes = tuple(a for a in range(h.ndim) if a != channel_axis % h.ndim)
+    return {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
+            "running_mean": np.asarray(running_mean, dtype=np.float64),
+            "running_var": np.asarray(running_var, dtype=np.float64)}
+
+
 class Backend(ABC):
     """One framework's BN-LeNet on one device, built from a RunConfig."""
 

@@ -76,7 +76,8 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     backend = backend_cls(config)
     ident = {"framework": backend.name, "variant": config.model.variant, "seed": config.seed,
              "config_id": config.config_id}
-    emit(records.make("run_start", **ident, config=config.to_dict(), backend=backend.describe(),
+    described = backend.describe()
+    emit(records.make("run_start", **ident, config=config.to_dict(), backend=described,
                       data_source=dataset.source, data_verified=dataset.verified,
                       train_examples=len(dataset.train_labels), test_examples=len(dataset.test_labels)))
     backend.set_params(init_params(config.model, config.seed, config.dtype))
@@ -84,7 +85,7 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     test = backend.put(dataset.test_images, dataset.test_labels)
     probe_idx = probe_indices(len(dataset.test_labels), config.probe_size)
     probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
-    epsilon = backend.describe()["bn_epsilon"] or config.model.epsilon  # None without BN layers
+    epsilon = described["bn_epsilon"] or config.model.epsilon  # None without BN layers
     batch = config.batch_size
     for epoch in range(1, config.epochs + 1):
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)

@@ -20,9 +20,14 @@ BUILTIN = {
 }
 
 # Tolerances of the scratch layer against the float64 reference.
-# float32: relative error of a few ulps through mean/var/rsqrt; TensorFlow's
-# fused formula x*inv + (beta - mean*inv) cancels when |mean| >> std (see the
-# far-from-zero test), so it gets its own, looser bound there.
+# float32: relative error of a few ulps through mean/var/rsqrt.
+# Far from zero (mean 1000, std 1): a float32 input there is only exact to its
+# ulp, 6.1e-5, and each framework accumulates the float32 batch mean in its own
+# order (PyTorch var_mean, MXNet a GEMM with ones, TensorFlow reduce_mean), so
+# the centred values carry that error, scaled by gamma/std. Worst |y error| over
+# 5 seeds, measured: 7.5e-5 PyTorch, 3.0e-4 MXNet, 4.4e-4 TensorFlow. All three
+# scratch layers normalise as (x - mean) * inv_std; none uses TensorFlow's
+# x * inv + (beta - mean * inv), which would cancel far worse (CONVENTIONS.md 8).
 FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
-FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 2e-3, "tensorflow": 2e-3}
+FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 1e-3, "tensorflow": 1e-3}

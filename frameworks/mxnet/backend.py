@@ -22,7 +22,7 @@ from mxnet import autograd, gluon, nd
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats
 
 from .lenet import BNLeNet, effective_bn, make_bn
 
@@ -128,9 +128,7 @@ class MXNetBackend(Backend):
         logits_eval = self.net(x, False)[0].asnumpy()
         blocks = self.net.bn_blocks()
         saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
-        stats = {}
-        # BN inputs: run the net up to each BN layer is costly to rebuild, so record them with hooks
-        inputs = {}
+        inputs = {}  # each BN layer's input, recorded by a hook
         hooks = [b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
                  for name, b in blocks.items()]
         try:
@@ -146,12 +144,8 @@ class MXNetBackend(Backend):
                 b.running_var.set_data(saved[name][1])
             if self.hybridized:
                 self.net.hybridize(static_alloc=True, static_shape=True)
-        for name, b in blocks.items():
-            h = inputs[name].asnumpy().astype(np.float64)
-            axes = (0,) if h.ndim == 2 else (0, 2, 3)
-            stats[name] = {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
-                           "running_mean": saved[name][0].asnumpy().astype(np.float64),
-                           "running_var": saved[name][1].asnumpy().astype(np.float64)}
+        stats = {name: bn_probe_stats(inputs[name].asnumpy(), 1, saved[name][0].asnumpy(), saved[name][1].asnumpy())
+                 for name in blocks}  # NCHW / NC: channels on axis 1
         return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats
 
 from .lenet import BNLeNet, effective_bn, from_keras, make_bn, nchw_to_nhwc, to_keras, trainable_variables, variable
 
@@ -147,13 +147,7 @@ class TensorFlowBackend(Backend):
                 layer.call = originals[name]
                 for s, value in zip(stat_names, saved[name]):
                     variable(self.model, f"{name}.{s}").assign(value)
-        stats = {}
-        for name in layers:
-            h = inputs[name].astype(np.float64)
-            axes = (0,) if h.ndim == 2 else (0, 1, 2)
-            stats[name] = {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
-                           "running_mean": saved[name][0].astype(np.float64),
-                           "running_var": saved[name][1].astype(np.float64)}
+        stats = {name: bn_probe_stats(inputs[name], -1, *saved[name]) for name in layers}  # channels last
         return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):

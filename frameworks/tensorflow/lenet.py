@@ -109,7 +109,7 @@ def to_keras(name, value, spec):
     if layer.startswith("conv"):
         return value.transpose(2, 3, 1, 0)
     if layer == "fc1":  # rows from (C, H, W) to (H, W, C) flatten order
-        side = int(round((spec.flat_size // 16) ** 0.5))
+        side = spec.flat_side
         return value.reshape(-1, 16, side, side).transpose(2, 3, 1, 0).reshape(spec.flat_size, -1)
     return value.T
 
@@ -120,8 +120,8 @@ def from_keras(name, value, spec):
         return value
     if layer.startswith("conv"):
         return value.transpose(3, 2, 0, 1)
-    if layer == "fc1":
-        side = int(round((spec.flat_size // 16) ** 0.5))
+    if layer == "fc1":  # rows from (H, W, C) back to (C, H, W) flatten order
+        side = spec.flat_side
         return value.reshape(side, side, 16, -1).transpose(3, 2, 0, 1).reshape(-1, spec.flat_size)
     return value.T
 

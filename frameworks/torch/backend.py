@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats
 
 from .lenet import BNLeNet, canonical_to_torch, effective_bn
 
@@ -134,13 +134,9 @@ class TorchBackend(Backend):
         stats, hooks = {}, []
 
         def capture(name):
-            def hook(module, inputs):
-                h = inputs[0].double()
-                axes = (0,) if h.dim() == 2 else (0, 2, 3)
-                stats[name] = {"batch_mean": h.mean(dim=axes).cpu().numpy(),
-                               "batch_var": h.var(dim=axes, unbiased=False).cpu().numpy(),
-                               "running_mean": module.running_mean.double().cpu().numpy(),
-                               "running_var": module.running_var.double().cpu().numpy()}
+            def hook(module, inputs):  # NCHW / NC: channels on axis 1
+                stats[name] = bn_probe_stats(inputs[0].cpu().numpy(), 1, module.running_mean.cpu().numpy(),
+                                             module.running_var.cpu().numpy())
             return hook
 
         try:
