@@ -63,12 +63,14 @@ def check_finite(name: str, array: np.ndarray) -> None:
 
 
 def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset: Dataset,
-        emit: Callable[..., None], progress: Callable[..., None] | None = None) -> None:
+        emit: Callable[..., None], progress: Callable[..., None] | None = None, *,
+        clock: Callable[[], float] = time.perf_counter) -> None:
     """Train config.epochs epochs; emit one epoch record per epoch.
 
     emit(record, arrays=None): arrays (parameters and probe logits) are for the
     caller to store; the record's "snapshot" field names where.
     progress(epoch, step, steps): called after each queued step.
+    clock: seconds, read only at timing boundaries (tests pass one they control).
     """
     dataset = subset(dataset, config)
     check_finite("training images", dataset.train_images)
@@ -94,17 +96,17 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         order = backend.put_order(order_np)
         stats = []
         backend.synchronize()
-        start = time.perf_counter()
+        start = clock()
         warm_end = start
         for step in range(steps):
             if step == warm:
                 backend.synchronize()
-                warm_end = time.perf_counter()
+                warm_end = clock()
             stats.append(backend.train_step(train, order, step))
             if progress:
                 progress(epoch, step + 1, steps)
         backend.synchronize()
-        end = time.perf_counter()
+        end = clock()
         loss_sum, correct = backend.reduce_stats(stats)
         # per-step losses for step-by-step parity checks; read after the timed region
         step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[:config.trace_steps]]
@@ -112,9 +114,9 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
             raise NonFiniteError(
                 f"training loss became {loss_sum / (steps * batch)} in epoch {epoch} "
                 f"(lr {config.lr}, variant {config.model.variant}); lower --lr or use a BN variant")
-        eval_start = time.perf_counter()
+        eval_start = clock()
         test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
-        eval_seconds = time.perf_counter() - eval_start
+        eval_seconds = clock() - eval_start
         probe = backend.probe(probe_images)
         params = backend.get_params()
         snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"

@@ -1,0 +1,100 @@
+"""A Backend whose clock, step results, logits and BN statistics the test decides.
+
+It drives the real common.loop.run, so every figure the loop derives
+(throughput, warm-up split, accuracies, divergence) can be checked against a
+value computed by hand in the test. Its device is asynchronous like a GPU's:
+queued work costs time only when the host waits for it (synchronize,
+reduce_stats, evaluate), so a loop that reads the clock without waiting, or
+waits in the wrong place, gets a different figure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.interface import Backend, ProbeResult
+
+
+@dataclass
+class Script:
+    """What the scripted device does. Times are seconds of device work."""
+
+    step_seconds: callable  # (epoch, step) -> seconds the step's work takes
+    step_stats: callable  # (epoch, step) -> (loss_sum, correct) of that step
+    eval_seconds: float = 1.0
+    eval_stats: tuple = (0.0, 0.0)  # (loss_sum, correct) over the whole test split
+    probe: ProbeResult | None = None
+    bn_epsilon: float | None = None
+    now: float = 0.0  # the device clock
+    queued: float = 0.0  # work queued and not yet waited for
+    calls: list = field(default_factory=list)
+
+    def clock(self) -> float:
+        return self.now
+
+    def wait(self) -> None:
+        self.now += self.queued
+        self.queued = 0.0
+
+
+def scripted_backend(script: Script):
+    """A Backend class (what loop.run takes) bound to one Script."""
+
+    class ScriptedBackend(Backend):
+        name = "torch"  # a registry name, so records look like a real framework's
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.epoch = 0
+
+        def describe(self):
+            return {"framework": "scripted", "version": "0", "device": "cpu", "device_name": "scripted",
+                    "execution": "scripted", "bn_decay": None, "bn_epsilon": script.bn_epsilon,
+                    "dtype": self.config.dtype}
+
+        def set_params(self, params):
+            self.params = dict(params)
+
+        def get_params(self):
+            return self.params
+
+        def save(self, path):
+            raise NotImplementedError
+
+        def load(self, path):
+            raise NotImplementedError
+
+        def put(self, images, labels):
+            return images, labels
+
+        def put_order(self, order):
+            self.epoch += 1
+            return order
+
+        def train_step(self, data, order, step):
+            script.calls.append(("train_step", self.epoch, step))
+            script.queued += script.step_seconds(self.epoch, step)
+            return np.array(script.step_stats(self.epoch, step), dtype=np.float64)
+
+        def reduce_stats(self, stats):
+            script.wait()
+            return np.sum(stats, axis=0)
+
+        def evaluate(self, data, batch_size):
+            script.calls.append(("evaluate", self.epoch))
+            script.wait()
+            script.now += script.eval_seconds
+            return np.array(script.eval_stats, dtype=np.float64)
+
+        def predict(self, images):
+            raise NotImplementedError
+
+        def probe(self, images):
+            script.calls.append(("probe", self.epoch, len(images)))
+            return script.probe
+
+        def synchronize(self):
+            script.wait()
+
+    return ScriptedBackend

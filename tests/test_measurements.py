@@ -1,0 +1,225 @@
+"""The numbers the reports are read for, checked against values computed by hand.
+
+The real common.loop.run drives a scripted backend (tests/scripted_backend.py)
+whose clock, step results, logits and BN statistics the test decides; the real
+compare.report tables are built from hand-made records and snapshots. Every
+expected figure below is worked out in the comment beside it, so a swapped or
+misplaced term in any formula fails here, framework-free.
+"""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import records
+from common.config import ModelSpec, RunConfig
+from common.data import Dataset
+from common.interface import ProbeResult
+from common.loop import run as run_loop
+from compare import report
+from tests.scripted_backend import Script, scripted_backend
+
+# 5 test images; the probe takes 4 of them (probe_indices(5, 4) = 0, 2, 3, 4, pinned below), labels 0, 1, 2, 3.
+TEST_LABELS = [0, 9, 1, 2, 3]
+LOGITS_EVAL = np.array([[3, 0, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]], dtype=np.float64)  # predicts 0 1 2 0
+LOGITS_TRAIN = np.array([[3, 0, 0], [0, 1, 3], [0, 0, 3], [2, 1, 0]], dtype=np.float64)  # predicts 0 2 2 0
+BN = {
+    # epsilon 1 (from describe()): running std = sqrt(running_var + 1) = 2, 3
+    "bn1": {"batch_mean": np.array([1.0, 6.0]), "batch_var": np.array([3.0, 26.0]),
+            "running_mean": np.array([0.0, 0.0]), "running_var": np.array([3.0, 8.0])},
+    # running std sqrt(0 + 1) = 1
+    "bn2": {"batch_mean": np.array([-2.0]), "batch_var": np.array([0.0]),
+            "running_mean": np.array([1.0]), "running_var": np.array([0.0])},
+}
+
+
+def step_seconds(epoch, step):
+    # epoch 1: a slow first (compiling) step, two more warm-up steps, then 0.25 s a step;
+    # epoch 2: 0.5 s a step throughout
+    if epoch == 1:
+        return {0: 5.0, 1: 1.0, 2: 1.0}.get(step, 0.25)
+    return 0.5
+
+
+def step_stats(epoch, step):
+    return (step + 1.0, 2.0 if epoch == 1 else 3.0)  # (loss_sum, correct) of a batch of 4
+
+
+def scripted_run(warmup_steps=3, epochs=2, trace_steps=3):
+    script = Script(step_seconds=step_seconds, step_stats=step_stats, eval_seconds=0.5, eval_stats=(2.0, 3.0),
+                    probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN), bn_epsilon=1.0)
+    data = Dataset(np.zeros((40, 1, 28, 28), np.float32), np.zeros(40, np.int64),
+                   np.zeros((5, 1, 28, 28), np.float32), np.array(TEST_LABELS, np.int64), "scripted", False)
+    config = RunConfig(model=ModelSpec(), batch_size=4, epochs=epochs, warmup_steps=warmup_steps,
+                       probe_size=4, trace_steps=trace_steps, device="cpu")
+    out = []
+    run_loop(scripted_backend(script), config, data, lambda record, arrays=None: out.append((record, arrays)),
+             clock=script.clock)
+    return [r for r, _ in out if r["kind"] == "epoch"], [a for _, a in out if a is not None], script
+
+
+def test_throughput_counts_only_the_timed_steps():
+    epochs, _, _ = scripted_run()
+    first, second = epochs
+    # 40 examples / batch 4 = 10 steps; warm-up = steps 0-2 (7 s), timed = steps 3-9 (7 x 0.25 s)
+    assert first["warmup_steps"] == 3 and first["timed_steps"] == 7, "timed_steps / warmup_steps"
+    assert first["train_examples_per_s"] == pytest.approx(7 * 4 / 1.75), "train_examples_per_s: 28 ex / 1.75 s"
+    assert first["warmup_examples_per_s"] == pytest.approx(3 * 4 / 7.0), "warmup_examples_per_s: 12 ex / 7 s"
+    assert first["warmup_seconds"] == pytest.approx(7.0), "warmup_seconds"
+    assert first["train_seconds"] == pytest.approx(8.75), "train_seconds: the whole epoch, warm-up included"
+    # epoch 2: every step 0.5 s
+    assert second["train_examples_per_s"] == pytest.approx(8.0), "train_examples_per_s, epoch 2"
+    assert second["warmup_examples_per_s"] == pytest.approx(8.0), "warmup_examples_per_s, epoch 2"
+    # evaluation: 5 test images in 0.5 s
+    assert first["eval_examples_per_s"] == pytest.approx(10.0) and first["eval_seconds"] == pytest.approx(0.5), \
+        "eval_examples_per_s"
+
+
+@pytest.mark.parametrize("warmup_steps, timed, rate, warm_rate", [
+    (0, 10, 40 / 8.75, None),  # nothing timed apart: the whole epoch
+    (50, 1, 4 / 0.25, 36 / 8.5),  # more warm-up steps than the epoch has: the last step stays timed
+])
+def test_warmup_edge_cases(warmup_steps, timed, rate, warm_rate):
+    first = scripted_run(warmup_steps=warmup_steps, epochs=1)[0][0]
+    assert first["timed_steps"] == timed
+    assert first["train_examples_per_s"] == pytest.approx(rate), "train_examples_per_s"
+    if warm_rate is None:
+        assert first["warmup_examples_per_s"] is None
+    else:
+        assert first["warmup_examples_per_s"] == pytest.approx(warm_rate), "warmup_examples_per_s"
+
+
+def test_losses_and_accuracies():
+    (first, second), _, _ = scripted_run()
+    # epoch 1: loss sums 1..10 = 55 over 40 examples, 2 correct of 4 per step; epoch 2: 3 of 4
+    assert first["train_loss"] == pytest.approx(55 / 40) and first["train_acc"] == pytest.approx(0.5), "train"
+    assert second["train_acc"] == pytest.approx(0.75), "train_acc, epoch 2"
+    # evaluate: loss sum 2 and 3 correct over 5 test images
+    assert first["test_loss"] == pytest.approx(0.4) and first["test_acc"] == pytest.approx(0.6), "test"
+    # per-step losses of the first 3 steps: loss_sum / batch
+    assert first["step_losses"] == pytest.approx([0.25, 0.5, 0.75]), "step_losses"
+
+
+def test_divergence_figures():
+    (first, _), arrays, _ = scripted_run()
+    # eval predicts 0 1 2 0, train predicts 0 2 2 0; labels 0 1 2 3
+    assert first["probe_acc_eval"] == pytest.approx(0.75), "probe_acc_eval: 3 of 4"
+    assert first["probe_acc_train"] == pytest.approx(0.5), "probe_acc_train: 2 of 4"
+    assert first["probe_disagreement"] == pytest.approx(0.25), "probe_disagreement: the predictions differ on 1 of 4"
+    # |train - eval| summed: 0 + (0 + 2 + 3) + 0 + (1 + 1 + 0) = 7 over 12 logits
+    assert first["probe_logit_mad"] == pytest.approx(7 / 12), "probe_logit_mad"
+    gaps = {g["layer"]: g for g in first["bn_gap"]}
+    # bn1: |1 - 0| / 2 and |6 - 0| / 3 -> mean(0.5, 2); |log(4 / 4)| and |log(27 / 9)| -> mean(0, log 3)
+    assert gaps["bn1"]["mean_gap"] == pytest.approx(1.25), "mean_gap bn1"
+    assert gaps["bn1"]["var_log_ratio"] == pytest.approx(math.log(3) / 2), "var_log_ratio bn1"
+    # bn2: |-2 - 1| / 1; |log(1 / 1)|
+    assert gaps["bn2"]["mean_gap"] == pytest.approx(3.0) and gaps["bn2"]["var_log_ratio"] == 0.0, "bn2 gap"
+    np.testing.assert_array_equal(arrays[0]["probe/logits_eval"], LOGITS_EVAL)
+    np.testing.assert_array_equal(arrays[0]["probe/logits_train"], LOGITS_TRAIN)
+
+
+def test_the_probe_and_evaluation_come_after_the_timed_steps():
+    _, _, script = scripted_run(epochs=1)
+    kinds = [c[0] for c in script.calls]
+    assert kinds == ["train_step"] * 10 + ["evaluate", "probe"], kinds
+
+
+# Report tables from hand-made records -------------------------------------------
+def epoch_record(framework="torch", variant="scratch", seed=0, epoch=1, **values):
+    fields = {k: 0.0 for k in records.EPOCH_KEYS}
+    fields.update(framework=framework, variant=variant, seed=seed, config_id=f"c{seed}", epoch=epoch,
+                  timed_steps=10, warmup_steps=5, bn_gap=[], step_losses=[],
+                  snapshot=f"snapshots/{framework}_{variant}_s{seed}_e{epoch:03d}.npz")
+    fields.update(values)
+    return records.make("epoch", **{k: v for k, v in fields.items() if k not in ("kind", "schema")})
+
+
+# test accuracy per seed and epoch: best 0.8 / 0.75 / 0.9, final 0.7 / 0.75 / 0.6
+CURVES = {0: [0.5, 0.8, 0.7], 1: [0.6, 0.7, 0.75], 2: [0.4, 0.9, 0.6]}
+THROUGHPUT = [100, 200, 300, 400, 500, 600, 700, 800, 10000]
+
+
+def summary_records():
+    out, throughput = [], iter(THROUGHPUT)
+    for seed, curve in CURVES.items():
+        for epoch, acc in enumerate(curve, 1):
+            out.append(epoch_record(seed=seed, epoch=epoch, test_acc=acc, train_loss=seed + epoch,
+                                    train_examples_per_s=next(throughput), eval_examples_per_s=50.0 * epoch,
+                                    probe_disagreement=0.1 * seed, probe_acc_eval=0.5 + 0.1 * seed,
+                                    bn_gap=[{"layer": "bn1", "mean_gap": seed + 0.5, "var_log_ratio": epoch * 0.25}]))
+    return out
+
+
+def test_summary_best_final_and_medians(tmp_path):
+    t = report.tables(summary_records(), tmp_path)
+    row = t["summary"].iloc[0]
+    assert row.seeds == 3 and row.epochs == 3
+    # best: the mean over seeds of each seed's best epoch, (0.8 + 0.75 + 0.9) / 3
+    assert row.best_test_acc == pytest.approx(2.45 / 3), "best_test_acc: mean of each seed's best"
+    # final: the mean of the last epochs, (0.7 + 0.75 + 0.6) / 3
+    assert row.final_test_acc == pytest.approx(2.05 / 3), "final_test_acc"
+    # best epoch: of the mean curve 0.5, 0.8, 0.6833
+    assert row.best_epoch == 2, "best_epoch"
+    # final train loss: seed + 3 for seeds 0, 1, 2
+    assert row.final_train_loss == pytest.approx(4.0), "final_train_loss"
+    # throughput: the median epoch of 100..800 and 10000, not the mean (1,444)
+    assert row.train_examples_per_s == pytest.approx(500), "train_examples_per_s: median epoch"
+    assert row.eval_examples_per_s == pytest.approx(100), "eval_examples_per_s: median of 50, 100, 150 x 3"
+    assert row.final_probe_disagreement == pytest.approx(0.1), "final_probe_disagreement: mean of 0, 0.1, 0.2"
+    assert row.final_probe_acc_eval == pytest.approx(0.6), "final_probe_acc_eval"
+
+
+def test_bn_gap_table(tmp_path):
+    gap = report.tables(summary_records(), tmp_path)["bn_gap"]
+    assert len(gap) == 9 and set(gap.layer) == {"bn1"}
+    row = gap[(gap.seed == 2) & (gap.epoch == 3)].iloc[0]
+    assert row.mean_gap == 2.5 and row.var_log_ratio == 0.75, "bn_gap keeps each record's values"
+
+
+def write_snapshot(run_dir, record, **arrays):
+    path = run_dir / record["snapshot"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def drift_run(tmp_path):
+    torch_rec = epoch_record("torch")
+    mx_rec = epoch_record("mxnet")
+    write_snapshot(tmp_path, torch_rec, **{
+        "param/conv1.weight": np.array([3.0, 4.0]), "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 1.0]),
+        "probe/logits_eval": np.array([[1.0, 0.0], [0.0, 1.0]])})
+    write_snapshot(tmp_path, mx_rec, **{
+        "param/conv1.weight": np.array([3.0, 4.5]), "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 2.0]),
+        "probe/logits_eval": np.array([[1.0, 0.25], [2.0, 1.0]])})
+    return [torch_rec, mx_rec]
+
+
+def test_drift_from_made_up_snapshots(tmp_path):
+    drift = report.tables(drift_run(tmp_path), tmp_path)["drift"]
+    assert len(drift) == 1
+    row = drift.iloc[0]
+    assert (row.framework, row.reference) == ("mxnet", "torch")
+    # parameters: |(0, 0.5)| / |(3, 4)| = 0.1; running statistics: |(0, 0, 0, 1)| / |(1, 1, 1, 1)| = 0.5
+    assert row.param_rel_l2 == pytest.approx(0.1), "param_rel_l2"
+    assert row.running_stats_rel_l2 == pytest.approx(0.5), "running_stats_rel_l2"
+    assert row.param_max_abs == pytest.approx(0.5), "param_max_abs"
+    # logits: |diff| = 0, 0.25, 2, 0 -> max 2, mean 0.5625; predictions 0 1 vs 0 0 -> agreement 0.5
+    assert row.probe_logit_max_abs == 2.0 and row.probe_logit_mad == pytest.approx(0.5625), "probe logit distance"
+    assert row.probe_pred_agreement == 0.5, "probe_pred_agreement"
+
+
+def test_reference_changes_the_drift_table(tmp_path):
+    run = drift_run(tmp_path)
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run))
+    assert report.main([str(tmp_path), "--reference", "mxnet"]) == 0
+    drift = pd.read_csv(tmp_path / "drift.csv")
+    assert list(drift.framework) == ["torch"] and list(drift.reference) == ["mxnet"]
+    # now relative to mxnet's parameters: 0.5 / |(3, 4.5)|
+    assert drift.param_rel_l2[0] == pytest.approx(0.5 / math.sqrt(9 + 20.25)), "param_rel_l2 against mxnet"
+    assert drift.running_stats_rel_l2[0] == pytest.approx(1 / math.sqrt(7)), "running_stats_rel_l2 against mxnet"
+    # and the run's own choice, stored in environment.json, is what a plain rebuild uses
+    report.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
+    assert report.main([str(tmp_path)]) == 0
+    assert list(pd.read_csv(tmp_path / "drift.csv").reference) == ["mxnet"]
