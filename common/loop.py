@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from . import records
-from .config import RunConfig
+from .config import BN_POSITIONS, RunConfig
 from .data import Dataset, batch_order, probe_indices
 from .errors import NonFiniteError
 from .init import init_params
@@ -44,6 +44,22 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
         "probe_disagreement": float(np.mean(pred_eval != pred_train)),
         "bn_gap": gaps,
     }
+
+
+def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> str:
+    """Where the loss stopped being finite, and what would apply to this variant."""
+    spec = config.model
+    where = (f"the training loss stopped being finite in epoch {epoch}, step {step} of {steps} "
+             f"(variant {spec.variant}, lr {config.lr:g}, {spec.activation})")
+    if not spec.has_bn:
+        return where + ("; lower --lr, or add BN (--variants scratch or builtin), "
+                        "which keeps the activations in range at larger learning rates")
+    hint = f"; lower --lr (this variant already has BN after {','.join(spec.bn_positions)}"
+    if len(spec.bn_positions) < len(BN_POSITIONS):
+        hint += "; BN after more layers, --bn-positions, may also help"
+    if spec.freeze_gamma_beta:
+        hint += "; gamma and beta are frozen, so BN cannot rescale what it normalises"
+    return where + hint + ")"
 
 
 def subset(dataset: Dataset, config: RunConfig) -> Dataset:
@@ -108,12 +124,14 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         backend.synchronize()
         end = clock()
         loss_sum, correct = backend.reduce_stats(stats)
+        if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
+            step = next(i for i, s in enumerate(stats) if not np.isfinite(backend.reduce_stats([s])[0]))
+            emit(records.make("run_end", **ident, status="diverged", epochs_done=epoch - 1,
+                              diverged_epoch=epoch, diverged_step=step + 1,
+                              message=divergence_message(config, epoch, step + 1, steps)))
+            return
         # per-step losses for step-by-step parity checks; read after the timed region
         step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[:config.trace_steps]]
-        if not np.isfinite(loss_sum):
-            raise NonFiniteError(
-                f"training loss became {loss_sum / (steps * batch)} in epoch {epoch} "
-                f"(lr {config.lr}, variant {config.model.variant}); lower --lr or use a BN variant")
         eval_start = clock()
         test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
         eval_seconds = clock() - eval_start
@@ -138,4 +156,4 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         arrays["probe/logits_eval"] = probe.logits_eval
         arrays["probe/logits_train"] = probe.logits_train
         emit(record, arrays)
-    emit(records.make("run_end", **ident))
+    emit(records.make("run_end", **ident, status="complete", epochs_done=config.epochs))

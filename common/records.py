@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import math
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-KINDS = ("worker", "run_start", "epoch", "run_end", "error", "bench")
+KINDS = ("plan", "worker", "run_start", "epoch", "run_end", "error", "bench")
+
+# Every run (framework x configuration) ends in exactly one of these. A run with
+# no end record (its runner was killed outright) reads as "interrupted".
+STATUSES = ("complete", "diverged", "interrupted", "crashed", "failed")
+# complete: every epoch ran. diverged: the training loss stopped being finite (a
+# result, with the epoch and step). interrupted: stopped by a signal, or never
+# started because of one. crashed: the worker died or raised during training.
+# failed: a clear error before training (no environment, bad data, bad device).
 
 RUN_KEYS = ("framework", "variant", "seed", "config_id")
 
@@ -38,12 +46,44 @@ def clean(value):
     return value
 
 
+# What each kind of record must hold to be usable by the reports.
+REQUIRED = {
+    "plan": RUN_KEYS + ("epochs",),
+    "worker": ("framework",),
+    "run_start": RUN_KEYS + ("config", "backend"),
+    "epoch": EPOCH_KEYS,
+    "run_end": RUN_KEYS + ("status",),
+    "error": RUN_KEYS + ("status", "error_type", "message"),
+    "bench": ("framework",),
+}
+_NUMERIC = tuple(k for k in EPOCH_KEYS if k not in RUN_KEYS + ("bn_gap", "snapshot", "step_losses"))
+
+
+def problem(record) -> str | None:
+    """Why a parsed JSON line cannot be used as a record, or None if it can."""
+    if not isinstance(record, dict):
+        return f"not a record (a JSON {type(record).__name__})"
+    kind = record.get("kind")
+    if kind not in KINDS:
+        return f"unknown record kind {kind!r}"
+    missing = [k for k in REQUIRED[kind] if k not in record]
+    if missing:
+        return f"{kind} record lacks {', '.join(missing)}"
+    if kind in ("run_end", "error") and record["status"] not in STATUSES:
+        return f"{kind} record has unknown status {record['status']!r}"
+    if kind == "epoch":
+        bad = [k for k in _NUMERIC if record[k] is not None and
+               (isinstance(record[k], bool) or not isinstance(record[k], (int, float)))]
+        if bad or not isinstance(record["epoch"], int) or not isinstance(record["bn_gap"], list):
+            return f"epoch record has non-numeric {', '.join(bad or ['epoch/bn_gap'])}"
+    return None
+
+
 def make(kind: str, **fields) -> dict:
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
-    record = {"kind": kind, "schema": SCHEMA_VERSION, **fields}
-    if kind == "epoch":
-        missing = [k for k in EPOCH_KEYS if k not in record]
-        if missing:
-            raise ValueError(f"epoch record lacks {missing}")
-    return clean(record)
+    record = clean({"kind": kind, "schema": SCHEMA_VERSION, **fields})
+    why = problem(record)
+    if why:
+        raise ValueError(why)
+    return record

@@ -47,12 +47,14 @@ def tox_command() -> list | None:
 def resolve(framework: str, explicit: dict, *, create: bool = True, log=print) -> str:
     info = framework_info(framework)
     if framework in explicit:
-        python = explicit[framework]
-        if not (Path(python).is_file() or shutil.which(python)):
-            raise BackendUnavailable(f"--python {framework}={python}: no such interpreter")
+        given = explicit[framework]
+        # absolute, so that it works from the folders the checks and workers run in
+        python = str(Path(given).absolute()) if Path(given).is_file() else shutil.which(given)
+        if python is None:
+            raise BackendUnavailable(f"--python {framework}={given}: no such interpreter")
         ok, why = can_import(python, info.import_name)
         if not ok:
-            raise BackendUnavailable(f"--python {framework}={python} cannot import {info.import_name}: {why}")
+            raise BackendUnavailable(f"--python {framework}={given} cannot import {info.import_name}: {why}")
         return python
     if can_import(sys.executable, info.import_name)[0]:
         return sys.executable

@@ -48,7 +48,10 @@ class Progress:
         elif kind == "error":
             self.errors += 1
             self._clear()
-            where = " ".join(str(record.get(k)) for k in ("variant", "seed") if record.get(k) is not None)
-            self.stream.write(f"{record['framework']:>10} {where} FAILED: {record['error_type']}: "
-                              f"{record['message']}\n")
+            self.stream.write(f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} "
+                              f"{record['status'].upper()}: {record['error_type']}: {record['message']}\n")
+        elif kind == "run_end" and record["status"] != "complete":
+            self._clear()
+            self.stream.write(f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} "
+                              f"{record['status'].upper()}: {record.get('message', '')}\n")
         self.stream.flush()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import records as records_schema
 from common.config import VARIANTS
 from common.registry import FRAMEWORKS
 
@@ -37,20 +38,46 @@ def write_json(path: Path, obj) -> None:
     _atomic(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
-def read_records(run_dir: Path) -> list:
+def read_records(run_dir: Path) -> tuple:
+    """(records, skipped): every usable record of records.jsonl, and (line number, reason) for each
+    line that could not be used. A bad line never stops the report."""
     path = Path(run_dir) / "records.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a bn-compare run directory?")
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    out, skipped = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.append((number, "not UTF-8 text"))
+            continue
         except json.JSONDecodeError:
-            print(f"warning: {path}:{number} is not valid JSON (a line cut by a crash?); skipped",
-                  file=sys.stderr)
-    return out
+            skipped.append((number, "not valid JSON (a line cut by a crash?)"))
+            continue
+        why = records_schema.problem(record)
+        if why:
+            skipped.append((number, why))
+        else:
+            out.append(record)
+    for number, why in skipped:
+        print(f"warning: {path}:{number}: {why}; skipped", file=sys.stderr)
+    return out, skipped
+
+
+def read_environment(run_dir: Path) -> tuple:
+    """(environment dict, problem or None): a missing or corrupt environment.json is reported, not fatal."""
+    path = Path(run_dir) / "environment.json"
+    if not path.is_file():
+        return {}, f"{path.name} is missing (the runner was stopped before writing it?)"
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{path.name} is corrupt ({exc}); the tables are built without it"
+    if not isinstance(env, dict):
+        return {}, f"{path.name} holds a JSON {type(env).__name__}, not an object; the tables are built without it"
+    return env, None
 
 
 def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
@@ -100,13 +127,53 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+NO_END = "no end record: the runner stopped before it could write one"
+
+
+def _runs(records: list) -> pd.DataFrame:
+    """One row per run (framework x configuration) the records know of, planned or seen, with its
+    status: the status of its end record, or interrupted where it has none."""
+    rows = {}
+    for r in records:
+        if r["kind"] not in ("plan", "run_start", "epoch", "run_end", "error"):
+            continue
+        row = rows.setdefault((r["framework"], r["config_id"]), {
+            **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "detail": None})
+        if r["kind"] == "plan":
+            row["epochs"] = r["epochs"]
+        elif r["kind"] == "run_start":
+            row.update({f"backend_{k}": v for k, v in r["backend"].items()})
+            row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
+                       test_examples=r.get("test_examples"))
+            if row["epochs"] is None and isinstance(r["config"], dict):
+                row["epochs"] = r["config"].get("epochs")
+        elif r["kind"] == "epoch":
+            row["epochs_done"] = max(row["epochs_done"], r["epoch"])
+        else:
+            row["status"] = r["status"]
+            row["detail"] = r.get("message")
+            for key in ("error_type", "exit_status", "diverged_epoch", "diverged_step", "log_tail"):
+                if r.get(key) is not None:
+                    row[key] = r[key]
+    for row in rows.values():
+        if row["status"] is None:
+            row["status"], row["detail"] = "interrupted", NO_END
+    return pd.DataFrame(list(rows.values()))
+
+
+def _with_status(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or runs.empty:
+        return frame
+    status = runs.set_index(["framework", "config_id"]).status
+    frame = frame.copy()
+    frame["status"] = [status.get((f, c)) for f, c in zip(frame.framework, frame.config_id)]
+    return frame
+
+
 def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
     epochs = pd.DataFrame([r for r in records if r.get("kind") == "epoch"])
-    starts = [r for r in records if r.get("kind") == "run_start"]
-    runs = pd.DataFrame([{**{k: r[k] for k in RUN_INDEX}, **{f"backend_{k}": v for k, v in r["backend"].items()},
-                          "data_verified": r.get("data_verified"), "train_examples": r.get("train_examples"),
-                          "test_examples": r.get("test_examples")} for r in starts])
-    errors = pd.DataFrame([{k: r.get(k) for k in ("framework", "variant", "seed", "config_id", "error_type", "message")}
+    runs = _runs(records)
+    errors = pd.DataFrame([{k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
                            for r in records if r.get("kind") == "error"])
     gap_rows = []
     if not epochs.empty:
@@ -119,35 +186,49 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         frameworks = [f for f in FRAMEWORKS if not epochs.empty and f in set(epochs.framework)]
         reference = frameworks[0] if frameworks else None
     drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
-    summary = _summary(epochs, runs, errors, drift)
+    epochs, bn_gap, drift = (_with_status(t, runs) for t in (epochs, bn_gap, drift))
+    summary = _summary(epochs, runs, drift)
     return {name: _fw_order(frame) for name, frame in
             dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors).items()}
 
 
-def _summary(epochs, runs, errors, drift) -> pd.DataFrame:
-    if epochs.empty:
+def status_summary(statuses) -> str:
+    """'complete', or the count of each status, e.g. '2 complete, 1 diverged'."""
+    counts = pd.Series(list(statuses)).value_counts()
+    if len(counts) == 1:
+        return counts.index[0]
+    return ", ".join(f"{counts[s]} {s}" for s in records_schema.STATUSES if s in counts)
+
+
+def _summary(epochs, runs, drift) -> pd.DataFrame:
+    if runs.empty:
         return pd.DataFrame()
     rows = []
-    for (fw, variant), group in _fw_order(epochs).groupby(["framework", "variant"], sort=False):
-        per_seed = group.sort_values("epoch").groupby("seed")
-        last = per_seed.tail(1)
-        curve = group.groupby("epoch").test_acc.mean()
-        info = runs[(runs.framework == fw) & (runs.variant == variant)].head(1) if not runs.empty else runs
-        row = {
-            "framework": fw, "variant": variant, "seeds": group.seed.nunique(),
-            "epochs": int(group.epoch.max()),
-            "final_test_acc": last.test_acc.mean(),
-            "best_test_acc": per_seed.test_acc.max().mean(),
-            "best_epoch": int(curve.idxmax()),
-            "final_train_loss": last.train_loss.mean(),
-            "train_examples_per_s": group.train_examples_per_s.median(),
-            "warmup_examples_per_s": group.warmup_examples_per_s.median(),
-            "eval_examples_per_s": group.eval_examples_per_s.median(),
-            "final_probe_acc_eval": last.probe_acc_eval.mean(),
-            "final_probe_acc_train": last.probe_acc_train.mean(),
-            "final_probe_disagreement": last.probe_disagreement.mean(),
-            "final_probe_logit_mad": last.probe_logit_mad.mean(),
-        }
+    for (fw, variant), group in _fw_order(runs).groupby(["framework", "variant"], sort=False):
+        done = group.epochs_done
+        row = {"framework": fw, "variant": variant, "status": status_summary(group.status),
+               "seeds": group.seed.nunique(), "epochs": group.epochs.max(),
+               # the epoch the final_* columns come from (a range when the seeds stopped apart)
+               "final_epoch": str(done.max()) if done.min() == done.max() else f"{done.min()}-{done.max()}"}
+        mine = epochs[(epochs.framework == fw) & (epochs.variant == variant)] if not epochs.empty else epochs
+        if not mine.empty:
+            per_seed = mine.sort_values("epoch").groupby("seed")
+            last = per_seed.tail(1)
+            curve = mine.groupby("epoch").test_acc.mean()
+            row.update({
+                "final_test_acc": last.test_acc.mean(),
+                "best_test_acc": per_seed.test_acc.max().mean(),
+                "best_epoch": int(curve.idxmax()),
+                "final_train_loss": last.train_loss.mean(),
+                "train_examples_per_s": mine.train_examples_per_s.median(),
+                "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
+                "eval_examples_per_s": mine.eval_examples_per_s.median(),
+                "final_probe_acc_eval": last.probe_acc_eval.mean(),
+                "final_probe_acc_train": last.probe_acc_train.mean(),
+                "final_probe_disagreement": last.probe_disagreement.mean(),
+                "final_probe_logit_mad": last.probe_logit_mad.mean(),
+            })
+        info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
         if not info.empty:
             row.update(device=info.backend_device_name.iloc[0], version=info.backend_version.iloc[0],
                        execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
@@ -156,8 +237,7 @@ def _summary(epochs, runs, errors, drift) -> pd.DataFrame:
             d = drift[(drift.framework == fw) & (drift.variant == variant)]
             d = d[d.epoch == d.epoch.max()]
             row.update(final_param_rel_l2=d.param_rel_l2.mean(), final_probe_logit_max_abs=d.probe_logit_max_abs.mean())
-        if not errors.empty:
-            row["errors"] = int(((errors.framework == fw) & (errors.variant == variant)).sum())
+        row["errors"] = int(group.status.isin(["crashed", "failed"]).sum())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -181,7 +261,14 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
     columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], c) for c in columns) + " |")
+        cells = [_fmt(row[c], c) for c in columns]
+        if "status" in row and row["status"] != "complete":  # never read as a finished run
+            for i, c in enumerate(columns):
+                if c == "status":
+                    cells[i] = f"**{cells[i]}**"
+                elif c in ("best_test_acc", "final_test_acc") and cells[i] and "final_epoch" in row:
+                    cells[i] += f" (to epoch {row['final_epoch']} of {_fmt(row.get('epochs'), 'epochs')})"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,31 +336,46 @@ def _plots(t: dict, run_dir: Path) -> list:
     return made
 
 
-SUMMARY_COLUMNS = ["framework", "variant", "seeds", "epochs", "best_test_acc", "best_epoch", "final_test_acc",
-                   "train_examples_per_s", "eval_examples_per_s", "execution", "device"]
-DIVERGENCE_COLUMNS = ["framework", "variant", "final_probe_acc_eval", "final_probe_acc_train",
+SUMMARY_COLUMNS = ["framework", "variant", "status", "seeds", "epochs", "best_test_acc", "best_epoch",
+                   "final_test_acc", "train_examples_per_s", "eval_examples_per_s", "execution", "device"]
+DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", "final_probe_acc_train",
                       "final_probe_disagreement", "final_probe_logit_mad"]
 CONVENTION_COLUMNS = ["framework", "variant", "version", "bn_decay", "bn_epsilon"]
+UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
 
 
-def render_markdown(t: dict, env: dict, plots: list, written: list) -> str:
+def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
     s = t["summary"]
-    parts = [f"# bn-compare report {env.get('run_id', '')}\n",
-             f"- command: `{env.get('command', '?')}`",
-             f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), {env.get('platform', '?')}",
-             f"- data: {env.get('data_dir', '?')} (" +
-             ("checksums verified" if env.get("data_verified", True) else "**not** the verified Fashion-MNIST") + ")",
-             f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n",
-             "## Summary\n",
-             "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
-             "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
-             "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
-             "boundaries).\n",
-             markdown_table(s, SUMMARY_COLUMNS),
-             "## Train/eval-mode divergence (final epoch)\n",
-             "The same probe images through the network in train mode (batch statistics, nothing updated) and "
-             "eval mode (running statistics).\n",
-             markdown_table(s, DIVERGENCE_COLUMNS)]
+    parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
+    if env.get("interrupted"):
+        parts.append(f"**This run was interrupted ({env.get('signal') or 'by a signal'}).** What was measured "
+                     f"before that is below; every run it stopped is marked `interrupted`.\n")
+    parts += [f"- command: `{env.get('command', '?')}`",
+              f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), {env.get('platform', '?')}",
+              f"- data: {env.get('data_dir', '?')} (" +
+              ("checksums verified" if env.get("data_verified", True) else "**not** the verified Fashion-MNIST") + ")",
+              f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n"]
+    if problems:
+        parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
+    parts += ["## Summary\n",
+              "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
+              "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
+              "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
+              "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
+              "they come from.\n",
+              markdown_table(s, SUMMARY_COLUMNS)]
+    runs = t["runs"]
+    unfinished = runs[runs.status != "complete"] if not runs.empty else runs
+    if not unfinished.empty:
+        parts += ["## Runs that did not complete\n",
+                  "`diverged`: the training loss stopped being finite (a result: the epoch and step are given); "
+                  "`interrupted`: stopped by a signal; `crashed`: the worker died or raised during training; "
+                  "`failed`: an error before training.\n",
+                  markdown_table(unfinished, UNFINISHED_COLUMNS)]
+    parts += ["## Train/eval-mode divergence (final epoch)\n",
+              "The same probe images through the network in train mode (batch statistics, nothing updated) and "
+              "eval mode (running statistics).\n",
+              markdown_table(s, DIVERGENCE_COLUMNS)]
     gap = t["bn_gap"]
     if not gap.empty:
         last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
@@ -295,7 +397,8 @@ def render_markdown(t: dict, env: dict, plots: list, written: list) -> str:
               "Decay and epsilon the BN layers really used (builtin-defaults shows each framework's own).\n",
               markdown_table(s, CONVENTION_COLUMNS)]
     if not t["errors"].empty:
-        parts += ["## Errors\n", markdown_table(t["errors"], ["framework", "variant", "seed", "error_type", "message"])]
+        parts += ["## Errors\n", markdown_table(t["errors"], ["framework", "variant", "seed", "status", "error_type",
+                                                              "message"])]
     if plots:
         parts.append("## Plots\n")
         parts += [f"![{p}]({p})\n" for p in plots]
@@ -303,12 +406,20 @@ def render_markdown(t: dict, env: dict, plots: list, written: list) -> str:
     return "\n".join(parts)
 
 
-def build(run_dir, reference: str | None = None) -> str:
-    """(Re)build every table, plot and report.md in run_dir; returns the summary as Markdown."""
+def build(run_dir, reference: str | None = None) -> tuple:
+    """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
+    of usable records)."""
     run_dir = Path(run_dir)
-    env_path = run_dir / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    t = tables(read_records(run_dir), run_dir, reference or env.get("reference"))
+    env, env_problem = read_environment(run_dir)
+    recs, skipped = read_records(run_dir)
+    problems = [env_problem] if env_problem and (run_dir / "environment.json").exists() else []
+    if skipped:
+        problems.append(f"{len(skipped)} line(s) of records.jsonl could not be used and were skipped: " +
+                        "; ".join(f"line {n}: {why}" for n, why in skipped[:20]) +
+                        (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
+    if env_problem:
+        print(f"warning: {env_problem}", file=sys.stderr)
+    t = tables(recs, run_dir, reference or env.get("reference"))
     written = []
     try:
         import pyarrow  # noqa: F401
@@ -323,9 +434,9 @@ def build(run_dir, reference: str | None = None) -> str:
             _atomic(run_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
             written.append(f"{name}.parquet")
     plots = _plots(t, run_dir)
-    text = render_markdown(t, env, plots, written + plots)
+    text = render_markdown(t, env, plots, written + plots, problems)
     _atomic(run_dir / "report.md", lambda p: p.write_text(text))
-    return markdown_table(t["summary"], SUMMARY_COLUMNS)
+    return markdown_table(t["summary"], SUMMARY_COLUMNS), len(recs)
 
 
 def main(argv=None) -> int:
@@ -335,13 +446,16 @@ def main(argv=None) -> int:
     p.add_argument("--reference", help="framework the drift is measured against")
     args = p.parse_args(argv)
     try:
-        print(build(args.run_dir, args.reference))
+        summary, usable = build(args.run_dir, args.reference)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(summary)
     print(f"report: {Path(args.run_dir) / 'report.md'}", file=sys.stderr)
+    if not usable:
+        print("error: no usable record in records.jsonl; the report is empty", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

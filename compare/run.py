@@ -10,8 +10,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,12 +31,19 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}
 
 
+def _no_repeats(items: tuple, what: str, text: str) -> tuple:
+    repeated = sorted({str(i) for i in items if items.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"{what} {', '.join(repeated)} listed twice in {text!r}; list each once")
+    return items
+
+
 def _list(text: str, kind: str, choices) -> tuple:
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in items if s not in choices]
     if bad or not items:
         raise ConfigError(f"unknown {kind} {bad or text!r}; choose from {', '.join(choices)}")
-    return items
+    return _no_repeats(items, kind, text)
 
 
 def _seeds(text: str) -> tuple:
@@ -44,7 +53,26 @@ def _seeds(text: str) -> tuple:
         raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds is empty")
-    return seeds
+    return _no_repeats(seeds, "seed", text)
+
+
+def check_run_dir(out: str, run_id: str) -> Path:
+    """The run's folder, checked before anything is written: a clear error, never a traceback."""
+    if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id or "\0" in run_id:
+        raise ConfigError(f"--run-id {run_id!r} must be a plain folder name (no '/'), e.g. lr-sweep-1")
+    run_dir = Path(out) / run_id
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass a folder (it is created "
+                          f"if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {existing} (permission denied); pass a folder "
+                          f"you can write to")
+    if (run_dir / "records.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pick another --run-id or --out")
+    return run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,23 +167,97 @@ def parse_pythons(items) -> dict:
     return out
 
 
-class RecordWriter:
-    """Appends each record to records.jsonl as it arrives (a crash loses nothing)."""
+WORKER_GRACE_SECONDS = 10  # after a forwarded signal, how long a worker may take to stop before it is killed
+LOG_TAIL_LINES = 20
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class RecordWriter:
+    """Appends each record to records.jsonl as it arrives (a crash loses nothing), shows it, and
+    keeps what the runner must know: which runs have ended and how many epochs each has done."""
+
+    def __init__(self, path: Path, progress: Progress):
+        self.path, self.progress = path, progress
         self.fh = open(path, "a", encoding="utf-8")
+        self.ended, self.epochs = set(), {}
 
     def write(self, record: dict) -> None:
+        key = (record.get("framework"), record.get("config_id"))
+        if record.get("kind") == "epoch":
+            self.epochs[key] = record["epoch"]
+        elif record.get("kind") in ("run_end", "error"):
+            self.ended.add(key)
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
+        self.progress.record(record)
+
+    def end_unfinished(self, framework, configs, status, **fields) -> int:
+        """A terminal record for each of these runs that has none yet; returns how many."""
+        count = 0
+        for config in configs:
+            if (framework, config.config_id) not in self.ended:
+                self.write(records.make(
+                    "run_end" if status == "interrupted" else "error", framework=framework,
+                    variant=config.model.variant, seed=config.seed, config_id=config.config_id, status=status,
+                    epochs_done=self.epochs.get((framework, config.config_id), 0), **fields))
+                count += 1
+        return count
 
     def close(self):
         self.fh.close()
 
 
-def run_framework(framework, python, configs, run_dir, data_dir, verify, writer, progress) -> None:
-    """Run one worker; a crash costs only this framework's missing rows (as error records)."""
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT/SIGTERM: forwarded to the running worker (killed if it has not stopped after
+    WORKER_GRACE_SECONDS, or at a second signal); with no worker running, Interrupted is raised.
+    The runner then records every unfinished run as interrupted and builds the report."""
+
+    def __init__(self):
+        self.signum, self.worker, self._timer = None, None, None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        first = self.signum is None
+        self.signum = self.signum or signum
+        proc = self.worker
+        if proc is None or proc.poll() is not None:
+            raise Interrupted(self.signum)
+        if first:
+            proc.send_signal(signum)
+            self._timer = threading.Timer(WORKER_GRACE_SECONDS, proc.kill)
+            self._timer.daemon = True
+            self._timer.start()
+        else:
+            proc.kill()
+
+    def worker_done(self):
+        self.worker = None
+        if self._timer:
+            self._timer.cancel()
+
+    def ignore(self):
+        """From here on (writing the last records and the report) a signal changes nothing."""
+        for s in self._old:
+            signal.signal(s, signal.SIG_IGN)
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _log_tail(path: Path) -> str:
+    return "\n".join(path.read_text(errors="replace").rstrip().splitlines()[-LOG_TAIL_LINES:])
+
+
+def run_framework(framework, python, configs, run_dir, data_dir, verify, writer, signals) -> None:
+    """Run one worker; a crash costs only this framework's unfinished runs (recorded as crashed)."""
     job = {"framework": framework, "out": str(run_dir), "data_dir": data_dir, "verify": verify,
            "configs": [c.to_dict() for c in configs]}
     log_path = run_dir / "logs" / f"{framework}.log"
@@ -163,36 +265,37 @@ def run_framework(framework, python, configs, run_dir, data_dir, verify, writer,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
         PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    done = set()
     with open(log_path, "w") as log:
+        # its own session: a terminal's Ctrl-C reaches the runner only, which forwards it once
         proc = subprocess.Popen([python, "-m", "compare.worker"], cwd=ROOT, env=env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
-        proc.stdin.write(json.dumps(job))
-        proc.stdin.close()
-        for line in proc.stdout:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.write(f"[non-record stdout] {line}")
-                continue
-            if record.get("kind") == "progress":
-                progress.update(record)
-                continue
-            writer.write(record)
-            progress.record(record)
-            if record.get("kind") in ("run_end", "error") and "config_id" in record:
-                done.add((record["variant"], record["seed"], record["config_id"]))
-        code = proc.wait()
-    for config in configs:
-        key = (config.model.variant, config.seed, config.config_id)
-        if key not in done:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            record = records.make("error", framework=framework, variant=key[0], seed=key[1],
-                                  config_id=key[2], error_type="WorkerCrashed",
-                                  message=f"the {framework} worker exited with status {code} before finishing; "
-                                          f"log {log_path}: " + " | ".join(tail))
-            writer.write(record)
-            progress.record(record)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                start_new_session=True)
+        signals.worker = proc
+        try:
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            for line in proc.stdout:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    log.write(f"[non-record stdout] {line}")
+                    continue
+                if record.get("kind") == "progress":
+                    writer.progress.update(record)
+                else:
+                    writer.write(record)
+            code = proc.wait()
+        finally:
+            signals.worker_done()
+            if proc.poll() is None:  # only on an error in this loop itself
+                proc.kill()
+                proc.wait()
+    if signals.signum is None:
+        tail = _log_tail(log_path)
+        writer.end_unfinished(framework, configs, "crashed", error_type="WorkerCrashed", exit_status=code,
+                              log_tail=tail,
+                              message=f"the {framework} worker exited with status {code} before finishing; "
+                                      f"last lines of {log_path}: " + " | ".join(tail.splitlines()[-3:]))
 
 
 def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
@@ -216,6 +319,7 @@ def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    run_id = args.run_id if args.run_id is not None else datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     try:
         frameworks = parse_frameworks(args.frameworks)
         configs = configs_from_args(args)
@@ -224,20 +328,29 @@ def main(argv=None) -> int:
         if reference not in frameworks:
             raise ConfigError(f"--reference {reference} is not among --frameworks {','.join(frameworks)}")
         data_dir = str(find_data_dir(args.data_dir))
-    except BNCompareError as exc:
+        run_dir = check_run_dir(args.out, run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) / run_id
-    if (run_dir / "records.jsonl").exists():
-        print(f"error: {run_dir} already holds a run; pick another --run-id or --out", file=sys.stderr)
-        return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
     print(f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) "
           f"-> {run_dir}", file=sys.stderr)
-    writer = RecordWriter(run_dir / "records.jsonl")
-    pythons = {}
     progress = Progress(live=not args.no_progress and sys.stderr.isatty())
+    writer = RecordWriter(run_dir / "records.jsonl", progress)
+    for framework in frameworks:  # the plan: what "unfinished" is measured against
+        for config in configs:
+            writer.write(records.make("plan", framework=framework, variant=config.model.variant, seed=config.seed,
+                                      config_id=config.config_id, epochs=config.epochs, config=config.to_dict()))
+    signals = Signals()
+    try:
+        return _run(args, argv, run_id, run_dir, frameworks, configs, explicit, reference, data_dir, writer,
+                    signals)
+    finally:
+        signals.restore()
+
+
+def _run(args, argv, run_id, run_dir, frameworks, configs, explicit, reference, data_dir, writer, signals) -> int:
+    pythons = {}
     started = time.time()
     try:
         for framework in frameworks:
@@ -245,28 +358,37 @@ def main(argv=None) -> int:
                 pythons[framework] = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
             except BNCompareError as exc:
                 print(f"[{framework}] skipped: {exc}", file=sys.stderr)
-                for config in configs:
-                    record = records.make(
-                        "error", framework=framework, variant=config.model.variant, seed=config.seed,
-                        config_id=config.config_id, error_type=type(exc).__name__, message=str(exc))
-                    writer.write(record)
-                    progress.errors += 1
+                writer.end_unfinished(framework, configs, "failed", error_type=type(exc).__name__, message=str(exc))
                 continue
             print(f"[{framework}] {pythons[framework]}", file=sys.stderr)
             run_framework(framework, pythons[framework], configs, run_dir, data_dir,
-                          not args.no_verify_data, writer, progress)
+                          not args.no_verify_data, writer, signals)
+            if signals.signum is not None:
+                raise Interrupted(signals.signum)
+    except Interrupted as exc:
+        signals.ignore()
+        name = signal.Signals(exc.signum).name
+        for framework in frameworks:
+            writer.end_unfinished(framework, configs, "interrupted", message=f"stopped by {name}")
     finally:
+        signals.ignore()
         writer.close()
         env_record = environment_record(args, argv, frameworks, pythons, data_dir)
-        env_record.update(reference=reference, run_id=run_id, seconds=round(time.time() - started, 1))
+        env_record.update(reference=reference, run_id=run_id, seconds=round(time.time() - started, 1),
+                          interrupted=signals.signum is not None,
+                          signal=signal.Signals(signals.signum).name if signals.signum else None)
         from .report import write_json
         write_json(run_dir / "environment.json", env_record)
     from . import report
-    summary = report.build(run_dir)
+    summary, _ = report.build(run_dir)
+    if signals.signum is not None:
+        print(f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
+              f"unfinished runs are marked interrupted", file=sys.stderr)
     print(f"\nreport: {run_dir / 'report.md'}", file=sys.stderr)
     print(summary, file=sys.stderr)
-    return 1 if progress.errors else 0
-
+    if signals.signum is not None:
+        return 128 + signals.signum
+    return 1 if writer.progress.errors else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -42,13 +43,16 @@ def save_npz(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def error_record(framework, config: RunConfig | None, exc: BaseException) -> dict:
-    ident = {}
-    if config is not None:
-        ident = {"variant": config.model.variant, "seed": config.seed, "config_id": config.config_id}
-    return records.make("error", framework=framework, **ident,
-                        error_type=type(exc).__name__, message=str(exc),
+def error_record(framework, config: RunConfig, exc: BaseException, status: str) -> dict:
+    """status: failed (before training) or crashed (during it)."""
+    return records.make("error", framework=framework, variant=config.model.variant, seed=config.seed,
+                        config_id=config.config_id, status=status, error_type=type(exc).__name__,
+                        message=str(exc) or type(exc).__name__,
                         traceback=None if isinstance(exc, BNCompareError) else traceback.format_exc())
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the worker the way Ctrl-C does: between two operations
 
 
 def bench(job: dict) -> int:
@@ -78,7 +82,16 @@ def bench(job: dict) -> int:
 def main() -> int:
     # Everything a framework prints goes to stderr, so stdout carries records only.
     sys.stdout = sys.stderr
+    signal.signal(signal.SIGTERM, _terminate)
     job = json.loads(sys.stdin.read())
+    try:
+        return run_job(job)
+    except KeyboardInterrupt:  # the runner forwards SIGINT/SIGTERM and records what was unfinished
+        print("worker: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_job(job: dict) -> int:
     if job.get("mode") == "bench":
         return bench(job)
     framework, out = job["framework"], Path(job["out"])
@@ -86,13 +99,13 @@ def main() -> int:
     try:
         module = load_backend_module(framework)
         info = framework_info(framework)
-        send(records.make("worker", framework=framework, python=sys.version.split()[0],
+        send(records.make("worker", framework=framework, pid=os.getpid(), python=sys.version.split()[0],
                           executable=sys.executable, numpy=np.__version__,
                           platform=platform.platform(),
                           framework_version=getattr(sys.modules[info.import_name], "__version__", None)))
-    except BaseException as exc:  # the whole framework is unavailable: every config fails
+    except Exception as exc:  # the whole framework is unavailable: every config fails
         for config in configs:
-            send(error_record(framework, config, exc))
+            send(error_record(framework, config, exc, "failed"))
         return 1
     status = 0
     datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
@@ -102,7 +115,11 @@ def main() -> int:
                 save_npz(out / record["snapshot"], arrays)
             send(record)
 
+        started = False  # set once the first training step is queued: later errors are crashes
+
         def progress(epoch, step, steps, config=config):
+            nonlocal started
+            started = True
             if step == steps or step % 10 == 0:
                 send({"kind": "progress", "framework": framework, "variant": config.model.variant,
                       "seed": config.seed, "epoch": epoch, "epochs": config.epochs,
@@ -114,10 +131,8 @@ def main() -> int:
                 datasets[key] = load_fashion_mnist(job.get("data_dir"), verify=job.get("verify", True),
                                                         dtype=config.dtype, input_size=config.model.input_size)
             run_loop(module.BACKEND, config, datasets[key], emit, progress)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:
-            send(error_record(framework, config, exc))
+        except Exception as exc:
+            send(error_record(framework, config, exc, "crashed" if started else "failed"))
             status = 1
     return status
 

@@ -129,7 +129,7 @@ def test_the_probe_and_evaluation_come_after_the_timed_steps():
 # Report tables from hand-made records -------------------------------------------
 def epoch_record(framework="torch", variant="scratch", seed=0, epoch=1, **values):
     fields = {k: 0.0 for k in records.EPOCH_KEYS}
-    fields.update(framework=framework, variant=variant, seed=seed, config_id=f"c{seed}", epoch=epoch,
+    fields.update(framework=framework, variant=variant, seed=seed, config_id=f"{variant}-{seed}", epoch=epoch,
                   timed_steps=10, warmup_steps=5, bn_gap=[], step_losses=[],
                   snapshot=f"snapshots/{framework}_{variant}_s{seed}_e{epoch:03d}.npz")
     fields.update(values)
@@ -141,8 +141,18 @@ CURVES = {0: [0.5, 0.8, 0.7], 1: [0.6, 0.7, 0.75], 2: [0.4, 0.9, 0.6]}
 THROUGHPUT = [100, 200, 300, 400, 500, 600, 700, 800, 10000]
 
 
+def run_records(framework="torch", variant="scratch", seed=0, epochs=3, status="complete", **fields):
+    """The plan and end records of one run (the epoch records go between them)."""
+    ident = dict(framework=framework, variant=variant, seed=seed, config_id=f"{variant}-{seed}")
+    kind = "error" if status in ("crashed", "failed") else "run_end"
+    return (records.make("plan", **ident, epochs=epochs),
+            records.make(kind, **ident, status=status, **fields))
+
+
 def summary_records():
     out, throughput = [], iter(THROUGHPUT)
+    for seed in CURVES:
+        out += run_records(seed=seed)
     for seed, curve in CURVES.items():
         for epoch, acc in enumerate(curve, 1):
             out.append(epoch_record(seed=seed, epoch=epoch, test_acc=acc, train_loss=seed + epoch,
@@ -155,7 +165,7 @@ def summary_records():
 def test_summary_best_final_and_medians(tmp_path):
     t = report.tables(summary_records(), tmp_path)
     row = t["summary"].iloc[0]
-    assert row.seeds == 3 and row.epochs == 3
+    assert row.seeds == 3 and row.epochs == 3 and row.status == "complete" and row.final_epoch == "3"
     # best: the mean over seeds of each seed's best epoch, (0.8 + 0.75 + 0.9) / 3
     assert row.best_test_acc == pytest.approx(2.45 / 3), "best_test_acc: mean of each seed's best"
     # final: the mean of the last epochs, (0.7 + 0.75 + 0.6) / 3
