@@ -125,6 +125,8 @@ def run_job(job: dict) -> int:
                       "seed": config.seed, "epoch": epoch, "epochs": config.epochs,
                       "step": step, "steps": steps, "time": time.time()})
 
+        print(f"worker {framework} (pid {os.getpid()}): {config.model.variant} seed {config.seed} "
+              f"({config.config_id}) starting", file=sys.stderr, flush=True)
         try:
             key = (config.dtype, config.model.input_size)
             if key not in datasets:

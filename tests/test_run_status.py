@@ -234,3 +234,21 @@ def test_a_diverging_run_does_not_stop_the_others(native, tmp_path):
     assert runs.status.to_dict() == {"scratch": "diverged", "none": "complete"}
     assert runs.diverged_epoch["scratch"] == 1 and runs.epochs_done["scratch"] == 0
     assert "lr 300" in runs.detail["scratch"] and runs.epochs_done["none"] == 2
+
+
+def test_a_killed_worker_is_crashed_with_its_exit_status(native, tmp_path):
+    proc = _start_runner(tmp_path)
+    run_dir = tmp_path / "out" / "r"
+    try:
+        _wait_for(run_dir, lambda rs: any(r["kind"] == "epoch" and r["variant"] == "builtin" for r in rs), proc)
+        worker = next(r for r in _records(run_dir) if r["kind"] == "worker")
+        os.kill(worker["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    runs = pd.read_csv(run_dir / "runs.csv").set_index("variant")
+    assert runs.status.to_dict() == {"scratch": "complete", "builtin": "crashed", "none": "crashed"}
+    assert (runs.exit_status[["builtin", "none"]] == -signal.SIGKILL).all()
+    assert runs.epochs_done["builtin"] >= 1 and "status -9" in runs.detail["builtin"]
+    assert isinstance(runs.log_tail["builtin"], str)  # the real end of the worker's log
