@@ -20,6 +20,8 @@ from common import records as records_schema
 from common.config import VARIANTS
 from common.registry import FRAMEWORKS
 
+from .stats import seed_stats
+
 RUN_INDEX = ["framework", "variant", "seed", "config_id"]
 TABLES = ("epochs", "bn_gap", "drift", "summary", "runs", "errors")
 
@@ -200,6 +202,13 @@ def status_summary(statuses) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in records_schema.STATUSES if s in counts)
 
 
+def _with_ci(name: str, per_seed: pd.Series) -> dict:
+    """name (the mean over seeds) with name_std, name_ci_low/high (95% t-interval) and name_n."""
+    st = seed_stats(per_seed.tolist())
+    return {name: st["mean"], f"{name}_std": st["std"], f"{name}_ci_low": st["ci_low"],
+            f"{name}_ci_high": st["ci_high"], f"{name}_n": st["n"]}
+
+
 def _summary(epochs, runs, drift) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
@@ -216,8 +225,8 @@ def _summary(epochs, runs, drift) -> pd.DataFrame:
             last = per_seed.tail(1)
             curve = mine.groupby("epoch").test_acc.mean()
             row.update({
-                "final_test_acc": last.test_acc.mean(),
-                "best_test_acc": per_seed.test_acc.max().mean(),
+                **_with_ci("final_test_acc", last.test_acc),
+                **_with_ci("best_test_acc", per_seed.test_acc.max()),
                 "best_epoch": int(curve.idxmax()),
                 "final_train_loss": last.train_loss.mean(),
                 "train_examples_per_s": mine.train_examples_per_s.median(),
@@ -262,6 +271,10 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
         cells = [_fmt(row[c], c) for c in columns]
+        for i, c in enumerate(columns):  # a mean over seeds shows its 95% interval
+            high = row.get(f"{c}_ci_high")
+            if cells[i] and high is not None and not pd.isna(high):
+                cells[i] += f" ± {_fmt(high - row[c], c)}"
         if "status" in row and row["status"] != "complete":  # never read as a finished run
             for i, c in enumerate(columns):
                 if c == "status":
@@ -362,8 +375,13 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
               "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
               "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
               "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
-              "they come from.\n",
+              "they come from. `± x`: the half-width of the 95% t-interval over seeds.\n",
               markdown_table(s, SUMMARY_COLUMNS)]
+    if not s.empty and "best_test_acc_n" in s and (s.best_test_acc_n.fillna(0) <= 1).any():
+        one = s[s.best_test_acc_n.fillna(0) <= 1]
+        who = "Every row rests" if len(one) == len(s) else f"{len(one)} of {len(s)} rows rest"
+        parts.append(f"{who} on one seed (or none): no spread between seeds is measured, so no interval is "
+                     f"given; `--seeds 0,1,2` gives one.\n")
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     if not unfinished.empty:

@@ -9,7 +9,7 @@ from common.registry import FRAMEWORKS
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["common.config", "common.data", "common.init", "common.reference", "common.interface",
            "common.loop", "common.records", "common.registry", "compare.run", "compare.report",
-           "compare.envs", "compare.worker", "compare.progress", "compare.bench"]
+           "compare.envs", "compare.worker", "compare.progress", "compare.bench", "compare.stats"]
 
 
 def test_common_and_compare_import_no_framework():

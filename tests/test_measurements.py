@@ -233,3 +233,30 @@ def test_reference_changes_the_drift_table(tmp_path):
     report.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
     assert report.main([str(tmp_path)]) == 0
     assert list(pd.read_csv(tmp_path / "drift.csv").reference) == ["mxnet"]
+
+
+def test_seed_statistics_by_hand():
+    from compare.stats import seed_stats
+    st = seed_stats([0.8, 0.75, 0.9])
+    mean = 2.45 / 3
+    std = math.sqrt(((0.8 - mean) ** 2 + (0.75 - mean) ** 2 + (0.9 - mean) ** 2) / 2)  # ddof 1
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, 2 degrees of freedom), from a t table
+    assert st["n"] == 3 and st["mean"] == pytest.approx(mean) and st["std"] == pytest.approx(std)
+    assert (st["ci_low"], st["ci_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    two = seed_stats([1.0, 3.0, float("nan")])  # non-finite values (a diverged seed's) do not count
+    # std of 1, 3 is sqrt(2); t(0.975, 1) = 12.7062: half-width 12.7062 * sqrt(2) / sqrt(2)
+    assert two["n"] == 2 and two["ci_high"] == pytest.approx(2.0 + 12.706204736174698)
+    one = seed_stats([0.7])
+    assert one["n"] == 1 and one["mean"] == 0.7 and math.isnan(one["std"]) and math.isnan(one["ci_low"])
+
+
+def test_summary_carries_the_interval_over_seeds(tmp_path):
+    t = report.tables(summary_records(), tmp_path)
+    row = t["summary"].iloc[0]
+    best = [0.8, 0.75, 0.9]  # each seed's best epoch (CURVES)
+    half = 4.302652729911275 * np.std(best, ddof=1) / math.sqrt(3)
+    assert row.best_test_acc_n == 3 and row.best_test_acc_std == pytest.approx(np.std(best, ddof=1))
+    assert row.best_test_acc_ci_high == pytest.approx(np.mean(best) + half), "best_test_acc_ci_high"
+    assert row.final_test_acc_ci_low == pytest.approx(
+        np.mean([0.7, 0.75, 0.6]) - 4.302652729911275 * np.std([0.7, 0.75, 0.6], ddof=1) / math.sqrt(3))
+    assert f"0.8167 ± {half:.4f}" in report.markdown_table(t["summary"], report.SUMMARY_COLUMNS)
