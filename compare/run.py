@@ -190,17 +190,14 @@ class RecordWriter:
         self.fh.flush()
         self.progress.record(record)
 
-    def end_unfinished(self, framework, configs, status, **fields) -> int:
-        """A terminal record for each of these runs that has none yet; returns how many."""
-        count = 0
+    def end_unfinished(self, framework, configs, status, **fields) -> None:
+        """A terminal record for each of these runs that has none yet."""
         for config in configs:
             if (framework, config.config_id) not in self.ended:
                 self.write(records.make(
                     "run_end" if status == "interrupted" else "error", framework=framework,
                     variant=config.model.variant, seed=config.seed, config_id=config.config_id, status=status,
                     epochs_done=self.epochs.get((framework, config.config_id), 0), **fields))
-                count += 1
-        return count
 
     def close(self):
         self.fh.close()
