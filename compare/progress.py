@@ -45,13 +45,12 @@ class Progress:
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                 f"test acc {record['test_acc']:.4f} | {record['train_examples_per_s']:,.0f} ex/s | "
                 f"train/eval disagreement {record['probe_disagreement']:.3f}\n")
-        elif kind == "error":
-            self.errors += 1
+        elif kind in ("error", "run_end") and record["status"] != "complete":
+            what = record.get("message", "")
+            if kind == "error":
+                self.errors += 1
+                what = f"{record['error_type']}: {what}"
             self._clear()
             self.stream.write(f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} "
-                              f"{record['status'].upper()}: {record['error_type']}: {record['message']}\n")
-        elif kind == "run_end" and record["status"] != "complete":
-            self._clear()
-            self.stream.write(f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} "
-                              f"{record['status'].upper()}: {record.get('message', '')}\n")
+                              f"{record['status'].upper()}: {what}\n")
         self.stream.flush()
