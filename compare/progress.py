@@ -1,56 +1,119 @@
-"""Progress display: a live bar per framework/epoch on a terminal, one line per epoch otherwise."""
+"""Progress of a run or a study: tqdm bars on a terminal, plain lines otherwise.
+
+Live (a terminal): one bar for the whole job (runs ended / planned, failures,
+elapsed and ETA) and one bar per running worker (the steps of its current
+epoch). Always: a permanent line per finished epoch and per run that did not
+complete; without a terminal, also one line per ended run with the counts and
+the ETA, so a log shows how far a long study is.
+"""
 from __future__ import annotations
 
 import sys
+import time
+
+from tqdm import tqdm
+
+PROBLEMS = ("diverged", "interrupted", "crashed", "failed")
 
 
 class Progress:
-    def __init__(self, live: bool, stream=sys.stderr, width: int = 24):
-        self.live, self.stream, self.width = live, stream, width
+    def __init__(self, live: bool, total: int = 0, stream=sys.stderr, labels: dict | None = None,
+                 epoch_lines: bool = True, unit: str = "run"):
+        """total: runs planned (framework x configuration); labels: config_id -> text shown after
+        the seed (a study's grid coordinates); epoch_lines: a line per finished epoch."""
+        self.live, self.stream, self.total = live, stream, total
+        self.labels, self.epoch_lines, self.unit = labels or {}, epoch_lines, unit
         self.errors = 0
-        self._last_len = 0
-        self._start = {}
+        self.ended = 0
+        self.counts = {}
+        self._started = time.monotonic()
+        self._bars = {}
+        self._overall = None
+        if live and total:
+            self._overall = tqdm(total=total, desc="all", unit=unit, file=stream, position=0,
+                                 dynamic_ncols=True, leave=True)
 
-    def _clear(self):
-        if self.live and self._last_len:
-            self.stream.write("\r" + " " * self._last_len + "\r")
-            self._last_len = 0
+    def _name(self, event: dict) -> str:
+        label = self.labels.get(event.get("config_id"), "")
+        return (f"{event['framework']:>10} {event['variant']:<16} seed {event['seed']}"
+                + (f" {label}" if label else ""))
+
+    def _write(self, text: str) -> None:
+        if self.live:
+            tqdm.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def update(self, event: dict) -> None:
-        """A kind "progress" line from a worker."""
+        """A kind "progress" line from a worker: steps done in the current epoch."""
         if not self.live:
             return
-        key = (event["framework"], event["variant"], event["seed"], event["epoch"])
-        self._start.setdefault(key, (event["time"], event["step"]))
-        t0, s0 = self._start[key]
-        done = event["step"] / event["steps"]
-        filled = int(done * self.width)
-        rate = ""
-        if event["time"] > t0 and event["step"] > s0:
-            rate = f" {(event['step'] - s0) / (event['time'] - t0):6.1f} steps/s"
-        text = (f"{event['framework']:>10} {event['variant']:<16} seed {event['seed']} "
-                f"epoch {event['epoch']}/{event['epochs']} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{event['step']}/{event['steps']}{rate}")
-        self.stream.write("\r" + text.ljust(self._last_len))
-        self.stream.flush()
-        self._last_len = len(text)
+        key = (event["framework"], event.get("config_id"), event["seed"], event["variant"])
+        bar = self._bars.get(key)
+        desc = f"{self._name(event)} epoch {event['epoch']}/{event['epochs']}"
+        if bar is None or bar.total != event["steps"]:
+            if bar is not None:
+                bar.close()
+            bar = self._bars[key] = tqdm(total=event["steps"], desc=desc, unit="step", file=self.stream,
+                                         leave=False, dynamic_ncols=True)
+        elif bar.desc != desc:
+            bar.reset(total=event["steps"])
+            bar.set_description_str(desc)
+        bar.update(event["step"] - bar.n)
+
+    def _close_bar(self, record: dict) -> None:
+        bar = self._bars.pop((record["framework"], record.get("config_id"), record["seed"], record["variant"]),
+                             None)
+        if bar is not None:
+            bar.close()
+
+    def _eta(self) -> str:
+        elapsed = time.monotonic() - self._started
+        text = f"elapsed {_clock(elapsed)}"
+        if self.total and 0 < self.ended < self.total:
+            text += f", ETA {_clock(elapsed / self.ended * (self.total - self.ended))}"
+        return text
 
     def record(self, record: dict) -> None:
-        """A result record: epoch summaries and errors get a permanent line."""
+        """A result record: epoch summaries and unfinished runs get a permanent line."""
         kind = record.get("kind")
-        if kind == "epoch":
-            self._clear()
-            self.stream.write(
-                f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} epoch {record['epoch']}: "
+        if kind == "epoch" and self.epoch_lines:
+            self._write(
+                f"{self._name(record)} epoch {record['epoch']}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                 f"test acc {record['test_acc']:.4f} | {record['train_examples_per_s']:,.0f} ex/s | "
-                f"train/eval disagreement {record['probe_disagreement']:.3f}\n")
-        elif kind in ("error", "run_end") and record["status"] != "complete":
+                f"train/eval disagreement {record['probe_disagreement']:.3f}")
+        if kind not in ("error", "run_end"):
+            return
+        self._close_bar(record)
+        status = record["status"]
+        self.ended += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if kind == "error":
+            self.errors += 1
+        if status != "complete":
             what = record.get("message", "")
             if kind == "error":
-                self.errors += 1
                 what = f"{record['error_type']}: {what}"
-            self._clear()
-            self.stream.write(f"{record['framework']:>10} {record['variant']:<16} seed {record['seed']} "
-                              f"{record['status'].upper()}: {what}\n")
-        self.stream.flush()
+            self._write(f"{self._name(record)} {status.upper()}: {what}")
+        problems = ", ".join(f"{self.counts[s]} {s}" for s in PROBLEMS if s in self.counts)
+        if self._overall is not None:
+            self._overall.set_postfix_str(problems, refresh=False)
+            self._overall.update(1)
+        elif self.total and not self.epoch_lines:
+            self._write(f"[{self.ended}/{self.total} {self.unit}s] {self._name(record)} {status}"
+                        f"{' (' + problems + ')' if problems else ''}; {self._eta()}")
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+        if self._overall is not None:
+            self._overall.close()
+            self._overall = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -102,6 +102,8 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
         key = (row.variant, row.seed, row.config_id, row.epoch)
         if key not in ref_rows.index:
             continue
+        if not isinstance(row.snapshot, str) or not isinstance(ref_rows.loc[key, "snapshot"], str):
+            continue  # an epoch whose snapshot was not kept (a study keeps the final one)
         mine, ref = run_dir / row.snapshot, run_dir / ref_rows.loc[key, "snapshot"]
         if not (mine.is_file() and ref.is_file()):
             continue
@@ -132,6 +134,42 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
 NO_END = "no end record: the runner stopped before it could write one"
 
 
+def latest_attempts(records: list) -> list:
+    """Each run's records from its last plan record on. A resumed study plans again the runs it
+    re-runs, so what an interrupted attempt left is superseded, not counted twice."""
+    last_plan = {}
+    for i, r in enumerate(records):
+        if r.get("kind") == "plan":
+            last_plan[(r["framework"], r["config_id"])] = i
+    return [r for i, r in enumerate(records)
+            if i >= last_plan.get((r.get("framework"), r.get("config_id")), -1)]
+
+
+def coordinates(records: list) -> dict:
+    """config_id -> the grid coordinates its plan record carries (a study's cells; empty for a run)."""
+    return {r["config_id"]: r["coords"] for r in records if r.get("kind") == "plan" and r.get("coords")}
+
+
+# Per run: the metrics a study aggregates over seeds, from the run's epochs.
+RUN_METRICS = ("best_test_acc", "final_test_acc", "final_train_loss", "final_probe_acc_eval",
+               "final_probe_acc_train", "final_probe_disagreement", "final_probe_logit_mad",
+               "train_examples_per_s")
+
+
+def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
+    if epochs.empty:
+        return pd.DataFrame(columns=["framework", "config_id", *RUN_METRICS])
+    rows = []
+    for (fw, cid), g in epochs.sort_values("epoch").groupby(["framework", "config_id"], sort=False):
+        last = g.iloc[-1]
+        rows.append({"framework": fw, "config_id": cid, "best_test_acc": g.test_acc.max(),
+                     "final_test_acc": last.test_acc, "final_train_loss": last.train_loss,
+                     **{f"final_{k}": last[k] for k in ("probe_acc_eval", "probe_acc_train",
+                                                         "probe_disagreement", "probe_logit_mad")},
+                     "train_examples_per_s": g.train_examples_per_s.median()})
+    return pd.DataFrame(rows)
+
+
 def _runs(records: list) -> pd.DataFrame:
     """One row per run (framework x configuration) the records know of, planned or seen, with its
     status: the status of its end record, or interrupted where it has none."""
@@ -140,9 +178,11 @@ def _runs(records: list) -> pd.DataFrame:
         if r["kind"] not in ("plan", "run_start", "epoch", "run_end", "error"):
             continue
         row = rows.setdefault((r["framework"], r["config_id"]), {
-            **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "detail": None})
+            **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "attempts": 1,
+            "detail": None})
         if r["kind"] == "plan":
             row["epochs"] = r["epochs"]
+            row["attempts"] = r.get("attempt", 1)  # > 1: the executor ran it again after losing a worker
         elif r["kind"] == "run_start":
             row.update({f"backend_{k}": v for k, v in r["backend"].items()})
             row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
@@ -163,20 +203,36 @@ def _runs(records: list) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
-def _with_status(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def _with_run_columns(frame: pd.DataFrame, runs: pd.DataFrame, coords: dict) -> pd.DataFrame:
+    """frame plus its run's status and grid coordinates (after the run's identity columns)."""
     if frame.empty or runs.empty:
         return frame
     status = runs.set_index(["framework", "config_id"]).status
     frame = frame.copy()
     frame["status"] = [status.get((f, c)) for f, c in zip(frame.framework, frame.config_id)]
+    return _with_coords(frame, coords)
+
+
+def _with_coords(frame: pd.DataFrame, coords: dict) -> pd.DataFrame:
+    names = list(dict.fromkeys(k for c in coords.values() for k in c))
+    if frame.empty or not names:
+        return frame
+    frame = frame.copy()
+    at = list(frame.columns).index("config_id") + 1
+    for offset, name in enumerate(names):
+        frame.insert(at + offset, name, [coords.get(c, {}).get(name) for c in frame.config_id])
     return frame
 
 
 def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
+    records = latest_attempts(records)
+    coords = coordinates(records)
     epochs = pd.DataFrame([r for r in records if r.get("kind") == "epoch"])
     runs = _runs(records)
-    errors = pd.DataFrame([{k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
-                           for r in records if r.get("kind") == "error"])
+    if not runs.empty:
+        runs = _with_coords(runs.merge(_run_metrics(epochs), on=["framework", "config_id"], how="left"), coords)
+    errors = _with_coords(pd.DataFrame([{k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
+                                        for r in records if r.get("kind") == "error"]), coords)
     gap_rows = []
     if not epochs.empty:
         for _, row in epochs.iterrows():
@@ -188,8 +244,8 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         frameworks = [f for f in FRAMEWORKS if not epochs.empty and f in set(epochs.framework)]
         reference = frameworks[0] if frameworks else None
     drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
-    epochs, bn_gap, drift = (_with_status(t, runs) for t in (epochs, bn_gap, drift))
-    summary = _summary(epochs, runs, drift)
+    epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
+    summary = _summary(epochs, runs, drift, list(dict.fromkeys(k for c in coords.values() for k in c)))
     return {name: _fw_order(frame) for name, frame in
             dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors).items()}
 
@@ -209,33 +265,34 @@ def _with_ci(name: str, per_seed: pd.Series) -> dict:
             f"{name}_ci_high": st["ci_high"], f"{name}_n": st["n"]}
 
 
-def _summary(epochs, runs, drift) -> pd.DataFrame:
+def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
+    """One row per framework x variant (x a study's grid coordinates `by`): statistics over seeds."""
     if runs.empty:
         return pd.DataFrame()
     rows = []
-    for (fw, variant), group in _fw_order(runs).groupby(["framework", "variant"], sort=False):
+    keys = ["framework", "variant", *by]
+    for values, group in _fw_order(runs).groupby(keys, sort=False, dropna=False):
+        fw, variant = values[:2]
         done = group.epochs_done
-        row = {"framework": fw, "variant": variant, "status": status_summary(group.status),
+        row = {**dict(zip(keys, values)), "status": status_summary(group.status),
                "seeds": group.seed.nunique(), "epochs": group.epochs.max(),
                # the epoch the final_* columns come from (a range when the seeds stopped apart)
                "final_epoch": str(done.max()) if done.min() == done.max() else f"{done.min()}-{done.max()}"}
-        mine = epochs[(epochs.framework == fw) & (epochs.variant == variant)] if not epochs.empty else epochs
+        mine = (epochs[(epochs.framework == fw) & epochs.config_id.isin(group.config_id)] if not epochs.empty
+                else epochs)
         if not mine.empty:
-            per_seed = mine.sort_values("epoch").groupby("seed")
-            last = per_seed.tail(1)
+            seen = group.dropna(subset=["best_test_acc"])
             curve = mine.groupby("epoch").test_acc.mean()
             row.update({
-                **_with_ci("final_test_acc", last.test_acc),
-                **_with_ci("best_test_acc", per_seed.test_acc.max()),
+                **_with_ci("final_test_acc", seen.final_test_acc),
+                **_with_ci("best_test_acc", seen.best_test_acc),
                 "best_epoch": int(curve.idxmax()),
-                "final_train_loss": last.train_loss.mean(),
+                "final_train_loss": seen.final_train_loss.mean(),
                 "train_examples_per_s": mine.train_examples_per_s.median(),
                 "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
                 "eval_examples_per_s": mine.eval_examples_per_s.median(),
-                "final_probe_acc_eval": last.probe_acc_eval.mean(),
-                "final_probe_acc_train": last.probe_acc_train.mean(),
-                "final_probe_disagreement": last.probe_disagreement.mean(),
-                "final_probe_logit_mad": last.probe_logit_mad.mean(),
+                **{k: seen[k].mean() for k in ("final_probe_acc_eval", "final_probe_acc_train",
+                                               "final_probe_disagreement", "final_probe_logit_mad")},
             })
         info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
         if not info.empty:
@@ -243,7 +300,7 @@ def _summary(epochs, runs, drift) -> pd.DataFrame:
                        execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
                        bn_epsilon=info.backend_bn_epsilon.iloc[0])
         if not drift.empty and fw in set(drift.framework):
-            d = drift[(drift.framework == fw) & (drift.variant == variant)]
+            d = drift[(drift.framework == fw) & drift.config_id.isin(group.config_id)]
             d = d[d.epoch == d.epoch.max()]
             row.update(final_param_rel_l2=d.param_rel_l2.mean(), final_probe_logit_max_abs=d.probe_logit_max_abs.mean())
         row["errors"] = int(group.status.isin(["crashed", "failed"]).sum())
@@ -424,9 +481,26 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     return "\n".join(parts)
 
 
-def build(run_dir, reference: str | None = None) -> tuple:
-    """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
-    of usable records)."""
+def write_tables(t: dict, out_dir: Path) -> list:
+    """Each table as NAME.csv and (where pyarrow is there and the table is not empty) NAME.parquet;
+    returns the file names written."""
+    written = []
+    try:
+        import pyarrow  # noqa: F401
+        parquet = True
+    except ImportError:
+        parquet = False
+    for name, frame in t.items():
+        _atomic(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+        written.append(f"{name}.csv")
+        if parquet and not frame.empty:
+            _atomic(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+            written.append(f"{name}.parquet")
+    return written
+
+
+def load(run_dir: Path, reference: str | None = None) -> tuple:
+    """(tables, environment, problems, number of usable records) of a run or study folder; problems are said in its report."""
     run_dir = Path(run_dir)
     env, env_problem = read_environment(run_dir)
     recs, skipped = read_records(run_dir)
@@ -437,24 +511,19 @@ def build(run_dir, reference: str | None = None) -> tuple:
                         (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
     if env_problem:
         print(f"warning: {env_problem}", file=sys.stderr)
-    t = tables(recs, run_dir, reference or env.get("reference"))
-    written = []
-    try:
-        import pyarrow  # noqa: F401
-        parquet = True
-    except ImportError:
-        parquet = False
-    for name in TABLES:
-        frame = t[name]
-        _atomic(run_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
-        written.append(f"{name}.csv")
-        if parquet and not frame.empty:
-            _atomic(run_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
-            written.append(f"{name}.parquet")
+    return tables(recs, run_dir, reference or env.get("reference")), env, problems, len(recs)
+
+
+def build(run_dir, reference: str | None = None) -> tuple:
+    """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
+    of usable records)."""
+    run_dir = Path(run_dir)
+    t, env, problems, usable = load(run_dir, reference)
+    written = write_tables(t, run_dir)
     plots = _plots(t, run_dir)
     text = render_markdown(t, env, plots, written + plots, problems)
     _atomic(run_dir / "report.md", lambda p: p.write_text(text))
-    return markdown_table(t["summary"], SUMMARY_COLUMNS), len(recs)
+    return markdown_table(t["summary"], SUMMARY_COLUMNS), usable
 
 
 def main(argv=None) -> int:

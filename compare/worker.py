@@ -3,7 +3,8 @@
 Reads one job (JSON) from stdin, runs every configuration of it through
 common.loop with that framework's backend, and writes JSON lines to stdout:
 result records (kept by the runner) and progress lines (kind "progress", shown
-and dropped). Parameter and probe snapshots go to <out>/snapshots/*.npz. A
+and dropped). Parameter and probe snapshots go to <out>/snapshots/*.npz (with
+the job's "snapshots": "final", only each run's last epoch's). A
 failure of one configuration becomes an error record and the next one runs.
 """
 from __future__ import annotations
@@ -109,10 +110,14 @@ def run_job(job: dict) -> int:
         return 1
     status = 0
     datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
+    final_only = job.get("snapshots", "all") == "final"  # a study keeps the last epoch's snapshot only
     for config in configs:
-        def emit(record, arrays=None):
+        def emit(record, arrays=None, config=config):
             if arrays is not None:
-                save_npz(out / record["snapshot"], arrays)
+                if final_only and record["epoch"] != config.epochs:
+                    record = {**record, "snapshot": None}
+                else:
+                    save_npz(out / record["snapshot"], arrays)
             send(record)
 
         started = False  # set once the first training step is queued: later errors are crashes
@@ -122,7 +127,7 @@ def run_job(job: dict) -> int:
             started = True
             if step == steps or step % 10 == 0:
                 send({"kind": "progress", "framework": framework, "variant": config.model.variant,
-                      "seed": config.seed, "epoch": epoch, "epochs": config.epochs,
+                      "seed": config.seed, "config_id": config.config_id, "epoch": epoch, "epochs": config.epochs,
                       "step": step, "steps": steps, "time": time.time()})
 
         print(f"worker {framework} (pid {os.getpid()}): {config.model.variant} seed {config.seed} "
