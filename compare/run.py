@@ -7,13 +7,10 @@ they arrive, then the reports are built from them (compare.report).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
-import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +22,8 @@ from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import envs
+from . import executor
+from .executor import Interrupted, RecordWriter, Signals, split
 from .progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", help="framework the drift is measured against (default: the first)")
     g.add_argument("--out", default="reports", help="reports go to OUT/RUN_ID/")
     g.add_argument("--run-id", help="default: UTC time stamp")
-    g.add_argument("--no-progress", action="store_true", help="one line per epoch instead of a live bar")
+    executor.add_arguments(g, 1)
+    g.add_argument("--no-progress", action="store_true", help="one line per epoch instead of live bars")
     return p
 
 
@@ -167,134 +167,6 @@ def parse_pythons(items) -> dict:
     return out
 
 
-WORKER_GRACE_SECONDS = 10  # after a forwarded signal, how long a worker may take to stop before it is killed
-LOG_TAIL_LINES = 20
-
-
-class RecordWriter:
-    """Appends each record to records.jsonl as it arrives (a crash loses nothing), shows it, and
-    keeps what the runner must know: which runs have ended and how many epochs each has done."""
-
-    def __init__(self, path: Path, progress: Progress):
-        self.path, self.progress = path, progress
-        self.fh = open(path, "a", encoding="utf-8")
-        self.ended, self.epochs = set(), {}
-
-    def write(self, record: dict) -> None:
-        key = (record.get("framework"), record.get("config_id"))
-        if record.get("kind") == "epoch":
-            self.epochs[key] = record["epoch"]
-        elif record.get("kind") in ("run_end", "error"):
-            self.ended.add(key)
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        self.progress.record(record)
-
-    def end_unfinished(self, framework, configs, status, **fields) -> None:
-        """A terminal record for each of these runs that has none yet."""
-        for config in configs:
-            if (framework, config.config_id) not in self.ended:
-                self.write(records.make(
-                    "run_end" if status == "interrupted" else "error", framework=framework,
-                    variant=config.model.variant, seed=config.seed, config_id=config.config_id, status=status,
-                    epochs_done=self.epochs.get((framework, config.config_id), 0), **fields))
-
-    def close(self):
-        self.fh.close()
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Signals:
-    """SIGINT/SIGTERM: forwarded to the running worker (killed if it has not stopped after
-    WORKER_GRACE_SECONDS, or at a second signal); with no worker running, Interrupted is raised.
-    The runner then records every unfinished run as interrupted and builds the report."""
-
-    def __init__(self):
-        self.signum, self.worker, self._timer = None, None, None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        first = self.signum is None
-        self.signum = self.signum or signum
-        proc = self.worker
-        if proc is None or proc.poll() is not None:
-            raise Interrupted(self.signum)
-        if first:
-            proc.send_signal(signum)
-            self._timer = threading.Timer(WORKER_GRACE_SECONDS, proc.kill)
-            self._timer.daemon = True
-            self._timer.start()
-        else:
-            proc.kill()
-
-    def worker_done(self):
-        self.worker = None
-        if self._timer:
-            self._timer.cancel()
-
-    def ignore(self):
-        """From here on (writing the last records and the report) a signal changes nothing."""
-        for s in self._old:
-            signal.signal(s, signal.SIG_IGN)
-
-    def restore(self):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
-def _log_tail(path: Path) -> str:
-    return "\n".join(path.read_text(errors="replace").rstrip().splitlines()[-LOG_TAIL_LINES:])
-
-
-def run_framework(framework, python, configs, run_dir, data_dir, verify, writer, signals) -> None:
-    """Run one worker; a crash costs only this framework's unfinished runs (recorded as crashed)."""
-    job = {"framework": framework, "out": str(run_dir), "data_dir": data_dir, "verify": verify,
-           "configs": [c.to_dict() for c in configs]}
-    log_path = run_dir / "logs" / f"{framework}.log"
-    log_path.parent.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
-        PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    with open(log_path, "w") as log:
-        # its own session: a terminal's Ctrl-C reaches the runner only, which forwards it once
-        proc = subprocess.Popen([python, "-m", "compare.worker"], cwd=ROOT, env=env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                start_new_session=True)
-        signals.worker = proc
-        try:
-            proc.stdin.write(json.dumps(job))
-            proc.stdin.close()
-            for line in proc.stdout:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    log.write(f"[non-record stdout] {line}")
-                    continue
-                if record.get("kind") == "progress":
-                    writer.progress.update(record)
-                else:
-                    writer.write(record)
-            code = proc.wait()
-        finally:
-            signals.worker_done()
-            if proc.poll() is None:  # only on an error in this loop itself
-                proc.kill()
-                proc.wait()
-    if signals.signum is None:
-        tail = _log_tail(log_path)
-        writer.end_unfinished(framework, configs, "crashed", error_type="WorkerCrashed", exit_status=code,
-                              log_tail=tail,
-                              message=f"the {framework} worker exited with status {code} before finishing; "
-                                      f"last lines of {log_path}: " + " | ".join(tail.splitlines()[-3:]))
-
-
 def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
     import numpy
     import pandas
@@ -313,6 +185,58 @@ def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
             "data_verified": not args.no_verify_data, "args": vars(args)}
 
 
+def plan_records(writer: RecordWriter, frameworks, configs, coords: dict | None = None) -> None:
+    """One plan record per framework x configuration, written first: what "unfinished" is measured
+    against. coords: config_id -> a study's grid coordinates."""
+    for framework in frameworks:
+        for config in configs:
+            extra = {"coords": coords[config.config_id]} if coords else {}
+            writer.write(records.make("plan", framework=framework, variant=config.model.variant, seed=config.seed,
+                                      config_id=config.config_id, epochs=config.epochs, config=config.to_dict(),
+                                      **extra))
+
+
+def resolve_envs(work: dict, explicit, writer) -> dict:
+    """framework -> interpreter; a framework without one has its runs recorded as failed."""
+    pythons = {}
+    for framework, configs in work.items():
+        try:
+            pythons[framework] = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
+        except BNCompareError as exc:
+            print(f"[{framework}] skipped: {exc}", file=sys.stderr)
+            writer.end_unfinished(framework, configs, "failed", error_type=type(exc).__name__, message=str(exc))
+            continue
+        print(f"[{framework}] {pythons[framework]}", file=sys.stderr)
+    return pythons
+
+
+def execute(runner, work: dict, explicit, run_dir, data_dir, verify, writer, signals,
+            options: dict | None = None) -> dict:
+    """Resolve each framework's interpreter and run its configurations (work: framework -> configs) on the
+    executor; after a signal, every unfinished run is recorded as interrupted. Returns framework ->
+    interpreter."""
+    pythons = {}
+    try:
+        if runner.resolves_on_nodes:
+            pythons.update({fw: None for fw in work})
+        else:
+            pythons.update(resolve_envs({fw: configs for fw, configs in work.items() if configs}, explicit, writer))
+        tasks = [task for fw, configs in work.items() if fw in pythons
+                 for task in split(fw, pythons[fw], configs, runner.jobs, options)]
+        runner.run(tasks, run_dir, data_dir, verify, writer, signals)
+        if signals.signum is not None:
+            raise Interrupted(signals.signum)
+    except Interrupted as exc:
+        signals.ignore()
+        name = signal.Signals(exc.signum).name
+        for framework, configs in work.items():
+            writer.end_unfinished(framework, configs, "interrupted", message=f"stopped by {name}")
+    finally:
+        signals.ignore()
+        writer.close()
+    return pythons
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -326,58 +250,38 @@ def main(argv=None) -> int:
             raise ConfigError(f"--reference {reference} is not among --frameworks {','.join(frameworks)}")
         data_dir = str(find_data_dir(args.data_dir))
         run_dir = check_run_dir(args.out, run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        runner = executor.make(args, explicit, len(configs) * len(frameworks),
+                               gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        runner.shutdown()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) "
           f"-> {run_dir}", file=sys.stderr)
-    progress = Progress(live=not args.no_progress and sys.stderr.isatty())
+    progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
     writer = RecordWriter(run_dir / "records.jsonl", progress)
-    for framework in frameworks:  # the plan: what "unfinished" is measured against
-        for config in configs:
-            writer.write(records.make("plan", framework=framework, variant=config.model.variant, seed=config.seed,
-                                      config_id=config.config_id, epochs=config.epochs, config=config.to_dict()))
+    plan_records(writer, frameworks, configs)
     signals = Signals()
-    try:
-        return _run(args, argv, run_id, run_dir, frameworks, configs, explicit, reference, data_dir, writer,
-                    signals)
-    finally:
-        signals.restore()
-
-
-def _run(args, argv, run_id, run_dir, frameworks, configs, explicit, reference, data_dir, writer, signals) -> int:
-    pythons = {}
     started = time.time()
     try:
-        for framework in frameworks:
-            try:
-                pythons[framework] = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
-            except BNCompareError as exc:
-                print(f"[{framework}] skipped: {exc}", file=sys.stderr)
-                writer.end_unfinished(framework, configs, "failed", error_type=type(exc).__name__, message=str(exc))
-                continue
-            print(f"[{framework}] {pythons[framework]}", file=sys.stderr)
-            run_framework(framework, pythons[framework], configs, run_dir, data_dir,
-                          not args.no_verify_data, writer, signals)
-            if signals.signum is not None:
-                raise Interrupted(signals.signum)
-    except Interrupted as exc:
-        signals.ignore()
-        name = signal.Signals(exc.signum).name
-        for framework in frameworks:
-            writer.end_unfinished(framework, configs, "interrupted", message=f"stopped by {name}")
-    finally:
-        signals.ignore()
-        writer.close()
+        pythons = execute(runner, {fw: configs for fw in frameworks}, explicit, run_dir, data_dir, not args.no_verify_data,
+                          writer, signals)
         env_record = environment_record(args, argv, frameworks, pythons, data_dir)
         env_record.update(reference=reference, run_id=run_id, seconds=round(time.time() - started, 1),
-                          interrupted=signals.signum is not None,
+                          interrupted=signals.signum is not None, **runner.describe(),
                           signal=signal.Signals(signals.signum).name if signals.signum else None)
         from .report import write_json
         write_json(run_dir / "environment.json", env_record)
-    from . import report
-    summary, _ = report.build(run_dir)
+        from . import report
+        summary, _ = report.build(run_dir)
+    finally:
+        signals.restore()
+        runner.shutdown()
     if signals.signum is not None:
         print(f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
               f"unfinished runs are marked interrupted", file=sys.stderr)
@@ -385,7 +289,8 @@ def _run(args, argv, run_id, run_dir, frameworks, configs, explicit, reference, 
     print(summary, file=sys.stderr)
     if signals.signum is not None:
         return 128 + signals.signum
-    return 1 if writer.progress.errors else 0
+    return 1 if progress.errors else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,8 @@ def pytest_addoption(parser):
                      help=f"framework under test: {', '.join(FRAMEWORKS)}")
     parser.addoption("--cross", action="store_true",
                      help="run the cross-framework tests (needs every framework's environment)")
+    parser.addoption("--ray", action="store_true",
+                     help="run the Ray executor tests (needs Ray: tox -e ray)")
 
 
 def pytest_configure(config):
@@ -25,6 +27,7 @@ def pytest_configure(config):
     if name and name not in FRAMEWORKS:
         raise pytest.UsageError(f"--framework {name!r} is unknown; choose from {', '.join(FRAMEWORKS)}")
     config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
+    config.addinivalue_line("markers", "ray: starts a Ray cluster (run with --ray; tox -e ray)")
 
 
 def pytest_report_header(config):
@@ -32,11 +35,12 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if not config.getoption("--cross"):
-        skip = pytest.mark.skip(reason="cross-framework test: run with --cross (tox -e cross)")
-        for item in items:
-            if "cross" in item.keywords:
-                item.add_marker(skip)
+    for option, marker, reason in (("--cross", "cross", "cross-framework test: run with --cross (tox -e cross)"),
+                                   ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)")):
+        if not config.getoption(option):
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

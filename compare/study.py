@@ -1,0 +1,200 @@
+"""python -m compare.study NAME|FILE: answer one of the textbook's BN questions with many seeded runs.
+
+The study file (studies/NAME.toml; see compare.studyspec) gives the question,
+the grid and how to answer it. Every cell (grid point x variant x seed x
+framework) runs through the same workers and loop as compare.run, into
+<out>/<name>/<run-id>/records.jsonl, with its grid coordinates in its plan
+record; then the tables (the run's, plus the coordinates as columns), study.csv,
+study.md and study.png are built from the records.
+
+Started again with the same --run-id, a study runs only the cells that have no
+result (complete or diverged) and keeps everything already measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common.data import find_data_dir
+from common.errors import BNCompareError, ConfigError
+from common.registry import FRAMEWORKS, parse_frameworks
+
+from . import report, studyreport, studyspec
+from . import executor
+from .executor import RecordWriter, Signals, default_jobs
+from .progress import Progress
+from .run import _seeds, check_run_dir, environment_record, execute, parse_pythons, plan_records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    shipped = ", ".join(studyspec.shipped())
+    p = argparse.ArgumentParser(
+        prog="python -m compare.study",
+        description=f"Run a study: a grid of seeded configurations on each framework, answered with "
+                    f"statistics over seeds. Shipped studies: {shipped}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("study", nargs="?", help="a shipped study's name or a study file (.toml)")
+    p.add_argument("--list", action="store_true", help="list the shipped studies and their questions")
+    p.add_argument("--frameworks", help=f"comma-separated, from {', '.join(FRAMEWORKS)} (default: the file's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
+    p.add_argument("--quick", action="store_true", help="the study file's [quick] budget: the smallest that "
+                                                        "still answers the question")
+    executor.add_arguments(p, default_jobs())
+    p.add_argument("--out", default="reports/studies", help="the study goes to OUT/NAME/RUN_ID/")
+    p.add_argument("--run-id", help="default: UTC time stamp; an existing one is resumed")
+    p.add_argument("--python", action="append", default=[], metavar="FW=PATH",
+                   help="interpreter for a framework (repeatable), as for compare.run")
+    p.add_argument("--data-dir", help="folder with the four Fashion-MNIST files (as for compare.run)")
+    p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not Fashion-MNIST")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    p.add_argument("--no-progress", action="store_true", help="plain lines instead of live bars")
+    return p
+
+
+def _settings(study, args) -> dict:
+    frameworks = parse_frameworks(args.frameworks) if args.frameworks else study.frameworks
+    seeds = _seeds(args.seeds) if args.seeds else study.seeds
+    return {"study": study.name, "file_text": study.text, "quick": bool(args.quick),
+            "frameworks": list(frameworks), "seeds": list(seeds)}
+
+
+def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
+    """(study dir, resumed?). A new run id gets a new folder; an existing one must hold the same study
+    file and budget (other frameworks or seeds add cells)."""
+    study_dir = Path(out) / name / run_id
+    saved = study_dir / "study.json"
+    if not (study_dir / "records.jsonl").exists():
+        check_run_dir(str(Path(out) / name), run_id)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json(saved, settings)
+        (study_dir / "study.toml").write_text(settings["file_text"])
+        return study_dir, False
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{study_dir} holds records but no readable study.json: it is not a study folder; "
+                          f"pick another --run-id") from None
+    if before.get("file_text") != settings["file_text"] or before.get("quick") != settings["quick"]:
+        what = "--quick" if before.get("file_text") == settings["file_text"] else "the study file"
+        raise ConfigError(f"{study_dir} was started with a different {what}; resuming it would mix two "
+                          f"studies. Start a new --run-id (or restore the file: {study_dir / 'study.toml'})")
+    report.write_json(saved, {**settings, "frameworks": list(dict.fromkeys(before["frameworks"] + settings["frameworks"])),
+                              "seeds": list(dict.fromkeys(before["seeds"] + settings["seeds"]))})
+    return study_dir, True
+
+
+def finished_runs(study_dir: Path) -> set:
+    """(framework, config_id) of every run whose latest attempt ended with a result."""
+    if not (study_dir / "records.jsonl").is_file():
+        return set()
+    recs, _ = report.read_records(study_dir)
+    return {(r["framework"], r["config_id"]) for r in report.latest_attempts(recs)
+            if r["kind"] == "run_end" and r["status"] in studyreport.DONE}
+
+
+def budget(configs) -> str:
+    c = configs[0]
+    return (f"{c.epochs} epoch(s), {c.train_limit or 'all'} training / {c.test_limit or 'all'} test images, "
+            f"batch {', '.join(str(b) for b in dict.fromkeys(x.batch_size for x in configs))}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name in studyspec.shipped():
+            print(f"{name:22} {studyspec.load(studyspec.STUDIES_DIR / f'{name}.toml').question}")
+        return 0
+    if not args.study:
+        print(f"error: name a study (one of: {', '.join(studyspec.shipped())}) or a study file", file=sys.stderr)
+        return 2
+    run_id = args.run_id if args.run_id is not None else datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    try:
+        study = studyspec.load(studyspec.find(args.study))
+        settings = _settings(study, args)
+        configs, coords = study.cells(args.quick, settings["seeds"])
+        explicit = parse_pythons(args.python)
+        if args.dry_run:
+            for config in configs:
+                print(config.config_id, config.model.variant, f"seed {config.seed}", coords[config.config_id])
+            print(f"{len(configs)} configuration(s) x {len(settings['frameworks'])} framework(s); {budget(configs)}")
+            return 0
+        data_dir = str(find_data_dir(args.data_dir))
+        done = finished_runs(Path(args.out) / study.name / run_id)  # nothing, for a new study
+        work = {fw: [c for c in configs if (fw, c.config_id) not in done] for fw in settings["frameworks"]}
+        todo = sum(len(v) for v in work.values())
+        total = len(configs) * len(settings["frameworks"])
+        runner = executor.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
+    except (BNCompareError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        study_dir, resumed = open_study_dir(args.out, study.name, run_id, settings)
+    except (BNCompareError, OSError) as exc:
+        runner.shutdown()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"study {study.name} ({run_id}): {total} run(s) = {len(configs)} cell(s) x "
+          f"{len(settings['frameworks'])} framework(s); "
+          + (f"resumed: {total - todo} already have a result, {todo} to run" if resumed else f"{todo} to run")
+          + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}", file=sys.stderr)
+    labels = {cid: " ".join(f"{k}={studyreport._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
+    progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels,
+                        epoch_lines=False, unit="run")
+    writer = RecordWriter(study_dir / "records.jsonl", progress)
+    for fw, mine in work.items():
+        plan_records(writer, [fw], mine, coords)
+    signals = Signals()
+    started = time.time()
+    try:
+        pythons = execute(runner, work, explicit, study_dir, data_dir,
+                          not args.no_verify_data, writer, signals, options={"snapshots": "final"})
+        env = environment_record(args, argv, settings["frameworks"], pythons, data_dir)
+        session = {"command": " ".join(["python -m compare.study"] + list(argv)), "started": env["started"],
+                   "seconds": round(time.time() - started, 1), "runs_run": todo, **runner.describe(),
+                   "interrupted": signals.signum is not None,
+                   "signal": signal.Signals(signals.signum).name if signals.signum else None}
+        before, _ = report.read_environment(study_dir) if resumed else ({}, None)
+        sessions = before.get("sessions", []) + [session]  # each start of the study, in order
+        env.update(session, run_id=run_id, study=study.name, quick=args.quick, seeds=settings["seeds"],
+                   budget=budget(configs), sessions=sessions, seconds=round(sum(s["seconds"] for s in sessions), 1))
+        report.write_json(study_dir / "environment.json", env)
+        answer = build(study_dir, study)
+    finally:
+        signals.restore()
+        runner.shutdown()
+    print(f"\nstudy: {study_dir / 'study.md'}\n", file=sys.stderr)
+    print("\n".join(f"- {s}" for s in answer), file=sys.stderr)
+    if signals.signum is not None:
+        print(f"\ninterrupted by {signal.Signals(signals.signum).name}; run the same command with "
+              f"--run-id {run_id} to finish the cells without a result", file=sys.stderr)
+        return 128 + signals.signum
+    return 1 if progress.errors else 0
+
+
+def build(study_dir: Path, study=None) -> list:
+    """(Re)build the tables, study.csv/.parquet, study.png and study.md of a study folder from its records;
+    returns the answer's sentences."""
+    study_dir = Path(study_dir)
+    if study is None:
+        study = studyspec.load(study_dir / "study.toml", name=json.loads((study_dir / "study.json").read_text())["study"])
+    t, env, problems, _ = report.load(study_dir)
+    answer, frames = studyreport.analyse(t["runs"], study)
+    written = report.write_tables({**t, **frames}, study_dir)
+    plots = studyreport.plot(frames["study"], study, study_dir)
+    runs = t["runs"]
+    unfinished = runs[runs.status != "complete"] if not runs.empty else runs
+    retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]
+    text = studyreport.render(study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots,
+                              unfinished, problems)
+    report._atomic(study_dir / "study.md", lambda p: p.write_text(text))
+    return answer
+
+
+if __name__ == "__main__":
+    sys.exit(main())

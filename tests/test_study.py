@@ -1,0 +1,431 @@
+"""Studies: the file format and its errors, the grid, the statistics and answers against numbers worked
+by hand, resumption, and (in tox -e torch) real studies end to end, every shipped one with --quick."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import data, records
+from compare import report, studyreport, studyspec
+from compare.study import main as study_main
+from tests.helpers import make_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ["batch-size", "bias-before-bn", "bn-placement", "decay", "dropout-vs-bn", "framework-agreement",
+           "frozen-gamma-beta", "lr-sweep"]
+
+LR_STUDY = """\
+question = "How large can the learning rate go?"
+frameworks = ["torch"]
+variants = ["scratch", "none"]
+seeds = [0, 1]
+
+[base]
+activation = "relu"
+epochs = 4
+
+[grid]
+lr = [0.1, 1.0]
+batch_size = [32, 64]
+
+[scale]
+probe_size = { with = "batch_size", reference = 32, rule = "linear" }
+
+[failure]
+min_best_test_acc = 0.5
+
+[answer]
+kind = "largest-stable"
+x = "lr"
+"""
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# The file ------------------------------------------------------------------------------------
+def test_shipped_studies_load_and_expand():
+    assert studyspec.shipped() == SHIPPED
+    for name in SHIPPED:
+        study = studyspec.load(studyspec.find(name))
+        assert study.name == name and study.question.endswith("?")
+        configs, coords = study.cells()
+        assert len(configs) == math.prod(len(v) for v in study.grid.values()) * len(study.variants) * len(study.seeds)
+        assert len({c.config_id for c in configs}) == len(configs)  # every cell is a different run
+        assert all(set(coords[c.config_id]) == set(study.axes) for c in configs)
+        quick, _ = study.cells(quick=True, seeds=(0,))
+        assert {c.epochs for c in quick} == {study.quick["epochs"]} and {c.seed for c in quick} == {0}
+        assert all(c.train_limit > 0 for c in quick)
+
+
+def test_grid_expansion_scale_and_coordinates(tmp_path):
+    study = studyspec.load(write(tmp_path, LR_STUDY))
+    configs, coords = study.cells()
+    # lr x batch_size x variant x seed, in that order of nesting
+    assert [(c.lr, c.batch_size, c.model.variant, c.seed) for c in configs[:5]] == [
+        (0.1, 32, "scratch", 0), (0.1, 32, "scratch", 1), (0.1, 32, "none", 0), (0.1, 32, "none", 1),
+        (0.1, 64, "scratch", 0)]
+    assert len(configs) == 16
+    assert {c.model.activation for c in configs} == {"relu"} and {c.epochs for c in configs} == {4}
+    assert {(c.batch_size, c.probe_size) for c in configs} == {(32, 512), (64, 1024)}  # 512 x 64/32
+    assert coords[configs[4].config_id] == {"lr": 0.1, "batch_size": 64, "probe_size": 1024}
+    # --quick without a [quick] table: compare.run's quick budget; --seeds replaces the file's
+    quick, _ = study.cells(quick=True, seeds=(7,))
+    assert {(c.epochs, c.train_limit, c.test_limit, c.seed) for c in quick} == {(2, 6000, 2000, 7)}
+
+
+def test_scale_gives_an_integer_field_an_integer(tmp_path):
+    # a scaled integer field must stay a valid integer (probe_size 512 x 64/32 = 1024)
+    study = studyspec.load(write(tmp_path, LR_STUDY))
+    configs, _ = study.cells()
+    assert all(isinstance(c.probe_size, int) for c in configs)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("[grid]\nlr", "[grid]\nlrr"), r"s\.toml:11: \[grid\] lrr: unknown field; choose from lr, batch_size"),
+    (("lr = [0.1, 1.0]", "lr = [0.1, -1.0]"), r"s\.toml:11: \[grid\] lr: -1\.0 is not valid: lr must be a positive"),
+    (("lr = [0.1, 1.0]", "lr = []"), r"s\.toml:11: \[grid\] lr: must be a non-empty list"),
+    (("lr = [0.1, 1.0]", "lr = [0.1, 0.1]"), r"s\.toml:11: \[grid\] lr: lists a value twice"),
+    (("epochs = 4", "epochs = 4\nlr = 0.5"), r"s\.toml:12: \[grid\] lr: is also set in \[base\]"),
+    (("epochs = 4", "epochs = 0"), r"s\.toml:8: \[base\] epochs: 0 is not valid: epochs must be an integer >= 1"),
+    (("activation = \"relu\"", "activation = \"tanh\""), r"s\.toml:7: \[base\] activation: 'tanh' is not valid"),
+    (("seeds = [0, 1]", "seed = [0, 1]"), r"s\.toml:4: seed: unknown field"),
+    (("variants = [\"scratch\", \"none\"]", "variants = [\"scratch\", \"bn\"]"),
+     r"s\.toml:3: variants: unknown 'bn'; choose from scratch"),
+    (("kind = \"largest-stable\"", "kind = \"best\""), r"s\.toml:\d+: \[answer\] kind: choose from largest-stable"),
+    (("x = \"lr\"", "x = \"momentum\""), r"\[answer\] x: must name a \[grid\] field; the grid has lr, batch_size"),
+    (("min_best_test_acc = 0.5", "min_best_test_acc = 5"), r"\[failure\] min_best_test_acc: must be a number in"),
+    (("rule = \"linear\"", "rule = \"cubic\""), r"\[scale\] probe_size: rule 'cubic'"),
+    (("question = \"How large can the learning rate go?\"", ""), r"question: every study states its question"),
+    (("[grid]", "[grid"), r"s\.toml: not valid TOML: .*line 10"),
+])
+def test_bad_files_name_the_line_and_the_field(tmp_path, edit, message):
+    old, new = edit
+    assert old in LR_STUDY
+    with pytest.raises(studyspec.StudyError, match=message):
+        studyspec.load(write(tmp_path, LR_STUDY.replace(old, new, 1)))
+
+
+def test_largest_stable_needs_a_failure_criterion(tmp_path):
+    text = LR_STUDY.replace("[failure]\nmin_best_test_acc = 0.5\n", "")
+    with pytest.raises(studyspec.StudyError, match=r"\[answer\] kind: largest-stable needs a \[failure\] table"):
+        studyspec.load(write(tmp_path, text))
+
+
+def test_an_unknown_study_lists_the_shipped_ones(capsys):
+    assert study_main(["no-such-study", "--dry-run"]) == 2
+    assert "no study 'no-such-study': pass a study file or one of: batch-size" in capsys.readouterr().err
+
+
+# Statistics and answers, against numbers worked by hand -------------------------------------
+def runs_frame(rows):
+    """A runs table as compare.report makes it: one row per run with status, coordinates and metrics."""
+    out = []
+    for i, r in enumerate(rows):
+        r = {"framework": "torch", "variant": "scratch", "seed": 0, "status": "complete", **r}
+        r.setdefault("config_id", f"c{i}")
+        out.append(r)
+    frame = pd.DataFrame(out)
+    for metric in studyspec.METRICS:
+        if metric not in frame:
+            frame[metric] = np.nan
+    return frame
+
+
+def lr_study(tmp_path):
+    return studyspec.load(write(tmp_path, LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+
+
+def test_failure_criterion(tmp_path):
+    study = lr_study(tmp_path)
+    runs = runs_frame([{"best_test_acc": 0.6}, {"best_test_acc": 0.4}, {"best_test_acc": 0.5},
+                       {"status": "diverged", "best_test_acc": 0.7}, {"status": "diverged"},
+                       {"status": "crashed", "best_test_acc": 0.2}, {"status": "interrupted"},
+                       {"status": "complete"}])  # complete but no epoch accuracy: fails (not >= threshold)
+    assert studyreport.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
+
+
+def test_cell_statistics_by_hand(tmp_path):
+    study = lr_study(tmp_path)
+    runs = runs_frame([{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate([0.80, 0.84, 0.85])]
+                      + [{"lr": 0.1, "seed": 3, "status": "diverged", "best_test_acc": 0.1},
+                         {"lr": 1.0, "seed": 0, "best_test_acc": 0.7}])
+    cells = studyreport.cells(runs, study).set_index("lr")
+    row = cells.loc[0.1]
+    # mean 0.83; sample sd sqrt(((-.03)^2 + .01^2 + .02^2) / 2) = sqrt(0.0007) = 0.0264575;
+    # half-width t(0.975, 2) 4.302653 x 0.0264575 / sqrt(3) = 0.0657241
+    assert row.best_test_acc == pytest.approx(0.83)
+    assert row.best_test_acc_std == pytest.approx(0.0264575, abs=1e-7)
+    assert row.best_test_acc_ci_high - row.best_test_acc == pytest.approx(0.0657241, abs=1e-7)
+    assert (row.best_test_acc_n, row.seeds, row.complete, row.diverged, row.missing, row.failed) == (3, 4, 3, 1, 0, 1)
+    one = cells.loc[1.0]
+    assert one.best_test_acc == 0.7 and one.best_test_acc_n == 1 and np.isnan(one.best_test_acc_ci_high)
+
+
+def test_largest_stable_learning_rate(tmp_path):
+    study = lr_study(tmp_path)
+    rows = []
+    # scratch: passes at 0.1, 1, 3 in both seeds, one seed fails (accuracy) at 10, diverges at 30
+    for lr, accs in [(0.1, [0.8, 0.8]), (1.0, [0.85, 0.86]), (3.0, [0.7, 0.6]), (10.0, [0.7, 0.3])]:
+        rows += [{"lr": lr, "seed": s, "best_test_acc": a} for s, a in enumerate(accs)]
+    rows += [{"lr": 30.0, "seed": s, "status": "diverged"} for s in (0, 1)]
+    # none: fails at 0.1 (too slow), passes at 1, diverges at 3; 10 has a crashed seed
+    for lr, accs in [(0.1, [0.2, 0.6]), (1.0, [0.6, 0.55])]:
+        rows += [{"variant": "none", "lr": lr, "seed": s, "best_test_acc": a} for s, a in enumerate(accs)]
+    rows += [{"variant": "none", "lr": 3.0, "seed": 0, "status": "diverged"},
+             {"variant": "none", "lr": 3.0, "seed": 1, "best_test_acc": 0.6}]
+    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    table = frames["stability"].set_index("variant")
+    assert table.loc["scratch", "largest_stable_lr"] == 3.0 and table.loc["scratch", "smallest_failing_lr"] == 10.0
+    assert table.loc["none", "largest_stable_lr"] == 1.0 and table.loc["none", "smallest_failing_lr"] == 0.1
+    assert table.loc["none", "note"] == "not monotone: also fails at the smaller lr 0.1"
+    assert answer[0] == "**scratch**: largest stable lr 3 (torch)."
+    assert answer[1] == "**none**: largest stable lr 1 (torch)."
+    assert answer[2] == "In torch, scratch BN tolerates a lr 3x that of the network without BN."
+
+
+def test_paired_comparison_by_hand(tmp_path):
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
+                            "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
+    study = studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    base, arm = [0.80, 0.81, 0.79], [0.81, 0.83, 0.83]  # per-seed differences 0.01, 0.02, 0.04
+    rows = [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate(base)]
+    rows += [{"lr": 1.0, "seed": s, "best_test_acc": v} for s, v in enumerate(arm)]
+    rows += [{"lr": 1.0, "seed": 9, "best_test_acc": 0.99}]  # no partner seed: not in the difference
+    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    row = frames["comparisons"].iloc[0]
+    assert (row.arm, row.baseline, row.paired_seeds) == ("lr=1", "lr=0.1", 3)
+    # mean 0.0233333; sd 0.0152753; half-width 4.302653 x 0.0152753 / sqrt(3) = 0.0379458
+    assert row.difference == pytest.approx(0.0233333, abs=1e-7)
+    assert row.difference_ci_low == pytest.approx(0.0233333 - 0.0379458, abs=1e-7)
+    assert row.difference_ci_high == pytest.approx(0.0233333 + 0.0379458, abs=1e-7)
+    assert row.verdict == "within seed noise"
+    assert "difference +0.0233 (3 paired seeds, 95% CI -0.0146 to +0.0613): within seed noise." in answer[0]
+    # a consistent gain: differences 0.05, 0.06, 0.055 -> the interval excludes 0
+    rows = [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate(base)]
+    rows += [{"lr": 1.0, "seed": s, "best_test_acc": v + d} for s, (v, d) in enumerate(zip(base, [0.05, 0.06, 0.055]))]
+    _, frames = studyreport.analyse(runs_frame(rows), study)
+    assert frames["comparisons"].iloc[0].verdict == "higher"
+
+
+def test_framework_agreement_compares_every_pair_and_their_intervals():
+    study = studyspec.load(studyspec.find("framework-agreement"))
+    values = {"torch": [0.80, 0.82, 0.81], "mxnet": [0.80, 0.82, 0.815], "tensorflow": [0.70, 0.71, 0.72]}
+    rows = [{"framework": fw, "seed": s, "best_test_acc": v, "config_id": f"c{s}"}
+            for fw, vs in values.items() for s, v in enumerate(vs)]
+    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    pairs = frames["comparisons"][["arm", "baseline", "verdict"]].values.tolist()
+    assert pairs == [["mxnet", "torch", "within seed noise"], ["tensorflow", "torch", "lower"],
+                     ["tensorflow", "mxnet", "lower"]]
+    assert answer[0] == ("2 of 3 comparisons differ beyond seed noise (higher is better). The 95% intervals of "
+                         "torch and tensorflow (scratch); mxnet and tensorflow (scratch) do not overlap.")
+    # each framework's mean first: torch 0.81, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414
+    assert answer[1].startswith("scratch: mean best test accuracy torch 0.8100 ± 0.0248 (n=3); mxnet 0.8117 ± ")
+    assert answer[2].startswith("mxnet vs torch (scratch): best test accuracy 0.8117 vs 0.8100, difference +0.0017")
+    # one framework alone: its figure, and nothing to compare
+    answer, _ = studyreport.analyse(runs_frame([r for r in rows if r["framework"] == "torch"]), study)
+    assert answer == ["scratch: mean best test accuracy torch 0.8100 ± 0.0248 (n=3).",
+                      "Only torch ran with complete runs: nothing to compare."]
+
+
+def test_trend_answer(tmp_path):
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
+                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    study = studyspec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
+    rows = [{"batch_size": b, "seed": s, "final_probe_disagreement": v + 0.001 * s}
+            for b, v in [(32, 0.20), (64, 0.10)] for s in range(3)]
+    answer, _ = studyreport.analyse(runs_frame(rows), study)
+    assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
+                      "0.1010 ± 0.0025 (n=3) at batch_size 64, highest 0.2010 ± 0.0025 (n=3) at batch_size 32; "
+                      "the two intervals do not overlap."]
+
+
+def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
+    ident = dict(framework="torch", variant="scratch", seed=0, config_id="c0")
+    from tests.test_measurements import epoch_record
+    first = [records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
+             epoch_record(config_id="c0", epoch=1, test_acc=0.3),
+             records.make("run_end", **ident, status="interrupted", epochs_done=1)]
+    second = [records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
+              epoch_record(config_id="c0", epoch=1, test_acc=0.5), epoch_record(config_id="c0", epoch=2, test_acc=0.6),
+              records.make("run_end", **ident, status="complete", epochs_done=2)]
+    t = report.tables(first + second, tmp_path)
+    assert t["runs"][["status", "lr", "best_test_acc"]].values.tolist() == [["complete", 1.0, 0.6]]
+    assert t["epochs"].test_acc.tolist() == [0.5, 0.6] and t["epochs"].lr.tolist() == [1.0, 1.0]
+    assert t["summary"][["lr", "seeds", "best_test_acc"]].values.tolist() == [[1.0, 1, 0.6]]
+
+
+# Real studies (tox -e torch) -----------------------------------------------------------------
+TINY = """\
+question = "Does a larger learning rate help here?"
+frameworks = ["torch"]
+variants = ["scratch"]
+seeds = [0, 1]
+
+[base]
+epochs = 2
+batch_size = 32
+probe_size = 32
+eval_batch_size = 100
+
+[grid]
+lr = [0.1, 1.0]
+
+[answer]
+kind = "compare"
+axis = "lr"
+baseline = 0.1
+"""
+
+
+def _study(framework, path, data, out, run_id, *extra):
+    return [sys.executable, "-m", "compare.study", str(path), "--data-dir", str(data), "--no-verify-data",
+            "--out", str(out), "--run-id", run_id, "--python", f"{framework}={sys.executable}", "--no-progress",
+            *extra]
+
+
+def _records(study_dir):
+    return [json.loads(line) for line in (study_dir / "records.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def torch_only(framework):
+    if framework != "torch":
+        pytest.skip("real studies run their workers in tox -e torch")
+
+
+def test_tiny_study_end_to_end(torch_only, tmp_path):
+    data = make_idx_dir(tmp_path / "data", 320, 100)
+    path = write(tmp_path, TINY, "tiny.toml")
+    assert study_main(_study("torch", path, data, tmp_path / "out", "a", "--jobs", "2")[3:]) == 0
+    study_dir = tmp_path / "out" / "tiny" / "a"
+    cells = pd.read_csv(study_dir / "study.csv")
+    assert cells[["framework", "variant", "lr", "seeds", "complete", "best_test_acc_n"]].values.tolist() == [
+        ["torch", "scratch", 0.1, 2, 2, 2], ["torch", "scratch", 1.0, 2, 2, 2]]
+    runs = pd.read_csv(study_dir / "runs.csv")
+    assert len(runs) == 4 and set(runs.lr) == {0.1, 1.0} and (runs.status == "complete").all()
+    comparison = pd.read_csv(study_dir / "comparisons.csv").iloc[0]
+    text = (study_dir / "study.md").read_text()
+    assert text.startswith("# Study: tiny\n\n**Question.** Does a larger learning rate help here?")
+    # the answer is made from the numbers in the tables
+    assert (f"lr=1 vs lr=0.1 (torch, scratch): best test accuracy {comparison.arm_mean:.4f} vs {comparison.baseline_mean:.4f}, "
+            f"difference {comparison.difference:+.4f} (2 paired seeds") in text
+    assert "2 worker(s) at once, 1 thread(s) each" in text and (study_dir / "study.png").is_file()
+    snapshots = sorted(p.name for p in (study_dir / "snapshots").iterdir())
+    assert len(snapshots) == 4 and all(name.endswith("_e002.npz") for name in snapshots)  # the final epoch's only
+    # started again: nothing to run, the same answer
+    before = _records(study_dir)
+    assert study_main(_study("torch", path, data, tmp_path / "out", "a")[3:]) == 0
+    assert _records(study_dir) == before
+    # started again with another study file under the same id: refused, nothing written
+    path.write_text(TINY.replace("[0.1, 1.0]", "[0.1, 3.0]"))
+    assert study_main(_study("torch", path, data, tmp_path / "out", "a")[3:]) == 2
+    assert _records(study_dir) == before
+
+
+def test_killed_study_resumes_without_rerunning(torch_only, tmp_path):
+    """The runner and its worker are killed outright (as a machine would be) after the first runs end;
+    started again with the same --run-id, only the runs without a result run."""
+    data = make_idx_dir(tmp_path / "data", 640, 100)
+    path = write(tmp_path, TINY.replace("epochs = 2", "epochs = 3"), "tiny.toml")
+    study_dir = tmp_path / "out" / "tiny" / "k"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(_study("torch", path, data, tmp_path / "out", "k", "--jobs", "1"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            recs = _records(study_dir) if (study_dir / "records.jsonl").exists() else []
+            if sum(r["kind"] == "run_end" for r in recs) >= 2 and any(r["kind"] == "epoch" for r in recs[-3:]):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the study did not reach its third run in time")
+        worker = next(r["pid"] for r in recs if r["kind"] == "worker")
+        proc.kill()
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    killed = _records(study_dir)
+    ended = {r["config_id"] for r in killed if r["kind"] == "run_end"}
+    assert len(ended) >= 2 and len(ended) < 4
+    assert study_main(_study("torch", path, data, tmp_path / "out", "k")[3:]) == 0
+    after = _records(study_dir)
+    assert after[:len(killed)] == killed  # nothing measured was lost
+    starts = pd.Series([r["config_id"] for r in after if r["kind"] == "run_start"]).value_counts()
+    assert all(starts[c] == 1 for c in ended)  # a run with a result is not run again
+    assert len(starts) == 4
+    runs = pd.read_csv(study_dir / "runs.csv")
+    assert len(runs) == 4 and (runs.status == "complete").all()
+    epochs = pd.read_csv(study_dir / "epochs.csv")
+    assert len(epochs) == 4 * 3  # the killed run's partial epochs are superseded, not counted twice
+
+
+@pytest.mark.skipif(not data.DEBIAN_DIR.is_dir(), reason="the dataset-fashion-mnist package is not installed "
+                                                          "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_study_runs_quick(torch_only, tmp_path, name):
+    """Each file in studies/ with its --quick budget on the real data, one seed, PyTorch: none rots."""
+    code = study_main([name, "--quick", "--frameworks", "torch", "--seeds", "0", "--out", str(tmp_path),
+                       "--run-id", "q", "--python", f"torch={sys.executable}", "--no-progress"])
+    study_dir = tmp_path / name / "q"
+    assert code == 0
+    cells = pd.read_csv(study_dir / "study.csv")
+    study = studyspec.load(studyspec.find(name))
+    configs, _ = study.cells(quick=True, seeds=(0,))
+    assert cells.seeds.sum() == len(configs)
+    assert cells.missing.sum() == 0
+    text = (study_dir / "study.md").read_text()
+    answer = text.split("## Answer (measured)\n\n", 1)[1].split("\n\n", 1)[0]
+    assert answer.startswith("- ") and "n/a" not in answer
+    assert "**Every cell rests on one seed**" in text
+
+
+def test_progress_counts_runs_failures_and_eta():
+    """The study's progress (tqdm on a terminal, lines otherwise): runs ended / planned, the problems so
+    far, elapsed time and an ETA; a line for each run that did not complete."""
+    import io
+    from compare.progress import Progress
+    ident = dict(framework="torch", variant="none", config_id="c1")
+    ends = [records.make("run_end", **ident, seed=0, status="complete", epochs_done=2),
+            records.make("run_end", **ident, seed=1, status="diverged", epochs_done=0,
+                         message="the training loss stopped being finite"),
+            records.make("error", **ident, seed=2, status="failed", error_type="BackendUnavailable",
+                         message="no torch")]
+    plain = io.StringIO()
+    progress = Progress(live=False, total=4, stream=plain, labels={"c1": "lr=3"}, epoch_lines=False)
+    for record in ends:
+        progress.record(record)
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("[1/4 runs]      torch none             seed 0 lr=3 complete; elapsed 0:00:00, ETA")
+    assert lines[1] == ("     torch none             seed 1 lr=3 DIVERGED: the training loss stopped being finite")
+    assert lines[2].startswith("[2/4 runs]      torch none             seed 1 lr=3 diverged (1 diverged); elapsed")
+    assert lines[4].startswith("[3/4 runs]") and "(1 diverged, 1 failed)" in lines[4]
+    assert progress.errors == 1
+    live = io.StringIO()
+    progress = Progress(live=True, total=4, stream=live, labels={"c1": "lr=3"}, epoch_lines=False)
+    progress.update({"framework": "torch", "variant": "none", "seed": 0, "config_id": "c1", "epoch": 1,
+                     "epochs": 2, "step": 5, "steps": 10, "time": 0.0})
+    [bar] = progress._bars.values()
+    assert (bar.n, bar.total) == (5, 10)  # the worker's bar (tqdm redraws it at most every 0.1 s)
+    for record in ends:
+        progress.record(record)
+    progress.close()
+    text = live.getvalue()
+    assert "torch none             seed 0 lr=3 epoch 1/2" in text
+    assert "3/4" in text and "1 diverged, 1 failed" in text  # the study's bar
+    assert "seed 1 lr=3 DIVERGED" in text
