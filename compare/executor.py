@@ -89,6 +89,13 @@ class RecordWriter:
         with self._lock:
             self.progress.update(event)
 
+    def receive(self, record: dict) -> None:
+        """What a worker wrote: a progress line is shown, a record is kept."""
+        if record.get("kind") == "progress":
+            self.show(record)
+        else:
+            self.write(record)
+
     def close(self):
         self.fh.close()
         self.progress.close()
@@ -167,31 +174,46 @@ def worker_env(threads: int | None) -> dict:
     return env
 
 
+def worker_job(task: Task, configs: list, data_dir, verify, out) -> dict:
+    """What a worker reads on its stdin; out: where it writes snapshots (None: the caller sets it)."""
+    return {"framework": task.framework, "out": None if out is None else str(out), "data_dir": data_dir,
+            "verify": verify, "configs": [c.to_dict() for c in configs], **(task.options or {})}
+
+
+def start_worker(python: str, job: dict, log, threads: int | None) -> subprocess.Popen:
+    """A compare.worker process with its job written to its stdin and its stderr to log. Its own session:
+    a terminal's Ctrl-C reaches the runner only, which forwards it once."""
+    proc = subprocess.Popen([python, "-m", "compare.worker"], cwd=ROOT, env=worker_env(threads), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    try:
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def worker_records(proc: subprocess.Popen, log):
+    """Each record (JSON line) the worker writes to its stdout; any other line goes to its log."""
+    for line in proc.stdout:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            log.write(f"[non-record stdout] {line}")
+
+
 def run_worker(task: Task, run_dir: Path, data_dir, verify, writer, signals, threads=None) -> None:
     """Run one worker; a crash costs only this task's unfinished runs (recorded as crashed)."""
-    job = {"framework": task.framework, "out": str(run_dir), "data_dir": data_dir, "verify": verify,
-           "configs": [c.to_dict() for c in task.configs], **(task.options or {})}
     log_path = run_dir / "logs" / f"{task.log_name}.log"
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "a") as log:
-        # its own session: a terminal's Ctrl-C reaches the runner only, which forwards it once
-        proc = subprocess.Popen([task.python, "-m", "compare.worker"], cwd=ROOT, env=worker_env(threads),
-                                text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                start_new_session=True)
+        proc = start_worker(task.python, worker_job(task, task.configs, data_dir, verify, run_dir), log, threads)
         signals.add(proc)
         try:
-            proc.stdin.write(json.dumps(job))
-            proc.stdin.close()
-            for line in proc.stdout:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    log.write(f"[non-record stdout] {line}")
-                    continue
-                if record.get("kind") == "progress":
-                    writer.show(record)
-                else:
-                    writer.write(record)
+            for record in worker_records(proc, log):
+                writer.receive(record)
             code = proc.wait()
         finally:
             signals.remove(proc)

@@ -17,7 +17,6 @@ tasks (their workers are stopped) and no further task starts.
 """
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 
 from common.errors import BackendUnavailable, ConfigError
 
-from .executor import ROOT, WORKER_GRACE_SECONDS, LocalExecutor, Task, worker_env
+from .executor import (ROOT, WORKER_GRACE_SECONDS, LocalExecutor, Task, start_worker, worker_job,
+                       worker_records)
 
 RAY_VERSION = "2.60.0"  # pinned in tox.ini (the run and study envs; never a framework's)
 
@@ -53,17 +53,9 @@ def ray_task(framework: str, job: dict, explicit: dict, threads: int | None, gra
     with tempfile.TemporaryDirectory(prefix="bn-compare-") as tmp:
         log_path = Path(tmp) / "worker.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([python, "-m", "compare.worker"], cwd=ROOT, env=worker_env(threads), text=True,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                    start_new_session=True)
+            proc = start_worker(python, {**job, "out": tmp}, log, threads)
             try:
-                proc.stdin.write(json.dumps({**job, "out": tmp}))
-                proc.stdin.close()
-                for line in proc.stdout:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
+                for record in worker_records(proc, log):
                     snapshot = record.get("snapshot") if record.get("kind") == "epoch" else None
                     if snapshot and (Path(tmp) / snapshot).is_file():
                         yield {"kind": "_file", "path": snapshot, "data": (Path(tmp) / snapshot).read_bytes()}
@@ -170,8 +162,7 @@ class RayExecutor(LocalExecutor):
                               message=f"lost {self.retries + 1} time(s) (retries exhausted): {lost}")
 
     def _attempt(self, task, configs, attempt, run_dir, data_dir, verify, writer, signals) -> None:
-        job = {"framework": task.framework, "data_dir": data_dir, "verify": verify,
-               "configs": [c.to_dict() for c in configs], **(task.options or {})}
+        job = worker_job(task, configs, data_dir, verify, out=None)  # the task writes in a folder of its node
         gen = self._task.remote(task.framework, job, self.explicit, self.threads, WORKER_GRACE_SECONDS)
         handle = _RayHandle(gen)
         signals.add(handle)
@@ -191,10 +182,8 @@ class RayExecutor(LocalExecutor):
                 elif kind == "_failed":
                     writer.end_unfinished(task.framework, configs, "failed", error_type="BackendUnavailable",
                                           message=item["message"])
-                elif kind == "progress":
-                    writer.show(item)
                 else:
-                    writer.write(item)
+                    writer.receive(item)
         except self.ray.exceptions.TaskCancelledError:
             if signals.signum is None:
                 raise

@@ -150,10 +150,18 @@ def coordinates(records: list) -> dict:
     return {r["config_id"]: r["coords"] for r in records if r.get("kind") == "plan" and r.get("coords")}
 
 
-# Per run: the metrics a study aggregates over seeds, from the run's epochs.
-RUN_METRICS = ("best_test_acc", "final_test_acc", "final_train_loss", "final_probe_acc_eval",
-               "final_probe_acc_train", "final_probe_disagreement", "final_probe_logit_mad",
-               "train_examples_per_s")
+# Per run, from its epochs (runs table): name -> (what it is, which way is better). A study aggregates
+# these over seeds and answers with them.
+RUN_METRICS = {
+    "best_test_acc": ("best test accuracy", "higher"),
+    "final_test_acc": ("final test accuracy", "higher"),
+    "final_train_loss": ("final training loss", "lower"),
+    "final_probe_disagreement": ("train/eval prediction disagreement", "lower"),
+    "final_probe_logit_mad": ("train/eval mean |logit difference|", "lower"),
+    "final_probe_acc_eval": ("probe accuracy in eval mode", "higher"),
+    "final_probe_acc_train": ("probe accuracy in train mode", "higher"),
+    "train_examples_per_s": ("training examples/s", "higher"),
+}
 
 
 def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -213,8 +221,13 @@ def _with_run_columns(frame: pd.DataFrame, runs: pd.DataFrame, coords: dict) -> 
     return _with_coords(frame, coords)
 
 
+def coordinate_names(coords: dict) -> list:
+    """The grid fields of coords (config_id -> coordinates), in order."""
+    return list(dict.fromkeys(k for c in coords.values() for k in c))
+
+
 def _with_coords(frame: pd.DataFrame, coords: dict) -> pd.DataFrame:
-    names = list(dict.fromkeys(k for c in coords.values() for k in c))
+    names = coordinate_names(coords)
     if frame.empty or not names:
         return frame
     frame = frame.copy()
@@ -245,7 +258,7 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         reference = frameworks[0] if frameworks else None
     drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
     epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
-    summary = _summary(epochs, runs, drift, list(dict.fromkeys(k for c in coords.values() for k in c)))
+    summary = _summary(epochs, runs, drift, coordinate_names(coords))
     return {name: _fw_order(frame) for name, frame in
             dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors).items()}
 

@@ -71,11 +71,13 @@ def _fmt_metric(value, metric) -> str:
     return _fmt(value, metric) or "n/a"
 
 
-def _with_interval(row, metric) -> str:
-    text = _fmt_metric(row[metric], metric)
-    if not pd.isna(row.get(f"{metric}_ci_high")):
-        text += f" ± {_fmt_metric(row[f'{metric}_ci_high'] - row[metric], metric)}"
-    return text + (f" (n={int(row[f'{metric}_n'])})" if f"{metric}_n" in row else "")
+def _with_interval(row, column, metric=None) -> str:
+    """row[column] with the half-width of its interval and its n, formatted as `metric` (default: itself)."""
+    metric = metric or column
+    text = _fmt_metric(row[column], metric)
+    if not pd.isna(row.get(f"{column}_ci_high")):
+        text += f" ± {_fmt_metric(row[f'{column}_ci_high'] - row[column], metric)}"
+    return text + (f" (n={int(row[f'{column}_n'])})" if f"{column}_n" in row else "")
 
 
 # largest-stable ------------------------------------------------------------------
@@ -404,12 +406,14 @@ def render(study: Study, answer: list, frames: dict, env: dict, plots: list, wri
 def _table(frame: pd.DataFrame, columns: list) -> str:
     shown = frame.copy()
     for c in columns:  # a mean shows its interval and n; a comparison's figures are in its metric's format
-        as_metric = [row.metric if c in ("arm_mean", "baseline_mean", "difference") and "metric" in row else c
-                     for _, row in frame.iterrows()]
-        if f"{c}_ci_high" in shown:
-            shown[c] = [_with_interval(row, m) if m == c else _with_interval(
-                row.rename({f"{c}_ci_high": f"{m}_ci_high", c: m}), m) for (_, row), m in zip(frame.iterrows(), as_metric)]
-        elif c in shown and shown[c].dtype.kind == "f":
-            shown[c] = [_fmt_metric(v, m) if m in METRICS else ("" if pd.isna(v) else _num(v))
-                        for v, m in zip(frame[c], as_metric)]
+        if c not in frame:
+            continue
+        rows = list(frame.iterrows())
+        metrics = [row.metric if c in ("arm_mean", "baseline_mean", "difference") and "metric" in row else c
+                   for _, row in rows]
+        if f"{c}_ci_high" in frame:
+            shown[c] = [_with_interval(row, c, m) for (_, row), m in zip(rows, metrics)]
+        elif frame[c].dtype.kind == "f":
+            shown[c] = [_fmt_metric(row[c], m) if m in METRICS else ("" if pd.isna(row[c]) else _num(row[c]))
+                        for (_, row), m in zip(rows, metrics)]
     return markdown_table(shown[[c for c in columns if c in shown]], columns)  # intervals already shown

@@ -48,6 +48,8 @@ from common.config import ModelSpec, RunConfig, VARIANTS
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
+from .report import RUN_METRICS
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES_DIR = ROOT / "studies"
 
@@ -56,16 +58,7 @@ MODEL_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.name != "variant")
 FIELDS = RUN_FIELDS + MODEL_FIELDS
 
 # Per-run metrics a study can answer with (the runs table's columns), and which way is better.
-METRICS = {
-    "best_test_acc": ("best test accuracy", "higher"),
-    "final_test_acc": ("final test accuracy", "higher"),
-    "final_train_loss": ("final training loss", "lower"),
-    "final_probe_disagreement": ("train/eval prediction disagreement", "lower"),
-    "final_probe_logit_mad": ("train/eval mean |logit difference|", "lower"),
-    "final_probe_acc_eval": ("probe accuracy in eval mode", "higher"),
-    "final_probe_acc_train": ("probe accuracy in train mode", "higher"),
-    "train_examples_per_s": ("training examples/s", "higher"),
-}
+METRICS = RUN_METRICS
 ANSWERS = ("largest-stable", "compare", "trend")
 SCALE_RULES = {"linear": lambda r: r, "sqrt": math.sqrt}
 TOP_KEYS = ("question", "about", "frameworks", "variants", "seeds", "base", "grid", "scale", "quick",
