@@ -81,7 +81,7 @@ class BNLeNet(HybridBlock):
         before = self.spec.bn_placement == "before_activation"
         if bn is not None and before:
             h = norm(h)
-        h = F.sigmoid(h) if self.spec.activation == "sigmoid" else F.relu(h)
+        h = F.Activation(h, act_type=self.spec.activation)
         if bn is not None and not before:
             h = norm(h)
         return h
