@@ -1,80 +1,222 @@
-"""python -m compare.bench: the suite's training loop against a textbook loop, side by side.
+"""python -m compare.bench: the suite's loop against a bare loop and a textbook loop, side by side.
 
-For each framework, one worker runs, alternately and in the same process, one
-epoch of the suite (common.loop) and one epoch of the framework's textbook loop
-(frameworks/<fw>/textbook.py: the loop a reader of the textbook would write)
-with the same model, batch size and data, and prints examples/s and the ratio.
+For each framework, one worker runs the matrix variant x execution x batch
+size, one cell at a time. In each cell it runs, alternating and in the same
+process, one epoch of each of three loops with the same model, parameters,
+batch size and data: the suite (common.loop through the framework's backend),
+the bare loop (frameworks/<fw>/bare.py: the fastest plain loop a practitioner
+would write, no host read inside the epoch) and the textbook loop
+(frameworks/<fw>/textbook.py: the loop a reader of the textbook would write).
+suite/bare is the harness overhead; suite/textbook what the suite gains over
+the textbook's way. Frameworks run one after another, never at once.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import subprocess
+import platform
 import sys
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
-from common.config import VARIANTS
+import numpy as np
+import pandas as pd
+
+from common.config import EXECUTIONS, VARIANTS
 from common.data import find_data_dir
-from common.errors import BNCompareError
+from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import envs
-from .run import parse_pythons
+from .executor import start_worker, worker_records
+from .report import _atomic, markdown_table, write_json
+from .run import cpu_name, parse_pythons
+from .stats import seed_stats
 
-ROOT = Path(__file__).resolve().parent.parent
+LOOPS = ("suite", "bare", "textbook")
+COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", "suite_examples_per_s",
+           "bare_examples_per_s", "textbook_examples_per_s", "suite_over_bare", "suite_over_bare_low",
+           "suite_over_bare_high", "suite_over_textbook", "suite_over_textbook_low", "suite_over_textbook_high",
+           "suite_spread", "bare_spread", "textbook_spread", "repeats", "device_name"]
+
+
+def _choices(text: str, allowed, name: str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise ConfigError(f"--{name}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                          f"choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def _batch_sizes(text: str) -> list:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 2 for b in sizes):
+        raise ConfigError(f"--batch-sizes takes integers >= 2 separated by commas (e.g. 64,256,1024), got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
+def paired_ratio(numerator, denominator) -> dict:
+    """The geometric mean of the per-repeat ratios numerator[i] / denominator[i] and its 95% t-interval.
+
+    The loops of one repeat run next to each other, so a ratio within a repeat cancels the machine's
+    slow drift (on a shared 2-core machine one epoch's figure moves by 10-30% from repeat to repeat,
+    the ratio of adjacent epochs by a few %); the ratio of two medians would keep that noise."""
+    logs = seed_stats([math.log(a / b) for a, b in zip(numerator, denominator)])
+    return {key: math.exp(logs[src]) for key, src in (("", "mean"), ("_low", "ci_low"), ("_high", "ci_high"))}
+
+
+def row(result: dict) -> dict:
+    """One table row from a worker's bench record: each loop's median and spread ((max - min) / median),
+    and the paired ratios suite/bare (the harness overhead) and suite/textbook."""
+    out = {k: result.get(k) for k in ("framework", "variant", "execution", "execution_name", "batch_size",
+                                       "device_name")}
+    for loop in LOOPS:
+        figures = result[f"{loop}_all"]
+        out[f"{loop}_examples_per_s"] = float(np.median(figures))
+        out[f"{loop}_spread"] = float((max(figures) - min(figures)) / np.median(figures))
+    for other in ("bare", "textbook"):
+        ratio = paired_ratio(result["suite_all"], result[f"{other}_all"])
+        out.update({f"suite_over_{other}{key}": value for key, value in ratio.items()})
+    out["repeats"] = len(result["suite_all"])
+    return out
+
+
+def line(r: dict) -> str:
+    return (f"{r['framework']:>10} {r['variant']:<16} {r['execution_name'] or r['execution']:<12} {r['batch_size']:>5}  "
+            f"suite {r['suite_examples_per_s']:>8,.0f}  bare {r['bare_examples_per_s']:>8,.0f}  "
+            f"textbook {r['textbook_examples_per_s']:>8,.0f} ex/s   suite/bare {_ratio(r, 'bare')}  "
+            f"suite/textbook {_ratio(r, 'textbook')}")
+
+
+def _ratio(r, other: str) -> str:
+    low, high = r[f"suite_over_{other}_low"], r[f"suite_over_{other}_high"]
+    interval = "" if pd.isna(low) else f" ({low:.3f}-{high:.3f})"
+    return f"{r[f'suite_over_{other}']:.3f}{interval}"
+
+
+def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
+    shown = frame.copy()
+    for loop in LOOPS:
+        shown[loop] = [f"{m:,.0f} ±{s / 2:.0%}" for m, s in zip(frame[f"{loop}_examples_per_s"], frame[f"{loop}_spread"])]
+    for other in ("bare", "textbook"):
+        shown[f"suite/{other}"] = [_ratio(r, other) for _, r in frame.iterrows()]
+    shown["execution"] = [n or e for n, e in zip(frame["execution_name"], frame["execution"])]
+    shown["batch"] = frame["batch_size"].astype(str)
+    table = markdown_table(shown, ["framework", "variant", "execution", "batch", "suite", "bare", "textbook",
+                                   "suite/bare", "suite/textbook"])
+    parts = ["# Throughput: suite, bare and textbook loops\n",
+             f"`{machine['command']}`, {machine['started']}\n",
+             f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['platform']}, "
+             f"Python {machine['python']}; device {', '.join(sorted(set(frame['device_name'].dropna())))}.\n",
+             f"Training examples per second of one epoch ({args.train_limit or 60000:,} images, the first "
+             f"5 steps excluded), median of {args.repeats} epochs per loop, the three loops alternating in one "
+             "process; ± is half the range (max - min) of the repeats, relative to the median. suite/bare is "
+             "the harness overhead (1 = none), suite/textbook the gain over the textbook's loop: each the "
+             "geometric mean of the repeats' own ratios (the loops of a repeat run next to each other, so "
+             "the machine's drift between repeats cancels), with its 95% t-interval in parentheses.\n",
+             table, "## Loops\n",
+             "".join(["- suite: `common.loop` through the framework's backend (the loop every run uses)\n"]
+                     + [f"- {fw} {text}\n" for (fw, _), text in sorted(loops.items())])]
+    return "\n".join(parts)
+
+
+def bench_framework(framework: str, python: str, job: dict, emit) -> int:
+    """Run one framework's worker; emit(row) per finished cell. Returns the worker's exit code."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = start_worker(python, job, log, None)
+        try:
+            for record in worker_records(proc, log):
+                if record.get("kind") == "bench":
+                    emit(record)
+                elif record.get("kind") == "bench_repeat":
+                    print(f"  {record['message']}", file=sys.stderr, flush=True)
+        finally:
+            code = proc.wait()
+        if code != 0:
+            log.seek(0)
+            print(f"[{framework}] benchmark failed (exit {code}):\n{log.read()[-3000:]}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m compare.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    p.add_argument("--variant", choices=VARIANTS, default=None,
-                   help="default: builtin for torch, scratch for the others (the figures their issues ask for)")
-    p.add_argument("--repeats", type=int, default=3, help="epochs of each loop, alternating; the median is reported")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--executions", default="compiled",
+                   help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in README.md)")
+    p.add_argument("--batch-sizes", default="256", help="comma-separated, e.g. 64,256,1024,4096")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="epochs of each loop per cell, alternating; at least 2 for an interval on the ratios")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0 = all 60,000)")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     p.add_argument("--data-dir")
     p.add_argument("--no-verify-data", action="store_true")
     p.add_argument("--python", action="append", default=[], metavar="FW=PATH")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--out", help="write bench.md, bench.csv and bench.json here (default reports/bench/<UTC time>)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     try:
         frameworks = parse_frameworks(args.frameworks)
+        variants = _choices(args.variants, VARIANTS, "variants")
+        executions = _choices(args.executions, EXECUTIONS, "executions")
+        batch_sizes = _batch_sizes(args.batch_sizes)
+        if args.repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
+        if args.train_limit and args.train_limit < 6 * max(batch_sizes):  # the 5 warm-up steps and one timed step
+            raise ConfigError(f"--train-limit {args.train_limit} leaves no timed step at batch size {max(batch_sizes)}; "
+                              f"raise it to at least 6 x the largest batch size, or use 0 (all)")
         explicit = parse_pythons(args.python)
         data_dir = str(find_data_dir(args.data_dir))
     except BNCompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results, status = [], 0
+    started = datetime.now(timezone.utc)
+    out = Path(args.out or Path("reports") / "bench" / started.strftime("%Y%m%d-%H%M%S"))
+    machine = {"command": " ".join(["python -m compare.bench"] + list(argv if argv is not None else sys.argv[1:])),
+               "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+               "platform": platform.platform(), "python": sys.version.split()[0]}
+    cells = [{"variant": v, "execution": e, "batch_size": b} for v in variants for e in executions for b in batch_sizes]
+    rows, loops, status = [], {}, 0
+
+    def emit(record):
+        r = row(record)
+        rows.append(r)
+        loops.update({(record["framework"], loop): record[loop] for loop in ("bare", "textbook")})
+        print(line(r), flush=True)
+
     for framework in frameworks:
-        variant = args.variant or ("builtin" if framework == "torch" else "scratch")
         try:
             python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
         except BNCompareError as exc:
             print(f"[{framework}] skipped: {exc}", file=sys.stderr)
             status = 1
             continue
-        job = {"mode": "bench", "framework": framework, "variant": variant, "repeats": args.repeats, "batch_size": args.batch_size,
+        print(f"[{framework}] {len(cells)} cell(s) x 3 loops x {args.repeats} repeats", file=sys.stderr, flush=True)
+        job = {"mode": "bench", "framework": framework, "cells": cells, "repeats": args.repeats,
                "train_limit": args.train_limit, "device": args.device, "data_dir": data_dir,
                "verify": not args.no_verify_data}
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run([python, "-m", "compare.worker"], input=json.dumps(job), cwd=ROOT, env=env,
-                              text=True, capture_output=True)
-        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            print(f"[{framework}] benchmark failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        before = len(rows)
+        if bench_framework(framework, python, job, emit) != 0 or len(rows) - before < len(cells):
             status = 1
-            continue
-        result = lines[-1]
-        results.append(result)
-        print(f"{framework:>10} {variant:<10} suite {result['suite_examples_per_s']:>9,.0f} ex/s   "
-              f"textbook {result['textbook_examples_per_s']:>9,.0f} ex/s   "
-              f"ratio {result['suite_examples_per_s'] / result['textbook_examples_per_s']:.2f}x   "
-              f"({result['textbook']}; {result['device_name']}; median of {args.repeats})")
+    if not rows:
+        print("error: no benchmark cell finished; nothing written", file=sys.stderr)
+        return 1
+    frame = pd.DataFrame(rows)[COLUMNS]
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "bench.csv", lambda path: frame.to_csv(path, index=False))
+    write_json(out / "bench.json", {"machine": machine, "rows": rows})
+    text = render(frame, machine, loops, args)
+    _atomic(out / "bench.md", lambda path: path.write_text(text))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(Path(args.json), rows)
+    print(f"written: {out}/bench.md, bench.csv, bench.json", file=sys.stderr)
     return status
 
 

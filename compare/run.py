@@ -167,19 +167,22 @@ def parse_pythons(items) -> dict:
     return out
 
 
-def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
-    import numpy
-    import pandas
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
+    import numpy
+    import pandas
     return {"command": " ".join(["python -m compare.run"] + list(argv)), "started": datetime.now(timezone.utc).isoformat(),
-            "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
+            "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "pandas": pandas.__version__,
             "frameworks": list(frameworks), "interpreters": pythons, "data_dir": data_dir,
             "data_verified": not args.no_verify_data, "args": vars(args)}

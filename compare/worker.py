@@ -56,27 +56,46 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the worker the way Ctrl-C does: between two operations
 
 
+LOOPS = ("suite", "bare", "textbook")
+
+
 def bench(job: dict) -> int:
-    """The suite's loop and the framework's textbook loop, alternating epochs in one process."""
+    """compare.bench's cells, one at a time: in each, one epoch of the suite's loop, the bare loop
+    (frameworks/<fw>/bare.py) and the textbook loop (textbook.py), alternating, `repeats` times;
+    the order of the three rotates each repeat. One record per cell."""
     framework = job["framework"]
     module = load_backend_module(framework)
-    textbook = load_backend_module(framework, "textbook")
-    config = RunConfig(model=ModelSpec(variant=job["variant"]), epochs=1, batch_size=job["batch_size"],
-                       device=job["device"], train_limit=job["train_limit"], test_limit=1000, probe_size=64)
-    dataset = load_fashion_mnist(job["data_dir"], verify=job["verify"])
-    suite, book, describe = [], [], {}
-    for _ in range(job["repeats"]):
-        epochs = []
-        run_loop(module.BACKEND, config, dataset,
-                 lambda record, arrays=None: epochs.append(record) if record["kind"] == "epoch" else
-                 describe.update(record.get("backend", {})))
-        suite.append(epochs[0]["train_examples_per_s"])
-        book.append(textbook.examples_per_second(config, dataset))
-        print(f"suite {suite[-1]:.0f} ex/s, textbook {book[-1]:.0f} ex/s", file=sys.stderr)
-    send({"kind": "bench", "framework": framework, "variant": config.model.variant,
-          "suite_examples_per_s": float(np.median(suite)), "textbook_examples_per_s": float(np.median(book)),
-          "suite_all": suite, "textbook_all": book, "textbook": textbook.DESCRIPTION,
-          "device_name": describe.get("device_name"), "execution": describe.get("execution")})
+    loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
+    datasets = {}
+    for cell in job["cells"]:
+        config = RunConfig(model=ModelSpec(variant=cell["variant"]), epochs=1, batch_size=cell["batch_size"],
+                           execution=cell["execution"], device=job["device"], train_limit=job["train_limit"],
+                           test_limit=1000, probe_size=64)
+        if config.dtype not in datasets:
+            datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
+        dataset, described = datasets[config.dtype], {}
+
+        def suite():
+            epochs = []
+            run_loop(module.BACKEND, config, dataset,
+                     lambda record, arrays=None: epochs.append(record) if record["kind"] == "epoch" else
+                     described.update(record.get("backend", {})))
+            return epochs[0]["train_examples_per_s"]
+
+        measure = {"suite": suite, "bare": lambda: loops["bare"].epoch(config, dataset)[0],
+                   "textbook": lambda: loops["textbook"].examples_per_second(config, dataset)}
+        figures = {name: [] for name in LOOPS}
+        for r in range(job["repeats"]):
+            for name in LOOPS[r % 3:] + LOOPS[:r % 3]:
+                figures[name].append(measure[name]())
+            send({"kind": "bench_repeat", "message": f"{framework} {config.model.variant} {config.execution} batch "
+                  f"{config.batch_size} repeat {r + 1}: " + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS) + " ex/s"})
+        send({"kind": "bench", "framework": framework, "variant": config.model.variant,
+              "execution": config.execution, "execution_name": described.get("execution"),
+              "batch_size": config.batch_size, "device_name": described.get("device_name"),
+              **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
+              **{f"{name}_all": figures[name] for name in LOOPS},
+              "bare": loops["bare"].DESCRIPTION, "textbook": loops["textbook"].DESCRIPTION})
     return 0
 
 

@@ -1,29 +1,103 @@
-"""compare.bench and each framework's textbook loop, smoke-tested on tiny data."""
+"""compare.bench and each framework's bare and textbook loops, on tiny data.
+
+Speed itself is never asserted here (benchmarks print their figures); these check
+that the benchmark measures what it says: the bare loop does exactly the suite's
+training work, the ratios are the paired ratios of the figures it recorded, and
+bad options are refused before anything runs.
+"""
 import json
+import math
 import sys
 
 import numpy as np
+import pandas as pd
+import pytest
 
-from compare.bench import main as bench_main
+from common.config import ModelSpec, RunConfig
+from common.data import load_fashion_mnist
+from common.loop import run as run_loop
+from common.registry import load_backend_module
+from compare.bench import COLUMNS, main as bench_main, paired_ratio, row
 from tests.helpers import make_idx_dir
 
-# The fields README.md documents for `compare.bench --json`.
-FIELDS = {"kind", "framework", "variant", "suite_examples_per_s", "textbook_examples_per_s", "suite_all", "textbook_all",
-          "textbook", "device_name", "execution"}
+
+def test_paired_ratio_is_the_geometric_mean_of_each_repeats_ratio():
+    equal = paired_ratio([100.0, 300.0, 50.0], [50.0, 150.0, 25.0])  # each repeat 2x, whatever the drift
+    assert equal[""] == pytest.approx(2.0, rel=1e-12)
+    assert equal["_low"] == pytest.approx(2.0, rel=1e-12) and equal["_high"] == pytest.approx(2.0, rel=1e-12)
+    mixed = paired_ratio([110.0, 90.0], [100.0, 100.0])
+    assert mixed[""] == pytest.approx(math.sqrt(1.1 * 0.9), rel=1e-12)
+    # the t-interval is symmetric in log space: low * high = estimate ** 2, and it holds 1.1 and 0.9
+    assert mixed["_low"] * mixed["_high"] == pytest.approx(mixed[""] ** 2, rel=1e-9)
+    assert mixed["_low"] < 0.9 and mixed["_high"] > 1.1
+    one = paired_ratio([120.0], [100.0])
+    assert one[""] == pytest.approx(1.2) and math.isnan(one["_low"]) and math.isnan(one["_high"])
 
 
-def test_bench_runs_the_suite_and_the_textbook_loop(framework, tmp_path, capsys):
+def test_row_keeps_each_loops_median_and_spread():
+    record = {"framework": "torch", "variant": "builtin", "execution": "compiled", "execution_name": "eager",
+              "batch_size": 256, "device_name": "CPU", "suite_all": [10.0, 30.0, 20.0],
+              "bare_all": [10.0, 30.0, 20.0], "textbook_all": [5.0, 15.0, 10.0]}
+    r = row(record)
+    assert set(r) == set(COLUMNS)
+    assert (r["suite_examples_per_s"], r["textbook_examples_per_s"]) == (20.0, 10.0)
+    assert r["suite_spread"] == pytest.approx(1.0)  # (30 - 10) / 20
+    assert r["suite_over_bare"] == pytest.approx(1.0) and r["suite_over_textbook"] == pytest.approx(2.0)
+    assert r["repeats"] == 3
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--variants", "scratch,bogus", "--variants: unknown 'bogus'"),
+    ("--executions", "jit", "--executions: unknown 'jit'"),
+    ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
+    ("--train-limit", "1000", "leaves no timed step at batch size 256"),
+    ("--repeats", "0", "--repeats must be at least 1"),
+])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, option, value, message):
+    out = tmp_path / "bench"
+    code = bench_main([option, value, "--out", str(out), "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 640, 100)
-    out = tmp_path / "bench.json"
-    code = bench_main(["--frameworks", framework, "--variant", "scratch", "--repeats", "3", "--batch-size", "64",
-                       "--train-limit", "640", "--device", "cpu", "--data-dir", str(data), "--no-verify-data",
-                       "--python", f"{framework}={sys.executable}", "--json", str(out)])
-    assert code == 0, capsys.readouterr().err
-    (result,) = json.loads(out.read_text())
-    assert set(result) == FIELDS, f"bench JSON fields differ from README: {sorted(set(result) ^ FIELDS)}"
-    assert (result["framework"], result["variant"]) == (framework, "scratch")
-    for loop in ("suite", "textbook"):
-        figures = result[f"{loop}_all"]
-        assert len(figures) == 3 and all(f > 0 for f in figures), f"{loop}: one figure per repeat"
-        assert result[f"{loop}_examples_per_s"] == np.median(figures), f"{loop}_examples_per_s is the median"
-    assert f"{framework:>10} scratch" in capsys.readouterr().out
+    out = tmp_path / "bench"
+    code = bench_main(["--frameworks", framework, "--variants", "scratch,none", "--repeats", "2",
+                       "--batch-sizes", "64", "--train-limit", "640", "--device", "cpu", "--data-dir", str(data),
+                       "--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(out),
+                       "--json", str(tmp_path / "rows.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    frame = pd.read_csv(out / "bench.csv")
+    assert list(frame.columns) == COLUMNS
+    assert sorted(frame["variant"]) == ["none", "scratch"] and set(frame["framework"]) == {framework}
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["machine"]["cpu_count"] and json.loads((tmp_path / "rows.json").read_text()) == saved["rows"]
+    for r in saved["rows"]:
+        for loop in ("suite", "bare", "textbook"):
+            assert r[f"{loop}_examples_per_s"] > 0
+        assert r["repeats"] == 2 and r["suite_over_bare_low"] <= r["suite_over_bare"] <= r["suite_over_bare_high"]
+    text = (out / "bench.md").read_text()
+    assert "| framework | variant | execution | batch | suite | bare | textbook | suite/bare |" in text
+    assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
+    assert f"{framework:>10} scratch" in captured.out and f"{framework:>10} none" in captured.out
+
+
+@pytest.mark.parametrize("variant", ["scratch", "builtin"])
+def test_the_bare_loop_trains_exactly_as_the_suite(fw, framework, variant, tmp_path):
+    """Same init, batches and SGD: after one float64 epoch the bare loop's parameters (running statistics
+    included) are the suite's, so suite/bare compares the same work. lr 0.5: Keras's SGD keeps its learning
+    rate in float32, so the TensorFlow bare loop steps with float32(lr), equal to lr only where lr is exact."""
+    data = load_fashion_mnist(make_idx_dir(tmp_path / "data", 320, 100), verify=False, dtype="float64")
+    config = RunConfig(model=ModelSpec(variant=variant), dtype="float64", epochs=1, batch_size=32, lr=0.5,
+                       device="cpu", test_limit=100, probe_size=16)
+    suite = []
+    run_loop(fw.BACKEND, config, data,
+             lambda record, arrays=None: suite.append(arrays) if record["kind"] == "epoch" else None)
+    examples_per_s, backend = load_backend_module(framework, "bare").epoch(config, data)
+    assert examples_per_s > 0
+    bare = backend.get_params()
+    for name, value in bare.items():
+        np.testing.assert_allclose(value, suite[0][f"param/{name}"], rtol=1e-10, atol=1e-12, err_msg=name)

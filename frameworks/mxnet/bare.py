@@ -1,0 +1,50 @@
+"""The bare Gluon loop: the fastest plain loop a practitioner would write, for the benchmark.
+
+The same BN-LeNet, hybridized as the run asks (`static_alloc`, `static_shape`),
+the whole split already an NDArray in the context, `nd.take` of each batch (the
+suite's batch order, so the work is the same), `autograd.record()`,
+`loss.backward()`, `gluon.Trainer.step`. The epoch's loss sum and correct count
+accumulate as NDArrays and are read once, at the end: no host synchronisation
+inside the epoch. Nothing of the suite's interface in between.
+"""
+import time
+
+from mxnet import autograd, nd
+
+from common.data import batch_order
+from common.init import init_params
+
+from .backend import MXNetBackend
+
+DESCRIPTION = "bare loop: NDArrays in the context, take per batch, metrics summed as NDArrays, read once"
+
+
+def epoch(config, dataset, warmup_steps=5):
+    """One epoch (the suite's epoch-1 batch order); returns (examples/s after the warm-up steps, the
+    backend holding the trained model: tests compare its parameters with the suite's)."""
+    backend = MXNetBackend(config)  # only to build the same net, trainer and loss in the same context
+    backend.set_params(init_params(config.model, config.seed, config.dtype))
+    net, trainer, loss_fn, ctx = backend.net, backend.trainer, backend.loss, backend.ctx
+    n = config.train_limit or len(dataset.train_labels)
+    images = nd.array(dataset.train_images[:n], ctx=ctx, dtype=config.dtype)
+    labels = nd.array(dataset.train_labels[:n], ctx=ctx, dtype=config.dtype)
+    order = batch_order(config.seed, 1, n, config.batch_size)
+    indices = nd.array(order, ctx=ctx, dtype="int32")
+    loss_sum = correct = nd.zeros((1,), ctx=ctx, dtype=config.dtype)
+    warm = min(warmup_steps, len(order) - 1)
+    for i in range(len(order)):
+        if i == warm:
+            nd.waitall()
+            start = time.perf_counter()
+        index = indices[i]
+        x, y = nd.take(images, index), nd.take(labels, index)
+        with autograd.record():
+            logits, *new_stats = net(x)
+            loss = loss_fn(logits, y)
+        loss.backward()
+        trainer.step(config.batch_size)
+        net.store_running(new_stats)  # the scratch layers' running statistics (nothing for the built-in)
+        loss_sum = loss_sum + loss.sum()
+        correct = correct + (logits.argmax(axis=1) == y).sum()
+    nd.concat(loss_sum, correct, dim=0).asnumpy()  # the one read of the epoch
+    return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend

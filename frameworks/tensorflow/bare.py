@@ -1,0 +1,60 @@
+"""The bare TensorFlow loop: the fastest plain loop a practitioner would write, for the benchmark.
+
+A custom training loop as TensorFlow's guide writes it: the same BN-LeNet,
+a train step under `tf.function` (eager when the run asks for eager) with
+`tf.GradientTape` and `keras.optimizers.SGD.apply_gradients`, the whole split
+already a tensor on the device and `tf.gather` of each batch inside the step
+(the suite's batch order, so the work is the same). The epoch's loss sum and
+correct count accumulate in tf.Variables and are read once, at the end: no host
+synchronisation inside the epoch. Nothing of the suite's interface in between.
+"""
+import time
+
+import keras
+import tensorflow as tf
+
+from common.data import batch_order
+from common.init import init_params
+
+from .backend import TensorFlowBackend
+from .lenet import nchw_to_nhwc
+
+DESCRIPTION = ("bare loop: the step under tf.function (plain eager for eager runs), Keras SGD, tensors on the device, "
+               "gather per batch, metrics read once")
+
+
+def epoch(config, dataset, warmup_steps=5):
+    """One epoch (the suite's epoch-1 batch order); returns (examples/s after the warm-up steps, the
+    backend holding the trained model: tests compare its parameters with the suite's)."""
+    backend = TensorFlowBackend(config)  # only to build the same BNLeNet on the same device
+    backend.set_params(init_params(config.model, config.seed, config.dtype))
+    model = backend.model
+    n = config.train_limit or len(dataset.train_labels)
+    order = batch_order(config.seed, 1, n, config.batch_size)
+    with tf.device(backend.device):
+        images = tf.constant(nchw_to_nhwc(dataset.train_images[:n]).astype(config.dtype))
+        labels = tf.constant(dataset.train_labels[:n], dtype=tf.int32)
+        indices = tf.constant(order, dtype=tf.int32)
+        totals = tf.Variable(tf.zeros(2, dtype=config.dtype))
+    optimizer = keras.optimizers.SGD(learning_rate=config.lr)
+    variables = backend.trainable
+
+    def step(i):
+        x, y = tf.gather(images, indices[i]), tf.gather(labels, indices[i])
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y), loss.dtype))
+        totals.assign_add(tf.stack([loss, correct]))
+
+    step = tf.function(step) if config.execution == "compiled" else step
+    warm = min(warmup_steps, len(order) - 1)
+    with tf.device(backend.device):
+        for i in range(len(order)):
+            if i == warm:
+                totals.numpy()
+                start = time.perf_counter()
+            step(tf.constant(i))
+        totals.numpy()  # the one read of the epoch
+    return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend

@@ -1,0 +1,51 @@
+"""The bare PyTorch loop: the fastest plain loop a practitioner would write, for the benchmark.
+
+The whole split is already a tensor on the device; each batch is an index into
+it (the suite's batch order, so the work is the same); `model(x)`,
+`F.cross_entropy`, `loss.backward()`, `torch.optim.SGD.step()`. The epoch's
+loss sum and correct count accumulate on the device and are read once, at the
+end: no host synchronisation inside the epoch. Same model, parameters, lr and
+batch size as the suite; nothing of the suite's interface in between.
+"""
+import time
+
+import torch
+from torch.nn import functional as F
+
+from common.data import batch_order
+from common.init import init_params
+
+from .backend import TorchBackend
+
+DESCRIPTION = "bare loop: tensors on the device, index per batch, metrics summed on the device, read once"
+
+
+def epoch(config, dataset, warmup_steps=5):
+    """One epoch (the suite's epoch-1 batch order); returns (examples/s after the warm-up steps, the
+    backend holding the trained model: tests compare its parameters with the suite's)."""
+    backend = TorchBackend(config)  # only to build the same BNLeNet on the same device
+    backend.set_params(init_params(config.model, config.seed, config.dtype))
+    model, device = backend.model, backend.device
+    n = config.train_limit or len(dataset.train_labels)
+    images = torch.as_tensor(dataset.train_images[:n]).to(device, backend.dtype)
+    labels = torch.as_tensor(dataset.train_labels[:n]).to(device, torch.int64)
+    order = torch.as_tensor(batch_order(config.seed, 1, n, config.batch_size)).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    model.train()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    warm = min(warmup_steps, len(order) - 1)
+    for i, index in enumerate(order):
+        if i == warm:
+            backend.synchronize()
+            start = time.perf_counter()
+        x, y = images[index], labels[index]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            totals[0] += loss.detach()
+            totals[1] += (logits.argmax(dim=1) == y).sum()
+    totals.tolist()  # the one read of the epoch
+    return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend
