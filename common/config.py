@@ -20,7 +20,10 @@ POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
-EXECUTIONS = ("compiled", "eager")
+# default = the framework's own choice (PyTorch eager, Gluon hybridized, TensorFlow tf.function: README.md
+# "Execution modes" gives the measurements behind each); compiled = torch.compile / hybridized Gluon /
+# tf.function; eager = PyTorch eager, imperative Gluon, TensorFlow eager.
+EXECUTIONS = ("default", "compiled", "eager")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -111,7 +114,7 @@ class RunConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"  # auto = the GPU when there is one, else the CPU
-    execution: str = "compiled"  # compiled = hybridized Gluon / tf.function; eager = imperative (PyTorch: always eager)
+    execution: str = "default"  # see EXECUTIONS
     warmup_steps: int = 5  # the first steps of each epoch, timed apart from the rest
     eval_batch_size: int = 1000
     probe_size: int = 512  # fixed test images for the train/eval divergence

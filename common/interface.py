@@ -57,6 +57,11 @@ class BNResult:
 #       input raises ValueError, as the layer does.
 
 
+def resolve_execution(config: RunConfig, default: str) -> str:
+    """compiled or eager: what the run asked for, or the framework's default for "default"."""
+    return default if config.execution == "default" else config.execution
+
+
 def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:
     """One entry of ProbeResult.bn: the per-channel batch mean and biased variance of the
     BN layer's input (computed in float64) beside its running statistics."""

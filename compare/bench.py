@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binom as _binom
 
+from common import records
 from common.config import EXECUTIONS, VARIANTS
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
@@ -33,10 +35,10 @@ from . import envs
 from .executor import start_worker, worker_records
 from .report import _atomic, markdown_table, write_json
 from .run import cpu_name, parse_pythons
-from .stats import seed_stats
 
 LOOPS = ("suite", "bare", "textbook")
-COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", "suite_examples_per_s",
+COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", "first_step_seconds",
+           "first_step_seconds_later", "suite_examples_per_s",
            "bare_examples_per_s", "textbook_examples_per_s", "suite_over_bare", "suite_over_bare_low",
            "suite_over_bare_high", "suite_over_textbook", "suite_over_textbook_low", "suite_over_textbook_high",
            "suite_spread", "bare_spread", "textbook_spread", "repeats", "device_name"]
@@ -61,14 +63,29 @@ def _batch_sizes(text: str) -> list:
     return list(dict.fromkeys(sizes))
 
 
+def median_interval(n: int, confidence: float = 0.95):
+    """(k, coverage): the distribution-free interval for a median from n values is (x_(k), x_(n+1-k)) of the
+    sorted values, with the largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least `confidence`;
+    None when even (min, max) covers less (n < 6 at 95%)."""
+    best = None
+    for k in range(1, n // 2 + 1):
+        coverage = 1 - 2 * float(_binom.cdf(k - 1, n, 0.5))
+        if coverage >= confidence:
+            best = (k, coverage)
+    return best
+
+
 def paired_ratio(numerator, denominator) -> dict:
-    """The geometric mean of the per-repeat ratios numerator[i] / denominator[i] and its 95% t-interval.
+    """The median of the per-repeat ratios numerator[i] / denominator[i], with its distribution-free 95%
+    interval (median_interval; NaN below 6 repeats).
 
     The loops of one repeat run next to each other, so a ratio within a repeat cancels the machine's
-    slow drift (on a shared 2-core machine one epoch's figure moves by 10-30% from repeat to repeat,
-    the ratio of adjacent epochs by a few %); the ratio of two medians would keep that noise."""
-    logs = seed_stats([math.log(a / b) for a, b in zip(numerator, denominator)])
-    return {key: math.exp(logs[src]) for key, src in (("", "mean"), ("_low", "ci_low"), ("_high", "ci_high"))}
+    slow drift (on a shared 2-core machine one epoch's figure moves by 10-30% from repeat to repeat);
+    the median, unlike a mean, is not dragged by the odd epoch that a neighbour's burst slowed down."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    found = median_interval(len(ratios))
+    low, high = (ratios[found[0] - 1], ratios[-found[0]]) if found else (math.nan, math.nan)
+    return {"": float(np.median(ratios)), "_low": low, "_high": high}
 
 
 def row(result: dict) -> dict:
@@ -84,6 +101,11 @@ def row(result: dict) -> dict:
         ratio = paired_ratio(result["suite_all"], result[f"{other}_all"])
         out.update({f"suite_over_{other}{key}": value for key, value in ratio.items()})
     out["repeats"] = len(result["suite_all"])
+    # the suite's first step, timed apart from the throughput: the first repeat's holds a compiled mode's
+    # compilation from cold caches; the later repeats' (median) what a new run in a warm process pays
+    first = result["suite_first_step_seconds"]
+    out["first_step_seconds"] = first[0]
+    out["first_step_seconds_later"] = float(np.median(first[1:])) if len(first) > 1 else None
     return out
 
 
@@ -108,8 +130,10 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
         shown[f"suite/{other}"] = [_ratio(r, other) for _, r in frame.iterrows()]
     shown["execution"] = [n or e for n, e in zip(frame["execution_name"], frame["execution"])]
     shown["batch"] = frame["batch_size"].astype(str)
+    shown["first step s"] = [f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
+                             for a, b in zip(frame["first_step_seconds"], frame["first_step_seconds_later"])]
     table = markdown_table(shown, ["framework", "variant", "execution", "batch", "suite", "bare", "textbook",
-                                   "suite/bare", "suite/textbook"])
+                                   "suite/bare", "suite/textbook", "first step s"])
     parts = ["# Throughput: suite, bare and textbook loops\n",
              f"`{machine['command']}`, {machine['started']}\n",
              f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['platform']}, "
@@ -118,12 +142,45 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
              f"5 steps excluded), median of {args.repeats} epochs per loop, the three loops alternating in one "
              "process; ± is half the range (max - min) of the repeats, relative to the median. suite/bare is "
              "the harness overhead (1 = none), suite/textbook the gain over the textbook's loop: each the "
-             "geometric mean of the repeats' own ratios (the loops of a repeat run next to each other, so "
-             "the machine's drift between repeats cancels), with its 95% t-interval in parentheses.\n",
+             "median of the repeats' own ratios (the loops of a repeat run next to each other, so the "
+             "machine's drift between repeats cancels), with its distribution-free 95% interval in "
+             "parentheses (order statistics; from 6 repeats). "
+             "first step s: the suite's first training step, never part of the throughput: in the first "
+             "repeat (compilation from cold caches, for a compiled mode) / the median of the later repeats.\n",
              table, "## Loops\n",
              "".join(["- suite: `common.loop` through the framework's backend (the loop every run uses)\n"]
                      + [f"- {fw} {text}\n" for (fw, _), text in sorted(loops.items())])]
     return "\n".join(parts)
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    """One panel per framework: the suite's examples/s against the batch size, a line per variant x
+    execution, the bare loop dotted beside it; the whiskers span the repeats (min to max)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    frameworks = list(dict.fromkeys(frame["framework"]))
+    fig, axes = plt.subplots(1, len(frameworks), figsize=(5.5 * len(frameworks), 4.2), squeeze=False)
+    for ax, framework in zip(axes[0], frameworks):
+        rows, last_color = frame[frame["framework"] == framework], None
+        for (variant, execution), group in rows.groupby(["variant", "execution_name"], sort=False):
+            group = group.sort_values("batch_size")
+            for loop, style in (("suite", "-o"), ("bare", ":x")):
+                median = group[f"{loop}_examples_per_s"]
+                half = median * group[f"{loop}_spread"] / 2
+                line = ax.errorbar(group["batch_size"], median, yerr=half, fmt=style, capsize=3,
+                                   label=f"{variant}, {execution}" if loop == "suite" else None,
+                                   color=None if loop == "suite" else last_color)
+                last_color = line[0].get_color()
+        ax.set_xscale("log", base=2)
+        ax.set_title(framework)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("training examples / s (suite solid, bare dotted)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
 
 
 def bench_framework(framework: str, python: str, job: dict, emit) -> int:
@@ -149,17 +206,17 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    p.add_argument("--executions", default="compiled",
+    p.add_argument("--executions", default="default",
                    help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in README.md)")
     p.add_argument("--batch-sizes", default="256", help="comma-separated, e.g. 64,256,1024,4096")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="epochs of each loop per cell, alternating; at least 2 for an interval on the ratios")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="epochs of each loop per cell, alternating; at least 6 for a 95%% interval on the ratios")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0 = all 60,000)")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     p.add_argument("--data-dir")
     p.add_argument("--no-verify-data", action="store_true")
     p.add_argument("--python", action="append", default=[], metavar="FW=PATH")
-    p.add_argument("--out", help="write bench.md, bench.csv and bench.json here (default reports/bench/<UTC time>)")
+    p.add_argument("--out", help="write bench.md, .csv, .json and .png here (default reports/bench/<UTC time>)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -211,12 +268,14 @@ def main(argv=None) -> int:
     frame = pd.DataFrame(rows)[COLUMNS]
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / "bench.csv", lambda path: frame.to_csv(path, index=False))
+    rows = records.clean(rows)  # NaN (no interval) as null
     write_json(out / "bench.json", {"machine": machine, "rows": rows})
     text = render(frame, machine, loops, args)
-    _atomic(out / "bench.md", lambda path: path.write_text(text))
+    plot(frame, out / "bench.png")
+    _atomic(out / "bench.md", lambda path: path.write_text(text + "\n![throughput against batch size](bench.png)\n"))
     if args.json:
         write_json(Path(args.json), rows)
-    print(f"written: {out}/bench.md, bench.csv, bench.json", file=sys.stderr)
+    print(f"written: {out}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
     return status
 
 

@@ -303,6 +303,9 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
                 "final_train_loss": seen.final_train_loss.mean(),
                 "train_examples_per_s": mine.train_examples_per_s.median(),
                 "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
+                # epoch 1's first step, timed apart: a compiled mode's compilation (records before it: NaN)
+                "first_step_seconds": (mine[mine.epoch == 1].first_step_seconds.median()
+                                       if "first_step_seconds" in mine else np.nan),
                 "eval_examples_per_s": mine.eval_examples_per_s.median(),
                 **{k: seen[k].mean() for k in ("final_probe_acc_eval", "final_probe_acc_train",
                                                "final_probe_disagreement", "final_probe_logit_mad")},
@@ -420,7 +423,8 @@ def _plots(t: dict, run_dir: Path) -> list:
 
 
 SUMMARY_COLUMNS = ["framework", "variant", "status", "seeds", "epochs", "best_test_acc", "best_epoch",
-                   "final_test_acc", "train_examples_per_s", "eval_examples_per_s", "execution", "device"]
+                   "final_test_acc", "train_examples_per_s", "first_step_seconds", "eval_examples_per_s", "execution",
+                   "device"]
 DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", "final_probe_acc_train",
                       "final_probe_disagreement", "final_probe_logit_mad"]
 CONVENTION_COLUMNS = ["framework", "variant", "version", "bn_decay", "bn_epsilon"]

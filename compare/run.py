@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto = the GPU when the framework sees one; gpu without one is an error")
     g.add_argument("--execution", choices=EXECUTIONS, default=d.execution,
-                   help="compiled = hybridized Gluon / tf.function; eager = imperative (PyTorch is always eager)")
+                   help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow tf.function); "
+                        "compiled = torch.compile / hybridized / tf.function; eager = imperative everywhere")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="first steps of each epoch, timed apart from the throughput figure")
     g.add_argument("--train-limit", type=int, default=None, help="use the first N training images (0 = all)")

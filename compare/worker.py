@@ -73,13 +73,14 @@ def bench(job: dict) -> int:
                            test_limit=1000, probe_size=64)
         if config.dtype not in datasets:
             datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
-        dataset, described = datasets[config.dtype], {}
+        dataset, described, first_steps = datasets[config.dtype], {}, []
 
         def suite():
             epochs = []
             run_loop(module.BACKEND, config, dataset,
                      lambda record, arrays=None: epochs.append(record) if record["kind"] == "epoch" else
                      described.update(record.get("backend", {})))
+            first_steps.append(epochs[0]["first_step_seconds"])
             return epochs[0]["train_examples_per_s"]
 
         measure = {"suite": suite, "bare": lambda: loops["bare"].epoch(config, dataset)[0],
@@ -94,7 +95,7 @@ def bench(job: dict) -> int:
               "execution": config.execution, "execution_name": described.get("execution"),
               "batch_size": config.batch_size, "device_name": described.get("device_name"),
               **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
-              **{f"{name}_all": figures[name] for name in LOOPS},
+              **{f"{name}_all": figures[name] for name in LOOPS}, "suite_first_step_seconds": first_steps,
               "bare": loops["bare"].DESCRIPTION, "textbook": loops["textbook"].DESCRIPTION})
     return 0
 

@@ -19,11 +19,11 @@ BUILTIN = {
                    "decay_dtype": "float64"},
 }
 
-# What each --execution runs as (describe()["execution"]); PyTorch is eager either way.
+# What each --execution runs as (describe()["execution"]); "default" is the framework's own choice.
 EXECUTION_NAMES = {
-    "torch": {"compiled": "eager", "eager": "eager"},
-    "mxnet": {"compiled": "hybridized", "eager": "imperative"},
-    "tensorflow": {"compiled": "tf.function", "eager": "eager"},
+    "torch": {"default": "eager", "compiled": "torch.compile", "eager": "eager"},
+    "mxnet": {"default": "hybridized", "compiled": "hybridized", "eager": "imperative"},
+    "tensorflow": {"default": "tf.function", "compiled": "tf.function", "eager": "eager"},
 }
 
 # Tolerances of the scratch layer against the float64 reference.

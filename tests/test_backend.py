@@ -9,7 +9,7 @@ from common.config import EXECUTIONS, ModelSpec, RunConfig
 from common.errors import BackendUnavailable, NonFiniteError
 from common.init import init_params
 from common.loop import run as run_loop
-from common.data import load_fashion_mnist
+from common.data import batch_order, load_fashion_mnist
 from common.reference import batch_norm_backward, batch_norm_forward, lenet_forward
 from tests.conventions import BUILTIN, CENTRED_RESIDUAL, EXECUTION_NAMES, FAR_FROM_ZERO_ATOL, FLOAT32, FLOAT64
 from tests.helpers import make_idx_dir, random_bn_params
@@ -331,3 +331,49 @@ def test_execution_modes_train_the_same(fw, framework, tmp_path):
         for key in ("train_loss", "test_loss", "probe_logit_mad"):
             np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-10,
                                        err_msg=f"{framework} compiled vs eager {key}, epoch {eager['epoch']}")
+
+
+def test_compiled_run_repeats_bit_for_bit(fw, framework, tmp_path):
+    """--execution compiled on the CPU: the same seed gives the same per-step losses and parameters, exactly."""
+    make_idx_dir(tmp_path, 320, 64)
+    ds = load_fashion_mnist(tmp_path, verify=False, dtype="float64")
+    config = RunConfig(epochs=1, batch_size=32, lr=0.5, dtype="float64", device="cpu", probe_size=16,
+                       trace_steps=10, execution="compiled")
+    runs = []
+    for _ in range(2):
+        got = []
+        run_loop(fw.BACKEND, config, ds, lambda record, arrays=None: got.append((record, arrays)))
+        runs.append(next((r, a) for r, a in got if r["kind"] == "epoch"))
+    (first, first_arrays), (second, second_arrays) = runs
+    assert first["step_losses"] == second["step_losses"], f"{framework} compiled: per-step losses differ between runs"
+    for name, value in first_arrays.items():
+        np.testing.assert_array_equal(second_arrays[name], value, err_msg=f"{framework} compiled: {name}")
+
+
+def test_compiled_evaluate_and_probe_leave_the_training_graph_alone(fw, framework, tmp_path):
+    """The classic compiled-graph bug: a graph that captured the training flag or the buffers when it was
+    traced. After compiled training steps, evaluate and the probe change no state, and the next training
+    step still normalises with batch statistics and updates the running statistics, as eager does."""
+    make_idx_dir(tmp_path, 320, 64)
+    ds = load_fashion_mnist(tmp_path, verify=False, dtype="float64")
+    trained = {}
+    for execution in ("eager", "compiled"):
+        config = RunConfig(batch_size=32, lr=0.5, dtype="float64", device="cpu", execution=execution)
+        backend = fw.BACKEND(config)
+        backend.set_params(init_params(config.model, 0, "float64"))
+        train, test = backend.put(ds.train_images, ds.train_labels), backend.put(ds.test_images, ds.test_labels)
+        order = backend.put_order(batch_order(0, 1, 320, 32))
+        for step in range(3):
+            backend.train_step(train, order, step)
+        before = backend.get_params()
+        backend.evaluate(test, 32)
+        backend.probe(ds.test_images[:16])
+        for name, value in backend.get_params().items():
+            np.testing.assert_array_equal(value, before[name], err_msg=f"{execution}: evaluate/probe changed {name}")
+        backend.train_step(train, order, 3)
+        trained[execution] = backend.get_params()
+    moved = [n for n in before if n.endswith(".running_mean") and not np.array_equal(trained["compiled"][n], before[n])]
+    assert moved, f"{framework} compiled: the training step after evaluate/probe left the running statistics alone"
+    for name, value in trained["eager"].items():
+        np.testing.assert_allclose(trained["compiled"][name], value, rtol=1e-10, atol=1e-13,
+                                   err_msg=f"{framework} compiled vs eager after evaluate/probe: {name}")

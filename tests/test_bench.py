@@ -17,33 +17,43 @@ from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.loop import run as run_loop
 from common.registry import load_backend_module
-from compare.bench import COLUMNS, main as bench_main, paired_ratio, row
+from compare.bench import COLUMNS, main as bench_main, median_interval, paired_ratio, row
 from tests.helpers import make_idx_dir
 
 
-def test_paired_ratio_is_the_geometric_mean_of_each_repeats_ratio():
-    equal = paired_ratio([100.0, 300.0, 50.0], [50.0, 150.0, 25.0])  # each repeat 2x, whatever the drift
-    assert equal[""] == pytest.approx(2.0, rel=1e-12)
-    assert equal["_low"] == pytest.approx(2.0, rel=1e-12) and equal["_high"] == pytest.approx(2.0, rel=1e-12)
-    mixed = paired_ratio([110.0, 90.0], [100.0, 100.0])
-    assert mixed[""] == pytest.approx(math.sqrt(1.1 * 0.9), rel=1e-12)
-    # the t-interval is symmetric in log space: low * high = estimate ** 2, and it holds 1.1 and 0.9
-    assert mixed["_low"] * mixed["_high"] == pytest.approx(mixed[""] ** 2, rel=1e-9)
-    assert mixed["_low"] < 0.9 and mixed["_high"] > 1.1
-    one = paired_ratio([120.0], [100.0])
-    assert one[""] == pytest.approx(1.2) and math.isnan(one["_low"]) and math.isnan(one["_high"])
+def test_median_interval_follows_the_binomial_order_statistics():
+    # n = 5: (min, max) covers 1 - 2 / 2**5 = 0.9375 < 0.95, so no interval
+    assert median_interval(5) is None
+    # n = 6: (min, max) covers 1 - 2 / 64 = 0.96875
+    assert median_interval(6) == (1, pytest.approx(1 - 2 / 64))
+    # n = 9: k = 2 covers 1 - 2 * (1 + 9) / 512 = 0.9609; k = 3 would cover 1 - 2 * 46 / 512 = 0.82
+    assert median_interval(9) == (2, pytest.approx(1 - 20 / 512))
+
+
+def test_paired_ratio_is_the_median_of_each_repeats_ratio():
+    equal = paired_ratio([100.0, 300.0, 50.0, 80.0, 60.0, 90.0], [50.0, 150.0, 25.0, 40.0, 30.0, 45.0])
+    assert equal == {"": 2.0, "_low": 2.0, "_high": 2.0}  # each repeat 2x, whatever the drift between repeats
+    # one repeat slowed to 0.5 by a neighbour moves the median only to the next ratio
+    ratios = [1.1, 0.9, 1.0, 1.2, 0.5, 1.05]
+    got = paired_ratio(ratios, [1.0] * 6)
+    assert got[""] == pytest.approx((1.0 + 1.05) / 2)
+    assert (got["_low"], got["_high"]) == (0.5, 1.2)  # n = 6: (min, max)
+    few = paired_ratio([120.0, 90.0], [100.0, 100.0])
+    assert few[""] == pytest.approx(1.05) and math.isnan(few["_low"]) and math.isnan(few["_high"])
 
 
 def test_row_keeps_each_loops_median_and_spread():
     record = {"framework": "torch", "variant": "builtin", "execution": "compiled", "execution_name": "eager",
               "batch_size": 256, "device_name": "CPU", "suite_all": [10.0, 30.0, 20.0],
+              "suite_first_step_seconds": [9.0, 0.5, 0.25],
               "bare_all": [10.0, 30.0, 20.0], "textbook_all": [5.0, 15.0, 10.0]}
     r = row(record)
     assert set(r) == set(COLUMNS)
     assert (r["suite_examples_per_s"], r["textbook_examples_per_s"]) == (20.0, 10.0)
     assert r["suite_spread"] == pytest.approx(1.0)  # (30 - 10) / 20
-    assert r["suite_over_bare"] == pytest.approx(1.0) and r["suite_over_textbook"] == pytest.approx(2.0)
+    assert r["suite_over_bare"] == 1.0 and r["suite_over_textbook"] == 2.0
     assert r["repeats"] == 3
+    assert (r["first_step_seconds"], r["first_step_seconds_later"]) == (9.0, 0.375)  # the first; median of the rest
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -78,9 +88,11 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     for r in saved["rows"]:
         for loop in ("suite", "bare", "textbook"):
             assert r[f"{loop}_examples_per_s"] > 0
-        assert r["repeats"] == 2 and r["suite_over_bare_low"] <= r["suite_over_bare"] <= r["suite_over_bare_high"]
+        assert r["repeats"] == 2 and r["suite_over_bare"] > 0 and r["suite_over_bare_low"] is None  # < 6 repeats
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "bench.md").read_text()
-    assert "| framework | variant | execution | batch | suite | bare | textbook | suite/bare |" in text
+    assert "| framework | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook " \
+           "| first step s |" in text
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} scratch" in captured.out and f"{framework:>10} none" in captured.out
 

@@ -68,6 +68,8 @@ def test_throughput_counts_only_the_timed_steps():
     assert first["train_examples_per_s"] == pytest.approx(7 * 4 / 1.75), "train_examples_per_s: 28 ex / 1.75 s"
     assert first["warmup_examples_per_s"] == pytest.approx(3 * 4 / 7.0), "warmup_examples_per_s: 12 ex / 7 s"
     assert first["warmup_seconds"] == pytest.approx(7.0), "warmup_seconds"
+    assert first["first_step_seconds"] == pytest.approx(5.0), "first_step_seconds: step 0 alone (compiling)"
+    assert second["first_step_seconds"] == pytest.approx(0.5), "first_step_seconds, epoch 2"
     assert first["train_seconds"] == pytest.approx(8.75), "train_seconds: the whole epoch, warm-up included"
     # epoch 2: every step 0.5 s
     assert second["train_examples_per_s"] == pytest.approx(8.0), "train_examples_per_s, epoch 2"
@@ -84,6 +86,8 @@ def test_throughput_counts_only_the_timed_steps():
 def test_warmup_edge_cases(warmup_steps, timed, rate, warm_rate):
     first = scripted_run(warmup_steps=warmup_steps, epochs=1)[0][0]
     assert first["timed_steps"] == timed
+    # the first step is timed apart only inside the warm-up (a wait in the timed region would cost throughput)
+    assert first["first_step_seconds"] == (None if warmup_steps == 0 else pytest.approx(5.0))
     assert first["train_examples_per_s"] == pytest.approx(rate), "train_examples_per_s"
     if warm_rate is None:
         assert first["warmup_examples_per_s"] is None

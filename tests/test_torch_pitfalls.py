@@ -60,3 +60,16 @@ def test_functional_batch_norm_defaults_to_eval(torch):
     x = torch.randn(8, 2, dtype=torch.float64) + 3
     y = torch.nn.functional.batch_norm(x, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
     np.testing.assert_allclose(y.numpy(), (x / np.sqrt(1 + 1e-5)).numpy(), rtol=1e-12)
+
+
+def test_compiled_without_a_cxx_compiler_says_what_to_install(torch, monkeypatch):
+    """torch.compile on the CPU generates C++: without a compiler the run fails with the fix, before any
+    step, not with an Inductor traceback in the middle of the first one."""
+    from common.config import RunConfig
+    from common.errors import BackendUnavailable
+    from frameworks.torch.backend import TorchBackend
+    from torch._inductor import config as inductor
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-cxx-compiler"))
+    with pytest.raises(BackendUnavailable, match=r"needs a C\+\+ compiler.*apt-get install g\+\+.*--execution eager"):
+        TorchBackend(RunConfig(device="cpu", execution="compiled"))
+    TorchBackend(RunConfig(device="cpu", execution="eager"))  # eager needs none

@@ -14,9 +14,13 @@ import tensorflow as tf
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 
 from .lenet import BNLeNet, effective_bn, from_keras, make_bn, nchw_to_nhwc, to_keras, trainable_variables, variable
+
+
+# tf.function by default: eager TensorFlow dispatches every op from Python (README.md, "Execution modes").
+DEFAULT_EXECUTION = "compiled"
 
 
 def resolve_device(requested):
@@ -43,7 +47,7 @@ class TensorFlowBackend(Backend):
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)
-        self.compiled = config.execution == "compiled"
+        self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
         wrap = tf.function if self.compiled else (lambda f: f)
         self._step = wrap(self._step_impl)
         self._forward = wrap(self._forward_impl)

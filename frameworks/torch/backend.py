@@ -3,6 +3,13 @@
 Training mode is set explicitly with module.train()/eval() before each kind of
 work; the probe puts only the BN layers in train mode (dropout stays off) and
 restores every buffer afterwards, so it changes no state.
+
+Execution: eager by default; compiled = the training forward through
+`torch.compile` (Inductor: fused C++ kernels on the CPU, Triton on a GPU; the
+backward is compiled with it, the SGD update stays eager). TorchDynamo guards
+on `self.training`, so the compiled graph never freezes the mode; evaluate,
+predict and the probe run the eager module (the same parameters and buffers),
+so they cannot replay a training graph.
 """
 import platform
 
@@ -12,11 +19,29 @@ from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 
 from .lenet import BNLeNet, canonical_to_torch, effective_bn
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# Eager by default: on the 2-core CPU torch.compile takes 20-40 s per model before its first step, more
+# than it saves in a default 10-epoch run (README.md, "Execution modes").
+DEFAULT_EXECUTION = "eager"
+
+
+def check_compiler():
+    """torch.compile on the CPU writes C++ and needs a compiler: say so, not an Inductor traceback."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or a private API that moved
+        if type(exc).__name__ != "InvalidCxxCompiler":
+            return  # cannot tell here: let torch.compile report it
+        raise BackendUnavailable(
+            "--execution compiled: torch.compile on the CPU needs a C++ compiler and found none (it looks for "
+            "$CXX, else g++); install one (Debian/Ubuntu: apt-get install g++) or use --execution eager") from None
 
 
 def resolve_device(requested):
@@ -42,6 +67,11 @@ class TorchBackend(Backend):
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.model = BNLeNet(config.model).to(device=self.device, dtype=self.dtype)
+        self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
+        if self.compiled and self.device.type == "cpu":
+            check_compiler()
+        # what train_step calls: the compiled module shares self.model's parameters and buffers
+        self.train_forward = torch.compile(self.model) if self.compiled else self.model
         self.spec = config.model
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
@@ -54,7 +84,7 @@ class TorchBackend(Backend):
         else:
             device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         return {"framework": "torch", "version": torch.__version__, "device": "gpu" if self.device.type == "cuda" else "cpu",
-                "device_name": device_name, "execution": "eager", "bn_decay": decay,
+                "device_name": device_name, "execution": "torch.compile" if self.compiled else "eager", "bn_decay": decay,
                 "bn_epsilon": epsilon, "dtype": self.config.dtype}
 
     def _mode(self, training):
@@ -95,7 +125,7 @@ class TorchBackend(Backend):
         self._mode(True)
         index = order[step]
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)
-        logits = self.model(x)
+        logits = self.train_forward(x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,6 +26,7 @@ def epoch(config, dataset, warmup_steps=5):
     backend = TorchBackend(config)  # only to build the same BNLeNet on the same device
     backend.set_params(init_params(config.model, config.seed, config.dtype))
     model, device = backend.model, backend.device
+    forward = backend.train_forward  # torch.compile(model) when the run is compiled, as a user would write it
     n = config.train_limit or len(dataset.train_labels)
     images = torch.as_tensor(dataset.train_images[:n]).to(device, backend.dtype)
     labels = torch.as_tensor(dataset.train_labels[:n]).to(device, torch.int64)
@@ -39,7 +40,7 @@ def epoch(config, dataset, warmup_steps=5):
             backend.synchronize()
             start = time.perf_counter()
         x, y = images[index], labels[index]
-        logits = model(x)
+        logits = forward(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
