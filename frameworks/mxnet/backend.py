@@ -27,8 +27,8 @@ from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, res
 from .lenet import BNLeNet, effective_bn, make_bn
 
 
-# Hybridized (static_alloc, static_shape) by default: faster than imperative at every batch size measured
-# and compiled in well under a second (README.md, "Execution modes").
+# Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
+# batch 256, compiled in well under a second (README.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
 
 
