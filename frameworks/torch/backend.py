@@ -26,9 +26,9 @@ from .lenet import BNLeNet, canonical_to_torch, effective_bn
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-# Eager by default: on the 2-core CPU torch.compile makes only the scratch layer faster (1.25x at batch 256)
-# and takes 20-40 s cold before its first step, about what a default 10-epoch run gains (README.md,
-# "Execution modes").
+# Eager by default: on the 2-core CPU torch.compile makes only the scratch layer faster (1.25-1.5x at batch
+# 256), needs a C++ compiler and takes 20-40 s cold before its first step, about what a default 10-epoch run
+# gains (README.md, "Execution modes").
 DEFAULT_EXECUTION = "eager"
 
 
