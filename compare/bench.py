@@ -34,7 +34,7 @@ from common.registry import FRAMEWORKS, parse_frameworks
 from . import envs
 from .executor import start_worker, worker_records
 from .report import _atomic, markdown_table, write_json
-from .run import cpu_name, parse_pythons
+from .run import cpu_name, parse_list, parse_pythons
 
 LOOPS = ("suite", "bare", "textbook")
 COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", "first_step_seconds",
@@ -42,15 +42,6 @@ COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", 
            "bare_examples_per_s", "textbook_examples_per_s", "suite_over_bare", "suite_over_bare_low",
            "suite_over_bare_high", "suite_over_textbook", "suite_over_textbook_low", "suite_over_textbook_high",
            "suite_spread", "bare_spread", "textbook_spread", "repeats", "device_name"]
-
-
-def _choices(text: str, allowed, name: str) -> list:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise ConfigError(f"--{name}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
-                          f"choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
 
 
 def _batch_sizes(text: str) -> list:
@@ -221,8 +212,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         frameworks = parse_frameworks(args.frameworks)
-        variants = _choices(args.variants, VARIANTS, "variants")
-        executions = _choices(args.executions, EXECUTIONS, "executions")
+        variants = parse_list(args.variants, "variant", VARIANTS)
+        executions = parse_list(args.executions, "execution", EXECUTIONS)
         batch_sizes = _batch_sizes(args.batch_sizes)
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")

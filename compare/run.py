@@ -37,7 +37,8 @@ def _no_repeats(items: tuple, what: str, text: str) -> tuple:
     return items
 
 
-def _list(text: str, kind: str, choices) -> tuple:
+def parse_list(text: str, kind: str, choices) -> tuple:
+    """A comma-separated list of known names, each once (--variants, --bn-positions, compare.bench's lists)."""
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in items if s not in choices]
     if bad or not items:
@@ -137,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from_args(args) -> list:
-    variants = _list(args.variants, "variant", VARIANTS)
-    positions = _list(args.bn_positions, "BN position", BN_POSITIONS)
+    variants = parse_list(args.variants, "variant", VARIANTS)
+    positions = parse_list(args.bn_positions, "BN position", BN_POSITIONS)
     limits = QUICK if args.quick else {}
     out = []
     for variant in variants:

@@ -57,8 +57,9 @@ def test_row_keeps_each_loops_median_and_spread():
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--variants", "scratch,bogus", "--variants: unknown 'bogus'"),
-    ("--executions", "jit", "--executions: unknown 'jit'"),
+    ("--variants", "scratch,bogus", "unknown variant ['bogus']; choose from scratch"),
+    ("--variants", "scratch,scratch", "variant scratch listed twice"),
+    ("--executions", "jit", "unknown execution ['jit']; choose from default"),
     ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
     ("--train-limit", "1000", "leaves no timed step at batch size 256"),
     ("--repeats", "0", "--repeats must be at least 1"),
