@@ -16,7 +16,9 @@ from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 
-from .lenet import BNLeNet, effective_bn, from_keras, make_bn, nchw_to_nhwc, to_keras, trainable_variables, variable
+from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
+
+from .lenet import BNLeNet, effective_bn, make_bn, trainable_variables, variable
 
 
 # tf.function by default: 2.4x (scratch) and 2.7x (built-in) eager at batch 256 (README.md, "Execution modes").
@@ -68,10 +70,10 @@ class TensorFlowBackend(Backend):
     def set_params(self, params):
         check_params(params, self.spec)
         for name, value in params.items():
-            variable(self.model, name).assign(to_keras(name, np.asarray(value, dtype=self.dtype), self.spec))
+            variable(self.model, name).assign(to_channels_last(name, np.asarray(value, dtype=self.dtype), self.spec))
 
     def get_params(self):
-        return {name: from_keras(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
+        return {name: from_channels_last(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
                 for name in parameter_shapes(self.spec)}
 
     def save(self, path):
@@ -169,8 +171,7 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
 
     spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
     layer = make_bn(spec, x.shape[1], dtype)
-    to_last = (lambda a: nchw_to_nhwc(a)) if np.ndim(x) == 4 else (lambda a: np.asarray(a))
-    from_last = (lambda a: a.transpose(0, 3, 1, 2)) if np.ndim(x) == 4 else (lambda a: a)
+    to_last, from_last = nchw_to_nhwc, nhwc_to_nchw
     xt = tf.constant(to_last(x).astype(dtype))
     layer.build(xt.shape)
     names = ("gamma", "beta") + (("running_mean", "running_var") if kind == "scratch"

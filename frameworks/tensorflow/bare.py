@@ -15,9 +15,9 @@ import tensorflow as tf
 
 from common.data import batch_order
 from common.init import init_params
+from common.layout import nchw_to_nhwc
 
 from .backend import TensorFlowBackend
-from .lenet import nchw_to_nhwc
 
 DESCRIPTION = ("bare loop: the step under tf.function (plain eager for eager runs), Keras SGD, tensors on the device, "
                "gather per batch, metrics read once")

@@ -1,12 +1,9 @@
 """BN-LeNet for TensorFlow / Keras 3, built from a ModelSpec. Layout NHWC
 (TensorFlow on CPU cannot run NCHW convolutions or pooling).
 
-Canonical (PyTorch) layout conversions, in to_keras/from_keras:
-- conv kernel (O, I, kh, kw) <-> (kh, kw, I, O);
-- dense kernel (out, in) <-> (in, out);
-- fc1 follows a flatten: NHWC flattens in (H, W, C) order, the canonical layout
-  in (C, H, W), so its input rows are permuted;
-- built-in BN weights are gamma, beta, moving_mean, moving_variance.
+Canonical (PyTorch) parameters are converted by common.layout (conv and dense
+kernels, and fc1's rows: NHWC flattens in (H, W, C) order); built-in BN weights
+are gamma, beta, moving_mean, moving_variance.
 
 Variants: scratch (our BatchNorm), builtin (BatchNormalization(momentum=decay,
 epsilon=eps)), builtin-defaults (BatchNormalization() as constructed:
@@ -15,7 +12,6 @@ bn_training=None)`: bn_training defaults to training; the probe uses
 training=False (no dropout) with bn_training=True.
 """
 import keras
-import numpy as np
 
 from common.init import BN_NAMES, has_bias, layer_shapes
 
@@ -101,31 +97,6 @@ def variable(model, name):
     return block.kernel if suffix == "weight" else block.bias
 
 
-def to_keras(name, value, spec):
-    """Canonical array -> the layout of its Keras variable."""
-    layer, suffix = name.split(".")
-    if suffix != "weight":
-        return value
-    if layer.startswith("conv"):
-        return value.transpose(2, 3, 1, 0)
-    if layer == "fc1":  # rows from (C, H, W) to (H, W, C) flatten order
-        side = spec.flat_side
-        return value.reshape(-1, 16, side, side).transpose(2, 3, 1, 0).reshape(spec.flat_size, -1)
-    return value.T
-
-
-def from_keras(name, value, spec):
-    layer, suffix = name.split(".")
-    if suffix != "weight":
-        return value
-    if layer.startswith("conv"):
-        return value.transpose(3, 2, 0, 1)
-    if layer == "fc1":  # rows from (H, W, C) back to (C, H, W) flatten order
-        side = spec.flat_side
-        return value.reshape(side, side, 16, -1).transpose(3, 2, 0, 1).reshape(-1, spec.flat_size)
-    return value.T
-
-
 def trainable_variables(model):
     """Everything SGD updates: all trainable weights, minus frozen gamma/beta."""
     frozen = set()
@@ -134,6 +105,3 @@ def trainable_variables(model):
             frozen.update({id(bn.gamma), id(bn.beta)})
     return [v for v in model.trainable_variables if id(v) not in frozen]
 
-
-def nchw_to_nhwc(x):
-    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 
 from common.init import init_params
+from common.layout import nchw_to_nhwc
 
 from .backend import TensorFlowBackend
-from .lenet import nchw_to_nhwc
 
 DESCRIPTION = "textbook loop: Keras model.compile + model.fit over in-memory arrays"
 
