@@ -75,7 +75,7 @@ def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, runnin
 class Backend(ABC):
     """One framework's BN-LeNet on one device, built from a RunConfig."""
 
-    name: str = ""  # the registry name: torch, mxnet, tensorflow
+    name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
 
     def __init__(self, config: RunConfig):
         self.config = config

@@ -22,6 +22,7 @@ FRAMEWORKS = {
     "torch": FrameworkInfo("torch", "torch", "torch", "PyTorch"),
     "mxnet": FrameworkInfo("mxnet", "mxnet", "mxnet", "MXNet Gluon"),
     "tensorflow": FrameworkInfo("tensorflow", "tensorflow", "tensorflow", "TensorFlow/Keras"),
+    "jax": FrameworkInfo("jax", "flax", "jax", "JAX/Flax"),  # flax imports jax: one proves both
 }
 
 

@@ -17,6 +17,11 @@ BUILTIN = {
               "decay_dtype": "float32"},
     "tensorflow": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-3),
                    "decay_dtype": "float64"},
+    # Flax (linen) BatchNorm is functional: the forward returns the new statistics (with
+    # mutable=["batch_stats"]). Its batch variance is E[x^2] - E[x]^2 by default
+    # (use_fast_variance=True): tests/test_jax_pitfalls.py measures what that costs.
+    "jax": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-5),
+            "decay_dtype": "float64"},
 }
 
 # What each --execution runs as (describe()["execution"]); "default" is the framework's own choice.
@@ -24,6 +29,7 @@ EXECUTION_NAMES = {
     "torch": {"default": "eager", "compiled": "torch.compile", "eager": "eager"},
     "mxnet": {"default": "hybridized", "compiled": "hybridized", "eager": "imperative"},
     "tensorflow": {"default": "tf.function", "compiled": "tf.function", "eager": "eager"},
+    "jax": {"default": "jax.jit", "compiled": "jax.jit", "eager": "eager"},
 }
 
 # Tolerances of the scratch layer against the float64 reference.
@@ -31,17 +37,17 @@ EXECUTION_NAMES = {
 # Far from zero (mean 1000, std 1, the input of test_scratch_bn_far_from_zero_mean):
 # a float32 input there is only exact to its ulp, 6.1e-5, and each framework
 # accumulates the float32 batch mean in its own order (PyTorch var_mean, MXNet a
-# GEMM with ones, TensorFlow reduce_mean), so the centred values carry that error,
-# scaled by gamma/std. Worst |y error| over 5 input seeds, measured: 7.5e-5
-# PyTorch, 3.0e-4 MXNet, 4.4e-4 TensorFlow; the bounds leave about 1.3x of that.
+# GEMM with ones, TensorFlow reduce_mean, JAX jnp.mean), so the centred values carry
+# that error, scaled by gamma/std. Worst |y error| over 5 input seeds, measured: 7.5e-5
+# PyTorch, 3.0e-4 MXNet, 4.4e-4 TensorFlow, 4.4e-4 JAX; the bounds leave about 1.3x of that.
 # That figure cannot tell the formulas apart: TensorFlow's fused
 # x * inv + (beta - mean * inv) measured 4.8e-4 in the TensorFlow scratch layer.
 # What does tell them apart is the error left within a channel once a per-channel
 # offset and scale are fitted out (test_scratch_bn_centres_before_scaling): all
-# three layers compute (x - mean) * inv_std, measured at most 3.8e-7 over the same
+# four layers compute (x - mean) * inv_std, measured at most 3.8e-7 over the same
 # 5 seeds; the fused form rounds x * inv (about 1000) in every element, about
 # 6.5e-5 (measured in a float32 numpy copy of each form).
 FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
-FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 4e-4, "tensorflow": 6e-4}
+FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 4e-4, "tensorflow": 6e-4, "jax": 6e-4}
 CENTRED_RESIDUAL = 2e-6

@@ -44,8 +44,8 @@ def test_round_trip_hash_and_equality():
 
 
 def test_unknown_framework_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown framework 'jax'"):
-        parse_frameworks("torch,jax")
+    with pytest.raises(ConfigError, match="unknown framework 'paddle'"):
+        parse_frameworks("torch,paddle")
     with pytest.raises(ConfigError, match="unknown framework"):
         load_backend_module("caffe")
 

@@ -80,7 +80,7 @@ def test_a_broken_framework_costs_only_its_rows(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--frameworks", "torch,jax"], "unknown framework 'jax'"),
+    (["--frameworks", "torch,paddle"], "unknown framework 'paddle'"),
     (["--variants", "fancy"], "unknown variant"),
     (["--seeds", "a"], "--seeds takes comma-separated integers"),
     (["--lr", "-1"], "lr must be a positive"),

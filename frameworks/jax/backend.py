@@ -1,0 +1,250 @@
+"""JAX / Flax backend: common.interface.Backend over BNLeNet (NHWC).
+
+State is explicit: `self.variables` is Flax's {"params", "batch_stats"} and every
+step returns a new one; nothing is mutated in place, so evaluate, predict and the
+probe cannot change state by construction (the probe's train-mode forward returns
+new running statistics, which it drops). The mode is an argument of every forward:
+train_step runs training=True with "batch_stats" mutable; evaluate/predict run
+training=False; the probe runs training=False (no dropout), bn_training=True.
+
+Execution: compiled (the default) = the whole step, gather of the batch, forward,
+loss, gradient, SGD update and running-statistics update, under one `jax.jit`, the
+variables donated to it on a GPU (their buffers are reused for the result); eager =
+the same functions un-jitted, op by op (slow; for parity). float64 runs switch on
+`jax_enable_x64` here, and nowhere else; every array's dtype is explicit, so a float32
+run computes the same with the flag on or off.
+"""
+import os
+import platform
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from common.errors import BackendUnavailable
+from common.init import check_params, init_params, is_trainable
+from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
+from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
+
+from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_bn, mode_kwargs, variable_paths
+
+# The jitted step by default: eager JAX dispatches every op from Python (README.md, "Execution modes").
+DEFAULT_EXECUTION = "compiled"
+# XLA's GPU reductions may use atomics, whose order varies between runs; this flag makes them
+# deterministic (it must be set before the GPU backend starts; the CPU ignores it).
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def enable_float64(dtype):
+    """float64 runs need jax_enable_x64 (without it JAX silently computes in float32)."""
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
+
+def resolve_device(requested):
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_FLAG.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this jaxlib, or no GPU
+        gpus = []
+    if requested == "gpu" and not gpus:
+        raise BackendUnavailable(
+            f"--device gpu asked for, but this JAX ({jax.__version__}) sees no GPU; use --device cpu or auto, "
+            "or install a CUDA build of JAX (pip install 'jax[cuda13]') on a machine with an NVIDIA driver")
+    return gpus[0] if requested in ("gpu", "auto") and gpus else jax.devices("cpu")[0]
+
+
+def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy with integer labels."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+
+
+def loss_and_correct(logits, labels):
+    losses = cross_entropy(logits, labels)
+    correct = jnp.sum(jnp.argmax(logits, axis=1) == labels).astype(logits.dtype)
+    return losses, correct
+
+
+class JaxBackend(Backend):
+    name = "jax"
+
+    def __init__(self, config):
+        super().__init__(config)
+        enable_float64(config.dtype)
+        self.device = resolve_device(config.device)
+        self.dtype = config.dtype
+        self.spec = config.model
+        self.model = BNLeNet(config.model, dtype=config.dtype)
+        self.paths = variable_paths(config.model)
+        self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
+        self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
+        self.steps_done = 0  # folded into the dropout key: a new mask every step
+        self.variables = None
+        self.set_params(init_params(config.model, config.seed, config.dtype))
+        step = self.make_step(self.model, config.lr, self.trainable_mask())
+        if self.compiled:
+            # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
+            self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
+            self._forward, self._probe, self._logits = (jax.jit(f) for f in (self._forward_impl, self._probe_impl,
+                                                                              self._logits_impl))
+        else:
+            self._step, self._forward, self._probe, self._logits = (step, self._forward_impl, self._probe_impl,
+                                                                    self._logits_impl)
+
+    def make_step(self, model, lr, mask):
+        """The whole training step as one pure function of (variables, images, labels, order, step, count)."""
+        dropout = self.spec.dropout > 0
+        base_key = self.dropout_key
+
+        def step(variables, images, labels, order, index, count):
+            batch = order[index]
+            x, y = jnp.take(images, batch, axis=0), jnp.take(labels, batch, axis=0)
+            rngs = {"dropout": jax.random.fold_in(base_key, count)} if dropout else {}
+            stats = variables.get("batch_stats", {})
+
+            def loss_fn(params):
+                logits, updates = model.apply({"params": params, "batch_stats": stats}, x, training=True,
+                                              mutable=["batch_stats"], rngs=rngs)
+                losses, correct = loss_and_correct(logits, y)
+                return jnp.mean(losses), (updates.get("batch_stats", {}), jnp.sum(losses), correct)
+
+            grads, (new_stats, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+            params = {module: {leaf: value - lr * grads[module][leaf] if mask[module][leaf] else value
+                               for leaf, value in leaves.items()}
+                      for module, leaves in variables["params"].items()}
+            new = {"params": params, "batch_stats": new_stats} if stats else {"params": params}
+            return new, jnp.stack([loss_sum, correct])
+
+        return step
+
+    def trainable_mask(self):
+        """{module: {leaf: bool}} over the params: frozen gamma/beta stay as they are."""
+        mask = {}
+        for name, (collection, module, leaf) in self.paths.items():
+            if collection == "params":
+                mask.setdefault(module, {})[leaf] = is_trainable(name, self.spec)
+        return mask
+
+    def describe(self):
+        decay, epsilon = effective_bn(self.spec)
+        if self.device.platform == "cpu":
+            device_name = f"CPU ({platform.processor() or platform.machine()})"
+        else:
+            device_name = self.device.device_kind
+        return {"framework": "jax", "version": f"{jax.__version__} (flax {flax.__version__})",
+                "device": "cpu" if self.device.platform == "cpu" else "gpu", "device_name": device_name,
+                "execution": "jax.jit" if self.compiled else "eager",
+                "bn_decay": None if decay is None else float(decay),
+                "bn_epsilon": None if epsilon is None else float(epsilon), "dtype": self.dtype}
+
+    # parameters ---------------------------------------------------------------
+    def set_params(self, params):
+        check_params(params, self.spec)
+        variables = {}
+        for name, (collection, module, leaf) in self.paths.items():
+            value = to_channels_last(name, np.asarray(params[name], dtype=self.dtype), self.spec)
+            variables.setdefault(collection, {}).setdefault(module, {})[leaf] = jax.device_put(value, self.device)
+        self.variables = variables
+
+    def get_params(self):
+        return {name: from_channels_last(name, np.asarray(self.variables[c][m][leaf]), self.spec).astype(self.dtype)
+                for name, (c, m, leaf) in self.paths.items()}
+
+    def save(self, path):
+        """Flax's own serialisation (msgpack) of the variables, running statistics included."""
+        with open(path if path.endswith(".msgpack") else path + ".msgpack", "wb") as f:
+            f.write(serialization.to_bytes(self.variables))
+
+    def load(self, path):
+        with open(path if path.endswith(".msgpack") else path + ".msgpack", "rb") as f:
+            restored = serialization.from_bytes(self.variables, f.read())
+        self.variables = jax.device_put(restored, self.device)
+
+    # data ---------------------------------------------------------------------
+    def put(self, images, labels):
+        return (jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device),
+                jax.device_put(np.asarray(labels, dtype=np.int32), self.device))
+
+    def put_order(self, order):
+        return jax.device_put(np.asarray(order, dtype=np.int32), self.device)
+
+    # work ---------------------------------------------------------------------
+    def train_step(self, data, order, step):
+        self.variables, stats = self._step(self.variables, data[0], data[1], order, step, self.steps_done)
+        self.steps_done += 1
+        return stats
+
+    def reduce_stats(self, stats):
+        return np.asarray(jnp.sum(jnp.stack(stats), axis=0), dtype=np.float64)
+
+    def _logits_impl(self, variables, x):
+        return self.model.apply(variables, x, training=False)
+
+    def _forward_impl(self, variables, x, y):
+        losses, correct = loss_and_correct(self._logits_impl(variables, x), y)
+        return jnp.stack([jnp.sum(losses), correct])
+
+    def evaluate(self, data, batch_size):
+        images, labels = data
+        totals = [self._forward(self.variables, images[s:s + batch_size], labels[s:s + batch_size])
+                  for s in range(0, int(labels.shape[0]), batch_size)]
+        return self.reduce_stats(totals)
+
+    def predict(self, images):
+        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
+        return np.asarray(self._logits(self.variables, x))
+
+    def _probe_impl(self, variables, x):
+        logits_eval = self.model.apply(variables, x, training=False)
+        # the new running statistics this returns are dropped: the probe changes no state
+        logits_train, state = self.model.apply(variables, x, training=False, bn_training=True,
+                                               mutable=["batch_stats", "intermediates"])
+        return logits_eval, logits_train, state.get("intermediates", {})
+
+    def probe(self, images):
+        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
+        logits_eval, logits_train, inputs = self._probe(self.variables, x)
+        stats = {}
+        for name in sorted({m for c, m, _ in self.paths.values() if c == "batch_stats"}):
+            mean, var = (np.asarray(self.variables[c][m][leaf])
+                         for c, m, leaf in (self.paths[f"{name}.running_mean"], self.paths[f"{name}.running_var"]))
+            stats[name] = bn_probe_stats(np.asarray(inputs[f"{name}_input"][0]), -1, mean, var)  # channels last
+        return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
+
+    def synchronize(self):
+        jax.block_until_ready(self.variables)
+
+
+BACKEND = JaxBackend  # what common.registry hands to the loop
+
+
+def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
+    """See common.interface: one BN layer's forward and backward, numpy in and out (NCHW in, NCHW out)."""
+    from common.config import ModelSpec
+
+    enable_float64(dtype)
+    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
+    layer = make_bn(spec, x.shape[1], dtype)
+    leaves = SCRATCH_LEAVES if kind == "scratch" else FLAX_LEAVES
+    arrays = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    variables = {}
+    for canonical, (collection, leaf) in leaves.items():
+        variables.setdefault(collection, {})[leaf] = jnp.asarray(np.asarray(arrays[canonical], dtype=dtype))
+    xt, dyt = (jnp.asarray(nchw_to_nhwc(a).astype(dtype)) for a in (x, dy))
+
+    def forward(x, params):
+        return layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           mutable=["batch_stats"], **mode_kwargs(layer, training))
+
+    y, backward, updates = jax.vjp(forward, xt, variables["params"], has_aux=True)
+    dx, dparams = backward(dyt)
+    stats = [np.asarray(updates["batch_stats"][leaves[s][1]]) for s in ("running_mean", "running_var")]
+    # functional: the forward returns the new running statistics; the backward cannot change them
+    return BNResult(y=nhwc_to_nchw(np.asarray(y)), dx=nhwc_to_nchw(np.asarray(dx)),
+                    dgamma=np.asarray(dparams[leaves["gamma"][1]]), dbeta=np.asarray(dparams[leaves["beta"][1]]),
+                    mean_after_forward=stats[0], var_after_forward=stats[1],
+                    mean_after_backward=stats[0], var_after_backward=stats[1])

@@ -1,0 +1,106 @@
+"""BN-LeNet for JAX / Flax (linen), built from a ModelSpec. Layout NHWC: the convs run
+`lax.conv_general_dilated` with dimension numbers (NHWC, HWIO, NHWC), JAX/XLA's natural
+layout on a GPU; images are transposed from the canonical NCHW once, when they are put
+on the device.
+
+Canonical (PyTorch) parameters are converted by common.layout (conv kernel
+(O, I, kh, kw) <-> (kh, kw, I, O), dense (out, in) <-> (in, out), fc1's rows between
+(C, H, W) and (H, W, C) flatten order). `variables` is Flax's
+{"params": ..., "batch_stats": ...}; `variable_paths` says where each canonical array lives.
+
+Variants: scratch (our BatchNorm), builtin (flax.linen.BatchNorm(momentum=decay,
+epsilon=eps): Flax's momentum weights the old running value, like our decay),
+builtin-defaults (flax.linen.BatchNorm() as constructed: momentum 0.99, epsilon 1e-5),
+none. `model.apply(variables, x, training=..., bn_training=None)`: bn_training
+defaults to training (dropout follows `training`); the probe uses training=False,
+bn_training=True. Each BN layer's input is sown into the "intermediates" collection
+(a no-op unless the caller makes that collection mutable, as the probe does).
+"""
+from flax import linen as nn
+
+from common.config import ModelSpec
+from common.init import BN_NAMES, has_bias, layer_shapes, parameter_shapes
+
+from .batchnorm import BatchNorm
+
+# canonical BN suffix -> (collection, leaf) for our layer and for Flax's
+SCRATCH_LEAVES = {"gamma": ("params", "gamma"), "beta": ("params", "beta"),
+                  "running_mean": ("batch_stats", "running_mean"), "running_var": ("batch_stats", "running_var")}
+FLAX_LEAVES = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
+               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def make_bn(spec, num_features, dtype, name=None):
+    if spec.variant == "scratch":
+        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=dtype, name=name)
+    if spec.variant == "builtin":
+        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.BatchNorm(dtype=dtype, param_dtype=dtype, name=name)  # builtin-defaults
+
+
+def effective_bn(spec):
+    """(decay, epsilon) the BN layers really use."""
+    if not spec.has_bn:
+        return None, None
+    if spec.variant == "builtin-defaults":
+        layer = nn.BatchNorm()
+        return layer.momentum, layer.epsilon
+    return spec.decay, spec.epsilon
+
+
+def mode_kwargs(layer, training):
+    """Our layer takes `training`; Flax's takes `use_running_average`, its inverse."""
+    return {"training": training} if isinstance(layer, BatchNorm) else {"use_running_average": not training}
+
+
+class BNLeNet(nn.Module):
+    spec: ModelSpec
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, *, training, bn_training=None):
+        spec, dtype = self.spec, self.dtype
+        bn_training = training if bn_training is None else bn_training
+        act = nn.sigmoid if spec.activation == "sigmoid" else nn.relu
+        pool = nn.avg_pool if spec.pooling == "avg" else nn.max_pool
+        shapes = layer_shapes(spec)
+
+        def block(layer, h):
+            if layer.startswith("conv"):
+                h = nn.Conv(shapes[layer][0], shapes[layer][2:], padding="VALID", use_bias=has_bias(spec, layer),
+                            dtype=dtype, param_dtype=dtype, name=layer)(h)
+            else:
+                h = nn.Dense(shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=dtype,
+                             name=layer)(h)
+            if layer not in BN_NAMES or not spec.bn_at(layer):
+                return h if layer not in BN_NAMES else act(h)
+            name = BN_NAMES[layer]
+            bn = make_bn(spec, shapes[layer][0], dtype, name=name)
+            before = spec.bn_placement == "before_activation"
+            if not before:
+                h = act(h)
+            self.sow("intermediates", f"{name}_input", h)
+            h = bn(h, **mode_kwargs(bn, bn_training))
+            return act(h) if before else h
+
+        h = pool(block("conv1", x), (2, 2), strides=(2, 2))
+        h = pool(block("conv2", h), (2, 2), strides=(2, 2))
+        h = h.reshape(h.shape[0], -1)  # (H, W, C) order: common.layout permutes fc1's rows
+        for layer in ("fc1", "fc2"):
+            h = block(layer, h)
+            if spec.dropout:
+                h = nn.Dropout(spec.dropout, deterministic=not training)(h)
+        return block("fc3", h)
+
+
+def variable_paths(spec):
+    """Canonical name -> (collection, module, leaf) in Flax's variables."""
+    leaves = SCRATCH_LEAVES if spec.variant == "scratch" else FLAX_LEAVES
+    paths = {}
+    for name in parameter_shapes(spec):
+        layer, suffix = name.split(".")
+        if layer.startswith("bn"):
+            paths[name] = (leaves[suffix][0], layer, leaves[suffix][1])
+        else:
+            paths[name] = ("params", layer, "kernel" if suffix == "weight" else "bias")
+    return paths
