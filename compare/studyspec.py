@@ -2,7 +2,7 @@
 
     question = "How large can the learning rate go with and without BN?"
     about = "optional: more words, shown under the question"
-    frameworks = ["torch", "mxnet", "tensorflow"]   # default: all
+    frameworks = ["torch", "mxnet", "tensorflow", "jax"]   # default: all
     variants = ["scratch", "none"]                  # default: ["scratch"]
     seeds = [0, 1, 2]                               # default: [0, 1, 2]
 
