@@ -20,10 +20,11 @@ POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
-# default = the framework's own choice (PyTorch eager, Gluon hybridized, TensorFlow tf.function: README.md
-# "Execution modes" gives the measurements behind each); compiled = torch.compile / hybridized Gluon /
-# tf.function; eager = PyTorch eager, imperative Gluon, TensorFlow eager.
-EXECUTIONS = ("default", "compiled", "eager")
+# default = the framework's own choice (README.md "Execution modes" gives the measurements behind each);
+# compiled = torch.compile / hybridized Gluon / tf.function / jax.jit; eager = op by op everywhere;
+# xla = compiled by XLA: TensorFlow's tf.function(jit_compile=True), JAX's jax.jit (what compiled is there);
+# PyTorch and MXNet have no XLA mode (their backends refuse it with the modes they have).
+EXECUTIONS = ("default", "compiled", "eager", "xla")
 
 
 def _check(condition: bool, message: str) -> None:

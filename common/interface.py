@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import RunConfig
+from .errors import BackendUnavailable
 
 
 @dataclass
@@ -57,9 +58,14 @@ class BNResult:
 #       input raises ValueError, as the layer does.
 
 
-def resolve_execution(config: RunConfig, default: str) -> str:
-    """compiled or eager: what the run asked for, or the framework's default for "default"."""
-    return default if config.execution == "default" else config.execution
+def resolve_execution(config: RunConfig, default: str, supported=("compiled", "eager")) -> str:
+    """What the run asked for, or the framework's default for "default"; a mode the framework does not
+    have (`supported`) is BackendUnavailable, naming the ones it has."""
+    mode = default if config.execution == "default" else config.execution
+    if mode not in supported:
+        raise BackendUnavailable(f"--execution {mode} is not a mode of this framework; it has "
+                                 f"{', '.join(('default',) + tuple(supported))} (README.md, \"Execution modes\")")
+    return mode
 
 
 def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:

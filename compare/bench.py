@@ -174,22 +174,25 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def bench_framework(framework: str, python: str, job: dict, emit) -> int:
-    """Run one framework's worker; emit(row) per finished cell. Returns the worker's exit code."""
+def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
+    """Run one framework's worker; emit(row) per finished cell. Returns (the worker's exit code, the number
+    of cells it skipped: a mode the framework does not have, said on stderr)."""
+    skipped = 0
     with tempfile.TemporaryFile("w+") as log:
         proc = start_worker(python, job, log, None)
         try:
             for record in worker_records(proc, log):
                 if record.get("kind") == "bench":
                     emit(record)
-                elif record.get("kind") == "bench_repeat":
+                elif record.get("kind") in ("bench_repeat", "bench_skipped"):
+                    skipped += record["kind"] == "bench_skipped"
                     print(f"  {record['message']}", file=sys.stderr, flush=True)
         finally:
             code = proc.wait()
         if code != 0:
             log.seek(0)
             print(f"[{framework}] benchmark failed (exit {code}):\n{log.read()[-3000:]}", file=sys.stderr)
-    return code
+    return code, skipped
 
 
 def main(argv=None) -> int:
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
                "train_limit": args.train_limit, "device": args.device, "data_dir": data_dir,
                "verify": not args.no_verify_data}
         before = len(rows)
-        if bench_framework(framework, python, job, emit) != 0 or len(rows) - before < len(cells):
+        code, skipped = bench_framework(framework, python, job, emit)
+        if code != 0 or len(rows) - before + skipped < len(cells):
             status = 1
     if not rows:
         print("error: no benchmark cell finished; nothing written", file=sys.stderr)

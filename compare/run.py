@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto = the GPU when the framework sees one; gpu without one is an error")
     g.add_argument("--execution", choices=EXECUTIONS, default=d.execution,
-                   help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow tf.function); "
-                        "compiled = torch.compile / hybridized / tf.function; eager = imperative everywhere")
+                   help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow XLA, JAX jax.jit); "
+                        "compiled = torch.compile / hybridized / tf.function / jax.jit; eager = op by op everywhere; "
+                        "xla = TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="first steps of each epoch, timed apart from the throughput figure")
     g.add_argument("--train-limit", type=int, default=None, help="use the first N training images (0 = all)")

@@ -23,7 +23,7 @@ import numpy as np
 from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
-from common.errors import BNCompareError
+from common.errors import BackendUnavailable, BNCompareError
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
 
@@ -86,6 +86,12 @@ def bench(job: dict) -> int:
         measure = {"suite": suite, "bare": lambda: loops["bare"].epoch(config, dataset)[0],
                    "textbook": lambda: loops["textbook"].examples_per_second(config, dataset)}
         figures = {name: [] for name in LOOPS}
+        try:
+            module.BACKEND(config)  # a mode this framework lacks (or cannot run here) skips the cell, not the rest
+        except BackendUnavailable as exc:
+            send({"kind": "bench_skipped", "message": f"{framework} {config.model.variant} {config.execution} batch "
+                  f"{config.batch_size} skipped: {exc}"})
+            continue
         for r in range(job["repeats"]):
             for name in LOOPS[r % 3:] + LOOPS[:r % 3]:
                 figures[name].append(measure[name]())

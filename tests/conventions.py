@@ -24,12 +24,14 @@ BUILTIN = {
             "decay_dtype": "float64"},
 }
 
-# What each --execution runs as (describe()["execution"]); "default" is the framework's own choice.
+# What each --execution runs as (describe()["execution"]); "default" is the framework's own choice;
+# None: the framework has no such mode and refuses it.
 EXECUTION_NAMES = {
-    "torch": {"default": "eager", "compiled": "torch.compile", "eager": "eager"},
-    "mxnet": {"default": "hybridized", "compiled": "hybridized", "eager": "imperative"},
-    "tensorflow": {"default": "tf.function", "compiled": "tf.function", "eager": "eager"},
-    "jax": {"default": "jax.jit", "compiled": "jax.jit", "eager": "eager"},
+    "torch": {"default": "eager", "compiled": "torch.compile", "eager": "eager", "xla": None},
+    "mxnet": {"default": "hybridized", "compiled": "hybridized", "eager": "imperative", "xla": None},
+    "tensorflow": {"default": "tf.function(jit_compile=True)", "compiled": "tf.function", "eager": "eager",
+                   "xla": "tf.function(jit_compile=True)"},
+    "jax": {"default": "jax.jit", "compiled": "jax.jit", "eager": "eager", "xla": "jax.jit"},
 }
 
 # Tolerances of the scratch layer against the float64 reference.

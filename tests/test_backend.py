@@ -313,11 +313,11 @@ def test_nan_input_is_reported(fw, framework, tmp_path):
 
 
 def test_execution_modes_train_the_same(fw, framework, tmp_path):
-    """--execution eager and compiled: the same per-step float64 losses, evaluation and probe."""
+    """Every --execution the framework has: the same per-step float64 losses, evaluation and probe as eager."""
     make_idx_dir(tmp_path, 320, 64)
     ds = load_fashion_mnist(tmp_path, verify=False, dtype="float64")
     runs = {}
-    for execution in EXECUTIONS:
+    for execution in (e for e in EXECUTIONS if EXECUTION_NAMES[framework][e] is not None):
         config = RunConfig(epochs=2, batch_size=32, lr=0.5, dtype="float64", device="cpu", probe_size=16,
                            trace_steps=10, execution=execution)
         got = []
@@ -325,12 +325,24 @@ def test_execution_modes_train_the_same(fw, framework, tmp_path):
         assert got[0]["backend"]["execution"] == EXECUTION_NAMES[framework][execution], \
             f"{framework} --execution {execution} runs as {got[0]['backend']['execution']}"
         runs[execution] = [r for r in got if r["kind"] == "epoch"]
-    for eager, compiled in zip(runs["eager"], runs["compiled"]):
-        np.testing.assert_allclose(compiled["step_losses"], eager["step_losses"], rtol=1e-10, atol=0,
-                                   err_msg=f"{framework} compiled vs eager per-step losses, epoch {eager['epoch']}")
-        for key in ("train_loss", "test_loss", "probe_logit_mad"):
-            np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-10,
-                                       err_msg=f"{framework} compiled vs eager {key}, epoch {eager['epoch']}")
+    for execution, epochs in runs.items():
+        for eager, compiled in zip(runs["eager"], epochs):
+            np.testing.assert_allclose(compiled["step_losses"], eager["step_losses"], rtol=1e-10, atol=0,
+                                       err_msg=f"{framework} {execution} vs eager per-step losses, epoch {eager['epoch']}")
+            for key in ("train_loss", "test_loss", "probe_logit_mad"):
+                np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-10,
+                                           err_msg=f"{framework} {execution} vs eager {key}, epoch {eager['epoch']}")
+
+
+def test_a_mode_the_framework_lacks_is_a_clear_error(fw, framework):
+    missing = [e for e, name in EXECUTION_NAMES[framework].items() if name is None]
+    for execution in missing:
+        with pytest.raises(BackendUnavailable, match=f"--execution {execution} is not a mode of this framework; "
+                                                     f"it has default, compiled, eager"):
+            backend_for(fw, ModelSpec(), execution=execution)
+    if not missing:  # every mode exists: each one builds and says what it runs as
+        for execution, name in EXECUTION_NAMES[framework].items():
+            assert backend_for(fw, ModelSpec(), execution=execution).describe()["execution"] == name
 
 
 def test_compiled_run_repeats_bit_for_bit(fw, framework, tmp_path):

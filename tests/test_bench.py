@@ -18,6 +18,7 @@ from common.data import load_fashion_mnist
 from common.loop import run as run_loop
 from common.registry import load_backend_module
 from compare.bench import COLUMNS, main as bench_main, median_interval, paired_ratio, row
+from tests.conventions import EXECUTION_NAMES
 from tests.helpers import make_idx_dir
 
 
@@ -96,6 +97,24 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
            "| first step s |" in text
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} scratch" in captured.out and f"{framework:>10} none" in captured.out
+
+
+def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, capsys):
+    """--executions eager,xla: a framework without XLA (PyTorch, MXNet) says so for the xla cell and still
+    benchmarks eager; one with it benchmarks both."""
+    data = make_idx_dir(tmp_path / "data", 384, 100)
+    out = tmp_path / "bench"
+    code = bench_main(["--frameworks", framework, "--variants", "none", "--executions", "eager,xla", "--repeats", "1",
+                       "--batch-sizes", "64", "--train-limit", "384", "--device", "cpu", "--data-dir", str(data),
+                       "--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    executions = list(pd.read_csv(out / "bench.csv")["execution"])
+    if EXECUTION_NAMES[framework]["xla"] is None:
+        assert executions == ["eager"]
+        assert f"{framework} none xla batch 64 skipped: --execution xla is not a mode of this framework" in captured.err
+    else:
+        assert executions == ["eager", "xla"] and "skipped" not in captured.err
 
 
 @pytest.mark.parametrize("variant", ["scratch", "builtin"])

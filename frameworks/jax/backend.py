@@ -80,7 +80,8 @@ class JaxBackend(Backend):
         self.spec = config.model
         self.model = BNLeNet(config.model, dtype=config.dtype)
         self.paths = variable_paths(config.model)
-        self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
+        # XLA is JAX's only compiler: --execution xla is the jitted step too
+        self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
         self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
         self.steps_done = 0  # folded into the dropout key: a new mask every step
         self.variables = None

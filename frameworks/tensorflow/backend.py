@@ -4,8 +4,10 @@ Training mode is passed at every call: train_step calls the model with
 training=True; evaluate/predict with training=False; the probe with
 training=False, bn_training=True, and restores the running statistics
 afterwards. Images arrive as canonical NCHW numpy and are transposed to NHWC
-once, when they are put on the device. Execution: the step and the eval
-forward are tf.function-compiled unless the run asks for eager.
+once, when they are put on the device. Execution: xla (the default) compiles
+the update step and the eval forward with XLA (`tf.function(jit_compile=True)`),
+the batch gathered by a plain tf.function before it; compiled = tf.function
+for the whole step; eager = neither.
 """
 import platform
 
@@ -21,8 +23,10 @@ from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_cha
 from .lenet import BNLeNet, effective_bn, make_bn, trainable_variables, variable
 
 
-# tf.function by default: 2.4x (scratch) and 2.7x (built-in) eager at batch 256 (README.md, "Execution modes").
-DEFAULT_EXECUTION = "compiled"
+# XLA by default: 1.9x tf.function, which is 2.4x (scratch) and 2.7x (built-in) eager, at batch 256 on the
+# CPU (README.md, "Execution modes").
+DEFAULT_EXECUTION = "xla"
+EXECUTION_NAMES = {"compiled": "tf.function", "xla": "tf.function(jit_compile=True)", "eager": "eager"}
 
 
 def resolve_device(requested):
@@ -49,10 +53,17 @@ class TensorFlowBackend(Backend):
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)
-        self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
-        wrap = tf.function if self.compiled else (lambda f: f)
-        self._step = wrap(self._step_impl)
-        self._forward = wrap(self._forward_impl)
+        self.execution = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla"))
+        if self.execution == "xla":
+            # the batch gather stays outside the XLA computation: inside it, XLA on the CPU ran the
+            # step at ~110 examples/s (README.md, "Execution modes")
+            self._gather = tf.function(self._gather_impl)
+            self._update = tf.function(self._update_impl, jit_compile=True)
+            self._forward = tf.function(self._forward_impl, jit_compile=True)
+        else:
+            wrap = tf.function if self.execution == "compiled" else (lambda f: f)
+            self._step = wrap(self._step_impl)
+            self._forward = wrap(self._forward_impl)
 
     def describe(self):
         decay, epsilon = effective_bn(self.spec)
@@ -63,7 +74,7 @@ class TensorFlowBackend(Backend):
             device_name = f"CPU ({platform.processor() or platform.machine()})"
         return {"framework": "tensorflow", "version": tf.__version__,
                 "device": "gpu" if self.device.startswith("/GPU") else "cpu", "device_name": device_name,
-                "execution": "tf.function" if self.compiled else "eager",
+                "execution": EXECUTION_NAMES[self.execution],
                 "bn_decay": None if decay is None else float(decay),
                 "bn_epsilon": None if epsilon is None else float(epsilon), "dtype": self.dtype}
 
@@ -90,9 +101,14 @@ class TensorFlowBackend(Backend):
         with tf.device(self.device):
             return tf.constant(order, dtype=tf.int32)
 
-    def _step_impl(self, images, labels, order, step):
+    def _gather_impl(self, images, labels, order, step):
         index = order[step]
-        x, y = tf.gather(images, index), tf.gather(labels, index)
+        return tf.gather(images, index), tf.gather(labels, index)
+
+    def _step_impl(self, images, labels, order, step):
+        return self._update_impl(*self._gather_impl(images, labels, order, step))
+
+    def _update_impl(self, x, y):
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
@@ -105,7 +121,10 @@ class TensorFlowBackend(Backend):
 
     def train_step(self, data, order, step):
         with tf.device(self.device):
-            return self._step(data[0], data[1], order, tf.constant(step, dtype=tf.int32))
+            step = tf.constant(step, dtype=tf.int32)
+            if self.execution == "xla":
+                return self._update(*self._gather(data[0], data[1], order, step))
+            return self._step(data[0], data[1], order, step)
 
     def reduce_stats(self, stats):
         return tf.add_n(stats).numpy().astype(np.float64)

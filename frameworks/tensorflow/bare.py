@@ -1,7 +1,8 @@
 """The bare TensorFlow loop: the fastest plain loop a practitioner would write, for the benchmark.
 
 A custom training loop as TensorFlow's guide writes it: the same BN-LeNet,
-a train step under `tf.function` (eager when the run asks for eager) with
+a train step under `tf.function` (under `jit_compile=True` for XLA runs, the batch
+gathered before it; eager when the run asks for eager) with
 `tf.GradientTape` and `keras.optimizers.SGD.apply_gradients`, the whole split
 already a tensor on the device and `tf.gather` of each batch inside the step
 (the suite's batch order, so the work is the same). The epoch's loss sum and
@@ -19,7 +20,7 @@ from common.layout import nchw_to_nhwc
 
 from .backend import TensorFlowBackend
 
-DESCRIPTION = ("bare loop: the step under tf.function (plain eager for eager runs), Keras SGD, tensors on the device, "
+DESCRIPTION = ("bare loop: the step under tf.function (XLA: jit_compile; eager runs: plain eager), Keras SGD, tensors on the device, "
                "gather per batch, metrics read once")
 
 
@@ -39,8 +40,10 @@ def epoch(config, dataset, warmup_steps=5):
     optimizer = keras.optimizers.SGD(learning_rate=config.lr)
     variables = backend.trainable
 
-    def step(i):
-        x, y = tf.gather(images, indices[i]), tf.gather(labels, indices[i])
+    def batch(i):
+        return tf.gather(images, indices[i]), tf.gather(labels, indices[i])
+
+    def update(x, y):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
@@ -48,7 +51,14 @@ def epoch(config, dataset, warmup_steps=5):
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y), loss.dtype))
         totals.assign_add(tf.stack([loss, correct]))
 
-    step = tf.function(step) if backend.compiled else step  # as the suite runs it
+    # as the suite runs it: XLA for the update only (the gather outside it), tf.function, or eager
+    if backend.execution == "xla":
+        batch, update = tf.function(batch), tf.function(update, jit_compile=True)
+
+    def step(i):
+        return update(*batch(i))
+
+    step = tf.function(step) if backend.execution == "compiled" else step
     warm = min(warmup_steps, len(order) - 1)
     with tf.device(backend.device):
         for i in range(len(order)):
