@@ -11,8 +11,9 @@ Execution: compiled (the default) = the whole step, gather of the batch, forward
 loss, gradient, SGD update and running-statistics update, under one `jax.jit`, the
 variables donated to it on a GPU (their buffers are reused for the result); eager =
 the same functions un-jitted, op by op (slow; for parity). float64 runs switch on
-`jax_enable_x64` here, and nowhere else; every array's dtype is explicit, so a float32
-run computes the same with the flag on or off.
+`jax_enable_x64` here, and nowhere else; every array's dtype is explicit (parameters and
+images in the run's dtype, labels and batch indices int32), so a float32 run's arrays stay
+float32 with the flag on.
 """
 import os
 import platform
@@ -24,7 +25,7 @@ import numpy as np
 from flax import serialization
 
 from common.errors import BackendUnavailable
-from common.init import check_params, init_params, is_trainable
+from common.init import bn_layers, check_params, init_params, is_trainable
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
@@ -84,9 +85,8 @@ class JaxBackend(Backend):
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
         self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
         self.steps_done = 0  # folded into the dropout key: a new mask every step
-        self.variables = None
         self.set_params(init_params(config.model, config.seed, config.dtype))
-        step = self.make_step(self.model, config.lr, self.trainable_mask())
+        step = self.make_step()
         if self.compiled:
             # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
             self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
@@ -96,8 +96,9 @@ class JaxBackend(Backend):
             self._step, self._forward, self._probe, self._logits = (step, self._forward_impl, self._probe_impl,
                                                                     self._logits_impl)
 
-    def make_step(self, model, lr, mask):
+    def make_step(self):
         """The whole training step as one pure function of (variables, images, labels, order, step, count)."""
+        model, lr, mask = self.model, self.config.lr, self.trainable_mask()
         dropout = self.spec.dropout > 0
         base_key = self.dropout_key
 
@@ -151,9 +152,13 @@ class JaxBackend(Backend):
             variables.setdefault(collection, {}).setdefault(module, {})[leaf] = jax.device_put(value, self.device)
         self.variables = variables
 
+    def _array(self, name):
+        """The numpy value of a canonical name's variable, in Flax's layout."""
+        collection, module, leaf = self.paths[name]
+        return np.asarray(self.variables[collection][module][leaf])
+
     def get_params(self):
-        return {name: from_channels_last(name, np.asarray(self.variables[c][m][leaf]), self.spec).astype(self.dtype)
-                for name, (c, m, leaf) in self.paths.items()}
+        return {name: from_channels_last(name, self._array(name), self.spec).astype(self.dtype) for name in self.paths}
 
     def save(self, path):
         """Flax's own serialisation (msgpack) of the variables, running statistics included."""
@@ -209,11 +214,9 @@ class JaxBackend(Backend):
     def probe(self, images):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
         logits_eval, logits_train, inputs = self._probe(self.variables, x)
-        stats = {}
-        for name in sorted({m for c, m, _ in self.paths.values() if c == "batch_stats"}):
-            mean, var = (np.asarray(self.variables[c][m][leaf])
-                         for c, m, leaf in (self.paths[f"{name}.running_mean"], self.paths[f"{name}.running_var"]))
-            stats[name] = bn_probe_stats(np.asarray(inputs[f"{name}_input"][0]), -1, mean, var)  # channels last
+        stats = {name: bn_probe_stats(np.asarray(inputs[f"{name}_input"][0]), -1,  # channels last
+                                      self._array(f"{name}.running_mean"), self._array(f"{name}.running_var"))
+                 for name in bn_layers(self.spec)}
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
 
     def synchronize(self):

@@ -17,7 +17,6 @@ import tensorflow as tf
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
-
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
 from .lenet import BNLeNet, effective_bn, make_bn, trainable_variables, variable
@@ -57,8 +56,8 @@ class TensorFlowBackend(Backend):
         if self.execution == "xla":
             # the batch gather stays outside the XLA computation: inside it, XLA on the CPU ran the
             # step at ~110 examples/s (README.md, "Execution modes")
-            self._gather = tf.function(self._gather_impl)
-            self._update = tf.function(self._update_impl, jit_compile=True)
+            gather, update = tf.function(self._gather_impl), tf.function(self._update_impl, jit_compile=True)
+            self._step = lambda images, labels, order, step: update(*gather(images, labels, order, step))
             self._forward = tf.function(self._forward_impl, jit_compile=True)
         else:
             wrap = tf.function if self.execution == "compiled" else (lambda f: f)
@@ -121,10 +120,7 @@ class TensorFlowBackend(Backend):
 
     def train_step(self, data, order, step):
         with tf.device(self.device):
-            step = tf.constant(step, dtype=tf.int32)
-            if self.execution == "xla":
-                return self._update(*self._gather(data[0], data[1], order, step))
-            return self._step(data[0], data[1], order, step)
+            return self._step(data[0], data[1], order, tf.constant(step, dtype=tf.int32))
 
     def reduce_stats(self, stats):
         return tf.add_n(stats).numpy().astype(np.float64)
@@ -190,8 +186,7 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
 
     spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
     layer = make_bn(spec, x.shape[1], dtype)
-    to_last, from_last = nchw_to_nhwc, nhwc_to_nchw
-    xt = tf.constant(to_last(x).astype(dtype))
+    xt = tf.constant(nchw_to_nhwc(x).astype(dtype))
     layer.build(xt.shape)
     names = ("gamma", "beta") + (("running_mean", "running_var") if kind == "scratch"
                                  else ("moving_mean", "moving_variance"))
@@ -201,9 +196,9 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
         tape.watch(xt)
         y = layer(xt, training=training)
         after_forward = [getattr(layer, n).numpy().copy() for n in names[2:]]
-        loss = tf.reduce_sum(y * tf.constant(to_last(dy).astype(dtype)))
+        loss = tf.reduce_sum(y * tf.constant(nchw_to_nhwc(dy).astype(dtype)))
     dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names[0]), getattr(layer, names[1])])
-    return BNResult(y=from_last(y.numpy()), dx=from_last(dx.numpy()), dgamma=dgamma.numpy(), dbeta=dbeta.numpy(),
+    return BNResult(y=nhwc_to_nchw(y.numpy()), dx=nhwc_to_nchw(dx.numpy()), dgamma=dgamma.numpy(), dbeta=dbeta.numpy(),
                     mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
                     mean_after_backward=getattr(layer, names[2]).numpy(),
                     var_after_backward=getattr(layer, names[3]).numpy())
