@@ -9,6 +9,7 @@ failure of one configuration becomes an error record and the next one runs.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -62,7 +63,8 @@ LOOPS = ("suite", "bare", "textbook")
 def bench(job: dict) -> int:
     """compare.bench's cells, one at a time: in each, one epoch of the suite's loop, the bare loop
     (frameworks/<fw>/bare.py) and the textbook loop (textbook.py), alternating, `repeats` times;
-    the order of the three rotates each repeat. One record per cell."""
+    the order of the three rotates each repeat, and a garbage collection (untimed) precedes each
+    loop. One record per cell."""
     framework = job["framework"]
     module = load_backend_module(framework)
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
@@ -94,6 +96,7 @@ def bench(job: dict) -> int:
             continue
         for r in range(job["repeats"]):
             for name in LOOPS[r % 3:] + LOOPS[:r % 3]:
+                gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
                 figures[name].append(measure[name]())
             send({"kind": "bench_repeat", "message": f"{framework} {config.model.variant} {config.execution} batch "
                   f"{config.batch_size} repeat {r + 1}: " + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS) + " ex/s"})
