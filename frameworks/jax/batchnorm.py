@@ -31,7 +31,10 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
             raise ValueError(f"training-mode batch_norm needs more than one value per channel, got input shape "
                              f"{tuple(x.shape)}; use a batch of at least 2 or eval mode")
         mean = jnp.mean(x, axis=axes)
-        var = jnp.mean(jnp.square(x - mean), axis=axes)  # biased (1/n)
+        # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
+        # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (the jitted CPU step
+        # ran at 0.92x Flax's layer with it, 0.87x without, measured in one alternating in-process run).
+        var = jnp.mean(jnp.square(x - lax.stop_gradient(mean)), axis=axes)
         # stop_gradient: the running statistics are state, not part of the differentiated function
         new_mean = decay * running_mean + (1.0 - decay) * lax.stop_gradient(mean)
         new_var = decay * running_var + (1.0 - decay) * lax.stop_gradient(var)
