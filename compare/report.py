@@ -20,7 +20,7 @@ from common import records as records_schema
 from common.config import VARIANTS
 from common.registry import FRAMEWORKS
 
-from .stats import seed_stats
+from .stats import clipped, metric_bounds, seed_stats
 
 RUN_INDEX = ["framework", "variant", "seed", "config_id"]
 TABLES = ("epochs", "bn_gap", "drift", "summary", "runs", "errors")
@@ -325,6 +325,23 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
 
 
 # Markdown ----------------------------------------------------------------------
+def interval_text(low, high, column: str, bounds: tuple | None = None) -> str:
+    """A 95% interval as [low, high], clipped to what the metric can be (the tables keep it unclipped)."""
+    low, high = clipped(float(low), float(high), bounds or metric_bounds(column))
+    return f"[{_fmt(low, column)}, {_fmt(high, column)}]"
+
+
+def two_seed_note(frame: pd.DataFrame, what: str) -> str:
+    """A sentence for the rows whose interval rests on two seeds ('' if none)."""
+    ns = [c for c in frame.columns if c.endswith("_n") and f"{c[:-2]}_ci_high" in frame] if not frame.empty else []
+    two = frame[(frame[ns] == 2).any(axis=1)] if ns else frame.iloc[:0]
+    if two.empty:
+        return ""
+    who = f"every {what}" if len(two) == len(frame) else f"{len(two)} of {len(frame)} {what}s"
+    return (f"The intervals of {who} (n=2) rest on two seeds: t(0.975, 1) = 12.71, so they are wide and say "
+            f"little; more seeds (`--seeds 0,1,2,3,4`) narrow them.\n")
+
+
 def _fmt(value, column: str) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
@@ -347,7 +364,7 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
         for i, c in enumerate(columns):  # a mean over seeds shows its 95% interval
             high = row.get(f"{c}_ci_high")
             if cells[i] and high is not None and not pd.isna(high):
-                cells[i] += f" ± {_fmt(high - row[c], c)}"
+                cells[i] += " " + interval_text(row[f"{c}_ci_low"], high, c)
         if "status" in row and row["status"] != "complete":  # never read as a finished run
             for i, c in enumerate(columns):
                 if c == "status":
@@ -449,8 +466,9 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
               "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
               "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
               "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
-              "they come from. `± x`: the half-width of the 95% t-interval over seeds.\n",
-              markdown_table(s, SUMMARY_COLUMNS)]
+              "they come from. `[low, high]`: the 95% t-interval over seeds, clipped to what the metric can be "
+              "(accuracies to [0, 1]; the CSV/Parquet tables keep the unclipped `_ci_low`/`_ci_high`).\n",
+              markdown_table(s, SUMMARY_COLUMNS), two_seed_note(s, "row")]
     if not s.empty and "best_test_acc_n" in s and (s.best_test_acc_n.fillna(0) <= 1).any():
         one = s[s.best_test_acc_n.fillna(0) <= 1]
         who = "Every row rests" if len(one) == len(s) else f"{len(one)} of {len(s)} rows rest"

@@ -28,3 +28,31 @@ def seed_stats(values, confidence: float = CONFIDENCE) -> dict:
     std = float(x.std(ddof=1))
     half = float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+# What a metric can be: accuracies and rates are fractions, losses, distances, times and speeds are >= 0.
+# A t-interval from few seeds can reach past these; reports show it clipped to them.
+_FRACTIONS = ("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement", "_rate")
+_NON_NEGATIVE = ("loss", "_mad", "_per_s", "_seconds", "_l2", "_max_abs", "_gap", "_ratio")
+
+
+def metric_bounds(metric: str) -> tuple:
+    """(low, high) of the values a metric (a column name) can take; (-inf, inf) where nothing bounds it."""
+    if metric.endswith(_FRACTIONS):
+        return 0.0, 1.0
+    if metric.endswith(_NON_NEGATIVE):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def difference_bounds(metric: str) -> tuple:
+    """(low, high) of a difference of two values of `metric` (a paired comparison)."""
+    low, high = metric_bounds(metric)
+    return low - high, high - low
+
+
+def clipped(low: float, high: float, bounds: tuple) -> tuple:
+    """An interval clipped to what the metric can be (NaN stays NaN)."""
+    if math.isnan(low) or math.isnan(high):
+        return low, high
+    return max(low, bounds[0]), min(high, bounds[1])

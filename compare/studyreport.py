@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .report import _atomic, _fmt, markdown_table
-from .stats import seed_stats
+from .report import _atomic, _fmt, interval_text, markdown_table, two_seed_note
+from .stats import clipped, difference_bounds, metric_bounds, seed_stats
 from .studyspec import METRICS, Study
 
 DONE = ("complete", "diverged")  # a result; the other statuses mean the run is missing
@@ -72,11 +72,13 @@ def _fmt_metric(value, metric) -> str:
 
 
 def _with_interval(row, column, metric=None) -> str:
-    """row[column] with the half-width of its interval and its n, formatted as `metric` (default: itself)."""
+    """row[column] with its 95% interval as [low, high] clipped to what the metric can be (a comparison's
+    difference: to what a difference of it can be) and its n, formatted as `metric` (default: itself)."""
     metric = metric or column
     text = _fmt_metric(row[column], metric)
     if not pd.isna(row.get(f"{column}_ci_high")):
-        text += f" ± {_fmt_metric(row[f'{column}_ci_high'] - row[column], metric)}"
+        bounds = difference_bounds(metric) if column == "difference" else metric_bounds(metric)
+        text += " " + interval_text(row[f"{column}_ci_low"], row[f"{column}_ci_high"], metric, bounds)
     return text + (f" (n={int(row[f'{column}_n'])})" if f"{column}_n" in row else "")
 
 
@@ -197,8 +199,8 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study)
     for _, row in table.iterrows():
         strata = list(table.columns[:list(table.columns).index("arm")])
         stratum = ", ".join(_num(row[k]) for k in strata)
-        interval = ("" if pd.isna(row.difference_ci_low) else
-                    f", 95% CI {row.difference_ci_low:+.4f} to {row.difference_ci_high:+.4f}")
+        low, high = clipped(row.difference_ci_low, row.difference_ci_high, difference_bounds(metric))
+        interval = "" if pd.isna(low) else f", 95% CI {low:+.4f} to {high:+.4f}"
         verdict = {"higher": "higher beyond seed noise", "lower": "lower beyond seed noise"}.get(
             row.verdict, row.verdict)
         pairs.append(f"{row.arm} vs {row.baseline}{' (' + stratum + ')' if stratum else ''}: {label} "
@@ -297,7 +299,8 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
             pos = g[x].astype(float) if numeric else np.arange(len(g)) + (n - len(groups) / 2) * 0.06
             label = " ".join(_num(v) for v in values)
             line, = ax.plot(pos, g[metric], marker="o", ms=3, label=label)
-            low, high = g[f"{metric}_ci_low"], g[f"{metric}_ci_high"]
+            low, high = (g[f"{metric}_ci_low"].clip(*metric_bounds(metric)),
+                         g[f"{metric}_ci_high"].clip(*metric_bounds(metric)))  # the band stays in range
             if numeric:
                 ax.fill_between(pos, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
             else:
@@ -309,7 +312,7 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
                 ax.plot(bad_pos, [0.04 + 0.05 * n] * len(bad), "x", color=line.get_color(), ms=8, mew=2,
                         transform=ax.get_xaxis_transform())
         if metric.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement")):
-            ax.set_ylim(0, 1)  # a fraction (an interval from few seeds may reach past it)
+            ax.set_ylim(0, 1)  # a fraction (its bands are clipped to it)
         if metric == "best_test_acc" and study.failure:
             ax.axhline(study.failure["min_best_test_acc"], color="grey", ls="--", lw=1, label="failure threshold")
         if numeric and study.plot["log_x"]:
@@ -366,8 +369,10 @@ def render(study: Study, answer: list, frames: dict, env: dict, plots: list, wri
               f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); "
               f"up to {jobs} worker(s) at once, {'/'.join(map(str, threads))} thread(s) each; "
               f"wall time {env.get('seconds', '?')} s",
-              "- statistics: mean over the seeds' complete runs, `± x` the half-width of the 95% Student-t "
-              "interval (n = seeds); comparisons use the per-seed paired difference and its t-interval. "
+              "- statistics: mean over the seeds' complete runs, `[low, high]` the 95% Student-t interval "
+              "(n = seeds) clipped to what the metric can be (accuracies and rates to [0, 1], losses to >= 0; "
+              "study.csv keeps the unclipped `_ci_low`/`_ci_high`); comparisons use the per-seed paired "
+              "difference and its t-interval. "
               "Diverged runs are counted apart (`diverged`) and left out of the means."
               + (f" Failure: a non-finite training loss or a best test accuracy below "
                  f"{study.failure['min_best_test_acc']:g}." if study.failure else "")]
@@ -379,10 +384,10 @@ def render(study: Study, answer: list, frames: dict, env: dict, plots: list, wri
     if problems:
         parts += ["## Problems reading this study\n"] + [f"- {p}" for p in problems] + [""]
     parts += ["## Evidence\n", "Per cell, over seeds (complete runs).\n",
-              _table(cell_table, _evidence_columns(cell_table, study))]
+              _table(cell_table, _evidence_columns(cell_table, study)), two_seed_note(cell_table, "cell")]
     for name in ("stability", "comparisons"):
         if name in frames:
-            shown = [c for c in frames[name].columns if not c.startswith("difference_ci")]  # shown as ±
+            shown = [c for c in frames[name].columns if not c.startswith("difference_ci")]  # shown as [low, high]
             parts += [f"### {name.capitalize()}\n", _table(frames[name], shown)]
     if not unfinished.empty:
         parts += ["## Runs without a complete result\n",

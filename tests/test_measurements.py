@@ -263,4 +263,6 @@ def test_summary_carries_the_interval_over_seeds(tmp_path):
     assert row.best_test_acc_ci_high == pytest.approx(np.mean(best) + half), "best_test_acc_ci_high"
     assert row.final_test_acc_ci_low == pytest.approx(
         np.mean([0.7, 0.75, 0.6]) - 4.302652729911275 * np.std([0.7, 0.75, 0.6], ddof=1) / math.sqrt(3))
-    assert f"0.8167 ± {half:.4f}" in report.markdown_table(t["summary"], report.SUMMARY_COLUMNS)
+    mean = np.mean(best)
+    assert mean + half > 1  # the table keeps the t-interval as it is; report.md shows it clipped to [0, 1]
+    assert f"0.8167 [{mean - half:.4f}, 1.0000]" in report.markdown_table(t["summary"], report.SUMMARY_COLUMNS)
