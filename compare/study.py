@@ -97,6 +97,14 @@ def finished_runs(study_dir: Path) -> set:
             if r["kind"] == "run_end" and r["status"] in studyreport.DONE}
 
 
+def work_left(study_dir: Path, frameworks, configs) -> dict:
+    """framework -> the configurations still to run: those whose latest attempt has no result. A diverged
+    run is a result and never runs again; an interrupted, crashed or failed one, or one with no end
+    record (its runner was killed), runs again."""
+    done = finished_runs(study_dir)
+    return {fw: [c for c in configs if (fw, c.config_id) not in done] for fw in frameworks}
+
+
 def budget(configs) -> str:
     c = configs[0]
     return (f"{c.epochs} epoch(s), {c.train_limit or 'all'} training / {c.test_limit or 'all'} test images, "
@@ -125,8 +133,7 @@ def main(argv=None) -> int:
             print(f"{len(configs)} configuration(s) x {len(settings['frameworks'])} framework(s); {budget(configs)}")
             return 0
         data_dir = str(find_data_dir(args.data_dir))
-        done = finished_runs(Path(args.out) / study.name / run_id)  # nothing, for a new study
-        work = {fw: [c for c in configs if (fw, c.config_id) not in done] for fw in settings["frameworks"]}
+        work = work_left(Path(args.out) / study.name / run_id, settings["frameworks"], configs)  # all, if new
         todo = sum(len(v) for v in work.values())
         total = len(configs) * len(settings["frameworks"])
         runner = executor.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))

@@ -2,6 +2,7 @@
 by hand, resumption, and (in tox -e torch) real studies end to end, every shipped one with --quick."""
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -221,6 +222,109 @@ def test_paired_comparison_by_hand(tmp_path):
     assert frames["comparisons"].iloc[0].verdict == "higher"
 
 
+def compare_study(tmp_path):
+    """The LR study answered by comparing each lr with the baseline lr 0.1."""
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
+    return studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+
+
+def arms(base: dict, arm: dict, arm_status=None):
+    """Runs of the baseline (lr 0.1) and the arm (lr 1.0): seed -> best test accuracy."""
+    return runs_frame([{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in base.items()]
+                      + [{"lr": 1.0, "seed": s, "best_test_acc": v,
+                          "status": (arm_status or {}).get(s, "complete")} for s, v in arm.items()])
+
+
+def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
+    """Seed 1 of the arm diverged after some epochs: its best accuracy before that (0.60) is finite, but a
+    diverged run is not a complete one and has no place in the paired difference."""
+    runs = arms({0: 0.80, 1: 0.82, 2: 0.78, 3: 0.81}, {0: 0.83, 1: 0.60, 2: 0.80, 3: 0.84}, {1: "diverged"})
+    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    # seeds 0, 2, 3: differences 0.03, 0.02, 0.03; mean 0.0266667, sd sqrt(0.0000333333) = 0.0057735,
+    # half-width 4.302653 x 0.0057735 / sqrt(3) = 0.0143422 -> [0.0123245, 0.0410089], above 0
+    # (with the diverged seed: -0.22 among them, mean -0.035, within seed noise)
+    assert row.paired_seeds == 3
+    assert row.arm_mean == pytest.approx((0.83 + 0.80 + 0.84) / 3) and row.baseline_mean == pytest.approx((0.80 + 0.78 + 0.81) / 3)
+    assert row.difference == pytest.approx(0.0266667, abs=1e-7)
+    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0123245, abs=1e-7),
+                                                               pytest.approx(0.0410089, abs=1e-7))
+    assert row.verdict == "higher"
+
+
+def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
+    """The arm lacks seed 1 (in the middle of the list): seed 2 pairs with seed 2, not with the baseline's
+    second run."""
+    runs = arms({0: 0.80, 1: 0.70, 2: 0.85, 3: 0.75}, {0: 0.82, 2: 0.88, 3: 0.775})
+    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    # seeds 0, 2, 3: differences 0.02, 0.03, 0.025; mean 0.025, sd 0.005, half-width 4.302653 x 0.005 /
+    # sqrt(3) = 0.0124207 (by position: 0.02, 0.18, -0.075, mean 0.0416667)
+    assert row.paired_seeds == 3 and row.baseline_mean == pytest.approx(0.80)
+    assert row.difference == pytest.approx(0.025, abs=1e-9)
+    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0125793, abs=1e-7),
+                                                               pytest.approx(0.0374207, abs=1e-7))
+    assert row.verdict == "higher"
+
+
+def test_pairing_keeps_each_arm_in_seed_order(tmp_path):
+    """Neither arm is in ascending order of its values; the mean difference would not change if one were
+    sorted before pairing, but the interval and the verdict would."""
+    runs = arms({0: 0.80, 1: 0.70, 2: 0.75, 3: 0.85}, {0: 0.82, 1: 0.73, 2: 0.775, 3: 0.87})
+    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    # differences 0.02, 0.03, 0.025, 0.02: mean 0.02375, sd sqrt(0.0000687500 / 3) = 0.00478714, half-width
+    # t(0.975, 3) 3.182446 x 0.00478714 / 2 = 0.00761738 (sorted arm: -0.07, 0.075, 0.07, 0.02, within noise)
+    assert row.paired_seeds == 4 and row.difference == pytest.approx(0.02375, abs=1e-9)
+    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0161326, abs=1e-7),
+                                                               pytest.approx(0.0313674, abs=1e-7))
+    assert row.verdict == "higher"
+
+
+def test_a_resume_runs_what_has_no_result_and_nothing_else(tmp_path):
+    """complete and diverged are results; interrupted, crashed, failed and a run with no end record (its
+    runner killed) run again; a run whose latest attempt completed does not."""
+    from common.config import RunConfig
+    from compare.study import work_left
+    configs = [RunConfig(seed=s, epochs=2) for s in range(7)]
+    lines = []
+    for config, ends in zip(configs, [["complete"], ["diverged"], ["interrupted"], ["crashed"], ["failed"], [],
+                                      ["crashed", "complete"]]):
+        ident = dict(framework="torch", variant="scratch", seed=config.seed, config_id=config.config_id)
+        for attempt, status in enumerate(ends or [None], 1):
+            lines.append(records.make("plan", **ident, epochs=2, attempt=attempt))
+            if status in ("complete", "diverged", "interrupted"):
+                lines.append(records.make("run_end", **ident, status=status, epochs_done=1))
+            elif status:
+                lines.append(records.make("error", **ident, status=status, error_type="X", message="x"))
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    left = work_left(tmp_path, ["torch", "mxnet"], configs)
+    assert [c.seed for c in left["torch"]] == [2, 3, 4, 5]
+    assert [c.seed for c in left["mxnet"]] == list(range(7))  # nothing of it ran yet
+    assert work_left(tmp_path / "new", ["torch"], configs) == {"torch": configs}  # a new study runs everything
+
+
+def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
+    """Two seeds far apart: the t-interval of an accuracy reaches below 0 and above 1; study.md's cells and
+    sentences show it clipped to [0, 1] and say it rests on two seeds; study.csv keeps it unclipped."""
+    study = compare_study(tmp_path)
+    runs = arms({0: 0.10, 1: 0.60}, {0: 0.12, 1: 0.90})
+    answer, frames = studyreport.analyse(runs, study)
+    cell = frames["study"].set_index("lr").loc[0.1]
+    # mean 0.35, sd 0.353553, half-width 12.706205 x 0.353553 / sqrt(2) = 3.176551
+    assert cell.best_test_acc_ci_low == pytest.approx(0.35 - 3.176551, abs=1e-6)  # unclipped in the table
+    text = studyreport.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
+    assert "0.3500 [0.0000, 1.0000] (n=2)" in text
+    assert "rest on two seeds" in text
+    # the paired difference of two accuracies lies in [-1, 1]: differences 0.02, 0.30, mean 0.16, half-width
+    # 12.706205 x 0.197990 / sqrt(2) = 1.778869 -> [-1.618869, 1.938869], shown as [-1, +1]
+    assert "95% CI -1.0000 to +1.0000" in " ".join(answer)
+    shown = [float(v) for pair in re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", text) for v in pair]
+    assert shown and all(-1 <= v <= 1 for v in shown), shown
+    from compare.stats import clipped, metric_bounds
+    assert metric_bounds("final_train_loss") == (0.0, math.inf)
+    assert clipped(-0.5, 2.0, metric_bounds("final_train_loss")) == (0.0, 2.0)
+    assert metric_bounds("train_examples_per_s")[0] == 0.0 and metric_bounds("final_probe_disagreement") == (0, 1)
+
+
 def test_framework_agreement_compares_every_pair_and_their_intervals():
     study = studyspec.load(studyspec.find("framework-agreement"))
     values = {"torch": [0.80, 0.82, 0.81], "mxnet": [0.80, 0.82, 0.815], "tensorflow": [0.70, 0.71, 0.72]}
@@ -233,11 +337,11 @@ def test_framework_agreement_compares_every_pair_and_their_intervals():
     assert answer[0] == ("2 of 3 comparisons differ beyond seed noise (higher is better). The 95% intervals of "
                          "torch and tensorflow (scratch); mxnet and tensorflow (scratch) do not overlap.")
     # each framework's mean first: torch 0.81, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414
-    assert answer[1].startswith("scratch: mean best test accuracy torch 0.8100 ± 0.0248 (n=3); mxnet 0.8117 ± ")
+    assert answer[1].startswith("scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3); mxnet 0.8117 [")
     assert answer[2].startswith("mxnet vs torch (scratch): best test accuracy 0.8117 vs 0.8100, difference +0.0017")
     # one framework alone: its figure, and nothing to compare
     answer, _ = studyreport.analyse(runs_frame([r for r in rows if r["framework"] == "torch"]), study)
-    assert answer == ["scratch: mean best test accuracy torch 0.8100 ± 0.0248 (n=3).",
+    assert answer == ["scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3).",
                       "Only torch ran with complete runs: nothing to compare."]
 
 
@@ -249,7 +353,7 @@ def test_trend_answer(tmp_path):
             for b, v in [(32, 0.20), (64, 0.10)] for s in range(3)]
     answer, _ = studyreport.analyse(runs_frame(rows), study)
     assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
-                      "0.1010 ± 0.0025 (n=3) at batch_size 64, highest 0.2010 ± 0.0025 (n=3) at batch_size 32; "
+                      "0.1010 [0.0985, 0.1035] (n=3) at batch_size 64, highest 0.2010 [0.1985, 0.2035] (n=3) at batch_size 32; "
                       "the two intervals do not overlap."]
 
 
