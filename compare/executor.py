@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -51,7 +52,8 @@ class RecordWriter:
         self.path, self.progress = path, progress
         self.fh = open(path, "a", encoding="utf-8")
         self.ended, self.epochs, self.plans = set(), {}, {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # records.jsonl and the state above
+        self._display = threading.Lock()  # the progress display
 
     def write(self, record: dict) -> None:
         key = (record.get("framework"), record.get("config_id"))
@@ -66,6 +68,7 @@ class RecordWriter:
                 self.ended.add(key)
             self.fh.write(json.dumps(record) + "\n")
             self.fh.flush()
+        with self._display:  # the terminal never holds up a record
             self.progress.record(record)
 
     def replan(self, framework, configs, attempt: int) -> None:
@@ -86,7 +89,7 @@ class RecordWriter:
 
     def show(self, event: dict) -> None:
         """A worker's progress line: shown, not kept."""
-        with self._lock:
+        with self._display:
             self.progress.update(event)
 
     def receive(self, record: dict) -> None:
@@ -110,12 +113,26 @@ class Interrupted(Exception):
 class Signals:
     """SIGINT/SIGTERM: forwarded once to every running worker, each killed if it has not stopped after
     WORKER_GRACE_SECONDS (or at once at a second signal). With no worker running, the handler raises
-    Interrupted in the main thread, so that whatever it was doing (creating an environment) stops."""
+    Interrupted in the main thread, so that whatever it was doing (creating an environment) stops.
 
-    def __init__(self):
+    The handler itself takes no lock and does no I/O: it notes the signal and hands it to a forwarding
+    thread through a SimpleQueue (safe to put to from a signal handler). A signal arrives in the main
+    thread between any two bytecodes, also while the handler of an earlier one is running: under
+    `tox -q`, tox forwards the terminal's SIGINT again a fraction of a second after the terminal sent it,
+    and a handler that held a lock while starting a timer thread was re-entered there and waited on its
+    own lock forever (no report; tox killed the runner a minute later)."""
+
+    def __init__(self, on_signal=None):
+        """on_signal(): called once, by the forwarding thread, at the first signal (the runner mutes its
+        progress display there, so that nothing it writes to the terminal can hold up the report)."""
         self.signum = None
+        self._on_signal = on_signal
         self._workers, self._timers = set(), {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the forwarding thread's and add/remove's, never the handler's
+        self._queue = queue.SimpleQueue()  # True: a second (or later) signal
+        self._seen = 0
+        self._forwarder = threading.Thread(target=self._forward, name="signal-forwarder", daemon=True)
+        self._forwarder.start()
         self._old = {}
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -128,14 +145,23 @@ class Signals:
             self._timers[proc].start()
 
     def _handle(self, signum, frame):
-        second = self.signum is not None
-        self.signum = self.signum or signum
-        with self._lock:
-            live = [p for p in self._workers if p.poll() is None]
-            for proc in live:
-                proc.kill() if second else self._stop(proc)
-        if not live:
+        self._seen += 1
+        if self.signum is None:
+            self.signum = signum
+        self._queue.put(self._seen > 1)
+        if not any(proc.poll() is None for proc in tuple(self._workers)):  # poll never blocks
             raise Interrupted(self.signum)
+
+    def _forward(self) -> None:
+        while True:
+            second = self._queue.get()
+            if second is None:
+                return
+            if not second and self._on_signal:
+                self._on_signal()
+            with self._lock:
+                for proc in [p for p in self._workers if p.poll() is None]:
+                    proc.kill() if second else self._stop(proc)
 
     def add(self, proc) -> None:
         with self._lock:
@@ -158,6 +184,7 @@ class Signals:
     def restore(self):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+        self._queue.put(None)  # the forwarding thread ends
 
 
 def _log_tail(path: Path) -> str:

@@ -25,6 +25,7 @@ class Progress:
         self.labels, self.epoch_lines, self.unit = labels or {}, epoch_lines, unit
         self.errors = 0
         self.ended = 0
+        self.muted = False
         self.counts = {}
         self._started = time.monotonic()
         self._bars = {}
@@ -33,12 +34,21 @@ class Progress:
             self._overall = tqdm(total=total, desc="all", unit=unit, file=stream, position=0,
                                  dynamic_ncols=True, leave=True)
 
+    def mute(self) -> None:
+        """Write nothing more (after an interrupt: the report comes first; a terminal or a pipe that is
+        no longer read must not hold it up). Safe from any thread."""
+        self.muted = True
+        for bar in list(self._bars.values()) + ([self._overall] if self._overall is not None else []):
+            bar.disable = True  # a disabled bar's close() writes nothing
+
     def _name(self, event: dict) -> str:
         label = self.labels.get(event.get("config_id"), "")
         return (f"{event['framework']:>10} {event['variant']:<16} seed {event['seed']}"
                 + (f" {label}" if label else ""))
 
     def _write(self, text: str) -> None:
+        if self.muted:
+            return
         if self.live:
             tqdm.write(text, file=self.stream)
         else:
@@ -47,7 +57,7 @@ class Progress:
 
     def update(self, event: dict) -> None:
         """A kind "progress" line from a worker: steps done in the current epoch."""
-        if not self.live:
+        if not self.live or self.muted:
             return
         key = (event["framework"], event.get("config_id"), event["seed"], event["variant"])
         bar = self._bars.get(key)

@@ -234,6 +234,7 @@ def execute(runner, work: dict, explicit, run_dir, data_dir, verify, writer, sig
             raise Interrupted(signals.signum)
     except Interrupted as exc:
         signals.ignore()
+        writer.progress.mute()  # the records and the report first: nothing may wait on the terminal now
         name = signal.Signals(exc.signum).name
         for framework, configs in work.items():
             writer.end_unfinished(framework, configs, "interrupted", message=f"stopped by {name}")
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
     writer = RecordWriter(run_dir / "records.jsonl", progress)
     plan_records(writer, frameworks, configs)
-    signals = Signals()
+    signals = Signals(on_signal=progress.mute)
     started = time.time()
     try:
         pythons = execute(runner, {fw: configs for fw in frameworks}, explicit, run_dir, data_dir, not args.no_verify_data,

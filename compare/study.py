@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     writer = RecordWriter(study_dir / "records.jsonl", progress)
     for fw, mine in work.items():
         plan_records(writer, [fw], mine, coords)
-    signals = Signals()
+    signals = Signals(on_signal=progress.mute)
     started = time.time()
     try:
         pythons = execute(runner, work, explicit, study_dir, data_dir,

@@ -195,6 +195,46 @@ def _wait_for(run_dir, predicate, proc, seconds=120):
     pytest.fail(f"the run never reached the point to signal it: {proc.communicate()[1][-2000:]}")
 
 
+SECOND_SIGNAL = """
+import os, signal, time
+from compare.executor import Signals
+
+class Worker:  # what Signals needs of a worker; its first signal brings a second at once, as under tox -q
+    def __init__(self):
+        self.got, self.alive = [], True
+    def poll(self):
+        return None if self.alive else 0
+    def send_signal(self, signum):
+        self.got.append(signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGINT)  # tox forwards the terminal's SIGINT to its command again
+    def kill(self):
+        self.got.append("kill")
+        self.alive = False
+
+muted = []
+signals = Signals(on_signal=lambda: muted.append(True))
+worker = Worker()
+signals.add(worker)
+os.kill(os.getpid(), signal.SIGINT)
+deadline = time.monotonic() + 10
+while worker.alive and time.monotonic() < deadline:
+    time.sleep(0.01)
+signals.restore()
+print(worker.got, muted)
+"""
+
+
+def test_a_second_signal_during_the_first_is_forwarded_not_deadlocked():
+    """Under `tox -q -e run`, Ctrl-C reaches the runner twice within a fraction of a second (the terminal's
+    SIGINT, then tox's). A handler that held a lock while forwarding the first was re-entered by the second
+    and waited on its own lock forever: no report. The first signal is forwarded to the worker, the second
+    kills it, and the progress display is muted once."""
+    proc = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['SIGINT', 'kill'] [True]"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_run_leaves_an_honest_report(native, tmp_path, signum):
     proc = _start_runner(tmp_path)
