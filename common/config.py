@@ -122,6 +122,9 @@ class RunConfig:
     train_limit: int = 0  # 0 = the whole training set; else its first N examples
     test_limit: int = 0
     trace_steps: int = 0  # record the loss of each of the first N steps of every epoch
+    # BN population statistics after each epoch from this many training images (0 = off; common.population)
+    population_size: int = 2048
+    recalibrate: bool = False  # the final snapshot keeps the population statistics instead of the EMA
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -131,11 +134,17 @@ class RunConfig:
         for name, low in (("batch_size", 2), ("epochs", 1), ("eval_batch_size", 1),
                           ("probe_size", 2), ("warmup_steps", 0), ("seed", 0),
                           ("train_limit", 0), ("test_limit", 0),
-                          ("trace_steps", 0)):
+                          ("trace_steps", 0), ("population_size", 0)):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
                    f"{name} must be an integer >= {low}, got {value!r}")
         _check(self.seed < 2**32, f"seed must be below 2**32, got {self.seed}")
+        _check(self.population_size == 0 or self.population_size >= self.batch_size,
+               f"population_size (--population-size) must be 0 (off) or at least one batch ({self.batch_size} images), "
+               f"got {self.population_size}")
+        _check(isinstance(self.recalibrate, bool), "recalibrate must be true or false")
+        _check(not self.recalibrate or self.population_size > 0,
+               "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0")
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(self.execution in EXECUTIONS,
                f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}")

@@ -140,6 +140,15 @@ class Backend(ABC):
         and running statistics. Changes no state: running statistics, parameters and
         any optimizer or framework counters are exactly as before."""
 
+    def batch_statistics(self, batches: list) -> list:
+        """For each batch of numpy images: a forward with every BN layer in train mode (normalising with
+        that batch's own statistics, nothing updated, dropout off), and per BN layer the batch mean and
+        biased variance of its input, float64: [{canonical BN name: (mean, var)}, ...]. Changes no
+        state (common.population builds the population statistics from it). This default runs
+        probe() per batch; a backend may do it in one pass."""
+        return [{name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).bn.items()}
+                for images in batches]
+
     @abstractmethod
     def synchronize(self) -> None:
         """Wait until the device has finished all queued work (timing boundaries)."""

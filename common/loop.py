@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import records
+from . import population, records
 from .config import BN_POSITIONS, RunConfig
 from .data import Dataset, batch_order, probe_indices
 from .errors import NonFiniteError
@@ -28,16 +28,11 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
     pred_train = probe.logits_train.argmax(axis=1)
     gaps = []
     for layer, s in probe.bn.items():
-        scale = np.sqrt(np.asarray(s["running_var"], np.float64) + epsilon)
-        gaps.append({
-            "layer": layer,
-            # |batch mean - running mean| in units of the running std, averaged over features
-            "mean_gap": float(np.mean(np.abs(s["batch_mean"] - s["running_mean"]) / scale)),
-            # |log((batch var + eps) / (running var + eps))|, averaged over features
-            "var_log_ratio": float(np.mean(np.abs(
-                np.log((np.asarray(s["batch_var"], np.float64) + epsilon)
-                       / (np.asarray(s["running_var"], np.float64) + epsilon))))),
-        })
+        # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
+        # var + eps))|, each averaged over features
+        mean_gap, var_log_ratio = population.gap(s["batch_mean"], s["batch_var"], s["running_mean"],
+                                                 s["running_var"], epsilon)
+        gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio})
     return {
         "probe_acc_eval": float(np.mean(pred_eval == labels)),
         "probe_acc_train": float(np.mean(pred_train == labels)),
@@ -46,6 +41,34 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
         "probe_disagreement": float(np.mean(pred_eval != pred_train)),
         "bn_gap": gaps,
     }
+
+
+def population_figures(backend: Backend, stats: dict, ema_probe: ProbeResult, test, ntest: int,
+                       probe_images: np.ndarray, probe_labels: np.ndarray, config: RunConfig, epsilon: float,
+                       keep: bool) -> dict:
+    """Eval mode with the population statistics `stats` ({BN name: (mean, var)}) in place of the running
+    averages (EMA): test loss and accuracy and the probe's figures (pop_* fields), and per BN layer the
+    EMA's lag (running vs population) and batch noise (the probe's batch statistics vs population), in
+    the units of mean_gap / var_log_ratio. ema_probe: the epoch's probe with the EMA. The EMA is put
+    back unless `keep` (--recalibrate, final epoch)."""
+    saved = backend.get_params()
+    backend.set_params(population.with_running(saved, stats))
+    try:
+        loss, correct = backend.evaluate(test, config.eval_batch_size)
+        probe = divergence(backend.probe(probe_images), probe_labels, epsilon)
+    finally:
+        if not keep:
+            backend.set_params(saved)
+    lag_noise = []
+    for name, s in ema_probe.bn.items():
+        pop_mean, pop_var = stats[name]
+        lag = population.gap(s["running_mean"], s["running_var"], pop_mean, pop_var, epsilon)
+        noise = population.gap(s["batch_mean"], s["batch_var"], pop_mean, pop_var, epsilon)
+        lag_noise.append({"lag_mean_gap": lag[0], "lag_var_log_ratio": lag[1],
+                          "noise_mean_gap": noise[0], "noise_var_log_ratio": noise[1]})
+    return {"pop_test_loss": loss / ntest, "pop_test_acc": correct / ntest,
+            **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
+            "lag_noise": lag_noise}
 
 
 def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> str:
@@ -107,6 +130,9 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
     epsilon = described["bn_epsilon"] or config.model.epsilon  # None without BN layers
     batch = config.batch_size
+    # the same images every epoch (and in every framework); none without BN layers
+    pop_batches = (population.population_batches(config.seed, len(dataset.train_labels), config.population_size, batch)
+                   if config.population_size and described["bn_epsilon"] is not None else None)
     for epoch in range(1, config.epochs + 1):
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
         steps = len(order_np)
@@ -142,10 +168,19 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
         eval_seconds = clock() - eval_start
         probe = backend.probe(probe_images)
-        params = backend.get_params()
+        ntest = len(dataset.test_labels)
+        measured = divergence(probe, probe_labels, epsilon)
+        if pop_batches is not None:  # untimed as training: its own time, population_seconds
+            pop_start = clock()
+            pop_stats = population.statistics(backend, dataset.train_images, pop_batches)
+            figures = population_figures(backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config,
+                                         epsilon, keep=config.recalibrate and epoch == config.epochs)
+            measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], figures.pop("lag_noise"))]
+            measured.update(figures, population_size=int(pop_batches.size), population_seconds=clock() - pop_start,
+                            recalibrated=config.recalibrate and epoch == config.epochs)
+        params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
         snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"
                     f"_{config.config_id}_e{epoch:03d}.npz")
-        ntest = len(dataset.test_labels)
         timed = steps - warm
         record = records.make(
             "epoch", **ident, epoch=epoch,
@@ -156,10 +191,12 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
             warmup_examples_per_s=(warm * batch / (warm_end - start)) if warm else None,
             warmup_seconds=warm_end - start, warmup_steps=warm, first_step_seconds=first_step,
             eval_examples_per_s=ntest / eval_seconds, eval_seconds=eval_seconds,
-            snapshot=snapshot, step_losses=step_losses,
-            **divergence(probe, probe_labels, epsilon))
+            snapshot=snapshot, step_losses=step_losses, **measured)
         arrays = {f"param/{k}": v for k, v in params.items()}
         arrays["probe/logits_eval"] = probe.logits_eval
         arrays["probe/logits_train"] = probe.logits_train
+        if pop_batches is not None:
+            for name, (mean, var) in pop_stats.items():
+                arrays[f"population/{name}.running_mean"], arrays[f"population/{name}.running_var"] = mean, var
         emit(record, arrays)
     emit(records.make("run_end", **ident, status="complete", epochs_done=config.epochs))

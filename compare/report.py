@@ -161,7 +161,24 @@ RUN_METRICS = {
     "final_probe_acc_eval": ("probe accuracy in eval mode", "higher"),
     "final_probe_acc_train": ("probe accuracy in train mode", "higher"),
     "train_examples_per_s": ("training examples/s", "higher"),
+    # with population statistics in place of the running average (common.population); NaN where off
+    "best_pop_test_acc": ("best test accuracy with population statistics", "higher"),
+    "final_pop_test_acc": ("final test accuracy with population statistics", "higher"),
+    "final_pop_gain": ("final test accuracy, population statistics minus running average", "higher"),
+    "final_pop_probe_disagreement": ("train/eval prediction disagreement with population statistics", "lower"),
 }
+POPULATION_COLUMNS = ("pop_test_loss", "pop_test_acc", "pop_probe_acc_eval", "pop_probe_logit_mad",
+                      "pop_probe_disagreement", "population_size", "population_seconds")
+
+
+def _population(g: pd.DataFrame) -> dict:
+    """A run's population figures (NaN where the run has none: off, or no BN layer)."""
+    if "pop_test_acc" not in g or g.pop_test_acc.isna().all():
+        return {}
+    last = g.iloc[-1]
+    return {"best_pop_test_acc": g.pop_test_acc.max(), "final_pop_test_acc": last.pop_test_acc,
+            "final_pop_gain": last.pop_test_acc - last.test_acc,
+            "final_pop_probe_disagreement": last.pop_probe_disagreement}
 
 
 def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -174,8 +191,8 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
                      "final_test_acc": last.test_acc, "final_train_loss": last.train_loss,
                      **{f"final_{k}": last[k] for k in ("probe_acc_eval", "probe_acc_train",
                                                          "probe_disagreement", "probe_logit_mad")},
-                     "train_examples_per_s": g.train_examples_per_s.median()})
-    return pd.DataFrame(rows)
+                     "train_examples_per_s": g.train_examples_per_s.median(), **_population(g)})
+    return pd.DataFrame(rows).reindex(columns=["framework", "config_id", *RUN_METRICS])
 
 
 def _runs(records: list) -> pd.DataFrame:
@@ -308,7 +325,12 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
                                        if "first_step_seconds" in mine else np.nan),
                 "eval_examples_per_s": mine.eval_examples_per_s.median(),
                 **{k: seen[k].mean() for k in ("final_probe_acc_eval", "final_probe_acc_train",
-                                               "final_probe_disagreement", "final_probe_logit_mad")},
+                                               "final_probe_disagreement", "final_probe_logit_mad",
+                                               "final_pop_probe_disagreement")},
+                **_with_ci("final_pop_test_acc", seen.final_pop_test_acc),
+                **_with_ci("final_pop_gain", seen.final_pop_gain),
+                "best_pop_test_acc": seen.best_pop_test_acc.mean(),
+                **{k: mine[k].median() if k in mine else np.nan for k in ("population_size", "population_seconds")},
             })
         info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
         if not info.empty:
@@ -348,7 +370,7 @@ def _fmt(value, column: str) -> str:
     if isinstance(value, (float, np.floating)):
         if column.endswith("_per_s"):
             return f"{value:,.0f}"
-        if column.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement")):
+        if column.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement", "_gain")):
             return f"{value:.4f}"
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -388,14 +410,18 @@ def _plots(t: dict, run_dir: Path) -> list:
     variants = list(dict.fromkeys(epochs.variant))
     mean = epochs.groupby(["framework", "variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
 
-    def per_variant(name, metrics, title, frame=mean, ylabels=None):
+    def per_variant(name, metrics, title, frame=mean, ylabels=None, dashed=None):
         fig, axes = plt.subplots(len(metrics), len(variants), figsize=(3.6 * len(variants), 2.8 * len(metrics)),
                                  squeeze=False, sharex=True)
         for i, metric in enumerate(metrics):
             for j, variant in enumerate(variants):
                 ax = axes[i][j]
                 for fw, g in frame[frame.variant == variant].groupby("framework", sort=False):
-                    ax.plot(g.epoch, g[metric], marker="o", ms=3, label=fw)
+                    line, = ax.plot(g.epoch, g[metric], marker="o", ms=3, label=fw)
+                    twin = (dashed or {}).get(metric)
+                    if twin in g and g[twin].notna().any():
+                        ax.plot(g.epoch, g[twin], ls="--", marker="x", ms=3, color=line.get_color(),
+                                label=f"{fw} (population statistics)")
                 if i == 0:
                     ax.set_title(variant)
                 if j == 0:
@@ -410,11 +436,13 @@ def _plots(t: dict, run_dir: Path) -> list:
         plt.close(fig)
         made.append(name)
 
+    population = {"test_acc": "pop_test_acc", "probe_disagreement": "pop_probe_disagreement"}
     per_variant("curves.png", ["train_loss", "train_acc", "test_acc"],
-                "Training curves (mean over seeds; test in eval mode)")
+                "Training curves (mean over seeds; test in eval mode; dashed: population statistics)",
+                dashed=population)
     per_variant("divergence.png", ["probe_logit_mad", "probe_disagreement"],
-                "Train-mode vs eval-mode BN on the probe set",
-                ylabels=["mean |logit diff|", "prediction disagreement"])
+                "Train-mode vs eval-mode BN on the probe set (dashed: population statistics)",
+                ylabels=["mean |logit diff|", "prediction disagreement"], dashed=population)
     if not t["drift"].empty:
         drift = t["drift"].groupby(["framework", "variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
         ref = t["drift"].reference.iloc[0]
@@ -446,6 +474,69 @@ DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", 
                       "final_probe_disagreement", "final_probe_logit_mad"]
 CONVENTION_COLUMNS = ["framework", "variant", "version", "bn_decay", "bn_epsilon"]
 UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
+
+
+POPULATION_SUMMARY_COLUMNS = ["framework", "variant", "status", "final_test_acc", "final_pop_test_acc",
+                              "final_pop_gain", "final_probe_disagreement", "final_pop_probe_disagreement",
+                              "population_size", "population_seconds"]
+LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_log_ratio", "noise_mean_gap",
+                     "noise_var_log_ratio"]
+
+
+def population_answer(summary: pd.DataFrame) -> list:
+    """Per framework and variant with population statistics, in sentences made from the final epoch's
+    numbers: how many points the running average (EMA) costs, and how much of the train/eval
+    disagreement remains with population statistics."""
+    if summary.empty or "final_pop_test_acc" not in summary:
+        return []
+    sentences = []
+    for _, row in summary.dropna(subset=["final_pop_test_acc"]).iterrows():
+        gain = row.final_pop_gain * 100
+        cost = (f"the EMA costs {gain:.2f} points" if gain > 0 else
+                f"the EMA is {-gain:.2f} points better" if gain < 0 else "the two are equal")
+        text = (f"{row.framework} {row.variant}: final test accuracy {row.final_test_acc:.4f} with the running "
+                f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
+                f"{int(row.population_size):,} training images: {cost}")
+        if not pd.isna(row.get("final_pop_gain_ci_high")):
+            low, high = clipped(row.final_pop_gain_ci_low, row.final_pop_gain_ci_high, metric_bounds("final_pop_gain"))
+            text += (f" (95% interval over {int(row.final_pop_gain_n)} seeds {low * 100:+.2f} to {high * 100:+.2f}"
+                     f"{', beyond seed noise' if low > 0 or high < 0 else ', within seed noise'})")
+        ema, pop = row.final_probe_disagreement, row.final_pop_probe_disagreement
+        if ema > 0:
+            text += (f". Train/eval prediction disagreement on the probe: {ema:.1%} with the EMA, {pop:.1%} with "
+                     f"population statistics, so {pop / ema:.0%} of it remains (batch noise) and {1 - pop / ema:.0%} "
+                     f"was the EMA's lag.")
+        else:
+            text += f". Train and eval mode agree on every probe image with the EMA ({pop:.1%} with population statistics)."
+        sentences.append(text)
+    return sentences
+
+
+def population_section(t: dict) -> list:
+    """report.md's section on population statistics ([] when the run has none)."""
+    s = t["summary"]
+    answer = population_answer(s)
+    if not answer:
+        return []
+    parts = ["## Population statistics: what the train/eval gap is made of (final epoch)\n",
+             "Eval mode with each BN layer's population statistics (every weight fixed, train-mode batches of "
+             "the run's batch size over `population_size` training images: the mean of the batch means and the "
+             "exact variance over all their values) beside eval mode with the running average (EMA) each "
+             "framework keeps. `final_pop_gain`: population minus EMA test accuracy. The headline accuracies "
+             "above stay the EMA's. `population_seconds`: the time to compute them and evaluate with them, "
+             "apart from training.\n"]
+    parts += [f"- {sentence}" for sentence in answer] + [""]
+    parts.append(markdown_table(s.dropna(subset=["final_pop_test_acc"]), POPULATION_SUMMARY_COLUMNS))
+    gap = t["bn_gap"]
+    if not gap.empty and "lag_mean_gap" in gap:
+        gap = gap.dropna(subset=["lag_mean_gap"])
+        last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
+        last = last.groupby(["framework", "variant", "layer"], sort=False).mean(numeric_only=True).reset_index()
+        parts += ["Per BN layer: `lag_*` is the EMA against the population statistics (the EMA's lag), `noise_*` "
+                  "the probe's batch statistics against them (batch noise), in the units of `mean_gap` / "
+                  "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
+                  markdown_table(last, LAG_NOISE_COLUMNS)]
+    return parts
 
 
 def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
@@ -486,6 +577,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
               "The same probe images through the network in train mode (batch statistics, nothing updated) and "
               "eval mode (running statistics).\n",
               markdown_table(s, DIVERGENCE_COLUMNS)]
+    parts += population_section(t)
     gap = t["bn_gap"]
     if not gap.empty:
         last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-size", type=int, default=d.probe_size, help="test images in the divergence probe")
     g.add_argument("--trace-steps", type=int, default=0,
                    help="also record the loss of each of the first N steps of every epoch")
+    g.add_argument("--population-size", type=int, default=d.population_size,
+                   help="after each epoch, also evaluate with BN population statistics from this many training "
+                        "images (train-mode batches of --batch-size, weights fixed; timed apart, about 4-6%% of an "
+                        "epoch at the default); 0 = off")
+    g.add_argument("--recalibrate", action="store_true",
+                   help="keep the final population statistics in the final snapshot (instead of the running "
+                        "average), so the saved model is the recalibrated one")
     g = p.add_argument_group("model (BN-LeNet)")
     g.add_argument("--decay", type=float, default=m.decay, help="running = decay*running + (1-decay)*batch")
     g.add_argument("--epsilon", type=float, default=m.epsilon)
@@ -153,6 +160,7 @@ def configs_from_args(args) -> list:
                 model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=args.dtype,
                 device=args.device, warmup_steps=args.warmup_steps, probe_size=args.probe_size,
                 trace_steps=args.trace_steps, execution=args.execution,
+                population_size=args.population_size, recalibrate=args.recalibrate,
                 epochs=args.epochs if args.epochs is not None else limits.get("epochs", RunConfig.epochs),
                 train_limit=args.train_limit if args.train_limit is not None else limits.get("train_limit", 0),
                 test_limit=args.test_limit if args.test_limit is not None else limits.get("test_limit", 0)))

@@ -38,6 +38,8 @@ _NON_NEGATIVE = ("loss", "_mad", "_per_s", "_seconds", "_l2", "_max_abs", "_gap"
 
 def metric_bounds(metric: str) -> tuple:
     """(low, high) of the values a metric (a column name) can take; (-inf, inf) where nothing bounds it."""
+    if metric.endswith("_gain"):  # a difference of two accuracies
+        return -1.0, 1.0
     if metric.endswith(_FRACTIONS):
         return 0.0, 1.0
     if metric.endswith(_NON_NEGATIVE):

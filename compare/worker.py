@@ -72,7 +72,7 @@ def bench(job: dict) -> int:
     for cell in job["cells"]:
         config = RunConfig(model=ModelSpec(variant=cell["variant"]), epochs=1, batch_size=cell["batch_size"],
                            execution=cell["execution"], device=job["device"], train_limit=job["train_limit"],
-                           test_limit=1000, probe_size=64)
+                           test_limit=1000, probe_size=64, population_size=0)
         if config.dtype not in datasets:
             datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
         dataset, described, first_steps = datasets[config.dtype], {}, []
