@@ -53,3 +53,10 @@ FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-12}
 FAR_FROM_ZERO_ATOL = {"torch": 1e-4, "mxnet": 4e-4, "tensorflow": 6e-4, "jax": 6e-4}
 CENTRED_RESIDUAL = 2e-6
+
+# Whether a forward outside training draws from the framework's dropout random stream. MXNet's BN-LeNet
+# draws every dropout mask (mode="always") and picks it or the input with `where`, so that one hybridized
+# graph follows the training flag it is given: every evaluate/probe forward advances the stream. With
+# dropout > 0, extra eval-mode work (population statistics) therefore shifts MXNet's later dropout masks;
+# without dropout, or in the other frameworks, it changes nothing (tests/test_population.py).
+EVAL_DRAWS_DROPOUT = {"torch": False, "mxnet": True, "tensorflow": False, "jax": False}

@@ -12,6 +12,7 @@ for the whole step; eager = neither.
 import platform
 
 import numpy as np
+import keras
 import tensorflow as tf
 
 from common.errors import BackendUnavailable
@@ -45,7 +46,10 @@ class TensorFlowBackend(Backend):
         self.device = resolve_device(config.device)
         self.dtype = config.dtype
         self.spec = config.model
-        tf.random.set_seed(config.seed)  # dropout masks only; weights come from common
+        # dropout masks only (weights come from common). Keras 3's Dropout seeds its own SeedGenerator from
+        # Python's `random` when built: tf.random.set_seed alone left a run's masks depending on what the
+        # worker ran before it; set_random_seed seeds Python, NumPy, TF and Keras' global generator.
+        keras.utils.set_random_seed(config.seed)
         size = config.model.input_size
         with tf.device(self.device):
             self.model = BNLeNet(config.model, dtype=config.dtype)
