@@ -60,3 +60,26 @@ def test_parameters_stay_together_and_drift_is_reported(run_dir):
     builtin = drift[drift.variant == "builtin"]
     assert (builtin.param_rel_l2 < 1e-9).all()
     assert (builtin.running_stats_rel_l2 > 1e-4).all()
+
+
+@pytest.mark.parametrize("variant", ["scratch", "builtin"])
+def test_population_statistics_agree(run_dir, variant):
+    """float64: every framework's population statistics (kept in each epoch's snapshot) and its eval-mode
+    test loss and accuracy with them agree with PyTorch's to 1e-10 relative. For the built-in layers too:
+    population statistics come from batch statistics only, so PyTorch's unbiased running variance, which
+    sets its running statistics apart, does not reach them."""
+    epochs = [r for r in _epochs(run_dir) if r["variant"] == variant]
+    by = {(r["framework"], r["epoch"]): r for r in epochs}
+    assert sorted({f for f, _ in by}) == sorted(FRAMEWORKS)
+    for (framework, epoch), record in by.items():
+        ref = by[("torch", epoch)]
+        assert record["population_size"] == ref["population_size"] > 0
+        np.testing.assert_allclose(record["pop_test_loss"], ref["pop_test_loss"], rtol=1e-10,
+                                   err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: population test loss")
+        assert record["pop_test_acc"] == ref["pop_test_acc"]
+        mine, theirs = np.load(run_dir / record["snapshot"]), np.load(run_dir / ref["snapshot"])
+        names = sorted(k for k in theirs.files if k.startswith("population/"))
+        assert len(names) == 8 and sorted(k for k in mine.files if k.startswith("population/")) == names
+        for name in names:
+            np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-10, atol=1e-14,
+                                       err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: {name}")

@@ -174,3 +174,48 @@ def test_recalibrate_keeps_the_population_statistics_in_the_final_snapshot(fw, f
                                        rtol=1e-15, err_msg=f"{framework} recalibrated {name}.{stat}")
             assert not np.allclose(ema_arrays[f"param/{name}.{stat}"], arrays[f"param/{name}.{stat}"])
     assert last["pop_test_acc"] == last_ema["pop_test_acc"] and last["test_acc"] == last_ema["test_acc"]
+
+
+# Reports, from hand-made records ----------------------------------------------------------------------
+def population_records():
+    from tests.test_measurements import epoch_record, run_records
+    out = []
+    # seed: (EMA test acc, population test acc, EMA disagreement, population disagreement), final epoch
+    final = {0: (0.80, 0.84, 0.10, 0.02), 1: (0.82, 0.85, 0.12, 0.03)}
+    for seed, (acc, pop, dis, pop_dis) in final.items():
+        out += run_records(seed=seed, epochs=2)
+        gap = [{"layer": "bn1", "mean_gap": 0.2, "var_log_ratio": 0.1, "lag_mean_gap": 0.15 + seed,
+                "lag_var_log_ratio": 0.05, "noise_mean_gap": 0.01, "noise_var_log_ratio": 0.02}]
+        out.append(epoch_record(seed=seed, epoch=1, test_acc=0.5, pop_test_acc=0.9, probe_disagreement=0.3,
+                                pop_probe_disagreement=0.1, population_size=2048, population_seconds=0.4, bn_gap=gap))
+        out.append(epoch_record(seed=seed, epoch=2, test_acc=acc, pop_test_acc=pop, probe_disagreement=dis,
+                                pop_probe_disagreement=pop_dis, population_size=2048, population_seconds=0.5,
+                                bn_gap=gap))
+    out += run_records(variant="none", seed=0, epochs=1)
+    out.append(epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3))
+    return out
+
+
+def test_population_figures_reach_runs_summary_and_report(tmp_path):
+    from compare import report
+    t = report.tables(population_records(), tmp_path)
+    runs = t["runs"].set_index(["variant", "seed"])
+    assert runs.loc[("scratch", 0), "final_pop_gain"] == pytest.approx(0.04)
+    assert runs.loc[("scratch", 1), "best_pop_test_acc"] == 0.9  # epoch 1's
+    assert np.isnan(runs.loc[("none", 0), "final_pop_test_acc"])
+    row = t["summary"].set_index("variant").loc["scratch"]
+    # gains 0.04, 0.03: mean 0.035, sd 0.0070711, half-width t(0.975, 1) 12.706205 x 0.0070711 / sqrt(2) = 0.0635310
+    assert row.final_pop_test_acc == pytest.approx(0.845) and row.final_pop_gain == pytest.approx(0.035)
+    assert row.final_pop_gain_ci_low == pytest.approx(0.035 - 0.0635310, abs=1e-7)
+    assert row.final_pop_probe_disagreement == pytest.approx(0.025) and row.population_seconds == 0.45
+    assert report.population_answer(t["summary"]) == [
+        "torch scratch: final test accuracy 0.8100 with the running average (EMA), 0.8450 with population "
+        "statistics from 2,048 training images: the EMA costs 3.50 points (95% interval over 2 seeds -2.85 to "
+        "+9.85, within seed noise). Train/eval prediction disagreement on the probe: 11.0% with the EMA, 2.5% "
+        "with population statistics, so 23% of it remains (batch noise) and 77% was the EMA's lag."]
+    text = "\n".join(report.population_section(t))
+    assert "| torch | scratch | bn1 | 0.65 | 0.05 | 0.01 | 0.02 |" in text  # lag 0.15 and 1.15, averaged
+    assert "| torch | none |" not in text
+    # a run without population statistics has no section
+    assert report.population_section(report.tables([r for r in population_records() if r["variant"] == "none"],
+                                                   tmp_path)) == []
