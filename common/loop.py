@@ -176,7 +176,7 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
             figures = population_figures(backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config,
                                          epsilon, keep=config.recalibrate and epoch == config.epochs)
             measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], figures.pop("lag_noise"))]
-            measured.update(figures, population_size=int(pop_batches.size), population_seconds=clock() - pop_start,
+            measured.update(figures, population_images=int(pop_batches.size), population_seconds=clock() - pop_start,
                             recalibrated=config.recalibrate and epoch == config.epochs)
         params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
         snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"

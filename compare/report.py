@@ -168,7 +168,7 @@ RUN_METRICS = {
     "final_pop_probe_disagreement": ("train/eval prediction disagreement with population statistics", "lower"),
 }
 POPULATION_COLUMNS = ("pop_test_loss", "pop_test_acc", "pop_probe_acc_eval", "pop_probe_logit_mad",
-                      "pop_probe_disagreement", "population_size", "population_seconds")
+                      "pop_probe_disagreement", "population_images", "population_seconds")
 
 
 def _population(g: pd.DataFrame) -> dict:
@@ -244,7 +244,8 @@ def coordinate_names(coords: dict) -> list:
 
 
 def _with_coords(frame: pd.DataFrame, coords: dict) -> pd.DataFrame:
-    names = coordinate_names(coords)
+    # a grid field a table already has as a measured column (an epoch's warmup_steps) keeps the measured one
+    names = [n for n in coordinate_names(coords) if n not in frame.columns]
     if frame.empty or not names:
         return frame
     frame = frame.copy()
@@ -330,7 +331,7 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
                 **_with_ci("final_pop_test_acc", seen.final_pop_test_acc),
                 **_with_ci("final_pop_gain", seen.final_pop_gain),
                 "best_pop_test_acc": seen.best_pop_test_acc.mean(),
-                **{k: mine[k].median() if k in mine else np.nan for k in ("population_size", "population_seconds")},
+                **{k: mine[k].median() if k in mine else np.nan for k in ("population_images", "population_seconds")},
             })
         info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
         if not info.empty:
@@ -478,7 +479,7 @@ UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "
 
 POPULATION_SUMMARY_COLUMNS = ["framework", "variant", "status", "final_test_acc", "final_pop_test_acc",
                               "final_pop_gain", "final_probe_disagreement", "final_pop_probe_disagreement",
-                              "population_size", "population_seconds"]
+                              "population_images", "population_seconds"]
 LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_log_ratio", "noise_mean_gap",
                      "noise_var_log_ratio"]
 
@@ -496,7 +497,7 @@ def population_answer(summary: pd.DataFrame) -> list:
                 f"the EMA is {-gain:.2f} points better" if gain < 0 else "the two are equal")
         text = (f"{row.framework} {row.variant}: final test accuracy {row.final_test_acc:.4f} with the running "
                 f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
-                f"{int(row.population_size):,} training images: {cost}")
+                f"{int(row.population_images):,} training images: {cost}")
         if not pd.isna(row.get("final_pop_gain_ci_high")):
             low, high = clipped(row.final_pop_gain_ci_low, row.final_pop_gain_ci_high, metric_bounds("final_pop_gain"))
             text += (f" (95% interval over {int(row.final_pop_gain_n)} seeds {low * 100:+.2f} to {high * 100:+.2f}"
@@ -520,8 +521,8 @@ def population_section(t: dict) -> list:
         return []
     parts = ["## Population statistics: what the train/eval gap is made of (final epoch)\n",
              "Eval mode with each BN layer's population statistics (every weight fixed, train-mode batches of "
-             "the run's batch size over `population_size` training images: the mean of the batch means and the "
-             "exact variance over all their values) beside eval mode with the running average (EMA) each "
+             "the run's batch size over `population_images` training images (`--population-size`, at most "
+             "the training split): the mean of the batch means and the exact variance over all their values) beside eval mode with the running average (EMA) each "
              "framework keeps. `final_pop_gain`: population minus EMA test accuracy. The headline accuracies "
              "above stay the EMA's. `population_seconds`: the time to compute them and evaluate with them, "
              "apart from training.\n"]

@@ -250,6 +250,8 @@ def _trend_answer(cell_table: pd.DataFrame, study: Study) -> list:
             shape = f"falls as {x} grows"
         else:
             shape = f"is not monotone in {x}"
+        if metric.endswith("_gain"):  # a per-seed paired difference: say where its interval leaves 0
+            sentences.append(_against_zero(group, x, metric, who, label))
         apart = lo[f"{metric}_ci_high"] < hi[f"{metric}_ci_low"]
         sentences.append(f"{who}: {label} {shape}: lowest {_with_interval(lo, metric)} at {x} {_num(lo[x])}, "
                          f"highest {_with_interval(hi, metric)} at {x} {_num(hi[x])}"
@@ -257,6 +259,19 @@ def _trend_answer(cell_table: pd.DataFrame, study: Study) -> list:
                             "; their intervals overlap, so the extremes are not told apart from seed noise."
                             if not pd.isna(lo[f"{metric}_ci_high"]) else "; one seed: no interval."))
     return sentences
+
+
+def _against_zero(group: pd.DataFrame, x: str, metric: str, who: str, label: str) -> str:
+    """Where a paired difference (each seed's run against itself, e.g. population minus EMA accuracy)
+    is beyond seed noise: its 95% interval over seeds excludes 0."""
+    verdicts = {"above 0": [], "below 0": [], "within seed noise": [], "one seed: no interval": []}
+    for _, row in group.iterrows():
+        low, high = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+        key = ("one seed: no interval" if pd.isna(high) else "above 0" if low > 0 else "below 0" if high < 0
+               else "within seed noise")
+        verdicts[key].append(f"{x} {_num(row[x])} ({_with_interval(row, metric)})")
+    parts = [f"{k} at {', '.join(v)}" for k, v in verdicts.items() if v]
+    return f"{who}: {label} (per seed, the same run): " + "; ".join(parts) + "."
 
 
 # the report ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_population_statistics_agree(run_dir, variant):
     assert sorted({f for f, _ in by}) == sorted(FRAMEWORKS)
     for (framework, epoch), record in by.items():
         ref = by[("torch", epoch)]
-        assert record["population_size"] == ref["population_size"] > 0
+        assert record["population_images"] == ref["population_images"] > 0
         np.testing.assert_allclose(record["pop_test_loss"], ref["pop_test_loss"], rtol=1e-10,
                                    err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: population test loss")
         assert record["pop_test_acc"] == ref["pop_test_acc"]

@@ -127,7 +127,9 @@ def test_divergence_figures():
 def test_the_probe_and_evaluation_come_after_the_timed_steps():
     _, _, script = scripted_run(epochs=1)
     kinds = [c[0] for c in script.calls]
-    assert kinds == ["train_step"] * 10 + ["evaluate", "probe"], kinds
+    # then the population statistics (on by default): a train-mode probe of each of the 40 / 4 = 10 batches,
+    # then eval mode with them (evaluate, probe), all after the timed steps
+    assert kinds == ["train_step"] * 10 + ["evaluate", "probe"] + ["probe"] * 10 + ["evaluate", "probe"], kinds
 
 
 # Report tables from hand-made records -------------------------------------------

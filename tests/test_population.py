@@ -148,7 +148,7 @@ def test_the_rest_of_the_run_is_unchanged_by_population_statistics(fw, framework
         for name, value in arrays_a.items():
             np.testing.assert_array_equal(arrays_b[name], value, err_msg=f"{framework} {name}")
     for (a, _), (b, _) in zip(off, on):
-        assert a.get("pop_test_acc") is None and b["population_size"] == 96 and b["population_seconds"] > 0
+        assert a.get("pop_test_acc") is None and b["population_images"] == 96 and b["population_seconds"] > 0
         assert 0 <= b["pop_test_acc"] <= 1 and "noise_mean_gap" in b["bn_gap"][0]
 
 
@@ -187,9 +187,9 @@ def population_records():
         gap = [{"layer": "bn1", "mean_gap": 0.2, "var_log_ratio": 0.1, "lag_mean_gap": 0.15 + seed,
                 "lag_var_log_ratio": 0.05, "noise_mean_gap": 0.01, "noise_var_log_ratio": 0.02}]
         out.append(epoch_record(seed=seed, epoch=1, test_acc=0.5, pop_test_acc=0.9, probe_disagreement=0.3,
-                                pop_probe_disagreement=0.1, population_size=2048, population_seconds=0.4, bn_gap=gap))
+                                pop_probe_disagreement=0.1, population_images=2048, population_seconds=0.4, bn_gap=gap))
         out.append(epoch_record(seed=seed, epoch=2, test_acc=acc, pop_test_acc=pop, probe_disagreement=dis,
-                                pop_probe_disagreement=pop_dis, population_size=2048, population_seconds=0.5,
+                                pop_probe_disagreement=pop_dis, population_images=2048, population_seconds=0.5,
                                 bn_gap=gap))
     out += run_records(variant="none", seed=0, epochs=1)
     out.append(epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3))

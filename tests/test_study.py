@@ -21,7 +21,7 @@ from tests.helpers import make_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ["batch-size", "bias-before-bn", "bn-placement", "decay", "dropout-vs-bn", "framework-agreement",
-           "frozen-gamma-beta", "lr-sweep"]
+           "frozen-gamma-beta", "lr-sweep", "population-size", "population-stats"]
 
 LR_STUDY = """\
 question = "How large can the learning rate go?"
@@ -355,6 +355,23 @@ def test_trend_answer(tmp_path):
     assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
                       "0.1010 [0.0985, 0.1035] (n=3) at batch_size 64, highest 0.2010 [0.1985, 0.2035] (n=3) at batch_size 32; "
                       "the two intervals do not overlap."]
+
+
+def test_a_paired_gain_says_where_it_leaves_zero(tmp_path):
+    """final_pop_gain is each seed's population minus EMA accuracy of the same run: the trend answer also
+    says where its interval over seeds excludes 0."""
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
+                            "kind = \"trend\"\nx = \"lr\"\nmetric = \"final_pop_gain\"")
+    study = studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    rows = [{"lr": lr, "seed": s, "final_pop_gain": v}
+            for lr, values in [(0.1, [0.01, 0.02, 0.03]), (1.0, [0.05, 0.06, 0.055])] for s, v in enumerate(values)]
+    answer, _ = studyreport.analyse(runs_frame(rows), study)
+    # lr 0.1: mean 0.02, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414; lr 1: mean 0.055, sd 0.005,
+    # half-width 0.0124207
+    assert answer[0] == ("torch, scratch: final test accuracy, population statistics minus running average (per "
+                         "seed, the same run): above 0 at lr 1 (0.0550 [0.0426, 0.0674] (n=3)); within seed noise "
+                         "at lr 0.1 (0.0200 [-0.0048, 0.0448] (n=3)).")
 
 
 def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
