@@ -48,8 +48,9 @@ class RecordWriter:
     keeps what the runner must know: which runs have ended and how many epochs each has done.
     Safe to call from the executor's threads."""
 
-    def __init__(self, path: Path, progress: Progress):
-        self.path, self.progress = path, progress
+    def __init__(self, path: Path, progress: Progress, tracker=None):
+        """tracker: a compare.tracking.Tracker each record is also handed to (it never blocks)."""
+        self.path, self.progress, self.tracker = path, progress, tracker
         self.fh = open(path, "a", encoding="utf-8")
         self.ended, self.epochs, self.plans = set(), {}, {}
         self._lock = threading.Lock()  # records.jsonl and the state above
@@ -68,6 +69,8 @@ class RecordWriter:
                 self.ended.add(key)
             self.fh.write(json.dumps(record) + "\n")
             self.fh.flush()
+            if self.tracker is not None:  # in the order written
+                self.tracker.submit(record)
         with self._display:  # the terminal never holds up a record
             self.progress.record(record)
 
@@ -329,6 +332,10 @@ def add_arguments(group, default_jobs: int) -> None:
                        help="ray: the cluster, as Ray takes it (auto, HOST:PORT, ray://HOST:10001); "
                             "default: a local Ray started for this command")
     group.add_argument("--threads", type=int, default=1, help="ray: CPUs (and compute threads) per worker task")
+    group.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                       help="also mirror the runs into MLflow: a tracking server (http://HOST:PORT), or, without a "
+                            "URI, $MLFLOW_TRACKING_URI or else an SQLite store in the report folder (README, "
+                            "Tracking in MLflow)")
     group.add_argument("--retries", type=int, default=2,
                        help="ray: how many times the runs of a lost worker or node are tried again elsewhere")
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from common import records as records_schema
 from common.config import VARIANTS
+from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
 from .stats import clipped, metric_bounds, seed_stats
@@ -659,12 +660,24 @@ def main(argv=None) -> int:
                                 description="Rebuild the tables, plots and report.md of a run from its records.")
     p.add_argument("run_dir")
     p.add_argument("--reference", help="framework the drift is measured against")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="also (re)fill MLflow from the folder: a tracking server, or, without a URI, "
+                        "$MLFLOW_TRACKING_URI or else the SQLite store in the folder")
     args = p.parse_args(argv)
+    from . import tracking
     try:
+        if args.mlflow is not None:
+            tracking.require_mlflow()
+            uri = tracking.resolve_uri(args.mlflow, Path(args.run_dir))
         summary, usable = build(args.run_dir, args.reference)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.mlflow is not None and usable:
+        env, _ = read_environment(Path(args.run_dir))
+        tracker = tracking.rebuild(Path(args.run_dir), uri, bool(env.get("interrupted")))
+        print(f"mlflow: {tracker.uri}, experiment {tracker.experiment_name!r}"
+              + (" (incomplete: see the warning above)" if tracker.lost else ""), file=sys.stderr)
     print(summary)
     print(f"report: {Path(args.run_dir) / 'report.md'}", file=sys.stderr)
     if not usable:

@@ -23,6 +23,7 @@ from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import envs
 from . import executor
+from . import tracking
 from .executor import Interrupted, RecordWriter, Signals, split
 from .progress import Progress
 
@@ -265,6 +266,10 @@ def main(argv=None) -> int:
             raise ConfigError(f"--reference {reference} is not among --frameworks {','.join(frameworks)}")
         data_dir = str(find_data_dir(args.data_dir))
         run_dir = check_run_dir(args.out, run_id)
+        tracking_uri = None
+        if args.mlflow is not None:
+            tracking.require_mlflow()
+            tracking_uri = tracking.resolve_uri(args.mlflow, run_dir)
         runner = executor.make(args, explicit, len(configs) * len(frameworks),
                                gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
@@ -279,7 +284,8 @@ def main(argv=None) -> int:
     print(f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) "
           f"-> {run_dir}", file=sys.stderr)
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
-    writer = RecordWriter(run_dir / "records.jsonl", progress)
+    tracker = tracking.Tracker(tracking_uri, run_id, run_dir, "run") if tracking_uri else None
+    writer = RecordWriter(run_dir / "records.jsonl", progress, tracker)
     plan_records(writer, frameworks, configs)
     signals = Signals(on_signal=progress.mute)
     started = time.time()
@@ -297,6 +303,8 @@ def main(argv=None) -> int:
     finally:
         signals.restore()
         runner.shutdown()
+    if tracker is not None:  # after the report: a slow tracker never holds it up
+        tracker.finish(interrupted=signals.signum is not None)
     if signals.signum is not None:
         print(f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
               f"unfinished runs are marked interrupted", file=sys.stderr)

@@ -26,6 +26,7 @@ from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import report, studyreport, studyspec
 from . import executor
+from . import tracking
 from .executor import RecordWriter, Signals, default_jobs
 from .progress import Progress
 from .run import _seeds, check_run_dir, environment_record, execute, parse_pythons, plan_records
@@ -136,6 +137,11 @@ def main(argv=None) -> int:
         work = work_left(Path(args.out) / study.name / run_id, settings["frameworks"], configs)  # all, if new
         todo = sum(len(v) for v in work.values())
         total = len(configs) * len(settings["frameworks"])
+        study_dir = Path(args.out) / study.name / run_id
+        tracking_uri = None
+        if args.mlflow is not None:
+            tracking.require_mlflow()
+            tracking_uri = tracking.resolve_uri(args.mlflow, study_dir)
         runner = executor.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,7 +159,8 @@ def main(argv=None) -> int:
     labels = {cid: " ".join(f"{k}={studyreport._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels,
                         epoch_lines=False, unit="run")
-    writer = RecordWriter(study_dir / "records.jsonl", progress)
+    tracker = tracking.Tracker(tracking_uri, f"{study.name}/{run_id}", study_dir, "study") if tracking_uri else None
+    writer = RecordWriter(study_dir / "records.jsonl", progress, tracker)
     for fw, mine in work.items():
         plan_records(writer, [fw], mine, coords)
     signals = Signals(on_signal=progress.mute)
@@ -175,6 +182,8 @@ def main(argv=None) -> int:
     finally:
         signals.restore()
         runner.shutdown()
+    if tracker is not None:  # after the study's files: a slow tracker never holds them up
+        tracker.finish(interrupted=signals.signum is not None)
     print(f"\nstudy: {study_dir / 'study.md'}\n", file=sys.stderr)
     print("\n".join(f"- {s}" for s in answer), file=sys.stderr)
     if signals.signum is not None:

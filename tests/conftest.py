@@ -20,6 +20,8 @@ def pytest_addoption(parser):
                      help="run the cross-framework tests (needs every framework's environment)")
     parser.addoption("--ray", action="store_true",
                      help="run the Ray executor tests (needs Ray: tox -e ray)")
+    parser.addoption("--tracking", action="store_true",
+                     help="run the MLflow tracking tests (needs MLflow: tox -e tracking)")
 
 
 def pytest_configure(config):
@@ -28,6 +30,7 @@ def pytest_configure(config):
         raise pytest.UsageError(f"--framework {name!r} is unknown; choose from {', '.join(FRAMEWORKS)}")
     config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
     config.addinivalue_line("markers", "ray: starts a Ray cluster (run with --ray; tox -e ray)")
+    config.addinivalue_line("markers", "tracking: MLflow, embedded and a server (run with --tracking; tox -e tracking)")
 
 
 def pytest_report_header(config):
@@ -36,7 +39,8 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     for option, marker, reason in (("--cross", "cross", "cross-framework test: run with --cross (tox -e cross)"),
-                                   ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)")):
+                                   ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)"),
+                                   ("--tracking", "tracking", "MLflow test: run with --tracking (tox -e tracking)")):
         if not config.getoption(option):
             for item in items:
                 if marker in item.keywords:
