@@ -172,12 +172,13 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         measured = divergence(probe, probe_labels, epsilon)
         if pop_batches is not None:  # untimed as training: its own time, population_seconds
             pop_start = clock()
+            recalibrate = config.recalibrate and epoch == config.epochs
             pop_stats = population.statistics(backend, dataset.train_images, pop_batches)
             figures = population_figures(backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config,
-                                         epsilon, keep=config.recalibrate and epoch == config.epochs)
+                                         epsilon, keep=recalibrate)
             measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], figures.pop("lag_noise"))]
             measured.update(figures, population_images=int(pop_batches.size), population_seconds=clock() - pop_start,
-                            recalibrated=config.recalibrate and epoch == config.epochs)
+                            recalibrated=recalibrate)
         params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
         snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"
                     f"_{config.config_id}_e{epoch:03d}.npz")
