@@ -9,7 +9,8 @@ from common.registry import FRAMEWORKS
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["common.config", "common.data", "common.init", "common.reference", "common.interface",
            "common.loop", "common.records", "common.registry", "compare.run", "compare.report",
-           "compare.envs", "compare.worker", "compare.progress", "compare.bench", "compare.stats", "common.layout"]
+           "compare.envs", "compare.worker", "compare.progress", "compare.bench", "compare.stats", "common.layout",
+           "common.population", "compare.tracking", "compare.study"]
 # every framework's top-level package, and the one each registry entry imports to prove it (flax for jax)
 PACKAGES = sorted(set(FRAMEWORKS) | {info.import_name for info in FRAMEWORKS.values()})
 
