@@ -332,10 +332,6 @@ def add_arguments(group, default_jobs: int) -> None:
                        help="ray: the cluster, as Ray takes it (auto, HOST:PORT, ray://HOST:10001); "
                             "default: a local Ray started for this command")
     group.add_argument("--threads", type=int, default=1, help="ray: CPUs (and compute threads) per worker task")
-    group.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                       help="also mirror the runs into MLflow: a tracking server (http://HOST:PORT), or, without a "
-                            "URI, $MLFLOW_TRACKING_URI or else an SQLite store in the report folder (README, "
-                            "Tracking in MLflow)")
     group.add_argument("--retries", type=int, default=2,
                        help="ray: how many times the runs of a lost worker or node are tried again elsewhere")
 

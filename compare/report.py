@@ -660,11 +660,9 @@ def main(argv=None) -> int:
                                 description="Rebuild the tables, plots and report.md of a run from its records.")
     p.add_argument("run_dir")
     p.add_argument("--reference", help="framework the drift is measured against")
-    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                   help="also (re)fill MLflow from the folder: a tracking server, or, without a URI, "
-                        "$MLFLOW_TRACKING_URI or else the SQLite store in the folder")
-    args = p.parse_args(argv)
     from . import tracking
+    tracking.add_argument(p, "fill (or rebuild) MLflow from the folder's records")
+    args = p.parse_args(argv)
     try:
         if args.mlflow is not None:
             tracking.require_mlflow()

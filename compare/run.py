@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="reports", help="reports go to OUT/RUN_ID/")
     g.add_argument("--run-id", help="default: UTC time stamp")
     executor.add_arguments(g, 1)
+    tracking.add_argument(g)
     g.add_argument("--no-progress", action="store_true", help="one line per epoch instead of live bars")
     return p
 

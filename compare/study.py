@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the study file's [quick] budget: the smallest that "
                                                         "still answers the question")
     executor.add_arguments(p, default_jobs())
+    tracking.add_argument(p)
     p.add_argument("--out", default="reports/studies", help="the study goes to OUT/NAME/RUN_ID/")
     p.add_argument("--run-id", help="default: UTC time stamp; an existing one is resumed")
     p.add_argument("--python", action="append", default=[], metavar="FW=PATH",

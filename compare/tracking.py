@@ -58,6 +58,14 @@ SKIP_EPOCH_FIELDS = ("kind", "schema", "framework", "variant", "seed", "config_i
                      "step_losses", "bn_gap", "recalibrated")
 
 
+def add_argument(group, what: str = "mirror the runs into MLflow as they happen") -> None:
+    """--mlflow [URI] of compare.run, compare.study and compare.report."""
+    group.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                       help=f"also {what}: a tracking server (http://HOST:PORT), or, without a URI, "
+                            f"$MLFLOW_TRACKING_URI or else an SQLite store in the report folder (README, "
+                            f"Tracking in MLflow)")
+
+
 def embedded_uri(folder: Path) -> str:
     return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
 
