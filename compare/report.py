@@ -485,6 +485,12 @@ LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_l
                      "noise_var_log_ratio"]
 
 
+def final_epoch_gaps(gap: pd.DataFrame) -> pd.DataFrame:
+    """The bn_gap table's final epoch per framework and variant, each layer's figures averaged over seeds."""
+    last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
+    return last.groupby(["framework", "variant", "layer"], sort=False).mean(numeric_only=True).reset_index()
+
+
 def population_answer(summary: pd.DataFrame) -> list:
     """Per framework and variant with population statistics, in sentences made from the final epoch's
     numbers: how many points the running average (EMA) costs, and how much of the train/eval
@@ -531,9 +537,7 @@ def population_section(t: dict) -> list:
     parts.append(markdown_table(s.dropna(subset=["final_pop_test_acc"]), POPULATION_SUMMARY_COLUMNS))
     gap = t["bn_gap"]
     if not gap.empty and "lag_mean_gap" in gap:
-        gap = gap.dropna(subset=["lag_mean_gap"])
-        last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
-        last = last.groupby(["framework", "variant", "layer"], sort=False).mean(numeric_only=True).reset_index()
+        last = final_epoch_gaps(gap.dropna(subset=["lag_mean_gap"]))
         parts += ["Per BN layer: `lag_*` is the EMA against the population statistics (the EMA's lag), `noise_*` "
                   "the probe's batch statistics against them (batch noise), in the units of `mean_gap` / "
                   "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
@@ -582,8 +586,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     parts += population_section(t)
     gap = t["bn_gap"]
     if not gap.empty:
-        last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
-        last = last.groupby(["framework", "variant", "layer"], sort=False).mean(numeric_only=True).reset_index()
+        last = final_epoch_gaps(gap)
         parts += ["### Batch vs running statistics per BN layer (final epoch)\n",
                   "`mean_gap`: |batch mean - running mean| in running standard deviations; `var_log_ratio`: "
                   "|log(batch var / running var)|; both averaged over features.\n",
