@@ -13,8 +13,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 
 VARIANTS = ("scratch", "builtin", "builtin-defaults", "none")
-# The four places BN-LeNet can have a BN layer, in network order.
+# The four places BN-LeNet can have a BN (or other normalisation) layer, in network order.
 BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
+# Channels (features) of each position's layer: what a normalisation there normalises.
+CHANNELS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+# The normalisations (common.norms has the spec of each); only those in RUNNING_NORMS keep running
+# statistics and differ between train and eval mode.
+NORMS = ("batch", "renorm", "layer", "group", "instance")
+RUNNING_NORMS = ("batch", "renorm")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
@@ -51,6 +57,13 @@ class ModelSpec:
     decay: float = 0.9  # running = decay * running + (1 - decay) * batch
     epsilon: float = 1e-5  # inside the square root
     input_size: int = 28  # images are zero-padded (centred) to this size
+    norm: str = "batch"  # see NORMS; at bn_positions, with the same variants
+    groups: int = 2  # group normalisation: groups of channels per example
+    # batch renormalisation (Ioffe, 2017): r is clipped to [1/rmax, rmax], d to [-dmax, dmax]; the limits
+    # grow linearly from 1 and 0 over the first renorm_warmup training steps (0 = the limits from the start)
+    renorm_rmax: float = 3.0
+    renorm_dmax: float = 5.0
+    renorm_warmup: int = 1000
 
     def __post_init__(self):
         object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
@@ -80,13 +93,42 @@ class ModelSpec:
         _check(isinstance(self.input_size, int) and not isinstance(self.input_size, bool)
                and self.input_size >= 28 and self.input_size % 4 == 0,
                f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}")
+        _check(self.norm in NORMS, f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMS)}")
+        _check(isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
+               f"groups (--groups) must be an integer >= 1, got {self.groups!r}")
+        _check(_is_number(self.renorm_rmax) and self.renorm_rmax >= 1,
+               f"renorm_rmax (--renorm-rmax) must be a number >= 1, got {self.renorm_rmax!r}")
+        _check(_is_number(self.renorm_dmax) and self.renorm_dmax >= 0,
+               f"renorm_dmax (--renorm-dmax) must be a number >= 0, got {self.renorm_dmax!r}")
+        _check(isinstance(self.renorm_warmup, int) and not isinstance(self.renorm_warmup, bool)
+               and self.renorm_warmup >= 0,
+               f"renorm_warmup (--renorm-warmup) must be an integer >= 0, got {self.renorm_warmup!r}")
+        if self.variant != "none" and self.norm == "group":
+            for pos in self.bn_positions:
+                _check(CHANNELS[pos] % self.groups == 0,
+                       f"--groups {self.groups} does not divide the {CHANNELS[pos]} channels of {pos}, where group "
+                       f"normalisation was asked for; choose a divisor of "
+                       f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.bn_positions)} (2 divides them all)")
+        if self.variant != "none" and self.norm == "instance":
+            dense = [pos for pos in self.bn_positions if pos.startswith("fc")]
+            _check(not dense,
+                   f"instance normalisation normalises each channel over its H x W values, and a dense layer "
+                   f"({', '.join(dense)}) has one value per feature; put it after the convolutions only: "
+                   f"--bn-positions conv1,conv2")
 
     @property
     def has_bn(self) -> bool:
         return self.variant != "none" and bool(self.bn_positions)
 
     def bn_at(self, position: str) -> bool:
+        """Whether a normalisation layer (of self.norm) follows `position`."""
         return self.variant != "none" and position in self.bn_positions
+
+    @property
+    def has_running_stats(self) -> bool:
+        """Whether the normalisation layers keep running statistics (batch, renorm): only then do train and
+        eval mode differ, and only then are there population statistics."""
+        return self.has_bn and self.norm in RUNNING_NORMS
 
     @property
     def flat_side(self) -> int:

@@ -2,28 +2,40 @@
 
 The canonical layout is PyTorch's: conv weight (out, in, kh, kw), dense weight
 (out, in), flatten order (C, H, W). BN layers are named bn1..bn4 after the
-layer they follow and hold gamma, beta, running_mean and running_var. Every
-backend converts to its own layout on load and back on export.
+layer they follow (whatever the normalisation, --norm) and hold gamma and beta (per
+channel / feature), plus running_mean and running_var for the normalisations that
+keep running statistics (batch, renorm) and, for renorm, `steps`: the training steps
+it has taken, which set its clipping limits. Every backend converts to its own layout
+on load and back on export.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelSpec
+from .config import CHANNELS, ModelSpec
 
 # BN position -> the canonical name of its BN layer
 BN_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
 BN_STATS = ("running_mean", "running_var")
+# the state of a normalisation layer that training changes besides gamma and beta
+NORM_STATE = BN_STATS + ("steps",)
+
+
+def norm_suffixes(spec: ModelSpec) -> tuple:
+    """The canonical arrays of one normalisation layer of spec.norm."""
+    if spec.norm == "renorm":
+        return ("gamma", "beta") + NORM_STATE
+    return ("gamma", "beta") + (BN_STATS if spec.norm == "batch" else ())
 
 
 def layer_shapes(spec: ModelSpec) -> dict:
     """Weight shape of each conv/dense layer, in network order."""
     return {
-        "conv1": (6, 1, 5, 5),
-        "conv2": (16, 6, 5, 5),
-        "fc1": (120, spec.flat_size),
-        "fc2": (84, 120),
-        "fc3": (10, 84),
+        "conv1": (CHANNELS["conv1"], 1, 5, 5),
+        "conv2": (CHANNELS["conv2"], CHANNELS["conv1"], 5, 5),
+        "fc1": (CHANNELS["fc1"], spec.flat_size),
+        "fc2": (CHANNELS["fc2"], CHANNELS["fc1"]),
+        "fc3": (10, CHANNELS["fc2"]),
     }
 
 
@@ -47,14 +59,14 @@ def parameter_shapes(spec: ModelSpec) -> dict:
             out[f"{layer}.bias"] = (shape[0],)
         if layer in BN_NAMES and spec.bn_at(layer):
             bn = BN_NAMES[layer]
-            for suffix in ("gamma", "beta") + BN_STATS:
-                out[f"{bn}.{suffix}"] = (shape[0],)
+            for suffix in norm_suffixes(spec):
+                out[f"{bn}.{suffix}"] = (1,) if suffix == "steps" else (shape[0],)
     return out
 
 
 def is_trainable(name: str, spec: ModelSpec) -> bool:
     suffix = name.split(".")[1]
-    if suffix in BN_STATS:
+    if suffix in NORM_STATE:
         return False
     if suffix in ("gamma", "beta"):
         return not spec.freeze_gamma_beta
@@ -62,7 +74,7 @@ def is_trainable(name: str, spec: ModelSpec) -> bool:
 
 
 def init_params(spec: ModelSpec, seed: int, dtype: str = "float32") -> dict:
-    """Glorot-uniform weights, zero biases, gamma 1, beta 0, running mean 0, running var 1."""
+    """Glorot-uniform weights, zero biases, gamma 1, beta 0, running mean 0, running var 1, steps 0."""
     rng = np.random.RandomState([seed, 0, 2])  # RandomState: the same stream on numpy 1.23 and 2.x
     params = {}
     for name, shape in parameter_shapes(spec).items():
@@ -74,7 +86,7 @@ def init_params(spec: ModelSpec, seed: int, dtype: str = "float32") -> dict:
             value = rng.uniform(-limit, limit, size=shape)
         elif suffix in ("gamma", "running_var"):
             value = np.ones(shape)
-        else:  # bias, beta, running_mean
+        else:  # bias, beta, running_mean, steps
             value = np.zeros(shape)
         params[name] = value.astype(dtype)
     return params

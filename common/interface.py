@@ -56,6 +56,13 @@ class BNResult:
 #       framework's layer as constructed by default (decay/epsilon ignored).
 #       One forward in the given mode, then a backward of sum(dy * y). Bad
 #       input raises ValueError, as the layer does.
+#   run_norm(spec, x, state, dy, *, training, dtype) -> dict
+#       One layer of spec.norm / spec.variant (any normalisation, common.norms) on
+#       canonical NCHW / NC numpy x: state maps the canonical suffixes of
+#       common.init.norm_suffixes(spec) to arrays; one forward in the given mode,
+#       a backward of sum(dy * y); returns y, dx, dgamma, dbeta and "state", the
+#       layer's arrays after both. A norm without a fitting built-in layer raises
+#       BackendUnavailable, as the model does.
 
 
 def resolve_execution(config: RunConfig, default: str, supported=("compiled", "eager")) -> str:

@@ -130,9 +130,9 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
     epsilon = described["bn_epsilon"] or config.model.epsilon  # None without BN layers
     batch = config.batch_size
-    # the same images every epoch (and in every framework); none without BN layers
+    # the same images every epoch (and in every framework); none without running statistics (common.norms)
     pop_batches = (population.population_batches(config.seed, len(dataset.train_labels), config.population_size, batch)
-                   if config.population_size and described["bn_epsilon"] is not None else None)
+                   if config.population_size and config.model.has_running_stats else None)
     for epoch in range(1, config.epochs + 1):
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
         steps = len(order_np)

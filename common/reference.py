@@ -1,4 +1,4 @@
-"""Float64 numpy reference of BN and BN-LeNet: the oracle for every test.
+"""Float64 numpy reference of BN, the other normalisations (common.norms) and BN-LeNet: the oracle for every test.
 
 Written for clarity, not speed. Conventions are the project's specification:
 biased batch variance, running = decay * running + (1 - decay) * batch.
@@ -9,6 +9,7 @@ import numpy as np
 
 from .config import ModelSpec
 from .init import BN_NAMES, has_bias
+from .norms import groups_of, renorm_limits
 
 
 def _axes(x: np.ndarray) -> tuple:
@@ -24,13 +25,21 @@ def _shape(x: np.ndarray) -> tuple:
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training: bool,
-                       decay: float = 0.9, epsilon: float = 1e-5):
-    """Returns (y, new_running_mean, new_running_var, cache for the backward)."""
+                       decay: float = 0.9, epsilon: float = 1e-5, renorm: tuple | None = None):
+    """Returns (y, new_running_mean, new_running_var, cache for the backward).
+
+    renorm = (rmax, dmax): batch renormalisation's training mode (common.norms), else BN."""
     x = np.asarray(x, dtype=np.float64)
     axes, shape = _axes(x), _shape(x)
+    r = d = None
     if training:
         mean = x.mean(axis=axes)
         var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)  # biased (1/n)
+        if renorm is not None:
+            rmax, dmax = renorm
+            sigma = np.sqrt(np.asarray(running_var, np.float64) + epsilon)
+            r = np.clip(np.sqrt(var + epsilon) / sigma, 1.0 / rmax, rmax)
+            d = np.clip((mean - running_mean) / sigma, -dmax, dmax)
         new_mean = decay * running_mean + (1 - decay) * mean
         new_var = decay * running_var + (1 - decay) * var
     else:
@@ -38,18 +47,19 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training: b
         new_mean, new_var = running_mean, running_var
     inv_std = 1.0 / np.sqrt(var + epsilon)
     x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-    y = gamma.reshape(shape) * x_hat + beta.reshape(shape)
-    cache = (x_hat, inv_std, np.asarray(gamma, np.float64), axes, shape, training)
+    corrected = x_hat if r is None else x_hat * r.reshape(shape) + d.reshape(shape)
+    y = gamma.reshape(shape) * corrected + beta.reshape(shape)
+    cache = (x_hat, inv_std, np.asarray(gamma, np.float64), axes, shape, training, r, corrected)
     return y, np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64), cache
 
 
 def batch_norm_backward(dy, cache):
-    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for the forward that made cache."""
-    x_hat, inv_std, gamma, axes, shape, training = cache
+    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for the forward that made cache (r, d: constants)."""
+    x_hat, inv_std, gamma, axes, shape, training, r, corrected = cache
     dy = np.asarray(dy, dtype=np.float64)
-    dgamma = (dy * x_hat).sum(axis=axes)
+    dgamma = (dy * corrected).sum(axis=axes)
     dbeta = dy.sum(axis=axes)
-    dx_hat = dy * gamma.reshape(shape)
+    dx_hat = dy * gamma.reshape(shape) * (1.0 if r is None else r.reshape(shape))
     if not training:  # running statistics are constants
         return dx_hat * inv_std.reshape(shape), dgamma, dbeta
     n = dy.size // dy.shape[1]
@@ -57,6 +67,64 @@ def batch_norm_backward(dy, cache):
         n * dx_hat - dx_hat.sum(axis=axes, keepdims=True)
         - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True))
     return dx, dgamma, dbeta
+
+
+def group_norm_forward(x, gamma, beta, *, groups: int, epsilon: float = 1e-5):
+    """Group normalisation of (N, C, H, W) or (N, C) input (layer: groups=1, instance: groups=C).
+    Returns (y, cache for the backward)."""
+    x = np.asarray(x, dtype=np.float64)
+    shape = _shape(x)
+    _axes(x)  # 2-D or 4-D only
+    n, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"{groups} groups do not divide {c} channels")
+    g = x.reshape(n, groups, -1)  # consecutive channels form a group
+    mean = g.mean(axis=2, keepdims=True)
+    inv_std = 1.0 / np.sqrt(((g - mean) ** 2).mean(axis=2, keepdims=True) + epsilon)
+    x_hat = ((g - mean) * inv_std).reshape(x.shape)
+    y = gamma.reshape(shape) * x_hat + beta.reshape(shape)
+    return y, (x_hat, inv_std, np.asarray(gamma, np.float64), groups)
+
+
+def group_norm_backward(dy, cache):
+    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for the forward that made cache."""
+    x_hat, inv_std, gamma, groups = cache
+    dy = np.asarray(dy, dtype=np.float64)
+    axes, shape = _axes(dy), _shape(dy)
+    dgamma, dbeta = (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
+    n = dy.shape[0]
+    dx_hat = (dy * gamma.reshape(shape)).reshape(n, groups, -1)
+    xh = x_hat.reshape(n, groups, -1)
+    count = xh.shape[2]
+    dx = (inv_std / count) * (count * dx_hat - dx_hat.sum(axis=2, keepdims=True)
+                              - xh * (dx_hat * xh).sum(axis=2, keepdims=True))
+    return dx.reshape(dy.shape), dgamma, dbeta
+
+
+def norm_forward(spec: ModelSpec, x, state: dict, *, training: bool, epsilon: float | None = None,
+                 decay: float | None = None):
+    """One layer of spec.norm. state: canonical suffix -> array (gamma, beta, and running_mean,
+    running_var, steps where the norm has them). Returns (y, new state, cache, kind) where kind is
+    "batch" or "group" (which backward applies)."""
+    eps = spec.epsilon if epsilon is None else epsilon
+    dec = spec.decay if decay is None else decay
+    x = np.asarray(x, dtype=np.float64)
+    new = dict(state)
+    if spec.norm in ("batch", "renorm"):
+        renorm = renorm_limits(float(np.asarray(state["steps"]).reshape(-1)[0]), spec) \
+            if spec.norm == "renorm" and training else None
+        y, new["running_mean"], new["running_var"], cache = batch_norm_forward(
+            x, state["gamma"], state["beta"], state["running_mean"], state["running_var"], training=training,
+            decay=dec, epsilon=eps, renorm=renorm)
+        if renorm is not None:
+            new["steps"] = np.asarray(state["steps"], np.float64) + 1
+        return y, new, cache, "batch"
+    y, cache = group_norm_forward(x, state["gamma"], state["beta"], groups=groups_of(spec, x.shape[1]), epsilon=eps)
+    return y, new, cache, "group"
+
+
+def norm_backward(dy, cache, kind: str):
+    return (batch_norm_backward if kind == "batch" else group_norm_backward)(dy, cache)
 
 
 def conv2d(x, weight, bias=None):
@@ -82,7 +150,8 @@ def lenet_forward(params: dict, spec: ModelSpec, x, *, training: bool, epsilon: 
     """BN-LeNet logits in float64 (no dropout), plus per-BN-layer statistics.
 
     Returns (logits, stats) where stats[bn] = dict(batch_mean, batch_var,
-    new_running_mean, new_running_var); batch_* are None in eval mode.
+    new_running_mean, new_running_var) for the norms with running statistics;
+    batch_* are None in eval mode.
     """
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     eps = spec.epsilon if epsilon is None else epsilon
@@ -100,14 +169,14 @@ def lenet_forward(params: dict, spec: ModelSpec, x, *, training: bool, epsilon: 
         bn = BN_NAMES[layer] if spec.bn_at(layer) else None
 
         def norm(h):
-            y, new_mean, new_var, _ = batch_norm_forward(
-                h, p[f"{bn}.gamma"], p[f"{bn}.beta"], p[f"{bn}.running_mean"],
-                p[f"{bn}.running_var"], training=training, decay=dec, epsilon=eps)
-            axes = _axes(h)
-            stats[bn] = dict(
-                batch_mean=h.mean(axis=axes) if training else None,
-                batch_var=h.var(axis=axes) if training else None,
-                new_running_mean=new_mean, new_running_var=new_var)
+            state = {k.split(".")[1]: v for k, v in p.items() if k.startswith(f"{bn}.")}
+            y, new, _, _ = norm_forward(spec, h, state, training=training, epsilon=eps, decay=dec)
+            if spec.norm in ("batch", "renorm"):
+                axes = _axes(h)
+                stats[bn] = dict(
+                    batch_mean=h.mean(axis=axes) if training else None,
+                    batch_var=h.var(axis=axes) if training else None,
+                    new_running_mean=new["running_mean"], new_running_var=new["running_var"])
             return y
 
         if bn and spec.bn_placement == "before_activation":
