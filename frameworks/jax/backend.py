@@ -29,7 +29,8 @@ from common.init import bn_layers, check_params, init_params, is_trainable
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
-from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_bn, mode_kwargs, variable_paths
+from .lenet import (FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_norm, mode_kwargs,
+                    variable_paths)
 
 # The jitted step by default: eager JAX dispatches every op from Python (README.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -79,6 +80,8 @@ class JaxBackend(Backend):
         self.device = resolve_device(config.device)
         self.dtype = config.dtype
         self.spec = config.model
+        if config.model.has_bn:
+            make_norm(config.model, 2, config.dtype)  # a normalisation without a fitting Flax module fails here
         self.model = BNLeNet(config.model, dtype=config.dtype)
         self.paths = variable_paths(config.model)
         # XLA is JAX's only compiler: --execution xla is the jitted step too
@@ -216,7 +219,7 @@ class JaxBackend(Backend):
         logits_eval, logits_train, inputs = self._probe(self.variables, x)
         stats = {name: bn_probe_stats(np.asarray(inputs[f"{name}_input"][0]), -1,  # channels last
                                       self._array(f"{name}.running_mean"), self._array(f"{name}.running_var"))
-                 for name in bn_layers(self.spec)}
+                 for name in (bn_layers(self.spec) if self.spec.has_running_stats else ())}  # others: no statistics
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
 
     def synchronize(self):
@@ -230,14 +233,24 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
     """See common.interface: one BN layer's forward and backward, numpy in and out (NCHW in, NCHW out)."""
     from common.config import ModelSpec
 
+    state = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    out = run_norm(ModelSpec(variant=kind, decay=decay, epsilon=epsilon), x, state, dy, training=training, dtype=dtype)
+    stats = out["state"]
+    # functional: the forward returns the new running statistics; the backward cannot change them
+    return BNResult(y=out["y"], dx=out["dx"], dgamma=out["dgamma"], dbeta=out["dbeta"],
+                    mean_after_forward=stats["running_mean"], var_after_forward=stats["running_var"],
+                    mean_after_backward=stats["running_mean"], var_after_backward=stats["running_var"])
+
+
+def run_norm(spec, x, state, dy, *, training, dtype):
+    """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
     enable_float64(dtype)
-    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
-    layer = make_bn(spec, x.shape[1], dtype)
-    leaves = SCRATCH_LEAVES if kind == "scratch" else FLAX_LEAVES
-    arrays = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-    variables = {}
-    for canonical, (collection, leaf) in leaves.items():
-        variables.setdefault(collection, {})[leaf] = jnp.asarray(np.asarray(arrays[canonical], dtype=dtype))
+    layer = make_norm(spec, x.shape[1], dtype, dims=np.ndim(x))
+    leaves = SCRATCH_LEAVES if spec.variant == "scratch" else FLAX_LEAVES
+    variables = {"params": {}, "batch_stats": {}}
+    for suffix, value in state.items():
+        collection, leaf = leaves[suffix]
+        variables[collection][leaf] = jnp.asarray(np.asarray(value, dtype=dtype))
     xt, dyt = (jnp.asarray(nchw_to_nhwc(a).astype(dtype)) for a in (x, dy))
 
     def forward(x, params):
@@ -246,9 +259,7 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
 
     y, backward, updates = jax.vjp(forward, xt, variables["params"], has_aux=True)
     dx, dparams = backward(dyt)
-    stats = [np.asarray(updates["batch_stats"][leaves[s][1]]) for s in ("running_mean", "running_var")]
-    # functional: the forward returns the new running statistics; the backward cannot change them
-    return BNResult(y=nhwc_to_nchw(np.asarray(y)), dx=nhwc_to_nchw(np.asarray(dx)),
-                    dgamma=np.asarray(dparams[leaves["gamma"][1]]), dbeta=np.asarray(dparams[leaves["beta"][1]]),
-                    mean_after_forward=stats[0], var_after_forward=stats[1],
-                    mean_after_backward=stats[0], var_after_backward=stats[1])
+    after = {**variables["params"], **variables["batch_stats"], **updates.get("batch_stats", {})}
+    return {"y": nhwc_to_nchw(np.asarray(y)), "dx": nhwc_to_nchw(np.asarray(dx)),
+            "dgamma": np.asarray(dparams[leaves["gamma"][1]]), "dbeta": np.asarray(dparams[leaves["beta"][1]]),
+            "state": {suffix: np.asarray(after[leaves[suffix][1]]) for suffix in state}}

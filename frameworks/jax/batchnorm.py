@@ -1,4 +1,5 @@
-"""Scratch batch normalization for JAX / Flax.
+"""Scratch batch normalization, batch renormalisation and group normalisation for JAX / Flax
+(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
 
 `batch_norm` is a pure function: the running statistics go in and the new ones
 come out, nothing is mutated, and the mode is a required keyword (there is no
@@ -17,8 +18,9 @@ from flax import linen as nn
 from jax import lax
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon):
-    """Return (y, new_running_mean, new_running_var); eval mode returns the running ones unchanged."""
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
+    """Return (y, new_running_mean, new_running_var); eval mode returns the running ones unchanged.
+    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
     if x.ndim not in (2, 4):
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
                          f"flatten or reshape before the BN layer")
@@ -43,7 +45,27 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
     y = (x - mean) * lax.rsqrt(var + epsilon)  # channel-last: broadcasts over the last axis
+    if training and renorm is not None:
+        rmax, dmax = renorm
+        sigma = jnp.sqrt(running_var + epsilon)
+        r = jnp.clip(jnp.sqrt(lax.stop_gradient(var) + epsilon) / sigma, 1.0 / rmax, rmax)
+        d = jnp.clip((lax.stop_gradient(mean) - running_mean) / sigma, -dmax, dmax)
+        y = y * r + d
     return y * gamma + beta, new_mean, new_var
+
+
+def group_norm(x, gamma, beta, *, groups, epsilon):
+    """Per example, over each of `groups` groups of consecutive channels (with H x W for 4-D NHWC input)."""
+    if x.ndim not in (2, 4):
+        raise ValueError(f"group_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"{groups} groups do not divide the {channels} channels of input shape {tuple(x.shape)}")
+    g = x.reshape(x.shape[:-1] + (groups, channels // groups))
+    axes = (2,) if x.ndim == 2 else (1, 2, 4)  # of (N, G, C/G) or (N, H, W, G, C/G)
+    mean = jnp.mean(g, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+    return ((g - mean) * lax.rsqrt(var + epsilon)).reshape(x.shape) * gamma + beta
 
 
 class BatchNorm(nn.Module):
@@ -62,7 +84,42 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, shape, self.dtype)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
         y, new_mean, new_var = batch_norm(x, gamma, beta, running_mean.value, running_var.value,
-                                          training=training, decay=self.decay, epsilon=self.epsilon)
+                                          training=training, decay=self.decay, epsilon=self.epsilon,
+                                          renorm=self.limits(training))
         if training and not self.is_initializing():
             running_mean.value, running_var.value = new_mean, new_var
         return y
+
+    def limits(self, training):
+        """(rmax, dmax) of batch renormalisation; None: plain BN."""
+        return None
+
+
+class BatchRenorm(BatchNorm):
+    """BatchNorm plus `steps` in "batch_stats" (the training steps taken), which sets the clipping limits."""
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup: int = 1000
+
+    def limits(self, training):
+        steps = self.variable("batch_stats", "steps", jnp.zeros, (1,), self.dtype)
+        ramp = jnp.minimum(steps.value / self.warmup, 1.0) if self.warmup else jnp.ones_like(steps.value)
+        if training and not self.is_initializing():
+            steps.value = steps.value + 1
+        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+
+
+class GroupNorm(nn.Module):
+    """Our group_norm as a Flax layer: gamma and beta per channel, no running statistics (train = eval)."""
+
+    num_features: int
+    groups: int
+    epsilon: float = 1e-5
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.ones, (self.num_features,), self.dtype)
+        beta = self.param("beta", nn.initializers.zeros, (self.num_features,), self.dtype)
+        return group_norm(x, gamma, beta, groups=self.groups, epsilon=self.epsilon)

@@ -11,7 +11,10 @@ Canonical (PyTorch) parameters are converted by common.layout (conv kernel
 Variants: scratch (our BatchNorm), builtin (flax.linen.BatchNorm(momentum=decay,
 epsilon=eps): Flax's momentum weights the old running value, like our decay),
 builtin-defaults (flax.linen.BatchNorm() as constructed: momentum 0.99, epsilon 1e-5),
-none. `model.apply(variables, x, training=..., bn_training=None)`: bn_training
+none. Other normalisations (spec.norm): scratch BatchRenorm / GroupNorm; built-in
+nn.GroupNorm, nn.LayerNorm (reduction over every non-batch axis, gamma per channel)
+and nn.InstanceNorm, with use_fast_variance=False; no built-in renorm.
+`model.apply(variables, x, training=..., bn_training=None)`: bn_training
 defaults to training (dropout follows `training`); the probe uses training=False,
 bn_training=True. Each BN layer's input is sown into the "intermediates" collection
 (a no-op unless the caller makes that collection mutable, as the probe does).
@@ -21,13 +24,39 @@ from flax import linen as nn
 from common.config import ModelSpec
 from common.init import BN_NAMES, has_bias, layer_shapes, parameter_shapes
 
-from .batchnorm import BatchNorm
+from common.norms import groups_of, no_builtin
+
+from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 # canonical BN suffix -> (collection, leaf) for our layer and for Flax's
 SCRATCH_LEAVES = {"gamma": ("params", "gamma"), "beta": ("params", "beta"),
-                  "running_mean": ("batch_stats", "running_mean"), "running_var": ("batch_stats", "running_var")}
+                  "running_mean": ("batch_stats", "running_mean"), "running_var": ("batch_stats", "running_var"),
+                  "steps": ("batch_stats", "steps")}
 FLAX_LEAVES = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
                "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+FLAX_NORMS = "nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, nn.RMSNorm"
+
+
+def make_norm(spec, num_features, dtype, dims=4, name=None):
+    """The module of spec.norm and spec.variant that follows a layer of num_features channels."""
+    if spec.norm == "batch":
+        return make_bn(spec, num_features, dtype, name=name)
+    if spec.variant == "scratch":
+        if spec.norm == "renorm":
+            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=dtype, rmax=spec.renorm_rmax,
+                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, name=name)
+        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=dtype, name=name)
+    if spec.norm == "renorm":
+        raise no_builtin("Flax", "renorm", FLAX_NORMS)
+    kwargs = dict(dtype=dtype, param_dtype=dtype, name=name)
+    if spec.variant == "builtin":
+        kwargs["epsilon"] = spec.epsilon
+    # use_fast_variance=False: Flax's default E[x^2] - E[x]^2 cancels when |mean| >> std (tests/test_jax_pitfalls.py)
+    if spec.norm == "layer":  # over every non-batch axis, gamma per channel (feature_axes=-1)
+        return nn.LayerNorm(reduction_axes=tuple(range(1, dims)), feature_axes=-1, use_fast_variance=False, **kwargs)
+    if spec.norm == "instance":
+        return nn.InstanceNorm(feature_axes=-1, use_fast_variance=False, **kwargs)
+    return nn.GroupNorm(num_groups=spec.groups, use_fast_variance=False, **kwargs)
 
 
 def make_bn(spec, num_features, dtype, name=None):
@@ -39,18 +68,21 @@ def make_bn(spec, num_features, dtype, name=None):
 
 
 def effective_bn(spec):
-    """(decay, epsilon) the BN layers really use."""
+    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
     if not spec.has_bn:
         return None, None
     if spec.variant == "builtin-defaults":
-        layer = nn.BatchNorm()
-        return layer.momentum, layer.epsilon
-    return spec.decay, spec.epsilon
+        layer = make_norm(spec, 2, "float32")
+        return getattr(layer, "momentum", None), layer.epsilon
+    return (spec.decay if spec.has_running_stats else None), spec.epsilon
 
 
 def mode_kwargs(layer, training):
-    """Our layer takes `training`; Flax's takes `use_running_average`, its inverse."""
-    return {"training": training} if isinstance(layer, BatchNorm) else {"use_running_average": not training}
+    """Our BN layers take `training`; Flax's BatchNorm takes `use_running_average`, its inverse; the other
+    normalisations have no mode."""
+    if isinstance(layer, BatchNorm):
+        return {"training": training}
+    return {"use_running_average": not training} if isinstance(layer, nn.BatchNorm) else {}
 
 
 class BNLeNet(nn.Module):
@@ -75,7 +107,7 @@ class BNLeNet(nn.Module):
             if layer not in BN_NAMES or not spec.bn_at(layer):
                 return h if layer not in BN_NAMES else act(h)
             name = BN_NAMES[layer]
-            bn = make_bn(spec, shapes[layer][0], dtype, name=name)
+            bn = make_norm(spec, shapes[layer][0], dtype, dims=h.ndim, name=name)
             before = spec.bn_placement == "before_activation"
             if not before:
                 h = act(h)

@@ -24,7 +24,7 @@ from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 
-from .lenet import BNLeNet, effective_bn, make_bn
+from .lenet import BNLeNet, check_dtype, effective_bn, make_bn, make_norm
 
 
 # Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
@@ -55,6 +55,7 @@ class MXNetBackend(Backend):
         self.dtype = config.dtype
         self.spec = config.model
         mx.random.seed(config.seed)  # dropout masks only; weights come from common
+        check_dtype(config.model, config.dtype)
         self.net = BNLeNet(config.model)
         self.net.initialize(ctx=self.ctx)
         self.net.cast(self.dtype)
@@ -131,7 +132,7 @@ class MXNetBackend(Backend):
         x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
         nd.waitall()  # see the module docstring
         logits_eval = self.net(x, False)[0].asnumpy()
-        blocks = self.net.bn_blocks()
+        blocks = self.net.bn_blocks() if self.spec.has_running_stats else {}  # the others have no statistics
         saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
         inputs = {}  # each BN layer's input, recorded by a hook
         hooks = [b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
@@ -189,3 +190,28 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
                     dbeta=layer.beta.grad().asnumpy(), mean_after_forward=after_forward[0],
                     var_after_forward=after_forward[1], mean_after_backward=layer.running_mean.data().asnumpy(),
                     var_after_backward=layer.running_var.data().asnumpy())
+
+
+def run_norm(spec, x, state, dy, *, training, dtype):
+    """See common.interface: one normalisation layer's forward and backward, numpy in and out."""
+    check_dtype(spec, dtype)
+    layer = make_norm(spec, x.shape[1], np.ndim(x))
+    layer.initialize(ctx=mx.cpu())
+    layer.cast(dtype)
+    xt = nd.array(x, dtype=dtype)
+    for suffix, value in state.items():  # a built-in Gluon block's shapes are known after a first call
+        getattr(layer, suffix).shape = np.shape(value)
+    layer(xt, nd.array([0.0], dtype=dtype)) if hasattr(layer, "state") else layer(xt)
+    for suffix, value in state.items():
+        getattr(layer, suffix).set_data(nd.array(value, dtype=dtype))
+    xt.attach_grad()
+    with autograd.record(train_mode=training):
+        out = layer(xt, nd.array([float(training)], dtype=dtype)) if hasattr(layer, "state") else layer(xt)
+        y = out[0] if isinstance(out, (list, tuple)) else out
+        loss = (y * nd.array(dy, dtype=dtype)).sum()
+    loss.backward()
+    if hasattr(layer, "state") and training:  # our layers: store what the forward returned
+        layer.store(*out[1:])
+    return {"y": y.asnumpy(), "dx": xt.grad.asnumpy(), "dgamma": layer.gamma.grad().asnumpy(),
+            "dbeta": layer.beta.grad().asnumpy(),
+            "state": {suffix: getattr(layer, suffix).data().asnumpy() for suffix in state}}

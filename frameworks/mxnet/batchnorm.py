@@ -1,4 +1,6 @@
-"""Scratch batch normalization for MXNet Gluon, written with NDArray/Symbol ops.
+"""Scratch batch normalization, batch renormalisation and group normalisation for MXNet Gluon,
+written with NDArray/Symbol ops (layer and instance normalisation are group normalisation with 1 and
+C groups; common.norms has the spec).
 
 Layout: NCHW (4-D) or NC (2-D). A hybridized graph freezes any Python branch
 on `autograd.is_training()` at trace time and cannot assign to parameters, so:
@@ -16,8 +18,10 @@ from mxnet import nd
 from mxnet.gluon import HybridBlock
 
 
-def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon):
+def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var); see the module docstring for `mode`.
+    renorm = (rmax, dmax), (1,)-shaped: batch renormalisation's correction by r and d (no gradient)
+    where the batch statistics are used.
 
     x is (N, C) or (N, C, H, W). MXNet's CPU reduction and broadcast kernels are
     slow, so per-channel sums and the broadcasts back are matrix products with
@@ -51,15 +55,52 @@ def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, eps
     centred = rows - spread(mean_used)
     var = channel_mean(F.square(centred))  # biased (1/n); the batch variance in training mode
     var_used = F.where(use_batch, var, running_var)
-    y = centred * spread(gamma * F.rsqrt(var_used + epsilon)) + spread(beta)
+    scale, shift = gamma * F.rsqrt(var_used + epsilon), beta
+    if renorm is not None:
+        rmax, dmax = renorm
+        sigma = F.sqrt(running_var + epsilon)
+        r = F.broadcast_minimum(F.broadcast_maximum(F.sqrt(var + epsilon) / sigma, 1 / rmax), rmax)
+        d = F.broadcast_minimum(F.broadcast_maximum((mean - running_mean) / sigma, -dmax), dmax)
+        r = F.stop_gradient(F.where(use_batch, r, F.ones_like(r)))
+        d = F.stop_gradient(F.where(use_batch, d, F.zeros_like(d)))
+        scale, shift = scale * r, shift + gamma * d
+    y = centred * spread(scale) + spread(shift)
     # stop_gradient: the running statistics must not carry autograd history
     new_mean = F.where(use_batch, decay * running_mean + (1 - decay) * F.stop_gradient(mean), running_mean)
     new_var = F.where(use_batch, decay * running_var + (1 - decay) * F.stop_gradient(var), running_var)
     return F.reshape_like(y, x), new_mean, new_var
 
 
+def group_norm(F, x, gamma, beta, *, groups, num_dims, epsilon):
+    """Per example, over each of `groups` groups of consecutive channels (with H x W for 4-D input)."""
+    g = F.reshape(x, shape=(0, groups, -1))
+    centred = F.broadcast_sub(g, F.mean(g, axis=2, keepdims=True))
+    y = F.reshape_like(F.broadcast_mul(centred, F.rsqrt(F.mean(F.square(centred), axis=2, keepdims=True) + epsilon)), x)
+    per_channel = (1, -1) if num_dims == 2 else (1, -1, 1, 1)
+    return F.broadcast_add(F.broadcast_mul(y, F.reshape(gamma, shape=per_channel)), F.reshape(beta, shape=per_channel))
+
+
+class GroupNorm(HybridBlock):
+    """gamma and beta per channel; no running statistics, so train and eval mode are the same."""
+
+    def __init__(self, num_features, num_dims, groups, *, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if num_dims not in (2, 4) or num_features % groups:
+            raise ValueError(f"group_norm needs 2-D or 4-D input and groups dividing the channels, got num_dims="
+                             f"{num_dims}, {groups} groups of {num_features} channels")
+        self.num_features, self.num_dims, self.groups, self.epsilon = num_features, num_dims, groups, epsilon
+        with self.name_scope():
+            self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
+            self.beta = self.params.get("beta", shape=(num_features,), init=mx.init.Zero())
+
+    def hybrid_forward(self, F, x, gamma, beta):
+        return group_norm(F, x, gamma, beta, groups=self.groups, num_dims=self.num_dims, epsilon=self.epsilon)
+
+
 class BatchNorm(HybridBlock):
     """gamma, beta (trainable) and running_mean, running_var (grad_req='null')."""
+
+    state = ("running_mean", "running_var")  # what a training forward returns after y, for store()
 
     def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
@@ -88,7 +129,28 @@ class BatchNorm(HybridBlock):
         return batch_norm(F, x, gamma, beta, running_mean, running_var, mode,
                           decay=self.decay, epsilon=self.epsilon)
 
-    def store(self, new_mean, new_var):
-        """Write the running statistics a training forward returned (asynchronous, no sync)."""
-        self.running_mean.data()[:] = new_mean
-        self.running_var.data()[:] = new_var
+    def store(self, *new_state):
+        """Write the state (self.state) a training forward returned (asynchronous, no sync)."""
+        for name, value in zip(self.state, new_state):
+            getattr(self, name).data()[:] = value
+
+
+class BatchRenorm(BatchNorm):
+    """BatchNorm plus `steps` (grad_req='null': the training steps taken), which sets the clipping limits."""
+
+    state = ("running_mean", "running_var", "steps")
+
+    def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, rmax=3.0, dmax=5.0, warmup=1000,
+                 **kwargs):
+        super().__init__(num_features, num_dims, decay=decay, epsilon=epsilon, **kwargs)
+        self.rmax, self.dmax, self.warmup = rmax, dmax, warmup
+        with self.name_scope():
+            self.steps = self.params.get("steps", shape=(1,), init=mx.init.Zero(), grad_req="null",
+                                         differentiable=False)
+
+    def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var, steps):
+        ramp = F.minimum(steps / self.warmup, 1.0) if self.warmup else F.ones_like(steps)
+        limits = (1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp)
+        y, new_mean, new_var = batch_norm(F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay,
+                                          epsilon=self.epsilon, renorm=limits)
+        return y, new_mean, new_var, steps + mode

@@ -3,6 +3,9 @@ map to attributes: conv1.weight -> net.conv1.weight, bn1.gamma -> net.bn1.gamma.
 
 Variants: scratch (our BatchNorm), builtin (gluon.nn.BatchNorm(momentum=decay,
 epsilon=eps)), builtin-defaults (gluon.nn.BatchNorm() as constructed), none.
+Other normalisations (spec.norm): scratch BatchRenorm / GroupNorm; built-in
+nn.LayerNorm (after a dense layer) and nn.InstanceNorm(scale=True); the rest
+have no Gluon layer that fits the spec (GLUON_NORMS says why).
 
 Modes. `net(x, training=None, bn_training=None)`: `training` defaults to Gluon's
 flag `autograd.is_training()` (True inside `autograd.record()`), `bn_training`
@@ -14,9 +17,41 @@ after a training forward (the scratch layers' update).
 from mxnet import autograd, nd
 from mxnet.gluon import HybridBlock, nn
 
+from common.errors import BackendUnavailable
 from common.init import BN_NAMES, has_bias, layer_shapes
 
-from .batchnorm import BatchNorm
+from common.norms import groups_of, no_builtin
+
+from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
+
+# Gluon's own normalisation layers (MXNet 1.9.1), and why most cannot be set to the spec
+GLUON_NORMS = ("nn.BatchNorm, nn.LayerNorm (one axis: fits the spec after a dense layer only), nn.InstanceNorm, "
+               "nn.GroupNorm (one gamma and beta per group, not per channel, and 3-D input or more: it fits no "
+               "position of the spec)")
+
+
+def make_norm(spec, num_features, dims):
+    """The block of spec.norm and spec.variant that follows a layer of num_features channels."""
+    if spec.norm == "batch":
+        return make_bn(spec, num_features, dims)
+    if spec.variant == "scratch":
+        if spec.norm == "renorm":
+            return BatchRenorm(num_features, dims, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
+                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup)
+        return GroupNorm(num_features, dims, groups_of(spec, num_features), epsilon=spec.epsilon)
+    kwargs = {} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon}
+    if spec.norm == "layer" and dims == 2:
+        return nn.LayerNorm(axis=-1, in_channels=num_features, **kwargs)
+    if spec.norm == "instance":  # scale=False by default: gamma would be ignored; float32 only (check_dtype)
+        return nn.InstanceNorm(axis=1, scale=True, in_channels=num_features, **kwargs)
+    raise no_builtin("MXNet Gluon", spec.norm + (" after a convolution" if spec.norm == "layer" else ""), GLUON_NORMS)
+
+
+def check_dtype(spec, dtype):
+    """Gluon's InstanceNorm has a float32 kernel only (float64 fails inside the operator)."""
+    if spec.has_bn and spec.norm == "instance" and spec.variant != "scratch" and dtype != "float32":
+        raise BackendUnavailable(f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {dtype}; "
+                                 f"use --dtype float32, or --variants scratch")
 
 
 def make_bn(spec, num_features, dims):
@@ -29,19 +64,21 @@ def make_bn(spec, num_features, dims):
 
 
 def effective_bn(spec):
+    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
     if not spec.has_bn:
         return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
-        kwargs = nn.BatchNorm(in_channels=1)._kwargs
-        return kwargs["momentum"], kwargs["eps"]
-    return spec.decay, spec.epsilon
+        kwargs = make_norm(spec, 2, 4 if "conv1" in spec.bn_positions else 2)._kwargs
+        return kwargs.get("momentum"), kwargs["eps"]
+    return (spec.decay if spec.has_running_stats else None), spec.epsilon
 
 
 class BNLeNet(HybridBlock):
     def __init__(self, spec, **kwargs):
         super().__init__(**kwargs)
         self.spec = spec
-        self.scratch = spec.variant == "scratch"
+        # the scratch layers with running statistics take the mode and return their new state
+        self.scratch = spec.variant == "scratch" and spec.has_running_stats
         self.bn_names = [BN_NAMES[l] for l in BN_NAMES if spec.bn_at(l)]
         with self.name_scope():
             for layer, shape in layer_shapes(spec).items():
@@ -52,7 +89,7 @@ class BNLeNet(HybridBlock):
                     block = nn.Dense(shape[0], in_units=shape[1], use_bias=bias)
                 setattr(self, layer, block)
                 if layer in BN_NAMES and spec.bn_at(layer):
-                    bn = make_bn(spec, shape[0], 4 if layer.startswith("conv") else 2)
+                    bn = make_norm(spec, shape[0], 4 if layer.startswith("conv") else 2)
                     setattr(self, BN_NAMES[layer], bn)
                     if spec.freeze_gamma_beta:
                         bn.gamma.grad_req = bn.beta.grad_req = "null"
@@ -74,8 +111,8 @@ class BNLeNet(HybridBlock):
         def norm(h):
             if not self.scratch:
                 return bn(h)
-            y, mean, var = bn(h, bn_mode)
-            new_stats.extend([mean, var])
+            y, *state = bn(h, bn_mode)
+            new_stats.extend(state)
             return y
 
         before = self.spec.bn_placement == "before_activation"
@@ -106,5 +143,8 @@ class BNLeNet(HybridBlock):
 
     def store_running(self, new_stats):
         """After a training forward: store what the scratch layers computed."""
-        for i, name in enumerate(self.bn_names if self.scratch else []):
-            getattr(self, name).store(new_stats[2 * i], new_stats[2 * i + 1])
+        start = 0
+        for name in self.bn_names if self.scratch else []:
+            block = getattr(self, name)
+            block.store(*new_stats[start:start + len(block.state)])
+            start += len(block.state)

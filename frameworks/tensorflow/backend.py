@@ -16,11 +16,12 @@ import keras
 import tensorflow as tf
 
 from common.errors import BackendUnavailable
-from common.init import check_params, parameter_shapes
+from common.init import NORM_STATE, check_params, norm_suffixes, parameter_shapes
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
-from .lenet import BNLeNet, effective_bn, make_bn, trainable_variables, variable
+from .lenet import (BUILTIN_NAMES, BNLeNet, effective_bn, make_bn, make_dense_norm, make_norm, trainable_variables,
+                    variable)
 
 
 # XLA by default: 1.9x tf.function, which is 2.4x (scratch) and 2.7x (built-in) eager, at batch 256 on the
@@ -151,8 +152,8 @@ class TensorFlowBackend(Backend):
         x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
         with tf.device(self.device):
             logits_eval = self.model(x, training=False).numpy()
-        layers = self.model.bn_layers()
-        stat_names = ("running_mean", "running_var")
+        layers = self.model.bn_layers() if self.spec.has_running_stats else {}  # the others have no statistics
+        stat_names = [s for s in norm_suffixes(self.spec) if s in NORM_STATE]  # running_mean, running_var (, steps)
         saved = {name: [variable(self.model, f"{name}.{s}").numpy() for s in stat_names] for name in layers}
         inputs = {}
         originals = {}
@@ -172,7 +173,7 @@ class TensorFlowBackend(Backend):
                 layer.call = originals[name]
                 for s, value in zip(stat_names, saved[name]):
                     variable(self.model, f"{name}.{s}").assign(value)
-        stats = {name: bn_probe_stats(inputs[name], -1, *saved[name]) for name in layers}  # channels last
+        stats = {name: bn_probe_stats(inputs[name], -1, *saved[name][:2]) for name in layers}  # channels last
         return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):
@@ -206,3 +207,20 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
                     mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
                     mean_after_backward=getattr(layer, names[2]).numpy(),
                     var_after_backward=getattr(layer, names[3]).numpy())
+
+
+def run_norm(spec, x, state, dy, *, training, dtype):
+    """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
+    layer = (make_norm if np.ndim(x) == 4 else make_dense_norm)(spec, x.shape[1], dtype)
+    xt = tf.constant(nchw_to_nhwc(x).astype(dtype))
+    layer.build(xt.shape)
+    names = {suffix: BUILTIN_NAMES.get(suffix, suffix) if spec.variant != "scratch" else suffix for suffix in state}
+    for suffix, value in state.items():
+        getattr(layer, names[suffix]).assign(np.asarray(value, dtype=dtype))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=training)
+        loss = tf.reduce_sum(y * tf.constant(nchw_to_nhwc(dy).astype(dtype)))
+    dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names["gamma"]), getattr(layer, names["beta"])])
+    return {"y": nhwc_to_nchw(y.numpy()), "dx": nhwc_to_nchw(dx.numpy()), "dgamma": dgamma.numpy(),
+            "dbeta": dbeta.numpy(), "state": {suffix: getattr(layer, names[suffix]).numpy() for suffix in state}}

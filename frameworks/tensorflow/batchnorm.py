@@ -1,4 +1,5 @@
-"""Scratch batch normalization for TensorFlow / Keras 3.
+"""Scratch batch normalization, batch renormalisation and group normalisation for TensorFlow / Keras 3
+(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
 
 Layout: NHWC (4-D, normalised over batch and spatial axes per channel) or NC
 (2-D). Training mode is the `training` argument, passed explicitly at every
@@ -12,8 +13,9 @@ import keras
 import tensorflow as tf
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon):
-    """Return (y, new_running_mean, new_running_var); eval mode returns the running ones."""
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
+    """Return (y, new_running_mean, new_running_var); eval mode returns the running ones.
+    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
     rank = x.shape.rank
     if rank not in (2, 4):
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
@@ -39,7 +41,29 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
     y = (x - mean) * tf.math.rsqrt(var + epsilon)  # channel-last: broadcasts over the last axis
+    if training and renorm is not None:
+        rmax, dmax = renorm
+        sigma = tf.sqrt(running_var + epsilon)
+        r = tf.clip_by_value(tf.sqrt(tf.stop_gradient(var) + epsilon) / sigma, 1.0 / rmax, rmax)
+        d = tf.clip_by_value((tf.stop_gradient(mean) - running_mean) / sigma, -dmax, dmax)
+        y = y * r + d
     return y * gamma + beta, new_mean, new_var
+
+
+def group_norm(x, gamma, beta, *, groups, epsilon):
+    """Per example, over each of `groups` groups of consecutive channels (with H x W for 4-D NHWC input)."""
+    rank = x.shape.rank
+    if rank not in (2, 4):
+        raise ValueError(f"group_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"{groups} groups do not divide the {channels} channels of input shape {tuple(x.shape)}")
+    g = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [groups, channels // groups]], axis=0))
+    axes = [2] if rank == 2 else [1, 2, 4]  # of (N, G, C/G) or (N, H, W, G, C/G)
+    mean = tf.reduce_mean(g, axis=axes, keepdims=True)
+    var = tf.reduce_mean(tf.square(g - mean), axis=axes, keepdims=True)
+    y = tf.reshape((g - mean) * tf.math.rsqrt(var + epsilon), tf.shape(x))
+    return y * gamma + beta
 
 
 class BatchNorm(keras.layers.Layer):
@@ -56,10 +80,53 @@ class BatchNorm(keras.layers.Layer):
         self.running_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="running_mean")
         self.running_var = self.add_weight(shape=shape, initializer="ones", trainable=False, name="running_var")
 
+    def limits(self):
+        """(rmax, dmax) of batch renormalisation; None: plain BN."""
+        return None
+
     def call(self, x, training=False):
         y, new_mean, new_var = batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var,
-                                          training=bool(training), decay=self.decay, epsilon=self.epsilon)
+                                          training=bool(training), decay=self.decay, epsilon=self.epsilon,
+                                          renorm=self.limits())
         if training:
             self.running_mean.assign(new_mean)
             self.running_var.assign(new_var)
+            self.count_step()
         return y
+
+    def count_step(self):
+        pass
+
+
+class BatchRenorm(BatchNorm):
+    """BatchNorm plus `steps` (a non-trainable weight: the training steps taken), which sets the clipping limits."""
+
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, rmax=3.0, dmax=5.0, warmup=1000, **kwargs):
+        super().__init__(num_features, decay=decay, epsilon=epsilon, **kwargs)
+        self.rmax, self.dmax, self.warmup = rmax, dmax, warmup
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.steps = self.add_weight(shape=(1,), initializer="zeros", trainable=False, name="steps")
+
+    def limits(self):
+        ramp = tf.minimum(self.steps / self.warmup, 1.0) if self.warmup else tf.ones_like(self.steps)
+        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+
+    def count_step(self):
+        self.steps.assign_add(tf.ones_like(self.steps))
+
+
+class GroupNorm(keras.layers.Layer):
+    """gamma and beta per channel; no running statistics, so train and eval mode are the same."""
+
+    def __init__(self, num_features, groups, *, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_features, self.groups, self.epsilon = num_features, groups, epsilon
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(self.num_features,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(self.num_features,), initializer="zeros", name="beta")
+
+    def call(self, x, training=False):
+        return group_norm(x, self.gamma, self.beta, groups=self.groups, epsilon=self.epsilon)

@@ -7,7 +7,11 @@ are gamma, beta, moving_mean, moving_variance.
 
 Variants: scratch (our BatchNorm), builtin (BatchNormalization(momentum=decay,
 epsilon=eps)), builtin-defaults (BatchNormalization() as constructed:
-momentum 0.99, epsilon 1e-3), none. `model(x, training=False,
+momentum 0.99, epsilon 1e-3), none. Other normalisations (spec.norm): scratch
+BatchRenorm / GroupNorm; built-in GroupNormalization (group, instance with C
+groups, layer after a convolution with 1 group: LayerNormalization's gamma there
+is per element) and LayerNormalization (layer after a dense layer); no built-in
+renorm that fits the spec (KERAS_NORMS says why). `model(x, training=False,
 bn_training=None)`: bn_training defaults to training; the probe uses
 training=False (no dropout) with bn_training=True.
 """
@@ -15,9 +19,39 @@ import keras
 
 from common.init import BN_NAMES, has_bias, layer_shapes
 
-from .batchnorm import BatchNorm
+from common.norms import groups_of, no_builtin
+
+from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 BUILTIN_NAMES = {"running_mean": "moving_mean", "running_var": "moving_variance"}
+KERAS_NORMS = ("BatchNormalization (its renorm=True computes r and d from a second pair of moving averages, "
+               "keeps a moving average of the standard deviation instead of the variance and clips with constant "
+               "limits: it cannot be set to the spec; tests/test_tensorflow_pitfalls.py measures it), "
+               "GroupNormalization, LayerNormalization")
+
+
+def make_norm(spec, num_features, dtype):
+    """The layer of spec.norm and spec.variant that follows a layer of num_features channels."""
+    if spec.norm == "batch":
+        return make_bn(spec, num_features, dtype)
+    if spec.variant == "scratch":
+        if spec.norm == "renorm":
+            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
+                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, dtype=dtype)
+        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=dtype)
+    if spec.norm == "renorm":
+        raise no_builtin("Keras", "renorm", KERAS_NORMS)
+    kwargs = {"dtype": dtype} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon, "dtype": dtype}
+    # LayerNormalization over (H, W, C) has a gamma per element: after a convolution, one group is the spec
+    return keras.layers.GroupNormalization(groups=groups_of(spec, num_features), **kwargs)
+
+
+def make_dense_norm(spec, num_features, dtype):
+    """After a dense layer, the built-in layer normalisation is LayerNormalization itself."""
+    if spec.norm == "layer" and spec.variant in ("builtin", "builtin-defaults"):
+        kwargs = {"dtype": dtype} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon, "dtype": dtype}
+        return keras.layers.LayerNormalization(axis=-1, **kwargs)
+    return make_norm(spec, num_features, dtype)
 
 
 def make_bn(spec, num_features, dtype):
@@ -30,12 +64,13 @@ def make_bn(spec, num_features, dtype):
 
 
 def effective_bn(spec):
+    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
     if not spec.has_bn:
         return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
-        layer = keras.layers.BatchNormalization()
-        return layer.momentum, layer.epsilon
-    return spec.decay, spec.epsilon
+        layer = make_norm(spec, 2, "float32")
+        return getattr(layer, "momentum", None), layer.epsilon
+    return (spec.decay if spec.has_running_stats else None), spec.epsilon
 
 
 class BNLeNet(keras.Model):
@@ -51,7 +86,7 @@ class BNLeNet(keras.Model):
                 block = keras.layers.Dense(shape[0], use_bias=bias, dtype=dtype, name=layer)
             setattr(self, layer, block)
             if layer in BN_NAMES and spec.bn_at(layer):
-                bn = make_bn(spec, shape[0], dtype)
+                bn = (make_norm if layer.startswith("conv") else make_dense_norm)(spec, shape[0], dtype)
                 if spec.freeze_gamma_beta:
                     bn.frozen = True  # read by trainable_gamma_beta below
                 setattr(self, BN_NAMES[layer], bn)

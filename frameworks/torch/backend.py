@@ -172,7 +172,8 @@ class TorchBackend(Backend):
 
         try:
             for name, module in bns.items():
-                hooks.append(module.register_forward_pre_hook(capture(name)))
+                if self.spec.has_running_stats:  # the others have no batch or running statistics to report
+                    hooks.append(module.register_forward_pre_hook(capture(name)))
                 module.train()  # BN only: dropout stays in eval mode
             logits_train = self.model(x).cpu().numpy()
         finally:
@@ -215,3 +216,22 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
                     mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
                     mean_after_backward=layer.running_mean.detach().numpy(),
                     var_after_backward=layer.running_var.detach().numpy())
+
+
+def run_norm(spec, x, state, dy, *, training, dtype):
+    """See common.interface: one normalisation layer's forward and backward, numpy in and out."""
+    from .lenet import make_norm
+
+    dt = DTYPES[dtype]
+    layer = make_norm(spec, x.shape[1], np.ndim(x)).to(dt)
+    attrs = {suffix: canonical_to_torch(f"bn1.{suffix}", spec).split(".")[1] for suffix in state}
+    with torch.no_grad():
+        for suffix, value in state.items():
+            getattr(layer, attrs[suffix]).copy_(torch.as_tensor(np.asarray(value)))
+    layer.train(training)
+    xt = torch.tensor(np.asarray(x), dtype=dt, requires_grad=True)
+    y = layer(xt)
+    (y * torch.as_tensor(np.asarray(dy), dtype=dt)).sum().backward()
+    return {"y": y.detach().numpy(), "dx": xt.grad.numpy(), "dgamma": getattr(layer, attrs["gamma"]).grad.numpy(),
+            "dbeta": getattr(layer, attrs["beta"]).grad.numpy(),
+            "state": {suffix: getattr(layer, attr).detach().numpy().copy() for suffix, attr in attrs.items()}}

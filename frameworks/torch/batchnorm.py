@@ -1,4 +1,5 @@
-"""Scratch batch normalization for PyTorch.
+"""Scratch batch normalization, batch renormalisation and group normalisation for PyTorch
+(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
 
 Layout: NCHW (4-D) or NC (2-D). Training mode comes from the module's own
 `self.training` flag (`model.train()` / `model.eval()`), never from
@@ -9,13 +10,14 @@ import torch
 from torch import nn
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon):
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var).
 
     Training: normalise with the batch mean and biased (1/n) batch variance over
     the batch axis (2-D) or batch and spatial axes (4-D), and blend them into the
     running statistics. Eval: normalise with the running statistics, which are
-    returned unchanged.
+    returned unchanged. renorm = (rmax, dmax), tensors: batch renormalisation's
+    training mode, the batch-normalised values corrected by r and d (no gradient).
     """
     if x.dim() not in (2, 4):
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got shape "
@@ -34,7 +36,27 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
     y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + epsilon)
+    if training and renorm is not None:
+        rmax, dmax = renorm
+        sigma = torch.sqrt(running_var + epsilon)
+        r = torch.clamp(torch.sqrt(var.detach() + epsilon) / sigma, 1.0 / rmax, rmax)
+        d = torch.clamp((mean.detach() - running_mean) / sigma, -dmax, dmax)
+        y = y * r.view(shape) + d.view(shape)
     return gamma.view(shape) * y + beta.view(shape), new_mean, new_var
+
+
+def group_norm(x, gamma, beta, *, groups, epsilon):
+    """Per example, over each of `groups` groups of consecutive channels (with H x W for 4-D input)."""
+    if x.dim() not in (2, 4):
+        raise ValueError(f"group_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"{groups} groups do not divide the {c} channels of input shape {tuple(x.shape)}")
+    g = x.reshape(n, groups, -1)
+    var, mean = torch.var_mean(g, dim=2, keepdim=True, correction=0)
+    y = ((g - mean) * torch.rsqrt(var + epsilon)).reshape(x.shape)
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    return gamma.view(shape) * y + beta.view(shape)
 
 
 class BatchNorm(nn.Module):
@@ -49,15 +71,58 @@ class BatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    def limits(self):
+        """(rmax, dmax) of batch renormalisation; None: plain BN."""
+        return None
+
     def forward(self, x):
         y, new_mean, new_var = batch_norm(
             x, self.gamma, self.beta, self.running_mean, self.running_var,
-            training=self.training, decay=self.decay, epsilon=self.epsilon)
+            training=self.training, decay=self.decay, epsilon=self.epsilon, renorm=self.limits())
         if self.training:
             with torch.no_grad():
                 self.running_mean.copy_(new_mean)
                 self.running_var.copy_(new_var)
+                self.count_step()
         return y
+
+    def count_step(self):
+        pass
 
     def extra_repr(self):
         return f"{self.num_features}, decay={self.decay}, epsilon={self.epsilon}"
+
+
+class BatchRenorm(BatchNorm):
+    """BatchNorm plus `steps` (a buffer: the training steps taken), which sets the clipping limits."""
+
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, rmax=3.0, dmax=5.0, warmup=1000):
+        super().__init__(num_features, decay=decay, epsilon=epsilon)
+        self.rmax, self.dmax, self.warmup = rmax, dmax, warmup
+        self.register_buffer("steps", torch.zeros(1))
+
+    def limits(self):
+        ramp = torch.clamp(self.steps / self.warmup, max=1.0) if self.warmup else torch.ones_like(self.steps)
+        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+
+    def count_step(self):
+        self.steps.add_(1)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup={self.warmup}"
+
+
+class GroupNorm(nn.Module):
+    """gamma and beta per channel; no running statistics, so train and eval mode are the same."""
+
+    def __init__(self, num_features, groups, *, epsilon=1e-5):
+        super().__init__()
+        self.num_features, self.groups, self.epsilon = num_features, groups, epsilon
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        return group_norm(x, self.gamma, self.beta, groups=self.groups, epsilon=self.epsilon)
+
+    def extra_repr(self):
+        return f"{self.num_features}, groups={self.groups}, epsilon={self.epsilon}"

@@ -2,7 +2,10 @@
 
 Variants: scratch (our BatchNorm), builtin (nn.BatchNorm1d/2d with momentum =
 1 - decay and the spec's eps), builtin-defaults (PyTorch's own defaults:
-momentum 0.1, eps 1e-5), none (no BN).
+momentum 0.1, eps 1e-5), none (no BN). Other normalisations (spec.norm): scratch
+BatchRenorm / GroupNorm; built-in nn.GroupNorm (group; layer after a convolution:
+nn.LayerNorm's affine is per element of C x H x W, not per channel), nn.LayerNorm
+(layer after a dense layer), nn.InstanceNorm2d(affine=True); no built-in renorm.
 """
 import torch
 from torch import nn
@@ -10,10 +13,31 @@ from torch.nn import functional as F
 
 from common.init import BN_NAMES, has_bias, layer_shapes
 
-from .batchnorm import BatchNorm
+from common.norms import groups_of, no_builtin
+
+from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 # canonical BN suffix -> attribute of the built-in layer (others keep their name)
 BUILTIN_NAMES = {"gamma": "weight", "beta": "bias"}
+
+
+def make_norm(spec, num_features, dims):
+    """The layer of spec.norm and spec.variant that follows a layer of num_features channels."""
+    if spec.norm == "batch":
+        return make_bn(spec, num_features, dims)
+    if spec.variant == "scratch":
+        if spec.norm == "renorm":
+            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
+                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup)
+        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon)
+    if spec.norm == "renorm":
+        raise no_builtin("PyTorch", "renorm", "nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d")
+    kwargs = {} if spec.variant == "builtin-defaults" else {"eps": spec.epsilon}
+    if spec.norm == "layer" and dims == 2:
+        return nn.LayerNorm(num_features, **kwargs)
+    if spec.norm == "instance":
+        return nn.InstanceNorm2d(num_features, affine=True, **kwargs)
+    return nn.GroupNorm(groups_of(spec, num_features), num_features, **kwargs)
 
 
 def make_bn(spec, num_features, dims):
@@ -27,13 +51,13 @@ def make_bn(spec, num_features, dims):
 
 
 def effective_bn(spec):
-    """(decay, epsilon) the BN layers really use."""
+    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
     if not spec.has_bn:
         return None, None  # no BN layer, nothing in effect
     if spec.variant == "builtin-defaults":
-        probe = nn.BatchNorm1d(1)
-        return 1.0 - probe.momentum, probe.eps
-    return spec.decay, spec.epsilon
+        probe = make_norm(spec, 2, 4)
+        return (1.0 - probe.momentum if spec.has_running_stats else None), probe.eps
+    return (spec.decay if spec.has_running_stats else None), spec.epsilon
 
 
 class BNLeNet(nn.Module):
@@ -48,7 +72,7 @@ class BNLeNet(nn.Module):
             else:
                 setattr(self, layer, nn.Linear(shape[1], shape[0], bias=bias))
             if layer in BN_NAMES and spec.bn_at(layer):
-                bn = make_bn(spec, shape[0], 4 if layer.startswith("conv") else 2)
+                bn = make_norm(spec, shape[0], 4 if layer.startswith("conv") else 2)
                 setattr(self, BN_NAMES[layer], bn)
                 if spec.freeze_gamma_beta:
                     for p in bn.parameters():
