@@ -60,3 +60,33 @@ CENTRED_RESIDUAL = 2e-6
 # dropout > 0, extra eval-mode work (population statistics) therefore shifts MXNet's later dropout masks;
 # without dropout, or in the other frameworks, it changes nothing (tests/test_population.py).
 EVAL_DRAWS_DROPOUT = {"torch": False, "mxnet": True, "tensorflow": False, "jax": False}
+
+# The built-in layer each framework has for the other normalisations (common.norms), per (norm, input
+# rank): its default epsilon, or None where no built-in layer fits the spec and `builtin` fails before
+# training (BackendUnavailable). Asserted by tests/test_norms.py; what each lacks is pinned in the
+# framework's pitfalls module.
+# - PyTorch: nn.LayerNorm after a dense layer; after a convolution nn.GroupNorm(1, C) (nn.LayerNorm([C, H,
+#   W]) has a gamma per element); nn.GroupNorm; nn.InstanceNorm2d(affine=True) (affine is off by default).
+# - Gluon: nn.LayerNorm normalises one axis (the spec after a dense layer only); nn.GroupNorm has one
+#   gamma/beta per group and needs 3-D input; nn.InstanceNorm ignores gamma by default (scale=False) and
+#   has a float32 kernel only.
+# - Keras: LayerNormalization after a dense layer; GroupNormalization with 1 group (layer), G groups,
+#   C groups (instance); BatchNormalization(renorm=True) does not fit the spec (test_tensorflow_pitfalls).
+# - Flax: nn.LayerNorm(reduction_axes=every non-batch axis, feature_axes=-1), nn.GroupNorm, nn.InstanceNorm,
+#   each with use_fast_variance=False (the default E[x^2] - E[x]^2 cancels far from zero).
+NORM_BUILTIN_EPSILON = {
+    "torch": {("layer", 2): 1e-5, ("layer", 4): 1e-5, ("group", 2): 1e-5, ("group", 4): 1e-5,
+              ("instance", 4): 1e-5, ("renorm", 2): None, ("renorm", 4): None},
+    "mxnet": {("layer", 2): 1e-5, ("layer", 4): None, ("group", 2): None, ("group", 4): None,
+              ("instance", 4): 1e-5, ("renorm", 2): None, ("renorm", 4): None},
+    "tensorflow": {("layer", 2): 1e-3, ("layer", 4): 1e-3, ("group", 2): 1e-3, ("group", 4): 1e-3,
+                   ("instance", 4): 1e-3, ("renorm", 2): None, ("renorm", 4): None},
+    "jax": {("layer", 2): 1e-6, ("layer", 4): 1e-6, ("group", 2): 1e-6, ("group", 4): 1e-6,
+            ("instance", 4): 1e-6, ("renorm", 2): None, ("renorm", 4): None},
+}
+# dtypes a built-in normalisation layer cannot run in (it fails before training, naming them)
+NORM_BUILTIN_DTYPES_MISSING = {"mxnet": {"instance": ("float64",)}}
+# Extra absolute error of a built-in normalisation layer against the float64 reference, beyond round-off
+# (measured): Gluon's LayerNorm is 2.0e-12 off in float64 at input offsets 0, 3 and 1000 alike, so not a
+# cancellation (scratch layers and the other built-ins stay within a few hundred unit roundoffs).
+NORM_BUILTIN_ATOL = {"mxnet": {"layer": 5e-12}}

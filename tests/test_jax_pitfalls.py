@@ -107,3 +107,25 @@ def test_momentum_is_decay_not_pytorchs_momentum(flax):
     _, updates = layer.apply(_variables(gamma, beta, rm, rv), x, use_running_average=False, mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"]), 0.1 * rm + 0.9 * x.mean(axis=0),
                                rtol=1e-10)
+
+
+def test_group_and_layer_norm_default_to_the_fast_variance(flax):
+    """Flax's GroupNorm and LayerNorm also default to use_fast_variance=True (E[x^2] - E[x]^2): far from zero
+    in float32 that cancels; the suite builds them with use_fast_variance=False."""
+    import jax.numpy as jnp
+    nn = flax.linen
+    assert nn.GroupNorm().use_fast_variance and nn.LayerNorm().use_fast_variance
+    x = jnp.asarray(np.random.RandomState(0).normal(1000.0, 1.0, (4, 3, 3, 6)).astype(np.float32))
+    want = np.asarray(x, np.float64).reshape(4, -1)
+    want = ((want - want.mean(axis=1, keepdims=True)) / np.sqrt(want.var(axis=1, keepdims=True) + 1e-6)).reshape(x.shape)
+    errors = {}
+    for fast in (True, False):
+        layer = nn.GroupNorm(num_groups=1, use_fast_variance=fast, dtype="float32", param_dtype="float32")
+        y = layer.apply(layer.init(jax_key(), x), x)
+        errors[fast] = np.max(np.abs(np.asarray(y, np.float64) - want))
+    assert errors[False] < 1e-3 and errors[True] > 10 * errors[False], errors
+
+
+def jax_key():
+    import jax
+    return jax.random.key(0)

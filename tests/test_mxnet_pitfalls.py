@@ -66,3 +66,51 @@ def test_one_value_per_channel_is_silently_beta(mx):
     with autograd.record():
         y = layer(nd.array([[3.0, 4.0, 5.0]]))
     np.testing.assert_allclose(y.asnumpy(), [[0.5, -1.0, 2.0]], atol=1e-6)
+
+
+# The other normalisations' built-in blocks (tests/conventions.py NORM_BUILTIN_EPSILON) ----------------------
+def test_gluon_group_norm_has_a_gamma_per_group_and_needs_a_feature_map(mx):
+    """Gluon's GroupNorm (MXNet 1.9.1) learns one gamma and beta per group, not per channel, and refuses 2-D
+    input: it fits no position of the spec, so --norm group --variants builtin is a clear error."""
+    from mxnet.gluon import nn
+    layer = nn.GroupNorm(num_groups=2)
+    layer.initialize()
+    layer(mx.nd.ones((4, 6, 5, 5)))
+    assert layer.gamma.shape == (2,) and layer.beta.shape == (2,)
+    with pytest.raises(mx.base.MXNetError, match="ndim"):
+        layer(mx.nd.ones((4, 6))).wait_to_read()
+
+
+def test_gluon_instance_norm_does_not_learn_gamma_by_default_and_is_float32_only(mx):
+    """nn.InstanceNorm's scale=False (its default) does not drop gamma: gamma still multiplies the output but
+    is never trained (grad_req 'null'), so it stays at its initial 1; the suite passes scale=True. Its
+    operator has a float32 kernel only."""
+    from mxnet.gluon import nn
+    layer = nn.InstanceNorm(in_channels=3)
+    layer.initialize()
+    assert layer._kwargs["scale"] is False and layer.gamma.grad_req == "null"
+    assert nn.InstanceNorm(in_channels=3, scale=True).gamma.grad_req == "write"
+    x = mx.nd.array(np.random.RandomState(0).normal(2, 3, (4, 3, 5, 5)))
+    plain = layer(x).asnumpy()
+    layer.gamma.set_data(mx.nd.array([2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(layer(x).asnumpy(), plain * np.array([2.0, 3.0, 4.0]).reshape(1, 3, 1, 1), rtol=1e-6)
+    layer64 = nn.InstanceNorm(in_channels=3, scale=True)
+    layer64.initialize()
+    layer64.cast("float64")
+    with pytest.raises(mx.base.MXNetError, match="Unsupported data type"):
+        layer64(x.astype("float64")).wait_to_read()
+
+
+def test_gluon_layer_norm_normalises_one_axis(mx):
+    """nn.LayerNorm normalises along one axis (default -1): on a feature map that is each pixel's channels,
+    or one row of W values, never C x H x W; after a dense layer it is the spec."""
+    from mxnet.gluon import nn
+    layer = nn.LayerNorm(axis=1, in_channels=3)
+    layer.initialize()
+    x = np.random.RandomState(1).normal(2, 3, (2, 3, 4, 4))
+    y = layer(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-5)  # per pixel, over the channels only
+    np.testing.assert_allclose(y.var(axis=1), 1, atol=1e-3)
+    flat = x.reshape(2, -1)
+    spec = ((flat - flat.mean(axis=1, keepdims=True)) / np.sqrt(flat.var(axis=1, keepdims=True) + 1e-5))
+    assert np.abs(y - spec.reshape(x.shape)).max() > 0.5  # the spec's layer normalisation is another transform

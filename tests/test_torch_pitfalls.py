@@ -73,3 +73,22 @@ def test_compiled_without_a_cxx_compiler_says_what_to_install(torch, monkeypatch
     with pytest.raises(BackendUnavailable, match=r"needs a C\+\+ compiler.*apt-get install g\+\+.*--execution eager"):
         TorchBackend(RunConfig(device="cpu", execution="compiled"))
     TorchBackend(RunConfig(device="cpu", execution="eager"))  # eager needs none
+
+
+# The other normalisations' built-in layers (tests/conventions.py NORM_BUILTIN_EPSILON) ---------------------
+def test_layer_norm_over_a_feature_map_has_a_gamma_per_element(torch):
+    """nn.LayerNorm([C, H, W]) learns C*H*W gammas and betas, the spec one per channel: after a convolution
+    the suite's built-in layer normalisation is nn.GroupNorm(1, C), which normalises the same values."""
+    layer = torch.nn.LayerNorm([6, 24, 24])
+    assert tuple(layer.weight.shape) == (6, 24, 24)
+    group = torch.nn.GroupNorm(1, 6)
+    assert tuple(group.weight.shape) == (6,)
+    x = torch.randn(3, 6, 24, 24, dtype=torch.float64) * 2 + 5
+    torch.testing.assert_close(layer.double()(x), group.double()(x), rtol=1e-12, atol=1e-12)  # at gamma 1, beta 0
+
+
+def test_instance_norm_has_no_affine_by_default(torch):
+    """nn.InstanceNorm2d(C) has no gamma or beta (affine=False) and no running statistics unless asked."""
+    layer = torch.nn.InstanceNorm2d(6)
+    assert layer.weight is None and layer.bias is None and layer.running_mean is None
+    assert torch.nn.InstanceNorm2d(6, affine=True).weight.shape == (6,)

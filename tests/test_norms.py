@@ -1,0 +1,216 @@
+"""The normalisations beside BN (common.norms), one body per behaviour, run once per framework.
+
+Each scratch layer (layer, group, instance, renorm) and each built-in layer against the float64
+reference of the spec (common.reference): forward, input gradient, gamma/beta gradients and the state
+(running statistics, renorm's steps). Property-based (Hypothesis, derandomised and bounded, so a CI run
+is reproducible and short) over shapes, batch sizes 1 and 2, offsets far from zero, epsilon, the renorm
+limits and schedule, and dtype; plus the harness's own check that a norm without running statistics
+has no train/eval divergence at all.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.config import ModelSpec, RunConfig
+from common.data import load_fashion_mnist
+from common.errors import BackendUnavailable, ConfigError
+from common.init import norm_suffixes
+from common.loop import run as run_loop
+from common.reference import norm_backward, norm_forward
+from tests.conventions import NORM_BUILTIN_ATOL, NORM_BUILTIN_DTYPES_MISSING, NORM_BUILTIN_EPSILON
+from tests.helpers import make_idx_dir
+
+EXAMPLES = settings(max_examples=25, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
+
+
+def layer_inputs(shape, spec, seed, offset=0.0, scale=1.0, steps=0):
+    """x, dy and the layer's state (canonical suffixes) for one normalisation layer."""
+    rng = np.random.RandomState(seed)
+    c = shape[1]
+    state = {"gamma": rng.uniform(0.5, 1.5, c), "beta": rng.normal(0, 0.5, c),
+             "running_mean": offset + rng.normal(0, scale, c), "running_var": scale ** 2 * rng.uniform(0.3, 3, c),
+             "steps": np.array([float(steps)])}
+    state = {k: v for k, v in state.items() if k in norm_suffixes(spec)}
+    return offset + scale * rng.normal(0, 1, shape), rng.normal(0, 1, shape), state
+
+
+def expected(spec, x, state, dy, training):
+    y, new, cache, kind = norm_forward(spec, x, state, training=training)
+    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
+    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "state": new}
+
+
+def check(got, want, tol, what):
+    for key in ("y", "dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(got[key], want[key], err_msg=f"{what}: {key}", **tol(want[key]))
+    assert sorted(got["state"]) == sorted(want["state"])
+    for key, value in want["state"].items():
+        np.testing.assert_allclose(got["state"][key], value, err_msg=f"{what}: {key} after the step", **tol(value))
+
+
+def bound(dtype, offset, scale, values):
+    """Round-off bound: a few hundred unit roundoffs of the input's size relative to its spread (what
+    centring leaves of |offset| + scale), times the size of the result. Derived, not fitted."""
+    magnitude = (abs(offset) + scale) / scale
+
+    def tol(want):
+        return {"rtol": 0, "atol": 256 * UNIT_ROUNDOFF[dtype] * magnitude * (1 + values * np.max(np.abs(want)))}
+    return tol
+
+
+@st.composite
+def cases(draw):
+    norm = draw(st.sampled_from(["layer", "group", "instance", "renorm"]))
+    dims = 4 if norm == "instance" else draw(st.sampled_from([2, 4]))
+    groups = draw(st.integers(1, 3))
+    channels = groups * draw(st.integers(1, 3)) if norm == "group" else draw(st.integers(1, 5))
+    spatial = (draw(st.integers(1, 4)), draw(st.integers(1, 4))) if dims == 4 else ()
+    batch = draw(st.integers(2 if norm == "renorm" and dims == 2 else 1, 6))
+    training = draw(st.booleans())
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    offset = scale * draw(st.sampled_from([0.0, 3.0, -100.0] + ([1e4] if dtype == "float64" else [])))
+    # one position, conv1 (6 channels): every drawn group count divides it, and instance is allowed there
+    spec = ModelSpec(norm=norm, bn_positions=("conv1",), groups=groups if norm == "group" else 2, epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+                     renorm_rmax=draw(st.sampled_from([1.0, 1.5, 3.0])), renorm_dmax=draw(st.sampled_from([0.0, 0.5, 5.0])),
+                     renorm_warmup=draw(st.sampled_from([0, 10])))
+    steps = draw(st.integers(0, 20))
+    return spec, (batch, channels) + spatial, training, dtype, offset, scale, steps, draw(st.integers(0, 2 ** 16))
+
+
+@EXAMPLES
+@given(case=cases())
+def test_scratch_norm_matches_reference(fw, framework, case):
+    spec, shape, training, dtype, offset, scale, steps, seed = case
+    if spec.norm == "renorm" and training and np.prod(shape) // shape[1] < 2:
+        return  # one value per channel: BN's error (tests/test_backend.py), not a case of renorm
+    x, dy, state = layer_inputs(shape, spec, seed, offset, scale, steps)
+    cast = {k: v.astype(dtype) for k, v in state.items()}
+    got = fw.run_norm(spec, x.astype(dtype), cast, dy.astype(dtype), training=training, dtype=dtype)
+    want = expected(spec, x.astype(dtype), cast, dy.astype(dtype), training)
+    # the clip of r or d can flip when sigma_B / sigma lands within round-off of a limit: keep the
+    # float32 renorm cases away from those edges (float64 is exact enough for any draw)
+    check(got, want, bound(dtype, offset, scale, 1), f"{framework} scratch {spec.norm} {shape} {dtype} "
+                                                        f"training={training} offset={offset} scale={scale}")
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "instance"])
+def test_scratch_norms_take_a_batch_of_one(fw, framework, norm):
+    """Per-example normalisations need no batch: one image normalises on its own (BN cannot)."""
+    spec = ModelSpec(norm=norm, bn_positions=("conv1", "conv2"))
+    x, dy, state = layer_inputs((1, 4, 3, 3), spec, seed=1)
+    check(fw.run_norm(spec, x, state, dy, training=True, dtype="float64"), expected(spec, x, state, dy, True),
+          bound("float64", 0, 1, 1), f"{framework} {norm} batch 1")
+
+
+def test_renorm_first_step_is_bn_and_later_steps_correct_it(fw, framework):
+    """Step 0 (rmax 1, dmax 0) normalises exactly as BN; after the warm-up r and d move the output."""
+    x, dy, state = layer_inputs((8, 3, 2, 2), ModelSpec(norm="renorm"), seed=2, offset=2.0)
+    bn = fw.run_norm(ModelSpec(), x, {k: state[k] for k in norm_suffixes(ModelSpec())}, dy, training=True,
+                     dtype="float64")
+    spec = ModelSpec(norm="renorm", renorm_warmup=10)
+    first = fw.run_norm(spec, x, state, dy, training=True, dtype="float64")
+    np.testing.assert_allclose(first["y"], bn["y"], rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(first["state"]["steps"], [1.0])
+    later_state = {**state, "steps": np.array([10.0])}
+    later = fw.run_norm(spec, x, later_state, dy, training=True, dtype="float64")
+    assert np.max(np.abs(later["y"] - bn["y"])) > 0.1  # running statistics far from the batch's: r, d act
+    check(later, expected(spec, x, later_state, dy, True), bound("float64", 2.0, 1, 1), f"{framework} renorm")
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["2d", "4d"])
+def test_renorm_gradient_treats_r_and_d_as_constants(fw, framework, shape):
+    """A fixed case with r and d inside their limits (so a gradient through them would show)."""
+    spec = ModelSpec(norm="renorm", renorm_warmup=0, renorm_rmax=10, renorm_dmax=10)
+    x, dy, state = layer_inputs(shape, spec, seed=1)
+    got, want = fw.run_norm(spec, x, state, dy, training=True, dtype="float64"), expected(spec, x, state, dy, True)
+    sigma = np.sqrt(state["running_var"] + spec.epsilon)
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    assert np.all(np.abs(x.mean(axis=axes) - state["running_mean"]) / sigma < 10)  # d unclipped
+    check(got, want, bound("float64", 0, 1, 1), f"{framework} renorm {shape}")
+
+
+@pytest.mark.parametrize("variant", ["builtin", "builtin-defaults"])
+@pytest.mark.parametrize("norm,dims", [("layer", 2), ("layer", 4), ("group", 2), ("group", 4), ("instance", 4),
+                                       ("renorm", 2), ("renorm", 4)])
+def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, framework, norm, dims, variant):
+    default_eps = NORM_BUILTIN_EPSILON[framework][(norm, dims)]
+    dtype = "float32" if "float64" in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).get(norm, ()) else "float64"
+    spec = ModelSpec(norm=norm, variant=variant, epsilon=1e-4, bn_positions=("conv1", "conv2"))
+    shape = (5, 6, 3, 2) if dims == 4 else (5, 6)
+    x, dy, state = layer_inputs(shape, spec, seed=4, offset=3.0, scale=2.0)
+    if default_eps is None:
+        with pytest.raises(BackendUnavailable, match=f"no built-in layer that fits the spec of --norm {norm}"):
+            fw.run_norm(spec, x, state, dy, training=True, dtype=dtype)
+        return
+    got = fw.run_norm(spec, x.astype(dtype), {k: v.astype(dtype) for k, v in state.items()}, dy.astype(dtype),
+                      training=True, dtype=dtype)
+    eps = spec.epsilon if variant == "builtin" else default_eps
+    want = expected(ModelSpec(norm=norm, epsilon=eps, bn_positions=("conv1",)), x, state, dy, True)
+    tol = bound(dtype, 3.0, 2.0, 4)
+    extra = NORM_BUILTIN_ATOL.get(framework, {}).get(norm, 0)
+    check(got, want, lambda want: {"rtol": 0, "atol": tol(want)["atol"] + extra},
+          f"{framework} {variant} {norm} {dims}-D (epsilon {eps:g})")
+    if variant == "builtin-defaults":  # the pinned default really is the layer's: another epsilon misses
+        other = expected(ModelSpec(norm=norm, epsilon=eps * 10, bn_positions=("conv1",)), x, state, dy, True)
+        assert np.max(np.abs(got["y"] - other["y"])) > 1e-6
+
+
+def test_a_builtin_missing_for_a_dtype_fails_before_training(fw, framework):
+    for norm, dtypes in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).items():
+        spec = ModelSpec(norm=norm, variant="builtin", bn_positions=("conv1", "conv2"))
+        for dtype in dtypes:
+            with pytest.raises(BackendUnavailable, match=f"float32 only, not {dtype}"):
+                fw.BACKEND(RunConfig(model=spec, dtype=dtype, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_idx_dir(tmp_path_factory.mktemp("idx"), 128, 64)
+    return load_fashion_mnist(path, verify=False, dtype="float64")
+
+
+@pytest.mark.parametrize("norm", ["group", "renorm"])
+def test_norm_runs_train_the_same_in_every_mode_and_only_renorm_diverges(fw, framework, tiny, norm):
+    """Through the one loop: the framework's default (compiled) mode and eager give the same per-step
+    losses; a norm without running statistics (group here: layer and instance are the same layer with
+    other group counts) shows a train/eval divergence of exactly 0 and has no population statistics;
+    renorm has both, as BN."""
+    spec = ModelSpec(norm=norm, renorm_warmup=4)
+    runs = {}
+    for execution in ("default", "eager"):
+        config = RunConfig(model=spec, epochs=2, batch_size=32, lr=0.5, dtype="float64", device="cpu",
+                           probe_size=16, trace_steps=4, population_size=64, execution=execution)
+        got = []
+        run_loop(fw.BACKEND, config, tiny, lambda record, arrays=None: got.append((record, arrays)))
+        assert got[-1][0]["status"] == "complete"
+        runs[execution] = [(r, a) for r, a in got if r["kind"] == "epoch"]
+    for (default, arrays), (eager, _) in zip(runs["default"], runs["eager"]):
+        np.testing.assert_allclose(default["step_losses"], eager["step_losses"], rtol=1e-10, atol=0,
+                                   err_msg=f"{framework} {norm}: default vs eager per-step losses")
+        if norm == "renorm":
+            assert default["probe_logit_mad"] > 0 and "pop_test_acc" in default
+            assert arrays["param/bn1.steps"][0] == 4 * default["epoch"]  # 4 steps an epoch, none from the probe
+        else:
+            assert default["probe_logit_mad"] == 0 and default["probe_disagreement"] == 0
+            assert default["bn_gap"] == [] and "pop_test_acc" not in default
+            np.testing.assert_array_equal(arrays["probe/logits_train"], arrays["probe/logits_eval"])
+
+
+def test_bad_norm_combinations_are_clear_errors():
+    for kwargs, message in (
+            (dict(norm="instance"), "dense layer \\(fc1, fc2\\).*--bn-positions conv1,conv2"),
+            (dict(norm="group", groups=4), "--groups 4 does not divide the 6 channels of conv1"),
+            (dict(norm="group", groups=0), "groups \\(--groups\\) must be an integer >= 1"),
+            (dict(norm="batchnorm"), "unknown normalisation 'batchnorm' \\(--norm\\)"),
+            (dict(norm="renorm", renorm_rmax=0.5), "renorm_rmax \\(--renorm-rmax\\) must be a number >= 1"),
+            (dict(norm="renorm", renorm_dmax=-1), "renorm_dmax"),
+            (dict(norm="renorm", renorm_warmup=-1), "renorm_warmup")):
+        with pytest.raises(ConfigError, match=message):
+            ModelSpec(**kwargs)
+    # what does not normalise is not checked: no norm layer, or positions where the groups divide
+    ModelSpec(norm="instance", variant="none")
+    ModelSpec(norm="group", groups=4, bn_positions=("conv2", "fc1", "fc2"))
