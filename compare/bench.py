@@ -1,7 +1,7 @@
 """python -m compare.bench: the suite's loop against a bare loop and a textbook loop, side by side.
 
-For each framework, one worker runs the matrix variant x execution x batch
-size, one cell at a time. In each cell it runs, alternating and in the same
+For each framework, one worker runs the matrix norm x variant x execution x
+batch size, one cell at a time. In each cell it runs, alternating and in the same
 process, one epoch of each of three loops with the same model, parameters,
 batch size and data: the suite (common.loop through the framework's backend),
 the bare loop (frameworks/<fw>/bare.py: the fastest plain loop a practitioner
@@ -26,7 +26,7 @@ import pandas as pd
 from scipy.stats import binom as _binom
 
 from common import records
-from common.config import EXECUTIONS, VARIANTS
+from common.config import EXECUTIONS, NORMS, VARIANTS
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
@@ -37,7 +37,7 @@ from .report import _atomic, markdown_table, write_json
 from .run import cpu_name, parse_list, parse_pythons
 
 LOOPS = ("suite", "bare", "textbook")
-COLUMNS = ["framework", "variant", "execution", "execution_name", "batch_size", "first_step_seconds",
+COLUMNS = ["framework", "norm", "variant", "execution", "execution_name", "batch_size", "first_step_seconds",
            "first_step_seconds_later", "suite_examples_per_s",
            "bare_examples_per_s", "textbook_examples_per_s", "suite_over_bare", "suite_over_bare_low",
            "suite_over_bare_high", "suite_over_textbook", "suite_over_textbook_low", "suite_over_textbook_high",
@@ -84,6 +84,7 @@ def row(result: dict) -> dict:
     and the paired ratios suite/bare (the harness overhead) and suite/textbook."""
     out = {k: result.get(k) for k in ("framework", "variant", "execution", "execution_name", "batch_size",
                                        "device_name")}
+    out["norm"] = result.get("norm", "batch")
     for loop in LOOPS:
         figures = result[f"{loop}_all"]
         out[f"{loop}_examples_per_s"] = float(np.median(figures))
@@ -101,7 +102,7 @@ def row(result: dict) -> dict:
 
 
 def line(r: dict) -> str:
-    return (f"{r['framework']:>10} {r['variant']:<16} {r['execution_name'] or r['execution']:<12} {r['batch_size']:>5}  "
+    return (f"{r['framework']:>10} {r['norm']:<8} {r['variant']:<16} {r['execution_name'] or r['execution']:<12} {r['batch_size']:>5}  "
             f"suite {r['suite_examples_per_s']:>8,.0f}  bare {r['bare_examples_per_s']:>8,.0f}  "
             f"textbook {r['textbook_examples_per_s']:>8,.0f} ex/s   suite/bare {_ratio(r, 'bare')}  "
             f"suite/textbook {_ratio(r, 'textbook')}")
@@ -123,7 +124,7 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
     shown["batch"] = frame["batch_size"].astype(str)
     shown["first step s"] = [f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
                              for a, b in zip(frame["first_step_seconds"], frame["first_step_seconds_later"])]
-    table = markdown_table(shown, ["framework", "variant", "execution", "batch", "suite", "bare", "textbook",
+    table = markdown_table(shown, ["framework", "norm", "variant", "execution", "batch", "suite", "bare", "textbook",
                                    "suite/bare", "suite/textbook", "first step s"])
     parts = ["# Throughput: suite, bare and textbook loops\n",
              f"`{machine['command']}`, {machine['started']}\n",
@@ -154,13 +155,13 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(frameworks), figsize=(5.5 * len(frameworks), 4.2), squeeze=False)
     for ax, framework in zip(axes[0], frameworks):
         rows, last_color = frame[frame["framework"] == framework], None
-        for (variant, execution), group in rows.groupby(["variant", "execution_name"], sort=False):
+        for (norm, variant, execution), group in rows.groupby(["norm", "variant", "execution_name"], sort=False):
             group = group.sort_values("batch_size")
             for loop, style in (("suite", "-o"), ("bare", ":x")):
                 median = group[f"{loop}_examples_per_s"]
                 half = median * group[f"{loop}_spread"] / 2
                 line = ax.errorbar(group["batch_size"], median, yerr=half, fmt=style, capsize=3,
-                                   label=f"{variant}, {execution}" if loop == "suite" else None,
+                                   label=f"{norm} {variant}, {execution}" if loop == "suite" else None,
                                    color=None if loop == "suite" else last_color)
                 last_color = line[0].get_color()
         ax.set_xscale("log", base=2)
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--norms", default="batch",
+                   help="comma-separated normalisations (compare.run --norm): " + ", ".join(NORMS) +
+                        "; instance runs after the convolutions only (conv1, conv2)")
     p.add_argument("--executions", default="default",
                    help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in README.md)")
     p.add_argument("--batch-sizes", default="256", help="comma-separated, e.g. 64,256,1024,4096")
@@ -216,6 +220,7 @@ def main(argv=None) -> int:
     try:
         frameworks = parse_frameworks(args.frameworks)
         variants = parse_list(args.variants, "variant", VARIANTS)
+        norms = parse_list(args.norms, "normalisation", NORMS)
         executions = parse_list(args.executions, "execution", EXECUTIONS)
         batch_sizes = _batch_sizes(args.batch_sizes)
         if args.repeats < 1:
@@ -233,7 +238,8 @@ def main(argv=None) -> int:
     machine = {"command": " ".join(["python -m compare.bench"] + list(argv if argv is not None else sys.argv[1:])),
                "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
                "platform": platform.platform(), "python": sys.version.split()[0]}
-    cells = [{"variant": v, "execution": e, "batch_size": b} for v in variants for e in executions for b in batch_sizes]
+    cells = [{"norm": n, "variant": v, "execution": e, "batch_size": b}
+             for n in norms for v in variants for e in executions for b in batch_sizes]
     rows, loops, status = [], {}, 0
 
     def emit(record):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common import records as records_schema
-from common.config import VARIANTS
+from common.config import RUNNING_NORMS, VARIANTS
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
@@ -110,7 +110,7 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
             continue
         with np.load(mine) as a, np.load(ref) as b:
             a, b = dict(a), dict(b)
-        trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var"))]
+        trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var", "steps"))]
         running = [k for k in b if k.endswith(("running_mean", "running_var"))]
 
         def rel(keys):
@@ -211,6 +211,8 @@ def _runs(records: list) -> pd.DataFrame:
             row["attempts"] = r.get("attempt", 1)  # > 1: the executor ran it again after losing a worker
         elif r["kind"] == "run_start":
             row.update({f"backend_{k}": v for k, v in r["backend"].items()})
+            model = r["config"].get("model", {}) if isinstance(r.get("config"), dict) else {}
+            row["norm"] = model.get("norm", "batch")  # records from before --norm ran BN
             row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
                        test_examples=r.get("test_examples"))
             if row["epochs"] is None and isinstance(r["config"], dict):
@@ -338,7 +340,8 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
         if not info.empty:
             row.update(device=info.backend_device_name.iloc[0], version=info.backend_version.iloc[0],
                        execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
-                       bn_epsilon=info.backend_bn_epsilon.iloc[0])
+                       bn_epsilon=info.backend_bn_epsilon.iloc[0],
+                       norm=info.norm.iloc[0] if "norm" in info else "batch")
         if not drift.empty and fw in set(drift.framework):
             d = drift[(drift.framework == fw) & drift.config_id.isin(group.config_id)]
             d = d[d.epoch == d.epoch.max()]
@@ -474,7 +477,7 @@ SUMMARY_COLUMNS = ["framework", "variant", "status", "seeds", "epochs", "best_te
                    "device"]
 DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", "final_probe_acc_train",
                       "final_probe_disagreement", "final_probe_logit_mad"]
-CONVENTION_COLUMNS = ["framework", "variant", "version", "bn_decay", "bn_epsilon"]
+CONVENTION_COLUMNS = ["framework", "variant", "norm", "version", "bn_decay", "bn_epsilon"]
 UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
 
 
@@ -579,9 +582,14 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                   "`interrupted`: stopped by a signal; `crashed`: the worker died or raised during training; "
                   "`failed`: an error before training.\n",
                   markdown_table(unfinished, UNFINISHED_COLUMNS)]
+    norms = sorted(set(s.norm.dropna())) if "norm" in s else []
+    stateless = [n for n in norms if n not in RUNNING_NORMS]
     parts += ["## Train/eval-mode divergence (final epoch)\n",
               "The same probe images through the network in train mode (batch statistics, nothing updated) and "
-              "eval mode (running statistics).\n",
+              "eval mode (running statistics).\n" + (
+                  f" {' and '.join(stateless).capitalize()} normalisation keep{'s' if len(stateless) == 1 else ''} no "
+                  f"running statistics: train and eval mode are the same computation, so its divergence is 0; it is "
+                  f"measured all the same, a check of the harness.\n" if stateless else ""),
               markdown_table(s, DIVERGENCE_COLUMNS)]
     parts += population_section(t)
     gap = t["bn_gap"]
@@ -600,8 +608,9 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                   "the BN running statistics, and the probe logits' distance.\n",
                   markdown_table(last, ["framework", "variant", "param_rel_l2", "running_stats_rel_l2",
                                         "probe_logit_max_abs", "probe_pred_agreement"])]
-    parts += ["## BN conventions in effect\n",
-              "Decay and epsilon the BN layers really used (builtin-defaults shows each framework's own).\n",
+    parts += ["## Normalisation conventions in effect\n",
+              "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
+              "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",
               markdown_table(s, CONVENTION_COLUMNS)]
     if not t["errors"].empty:
         parts += ["## Errors\n", markdown_table(t["errors"], ["framework", "variant", "seed", "status", "error_type",

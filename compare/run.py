@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import records
-from common.config import ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, EXECUTIONS, PLACEMENTS, POOLINGS, VARIANTS, ModelSpec, RunConfig
+from common.config import (ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, EXECUTIONS, NORMS, PLACEMENTS, POOLINGS, VARIANTS,
+                           ModelSpec, RunConfig)
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
@@ -130,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn-placement", choices=PLACEMENTS, default=m.bn_placement)
     g.add_argument("--dropout", type=float, default=m.dropout, help="after the fc1 and fc2 activations")
     g.add_argument("--freeze-gamma-beta", action="store_true", help="keep gamma=1, beta=0")
+    g.add_argument("--norm", choices=NORMS, default=m.norm,
+                   help="the normalisation at --bn-positions (common/norms.py has each one's spec); instance "
+                        "needs --bn-positions conv1,conv2")
+    g.add_argument("--groups", type=int, default=m.groups, help="--norm group: groups of channels per example")
+    g.add_argument("--renorm-rmax", type=float, default=m.renorm_rmax, help="--norm renorm: r in [1/rmax, rmax]")
+    g.add_argument("--renorm-dmax", type=float, default=m.renorm_dmax, help="--norm renorm: d in [-dmax, dmax]")
+    g.add_argument("--renorm-warmup", type=int, default=m.renorm_warmup,
+                   help="--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)")
     g = p.add_argument_group("data, environments, output")
     g.add_argument("--data-dir", help="folder with the four Fashion-MNIST *-ubyte(.gz) files "
                    "(default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)")
@@ -156,7 +165,9 @@ def configs_from_args(args) -> list:
         spec = ModelSpec(variant=variant, bn_positions=positions, bias_before_bn=not args.no_bias_before_bn,
                          activation=args.activation, pooling=args.pooling, bn_placement=args.bn_placement,
                          dropout=args.dropout, freeze_gamma_beta=args.freeze_gamma_beta,
-                         decay=args.decay, epsilon=args.epsilon)
+                         decay=args.decay, epsilon=args.epsilon, norm=args.norm, groups=args.groups,
+                         renorm_rmax=args.renorm_rmax, renorm_dmax=args.renorm_dmax,
+                         renorm_warmup=args.renorm_warmup)
         for seed in _seeds(args.seeds):
             out.append(RunConfig(
                 model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=args.dtype,

@@ -70,7 +70,11 @@ def bench(job: dict) -> int:
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
     datasets = {}
     for cell in job["cells"]:
-        config = RunConfig(model=ModelSpec(variant=cell["variant"]), epochs=1, batch_size=cell["batch_size"],
+        norm = cell.get("norm", "batch")
+        model = ModelSpec(variant=cell["variant"], norm=norm,
+                          **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}))
+        label = "" if norm == "batch" else f" --norm {norm}"
+        config = RunConfig(model=model, epochs=1, batch_size=cell["batch_size"],
                            execution=cell["execution"], device=job["device"], train_limit=job["train_limit"],
                            test_limit=1000, probe_size=64, population_size=0)
         if config.dtype not in datasets:
@@ -91,16 +95,16 @@ def bench(job: dict) -> int:
         try:
             module.BACKEND(config)  # a mode this framework lacks (or cannot run here) skips the cell, not the rest
         except BackendUnavailable as exc:
-            send({"kind": "bench_skipped", "message": f"{framework} {config.model.variant} {config.execution} batch "
+            send({"kind": "bench_skipped", "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
                   f"{config.batch_size} skipped: {exc}"})
             continue
         for r in range(job["repeats"]):
             for name in LOOPS[r % 3:] + LOOPS[:r % 3]:
                 gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
                 figures[name].append(measure[name]())
-            send({"kind": "bench_repeat", "message": f"{framework} {config.model.variant} {config.execution} batch "
+            send({"kind": "bench_repeat", "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
                   f"{config.batch_size} repeat {r + 1}: " + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS) + " ex/s"})
-        send({"kind": "bench", "framework": framework, "variant": config.model.variant,
+        send({"kind": "bench", "framework": framework, "norm": norm, "variant": config.model.variant,
               "execution": config.execution, "execution_name": described.get("execution"),
               "batch_size": config.batch_size, "device_name": described.get("device_name"),
               **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},

@@ -60,6 +60,7 @@ def test_row_keeps_each_loops_median_and_spread():
 @pytest.mark.parametrize("option, value, message", [
     ("--variants", "scratch,bogus", "unknown variant ['bogus']; choose from scratch"),
     ("--variants", "scratch,scratch", "variant scratch listed twice"),
+    ("--norms", "batch,weight", "unknown normalisation ['weight']; choose from batch"),
     ("--executions", "jit", "unknown execution ['jit']; choose from default"),
     ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
     ("--train-limit", "1000", "leaves no timed step at batch size 256"),
@@ -76,15 +77,17 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, option, 
 def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 640, 100)
     out = tmp_path / "bench"
-    code = bench_main(["--frameworks", framework, "--variants", "scratch,none", "--repeats", "2",
-                       "--batch-sizes", "64", "--train-limit", "640", "--device", "cpu", "--data-dir", str(data),
+    code = bench_main(["--frameworks", framework, "--variants", "scratch,none", "--norms", "batch,renorm",
+                       "--repeats", "2", "--batch-sizes", "64", "--train-limit", "640", "--device", "cpu", "--data-dir", str(data),
                        "--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(out),
                        "--json", str(tmp_path / "rows.json")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     frame = pd.read_csv(out / "bench.csv")
     assert list(frame.columns) == COLUMNS
-    assert sorted(frame["variant"]) == ["none", "scratch"] and set(frame["framework"]) == {framework}
+    assert sorted(zip(frame["norm"], frame["variant"])) == [("batch", "none"), ("batch", "scratch"),
+                                                           ("renorm", "none"), ("renorm", "scratch")]
+    assert set(frame["framework"]) == {framework}
     saved = json.loads((out / "bench.json").read_text())
     assert saved["machine"]["cpu_count"] and json.loads((tmp_path / "rows.json").read_text()) == saved["rows"]
     for r in saved["rows"]:
@@ -93,10 +96,10 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
         assert r["repeats"] == 2 and r["suite_over_bare"] > 0 and r["suite_over_bare_low"] is None  # < 6 repeats
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "bench.md").read_text()
-    assert "| framework | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook " \
+    assert "| framework | norm | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook " \
            "| first step s |" in text
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
-    assert f"{framework:>10} scratch" in captured.out and f"{framework:>10} none" in captured.out
+    assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} batch    none" in captured.out
 
 
 def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, capsys):
@@ -117,13 +120,13 @@ def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, ca
         assert executions == ["eager", "xla"] and "skipped" not in captured.err
 
 
-@pytest.mark.parametrize("variant", ["scratch", "builtin"])
-def test_the_bare_loop_trains_exactly_as_the_suite(fw, framework, variant, tmp_path):
+@pytest.mark.parametrize("variant, norm", [("scratch", "batch"), ("builtin", "batch"), ("scratch", "renorm")])
+def test_the_bare_loop_trains_exactly_as_the_suite(fw, framework, variant, norm, tmp_path):
     """Same init, batches and SGD: after one float64 epoch the bare loop's parameters (running statistics
-    included) are the suite's, so suite/bare compares the same work. lr 0.5: Keras's SGD keeps its learning
+    included, and renorm's steps) are the suite's, so suite/bare compares the same work. lr 0.5: Keras's SGD keeps its learning
     rate in float32, so the TensorFlow bare loop steps with float32(lr), equal to lr only where lr is exact."""
     data = load_fashion_mnist(make_idx_dir(tmp_path / "data", 320, 100), verify=False, dtype="float64")
-    config = RunConfig(model=ModelSpec(variant=variant), dtype="float64", epochs=1, batch_size=32, lr=0.5,
+    config = RunConfig(model=ModelSpec(variant=variant, norm=norm, renorm_warmup=3), dtype="float64", epochs=1, batch_size=32, lr=0.5,
                        device="cpu", test_limit=100, probe_size=16)
     suite = []
     run_loop(fw.BACKEND, config, data,
