@@ -138,11 +138,13 @@ def _stability_answer(table: pd.DataFrame, study: Study) -> list:
 
 
 # compare ---------------------------------------------------------------------------
-def comparisons(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
+def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False) -> pd.DataFrame:
     """Each arm (a value of the answer's axis) against the baseline arm, or every pair of arms when
     there is no baseline, within each stratum (the other cell coordinates): the paired per-seed
-    difference of the metric with its 95% t-interval."""
+    difference of the metric with its 95% t-interval. against_best: each arm against the stratum's
+    best arm (the best mean of the metric) instead."""
     metric, axis = study.answer["metric"], list(study.answer["axis"])
+    higher = METRICS[metric][1].startswith("higher")
     strata = [k for k in _cell_keys(study, runs) if k not in axis and k not in study.scale]
     done = runs[runs.status == "complete"]
     rows = []
@@ -151,7 +153,11 @@ def comparisons(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
         arms = {arm: g.set_index("seed")[metric] for arm, g in stratum.groupby(axis, sort=False, dropna=False)}
         arms = {(a if isinstance(a, tuple) else (a,)): v for a, v in arms.items()}
         baseline = study.answer.get("baseline")
-        if baseline is not None:
+        if against_best:
+            means = {arm: v.mean() for arm, v in arms.items() if v.notna().any()}
+            best = (max if higher else min)(means, key=means.get) if means else None
+            pairs = [(arm, best) for arm in arms if arm != best] if best is not None else []
+        elif baseline is not None:
             key = tuple(baseline[a] for a in axis)
             pairs = [(arm, key) for arm in arms if arm != key] if key in arms else []
         else:  # every pair, the later arm against the earlier
@@ -172,6 +178,26 @@ def comparisons(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
                          "difference": st["mean"], "difference_ci_low": st["ci_low"],
                          "difference_ci_high": st["ci_high"], "paired_seeds": st["n"], "verdict": verdict})
     return pd.DataFrame(rows)
+
+
+def _best_answer(table: pd.DataFrame, study: Study) -> list:
+    """Per stratum: the best arm, and which arms are within seed noise of it (paired per seed)."""
+    metric = study.answer["metric"]
+    label = METRICS[metric][0]
+    strata = list(table.columns[:list(table.columns).index("arm")]) if not table.empty else []
+    sentences = []
+    for values, group in (table.groupby(strata, sort=False, dropna=False) if strata else [((), table)]):
+        values = values if isinstance(values, tuple) else (values,)
+        where = ", ".join(f"{k}={_num(v)}" if k not in ("framework", "variant") else str(v)
+                          for k, v in zip(strata, values))
+        best = group.baseline.iloc[0]
+        close = list(group[group.verdict.isin(["within seed noise", "one seed: no interval"])].arm)
+        apart = list(group[group.verdict.isin(["higher", "lower"])].arm)
+        most = "highest" if METRICS[metric][1].startswith("higher") else "lowest"
+        sentences.append(
+            f"{where}: the {most} {label} is {best}'s ({_fmt_metric(group.baseline_mean.iloc[0], metric)}); within "
+            f"seed noise of it: {', '.join(close) or 'none'}; behind it beyond seed noise: {', '.join(apart) or 'none'}.")
+    return sentences
 
 
 def _arm(axis, values) -> str:
@@ -286,6 +312,9 @@ def analyse(runs: pd.DataFrame, study: Study) -> tuple:
     elif kind == "compare":
         extra["comparisons"] = comparisons(runs, study)
         answer = _compare_answer(extra["comparisons"], cell_table, study)
+        if study.answer.get("best"):
+            extra["against_best"] = comparisons(runs, study, against_best=True)
+            answer = _best_answer(extra["against_best"], study) + answer
     else:
         answer = _trend_answer(cell_table, study)
     return answer, {"study": cell_table, **extra}
@@ -400,10 +429,10 @@ def render(study: Study, answer: list, frames: dict, env: dict, plots: list, wri
         parts += ["## Problems reading this study\n"] + [f"- {p}" for p in problems] + [""]
     parts += ["## Evidence\n", "Per cell, over seeds (complete runs).\n",
               _table(cell_table, _evidence_columns(cell_table, study)), two_seed_note(cell_table, "cell")]
-    for name in ("stability", "comparisons"):
+    for name in ("stability", "comparisons", "against_best"):
         if name in frames:
             shown = [c for c in frames[name].columns if not c.startswith("difference_ci")]  # shown as [low, high]
-            parts += [f"### {name.capitalize()}\n", _table(frames[name], shown)]
+            parts += [f"### {name.replace('_', ' ').capitalize()}\n", _table(frames[name], shown)]
     if not unfinished.empty:
         parts += ["## Runs without a complete result\n",
                   "`diverged` is a result (counted above); the others are missing and are run again when the "

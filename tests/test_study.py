@@ -21,7 +21,7 @@ from tests.helpers import make_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ["batch-size", "bias-before-bn", "bn-placement", "decay", "dropout-vs-bn", "framework-agreement",
-           "frozen-gamma-beta", "lr-sweep", "population-size", "population-stats"]
+           "frozen-gamma-beta", "lr-sweep", "normalizers", "population-size", "population-stats", "renorm"]
 
 LR_STUDY = """\
 question = "How large can the learning rate go?"
@@ -250,6 +250,27 @@ def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
     assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0123245, abs=1e-7),
                                                                pytest.approx(0.0410089, abs=1e-7))
     assert row.verdict == "higher"
+
+
+def test_best_names_the_best_arm_and_those_within_seed_noise_of_it(tmp_path):
+    """best = true: each arm against the stratum's best arm (by mean), paired per seed. lr 1.0 is best; lr 0.1
+    trails it by 0.01-0.03 per seed (beyond seed noise), lr 0.3 by -0.02..+0.02 (within)."""
+    study = studyspec.load(write(tmp_path, LR_STUDY.replace(
+        "kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nbest = true"
+    ).replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    accuracy = {0.1: [0.80, 0.79, 0.81], 0.3: [0.83, 0.80, 0.82], 1.0: [0.82, 0.81, 0.83]}
+    runs = runs_frame([{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)])
+    table = studyreport.comparisons(runs, study, against_best=True)
+    assert set(table.baseline) == {"lr=1"} and sorted(table.arm) == ["lr=0.1", "lr=0.3"]
+    # lr 0.1 - lr 1: -0.02, -0.02, -0.02: sd 0, an interval of one point, below 0
+    assert table.set_index("arm").verdict.to_dict() == {"lr=0.1": "lower", "lr=0.3": "within seed noise"}
+    answer, frames = studyreport.analyse(runs, study)
+    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
+                         "it: lr=0.3; behind it beyond seed noise: lr=0.1.")
+    assert "against_best" in frames
+    with pytest.raises(studyspec.StudyError, match="best"):
+        studyspec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nbest = true")))
 
 
 def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
