@@ -83,3 +83,28 @@ def test_population_statistics_agree(run_dir, variant):
         for name in names:
             np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-10, atol=1e-14,
                                        err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: {name}")
+
+
+NORM_ARGS = {"layer": [], "group": ["--groups", "2"], "instance": ["--bn-positions", "conv1,conv2"],
+             "renorm": ["--renorm-warmup", "4"]}
+
+
+@pytest.mark.parametrize("norm", list(NORM_ARGS))
+def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
+    """Each scratch normalisation: same initial weights and batches in float64, the same per-step losses in
+    every framework (renorm with a short warm-up, so r and d act within the traced steps)."""
+    data = make_idx_dir(tmp_path / "data", 512, 128)
+    code = run_main(["--frameworks", ",".join(FRAMEWORKS), "--variants", "scratch", "--epochs", "1",
+                     "--batch-size", "32", "--lr", "0.5", "--dtype", "float64", "--device", "cpu", "--norm", norm,
+                     *NORM_ARGS[norm], "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path),
+                     "--run-id", norm, "--probe-size", "32", "--population-size", "64",
+                     "--trace-steps", str(STEPS), "--no-progress"])
+    assert code == 0, "a framework failed: see the errors table of the run"
+    epochs = _epochs(tmp_path / norm)
+    losses = {r["framework"]: np.array(r["step_losses"]) for r in epochs}
+    assert sorted(losses) == sorted(FRAMEWORKS)
+    for framework, got in losses.items():
+        np.testing.assert_allclose(got, losses["torch"], rtol=1e-10, atol=0,
+                                   err_msg=f"{framework} vs torch, --norm {norm}: per-step losses")
+    for r in epochs:  # only renorm keeps running statistics, so only it can differ between train and eval mode
+        assert (r["probe_logit_mad"] > 0) == (norm == "renorm"), (r["framework"], r["probe_logit_mad"])
