@@ -25,8 +25,10 @@ ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
 DTYPES = ("float32", "float64")
+# the compute dtype of the framework's mixed-precision mechanism (common.precision); "off": none
+MIXED = ("off", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
-# default = the framework's own choice (README.md "Execution modes" gives the measurements behind each);
+# default = the framework's own choice (docs/benchmark.md "Execution modes" gives the measurements behind each);
 # compiled = torch.compile / hybridized Gluon / tf.function / jax.jit; eager = op by op everywhere;
 # xla = compiled by XLA: TensorFlow's tf.function(jit_compile=True), JAX's jax.jit (what compiled is there);
 # PyTorch and MXNet have no XLA mode (their backends refuse it with the modes they have).
@@ -155,7 +157,8 @@ class RunConfig:
     batch_size: int = 256
     epochs: int = 10
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "float32"  # parameters, data and the optimizer update (and the compute dtype unless mixed)
+    mixed: str = "off"  # "bfloat16": the framework's mixed-precision mechanism (--precision mixed-bfloat16)
     device: str = "auto"  # auto = the GPU when there is one, else the CPU
     execution: str = "default"  # see EXECUTIONS
     warmup_steps: int = 5  # the first steps of each epoch, timed apart from the rest
@@ -188,9 +191,19 @@ class RunConfig:
         _check(not self.recalibrate or self.population_size > 0,
                "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0")
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        _check(self.mixed in MIXED, f"unknown mixed-precision compute dtype {self.mixed!r}; choose from "
+                                    f"{', '.join(MIXED)}")
+        _check(self.mixed == "off" or self.dtype == "float32",
+               f"mixed precision keeps parameters and the update in float32, so it needs dtype float32, not "
+               f"{self.dtype} (--precision mixed-bfloat16 sets both)")
         _check(self.execution in EXECUTIONS,
                f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}")
         _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+    @property
+    def precision(self) -> str:
+        """float32, float64 or mixed-bfloat16 (--precision; common.precision)."""
+        return self.dtype if self.mixed == "off" else f"mixed-{self.mixed}"
 
     def replace(self, **changes) -> "RunConfig":
         return replace(self, **changes)

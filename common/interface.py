@@ -61,7 +61,11 @@ class BNResult:
 #       canonical NCHW / NC numpy x: state maps the canonical suffixes of
 #       common.init.norm_suffixes(spec) to arrays; one forward in the given mode,
 #       a backward of sum(dy * y); returns y, dx, dgamma, dbeta and "state", the
-#       layer's arrays after both. A norm without a fitting built-in layer raises
+#       layer's arrays after both, as float64 numpy, and "dtypes", the framework
+#       dtype name of y and of each state array. dtype "mixed-bfloat16": the layer
+#       as the framework's mixed-precision mechanism builds it (float32
+#       parameters), its input and dy in bfloat16. A norm without a fitting
+#       built-in layer, or a framework without a mixed mechanism, raises
 #       BackendUnavailable, as the model does.
 
 
@@ -71,7 +75,7 @@ def resolve_execution(config: RunConfig, default: str, supported=("compiled", "e
     mode = default if config.execution == "default" else config.execution
     if mode not in supported:
         raise BackendUnavailable(f"--execution {mode} is not a mode of this framework; it has "
-                                 f"{', '.join(('default',) + tuple(supported))} (README.md, \"Execution modes\")")
+                                 f"{', '.join(('default',) + tuple(supported))} (docs/benchmark.md, \"Execution modes\")")
     return mode
 
 

@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                    help="comma-separated normalisations (compare.run --norm): " + ", ".join(NORMS) +
                         "; instance runs after the convolutions only (conv1, conv2)")
     p.add_argument("--executions", default="default",
-                   help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in README.md)")
+                   help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in docs/benchmark.md)")
     p.add_argument("--batch-sizes", default="256", help="comma-separated, e.g. 64,256,1024,4096")
     p.add_argument("--repeats", type=int, default=7,
                    help="epochs of each loop per cell, alternating; at least 6 for a 95%% interval on the ratios")

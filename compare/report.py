@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common import records as records_schema
-from common.config import RUNNING_NORMS, VARIANTS
+from common.config import RUNNING_NORMS, VARIANTS, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
@@ -93,6 +93,64 @@ def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
+def snapshot_distance(mine: Path, ref: Path) -> dict:
+    """How far one snapshot's parameters, running statistics and probe logits are from another's."""
+    with np.load(mine) as a, np.load(ref) as b:
+        a, b = dict(a), dict(b)
+    trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var", "steps"))]
+    running = [k for k in b if k.startswith("param/") and k.endswith(("running_mean", "running_var"))]
+
+    def rel(keys):
+        if not keys:
+            return np.nan
+        diff = sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys)
+        norm = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in keys)
+        return np.sqrt(diff / norm) if norm else np.nan
+
+    logits = np.abs(a["probe/logits_eval"].astype(np.float64) - b["probe/logits_eval"].astype(np.float64))
+    same_pred = np.mean(a["probe/logits_eval"].argmax(1) == b["probe/logits_eval"].argmax(1))
+    return {"param_rel_l2": rel(trainable), "running_stats_rel_l2": rel(running),
+            "param_max_abs": max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+                                 for k in trainable),
+            "probe_logit_max_abs": float(logits.max()), "probe_logit_mad": float(logits.mean()),
+            "probe_pred_agreement": float(same_pred)}
+
+
+def _mixed_vs_float32(epochs: pd.DataFrame, records: list, run_dir: Path) -> pd.DataFrame:
+    """Each mixed-precision run's epochs beside the float32 run of the same framework, variant, seed and
+    everything else (its twin: the same configuration with mixed off): accuracy and train/eval divergence
+    of both, and how far the mixed run's parameters, running statistics and probe logits are from the
+    float32 run's (common.precision)."""
+    configs = {r["config_id"]: r["config"] for r in records if r.get("kind") in ("plan", "run_start")
+               and isinstance(r.get("config"), dict)}
+    twins = {}
+    for cid, config in configs.items():
+        if config.get("mixed", "off") != "off":
+            try:
+                twins[cid] = RunConfig.from_dict(config).replace(mixed="off").config_id
+            except ConfigError:
+                continue  # a record from another version of the suite
+    if epochs.empty or not twins:
+        return pd.DataFrame()
+    by_key = epochs.set_index(["framework", "config_id", "epoch"])
+    rows = []
+    for _, row in epochs[epochs.config_id.isin(list(twins))].iterrows():
+        key = (row.framework, twins[row.config_id], row.epoch)
+        if key not in by_key.index:
+            continue
+        base = by_key.loc[key]
+        out = {"framework": row.framework, "variant": row.variant, "seed": row.seed, "config_id": row.config_id,
+               "float32_config_id": twins[row.config_id], "epoch": row.epoch,
+               "precision": f"mixed-{configs[row.config_id]['mixed']}"}
+        for metric in ("test_acc", "probe_disagreement", "probe_logit_mad", "train_examples_per_s"):
+            out[f"{metric}_mixed"], out[f"{metric}_float32"] = row[metric], base[metric]
+        snapshots = (row.snapshot, base["snapshot"])
+        if all(isinstance(x, str) and (run_dir / x).is_file() for x in snapshots):
+            out.update(snapshot_distance(run_dir / snapshots[0], run_dir / snapshots[1]))
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
 def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
     """Distance of each framework's parameters and probe logits from the reference's, per epoch."""
     rows = []
@@ -108,27 +166,9 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
         mine, ref = run_dir / row.snapshot, run_dir / ref_rows.loc[key, "snapshot"]
         if not (mine.is_file() and ref.is_file()):
             continue
-        with np.load(mine) as a, np.load(ref) as b:
-            a, b = dict(a), dict(b)
-        trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var", "steps"))]
-        running = [k for k in b if k.endswith(("running_mean", "running_var"))]
-
-        def rel(keys):
-            if not keys:
-                return np.nan
-            diff = sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys)
-            norm = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in keys)
-            return np.sqrt(diff / norm) if norm else np.nan
-
-        logits = np.abs(a["probe/logits_eval"].astype(np.float64) - b["probe/logits_eval"].astype(np.float64))
-        same_pred = np.mean(a["probe/logits_eval"].argmax(1) == b["probe/logits_eval"].argmax(1))
         rows.append({"framework": row.framework, "reference": reference, "variant": row.variant,
                      "seed": row.seed, "config_id": row.config_id, "epoch": row.epoch,
-                     "param_rel_l2": rel(trainable), "running_stats_rel_l2": rel(running),
-                     "param_max_abs": max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
-                                          for k in trainable),
-                     "probe_logit_max_abs": float(logits.max()), "probe_logit_mad": float(logits.mean()),
-                     "probe_pred_agreement": float(same_pred)})
+                     **snapshot_distance(mine, ref)})
     return pd.DataFrame(rows)
 
 
@@ -196,6 +236,14 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=["framework", "config_id", *RUN_METRICS])
 
 
+def config_labels(config: dict) -> dict:
+    """The normalisation and the precision of a run, from its configuration (records from before --norm
+    and --precision ran BN, in their dtype)."""
+    mixed = config.get("mixed", "off")
+    return {"norm": config.get("model", {}).get("norm", "batch"),
+            "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}"}
+
+
 def _runs(records: list) -> pd.DataFrame:
     """One row per run (framework x configuration) the records know of, planned or seen, with its
     status: the status of its end record, or interrupted where it has none."""
@@ -206,13 +254,14 @@ def _runs(records: list) -> pd.DataFrame:
         row = rows.setdefault((r["framework"], r["config_id"]), {
             **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "attempts": 1,
             "detail": None})
+        if isinstance(r.get("config"), dict):  # plan and run_start
+            row.update(config_labels(r["config"]))
         if r["kind"] == "plan":
             row["epochs"] = r["epochs"]
             row["attempts"] = r.get("attempt", 1)  # > 1: the executor ran it again after losing a worker
         elif r["kind"] == "run_start":
             row.update({f"backend_{k}": v for k, v in r["backend"].items()})
-            model = r["config"].get("model", {}) if isinstance(r.get("config"), dict) else {}
-            row["norm"] = model.get("norm", "batch")  # records from before --norm ran BN
+
             row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
                        test_examples=r.get("test_examples"))
             if row["epochs"] is None and isinstance(r["config"], dict):
@@ -278,10 +327,13 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         frameworks = [f for f in FRAMEWORKS if not epochs.empty and f in set(epochs.framework)]
         reference = frameworks[0] if frameworks else None
     drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
+    mixed = _mixed_vs_float32(epochs, records, Path(run_dir))
     epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
     summary = _summary(epochs, runs, drift, coordinate_names(coords))
-    return {name: _fw_order(frame) for name, frame in
-            dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors).items()}
+    frames = dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors)
+    if not mixed.empty:
+        frames["mixed_precision"] = mixed
+    return {name: _fw_order(frame) for name, frame in frames.items()}
 
 
 def status_summary(statuses) -> str:
@@ -342,6 +394,8 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
                        execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
                        bn_epsilon=info.backend_bn_epsilon.iloc[0],
                        norm=info.norm.iloc[0] if "norm" in info else "batch")
+        if "precision" not in row and "precision" in group and group.precision.notna().any():
+            row["precision"] = group.precision.dropna().iloc[0]
         if not drift.empty and fw in set(drift.framework):
             d = drift[(drift.framework == fw) & drift.config_id.isin(group.config_id)]
             d = d[d.epoch == d.epoch.max()]
@@ -385,6 +439,8 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
     if frame is None or frame.empty:
         return "_(none)_\n"
     columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    if "precision" in frame and "variant" in columns and "precision" not in columns:  # every row says its precision
+        columns.insert(columns.index("variant") + 1, "precision")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
         cells = [_fmt(row[c], c) for c in columns]
@@ -408,7 +464,12 @@ def _plots(t: dict, run_dir: Path) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = t["epochs"]
+    def panels(frame):  # with more than one precision, a panel per variant and precision
+        if "precision" in frame and frame.precision.nunique() > 1:
+            return frame.assign(variant=frame.variant + ", " + frame.precision.astype(str))
+        return frame
+
+    epochs = panels(t["epochs"])
     made = []
     if epochs.empty:
         return made
@@ -449,11 +510,12 @@ def _plots(t: dict, run_dir: Path) -> list:
                 "Train-mode vs eval-mode BN on the probe set (dashed: population statistics)",
                 ylabels=["mean |logit diff|", "prediction disagreement"], dashed=population)
     if not t["drift"].empty:
-        drift = t["drift"].groupby(["framework", "variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
+        drift = panels(t["drift"]).groupby(["framework", "variant", "epoch"], sort=False).mean(
+            numeric_only=True).reset_index()
         ref = t["drift"].reference.iloc[0]
         per_variant("drift.png", ["param_rel_l2", "probe_logit_max_abs"], f"Drift from {ref}", frame=drift,
                     ylabels=["param rel. L2", "max |logit diff|"])
-    summary = t["summary"]
+    summary = panels(t["summary"])
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(variants)), 3.4))
     frameworks = list(dict.fromkeys(summary.framework))
     width = 0.8 / max(1, len(frameworks))
@@ -490,8 +552,19 @@ LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_l
 
 def final_epoch_gaps(gap: pd.DataFrame) -> pd.DataFrame:
     """The bn_gap table's final epoch per framework and variant, each layer's figures averaged over seeds."""
-    last = gap[gap.epoch == gap.groupby(["framework", "variant"]).epoch.transform("max")]
-    return last.groupby(["framework", "variant", "layer"], sort=False).mean(numeric_only=True).reset_index()
+    last = gap[gap.epoch == gap.groupby(by_run(gap)).epoch.transform("max")]
+    return last.groupby(by_run(gap) + ["layer"], sort=False).mean(numeric_only=True).reset_index()
+
+
+def by_run(frame: pd.DataFrame) -> list:
+    """framework, variant, and precision where the frame has more than one: the keys of a report row."""
+    multi = "precision" in frame and frame.precision.nunique() > 1
+    return ["framework", "variant"] + (["precision"] if multi else [])
+
+
+def who(row, frame: pd.DataFrame) -> str:
+    """How a sentence names a report row: framework and variant, and its precision where there are several."""
+    return " ".join(str(row[k]) for k in by_run(frame))
 
 
 def population_answer(summary: pd.DataFrame) -> list:
@@ -505,7 +578,7 @@ def population_answer(summary: pd.DataFrame) -> list:
         gain = row.final_pop_gain * 100
         cost = (f"the EMA costs {gain:.2f} points" if gain > 0 else
                 f"the EMA is {-gain:.2f} points better" if gain < 0 else "the two are equal")
-        text = (f"{row.framework} {row.variant}: final test accuracy {row.final_test_acc:.4f} with the running "
+        text = (f"{who(row, summary)}: final test accuracy {row.final_test_acc:.4f} with the running "
                 f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
                 f"{int(row.population_images):,} training images: {cost}")
         if not pd.isna(row.get("final_pop_gain_ci_high")):
@@ -546,6 +619,47 @@ def population_section(t: dict) -> list:
                   "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
                   markdown_table(last, LAG_NOISE_COLUMNS)]
     return parts
+
+
+MIXED_COLUMNS = ["framework", "variant", "precision", "seeds", "test_acc_mixed", "test_acc_float32",
+                 "probe_disagreement_mixed", "probe_disagreement_float32", "param_rel_l2", "running_stats_rel_l2",
+                 "probe_pred_agreement", "speed_ratio"]
+
+
+def mixed_precision_section(t: dict) -> list:
+    """The final epoch of each mixed-precision run beside its float32 twin (same seed, initial weights and
+    batches), averaged over seeds, with sentences made from the numbers."""
+    mixed = t.get("mixed_precision")
+    if mixed is None or mixed.empty:
+        return []
+    last = mixed[mixed.epoch == mixed.groupby(["framework", "config_id"]).epoch.transform("max")]
+    rows = []
+    for (fw, variant, precision), g in last.groupby(["framework", "variant", "precision"], sort=False):
+        rows.append({"framework": fw, "variant": variant, "precision": precision, "seeds": g.seed.nunique(),
+                     **g.mean(numeric_only=True).drop(["seed", "epoch"], errors="ignore").to_dict(),
+                     "speed_ratio": float((g.train_examples_per_s_mixed / g.train_examples_per_s_float32).median())})
+    table = pd.DataFrame(rows)
+    sentences = []
+    for _, r in table.iterrows():
+        sentences.append(
+            f"- {r.framework} {r.variant}: final test accuracy {r.test_acc_mixed:.4f} in {r.precision} against "
+            f"{r.test_acc_float32:.4f} in float32 ({100 * (r.test_acc_mixed - r.test_acc_float32):+.2f} points); "
+            f"train/eval disagreement {100 * r.probe_disagreement_mixed:.1f}% against "
+            f"{100 * r.probe_disagreement_float32:.1f}%; the parameters are {r.param_rel_l2:.2g} (relative L2) "
+            f"and the running statistics {r.running_stats_rel_l2:.2g} from the float32 run's, and the two "
+            f"predict the same class for {100 * r.probe_pred_agreement:.1f}% of the probe images.")
+    devices = t["summary"].get("device", pd.Series(dtype=str)).dropna() if "summary" in t else pd.Series(dtype=str)
+    cpu = not devices.empty and devices.astype(str).str.startswith("CPU").all()
+    speed = ("`speed_ratio` is the mixed run's training throughput over the float32 run's (median over seeds). "
+             + ("These ran on a CPU: bfloat16 there is emulated unless the processor has bfloat16 instructions "
+                "(AVX512_BF16, AMX), so a ratio below 1 says nothing of a GPU; docs/precision.md gives GPU figures where "
+                "one was measured." if cpu else ""))
+    return ["## Mixed precision against float32 (final epoch)\n",
+            "Each mixed-precision run beside the float32 run of the same seed, initial weights and batches "
+            "(parameters, the update and the loss stay float32 in both; common/precision.py), averaged over "
+            "seeds. `param_rel_l2` / `running_stats_rel_l2`: relative L2 distance of the trained parameters "
+            "and of the BN running statistics from the float32 run's.\n",
+            markdown_table(table, MIXED_COLUMNS), *sentences, "", speed + "\n"]
 
 
 def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
@@ -591,6 +705,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                   f"running statistics: train and eval mode are the same computation, so its divergence is 0; it is "
                   f"measured all the same, a check of the harness.\n" if stateless else ""),
               markdown_table(s, DIVERGENCE_COLUMNS)]
+    parts += mixed_precision_section(t)
     parts += population_section(t)
     gap = t["bn_gap"]
     if not gap.empty:
@@ -602,7 +717,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     drift = t["drift"]
     if not drift.empty:
         last = drift[drift.epoch == drift.epoch.max()]
-        last = last.groupby(["framework", "variant"], sort=False).mean(numeric_only=True).reset_index()
+        last = last.groupby(by_run(last), sort=False).mean(numeric_only=True).reset_index()
         parts += [f"## Cross-framework drift from {drift.reference.iloc[0]} (final epoch)\n",
                   "Same initial weights and batches; relative L2 distance of all trainable parameters and of "
                   "the BN running statistics, and the probe logits' distance.\n",

@@ -20,6 +20,8 @@ from common.config import (ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, EXECUTION
                            ModelSpec, RunConfig)
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
+from common.precision import MIXED, PRECISIONS
+from common.precision import split as split_precision
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import envs
@@ -99,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr, help="plain SGD learning rate")
-    g.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})")
+    g.add_argument("--precision", default=None,
+                   help="comma-separated: " + ", ".join(PRECISIONS) + " (default float32); mixed-bfloat16 is each "
+                        "framework's own mixed-precision mechanism, and brings float32 runs of the same seeds "
+                        "beside it for the report's comparison")
     g.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto = the GPU when the framework sees one; gpu without one is an error")
     g.add_argument("--execution", choices=EXECUTIONS, default=d.execution,
@@ -156,8 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def precisions_from_args(args) -> list:
+    """--precision's list (--dtype alone: that one); mixed-bfloat16 brings float32 along, first: the report
+    sets each mixed run beside the float32 run of the same seed, initial weights and batches."""
+    if args.precision is None:
+        return [args.dtype or RunConfig.dtype]
+    if args.dtype is not None:
+        raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} both given; --precision replaces "
+                          f"--dtype (--precision {args.dtype})")
+    precisions = list(parse_list(args.precision, "precision", PRECISIONS))
+    if any(p in MIXED for p in precisions) and "float32" not in precisions:
+        precisions.insert(0, "float32")
+    return precisions
+
+
 def configs_from_args(args) -> list:
     variants = parse_list(args.variants, "variant", VARIANTS)
+    precisions = precisions_from_args(args)
     positions = parse_list(args.bn_positions, "BN position", BN_POSITIONS)
     limits = QUICK if args.quick else {}
     out = []
@@ -168,9 +190,10 @@ def configs_from_args(args) -> list:
                          decay=args.decay, epsilon=args.epsilon, norm=args.norm, groups=args.groups,
                          renorm_rmax=args.renorm_rmax, renorm_dmax=args.renorm_dmax,
                          renorm_warmup=args.renorm_warmup)
-        for seed in _seeds(args.seeds):
+        for precision, seed in ((p, s) for p in precisions for s in _seeds(args.seeds)):
+            dtype, mixed = split_precision(precision)
             out.append(RunConfig(
-                model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=args.dtype,
+                model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=dtype, mixed=mixed,
                 device=args.device, warmup_steps=args.warmup_steps, probe_size=args.probe_size,
                 trace_steps=args.trace_steps, execution=args.execution,
                 population_size=args.population_size, recalibrate=args.recalibrate,
@@ -298,7 +321,10 @@ def main(argv=None) -> int:
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
     tracker = tracking.Tracker(tracking_uri, run_id, run_dir, "run") if tracking_uri else None
     writer = RecordWriter(run_dir / "records.jsonl", progress, tracker)
-    plan_records(writer, frameworks, configs)
+    # more than one precision: each run's is a coordinate, so the tables keep them apart
+    coords = ({c.config_id: {"precision": c.precision} for c in configs}
+              if len({c.precision for c in configs}) > 1 else None)
+    plan_records(writer, frameworks, configs, coords)
     signals = Signals(on_signal=progress.mute)
     started = time.time()
     try:

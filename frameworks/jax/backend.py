@@ -32,7 +32,7 @@ from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_cha
 from .lenet import (FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_norm, mode_kwargs,
                     variable_paths)
 
-# The jitted step by default: eager JAX dispatches every op from Python (README.md, "Execution modes").
+# The jitted step by default: eager JAX dispatches every op from Python (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
 # XLA's GPU reductions may use atomics, whose order varies between runs; this flag makes them
 # deterministic (it must be set before the GPU backend starts; the CPU ignores it).
@@ -82,7 +82,9 @@ class JaxBackend(Backend):
         self.spec = config.model
         if config.model.has_bn:
             make_norm(config.model, 2, config.dtype)  # a normalisation without a fitting Flax module fails here
-        self.model = BNLeNet(config.model, dtype=config.dtype)
+        # mixed precision: Flax's own way, modules computing in bfloat16 with float32 parameters
+        self.model = BNLeNet(config.model, dtype="bfloat16" if config.mixed == "bfloat16" else config.dtype,
+                             param_dtype=config.dtype)
         self.paths = variable_paths(config.model)
         # XLA is JAX's only compiler: --execution xla is the jitted step too
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
@@ -217,7 +219,8 @@ class JaxBackend(Backend):
     def probe(self, images):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
         logits_eval, logits_train, inputs = self._probe(self.variables, x)
-        stats = {name: bn_probe_stats(np.asarray(inputs[f"{name}_input"][0]), -1,  # channels last
+        stats = {name: bn_probe_stats(np.asarray(inputs[f"{name}_input"][0].astype(jnp.float64 if self.dtype == "float64"
+                                                                               else jnp.float32)), -1,  # channels last
                                       self._array(f"{name}.running_mean"), self._array(f"{name}.running_var"))
                  for name in (bn_layers(self.spec) if self.spec.has_running_stats else ())}  # others: no statistics
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
@@ -244,22 +247,30 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
 
 def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
-    enable_float64(dtype)
-    layer = make_norm(spec, x.shape[1], dtype, dims=np.ndim(x))
+    mixed = dtype == "mixed-bfloat16"  # the module computing in bfloat16 with float32 parameters, as in a run
+    params_dtype = "float32" if mixed else dtype
+    enable_float64(params_dtype)
+    layer = make_norm(spec, x.shape[1], "bfloat16" if mixed else dtype, dims=np.ndim(x), param_dtype=params_dtype)
     leaves = SCRATCH_LEAVES if spec.variant == "scratch" else FLAX_LEAVES
     variables = {"params": {}, "batch_stats": {}}
     for suffix, value in state.items():
         collection, leaf = leaves[suffix]
-        variables[collection][leaf] = jnp.asarray(np.asarray(value, dtype=dtype))
-    xt, dyt = (jnp.asarray(nchw_to_nhwc(a).astype(dtype)) for a in (x, dy))
+        variables[collection][leaf] = jnp.asarray(np.asarray(value, dtype=params_dtype))
+    xt, dyt = (jnp.asarray(nchw_to_nhwc(a).astype(params_dtype)).astype(jnp.bfloat16 if mixed else params_dtype)
+               for a in (x, dy))
 
     def forward(x, params):
         return layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
                            mutable=["batch_stats"], **mode_kwargs(layer, training))
 
     y, backward, updates = jax.vjp(forward, xt, variables["params"], has_aux=True)
-    dx, dparams = backward(dyt)
+    dx, dparams = backward(dyt.astype(y.dtype))
     after = {**variables["params"], **variables["batch_stats"], **updates.get("batch_stats", {})}
-    return {"y": nhwc_to_nchw(np.asarray(y)), "dx": nhwc_to_nchw(np.asarray(dx)),
-            "dgamma": np.asarray(dparams[leaves["gamma"][1]]), "dbeta": np.asarray(dparams[leaves["beta"][1]]),
-            "state": {suffix: np.asarray(after[leaves[suffix][1]]) for suffix in state}}
+    after = {suffix: after[leaves[suffix][1]] for suffix in state}
+
+    def f64(a):
+        return np.asarray(a.astype(jnp.float32 if a.dtype == jnp.bfloat16 else a.dtype), dtype=np.float64)
+    return {"y": nhwc_to_nchw(f64(y)), "dx": nhwc_to_nchw(f64(dx)),
+            "dgamma": f64(dparams[leaves["gamma"][1]]), "dbeta": f64(dparams[leaves["beta"][1]]),
+            "state": {suffix: f64(value) for suffix, value in after.items()},
+            "dtypes": {"y": str(y.dtype), **{suffix: str(value.dtype) for suffix, value in after.items()}}}

@@ -12,6 +12,11 @@ collection, running_mean and running_var in "batch_stats". In training mode the
 caller must declare "batch_stats" mutable (`apply(..., mutable=["batch_stats"])`)
 and keep the returned statistics; assigning to an immutable collection is Flax's
 error, which we let through rather than silently dropping the update.
+
+Mixed precision (common.precision; modules with dtype=bfloat16): a bfloat16
+input is normalised in float32 (the layers' `dtype`, that of their parameters and
+running statistics), the statistics and the running blend included, and the
+result returned in the input's dtype.
 """
 import jax.numpy as jnp
 from flax import linen as nn
@@ -25,6 +30,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
                          f"flatten or reshape before the BN layer")
     axes = (0,) if x.ndim == 2 else (0, 1, 2)
+    out_dtype, x = x.dtype, in_float32(x)
     if training:
         per_channel = 1
         for axis in axes:
@@ -51,7 +57,12 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         r = jnp.clip(jnp.sqrt(lax.stop_gradient(var) + epsilon) / sigma, 1.0 / rmax, rmax)
         d = jnp.clip((lax.stop_gradient(mean) - running_mean) / sigma, -dmax, dmax)
         y = y * r + d
-    return y * gamma + beta, new_mean, new_var
+    return (y * gamma + beta).astype(out_dtype), new_mean, new_var
+
+
+def in_float32(x):
+    """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
+    return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
 
 
 def group_norm(x, gamma, beta, *, groups, epsilon):
@@ -61,11 +72,12 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
     channels = x.shape[-1]
     if channels % groups:
         raise ValueError(f"{groups} groups do not divide the {channels} channels of input shape {tuple(x.shape)}")
+    out_dtype, x = x.dtype, in_float32(x)
     g = x.reshape(x.shape[:-1] + (groups, channels // groups))
     axes = (2,) if x.ndim == 2 else (1, 2, 4)  # of (N, G, C/G) or (N, H, W, G, C/G)
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-    return ((g - mean) * lax.rsqrt(var + epsilon)).reshape(x.shape) * gamma + beta
+    return (((g - mean) * lax.rsqrt(var + epsilon)).reshape(x.shape) * gamma + beta).astype(out_dtype)
 
 
 class BatchNorm(nn.Module):

@@ -37,18 +37,21 @@ FLAX_LEAVES = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
 FLAX_NORMS = "nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, nn.RMSNorm"
 
 
-def make_norm(spec, num_features, dtype, dims=4, name=None):
-    """The module of spec.norm and spec.variant that follows a layer of num_features channels."""
+def make_norm(spec, num_features, dtype, dims=4, name=None, param_dtype=None):
+    """The module of spec.norm and spec.variant that follows a layer of num_features channels. dtype: the
+    computation's (bfloat16 in mixed precision); param_dtype: the parameters' (default dtype). Our layers
+    keep their parameters in param_dtype and compute in it (common.precision)."""
+    param_dtype = param_dtype or dtype
     if spec.norm == "batch":
-        return make_bn(spec, num_features, dtype, name=name)
+        return make_bn(spec, num_features, dtype, name=name, param_dtype=param_dtype)
     if spec.variant == "scratch":
         if spec.norm == "renorm":
-            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=dtype, rmax=spec.renorm_rmax,
-                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, name=name)
-        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=dtype, name=name)
+            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=param_dtype,
+                               rmax=spec.renorm_rmax, dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, name=name)
+        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=param_dtype, name=name)
     if spec.norm == "renorm":
         raise no_builtin("Flax", "renorm", FLAX_NORMS)
-    kwargs = dict(dtype=dtype, param_dtype=dtype, name=name)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, name=name)
     if spec.variant == "builtin":
         kwargs["epsilon"] = spec.epsilon
     # use_fast_variance=False: Flax's default E[x^2] - E[x]^2 cancels when |mean| >> std (tests/test_jax_pitfalls.py)
@@ -59,12 +62,13 @@ def make_norm(spec, num_features, dtype, dims=4, name=None):
     return nn.GroupNorm(num_groups=spec.groups, use_fast_variance=False, **kwargs)
 
 
-def make_bn(spec, num_features, dtype, name=None):
+def make_bn(spec, num_features, dtype, name=None, param_dtype=None):
+    param_dtype = param_dtype or dtype
     if spec.variant == "scratch":
-        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=dtype, name=name)
+        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=param_dtype, name=name)
     if spec.variant == "builtin":
-        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, dtype=dtype, param_dtype=dtype, name=name)
-    return nn.BatchNorm(dtype=dtype, param_dtype=dtype, name=name)  # builtin-defaults
+        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)  # builtin-defaults
 
 
 def effective_bn(spec):
@@ -87,11 +91,13 @@ def mode_kwargs(layer, training):
 
 class BNLeNet(nn.Module):
     spec: ModelSpec
-    dtype: str = "float32"
+    dtype: str = "float32"  # the computation's: bfloat16 in mixed precision (common.precision)
+    param_dtype: str | None = None  # the parameters' (and the logits'); default dtype
 
     @nn.compact
     def __call__(self, x, *, training, bn_training=None):
         spec, dtype = self.spec, self.dtype
+        param_dtype = self.param_dtype or dtype
         bn_training = training if bn_training is None else bn_training
         act = nn.sigmoid if spec.activation == "sigmoid" else nn.relu
         pool = nn.avg_pool if spec.pooling == "avg" else nn.max_pool
@@ -100,14 +106,14 @@ class BNLeNet(nn.Module):
         def block(layer, h):
             if layer.startswith("conv"):
                 h = nn.Conv(shapes[layer][0], shapes[layer][2:], padding="VALID", use_bias=has_bias(spec, layer),
-                            dtype=dtype, param_dtype=dtype, name=layer)(h)
+                            dtype=dtype, param_dtype=param_dtype, name=layer)(h)
             else:
-                h = nn.Dense(shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=dtype,
+                h = nn.Dense(shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=param_dtype,
                              name=layer)(h)
             if layer not in BN_NAMES or not spec.bn_at(layer):
                 return h if layer not in BN_NAMES else act(h)
             name = BN_NAMES[layer]
-            bn = make_norm(spec, shapes[layer][0], dtype, dims=h.ndim, name=name)
+            bn = make_norm(spec, shapes[layer][0], dtype, dims=h.ndim, name=name, param_dtype=param_dtype)
             before = spec.bn_placement == "before_activation"
             if not before:
                 h = act(h)
@@ -122,7 +128,7 @@ class BNLeNet(nn.Module):
             h = block(layer, h)
             if spec.dropout:
                 h = nn.Dropout(spec.dropout, deterministic=not training)(h)
-        return block("fc3", h)
+        return block("fc3", h).astype(param_dtype)  # the logits, and so the loss, in float32 when mixed
 
 
 def variable_paths(spec):

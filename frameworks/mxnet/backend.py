@@ -28,7 +28,7 @@ from .lenet import BNLeNet, check_dtype, effective_bn, make_bn, make_norm
 
 
 # Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
-# batch 256, compiled in well under a second (README.md, "Execution modes").
+# batch 256, compiled in well under a second (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
 
 
@@ -55,7 +55,7 @@ class MXNetBackend(Backend):
         self.dtype = config.dtype
         self.spec = config.model
         mx.random.seed(config.seed)  # dropout masks only; weights come from common
-        check_dtype(config.model, config.dtype)
+        check_dtype(config.model, config.precision)
         self.net = BNLeNet(config.model)
         self.net.initialize(ctx=self.ctx)
         self.net.cast(self.dtype)

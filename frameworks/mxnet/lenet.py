@@ -47,8 +47,18 @@ def make_norm(spec, num_features, dims):
     raise no_builtin("MXNet Gluon", spec.norm + (" after a convolution" if spec.norm == "layer" else ""), GLUON_NORMS)
 
 
+# tests/test_mxnet_pitfalls.py shows what amp.init does to the process
+NO_MIXED = ("MXNet 1.9.1's mixed precision, mx.contrib.amp.init(target_dtype=\"bfloat16\"), rewrites the operators of "
+            "mx.nd and mx.sym for the whole process, once and for good, before the network is built: a float32 run "
+            "after it in the same worker would no longer be float32, so the suite does not run MXNet in mixed "
+            "precision; use --precision float32 or float64 for MXNet")
+
+
 def check_dtype(spec, dtype):
-    """Gluon's InstanceNorm has a float32 kernel only (float64 fails inside the operator)."""
+    """Gluon's InstanceNorm has a float32 kernel only (float64 fails inside the operator); mixed precision
+    (dtype "mixed-bfloat16") is refused (NO_MIXED)."""
+    if dtype == "mixed-bfloat16":
+        raise BackendUnavailable(NO_MIXED)
     if spec.has_bn and spec.norm == "instance" and spec.variant != "scratch" and dtype != "float32":
         raise BackendUnavailable(f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {dtype}; "
                                  f"use --dtype float32, or --variants scratch")

@@ -25,7 +25,7 @@ from .lenet import (BUILTIN_NAMES, BNLeNet, effective_bn, make_bn, make_dense_no
 
 
 # XLA by default: 1.9x tf.function, which is 2.4x (scratch) and 2.7x (built-in) eager, at batch 256 on the
-# CPU (README.md, "Execution modes").
+# CPU (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "xla"
 EXECUTION_NAMES = {"compiled": "tf.function", "xla": "tf.function(jit_compile=True)", "eager": "eager"}
 
@@ -53,14 +53,15 @@ class TensorFlowBackend(Backend):
         keras.utils.set_random_seed(config.seed)
         size = config.model.input_size
         with tf.device(self.device):
-            self.model = BNLeNet(config.model, dtype=config.dtype)
+            # mixed precision: Keras' own mechanism, the mixed_bfloat16 dtype policy on every layer
+            self.model = BNLeNet(config.model, dtype="mixed_bfloat16" if config.mixed == "bfloat16" else config.dtype)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)
         self.execution = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla"))
         if self.execution == "xla":
             # the batch gather stays outside the XLA computation: inside it, XLA on the CPU ran the
-            # step at ~110 examples/s (README.md, "Execution modes")
+            # step at ~110 examples/s (docs/benchmark.md, "Execution modes")
             gather, update = tf.function(self._gather_impl), tf.function(self._update_impl, jit_compile=True)
             self._step = lambda images, labels, order, step: update(*gather(images, labels, order, step))
             self._forward = tf.function(self._forward_impl, jit_compile=True)
@@ -161,7 +162,7 @@ class TensorFlowBackend(Backend):
             originals[name] = layer.call
 
             def call(h, *args, _name=name, _call=layer.call, **kwargs):
-                inputs[_name] = h.numpy()
+                inputs[_name] = tf.cast(h, tf.float64).numpy()
                 return _call(h, *args, **kwargs)
 
             layer.call = call
@@ -211,16 +212,27 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
 
 def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
-    layer = (make_norm if np.ndim(x) == 4 else make_dense_norm)(spec, x.shape[1], dtype)
-    xt = tf.constant(nchw_to_nhwc(x).astype(dtype))
+    mixed = dtype == "mixed-bfloat16"  # the layer under the mixed_bfloat16 policy, its input (and dy) in bfloat16
+    policy, compute = ("mixed_bfloat16", tf.bfloat16) if mixed else (dtype, dtype)
+    layer = (make_norm if np.ndim(x) == 4 else make_dense_norm)(spec, x.shape[1], policy)
+    xt = tf.cast(tf.constant(nchw_to_nhwc(x).astype(np.float32 if mixed else dtype)), compute)
     layer.build(xt.shape)
     names = {suffix: BUILTIN_NAMES.get(suffix, suffix) if spec.variant != "scratch" else suffix for suffix in state}
     for suffix, value in state.items():
-        getattr(layer, names[suffix]).assign(np.asarray(value, dtype=dtype))
+        variable = getattr(layer, names[suffix])
+        variable.assign(np.asarray(value, dtype=variable.dtype))
     with tf.GradientTape() as tape:
         tape.watch(xt)
         y = layer(xt, training=training)
-        loss = tf.reduce_sum(y * tf.constant(nchw_to_nhwc(dy).astype(dtype)))
+        loss = tf.reduce_sum(tf.cast(y, tf.float32 if mixed else dtype)
+                             * tf.cast(tf.constant(nchw_to_nhwc(dy).astype(np.float32 if mixed else dtype)),
+                                       tf.float32 if mixed else dtype))
     dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names["gamma"]), getattr(layer, names["beta"])])
-    return {"y": nhwc_to_nchw(y.numpy()), "dx": nhwc_to_nchw(dx.numpy()), "dgamma": dgamma.numpy(),
-            "dbeta": dbeta.numpy(), "state": {suffix: getattr(layer, names[suffix]).numpy() for suffix in state}}
+    after = {suffix: getattr(layer, names[suffix]) for suffix in state}
+
+    def f64(t):
+        return tf.cast(t, tf.float64).numpy()
+    return {"y": nhwc_to_nchw(f64(y)), "dx": nhwc_to_nchw(f64(dx)), "dgamma": f64(dgamma), "dbeta": f64(dbeta),
+            "state": {suffix: f64(v) for suffix, v in after.items()},
+            "dtypes": {"y": y.dtype.name, **{suffix: v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype)
+                                             for suffix, v in after.items()}}}

@@ -8,6 +8,11 @@ default; a plain call is inference, as in Keras's own layers). The running
 statistics are non-trainable weights, updated with assign in training mode.
 The normalisation is written (x - mean) * inv_std * gamma + beta, not
 TensorFlow's x * inv + (beta - mean * inv), which cancels when |mean| >> std.
+
+Mixed precision (common.precision; Keras' mixed_bfloat16 policy casts a layer's
+input to bfloat16): the weights are created with autocast=False, so they are
+read in float32, and a bfloat16 input is normalised in float32, the statistics
+and the running blend included; the result is returned in the input's dtype.
 """
 import keras
 import tensorflow as tf
@@ -21,6 +26,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
                          f"flatten or reshape before the BN layer")
     axes = [0] if rank == 2 else [0, 1, 2]
+    out_dtype, x = x.dtype, in_float32(x)
     if training:
         per_channel = 1
         for axis in axes:
@@ -47,7 +53,12 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         r = tf.clip_by_value(tf.sqrt(tf.stop_gradient(var) + epsilon) / sigma, 1.0 / rmax, rmax)
         d = tf.clip_by_value((tf.stop_gradient(mean) - running_mean) / sigma, -dmax, dmax)
         y = y * r + d
-    return y * gamma + beta, new_mean, new_var
+    return tf.cast(y * gamma + beta, out_dtype), new_mean, new_var
+
+
+def in_float32(x):
+    """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
+    return tf.cast(x, tf.float32) if x.dtype in (tf.bfloat16, tf.float16) else x
 
 
 def group_norm(x, gamma, beta, *, groups, epsilon):
@@ -58,12 +69,13 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
     channels = x.shape[-1]
     if channels % groups:
         raise ValueError(f"{groups} groups do not divide the {channels} channels of input shape {tuple(x.shape)}")
+    out_dtype, x = x.dtype, in_float32(x)
     g = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [groups, channels // groups]], axis=0))
     axes = [2] if rank == 2 else [1, 2, 4]  # of (N, G, C/G) or (N, H, W, G, C/G)
     mean = tf.reduce_mean(g, axis=axes, keepdims=True)
     var = tf.reduce_mean(tf.square(g - mean), axis=axes, keepdims=True)
     y = tf.reshape((g - mean) * tf.math.rsqrt(var + epsilon), tf.shape(x))
-    return y * gamma + beta
+    return tf.cast(y * gamma + beta, out_dtype)
 
 
 class BatchNorm(keras.layers.Layer):
@@ -75,10 +87,12 @@ class BatchNorm(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = (self.num_features,)
-        self.gamma = self.add_weight(shape=shape, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=shape, initializer="zeros", name="beta")
-        self.running_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="running_mean")
-        self.running_var = self.add_weight(shape=shape, initializer="ones", trainable=False, name="running_var")
+        self.gamma = self.add_weight(shape=shape, initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=shape, initializer="zeros", name="beta", autocast=False)
+        self.running_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="running_mean",
+                                            autocast=False)
+        self.running_var = self.add_weight(shape=shape, initializer="ones", trainable=False, name="running_var",
+                                           autocast=False)
 
     def limits(self):
         """(rmax, dmax) of batch renormalisation; None: plain BN."""
@@ -107,7 +121,7 @@ class BatchRenorm(BatchNorm):
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.steps = self.add_weight(shape=(1,), initializer="zeros", trainable=False, name="steps")
+        self.steps = self.add_weight(shape=(1,), initializer="zeros", trainable=False, name="steps", autocast=False)
 
     def limits(self):
         ramp = tf.minimum(self.steps / self.warmup, 1.0) if self.warmup else tf.ones_like(self.steps)
@@ -125,8 +139,8 @@ class GroupNorm(keras.layers.Layer):
         self.num_features, self.groups, self.epsilon = num_features, groups, epsilon
 
     def build(self, input_shape):
-        self.gamma = self.add_weight(shape=(self.num_features,), initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=(self.num_features,), initializer="zeros", name="beta")
+        self.gamma = self.add_weight(shape=(self.num_features,), initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=(self.num_features,), initializer="zeros", name="beta", autocast=False)
 
     def call(self, x, training=False):
         return group_norm(x, self.gamma, self.beta, groups=self.groups, epsilon=self.epsilon)

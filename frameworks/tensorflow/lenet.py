@@ -118,7 +118,8 @@ class BNLeNet(keras.Model):
         h = self.drop1(h, training=training) if self.drop1 else h
         h = self._block("fc2", self.fc2(h), bn_training)
         h = self.drop2(h, training=training) if self.drop2 else h
-        return self.fc3(h)
+        # logits (and so the loss) in the variables' dtype: float32 under mixed_bfloat16 (common.precision)
+        return keras.ops.cast(self.fc3(h), self.dtype_policy.variable_dtype)
 
 
 def variable(model, name):

@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Eager by default: on the 2-core CPU torch.compile makes only the scratch layer faster (1.25-1.5x at batch
 # 256), needs a C++ compiler and takes 20-40 s cold before its first step, about what a default 10-epoch run
-# gains (README.md, "Execution modes").
+# gains (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "eager"
 
 
@@ -62,6 +62,7 @@ class TorchBackend(Backend):
         super().__init__(config)
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
+        self.mixed = config.mixed == "bfloat16"  # torch.autocast(dtype=torch.bfloat16) around every forward
         torch.manual_seed(config.seed)  # dropout masks only; weights come from common
         if self.device.type == "cuda":
             # the same seed must repeat exactly on a GPU too: no non-deterministic cuDNN algorithms
@@ -87,6 +88,14 @@ class TorchBackend(Backend):
         return {"framework": "torch", "version": torch.__version__, "device": "gpu" if self.device.type == "cuda" else "cpu",
                 "device_name": device_name, "execution": "torch.compile" if self.compiled else "eager", "bn_decay": decay,
                 "bn_epsilon": epsilon, "dtype": self.config.dtype}
+
+    def _forward(self, module, x):
+        """module(x) under autocast when the run is mixed precision; the logits (and so the loss) in the
+        parameters' dtype, float32 there (common.precision)."""
+        if not self.mixed:
+            return module(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return module(x).to(self.dtype)
 
     def _mode(self, training):
         if self._training is not training:
@@ -126,7 +135,7 @@ class TorchBackend(Backend):
         self._mode(True)
         index = order[step]
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)
-        logits = self.train_forward(x)
+        logits = self._forward(self.train_forward, x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +154,7 @@ class TorchBackend(Backend):
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in range(0, len(labels), batch_size):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
-            logits = self.model(x)
+            logits = self._forward(self.model, x)
             total[0] += F.cross_entropy(logits, y, reduction="sum").double()
             total[1] += (logits.argmax(dim=1) == y).sum()
         return total.cpu().numpy()
@@ -153,20 +162,20 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def predict(self, images):
         self._mode(False)
-        return self.model(torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
+        return self._forward(self.model, torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
 
     @torch.no_grad()
     def probe(self, images):
         x = torch.as_tensor(images).to(self.device, self.dtype)
         self._mode(False)
-        logits_eval = self.model(x).cpu().numpy()
+        logits_eval = self._forward(self.model, x).cpu().numpy()
         bns = self.model.bn_modules()
         saved = {k: v.clone() for k, v in self.model.named_buffers()}
         stats, hooks = {}, []
 
         def capture(name):
             def hook(module, inputs):  # NCHW / NC: channels on axis 1
-                stats[name] = bn_probe_stats(inputs[0].cpu().numpy(), 1, module.running_mean.cpu().numpy(),
+                stats[name] = bn_probe_stats(inputs[0].double().cpu().numpy(), 1, module.running_mean.cpu().numpy(),
                                              module.running_var.cpu().numpy())
             return hook
 
@@ -175,7 +184,7 @@ class TorchBackend(Backend):
                 if self.spec.has_running_stats:  # the others have no batch or running statistics to report
                     hooks.append(module.register_forward_pre_hook(capture(name)))
                 module.train()  # BN only: dropout stays in eval mode
-            logits_train = self.model(x).cpu().numpy()
+            logits_train = self._forward(self.model, x).cpu().numpy()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -222,16 +231,23 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.interface: one normalisation layer's forward and backward, numpy in and out."""
     from .lenet import make_norm
 
-    dt = DTYPES[dtype]
+    mixed = dtype == "mixed-bfloat16"  # the layer in float32, its input (and dy) in bfloat16, under autocast
+    dt = DTYPES["float32" if mixed else dtype]
     layer = make_norm(spec, x.shape[1], np.ndim(x)).to(dt)
     attrs = {suffix: canonical_to_torch(f"bn1.{suffix}", spec).split(".")[1] for suffix in state}
     with torch.no_grad():
         for suffix, value in state.items():
             getattr(layer, attrs[suffix]).copy_(torch.as_tensor(np.asarray(value)))
     layer.train(training)
-    xt = torch.tensor(np.asarray(x), dtype=dt, requires_grad=True)
-    y = layer(xt)
-    (y * torch.as_tensor(np.asarray(dy), dtype=dt)).sum().backward()
-    return {"y": y.detach().numpy(), "dx": xt.grad.numpy(), "dgamma": getattr(layer, attrs["gamma"]).grad.numpy(),
-            "dbeta": getattr(layer, attrs["beta"]).grad.numpy(),
-            "state": {suffix: getattr(layer, attr).detach().numpy().copy() for suffix, attr in attrs.items()}}
+    compute = torch.bfloat16 if mixed else dt
+    xt = torch.tensor(np.asarray(x), dtype=compute, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        y = layer(xt)
+    (y * torch.as_tensor(np.asarray(dy)).to(compute)).sum().backward()
+    after = {suffix: getattr(layer, attr).detach() for suffix, attr in attrs.items()}
+    return {"y": y.detach().double().numpy(), "dx": xt.grad.double().numpy(),
+            "dgamma": getattr(layer, attrs["gamma"]).grad.double().numpy(),
+            "dbeta": getattr(layer, attrs["beta"]).grad.double().numpy(),
+            "state": {suffix: value.double().numpy() for suffix, value in after.items()},
+            "dtypes": {"y": str(y.dtype).replace("torch.", ""),
+                       **{suffix: str(value.dtype).replace("torch.", "") for suffix, value in after.items()}}}

@@ -5,6 +5,10 @@ Layout: NCHW (4-D) or NC (2-D). Training mode comes from the module's own
 `self.training` flag (`model.train()` / `model.eval()`), never from
 `torch.is_grad_enabled()`: a forward under `no_grad` in train mode still uses
 batch statistics and still updates the running statistics, as in nn.BatchNorm.
+
+Mixed precision (common.precision): a bfloat16 or float16 input (autocast's
+convolution output) is normalised in float32, the statistics and the running
+blend included, and the result returned in the input's dtype.
 """
 import torch
 from torch import nn
@@ -22,6 +26,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     if x.dim() not in (2, 4):
         raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got shape "
                          f"{tuple(x.shape)}; flatten or reshape before the BN layer")
+    out_dtype, x = x.dtype, in_float32(x)
     axes = (0,) if x.dim() == 2 else (0, 2, 3)
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
     if training:
@@ -42,7 +47,12 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         r = torch.clamp(torch.sqrt(var.detach() + epsilon) / sigma, 1.0 / rmax, rmax)
         d = torch.clamp((mean.detach() - running_mean) / sigma, -dmax, dmax)
         y = y * r.view(shape) + d.view(shape)
-    return gamma.view(shape) * y + beta.view(shape), new_mean, new_var
+    return (gamma.view(shape) * y + beta.view(shape)).to(out_dtype), new_mean, new_var
+
+
+def in_float32(x):
+    """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def group_norm(x, gamma, beta, *, groups, epsilon):
@@ -52,11 +62,12 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
     n, c = x.shape[:2]
     if c % groups:
         raise ValueError(f"{groups} groups do not divide the {c} channels of input shape {tuple(x.shape)}")
+    out_dtype, x = x.dtype, in_float32(x)
     g = x.reshape(n, groups, -1)
     var, mean = torch.var_mean(g, dim=2, keepdim=True, correction=0)
     y = ((g - mean) * torch.rsqrt(var + epsilon)).reshape(x.shape)
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
-    return gamma.view(shape) * y + beta.view(shape)
+    return (gamma.view(shape) * y + beta.view(shape)).to(out_dtype)
 
 
 class BatchNorm(nn.Module):
