@@ -90,3 +90,19 @@ NORM_BUILTIN_DTYPES_MISSING = {"mxnet": {"instance": ("float64",)}}
 # (measured): Gluon's LayerNorm is 2.0e-12 off in float64 at input offsets 0, 3 and 1000 alike, so not a
 # cancellation (scratch layers and the other built-ins stay within a few hundred unit roundoffs).
 NORM_BUILTIN_ATOL = {"mxnet": {"layer": 5e-12}}
+
+# Each framework's built-in BN under its own mixed-precision mechanism (--precision mixed-bfloat16), measured
+# on a bfloat16 input of mean 1000 and std 1 (tests/test_precision.py): the dtype of the output, of gamma/beta
+# and of the running statistics, and the batch statistics' precision, read off the running-statistics update
+# against the float64 reference: "float32" (two passes), or "float32 E[x^2]-E[x]^2" (Flax's default fast
+# variance: float32 too, but the variance cancels this far from zero). None: no mixed mechanism the suite runs
+# (MXNet: amp.init rewrites the operators of the whole process; frameworks/mxnet/lenet.py NO_MIXED).
+MIXED_BUILTIN = {
+    "torch": {"mechanism": "torch.autocast(dtype=torch.bfloat16)", "output": "bfloat16", "gamma": "float32",
+              "running": "float32", "statistics": "float32"},
+    "mxnet": None,
+    "tensorflow": {"mechanism": "mixed_bfloat16 dtype policy", "output": "bfloat16", "gamma": "float32",
+                   "running": "float32", "statistics": "float32"},
+    "jax": {"mechanism": "dtype=bfloat16, param_dtype=float32", "output": "bfloat16", "gamma": "float32",
+            "running": "float32", "statistics": "float32 E[x^2]-E[x]^2"},
+}

@@ -114,3 +114,18 @@ def test_gluon_layer_norm_normalises_one_axis(mx):
     flat = x.reshape(2, -1)
     spec = ((flat - flat.mean(axis=1, keepdims=True)) / np.sqrt(flat.var(axis=1, keepdims=True) + 1e-5))
     assert np.abs(y - spec.reshape(x.shape)).max() > 0.5  # the spec's layer normalisation is another transform
+
+
+def test_amp_init_rewrites_the_operators_of_the_whole_process(mx):
+    """Why MXNet runs refuse --precision mixed-bfloat16 (frameworks/mxnet/lenet.py NO_MIXED): amp.init wraps
+    the functions of mx.nd and mx.sym in place, for every later network of the process, with no way back.
+    Run in a subprocess, so that this test's process stays float32."""
+    import subprocess
+    import sys
+    code = ("import mxnet as mx; from mxnet.contrib import amp; before = mx.nd.FullyConnected; "
+            "amp.init(target_dtype='bfloat16'); print(mx.nd.FullyConnected is before, "
+            "mx.nd.FullyConnected(mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), no_bias=True, num_hidden=4).dtype, sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    replaced, dtype = out.stdout.strip().splitlines()[-1].split("|")
+    assert replaced == "False"  # the module attribute itself was replaced
+    assert "bfloat16" in dtype, dtype  # a float32 call now computes in, and returns, bfloat16
