@@ -41,7 +41,8 @@ def _cell_keys(study: Study, runs: pd.DataFrame) -> list:
 
 def cells(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
     """One row per cell (framework x variant x grid point): statistics over seeds of each metric."""
-    metrics = list(dict.fromkeys([study.answer["metric"], *study.plot["metrics"], "best_test_acc"]))
+    metrics = list(dict.fromkeys([study.answer["metric"], *study.answer.get("also", ()), *study.plot["metrics"],
+                                  "best_test_acc"]))
     keys = _cell_keys(study, runs)
     rows = []
     runs = runs.assign(failed=failed(runs, study))
@@ -138,12 +139,12 @@ def _stability_answer(table: pd.DataFrame, study: Study) -> list:
 
 
 # compare ---------------------------------------------------------------------------
-def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False) -> pd.DataFrame:
+def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False, metric: str | None = None) -> pd.DataFrame:
     """Each arm (a value of the answer's axis) against the baseline arm, or every pair of arms when
     there is no baseline, within each stratum (the other cell coordinates): the paired per-seed
     difference of the metric with its 95% t-interval. against_best: each arm against the stratum's
-    best arm (the best mean of the metric) instead."""
-    metric, axis = study.answer["metric"], list(study.answer["axis"])
+    best arm (the best mean of the metric) instead. metric: another than the answer's (its `also` list)."""
+    metric, axis = metric or study.answer["metric"], list(study.answer["axis"])
     higher = METRICS[metric][1].startswith("higher")
     strata = [k for k in _cell_keys(study, runs) if k not in axis and k not in study.scale]
     done = runs[runs.status == "complete"]
@@ -205,8 +206,8 @@ def _arm(axis, values) -> str:
                      for a, v in zip(axis, values))
 
 
-def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study) -> list:
-    metric = study.answer["metric"]
+def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study, metric: str | None = None) -> list:
+    metric = metric or study.answer["metric"]
     label, better = METRICS[metric]
     sentences = []
     if "framework" in study.answer["axis"]:  # each framework's figure first, then the pairs
@@ -236,7 +237,8 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study)
     if measured.empty:
         lead = "With one paired seed no difference can be told from seed noise."
     else:
-        lead = (f"{len(beyond)} of {len(measured)} comparisons differ beyond seed noise ({better} is better)."
+        of = f" of {label}" if metric != study.answer["metric"] else ""  # a further metric (`also`) says which
+        lead = (f"{len(beyond)} of {len(measured)} comparisons{of} differ beyond seed noise ({better} is better)."
                 if len(measured) > 1 else "")
         if "framework" in study.answer["axis"]:
             lead += " " + _intervals_overlap(cell_table, metric)
@@ -312,6 +314,10 @@ def analyse(runs: pd.DataFrame, study: Study) -> tuple:
     elif kind == "compare":
         extra["comparisons"] = comparisons(runs, study)
         answer = _compare_answer(extra["comparisons"], cell_table, study)
+        for metric in study.answer.get("also", ()):  # the same comparisons for each further metric
+            more = comparisons(runs, study, metric=metric)
+            extra["comparisons"] = pd.concat([extra["comparisons"], more], ignore_index=True)
+            answer += _compare_answer(more, cell_table, study, metric=metric)
         if study.answer.get("best"):
             extra["against_best"] = comparisons(runs, study, against_best=True)
             answer = _best_answer(extra["against_best"], study) + answer

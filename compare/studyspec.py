@@ -22,7 +22,7 @@
     [failure]   # a run fails if its loss became non-finite or its best test accuracy stays below
     min_best_test_acc = 0.5
 
-    [answer]    # how the answer is computed: largest-stable (x), compare (axis, baseline, best), trend (x)
+    [answer]    # how the answer is computed: largest-stable (x), compare (axis, baseline, best, also), trend (x)
     kind = "largest-stable"
     x = "lr"
     metric = "best_test_acc"
@@ -291,7 +291,13 @@ def load(path, name: str | None = None) -> Study:
             raise r.error("failure", "min_best_test_acc", "must be a number in [0, 1]")
 
     answer = dict(tables["answer"])
-    _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best"))
+    _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best", "also"))
+    also = answer.get("also", [])
+    if "also" in answer and (answer.get("kind") != "compare" or not isinstance(also, list)
+                             or any(m not in METRICS for m in also)):
+        raise r.error("answer", "also", f"is a list of further metrics to compare, for kind = \"compare\" only; "
+                                        f"choose from {', '.join(METRICS)}")
+    answer["also"] = tuple(also)
     if "best" in answer and (answer.get("kind") != "compare" or not isinstance(answer["best"], bool)):
         raise r.error("answer", "best", "is true or false, and for kind = \"compare\" only (each arm against the "
                                         "best arm of its stratum, beside the comparisons)")

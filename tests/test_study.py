@@ -21,7 +21,8 @@ from tests.helpers import make_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ["batch-size", "bias-before-bn", "bn-placement", "decay", "dropout-vs-bn", "framework-agreement",
-           "frozen-gamma-beta", "lr-sweep", "normalizers", "population-size", "population-stats", "renorm"]
+           "frozen-gamma-beta", "lr-sweep", "normalizers", "population-size", "population-stats", "precision",
+           "renorm"]
 
 LR_STUDY = """\
 question = "How large can the learning rate go?"
@@ -271,6 +272,28 @@ def test_best_names_the_best_arm_and_those_within_seed_noise_of_it(tmp_path):
     assert "against_best" in frames
     with pytest.raises(studyspec.StudyError, match="best"):
         studyspec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nbest = true")))
+
+
+def test_also_compares_further_metrics_the_same_way(tmp_path):
+    """also = [...]: each further metric gets its own paired comparisons and sentences, after the answer's."""
+    study = studyspec.load(write(tmp_path, LR_STUDY.replace(
+        "kind = \"largest-stable\"\nx = \"lr\"",
+        "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nalso = [\"final_probe_disagreement\"]"
+    ).replace("batch_size = [32, 64]\n", "").replace(
+        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    runs = runs_frame([{"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
+                       for lr, values in {0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
+                                          1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)]}.items()
+                       for seed, (acc, dis) in enumerate(values)])
+    answer, frames = studyreport.analyse(runs, study)
+    table = frames["comparisons"].set_index("metric")
+    assert list(table.index) == ["best_test_acc", "final_probe_disagreement"]
+    # disagreement 0.10-0.05, 0.12-0.06, 0.11-0.05: mean 0.0566667, sd 0.0057735 -> above 0
+    assert table.loc["final_probe_disagreement", "difference"] == pytest.approx(0.0566667, abs=1e-7)
+    assert table.loc["final_probe_disagreement", "verdict"] == "higher"
+    assert answer[-1].startswith("lr=1 vs lr=0.1 (torch, scratch): train/eval prediction disagreement 0.1100 vs 0.0533")
+    with pytest.raises(studyspec.StudyError, match="also"):
+        studyspec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nalso = [\"bogus\"]")))
 
 
 def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
