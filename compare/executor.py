@@ -324,8 +324,8 @@ class LocalExecutor:
 def add_arguments(group, default_jobs: int) -> None:
     """The executor options of compare.run and compare.study."""
     group.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: worker processes on this machine; ray: Ray tasks on a cluster (see README, "
-                            "Running on a cluster)")
+                       help="local: worker processes on this machine; ray: Ray tasks on a cluster "
+                            "(see docs/clusters.md)")
     group.add_argument("--jobs", type=int, default=default_jobs,
                        help="local: workers at once, each limited to cores/jobs threads (jobs x threads <= cores)")
     group.add_argument("--address", default=None,

@@ -62,8 +62,7 @@ def add_argument(group, what: str = "mirror the runs into MLflow as they happen"
     """--mlflow [URI] of compare.run, compare.study and compare.report."""
     group.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
                        help=f"also {what}: a tracking server (http://HOST:PORT), or, without a URI, "
-                            f"$MLFLOW_TRACKING_URI or else an SQLite store in the report folder (README, "
-                            f"Tracking in MLflow)")
+                            f"$MLFLOW_TRACKING_URI or else an SQLite store in the report folder (docs/tracking.md)")
 
 
 def embedded_uri(folder: Path) -> str:

@@ -1,0 +1,174 @@
+"""README.md and docs/ cannot silently rot (framework-free, fast).
+
+- every `--option` they name exists: in the `--help` of the command it is given to (a `python -m compare.X`
+  or `tox -e run|study|bench --` command line), or, named on its own, in one of those commands or the
+  test suite's own pytest options; other tools' options only where that tool's command is on the line;
+- every study they name is a file in studies/;
+- every relative link and image resolves, a link's #anchor to a heading of its file;
+- README's two commands are the ones .ci/run runs (CI installs what the comparison command installs and
+  runs the test command).
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+COMMANDS = {"run": "compare.run", "study": "compare.study", "bench": "compare.bench", "report": "compare.report"}
+# other tools' commands: an option on the same line as one of these is that tool's, not ours
+OTHER_TOOLS = ("ray start", "mlflow ", "--notest", "pip install", "apt-get")
+# options of other tools named on their own in prose, each with what it is
+EXTERNAL = {"--xla_gpu_deterministic_ops": "an XLA flag, set through XLA_FLAGS"}
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+COMMAND = re.compile(r"(?:python3? -m compare\.(run|study|bench|report)|tox -e (run|study|bench) --)(?![\w.])")
+
+
+@pytest.fixture(scope="module")
+def help_options():
+    """command -> the options its --help lists."""
+    out = {}
+    for name, module in COMMANDS.items():
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = set(OPTION.findall(proc.stdout))
+    return out
+
+
+def pytest_options():
+    text = (ROOT / "tests" / "conftest.py").read_text()
+    return set(re.findall(r'addoption\("(--[a-z-]+)"', text))
+
+
+def doc_lines(path: Path):
+    """(line number, line) of a doc, with each code block's lines and each paragraph's joined lines (a
+    command or an option can wrap)."""
+    text = path.read_text()
+    blocks, current, start = [], [], 1
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("```"):
+            if current:
+                blocks.append((start, " ".join(current)))
+            current, start = [], number + 1
+            continue
+        if not current:
+            start = number
+        current.append(line.strip())
+    if current:
+        blocks.append((start, " ".join(current)))
+    return blocks
+
+
+def option_problems(path: Path, help_options: dict, known_pytest: set) -> list:
+    everything = set().union(*help_options.values()) | known_pytest | set(EXTERNAL)
+    problems = []
+    for number, line in doc_lines(path):
+        for span in re.findall(r"`([^`]+)`", line) or [line]:
+            for piece in re.split(r"&&|;", span):  # one command at a time
+                match = COMMAND.search(piece)
+                if match:
+                    command = match.group(1) or match.group(2)
+                    for option in OPTION.findall(piece[match.end():]):
+                        if option not in help_options[command]:
+                            problems.append(f"{path.name}:{number}: {option} is not an option of "
+                                            f"{COMMANDS[command]} (--help)")
+                    continue
+                if any(tool in piece for tool in OTHER_TOOLS):
+                    continue
+                for option in OPTION.findall(piece):
+                    if option.split("=")[0] not in everything:
+                        problems.append(f"{path.name}:{number}: {option} is no option of compare.run, study, "
+                                        f"bench, report or the tests")
+    return problems
+
+
+def test_every_option_the_docs_name_exists(help_options):
+    problems = [p for path in DOCS for p in option_problems(path, help_options, pytest_options())]
+    assert not problems, "\n".join(problems)
+
+
+def study_names(path: Path) -> set:
+    text = path.read_text()
+    named = set(re.findall(r"(?:compare\.study|tox -e study --)\s+([a-z][a-z0-9-]*)(?![\w.-])", text))  # not FILE.toml
+    named |= set(re.findall(r"^\| `([a-z][a-z0-9-]*)` \|", text, flags=re.M)) if "## Studies" in text or \
+        path.name == "studies.md" else set()
+    return named - {"list"}
+
+
+def test_every_study_the_docs_name_exists():
+    shipped = {p.stem for p in (ROOT / "studies").glob("*.toml")}
+    missing = {f"{path.name}: {name}" for path in DOCS for name in study_names(path) if name not in shipped}
+    assert not missing, f"studies named but not in studies/: {sorted(missing)}"
+    assert study_names(ROOT / "docs" / "studies.md") >= shipped  # the guide names every shipped study
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    in_code, out = False, set()
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            out.add(slug(line.lstrip("#")))
+    return out
+
+
+def link_problems(path: Path) -> list:
+    problems = []
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # links in code blocks are code
+    for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        if not resolved.exists():
+            problems.append(f"{path.name}: {target} does not exist")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            problems.append(f"{path.name}: {target}: no heading #{anchor} in {resolved.name}")
+    return problems
+
+
+def test_every_relative_link_and_image_resolves():
+    problems = [p for path in DOCS for p in link_problems(path)]
+    assert not problems, "\n".join(problems)
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"](docs/{p.name})" in readme for p in DOCS[1:]), "the front page links every guide"
+    assert len(readme) <= 10_000, f"README.md is {len(readme)} characters; the front page stays within 10,000"
+
+
+def readme_commands() -> tuple:
+    """The shell commands under README's "Run the comparison" and "Run the tests"."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", text, flags=re.S)
+    assert len(blocks) >= 2 and text.index("Run the comparison") < text.index("Run the tests")
+    return blocks[0].strip(), blocks[1].strip()
+
+
+def normalise(command: str) -> list:
+    """A command's words, without sudo, `python3 -m`, quiet flags and version pins."""
+    words = [w.strip("'\"") for w in command.split() if w not in ("sudo", "-q", "-qq", "-y")
+             and not w.startswith("--disable")]
+    if words[:2] in (["python3", "-m"], ["python", "-m"]):
+        words = words[2:]
+    return [re.sub(r"[<>=].*", "", w) for w in words]
+
+
+def test_readme_commands_are_what_ci_runs():
+    compare_cmd, test_cmd = readme_commands()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    ci = [normalise(part) for line in ci_lines for part in line.split("&&")]
+    for part in test_cmd.split("&&"):  # every step of the test command, in CI, and nothing added to tox
+        assert normalise(part) in ci, f"README's test step {part.strip()!r} is not in .ci/run"
+    assert ["tox"] in ci and not any(c[:1] == ["tox"] and len(c) > 1 for c in ci)
+    packages = set(re.findall(r"apt-get install -y ([\w-]+)", compare_cmd))
+    ci_text = (ROOT / ".ci" / "run").read_text()
+    assert packages and all(p in ci_text for p in packages), "CI installs what the comparison command installs"
