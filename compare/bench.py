@@ -31,9 +31,10 @@ from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
-from . import envs
-from .executor import start_worker, worker_records
-from .report import _atomic, markdown_table, write_json
+from .execution import envs
+from .execution.executor import start_worker, worker_records
+from .reporting.markdown import markdown_table
+from .reporting.tables import _atomic, write_json
 from .run import cpu_name, parse_list, parse_pythons
 
 LOOPS = ("suite", "bare", "textbook")

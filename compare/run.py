@@ -24,11 +24,10 @@ from common.precision import MIXED, PRECISIONS
 from common.precision import split as split_precision
 from common.registry import FRAMEWORKS, parse_frameworks
 
-from . import envs
-from . import executor
-from . import tracking
-from .executor import Interrupted, RecordWriter, Signals, split
-from .progress import Progress
+from .execution import choose, envs
+from .execution.executor import Interrupted, RecordWriter, Signals, split
+from .execution.progress import Progress
+from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}
@@ -157,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", help="framework the drift is measured against (default: the first)")
     g.add_argument("--out", default="reports", help="reports go to OUT/RUN_ID/")
     g.add_argument("--run-id", help="default: UTC time stamp")
-    executor.add_arguments(g, 1)
+    choose.add_arguments(g, 1)
     tracking.add_argument(g)
     g.add_argument("--no-progress", action="store_true", help="one line per epoch instead of live bars")
     return p
@@ -305,7 +304,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, run_dir)
-        runner = executor.make(args, explicit, len(configs) * len(frameworks),
+        runner = choose.make(args, explicit, len(configs) * len(frameworks),
                                gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -334,7 +333,7 @@ def main(argv=None) -> int:
         env_record.update(reference=reference, run_id=run_id, seconds=round(time.time() - started, 1),
                           interrupted=signals.signum is not None, **runner.describe(),
                           signal=signal.Signals(signals.signum).name if signals.signum else None)
-        from .report import write_json
+        from .reporting.tables import write_json
         write_json(run_dir / "environment.json", env_record)
         from . import report
         summary, _ = report.build(run_dir)

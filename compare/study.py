@@ -1,6 +1,6 @@
 """python -m compare.study NAME|FILE: answer one of the textbook's BN questions with many seeded runs.
 
-The study file (studies/NAME.toml; see compare.studyspec) gives the question,
+The study file (studies/NAME.toml; see compare.studies.spec) gives the question,
 the grid and how to answer it. Every cell (grid point x variant x seed x
 framework) runs through the same workers and loop as compare.run, into
 <out>/<name>/<run-id>/records.jsonl, with its grid coordinates in its plan
@@ -24,16 +24,16 @@ from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
-from . import report, studyreport, studyspec
-from . import executor
-from . import tracking
-from .executor import RecordWriter, Signals, default_jobs
-from .progress import Progress
+from .execution import choose
+from .execution.executor import RecordWriter, Signals, default_jobs
+from .execution.progress import Progress
+from .reporting import tables, tracking
+from .studies import answers, spec
 from .run import _seeds, check_run_dir, environment_record, execute, parse_pythons, plan_records
 
 
 def build_parser() -> argparse.ArgumentParser:
-    shipped = ", ".join(studyspec.shipped())
+    shipped = ", ".join(spec.shipped())
     p = argparse.ArgumentParser(
         prog="python -m compare.study",
         description=f"Run a study: a grid of seeded configurations on each framework, answered with "
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     p.add_argument("--quick", action="store_true", help="the study file's [quick] budget: the smallest that "
                                                         "still answers the question")
-    executor.add_arguments(p, default_jobs())
+    choose.add_arguments(p, default_jobs())
     tracking.add_argument(p)
     p.add_argument("--out", default="reports/studies", help="the study goes to OUT/NAME/RUN_ID/")
     p.add_argument("--run-id", help="default: UTC time stamp; an existing one is resumed")
@@ -73,7 +73,7 @@ def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
     if not (study_dir / "records.jsonl").exists():
         check_run_dir(str(Path(out) / name), run_id)
         study_dir.mkdir(parents=True, exist_ok=True)
-        report.write_json(saved, settings)
+        tables.write_json(saved, settings)
         (study_dir / "study.toml").write_text(settings["file_text"])
         return study_dir, False
     try:
@@ -85,7 +85,7 @@ def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
         what = "--quick" if before.get("file_text") == settings["file_text"] else "the study file"
         raise ConfigError(f"{study_dir} was started with a different {what}; resuming it would mix two "
                           f"studies. Start a new --run-id (or restore the file: {study_dir / 'study.toml'})")
-    report.write_json(saved, {**settings, "frameworks": list(dict.fromkeys(before["frameworks"] + settings["frameworks"])),
+    tables.write_json(saved, {**settings, "frameworks": list(dict.fromkeys(before["frameworks"] + settings["frameworks"])),
                               "seeds": list(dict.fromkeys(before["seeds"] + settings["seeds"]))})
     return study_dir, True
 
@@ -94,9 +94,9 @@ def finished_runs(study_dir: Path) -> set:
     """(framework, config_id) of every run whose latest attempt ended with a result."""
     if not (study_dir / "records.jsonl").is_file():
         return set()
-    recs, _ = report.read_records(study_dir)
-    return {(r["framework"], r["config_id"]) for r in report.latest_attempts(recs)
-            if r["kind"] == "run_end" and r["status"] in studyreport.DONE}
+    recs, _ = tables.read_records(study_dir)
+    return {(r["framework"], r["config_id"]) for r in tables.latest_attempts(recs)
+            if r["kind"] == "run_end" and r["status"] in answers.DONE}
 
 
 def work_left(study_dir: Path, frameworks, configs) -> dict:
@@ -117,15 +117,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.list:
-        for name in studyspec.shipped():
-            print(f"{name:22} {studyspec.load(studyspec.STUDIES_DIR / f'{name}.toml').question}")
+        for name in spec.shipped():
+            print(f"{name:22} {spec.load(spec.STUDIES_DIR / f'{name}.toml').question}")
         return 0
     if not args.study:
-        print(f"error: name a study (one of: {', '.join(studyspec.shipped())}) or a study file", file=sys.stderr)
+        print(f"error: name a study (one of: {', '.join(spec.shipped())}) or a study file", file=sys.stderr)
         return 2
     run_id = args.run_id if args.run_id is not None else datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     try:
-        study = studyspec.load(studyspec.find(args.study))
+        study = spec.load(spec.find(args.study))
         settings = _settings(study, args)
         configs, coords = study.cells(args.quick, settings["seeds"])
         explicit = parse_pythons(args.python)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, study_dir)
-        runner = executor.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
+        runner = choose.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
           f"{len(settings['frameworks'])} framework(s); "
           + (f"resumed: {total - todo} already have a result, {todo} to run" if resumed else f"{todo} to run")
           + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}", file=sys.stderr)
-    labels = {cid: " ".join(f"{k}={studyreport._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
+    labels = {cid: " ".join(f"{k}={answers._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels,
                         epoch_lines=False, unit="run")
     tracker = tracking.Tracker(tracking_uri, f"{study.name}/{run_id}", study_dir, "study") if tracking_uri else None
@@ -174,11 +174,11 @@ def main(argv=None) -> int:
                    "seconds": round(time.time() - started, 1), "runs_run": todo, **runner.describe(),
                    "interrupted": signals.signum is not None,
                    "signal": signal.Signals(signals.signum).name if signals.signum else None}
-        before, _ = report.read_environment(study_dir) if resumed else ({}, None)
+        before, _ = tables.read_environment(study_dir) if resumed else ({}, None)
         sessions = before.get("sessions", []) + [session]  # each start of the study, in order
         env.update(session, run_id=run_id, study=study.name, quick=args.quick, seeds=settings["seeds"],
                    budget=budget(configs), sessions=sessions, seconds=round(sum(s["seconds"] for s in sessions), 1))
-        report.write_json(study_dir / "environment.json", env)
+        tables.write_json(study_dir / "environment.json", env)
         answer = build(study_dir, study)
     finally:
         signals.restore()
@@ -199,17 +199,17 @@ def build(study_dir: Path, study=None) -> list:
     returns the answer's sentences."""
     study_dir = Path(study_dir)
     if study is None:
-        study = studyspec.load(study_dir / "study.toml", name=json.loads((study_dir / "study.json").read_text())["study"])
-    t, env, problems, _ = report.load(study_dir)
-    answer, frames = studyreport.analyse(t["runs"], study)
-    written = report.write_tables({**t, **frames}, study_dir)
-    plots = studyreport.plot(frames["study"], study, study_dir)
+        study = spec.load(study_dir / "study.toml", name=json.loads((study_dir / "study.json").read_text())["study"])
+    t, env, problems, _ = tables.load(study_dir)
+    answer, frames = answers.analyse(t["runs"], study)
+    written = tables.write_tables({**t, **frames}, study_dir)
+    plots = answers.plot(frames["study"], study, study_dir)
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]
-    text = studyreport.render(study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots,
+    text = answers.render(study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots,
                               unfinished, problems)
-    report._atomic(study_dir / "study.md", lambda p: p.write_text(text))
+    tables._atomic(study_dir / "study.md", lambda p: p.write_text(text))
     return answer
 
 

@@ -9,8 +9,9 @@ from common.registry import FRAMEWORKS
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["common.config", "common.data", "common.init", "common.reference", "common.interface",
            "common.loop", "common.records", "common.registry", "compare.run", "compare.report",
-           "compare.envs", "compare.worker", "compare.progress", "compare.bench", "compare.stats", "common.layout",
-           "common.population", "compare.tracking", "compare.study"]
+           "compare.execution.envs", "compare.execution.worker", "compare.execution.progress", "compare.bench",
+           "compare.reporting.stats", "common.layout",
+           "common.population", "compare.reporting.tracking", "compare.study"]
 # every framework's top-level package, and the one each registry entry imports to prove it (flax for jax)
 PACKAGES = sorted(set(FRAMEWORKS) | {info.import_name for info in FRAMEWORKS.values()})
 
@@ -21,3 +22,47 @@ def test_common_and_compare_import_no_framework():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [], "a framework was imported by common/compare"
+
+
+def compare_modules() -> dict:
+    """compare's modules (dotted name -> path)."""
+    return {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+            for path in sorted((ROOT / "compare").rglob("*.py"))}
+
+
+def test_compare_has_no_import_cycle_and_each_module_says_what_it_owns():
+    """compare's folders show its jobs: every module opens with a docstring, and no module imports
+    (at the top or inside a function) one that imports it back, however long the loop."""
+    import ast
+    modules = compare_modules()
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{name} has no docstring saying what it owns"
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name and modules[t].name != "__init__.py"}
+        graph[name] = edges
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph.get(node, ()))
+        return seen
+
+    cycles = sorted(name for name in graph if name in reach(name))
+    assert not cycles, f"modules in an import cycle: {cycles}"

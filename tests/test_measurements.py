@@ -19,6 +19,7 @@ from common.data import Dataset
 from common.interface import ProbeResult
 from common.loop import run as run_loop
 from compare import report
+from compare.reporting import markdown, tables
 from tests.scripted_backend import Script, scripted_backend
 
 # 5 test images; the probe takes 4 of them (probe_indices(5, 4) = 0, 2, 3, 4, pinned below), labels 0, 1, 2, 3.
@@ -169,7 +170,7 @@ def summary_records():
 
 
 def test_summary_best_final_and_medians(tmp_path):
-    t = report.tables(summary_records(), tmp_path)
+    t = tables.tables(summary_records(), tmp_path)
     row = t["summary"].iloc[0]
     assert row.seeds == 3 and row.epochs == 3 and row.status == "complete" and row.final_epoch == "3"
     # best: the mean over seeds of each seed's best epoch, (0.8 + 0.75 + 0.9) / 3
@@ -188,7 +189,7 @@ def test_summary_best_final_and_medians(tmp_path):
 
 
 def test_bn_gap_table(tmp_path):
-    gap = report.tables(summary_records(), tmp_path)["bn_gap"]
+    gap = tables.tables(summary_records(), tmp_path)["bn_gap"]
     assert len(gap) == 9 and set(gap.layer) == {"bn1"}
     row = gap[(gap.seed == 2) & (gap.epoch == 3)].iloc[0]
     assert row.mean_gap == 2.5 and row.var_log_ratio == 0.75, "bn_gap keeps each record's values"
@@ -213,7 +214,7 @@ def drift_run(tmp_path):
 
 
 def test_drift_from_made_up_snapshots(tmp_path):
-    drift = report.tables(drift_run(tmp_path), tmp_path)["drift"]
+    drift = tables.tables(drift_run(tmp_path), tmp_path)["drift"]
     assert len(drift) == 1
     row = drift.iloc[0]
     assert (row.framework, row.reference) == ("mxnet", "torch")
@@ -236,13 +237,13 @@ def test_reference_changes_the_drift_table(tmp_path):
     assert drift.param_rel_l2[0] == pytest.approx(0.5 / math.sqrt(9 + 20.25)), "param_rel_l2 against mxnet"
     assert drift.running_stats_rel_l2[0] == pytest.approx(1 / math.sqrt(7)), "running_stats_rel_l2 against mxnet"
     # and the run's own choice, stored in environment.json, is what a plain rebuild uses
-    report.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
+    tables.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
     assert report.main([str(tmp_path)]) == 0
     assert list(pd.read_csv(tmp_path / "drift.csv").reference) == ["mxnet"]
 
 
 def test_seed_statistics_by_hand():
-    from compare.stats import seed_stats
+    from compare.reporting.stats import seed_stats
     st = seed_stats([0.8, 0.75, 0.9])
     mean = 2.45 / 3
     std = math.sqrt(((0.8 - mean) ** 2 + (0.75 - mean) ** 2 + (0.9 - mean) ** 2) / 2)  # ddof 1
@@ -257,7 +258,7 @@ def test_seed_statistics_by_hand():
 
 
 def test_summary_carries_the_interval_over_seeds(tmp_path):
-    t = report.tables(summary_records(), tmp_path)
+    t = tables.tables(summary_records(), tmp_path)
     row = t["summary"].iloc[0]
     best = [0.8, 0.75, 0.9]  # each seed's best epoch (CURVES)
     half = 4.302652729911275 * np.std(best, ddof=1) / math.sqrt(3)
@@ -267,4 +268,4 @@ def test_summary_carries_the_interval_over_seeds(tmp_path):
         np.mean([0.7, 0.75, 0.6]) - 4.302652729911275 * np.std([0.7, 0.75, 0.6], ddof=1) / math.sqrt(3))
     mean = np.mean(best)
     assert mean + half > 1  # the table keeps the t-interval as it is; report.md shows it clipped to [0, 1]
-    assert f"0.8167 [{mean - half:.4f}, 1.0000]" in report.markdown_table(t["summary"], report.SUMMARY_COLUMNS)
+    assert f"0.8167 [{mean - half:.4f}, 1.0000]" in markdown.markdown_table(t["summary"], markdown.SUMMARY_COLUMNS)

@@ -197,8 +197,8 @@ def population_records():
 
 
 def test_population_figures_reach_runs_summary_and_report(tmp_path):
-    from compare import report
-    t = report.tables(population_records(), tmp_path)
+    from compare.reporting import markdown, tables
+    t = tables.tables(population_records(), tmp_path)
     runs = t["runs"].set_index(["variant", "seed"])
     assert runs.loc[("scratch", 0), "final_pop_gain"] == pytest.approx(0.04)
     assert runs.loc[("scratch", 1), "best_pop_test_acc"] == 0.9  # epoch 1's
@@ -208,14 +208,14 @@ def test_population_figures_reach_runs_summary_and_report(tmp_path):
     assert row.final_pop_test_acc == pytest.approx(0.845) and row.final_pop_gain == pytest.approx(0.035)
     assert row.final_pop_gain_ci_low == pytest.approx(0.035 - 0.0635310, abs=1e-7)
     assert row.final_pop_probe_disagreement == pytest.approx(0.025) and row.population_seconds == 0.45
-    assert report.population_answer(t["summary"]) == [
+    assert markdown.population_answer(t["summary"]) == [
         "torch scratch: final test accuracy 0.8100 with the running average (EMA), 0.8450 with population "
         "statistics from 2,048 training images: the EMA costs 3.50 points (95% interval over 2 seeds -2.85 to "
         "+9.85, within seed noise). Train/eval prediction disagreement on the probe: 11.0% with the EMA, 2.5% "
         "with population statistics, so 23% of it remains (batch noise) and 77% was the EMA's lag."]
-    text = "\n".join(report.population_section(t))
+    text = "\n".join(markdown.population_section(t))
     assert "| torch | scratch | bn1 | 0.65 | 0.05 | 0.01 | 0.02 |" in text  # lag 0.15 and 1.15, averaged
     assert "| torch | none |" not in text
     # a run without population statistics has no section
-    assert report.population_section(report.tables([r for r in population_records() if r["variant"] == "none"],
+    assert markdown.population_section(tables.tables([r for r in population_records() if r["variant"] == "none"],
                                                    tmp_path)) == []

@@ -23,6 +23,7 @@ from common.data import Dataset
 from common.interface import ProbeResult
 from common.loop import divergence_message, run as run_loop
 from compare import report
+from compare.reporting import tables
 from compare.run import main as run_main
 from tests.helpers import make_idx_dir
 from tests.scripted_backend import Script, scripted_backend
@@ -61,7 +62,7 @@ def test_each_status_reaches_runs_summary_and_report(tmp_path):
         ("torch", "scratch"): "complete", ("torch", "builtin"): "diverged", ("torch", "none"): "interrupted",
         ("torch", "builtin-defaults"): "crashed", ("mxnet", "scratch"): "failed"}
     assert runs.loc[("torch", "builtin"), "diverged_epoch"] == 2 and runs.loc[("torch", "builtin"), "diverged_step"] == 7
-    assert runs.loc[("torch", "none"), "epochs_done"] == 1 and report.NO_END in runs.loc[("torch", "none"), "detail"]
+    assert runs.loc[("torch", "none"), "epochs_done"] == 1 and tables.NO_END in runs.loc[("torch", "none"), "detail"]
     assert runs.loc[("torch", "builtin-defaults"), "exit_status"] == -9
     summary = pd.read_csv(run_dir / "summary.csv").set_index(["framework", "variant"])
     assert summary.loc[("torch", "builtin"), "status"] == "diverged"
@@ -78,8 +79,8 @@ def test_each_status_reaches_runs_summary_and_report(tmp_path):
 
 
 def test_status_summary_counts_mixed_seeds():
-    assert report.status_summary(["complete", "complete"]) == "complete"
-    assert report.status_summary(["diverged", "complete", "complete"]) == "2 complete, 1 diverged"
+    assert tables.status_summary(["complete", "complete"]) == "complete"
+    assert tables.status_summary(["diverged", "complete", "complete"]) == "2 complete, 1 diverged"
 
 
 # A robust report -----------------------------------------------------------------
@@ -197,7 +198,7 @@ def _wait_for(run_dir, predicate, proc, seconds=120):
 
 SECOND_SIGNAL = """
 import os, signal, time
-from compare.executor import Signals
+from compare.execution.executor import Signals
 
 class Worker:  # what Signals needs of a worker; its first signal brings a second at once, as under tox -q
     def __init__(self):
@@ -258,7 +259,7 @@ def test_a_signal_mid_run_leaves_an_honest_report(native, tmp_path, signum):
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["interrupted"] is True and env["signal"] == signal.Signals(signum).name
     text = (run_dir / "report.md").read_text()
-    assert "This run was interrupted" in text and "| torch | builtin | **interrupted** |" in text
+    assert "This run was interrupted" in text and "| torch | builtin | float32 | **interrupted** |" in text
 
 
 def test_a_diverging_run_does_not_stop_the_others(native, tmp_path):

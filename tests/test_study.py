@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from common import data, records
-from compare import report, studyreport, studyspec
+from compare.reporting import tables
+from compare.studies import answers, spec
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir
 
@@ -58,9 +59,9 @@ def write(tmp_path, text, name="s.toml"):
 
 # The file ------------------------------------------------------------------------------------
 def test_shipped_studies_load_and_expand():
-    assert studyspec.shipped() == SHIPPED
+    assert spec.shipped() == SHIPPED
     for name in SHIPPED:
-        study = studyspec.load(studyspec.find(name))
+        study = spec.load(spec.find(name))
         assert study.name == name and study.question.endswith("?")
         configs, coords = study.cells()
         assert len(configs) == math.prod(len(v) for v in study.grid.values()) * len(study.variants) * len(study.seeds)
@@ -72,7 +73,7 @@ def test_shipped_studies_load_and_expand():
 
 
 def test_grid_expansion_scale_and_coordinates(tmp_path):
-    study = studyspec.load(write(tmp_path, LR_STUDY))
+    study = spec.load(write(tmp_path, LR_STUDY))
     configs, coords = study.cells()
     # lr x batch_size x variant x seed, in that order of nesting
     assert [(c.lr, c.batch_size, c.model.variant, c.seed) for c in configs[:5]] == [
@@ -89,7 +90,7 @@ def test_grid_expansion_scale_and_coordinates(tmp_path):
 
 def test_scale_gives_an_integer_field_an_integer(tmp_path):
     # a scaled integer field must stay a valid integer (probe_size 512 x 64/32 = 1024)
-    study = studyspec.load(write(tmp_path, LR_STUDY))
+    study = spec.load(write(tmp_path, LR_STUDY))
     configs, _ = study.cells()
     assert all(isinstance(c.probe_size, int) for c in configs)
 
@@ -115,14 +116,14 @@ def test_scale_gives_an_integer_field_an_integer(tmp_path):
 def test_bad_files_name_the_line_and_the_field(tmp_path, edit, message):
     old, new = edit
     assert old in LR_STUDY
-    with pytest.raises(studyspec.StudyError, match=message):
-        studyspec.load(write(tmp_path, LR_STUDY.replace(old, new, 1)))
+    with pytest.raises(spec.StudyError, match=message):
+        spec.load(write(tmp_path, LR_STUDY.replace(old, new, 1)))
 
 
 def test_largest_stable_needs_a_failure_criterion(tmp_path):
     text = LR_STUDY.replace("[failure]\nmin_best_test_acc = 0.5\n", "")
-    with pytest.raises(studyspec.StudyError, match=r"\[answer\] kind: largest-stable needs a \[failure\] table"):
-        studyspec.load(write(tmp_path, text))
+    with pytest.raises(spec.StudyError, match=r"\[answer\] kind: largest-stable needs a \[failure\] table"):
+        spec.load(write(tmp_path, text))
 
 
 def test_an_unknown_study_lists_the_shipped_ones(capsys):
@@ -139,14 +140,14 @@ def runs_frame(rows):
         r.setdefault("config_id", f"c{i}")
         out.append(r)
     frame = pd.DataFrame(out)
-    for metric in studyspec.METRICS:
+    for metric in spec.METRICS:
         if metric not in frame:
             frame[metric] = np.nan
     return frame
 
 
 def lr_study(tmp_path):
-    return studyspec.load(write(tmp_path, LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
+    return spec.load(write(tmp_path, LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
         "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
 
 
@@ -156,7 +157,7 @@ def test_failure_criterion(tmp_path):
                        {"status": "diverged", "best_test_acc": 0.7}, {"status": "diverged"},
                        {"status": "crashed", "best_test_acc": 0.2}, {"status": "interrupted"},
                        {"status": "complete"}])  # complete but no epoch accuracy: fails (not >= threshold)
-    assert studyreport.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
+    assert answers.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
 
 
 def test_cell_statistics_by_hand(tmp_path):
@@ -164,7 +165,7 @@ def test_cell_statistics_by_hand(tmp_path):
     runs = runs_frame([{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate([0.80, 0.84, 0.85])]
                       + [{"lr": 0.1, "seed": 3, "status": "diverged", "best_test_acc": 0.1},
                          {"lr": 1.0, "seed": 0, "best_test_acc": 0.7}])
-    cells = studyreport.cells(runs, study).set_index("lr")
+    cells = answers.cells(runs, study).set_index("lr")
     row = cells.loc[0.1]
     # mean 0.83; sample sd sqrt(((-.03)^2 + .01^2 + .02^2) / 2) = sqrt(0.0007) = 0.0264575;
     # half-width t(0.975, 2) 4.302653 x 0.0264575 / sqrt(3) = 0.0657241
@@ -188,7 +189,7 @@ def test_largest_stable_learning_rate(tmp_path):
         rows += [{"variant": "none", "lr": lr, "seed": s, "best_test_acc": a} for s, a in enumerate(accs)]
     rows += [{"variant": "none", "lr": 3.0, "seed": 0, "status": "diverged"},
              {"variant": "none", "lr": 3.0, "seed": 1, "best_test_acc": 0.6}]
-    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    answer, frames = answers.analyse(runs_frame(rows), study)
     table = frames["stability"].set_index("variant")
     assert table.loc["scratch", "largest_stable_lr"] == 3.0 and table.loc["scratch", "smallest_failing_lr"] == 10.0
     assert table.loc["none", "largest_stable_lr"] == 1.0 and table.loc["none", "smallest_failing_lr"] == 0.1
@@ -201,13 +202,13 @@ def test_largest_stable_learning_rate(tmp_path):
 def test_paired_comparison_by_hand(tmp_path):
     text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
                             "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
-    study = studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+    study = spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
         "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
     base, arm = [0.80, 0.81, 0.79], [0.81, 0.83, 0.83]  # per-seed differences 0.01, 0.02, 0.04
     rows = [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate(base)]
     rows += [{"lr": 1.0, "seed": s, "best_test_acc": v} for s, v in enumerate(arm)]
     rows += [{"lr": 1.0, "seed": 9, "best_test_acc": 0.99}]  # no partner seed: not in the difference
-    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    answer, frames = answers.analyse(runs_frame(rows), study)
     row = frames["comparisons"].iloc[0]
     assert (row.arm, row.baseline, row.paired_seeds) == ("lr=1", "lr=0.1", 3)
     # mean 0.0233333; sd 0.0152753; half-width 4.302653 x 0.0152753 / sqrt(3) = 0.0379458
@@ -219,14 +220,14 @@ def test_paired_comparison_by_hand(tmp_path):
     # a consistent gain: differences 0.05, 0.06, 0.055 -> the interval excludes 0
     rows = [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate(base)]
     rows += [{"lr": 1.0, "seed": s, "best_test_acc": v + d} for s, (v, d) in enumerate(zip(base, [0.05, 0.06, 0.055]))]
-    _, frames = studyreport.analyse(runs_frame(rows), study)
+    _, frames = answers.analyse(runs_frame(rows), study)
     assert frames["comparisons"].iloc[0].verdict == "higher"
 
 
 def compare_study(tmp_path):
     """The LR study answered by comparing each lr with the baseline lr 0.1."""
     text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
-    return studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+    return spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
         "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
 
 
@@ -241,7 +242,7 @@ def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
     """Seed 1 of the arm diverged after some epochs: its best accuracy before that (0.60) is finite, but a
     diverged run is not a complete one and has no place in the paired difference."""
     runs = arms({0: 0.80, 1: 0.82, 2: 0.78, 3: 0.81}, {0: 0.83, 1: 0.60, 2: 0.80, 3: 0.84}, {1: "diverged"})
-    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # seeds 0, 2, 3: differences 0.03, 0.02, 0.03; mean 0.0266667, sd sqrt(0.0000333333) = 0.0057735,
     # half-width 4.302653 x 0.0057735 / sqrt(3) = 0.0143422 -> [0.0123245, 0.0410089], above 0
     # (with the diverged seed: -0.22 among them, mean -0.035, within seed noise)
@@ -256,27 +257,27 @@ def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
 def test_best_names_the_best_arm_and_those_within_seed_noise_of_it(tmp_path):
     """best = true: each arm against the stratum's best arm (by mean), paired per seed. lr 1.0 is best; lr 0.1
     trails it by 0.01-0.03 per seed (beyond seed noise), lr 0.3 by -0.02..+0.02 (within)."""
-    study = studyspec.load(write(tmp_path, LR_STUDY.replace(
+    study = spec.load(write(tmp_path, LR_STUDY.replace(
         "kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nbest = true"
     ).replace("batch_size = [32, 64]\n", "").replace(
         "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
     accuracy = {0.1: [0.80, 0.79, 0.81], 0.3: [0.83, 0.80, 0.82], 1.0: [0.82, 0.81, 0.83]}
     runs = runs_frame([{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)])
-    table = studyreport.comparisons(runs, study, against_best=True)
+    table = answers.comparisons(runs, study, against_best=True)
     assert set(table.baseline) == {"lr=1"} and sorted(table.arm) == ["lr=0.1", "lr=0.3"]
     # lr 0.1 - lr 1: -0.02, -0.02, -0.02: sd 0, an interval of one point, below 0
     assert table.set_index("arm").verdict.to_dict() == {"lr=0.1": "lower", "lr=0.3": "within seed noise"}
-    answer, frames = studyreport.analyse(runs, study)
+    answer, frames = answers.analyse(runs, study)
     assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
                          "it: lr=0.3; behind it beyond seed noise: lr=0.1.")
     assert "against_best" in frames
-    with pytest.raises(studyspec.StudyError, match="best"):
-        studyspec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nbest = true")))
+    with pytest.raises(spec.StudyError, match="best"):
+        spec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nbest = true")))
 
 
 def test_also_compares_further_metrics_the_same_way(tmp_path):
     """also = [...]: each further metric gets its own paired comparisons and sentences, after the answer's."""
-    study = studyspec.load(write(tmp_path, LR_STUDY.replace(
+    study = spec.load(write(tmp_path, LR_STUDY.replace(
         "kind = \"largest-stable\"\nx = \"lr\"",
         "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nalso = [\"final_probe_disagreement\"]"
     ).replace("batch_size = [32, 64]\n", "").replace(
@@ -285,22 +286,22 @@ def test_also_compares_further_metrics_the_same_way(tmp_path):
                        for lr, values in {0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
                                           1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)]}.items()
                        for seed, (acc, dis) in enumerate(values)])
-    answer, frames = studyreport.analyse(runs, study)
+    answer, frames = answers.analyse(runs, study)
     table = frames["comparisons"].set_index("metric")
     assert list(table.index) == ["best_test_acc", "final_probe_disagreement"]
     # disagreement 0.10-0.05, 0.12-0.06, 0.11-0.05: mean 0.0566667, sd 0.0057735 -> above 0
     assert table.loc["final_probe_disagreement", "difference"] == pytest.approx(0.0566667, abs=1e-7)
     assert table.loc["final_probe_disagreement", "verdict"] == "higher"
     assert answer[-1].startswith("lr=1 vs lr=0.1 (torch, scratch): train/eval prediction disagreement 0.1100 vs 0.0533")
-    with pytest.raises(studyspec.StudyError, match="also"):
-        studyspec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nalso = [\"bogus\"]")))
+    with pytest.raises(spec.StudyError, match="also"):
+        spec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nalso = [\"bogus\"]")))
 
 
 def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
     """The arm lacks seed 1 (in the middle of the list): seed 2 pairs with seed 2, not with the baseline's
     second run."""
     runs = arms({0: 0.80, 1: 0.70, 2: 0.85, 3: 0.75}, {0: 0.82, 2: 0.88, 3: 0.775})
-    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # seeds 0, 2, 3: differences 0.02, 0.03, 0.025; mean 0.025, sd 0.005, half-width 4.302653 x 0.005 /
     # sqrt(3) = 0.0124207 (by position: 0.02, 0.18, -0.075, mean 0.0416667)
     assert row.paired_seeds == 3 and row.baseline_mean == pytest.approx(0.80)
@@ -314,7 +315,7 @@ def test_pairing_keeps_each_arm_in_seed_order(tmp_path):
     """Neither arm is in ascending order of its values; the mean difference would not change if one were
     sorted before pairing, but the interval and the verdict would."""
     runs = arms({0: 0.80, 1: 0.70, 2: 0.75, 3: 0.85}, {0: 0.82, 1: 0.73, 2: 0.775, 3: 0.87})
-    row = studyreport.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # differences 0.02, 0.03, 0.025, 0.02: mean 0.02375, sd sqrt(0.0000687500 / 3) = 0.00478714, half-width
     # t(0.975, 3) 3.182446 x 0.00478714 / 2 = 0.00761738 (sorted arm: -0.07, 0.075, 0.07, 0.02, within noise)
     assert row.paired_seeds == 4 and row.difference == pytest.approx(0.02375, abs=1e-9)
@@ -351,11 +352,11 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
     sentences show it clipped to [0, 1] and say it rests on two seeds; study.csv keeps it unclipped."""
     study = compare_study(tmp_path)
     runs = arms({0: 0.10, 1: 0.60}, {0: 0.12, 1: 0.90})
-    answer, frames = studyreport.analyse(runs, study)
+    answer, frames = answers.analyse(runs, study)
     cell = frames["study"].set_index("lr").loc[0.1]
     # mean 0.35, sd 0.353553, half-width 12.706205 x 0.353553 / sqrt(2) = 3.176551
     assert cell.best_test_acc_ci_low == pytest.approx(0.35 - 3.176551, abs=1e-6)  # unclipped in the table
-    text = studyreport.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
+    text = answers.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
     assert "0.3500 [0.0000, 1.0000] (n=2)" in text
     assert "rest on two seeds" in text
     # the paired difference of two accuracies lies in [-1, 1]: differences 0.02, 0.30, mean 0.16, half-width
@@ -363,18 +364,18 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
     assert "95% CI -1.0000 to +1.0000" in " ".join(answer)
     shown = [float(v) for pair in re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", text) for v in pair]
     assert shown and all(-1 <= v <= 1 for v in shown), shown
-    from compare.stats import clipped, metric_bounds
+    from compare.reporting.stats import clipped, metric_bounds
     assert metric_bounds("final_train_loss") == (0.0, math.inf)
     assert clipped(-0.5, 2.0, metric_bounds("final_train_loss")) == (0.0, 2.0)
     assert metric_bounds("train_examples_per_s")[0] == 0.0 and metric_bounds("final_probe_disagreement") == (0, 1)
 
 
 def test_framework_agreement_compares_every_pair_and_their_intervals():
-    study = studyspec.load(studyspec.find("framework-agreement"))
+    study = spec.load(spec.find("framework-agreement"))
     values = {"torch": [0.80, 0.82, 0.81], "mxnet": [0.80, 0.82, 0.815], "tensorflow": [0.70, 0.71, 0.72]}
     rows = [{"framework": fw, "seed": s, "best_test_acc": v, "config_id": f"c{s}"}
             for fw, vs in values.items() for s, v in enumerate(vs)]
-    answer, frames = studyreport.analyse(runs_frame(rows), study)
+    answer, frames = answers.analyse(runs_frame(rows), study)
     pairs = frames["comparisons"][["arm", "baseline", "verdict"]].values.tolist()
     assert pairs == [["mxnet", "torch", "within seed noise"], ["tensorflow", "torch", "lower"],
                      ["tensorflow", "mxnet", "lower"]]
@@ -384,7 +385,7 @@ def test_framework_agreement_compares_every_pair_and_their_intervals():
     assert answer[1].startswith("scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3); mxnet 0.8117 [")
     assert answer[2].startswith("mxnet vs torch (scratch): best test accuracy 0.8117 vs 0.8100, difference +0.0017")
     # one framework alone: its figure, and nothing to compare
-    answer, _ = studyreport.analyse(runs_frame([r for r in rows if r["framework"] == "torch"]), study)
+    answer, _ = answers.analyse(runs_frame([r for r in rows if r["framework"] == "torch"]), study)
     assert answer == ["scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3).",
                       "Only torch ran with complete runs: nothing to compare."]
 
@@ -392,10 +393,10 @@ def test_framework_agreement_compares_every_pair_and_their_intervals():
 def test_trend_answer(tmp_path):
     text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
                             "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
-    study = studyspec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
+    study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
     rows = [{"batch_size": b, "seed": s, "final_probe_disagreement": v + 0.001 * s}
             for b, v in [(32, 0.20), (64, 0.10)] for s in range(3)]
-    answer, _ = studyreport.analyse(runs_frame(rows), study)
+    answer, _ = answers.analyse(runs_frame(rows), study)
     assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
                       "0.1010 [0.0985, 0.1035] (n=3) at batch_size 64, highest 0.2010 [0.1985, 0.2035] (n=3) at batch_size 32; "
                       "the two intervals do not overlap."]
@@ -406,11 +407,11 @@ def test_a_paired_gain_says_where_it_leaves_zero(tmp_path):
     says where its interval over seeds excludes 0."""
     text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
                             "kind = \"trend\"\nx = \"lr\"\nmetric = \"final_pop_gain\"")
-    study = studyspec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
+    study = spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
         "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
     rows = [{"lr": lr, "seed": s, "final_pop_gain": v}
             for lr, values in [(0.1, [0.01, 0.02, 0.03]), (1.0, [0.05, 0.06, 0.055])] for s, v in enumerate(values)]
-    answer, _ = studyreport.analyse(runs_frame(rows), study)
+    answer, _ = answers.analyse(runs_frame(rows), study)
     # lr 0.1: mean 0.02, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414; lr 1: mean 0.055, sd 0.005,
     # half-width 0.0124207
     assert answer[0] == ("torch, scratch: final test accuracy, population statistics minus running average (per "
@@ -427,7 +428,7 @@ def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
     second = [records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
               epoch_record(config_id="c0", epoch=1, test_acc=0.5), epoch_record(config_id="c0", epoch=2, test_acc=0.6),
               records.make("run_end", **ident, status="complete", epochs_done=2)]
-    t = report.tables(first + second, tmp_path)
+    t = tables.tables(first + second, tmp_path)
     assert t["runs"][["status", "lr", "best_test_acc"]].values.tolist() == [["complete", 1.0, 0.6]]
     assert t["epochs"].test_acc.tolist() == [0.5, 0.6] and t["epochs"].lr.tolist() == [1.0, 1.0]
     assert t["summary"][["lr", "seeds", "best_test_acc"]].values.tolist() == [[1.0, 1, 0.6]]
@@ -550,7 +551,7 @@ def test_every_shipped_study_runs_quick(torch_only, tmp_path, name):
     study_dir = tmp_path / name / "q"
     assert code == 0
     cells = pd.read_csv(study_dir / "study.csv")
-    study = studyspec.load(studyspec.find(name))
+    study = spec.load(spec.find(name))
     configs, _ = study.cells(quick=True, seeds=(0,))
     assert cells.seeds.sum() == len(configs)
     assert cells.missing.sum() == 0
@@ -564,7 +565,7 @@ def test_progress_counts_runs_failures_and_eta():
     """The study's progress (tqdm on a terminal, lines otherwise): runs ended / planned, the problems so
     far, elapsed time and an ETA; a line for each run that did not complete."""
     import io
-    from compare.progress import Progress
+    from compare.execution.progress import Progress
     ident = dict(framework="torch", variant="none", config_id="c1")
     ends = [records.make("run_end", **ident, seed=0, status="complete", epochs_done=2),
             records.make("run_end", **ident, seed=1, status="diverged", epochs_done=0,

@@ -1,4 +1,4 @@
-"""Runs and studies mirrored into MLflow (compare.tracking), read back with MLflow's own client and compared
+"""Runs and studies mirrored into MLflow (compare.reporting.tracking), read back with MLflow's own client and compared
 with records.jsonl: every run, parameter, epoch metric, status, the parent/child structure, the artifacts.
 
 Against MLflow's embedded SQLite store and against a real `mlflow server` that the tests start on
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from common import records
-from compare import tracking
-from compare.report import latest_attempts, main as report_main
+from compare.report import main as report_main
+from compare.reporting import tracking
+from compare.reporting.tables import latest_attempts
 from compare.run import main as run_main
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir

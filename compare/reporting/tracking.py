@@ -315,7 +315,7 @@ def experiment_name(folder: Path) -> tuple:
 def rebuild(folder: Path, uri: str | None, interrupted: bool) -> Tracker:
     """Mirror a folder's records.jsonl (each run's latest attempt) and its report into MLflow, replacing
     what the tracker held of them."""
-    from .report import latest_attempts, read_records
+    from .tables import latest_attempts, read_records
     name, kind = experiment_name(folder)
     tracker = Tracker(resolve_uri(uri, folder), name, folder, kind)
     records, _ = read_records(folder)

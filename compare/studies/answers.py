@@ -1,7 +1,7 @@
 """A study's answer, computed from its runs: statistics per cell, the answer's tables, study.md, plots.
 
 Statistics over seeds: mean, sample standard deviation and the 95% Student-t
-interval (compare.stats) of each run's metric. Differences between two arms
+interval (compare.reporting.stats) of each run's metric. Differences between two arms
 (compare): the per-seed differences of runs that share a seed (the same seed
 gives the same initial weights and batches, so the pairing removes what the
 arms share), with their own t-interval. Every sentence of the answer is made
@@ -10,14 +10,14 @@ here from these numbers.
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pandas as pd
 
-from .report import _atomic, _fmt, interval_text, markdown_table, two_seed_note
-from .stats import clipped, difference_bounds, metric_bounds, seed_stats
-from .studyspec import METRICS, Study
+from ..reporting.markdown import _fmt, interval_text, markdown_table, two_seed_note
+from ..reporting.tables import _atomic
+from ..reporting.stats import clipped, difference_bounds, metric_bounds, seed_stats
+from .spec import METRICS, Study
 
 DONE = ("complete", "diverged")  # a result; the other statuses mean the run is missing
 

@@ -48,9 +48,9 @@ from common.config import ModelSpec, RunConfig, VARIANTS
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
-from .report import RUN_METRICS
+from ..reporting.tables import RUN_METRICS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 STUDIES_DIR = ROOT / "studies"
 
 RUN_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name not in ("model", "seed"))

@@ -16,7 +16,7 @@ from pathlib import Path
 from common.errors import BackendUnavailable
 from common.registry import framework_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def can_import(python: str, module: str) -> tuple:

@@ -27,7 +27,7 @@ from common import records
 
 from .progress import Progress
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 WORKER_GRACE_SECONDS = 10  # after a forwarded signal, how long a worker may take to stop before it is killed
 LOG_TAIL_LINES = 20
 # What each framework reads for its number of compute threads.
@@ -49,7 +49,7 @@ class RecordWriter:
     Safe to call from the executor's threads."""
 
     def __init__(self, path: Path, progress: Progress, tracker=None):
-        """tracker: a compare.tracking.Tracker each record is also handed to (it never blocks)."""
+        """tracker: a compare.reporting.tracking.Tracker each record is also handed to (it never blocks)."""
         self.path, self.progress, self.tracker = path, progress, tracker
         self.fh = open(path, "a", encoding="utf-8")
         self.ended, self.epochs, self.plans = set(), {}, {}
@@ -211,9 +211,9 @@ def worker_job(task: Task, configs: list, data_dir, verify, out) -> dict:
 
 
 def start_worker(python: str, job: dict, log, threads: int | None) -> subprocess.Popen:
-    """A compare.worker process with its job written to its stdin and its stderr to log. Its own session:
+    """A compare.execution.worker process with its job written to its stdin and its stderr to log. Its own session:
     a terminal's Ctrl-C reaches the runner only, which forwards it once."""
-    proc = subprocess.Popen([python, "-m", "compare.worker"], cwd=ROOT, env=worker_env(threads), text=True,
+    proc = subprocess.Popen([python, "-m", "compare.execution.worker"], cwd=ROOT, env=worker_env(threads), text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     try:
         proc.stdin.write(json.dumps(job))
@@ -319,32 +319,3 @@ class LocalExecutor:
                     continue  # the running workers were told to stop; wait for them
                 for future in done:
                     future.result()  # an error in the executor itself (not a worker's) is a bug: raise it
-
-
-def add_arguments(group, default_jobs: int) -> None:
-    """The executor options of compare.run and compare.study."""
-    group.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: worker processes on this machine; ray: Ray tasks on a cluster "
-                            "(see docs/clusters.md)")
-    group.add_argument("--jobs", type=int, default=default_jobs,
-                       help="local: workers at once, each limited to cores/jobs threads (jobs x threads <= cores)")
-    group.add_argument("--address", default=None,
-                       help="ray: the cluster, as Ray takes it (auto, HOST:PORT, ray://HOST:10001); "
-                            "default: a local Ray started for this command")
-    group.add_argument("--threads", type=int, default=1, help="ray: CPUs (and compute threads) per worker task")
-    group.add_argument("--retries", type=int, default=2,
-                       help="ray: how many times the runs of a lost worker or node are tried again elsewhere")
-
-
-def make(args, explicit: dict, cells: int, gpu: bool = False):
-    """The executor the arguments ask for; a ConfigError names what is wrong."""
-    from common.errors import ConfigError
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    if args.executor == "local":
-        if args.address:
-            raise ConfigError("--address is for --executor ray")
-        return LocalExecutor(min(args.jobs, max(1, cells)))
-    from .rayexec import RayExecutor
-    return RayExecutor(args.address, threads=args.threads, retries=args.retries, gpus=1 if gpu else 0,
-                       explicit=explicit)

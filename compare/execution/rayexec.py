@@ -3,7 +3,7 @@
 Each task (a chunk of one framework's configurations) is a Ray streaming-generator
 task. On whichever node Ray puts it, it finds that node's environment for the
 framework (the same checkout path as the driver, with its `.tox/<framework>`
-env; see docs/clusters.md), starts the same `compare.worker`
+env; see docs/clusters.md), starts the same `compare.execution.worker`
 subprocess in a temporary folder, and yields each record back as it comes,
 preceded by the snapshot file it names, and, at the end, the worker's log. The
 driver writes them exactly as the local executor does, so records.jsonl, the

@@ -1,0 +1,1 @@
+"""Turning records into answers: tables, statistics, Markdown, plots, and the MLflow mirror."""

@@ -1,0 +1,263 @@
+"""report.md: the tables as Markdown, with intervals and the sentences made from the numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from common.config import RUNNING_NORMS
+
+from .stats import clipped, metric_bounds
+
+def interval_text(low, high, column: str, bounds: tuple | None = None) -> str:
+    """A 95% interval as [low, high], clipped to what the metric can be (the tables keep it unclipped)."""
+    low, high = clipped(float(low), float(high), bounds or metric_bounds(column))
+    return f"[{_fmt(low, column)}, {_fmt(high, column)}]"
+
+
+def two_seed_note(frame: pd.DataFrame, what: str) -> str:
+    """A sentence for the rows whose interval rests on two seeds ('' if none)."""
+    ns = [c for c in frame.columns if c.endswith("_n") and f"{c[:-2]}_ci_high" in frame] if not frame.empty else []
+    two = frame[(frame[ns] == 2).any(axis=1)] if ns else frame.iloc[:0]
+    if two.empty:
+        return ""
+    who = f"every {what}" if len(two) == len(frame) else f"{len(two)} of {len(frame)} {what}s"
+    return (f"The intervals of {who} (n=2) rest on two seeds: t(0.975, 1) = 12.71, so they are wide and say "
+            f"little; more seeds (`--seeds 0,1,2,3,4`) narrow them.\n")
+
+
+def _fmt(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        if column.endswith("_per_s"):
+            return f"{value:,.0f}"
+        if column.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement", "_gain")):
+            return f"{value:.4f}"
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
+    if frame is None or frame.empty:
+        return "_(none)_\n"
+    columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    if "precision" in frame and "variant" in columns and "precision" not in columns:  # every row says its precision
+        columns.insert(columns.index("variant") + 1, "precision")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in frame.iterrows():
+        cells = [_fmt(row[c], c) for c in columns]
+        for i, c in enumerate(columns):  # a mean over seeds shows its 95% interval
+            high = row.get(f"{c}_ci_high")
+            if cells[i] and high is not None and not pd.isna(high):
+                cells[i] += " " + interval_text(row[f"{c}_ci_low"], high, c)
+        if "status" in row and row["status"] != "complete":  # never read as a finished run
+            for i, c in enumerate(columns):
+                if c == "status":
+                    cells[i] = f"**{cells[i]}**"
+                elif c in ("best_test_acc", "final_test_acc") and cells[i] and "final_epoch" in row:
+                    cells[i] += f" (to epoch {row['final_epoch']} of {_fmt(row.get('epochs'), 'epochs')})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = ["framework", "variant", "status", "seeds", "epochs", "best_test_acc", "best_epoch",
+                   "final_test_acc", "train_examples_per_s", "first_step_seconds", "eval_examples_per_s", "execution",
+                   "device"]
+DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", "final_probe_acc_train",
+                      "final_probe_disagreement", "final_probe_logit_mad"]
+CONVENTION_COLUMNS = ["framework", "variant", "norm", "version", "bn_decay", "bn_epsilon"]
+UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
+
+
+POPULATION_SUMMARY_COLUMNS = ["framework", "variant", "status", "final_test_acc", "final_pop_test_acc",
+                              "final_pop_gain", "final_probe_disagreement", "final_pop_probe_disagreement",
+                              "population_images", "population_seconds"]
+LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_log_ratio", "noise_mean_gap",
+                     "noise_var_log_ratio"]
+
+
+def final_epoch_gaps(gap: pd.DataFrame) -> pd.DataFrame:
+    """The bn_gap table's final epoch per framework and variant, each layer's figures averaged over seeds."""
+    last = gap[gap.epoch == gap.groupby(by_run(gap)).epoch.transform("max")]
+    return last.groupby(by_run(gap) + ["layer"], sort=False).mean(numeric_only=True).reset_index()
+
+
+def by_run(frame: pd.DataFrame) -> list:
+    """framework, variant, and precision where the frame has more than one: the keys of a report row."""
+    multi = "precision" in frame and frame.precision.nunique() > 1
+    return ["framework", "variant"] + (["precision"] if multi else [])
+
+
+def who(row, frame: pd.DataFrame) -> str:
+    """How a sentence names a report row: framework and variant, and its precision where there are several."""
+    return " ".join(str(row[k]) for k in by_run(frame))
+
+
+def population_answer(summary: pd.DataFrame) -> list:
+    """Per framework and variant with population statistics, in sentences made from the final epoch's
+    numbers: how many points the running average (EMA) costs, and how much of the train/eval
+    disagreement remains with population statistics."""
+    if summary.empty or "final_pop_test_acc" not in summary:
+        return []
+    sentences = []
+    for _, row in summary.dropna(subset=["final_pop_test_acc"]).iterrows():
+        gain = row.final_pop_gain * 100
+        cost = (f"the EMA costs {gain:.2f} points" if gain > 0 else
+                f"the EMA is {-gain:.2f} points better" if gain < 0 else "the two are equal")
+        text = (f"{who(row, summary)}: final test accuracy {row.final_test_acc:.4f} with the running "
+                f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
+                f"{int(row.population_images):,} training images: {cost}")
+        if not pd.isna(row.get("final_pop_gain_ci_high")):
+            low, high = clipped(row.final_pop_gain_ci_low, row.final_pop_gain_ci_high, metric_bounds("final_pop_gain"))
+            text += (f" (95% interval over {int(row.final_pop_gain_n)} seeds {low * 100:+.2f} to {high * 100:+.2f}"
+                     f"{', beyond seed noise' if low > 0 or high < 0 else ', within seed noise'})")
+        ema, pop = row.final_probe_disagreement, row.final_pop_probe_disagreement
+        if ema > 0:
+            text += (f". Train/eval prediction disagreement on the probe: {ema:.1%} with the EMA, {pop:.1%} with "
+                     f"population statistics, so {pop / ema:.0%} of it remains (batch noise) and {1 - pop / ema:.0%} "
+                     f"was the EMA's lag.")
+        else:
+            text += f". Train and eval mode agree on every probe image with the EMA ({pop:.1%} with population statistics)."
+        sentences.append(text)
+    return sentences
+
+
+def population_section(t: dict) -> list:
+    """report.md's section on population statistics ([] when the run has none)."""
+    s = t["summary"]
+    answer = population_answer(s)
+    if not answer:
+        return []
+    parts = ["## Population statistics: what the train/eval gap is made of (final epoch)\n",
+             "Eval mode with each BN layer's population statistics (every weight fixed, train-mode batches of "
+             "the run's batch size over `population_images` training images (`--population-size`, at most "
+             "the training split): the mean of the batch means and the exact variance over all their values) beside eval mode with the running average (EMA) each "
+             "framework keeps. `final_pop_gain`: population minus EMA test accuracy. The headline accuracies "
+             "above stay the EMA's. `population_seconds`: the time to compute them and evaluate with them, "
+             "apart from training.\n"]
+    parts += [f"- {sentence}" for sentence in answer] + [""]
+    parts.append(markdown_table(s.dropna(subset=["final_pop_test_acc"]), POPULATION_SUMMARY_COLUMNS))
+    gap = t["bn_gap"]
+    if not gap.empty and "lag_mean_gap" in gap:
+        last = final_epoch_gaps(gap.dropna(subset=["lag_mean_gap"]))
+        parts += ["Per BN layer: `lag_*` is the EMA against the population statistics (the EMA's lag), `noise_*` "
+                  "the probe's batch statistics against them (batch noise), in the units of `mean_gap` / "
+                  "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
+                  markdown_table(last, LAG_NOISE_COLUMNS)]
+    return parts
+
+
+MIXED_COLUMNS = ["framework", "variant", "precision", "seeds", "test_acc_mixed", "test_acc_float32",
+                 "probe_disagreement_mixed", "probe_disagreement_float32", "param_rel_l2", "running_stats_rel_l2",
+                 "probe_pred_agreement", "speed_ratio"]
+
+
+def mixed_precision_section(t: dict) -> list:
+    """The final epoch of each mixed-precision run beside its float32 twin (same seed, initial weights and
+    batches), averaged over seeds, with sentences made from the numbers."""
+    mixed = t.get("mixed_precision")
+    if mixed is None or mixed.empty:
+        return []
+    last = mixed[mixed.epoch == mixed.groupby(["framework", "config_id"]).epoch.transform("max")]
+    rows = []
+    for (fw, variant, precision), g in last.groupby(["framework", "variant", "precision"], sort=False):
+        rows.append({"framework": fw, "variant": variant, "precision": precision, "seeds": g.seed.nunique(),
+                     **g.mean(numeric_only=True).drop(["seed", "epoch"], errors="ignore").to_dict(),
+                     "speed_ratio": float((g.train_examples_per_s_mixed / g.train_examples_per_s_float32).median())})
+    table = pd.DataFrame(rows)
+    sentences = []
+    for _, r in table.iterrows():
+        sentences.append(
+            f"- {r.framework} {r.variant}: final test accuracy {r.test_acc_mixed:.4f} in {r.precision} against "
+            f"{r.test_acc_float32:.4f} in float32 ({100 * (r.test_acc_mixed - r.test_acc_float32):+.2f} points); "
+            f"train/eval disagreement {100 * r.probe_disagreement_mixed:.1f}% against "
+            f"{100 * r.probe_disagreement_float32:.1f}%; the parameters are {r.param_rel_l2:.2g} (relative L2) "
+            f"and the running statistics {r.running_stats_rel_l2:.2g} from the float32 run's, and the two "
+            f"predict the same class for {100 * r.probe_pred_agreement:.1f}% of the probe images.")
+    devices = t["summary"].get("device", pd.Series(dtype=str)).dropna() if "summary" in t else pd.Series(dtype=str)
+    cpu = not devices.empty and devices.astype(str).str.startswith("CPU").all()
+    speed = ("`speed_ratio` is the mixed run's training throughput over the float32 run's (median over seeds). "
+             + ("These ran on a CPU: bfloat16 there is emulated unless the processor has bfloat16 instructions "
+                "(AVX512_BF16, AMX), so a ratio below 1 says nothing of a GPU; docs/precision.md gives GPU figures where "
+                "one was measured." if cpu else ""))
+    return ["## Mixed precision against float32 (final epoch)\n",
+            "Each mixed-precision run beside the float32 run of the same seed, initial weights and batches "
+            "(parameters, the update and the loss stay float32 in both; common/precision.py), averaged over "
+            "seeds. `param_rel_l2` / `running_stats_rel_l2`: relative L2 distance of the trained parameters "
+            "and of the BN running statistics from the float32 run's.\n",
+            markdown_table(table, MIXED_COLUMNS), *sentences, "", speed + "\n"]
+
+
+def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
+    s = t["summary"]
+    parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
+    if env.get("interrupted"):
+        parts.append(f"**This run was interrupted ({env.get('signal') or 'by a signal'}).** What was measured "
+                     f"before that is below; every run it stopped is marked `interrupted`.\n")
+    parts += [f"- command: `{env.get('command', '?')}`",
+              f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), {env.get('platform', '?')}",
+              f"- data: {env.get('data_dir', '?')} (" +
+              ("checksums verified" if env.get("data_verified", True) else "**not** the verified Fashion-MNIST") + ")",
+              f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n"]
+    if problems:
+        parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
+    parts += ["## Summary\n",
+              "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
+              "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
+              "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
+              "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
+              "they come from. `[low, high]`: the 95% t-interval over seeds, clipped to what the metric can be "
+              "(accuracies to [0, 1]; the CSV/Parquet tables keep the unclipped `_ci_low`/`_ci_high`).\n",
+              markdown_table(s, SUMMARY_COLUMNS), two_seed_note(s, "row")]
+    if not s.empty and "best_test_acc_n" in s and (s.best_test_acc_n.fillna(0) <= 1).any():
+        one = s[s.best_test_acc_n.fillna(0) <= 1]
+        who = "Every row rests" if len(one) == len(s) else f"{len(one)} of {len(s)} rows rest"
+        parts.append(f"{who} on one seed (or none): no spread between seeds is measured, so no interval is "
+                     f"given; `--seeds 0,1,2` gives one.\n")
+    runs = t["runs"]
+    unfinished = runs[runs.status != "complete"] if not runs.empty else runs
+    if not unfinished.empty:
+        parts += ["## Runs that did not complete\n",
+                  "`diverged`: the training loss stopped being finite (a result: the epoch and step are given); "
+                  "`interrupted`: stopped by a signal; `crashed`: the worker died or raised during training; "
+                  "`failed`: an error before training.\n",
+                  markdown_table(unfinished, UNFINISHED_COLUMNS)]
+    norms = sorted(set(s.norm.dropna())) if "norm" in s else []
+    stateless = [n for n in norms if n not in RUNNING_NORMS]
+    parts += ["## Train/eval-mode divergence (final epoch)\n",
+              "The same probe images through the network in train mode (batch statistics, nothing updated) and "
+              "eval mode (running statistics).\n" + (
+                  f" {' and '.join(stateless).capitalize()} normalisation keep{'s' if len(stateless) == 1 else ''} no "
+                  f"running statistics: train and eval mode are the same computation, so its divergence is 0; it is "
+                  f"measured all the same, a check of the harness.\n" if stateless else ""),
+              markdown_table(s, DIVERGENCE_COLUMNS)]
+    parts += mixed_precision_section(t)
+    parts += population_section(t)
+    gap = t["bn_gap"]
+    if not gap.empty:
+        last = final_epoch_gaps(gap)
+        parts += ["### Batch vs running statistics per BN layer (final epoch)\n",
+                  "`mean_gap`: |batch mean - running mean| in running standard deviations; `var_log_ratio`: "
+                  "|log(batch var / running var)|; both averaged over features.\n",
+                  markdown_table(last, ["framework", "variant", "layer", "mean_gap", "var_log_ratio"])]
+    drift = t["drift"]
+    if not drift.empty:
+        last = drift[drift.epoch == drift.epoch.max()]
+        last = last.groupby(by_run(last), sort=False).mean(numeric_only=True).reset_index()
+        parts += [f"## Cross-framework drift from {drift.reference.iloc[0]} (final epoch)\n",
+                  "Same initial weights and batches; relative L2 distance of all trainable parameters and of "
+                  "the BN running statistics, and the probe logits' distance.\n",
+                  markdown_table(last, ["framework", "variant", "param_rel_l2", "running_stats_rel_l2",
+                                        "probe_logit_max_abs", "probe_pred_agreement"])]
+    parts += ["## Normalisation conventions in effect\n",
+              "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
+              "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",
+              markdown_table(s, CONVENTION_COLUMNS)]
+    if not t["errors"].empty:
+        parts += ["## Errors\n", markdown_table(t["errors"], ["framework", "variant", "seed", "status", "error_type",
+                                                              "message"])]
+    if plots:
+        parts.append("## Plots\n")
+        parts += [f"![{p}]({p})\n" for p in plots]
+    parts += ["## Files\n", ", ".join(f"`{w}`" for w in written) + "\n"]
+    return "\n".join(parts)

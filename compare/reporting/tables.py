@@ -1,0 +1,437 @@
+"""Records -> pandas tables (runs, epochs, per-layer gaps, drift, summary, mixed precision) -> CSV and Parquet.
+
+The records (records.jsonl) are the source of truth: every table is rebuilt from them, the snapshots and
+environment.json. Every file is written to a temporary name and renamed, so a failure never leaves half a
+table. Reporting never decides pass/fail; tests assert on the same records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import records as records_schema
+from common.config import VARIANTS, RunConfig
+from common.errors import ConfigError
+from common.registry import FRAMEWORKS
+
+from .stats import seed_stats
+
+RUN_INDEX = ["framework", "variant", "seed", "config_id"]
+TABLES = ("epochs", "bn_gap", "drift", "summary", "runs", "errors")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def read_records(run_dir: Path) -> tuple:
+    """(records, skipped): every usable record of records.jsonl, and (line number, reason) for each
+    line that could not be used. A bad line never stops the report."""
+    path = Path(run_dir) / "records.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a bn-compare run directory?")
+    out, skipped = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.append((number, "not UTF-8 text"))
+            continue
+        except json.JSONDecodeError:
+            skipped.append((number, "not valid JSON (a line cut by a crash?)"))
+            continue
+        why = records_schema.problem(record)
+        if why:
+            skipped.append((number, why))
+        else:
+            out.append(record)
+    for number, why in skipped:
+        print(f"warning: {path}:{number}: {why}; skipped", file=sys.stderr)
+    return out, skipped
+
+
+def read_environment(run_dir: Path) -> tuple:
+    """(environment dict, problem or None): a missing or corrupt environment.json is reported, not fatal."""
+    path = Path(run_dir) / "environment.json"
+    if not path.is_file():
+        return {}, f"{path.name} is missing (the runner was stopped before writing it?)"
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{path.name} is corrupt ({exc}); the tables are built without it"
+    if not isinstance(env, dict):
+        return {}, f"{path.name} holds a JSON {type(env).__name__}, not an object; the tables are built without it"
+    return env, None
+
+
+def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or "framework" not in frame:
+        return frame
+    orders = {"framework": {n: i for i, n in enumerate(FRAMEWORKS)},
+              "variant": {n: i for i, n in enumerate(VARIANTS)}}
+    return frame.sort_values(by=[c for c in ["framework", "variant", "seed", "epoch", "layer"] if c in frame],
+                             key=lambda s: s.map(orders[s.name]) if s.name in orders else s,
+                             kind="stable").reset_index(drop=True)
+
+
+def snapshot_distance(mine: Path, ref: Path) -> dict:
+    """How far one snapshot's parameters, running statistics and probe logits are from another's."""
+    with np.load(mine) as a, np.load(ref) as b:
+        a, b = dict(a), dict(b)
+    trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var", "steps"))]
+    running = [k for k in b if k.startswith("param/") and k.endswith(("running_mean", "running_var"))]
+
+    def rel(keys):
+        if not keys:
+            return np.nan
+        diff = sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys)
+        norm = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in keys)
+        return np.sqrt(diff / norm) if norm else np.nan
+
+    logits = np.abs(a["probe/logits_eval"].astype(np.float64) - b["probe/logits_eval"].astype(np.float64))
+    same_pred = np.mean(a["probe/logits_eval"].argmax(1) == b["probe/logits_eval"].argmax(1))
+    return {"param_rel_l2": rel(trainable), "running_stats_rel_l2": rel(running),
+            "param_max_abs": max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+                                 for k in trainable),
+            "probe_logit_max_abs": float(logits.max()), "probe_logit_mad": float(logits.mean()),
+            "probe_pred_agreement": float(same_pred)}
+
+
+def _mixed_vs_float32(epochs: pd.DataFrame, records: list, run_dir: Path) -> pd.DataFrame:
+    """Each mixed-precision run's epochs beside the float32 run of the same framework, variant, seed and
+    everything else (its twin: the same configuration with mixed off): accuracy and train/eval divergence
+    of both, and how far the mixed run's parameters, running statistics and probe logits are from the
+    float32 run's (common.precision)."""
+    configs = {r["config_id"]: r["config"] for r in records if r.get("kind") in ("plan", "run_start")
+               and isinstance(r.get("config"), dict)}
+    twins = {}
+    for cid, config in configs.items():
+        if config.get("mixed", "off") != "off":
+            try:
+                twins[cid] = RunConfig.from_dict(config).replace(mixed="off").config_id
+            except ConfigError:
+                continue  # a record from another version of the suite
+    if epochs.empty or not twins:
+        return pd.DataFrame()
+    by_key = epochs.set_index(["framework", "config_id", "epoch"])
+    rows = []
+    for _, row in epochs[epochs.config_id.isin(list(twins))].iterrows():
+        key = (row.framework, twins[row.config_id], row.epoch)
+        if key not in by_key.index:
+            continue
+        base = by_key.loc[key]
+        out = {"framework": row.framework, "variant": row.variant, "seed": row.seed, "config_id": row.config_id,
+               "float32_config_id": twins[row.config_id], "epoch": row.epoch,
+               "precision": f"mixed-{configs[row.config_id]['mixed']}"}
+        for metric in ("test_acc", "probe_disagreement", "probe_logit_mad", "train_examples_per_s"):
+            out[f"{metric}_mixed"], out[f"{metric}_float32"] = row[metric], base[metric]
+        snapshots = (row.snapshot, base["snapshot"])
+        if all(isinstance(x, str) and (run_dir / x).is_file() for x in snapshots):
+            out.update(snapshot_distance(run_dir / snapshots[0], run_dir / snapshots[1]))
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
+    """Distance of each framework's parameters and probe logits from the reference's, per epoch."""
+    rows = []
+    if epochs.empty:
+        return pd.DataFrame()
+    ref_rows = epochs[epochs.framework == reference].set_index(["variant", "seed", "config_id", "epoch"])
+    for _, row in epochs[epochs.framework != reference].iterrows():
+        key = (row.variant, row.seed, row.config_id, row.epoch)
+        if key not in ref_rows.index:
+            continue
+        if not isinstance(row.snapshot, str) or not isinstance(ref_rows.loc[key, "snapshot"], str):
+            continue  # an epoch whose snapshot was not kept (a study keeps the final one)
+        mine, ref = run_dir / row.snapshot, run_dir / ref_rows.loc[key, "snapshot"]
+        if not (mine.is_file() and ref.is_file()):
+            continue
+        rows.append({"framework": row.framework, "reference": reference, "variant": row.variant,
+                     "seed": row.seed, "config_id": row.config_id, "epoch": row.epoch,
+                     **snapshot_distance(mine, ref)})
+    return pd.DataFrame(rows)
+
+
+NO_END = "no end record: the runner stopped before it could write one"
+
+
+def latest_attempts(records: list) -> list:
+    """Each run's records from its last plan record on. A resumed study plans again the runs it
+    re-runs, so what an interrupted attempt left is superseded, not counted twice."""
+    last_plan = {}
+    for i, r in enumerate(records):
+        if r.get("kind") == "plan":
+            last_plan[(r["framework"], r["config_id"])] = i
+    return [r for i, r in enumerate(records)
+            if i >= last_plan.get((r.get("framework"), r.get("config_id")), -1)]
+
+
+def coordinates(records: list) -> dict:
+    """config_id -> the grid coordinates its plan record carries (a study's cells; empty for a run)."""
+    return {r["config_id"]: r["coords"] for r in records if r.get("kind") == "plan" and r.get("coords")}
+
+
+# Per run, from its epochs (runs table): name -> (what it is, which way is better). A study aggregates
+# these over seeds and answers with them.
+RUN_METRICS = {
+    "best_test_acc": ("best test accuracy", "higher"),
+    "final_test_acc": ("final test accuracy", "higher"),
+    "final_train_loss": ("final training loss", "lower"),
+    "final_probe_disagreement": ("train/eval prediction disagreement", "lower"),
+    "final_probe_logit_mad": ("train/eval mean |logit difference|", "lower"),
+    "final_probe_acc_eval": ("probe accuracy in eval mode", "higher"),
+    "final_probe_acc_train": ("probe accuracy in train mode", "higher"),
+    "train_examples_per_s": ("training examples/s", "higher"),
+    # with population statistics in place of the running average (common.population); NaN where off
+    "best_pop_test_acc": ("best test accuracy with population statistics", "higher"),
+    "final_pop_test_acc": ("final test accuracy with population statistics", "higher"),
+    "final_pop_gain": ("final test accuracy, population statistics minus running average", "higher"),
+    "final_pop_probe_disagreement": ("train/eval prediction disagreement with population statistics", "lower"),
+}
+POPULATION_COLUMNS = ("pop_test_loss", "pop_test_acc", "pop_probe_acc_eval", "pop_probe_logit_mad",
+                      "pop_probe_disagreement", "population_images", "population_seconds")
+
+
+def _population(g: pd.DataFrame) -> dict:
+    """A run's population figures (NaN where the run has none: off, or no BN layer)."""
+    if "pop_test_acc" not in g or g.pop_test_acc.isna().all():
+        return {}
+    last = g.iloc[-1]
+    return {"best_pop_test_acc": g.pop_test_acc.max(), "final_pop_test_acc": last.pop_test_acc,
+            "final_pop_gain": last.pop_test_acc - last.test_acc,
+            "final_pop_probe_disagreement": last.pop_probe_disagreement}
+
+
+def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
+    if epochs.empty:
+        return pd.DataFrame(columns=["framework", "config_id", *RUN_METRICS])
+    rows = []
+    for (fw, cid), g in epochs.sort_values("epoch").groupby(["framework", "config_id"], sort=False):
+        last = g.iloc[-1]
+        rows.append({"framework": fw, "config_id": cid, "best_test_acc": g.test_acc.max(),
+                     "final_test_acc": last.test_acc, "final_train_loss": last.train_loss,
+                     **{f"final_{k}": last[k] for k in ("probe_acc_eval", "probe_acc_train",
+                                                         "probe_disagreement", "probe_logit_mad")},
+                     "train_examples_per_s": g.train_examples_per_s.median(), **_population(g)})
+    return pd.DataFrame(rows).reindex(columns=["framework", "config_id", *RUN_METRICS])
+
+
+def config_labels(config: dict) -> dict:
+    """The normalisation and the precision of a run, from its configuration (records from before --norm
+    and --precision ran BN, in their dtype)."""
+    mixed = config.get("mixed", "off")
+    return {"norm": config.get("model", {}).get("norm", "batch"),
+            "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}"}
+
+
+def _runs(records: list) -> pd.DataFrame:
+    """One row per run (framework x configuration) the records know of, planned or seen, with its
+    status: the status of its end record, or interrupted where it has none."""
+    rows = {}
+    for r in records:
+        if r["kind"] not in ("plan", "run_start", "epoch", "run_end", "error"):
+            continue
+        row = rows.setdefault((r["framework"], r["config_id"]), {
+            **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "attempts": 1,
+            "detail": None})
+        if isinstance(r.get("config"), dict):  # plan and run_start
+            row.update(config_labels(r["config"]))
+        if r["kind"] == "plan":
+            row["epochs"] = r["epochs"]
+            row["attempts"] = r.get("attempt", 1)  # > 1: the executor ran it again after losing a worker
+        elif r["kind"] == "run_start":
+            row.update({f"backend_{k}": v for k, v in r["backend"].items()})
+
+            row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
+                       test_examples=r.get("test_examples"))
+            if row["epochs"] is None and isinstance(r["config"], dict):
+                row["epochs"] = r["config"].get("epochs")
+        elif r["kind"] == "epoch":
+            row["epochs_done"] = max(row["epochs_done"], r["epoch"])
+        else:
+            row["status"] = r["status"]
+            row["detail"] = r.get("message")
+            for key in ("error_type", "exit_status", "diverged_epoch", "diverged_step", "log_tail"):
+                if r.get(key) is not None:
+                    row[key] = r[key]
+    for row in rows.values():
+        if row["status"] is None:
+            row["status"], row["detail"] = "interrupted", NO_END
+    return pd.DataFrame(list(rows.values()))
+
+
+def _with_run_columns(frame: pd.DataFrame, runs: pd.DataFrame, coords: dict) -> pd.DataFrame:
+    """frame plus its run's status and grid coordinates (after the run's identity columns)."""
+    if frame.empty or runs.empty:
+        return frame
+    status = runs.set_index(["framework", "config_id"]).status
+    frame = frame.copy()
+    frame["status"] = [status.get((f, c)) for f, c in zip(frame.framework, frame.config_id)]
+    return _with_coords(frame, coords)
+
+
+def coordinate_names(coords: dict) -> list:
+    """The grid fields of coords (config_id -> coordinates), in order."""
+    return list(dict.fromkeys(k for c in coords.values() for k in c))
+
+
+def _with_coords(frame: pd.DataFrame, coords: dict) -> pd.DataFrame:
+    # a grid field a table already has as a measured column (an epoch's warmup_steps) keeps the measured one
+    names = [n for n in coordinate_names(coords) if n not in frame.columns]
+    if frame.empty or not names:
+        return frame
+    frame = frame.copy()
+    at = list(frame.columns).index("config_id") + 1
+    for offset, name in enumerate(names):
+        frame.insert(at + offset, name, [coords.get(c, {}).get(name) for c in frame.config_id])
+    return frame
+
+
+def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
+    records = latest_attempts(records)
+    coords = coordinates(records)
+    epochs = pd.DataFrame([r for r in records if r.get("kind") == "epoch"])
+    runs = _runs(records)
+    if not runs.empty:
+        runs = _with_coords(runs.merge(_run_metrics(epochs), on=["framework", "config_id"], how="left"), coords)
+    errors = _with_coords(pd.DataFrame([{k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
+                                        for r in records if r.get("kind") == "error"]), coords)
+    gap_rows = []
+    if not epochs.empty:
+        for _, row in epochs.iterrows():
+            for gap in row["bn_gap"] or []:
+                gap_rows.append({**{k: row[k] for k in RUN_INDEX + ["epoch"]}, **gap})
+        epochs = epochs.drop(columns=["bn_gap", "kind", "schema", "step_losses"], errors="ignore")
+    bn_gap = pd.DataFrame(gap_rows)
+    if reference is None:
+        frameworks = [f for f in FRAMEWORKS if not epochs.empty and f in set(epochs.framework)]
+        reference = frameworks[0] if frameworks else None
+    drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
+    mixed = _mixed_vs_float32(epochs, records, Path(run_dir))
+    epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
+    summary = _summary(epochs, runs, drift, coordinate_names(coords))
+    frames = dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors)
+    if not mixed.empty:
+        frames["mixed_precision"] = mixed
+    return {name: _fw_order(frame) for name, frame in frames.items()}
+
+
+def status_summary(statuses) -> str:
+    """'complete', or the count of each status, e.g. '2 complete, 1 diverged'."""
+    counts = pd.Series(list(statuses)).value_counts()
+    if len(counts) == 1:
+        return counts.index[0]
+    return ", ".join(f"{counts[s]} {s}" for s in records_schema.STATUSES if s in counts)
+
+
+def _with_ci(name: str, per_seed: pd.Series) -> dict:
+    """name (the mean over seeds) with name_std, name_ci_low/high (95% t-interval) and name_n."""
+    st = seed_stats(per_seed.tolist())
+    return {name: st["mean"], f"{name}_std": st["std"], f"{name}_ci_low": st["ci_low"],
+            f"{name}_ci_high": st["ci_high"], f"{name}_n": st["n"]}
+
+
+def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
+    """One row per framework x variant (x a study's grid coordinates `by`): statistics over seeds."""
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    keys = ["framework", "variant", *by]
+    for values, group in _fw_order(runs).groupby(keys, sort=False, dropna=False):
+        fw, variant = values[:2]
+        done = group.epochs_done
+        row = {**dict(zip(keys, values)), "status": status_summary(group.status),
+               "seeds": group.seed.nunique(), "epochs": group.epochs.max(),
+               # the epoch the final_* columns come from (a range when the seeds stopped apart)
+               "final_epoch": str(done.max()) if done.min() == done.max() else f"{done.min()}-{done.max()}"}
+        mine = (epochs[(epochs.framework == fw) & epochs.config_id.isin(group.config_id)] if not epochs.empty
+                else epochs)
+        if not mine.empty:
+            seen = group.dropna(subset=["best_test_acc"])
+            curve = mine.groupby("epoch").test_acc.mean()
+            row.update({
+                **_with_ci("final_test_acc", seen.final_test_acc),
+                **_with_ci("best_test_acc", seen.best_test_acc),
+                "best_epoch": int(curve.idxmax()),
+                "final_train_loss": seen.final_train_loss.mean(),
+                "train_examples_per_s": mine.train_examples_per_s.median(),
+                "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
+                # epoch 1's first step, timed apart: a compiled mode's compilation (records before it: NaN)
+                "first_step_seconds": (mine[mine.epoch == 1].first_step_seconds.median()
+                                       if "first_step_seconds" in mine else np.nan),
+                "eval_examples_per_s": mine.eval_examples_per_s.median(),
+                **{k: seen[k].mean() for k in ("final_probe_acc_eval", "final_probe_acc_train",
+                                               "final_probe_disagreement", "final_probe_logit_mad",
+                                               "final_pop_probe_disagreement")},
+                **_with_ci("final_pop_test_acc", seen.final_pop_test_acc),
+                **_with_ci("final_pop_gain", seen.final_pop_gain),
+                "best_pop_test_acc": seen.best_pop_test_acc.mean(),
+                **{k: mine[k].median() if k in mine else np.nan for k in ("population_images", "population_seconds")},
+            })
+        info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
+        if not info.empty:
+            row.update(device=info.backend_device_name.iloc[0], version=info.backend_version.iloc[0],
+                       execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
+                       bn_epsilon=info.backend_bn_epsilon.iloc[0],
+                       norm=info.norm.iloc[0] if "norm" in info else "batch")
+        if "precision" not in row and "precision" in group and group.precision.notna().any():
+            row["precision"] = group.precision.dropna().iloc[0]
+        if not drift.empty and fw in set(drift.framework):
+            d = drift[(drift.framework == fw) & drift.config_id.isin(group.config_id)]
+            d = d[d.epoch == d.epoch.max()]
+            row.update(final_param_rel_l2=d.param_rel_l2.mean(), final_probe_logit_max_abs=d.probe_logit_max_abs.mean())
+        row["errors"] = int(group.status.isin(["crashed", "failed"]).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# Markdown ----------------------------------------------------------------------
+def write_tables(t: dict, out_dir: Path) -> list:
+    """Each table as NAME.csv and (where pyarrow is there and the table is not empty) NAME.parquet;
+    returns the file names written."""
+    written = []
+    try:
+        import pyarrow  # noqa: F401
+        parquet = True
+    except ImportError:
+        parquet = False
+    for name, frame in t.items():
+        _atomic(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+        written.append(f"{name}.csv")
+        if parquet and not frame.empty:
+            _atomic(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+            written.append(f"{name}.parquet")
+    return written
+
+
+def load(run_dir: Path, reference: str | None = None) -> tuple:
+    """(tables, environment, problems, number of usable records) of a run or study folder; problems are said in its report."""
+    run_dir = Path(run_dir)
+    env, env_problem = read_environment(run_dir)
+    recs, skipped = read_records(run_dir)
+    problems = [env_problem] if env_problem and (run_dir / "environment.json").exists() else []
+    if skipped:
+        problems.append(f"{len(skipped)} line(s) of records.jsonl could not be used and were skipped: " +
+                        "; ".join(f"line {n}: {why}" for n, why in skipped[:20]) +
+                        (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
+    if env_problem:
+        print(f"warning: {env_problem}", file=sys.stderr)
+    return tables(recs, run_dir, reference or env.get("reference")), env, problems, len(recs)

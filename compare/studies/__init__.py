@@ -1,0 +1,1 @@
+"""Study files (spec: TOML -> cells) and their answers (answers: sentences, comparisons, plots)."""
