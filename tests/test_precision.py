@@ -156,3 +156,35 @@ def test_a_mixed_run_keeps_float32_parameters_and_trains_beside_float32(fw, fram
     np.testing.assert_allclose(mixed["step_losses"], full["step_losses"], rtol=0.02,
                                err_msg=f"{framework}: mixed vs float32 per-step losses")
     assert mixed["step_losses"] != full["step_losses"]  # it really ran in bfloat16
+
+
+def test_a_mixed_run_is_reported_beside_its_float32_twin(fw, framework, tmp_path):
+    """compare.run --precision mixed-bfloat16 runs float32 beside it; the report pairs them: mixed_precision.csv
+    per epoch, the report's section, a precision column in every row, and each run's running-statistics drift
+    from its twin (0 for the float32 run). MXNet's mixed runs fail with the reason, its float32 runs go on."""
+    import sys
+
+    import pandas as pd
+
+    from compare.run import main as run_main
+
+    data = make_idx_dir(tmp_path / "data", 128, 64)
+    code = run_main(["--frameworks", framework, "--variants", "scratch", "--epochs", "2", "--batch-size", "32",
+                     "--lr", "0.5", "--precision", "mixed-bfloat16", "--device", "cpu", "--data-dir", str(data),
+                     "--no-verify-data", "--out", str(tmp_path), "--run-id", "m", "--probe-size", "16",
+                     "--population-size", "0", "--python", f"{framework}={sys.executable}", "--no-progress"])
+    run_dir = tmp_path / "m"
+    runs = pd.read_csv(run_dir / "runs.csv").set_index("precision")
+    assert sorted(runs.index) == ["float32", "mixed-bfloat16"]
+    text = (run_dir / "report.md").read_text()
+    assert f"| {framework} | scratch | float32 |" in text
+    if MIXED_BUILTIN[framework] is None:
+        assert code == 1 and runs.loc["mixed-bfloat16", "status"] == "failed"
+        assert "amp.init" in runs.loc["mixed-bfloat16", "detail"] and not (run_dir / "mixed_precision.csv").exists()
+        return
+    assert code == 0 and set(runs.status) == {"complete"}
+    mixed = pd.read_csv(run_dir / "mixed_precision.csv")
+    assert list(mixed.epoch) == [1, 2] and (mixed.running_stats_rel_l2 > 0).all() and (mixed.param_rel_l2 > 0).all()
+    assert runs.loc["float32", "final_running_stats_drift"] == 0
+    assert runs.loc["mixed-bfloat16", "final_running_stats_drift"] == mixed.running_stats_rel_l2.iloc[-1]
+    assert "## Mixed precision against float32 (final epoch)" in text and "emulated" in text

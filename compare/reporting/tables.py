@@ -205,6 +205,10 @@ RUN_METRICS = {
     "final_pop_test_acc": ("final test accuracy with population statistics", "higher"),
     "final_pop_gain": ("final test accuracy, population statistics minus running average", "higher"),
     "final_pop_probe_disagreement": ("train/eval prediction disagreement with population statistics", "lower"),
+    # mixed precision (common.precision): the final running statistics' relative L2 distance from those of the
+    # float32 run of the same seed (0 for that float32 run itself, so a paired difference is the drift); NaN
+    # for a run with no such twin
+    "final_running_stats_drift": ("running-statistics drift from the float32 run", "lower"),
 }
 POPULATION_COLUMNS = ("pop_test_loss", "pop_test_acc", "pop_probe_acc_eval", "pop_probe_logit_mad",
                       "pop_probe_disagreement", "population_images", "population_seconds")
@@ -326,6 +330,11 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         reference = frameworks[0] if frameworks else None
     drift = _drift(epochs, Path(run_dir), reference) if reference else pd.DataFrame()
     mixed = _mixed_vs_float32(epochs, records, Path(run_dir))
+    if not mixed.empty and not runs.empty and "running_stats_rel_l2" in mixed:
+        final = mixed[mixed.epoch == mixed.groupby(["framework", "config_id"]).epoch.transform("max")]
+        drift_of = {(r.framework, r.float32_config_id): 0.0 for r in final.itertuples()}
+        drift_of.update({(r.framework, r.config_id): r.running_stats_rel_l2 for r in final.itertuples()})
+        runs["final_running_stats_drift"] = [drift_of.get(key, np.nan) for key in zip(runs.framework, runs.config_id)]
     epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
     summary = _summary(epochs, runs, drift, coordinate_names(coords))
     frames = dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors)
