@@ -61,8 +61,10 @@ class BNResult:
 #       canonical NCHW / NC numpy x: state maps the canonical suffixes of
 #       common.init.norm_suffixes(spec) to arrays; one forward in the given mode,
 #       a backward of sum(dy * y); returns y, dx, dgamma, dbeta and "state", the
-#       layer's arrays after both, as float64 numpy, and "dtypes", the framework
-#       dtype name of y and of each state array. dtype "mixed-bfloat16": the layer
+#       layer's arrays after both, as numpy (float64 in PyTorch, TensorFlow and
+#       JAX, the run's dtype in MXNet), and, in the frameworks that run mixed
+#       precision, "dtypes": the framework dtype name of y and of each state
+#       array. dtype "mixed-bfloat16": the layer
 #       as the framework's mixed-precision mechanism builds it (float32
 #       parameters), its input and dy in bfloat16. A norm without a fitting
 #       built-in layer, or a framework without a mixed mechanism, raises
