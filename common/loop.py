@@ -59,16 +59,9 @@ def population_figures(backend: Backend, stats: dict, ema_probe: ProbeResult, te
     finally:
         if not keep:
             backend.set_params(saved)
-    lag_noise = []
-    for name, s in ema_probe.bn.items():
-        pop_mean, pop_var = stats[name]
-        lag = population.gap(s["running_mean"], s["running_var"], pop_mean, pop_var, epsilon)
-        noise = population.gap(s["batch_mean"], s["batch_var"], pop_mean, pop_var, epsilon)
-        lag_noise.append({"lag_mean_gap": lag[0], "lag_var_log_ratio": lag[1],
-                          "noise_mean_gap": noise[0], "noise_var_log_ratio": noise[1]})
     return {"pop_test_loss": loss / ntest, "pop_test_acc": correct / ntest,
             **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
-            "lag_noise": lag_noise}
+            "lag_noise": population.lag_and_noise(ema_probe.bn, stats, epsilon)}
 
 
 def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> str:

@@ -68,6 +68,20 @@ def gap(mean, var, ref_mean, ref_var, epsilon: float) -> tuple:
     return float(mean_gap), float(var_log_ratio)
 
 
+def lag_and_noise(probe_bn: dict, stats: dict, epsilon: float) -> list:
+    """Per BN layer, in probe_bn's order: the EMA's lag, gap(running, population), and the batch noise,
+    gap(the probe batch's statistics, population), both measured against the population statistics `stats`
+    ({BN name: (mean, var)}), as lag_* and noise_* mean_gap / var_log_ratio. probe_bn: ProbeResult.bn."""
+    out = []
+    for name, s in probe_bn.items():
+        pop_mean, pop_var = stats[name]
+        lag = gap(s["running_mean"], s["running_var"], pop_mean, pop_var, epsilon)
+        noise = gap(s["batch_mean"], s["batch_var"], pop_mean, pop_var, epsilon)
+        out.append({"lag_mean_gap": lag[0], "lag_var_log_ratio": lag[1],
+                    "noise_mean_gap": noise[0], "noise_var_log_ratio": noise[1]})
+    return out
+
+
 def statistics(backend, images: np.ndarray, batches: np.ndarray) -> dict:
     """The population statistics of backend's BN layers over images[batches[i]] (see the spec above)."""
     return combine(backend.batch_statistics([images[index] for index in batches]))

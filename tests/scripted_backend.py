@@ -25,6 +25,8 @@ class Script:
     eval_seconds: float = 1.0
     eval_stats: tuple = (0.0, 0.0)  # (loss_sum, correct) over the whole test split
     probe: ProbeResult | None = None
+    # (batch index) -> {BN name: (mean, var)} of population batch i; None: the Backend default (probe per batch)
+    population_stats: callable = None
     bn_epsilon: float | None = None
     now: float = 0.0  # the device clock
     queued: float = 0.0  # work queued and not yet waited for
@@ -93,6 +95,12 @@ def scripted_backend(script: Script):
         def probe(self, images):
             script.calls.append(("probe", self.epoch, len(images)))
             return script.probe
+
+        def batch_statistics(self, batches):
+            if script.population_stats is None:
+                return super().batch_statistics(batches)
+            script.calls.append(("batch_statistics", self.epoch, [len(b) for b in batches]))
+            return [script.population_stats(i) for i in range(len(batches))]
 
         def synchronize(self):
             script.wait()

@@ -48,13 +48,14 @@ def step_stats(epoch, step):
     return (step + 1.0, 2.0 if epoch == 1 else 3.0)  # (loss_sum, correct) of a batch of 4
 
 
-def scripted_run(warmup_steps=3, epochs=2, trace_steps=3):
+def scripted_run(warmup_steps=3, epochs=2, trace_steps=3, population_size=2048, population_stats=None):
     script = Script(step_seconds=step_seconds, step_stats=step_stats, eval_seconds=0.5, eval_stats=(2.0, 3.0),
-                    probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN), bn_epsilon=1.0)
+                    probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN), bn_epsilon=1.0,
+                    population_stats=population_stats)
     data = Dataset(np.zeros((40, 1, 28, 28), np.float32), np.zeros(40, np.int64),
                    np.zeros((5, 1, 28, 28), np.float32), np.array(TEST_LABELS, np.int64), "scripted", False)
     config = RunConfig(model=ModelSpec(), batch_size=4, epochs=epochs, warmup_steps=warmup_steps,
-                       probe_size=4, trace_steps=trace_steps, device="cpu")
+                       probe_size=4, trace_steps=trace_steps, device="cpu", population_size=population_size)
     out = []
     run_loop(scripted_backend(script), config, data, lambda record, arrays=None: out.append((record, arrays)),
              clock=script.clock)
@@ -131,6 +132,45 @@ def test_the_probe_and_evaluation_come_after_the_timed_steps():
     # then the population statistics (on by default): a train-mode probe of each of the 40 / 4 = 10 batches,
     # then eval mode with them (evaluate, probe), all after the timed steps
     assert kinds == ["train_step"] * 10 + ["evaluate", "probe"] + ["probe"] * 10 + ["evaluate", "probe"], kinds
+
+
+def population_batch(i):
+    """Population batch i's statistics: bn1's first channel has batch means 0 and 2 in turn, so the population's
+    variance holds their spread (var 3 + 1); bn2's batches all agree."""
+    return {"bn1": (np.array([2.0 * (i % 2), 6.0]), np.array([3.0, 26.0])), "bn2": (np.array([0.0]), np.array([3.0]))}
+
+
+def test_the_gap_splits_into_the_emas_lag_and_batch_noise_by_hand():
+    """Population statistics (2 batches): bn1 mean (1, 6), var (3 + 1, 26); bn2 mean 0, var 3. The lag is the
+    running statistics against them, the noise the probe batch's statistics against them, in the population's
+    units (epsilon 1). Swapping the two, or measuring the lag in the running average's units, fails here."""
+    (first,), arrays, script = scripted_run(epochs=1, population_size=10, population_stats=population_batch)
+    gaps = {g["layer"]: g for g in first["bn_gap"]}
+    # bn1 lag: mean(|0 - 1| / sqrt(4 + 1), |0 - 6| / sqrt(26 + 1)) = mean(0.4472136, 1.1547005);
+    #          mean(|log((3 + 1) / (4 + 1))|, |log((8 + 1) / (26 + 1))|) = mean(log 1.25, log 3)
+    # (in the running average's units instead: mean(1 / 2, 6 / 3) = 1.25)
+    assert gaps["bn1"]["lag_mean_gap"] == pytest.approx((1 / math.sqrt(5) + 6 / math.sqrt(27)) / 2), "bn1 lag"
+    assert gaps["bn1"]["lag_var_log_ratio"] == pytest.approx((math.log(1.25) + math.log(3)) / 2), "bn1 lag var"
+    # bn1 noise: the probe batch (mean (1, 6), var (3, 26)) against the population: 0; mean(log 1.25, 0)
+    assert gaps["bn1"]["noise_mean_gap"] == 0.0, "bn1 noise"
+    assert gaps["bn1"]["noise_var_log_ratio"] == pytest.approx(math.log(1.25) / 2), "bn1 noise var"
+    # bn2 lag: |1 - 0| / sqrt(3 + 1) = 0.5 (in the running average's units: 1); |log(1 / 4)|
+    # bn2 noise: |-2 - 0| / 2 = 1; |log(1 / 4)|
+    assert (gaps["bn2"]["lag_mean_gap"], gaps["bn2"]["noise_mean_gap"]) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert gaps["bn2"]["lag_var_log_ratio"] == pytest.approx(math.log(4)) == gaps["bn2"]["noise_var_log_ratio"]
+    # the train/eval gap itself is still the probe batch against the running average (test_divergence_figures)
+    assert gaps["bn1"]["mean_gap"] == pytest.approx(1.25)
+    # the images used: --population-size 10 at batch 4 is two whole batches, 8 images (the partial one dropped)
+    assert ("batch_statistics", 1, [4, 4]) in script.calls
+    assert first["population_images"] == 8, "population_images: the images used, not the 10 asked for"
+    np.testing.assert_allclose(arrays[0]["population/bn1.running_var"], [4.0, 26.0])
+
+
+def test_population_images_are_capped_by_the_training_set():
+    """--population-size 2048 (the default) on 40 training images at batch 4: all 40, ten batches."""
+    (first,), _, script = scripted_run(epochs=1, population_stats=population_batch)
+    assert ("batch_statistics", 1, [4] * 10) in script.calls
+    assert first["population_images"] == 40, "population_images: capped by the 40 training images"
 
 
 # Report tables from hand-made records -------------------------------------------
@@ -240,6 +280,31 @@ def test_reference_changes_the_drift_table(tmp_path):
     tables.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
     assert report.main([str(tmp_path)]) == 0
     assert list(pd.read_csv(tmp_path / "drift.csv").reference) == ["mxnet"]
+
+
+def test_mixed_precision_drift_is_measured_from_the_float32_twin(tmp_path):
+    """A mixed run beside its float32 twin (the same configuration with mixed off): the distances are the mixed
+    run's from the twin's, relative to the twin's norm. The norms differ (2 against 1 per value), so measuring
+    the twin from the mixed run would halve them."""
+    float32 = RunConfig(model=ModelSpec(), dtype="float32", device="cpu", epochs=1)
+    mixed = float32.replace(mixed="bfloat16")
+    recs, values = [], {float32.config_id: 1.0, mixed.config_id: 2.0}
+    for config in (float32, mixed):
+        ident = dict(framework="torch", variant="scratch", seed=0, config_id=config.config_id)
+        epoch = epoch_record(config_id=config.config_id, snapshot=f"snapshots/{config.config_id}.npz")
+        write_snapshot(tmp_path, epoch, **{
+            "param/conv1.weight": np.full(4, values[config.config_id]),
+            "param/bn1.running_var": np.full(4, values[config.config_id]),
+            "probe/logits_eval": np.eye(2) * values[config.config_id]})
+        recs += [records.make("plan", **ident, epochs=1, config=config.to_dict()), epoch,
+                 records.make("run_end", **ident, status="complete", epochs_done=1)]
+    t = tables.tables(recs, tmp_path)
+    row = t["mixed_precision"].iloc[0]
+    assert (row.config_id, row.float32_config_id) == (mixed.config_id, float32.config_id)
+    # |(2, 2, 2, 2) - (1, 1, 1, 1)| / |(1, 1, 1, 1)| = 1 (from the mixed run's side: 2 / 4 = 0.5)
+    assert row.param_rel_l2 == pytest.approx(1.0) and row.running_stats_rel_l2 == pytest.approx(1.0)
+    drift = t["runs"].set_index("config_id").final_running_stats_drift
+    assert drift[mixed.config_id] == pytest.approx(1.0) and drift[float32.config_id] == 0.0
 
 
 def test_seed_statistics_by_hand():

@@ -434,6 +434,192 @@ def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
     assert t["summary"][["lr", "seeds", "best_test_acc"]].values.tolist() == [[1.0, 1, 0.6]]
 
 
+# Every answer kind with what is missing ------------------------------------------------------
+BASE_LR = LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
+    "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")
+ANSWER_KINDS = {
+    "largest-stable": "kind = \"largest-stable\"\nx = \"lr\"",
+    "compare": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1",
+    "compare-best": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nbest = true",
+    "compare-also": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nalso = [\"final_probe_disagreement\"]",
+    "compare-every-pair": "kind = \"compare\"\naxis = \"lr\"",
+    "trend": "kind = \"trend\"\nx = \"lr\"",
+    "trend-gain": "kind = \"trend\"\nx = \"lr\"\nmetric = \"final_pop_gain\"",
+}
+
+
+def kind_study(tmp_path, kind):
+    """BASE_LR answered by `kind`, plotted against lr on a log axis (which cannot autoscale with no value drawn)."""
+    text = BASE_LR.replace("kind = \"largest-stable\"\nx = \"lr\"", ANSWER_KINDS[kind])
+    return spec.load(write(tmp_path, text + "\n[plot]\nx = \"lr\"\nlog_x = true\n", f"{kind}.toml"))
+
+
+def statuses_runs(subset):
+    """Two arms (lr 0.1 and 1) x two seeds, with only `subset` of them measured: every run without a complete
+    result (none), every run diverged, one seed, one arm (lr 1 interrupted)."""
+    rows = []
+    for lr in (0.1, 1.0):
+        for seed in (0, 1):
+            measured = {"best_test_acc": 0.5 + lr / 10 + seed / 100, "final_probe_disagreement": 0.1,
+                        "final_pop_gain": 0.01 * seed + lr / 100}
+            if subset == "one seed" and seed == 1:
+                continue
+            if subset == "no complete run" or (subset == "one arm" and lr == 1.0):
+                measured = {"status": "interrupted"}
+            elif subset == "every run diverged":
+                measured = {"status": "diverged"}
+            rows.append({"lr": lr, "seed": seed, **measured})
+    return runs_frame(rows)
+
+
+NOTHING = {"compare": "No run completed (4 without a result): nothing to compare.",
+           "trend": "torch, scratch: fewer than two lr values with complete runs (4 without a result): no trend to tell."}
+MISSING = {  # (kind, subset) -> a sentence the answer must hold, saying what is missing
+    ("largest-stable", "no complete run"): "**scratch**: largest stable lr unknown, no run has a result (torch).",
+    ("largest-stable", "every run diverged"): "**scratch**: largest stable lr none in the grid (torch).",
+    ("largest-stable", "one seed"): "A lr is stable when none of its 1 seed failed: a failure is a non-finite "
+                                    "training loss or a best test accuracy below 0.5.",
+    ("largest-stable", "one arm"): "Note: torch scratch: unknown at 1 (runs missing).",
+    ("compare", "no complete run"): NOTHING["compare"],
+    ("compare", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
+    ("compare", "one seed"): "With one paired seed no difference can be told from seed noise.",
+    ("compare", "one arm"): "Only lr=0.1 ran with complete runs: nothing to compare.",
+    ("compare-best", "no complete run"): "torch, scratch: no arm has a complete run: no best arm.",
+    ("compare-best", "every run diverged"): "torch, scratch: no arm has a complete run: no best arm.",
+    ("compare-best", "one seed"): "torch, scratch: the highest best test accuracy is lr=1's (0.6000); within seed "
+                                  "noise of it: none; not told apart from it (one paired seed): lr=0.1; behind it "
+                                  "beyond seed noise: none.",
+    ("compare-best", "one arm"): "torch, scratch: only lr=0.1 has complete runs, so there is no other arm to rank "
+                                 "it against.",
+    ("compare-also", "no complete run"): NOTHING["compare"],
+    ("compare-also", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
+    ("compare-also", "one seed"): "lr=1 vs lr=0.1 (torch, scratch): train/eval prediction disagreement 0.1000 vs "
+                                  "0.1000, difference +0.0000 (1 paired seed): one seed: no interval.",
+    ("compare-also", "one arm"): "Only lr=0.1 ran with complete runs: nothing to compare.",
+    ("compare-every-pair", "no complete run"): NOTHING["compare"],
+    ("compare-every-pair", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
+    ("compare-every-pair", "one seed"): "lr=1 vs lr=0.1 (torch, scratch): best test accuracy 0.6000 vs 0.5100, "
+                                        "difference +0.0900 (1 paired seed): one seed: no interval.",
+    ("compare-every-pair", "one arm"): "Only lr=0.1 ran with complete runs: nothing to compare.",
+    ("trend", "no complete run"): NOTHING["trend"],
+    ("trend", "every run diverged"): "torch, scratch: fewer than two lr values with complete runs (4 diverged): "
+                                     "no trend to tell.",
+    ("trend", "one seed"): "torch, scratch: best test accuracy rises with lr: lowest 0.5100 (n=1) at lr 0.1, "
+                           "highest 0.6000 (n=1) at lr 1; one seed: no interval.",
+    ("trend", "one arm"): "torch, scratch: fewer than two lr values with complete runs (2 without a result): no "
+                          "trend to tell.",
+    ("trend-gain", "no complete run"): NOTHING["trend"],
+    ("trend-gain", "every run diverged"): "torch, scratch: fewer than two lr values with complete runs (4 "
+                                          "diverged): no trend to tell.",
+    ("trend-gain", "one seed"): "torch, scratch: final test accuracy, population statistics minus running average "
+                                "(per seed, the same run): one seed: no interval at lr 0.1 (0.0010 (n=1)), lr 1 "
+                                "(0.0100 (n=1)).",
+    ("trend-gain", "one arm"): "torch, scratch: fewer than two lr values with complete runs (2 without a result): "
+                               "no trend to tell.",
+}
+
+
+@pytest.mark.parametrize("kind, subset", sorted(MISSING), ids=[f"{k}-{s}".replace(" ", "-") for k, s in sorted(MISSING)])
+def test_every_answer_kind_says_what_is_missing(tmp_path, kind, subset):
+    """Whatever subset of the runs has a result, each answer kind answers with a sentence saying what is missing,
+    study.md renders (with a word on the missing results where no run completed), and the plot draws."""
+    study, runs = kind_study(tmp_path, kind), statuses_runs(subset)
+    answer, frames = answers.analyse(runs, study)
+    assert MISSING[kind, subset] in answer, answer
+    assert not any("nan" in sentence for sentence in answer), answer
+    text = answers.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs[runs.status != "complete"], [])
+    assert ("**No run has a complete result**" in text) == (subset in ("no complete run", "every run diverged"))
+    assert answers.plot(frames["study"], study, tmp_path) == ["study.png"]
+
+
+def test_a_study_without_any_run_recorded_still_answers(tmp_path):
+    study = kind_study(tmp_path, "compare-best")
+    runs = tables.tables([], tmp_path)["runs"]
+    answer, frames = answers.analyse(runs, study)
+    assert answer == ["No run was recorded: nothing to answer."]
+    assert "**No run has a complete result**" in answers.render(study, answer, frames, {}, [], [], runs, [])
+
+
+def test_best_keeps_arms_measured_on_one_seed_apart(tmp_path):
+    """lr 0.3 ran one seed only (seed 0): against the best arm (lr 1) it has one paired seed, so it is neither
+    within seed noise nor behind beyond it: the answer names it on its own."""
+    study = kind_study(tmp_path, "compare-best")
+    accuracy = {0.1: [0.80, 0.79, 0.81], 0.3: [0.83], 1.0: [0.82, 0.81, 0.83], 3.0: [0.83, 0.80, 0.82]}
+    runs = runs_frame([{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items()
+                       for s, v in enumerate(vs)])
+    answer, frames = answers.analyse(runs, study)
+    # the best arm is the highest mean: lr 0.3's single seed (0.83), which pairs with each other arm's seed 0 only
+    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=0.3's (0.8300); within seed noise "
+                         "of it: none; not told apart from it (one paired seed): lr=0.1, lr=1, lr=3; behind it "
+                         "beyond seed noise: none.")
+    runs = runs[runs.lr != 0.3].copy()
+    runs = pd.concat([runs, runs_frame([{"lr": 0.3, "seed": 1, "best_test_acc": 0.60}])], ignore_index=True)
+    answer, _ = answers.analyse(runs, study)
+    # lr 0.3 now ran seed 1 alone (0.60): lr 1 is best (0.82); lr 3 within seed noise (per seed +0.01, -0.01,
+    # -0.01); lr 0.1 behind (-0.02 every seed); lr 0.3 one paired seed (seed 1)
+    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
+                         "it: lr=3; not told apart from it (one paired seed): lr=0.3; behind it beyond seed noise: "
+                         "lr=0.1.")
+
+
+def test_trend_intervals_that_overlap_are_not_called_apart(tmp_path):
+    """Two batch sizes whose intervals overlap ([0.1000, 0.3000] and [0.2000, 0.4000] in spirit): lowest's high
+    end above the highest's low end. A check of the wrong ends (high against high, low against high) would
+    call them apart."""
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
+                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
+    # batch 32: 0.25, 0.35, 0.30 -> mean 0.30, sd 0.05, half-width 4.302653 x 0.05 / sqrt(3) = 0.1242069
+    # batch 64: 0.15, 0.25, 0.20 -> mean 0.20, the same half-width: [0.0757931, 0.3242069] and [0.1757931, 0.4242069]
+    rows = [{"batch_size": b, "seed": s, "final_probe_disagreement": v}
+            for b, values in [(32, [0.25, 0.35, 0.30]), (64, [0.15, 0.25, 0.20])] for s, v in enumerate(values)]
+    answer, _ = answers.analyse(runs_frame(rows), study)
+    assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest 0.2000 "
+                      "[0.0758, 0.3242] (n=3) at batch_size 64, highest 0.3000 [0.1758, 0.4242] (n=3) at batch_size "
+                      "32; their intervals overlap, so the extremes are not told apart from seed noise."]
+
+
+def test_a_trend_is_not_split_by_a_scaled_field(tmp_path):
+    """probe_size follows batch_size ([scale]): it differs in every cell, so grouping by it would leave one
+    batch size per group and no trend."""
+    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
+                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
+    configs, coords = study.cells(seeds=(0, 1))
+    rows = [{"batch_size": c.batch_size, "probe_size": c.probe_size, "seed": c.seed, "config_id": c.config_id,
+             "variant": c.model.variant, "final_probe_disagreement": 0.1 * c.batch_size / 32 + 0.01 * c.seed}
+            for c in configs if c.model.variant == "scratch"]
+    runs = runs_frame(rows)
+    assert set(zip(runs.batch_size, runs.probe_size)) == {(32, 512), (64, 1024)}
+    answer, _ = answers.analyse(runs, study)
+    # batch 32: 0.10, 0.11 -> mean 0.105; batch 64: 0.20, 0.21 -> mean 0.205; sd 0.0070711, half-width
+    # 12.706205 x 0.0070711 / sqrt(2) = 0.0635310
+    assert answer == ["torch, scratch: train/eval prediction disagreement rises with batch_size: lowest 0.1050 "
+                      "[0.0415, 0.1685] (n=2) at batch_size 32, highest 0.2050 [0.1415, 0.2685] (n=2) at batch_size "
+                      "64; their intervals overlap, so the extremes are not told apart from seed noise."]
+
+
+def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
+    """A further compared metric (`also`) has its statistics in study.csv, a column in study.md's evidence and
+    a panel in study.png, though the [plot] table does not name it."""
+    study = kind_study(tmp_path, "compare-also")
+    assert study.plot["metrics"] == ["best_test_acc"]
+    runs = runs_frame([{"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
+                       for lr, values in {0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
+                                          1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)]}.items()
+                       for seed, (acc, dis) in enumerate(values)])
+    answer, frames = answers.analyse(runs, study)
+    cell = frames["study"].set_index("lr").final_probe_disagreement
+    assert cell[1.0] == pytest.approx(0.11) and cell[0.1] == pytest.approx(0.16 / 3)
+    text = answers.render(study, answer, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
+    header = next(line for line in text.splitlines() if line.startswith("| framework | variant | lr |"))
+    assert "final_probe_disagreement" in header and "best_test_acc" in header
+    fig = answers.figure(frames["study"], study)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["best test accuracy", "train/eval prediction disagreement"]
+    line = next(l for l in fig.axes[1].get_lines() if len(l.get_ydata()) == 2)
+    np.testing.assert_allclose(line.get_ydata(), [0.16 / 3, 0.11])
+
+
 # Real studies (tox -e torch) -----------------------------------------------------------------
 TINY = """\
 question = "Does a larger learning rate help here?"
@@ -539,6 +725,38 @@ def test_killed_study_resumes_without_rerunning(torch_only, tmp_path):
     assert len(runs) == 4 and (runs.status == "complete").all()
     epochs = pd.read_csv(study_dir / "epochs.csv")
     assert len(epochs) == 4 * 3  # the killed run's partial epochs are superseded, not counted twice
+
+
+def test_ctrl_c_in_the_first_run_leaves_a_study_md_that_says_so(torch_only, tmp_path):
+    """SIGINT while the first run trains (no run has ended) to a study answered with best = true (whose answer
+    once raised on an empty comparison): study.md is written, says that no run completed, exit 130."""
+    data = make_idx_dir(tmp_path / "data", 320, 100)
+    text = TINY.replace("epochs = 2", "epochs = 500").replace("baseline = 0.1", "baseline = 0.1\nbest = true")
+    path = write(tmp_path, text, "tiny.toml")
+    study_dir = tmp_path / "out" / "tiny" / "c"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(_study("torch", path, data, tmp_path / "out", "c", "--jobs", "1"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            recs = _records(study_dir) if (study_dir / "records.jsonl").exists() else []
+            if any(r["kind"] == "epoch" for r in recs):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the study's first run did not reach an epoch in time")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert not any(r["kind"] == "run_end" and r["status"] == "complete" for r in _records(study_dir))
+    text = (study_dir / "study.md").read_text()
+    assert "- torch, scratch: no arm has a complete run: no best arm." in text
+    assert "No run completed (4 without a result): nothing to compare." in text
+    assert "**No run has a complete result**" in text and "**This study was interrupted (SIGINT).**" in text
+    assert json.loads((study_dir / "environment.json").read_text())["interrupted"] is True
 
 
 @pytest.mark.skipif(not data.DEBIAN_DIR.is_dir(), reason="the dataset-fashion-mnist package is not installed "

@@ -20,6 +20,8 @@ from ..reporting.stats import clipped, difference_bounds, metric_bounds, seed_st
 from .spec import METRICS, Study
 
 DONE = ("complete", "diverged")  # a result; the other statuses mean the run is missing
+ONE_SEED = "one seed: no interval"  # a comparison's verdict with one paired seed
+NO_PAIR = "no paired seed"  # ... with none (the arms' complete runs share no seed)
 
 
 def failed(runs: pd.DataFrame, study: Study) -> pd.Series:
@@ -39,10 +41,22 @@ def _cell_keys(study: Study, runs: pd.DataFrame) -> list:
     return ["framework", "variant"] + [a for a in study.axes if a in runs.columns]
 
 
+def _strata(study: Study, frame: pd.DataFrame) -> list:
+    """The cell coordinates a comparison holds fixed: all but the answer's axis and the [scale]d fields (which
+    follow a grid field, so they never vary within a stratum on their own)."""
+    return [k for k in _cell_keys(study, frame) if k not in study.answer["axis"] and k not in study.scale]
+
+
+def _groups(frame: pd.DataFrame, keys: list) -> list:
+    """[(values tuple, group)] of frame by keys, in order of appearance; one group of everything without keys."""
+    if not keys:
+        return [((), frame)]
+    return [(v if isinstance(v, tuple) else (v,), g) for v, g in frame.groupby(keys, sort=False, dropna=False)]
+
+
 def cells(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
     """One row per cell (framework x variant x grid point): statistics over seeds of each metric."""
-    metrics = list(dict.fromkeys([study.answer["metric"], *study.answer.get("also", ()), *study.plot["metrics"],
-                                  "best_test_acc"]))
+    metrics = list(dict.fromkeys([*shown_metrics(study), "best_test_acc"]))
     keys = _cell_keys(study, runs)
     rows = []
     runs = runs.assign(failed=failed(runs, study))
@@ -61,6 +75,13 @@ def cells(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
                         f"{metric}_ci_high": st["ci_high"], f"{metric}_n": st["n"]})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _statuses(frame: pd.DataFrame) -> str:
+    """' (2 diverged, 1 without a result)' for the cells of frame (a cell table); '' when every run completed."""
+    parts = [f"{int(frame[k].sum())} {k}" for k in ("diverged",) if k in frame and frame[k].sum()]
+    parts += [f"{int(frame.missing.sum())} without a result"] if "missing" in frame and frame.missing.sum() else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _num(value) -> str:
@@ -118,9 +139,14 @@ def _stability_answer(table: pd.DataFrame, study: Study) -> list:
             where = row.framework + "".join(f", {k} {_num(row[k])}" for k in group.columns
                                             if k not in ("framework", "variant", "seeds", "note")
                                             and not k.startswith(("largest_", "smallest_")))
-            value = row[f"largest_stable_{x}"]
-            parts.append(f"{_num(value) if value is not None and not pd.isna(value) else 'none in the grid'}"
-                         f" ({where})")
+            value, failing = row[f"largest_stable_{x}"], row[f"smallest_failing_{x}"]
+            if value is not None and not pd.isna(value):
+                text = _num(value)
+            elif failing is None or pd.isna(failing):  # nothing passed and nothing failed: no result yet
+                text = "unknown, no run has a result"
+            else:
+                text = "none in the grid"
+            parts.append(f"{text} ({where})")
         sentences.append(f"**{variant}**: largest stable {x} " + "; ".join(parts) + ".")
     base = table[table.variant == "none"]
     for variant in [v for v in dict.fromkeys(table.variant) if v != "none"]:
@@ -146,11 +172,10 @@ def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False, me
     best arm (the best mean of the metric) instead. metric: another than the answer's (its `also` list)."""
     metric, axis = metric or study.answer["metric"], list(study.answer["axis"])
     higher = METRICS[metric][1].startswith("higher")
-    strata = [k for k in _cell_keys(study, runs) if k not in axis and k not in study.scale]
+    strata = _strata(study, runs)
     done = runs[runs.status == "complete"]
     rows = []
-    for svalues, stratum in (done.groupby(strata, sort=False, dropna=False) if strata else [((), done)]):
-        svalues = svalues if isinstance(svalues, tuple) else (svalues,)
+    for svalues, stratum in _groups(done, strata):
         arms = {arm: g.set_index("seed")[metric] for arm, g in stratum.groupby(axis, sort=False, dropna=False)}
         arms = {(a if isinstance(a, tuple) else (a,)): v for a, v in arms.items()}
         baseline = study.answer.get("baseline")
@@ -168,8 +193,10 @@ def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False, me
             both = pd.DataFrame({"arm": arms[arm][shared], "base": arms[base][shared]}).dropna()
             diffs = both.arm - both.base
             st = seed_stats(diffs.tolist())
-            if st["n"] < 2:
-                verdict = "one seed: no interval"
+            if st["n"] == 0:
+                verdict = NO_PAIR
+            elif st["n"] < 2:
+                verdict = ONE_SEED
             elif st["ci_low"] > 0 or st["ci_high"] < 0:
                 verdict = "higher" if st["mean"] > 0 else "lower"
             else:
@@ -181,23 +208,36 @@ def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False, me
     return pd.DataFrame(rows)
 
 
-def _best_answer(table: pd.DataFrame, study: Study) -> list:
-    """Per stratum: the best arm, and which arms are within seed noise of it (paired per seed)."""
-    metric = study.answer["metric"]
+def _best_answer(table: pd.DataFrame, runs: pd.DataFrame, study: Study) -> list:
+    """Per stratum (every stratum that has runs, whatever their status): the best arm, the arms within seed
+    noise of it, those told apart from it by one seed only, and those behind it beyond seed noise; or what is
+    missing where a stratum has fewer than two arms with complete runs."""
+    metric, axis = study.answer["metric"], list(study.answer["axis"])
     label = METRICS[metric][0]
-    strata = list(table.columns[:list(table.columns).index("arm")]) if not table.empty else []
+    most = "highest" if METRICS[metric][1].startswith("higher") else "lowest"
+    strata = _strata(study, runs)
     sentences = []
-    for values, group in (table.groupby(strata, sort=False, dropna=False) if strata else [((), table)]):
-        values = values if isinstance(values, tuple) else (values,)
-        where = ", ".join(f"{k}={_num(v)}" if k not in ("framework", "variant") else str(v)
-                          for k, v in zip(strata, values))
-        best = group.baseline.iloc[0]
-        close = list(group[group.verdict.isin(["within seed noise", "one seed: no interval"])].arm)
-        apart = list(group[group.verdict.isin(["higher", "lower"])].arm)
-        most = "highest" if METRICS[metric][1].startswith("higher") else "lowest"
+    for values, stratum in _groups(runs, strata):
+        where = _arm(strata, values) or "all runs"
+        mine = table
+        for key, value in zip(strata, values):
+            if not mine.empty:
+                mine = mine[mine[key].isna() if pd.isna(value) else mine[key] == value]
+        done = stratum[(stratum.status == "complete") & stratum[metric].notna()]
+        ran = sorted({_arm(axis, v) for v in done[axis].itertuples(index=False)})
+        if mine.empty or len(ran) < 2:
+            sentences.append(f"{where}: " + (f"only {ran[0]} has complete runs, so there is no other arm to rank "
+                                             f"it against." if ran else "no arm has a complete run: no best arm."))
+            continue
+        def arms(*verdicts):
+            return ", ".join(mine[mine.verdict.isin(verdicts)].arm) or "none"
+        one = arms(ONE_SEED, NO_PAIR)
         sentences.append(
-            f"{where}: the {most} {label} is {best}'s ({_fmt_metric(group.baseline_mean.iloc[0], metric)}); within "
-            f"seed noise of it: {', '.join(close) or 'none'}; behind it beyond seed noise: {', '.join(apart) or 'none'}.")
+            f"{where}: the {most} {label} is {mine.baseline.iloc[0]}'s "
+            f"({_fmt_metric(mine.baseline_mean.iloc[0], metric)}); within seed noise of it: "
+            f"{arms('within seed noise')}; " + (f"not told apart from it (one paired seed): {one}; "
+                                                if one != "none" else "")
+            + f"behind it beyond seed noise: {arms('higher', 'lower')}.")
     return sentences
 
 
@@ -218,8 +258,10 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study,
         ran = cell_table[cell_table.complete > 0]
         arms = sorted({_arm(study.answer["axis"], values) for values in
                        ran[list(study.answer["axis"])].itertuples(index=False)})
+        if metric != study.answer["metric"]:  # a further metric (`also`): the answer's metric said what is missing
+            return sentences
         return sentences + [f"Only {', '.join(arms)} ran with complete runs: nothing to compare." if arms else
-                            "No run completed: nothing to compare."]
+                            f"No run completed{_statuses(cell_table)}: nothing to compare."]
     beyond = table[table.verdict.isin(["higher", "lower"])]
     measured = table[table.paired_seeds >= 2]
     pairs = []
@@ -230,11 +272,17 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study,
         interval = "" if pd.isna(low) else f", 95% CI {low:+.4f} to {high:+.4f}"
         verdict = {"higher": "higher beyond seed noise", "lower": "lower beyond seed noise"}.get(
             row.verdict, row.verdict)
-        pairs.append(f"{row.arm} vs {row.baseline}{' (' + stratum + ')' if stratum else ''}: {label} "
-                         f"{_fmt_metric(row.arm_mean, metric)} vs {_fmt_metric(row.baseline_mean, metric)}, "
-                         f"difference {row.difference:+.4f} ({int(row.paired_seeds)} paired seed{'s' if row.paired_seeds != 1 else ''}{interval}): "
-                         f"{verdict}.")
-    if measured.empty:
+        which = f"{row.arm} vs {row.baseline}{' (' + stratum + ')' if stratum else ''}: {label} "
+        if row.paired_seeds == 0:
+            pairs.append(which + "not compared: their complete runs share no seed.")
+            continue
+        seeds = f"{int(row.paired_seeds)} paired seed{'s' if row.paired_seeds != 1 else ''}"
+        pairs.append(which + f"{_fmt_metric(row.arm_mean, metric)} vs {_fmt_metric(row.baseline_mean, metric)}, "
+                             f"difference {row.difference:+.4f} ({seeds}{interval}): {verdict}.")
+    if (table.paired_seeds == 0).all():
+        lead = (f"No arm has complete runs that share a seed with the arm it is compared with: nothing to "
+                f"compare{' for ' + label if metric != study.answer['metric'] else ''}.")
+    elif measured.empty:
         lead = "With one paired seed no difference can be told from seed noise."
     else:
         of = f" of {label}" if metric != study.answer["metric"] else ""  # a further metric (`also`) says which
@@ -263,11 +311,12 @@ def _trend_answer(cell_table: pd.DataFrame, study: Study) -> list:
     label = METRICS[metric][0]
     keys = [k for k in _cell_keys(study, cell_table) if k != x and k not in study.scale]
     sentences = []
-    for values, group in cell_table.groupby(keys, sort=False, dropna=False):
-        group = group.dropna(subset=[metric]).sort_values(x)
+    for values, everything in _groups(cell_table, keys):
+        group = everything.dropna(subset=[metric]).sort_values(x)
         who = ", ".join(_num(v) for v in values)
         if len(group) < 2:
-            sentences.append(f"{who}: fewer than two {x} values with complete runs.")
+            sentences.append(f"{who}: fewer than two {x} values with complete runs"
+                             f"{_statuses(cell_table.loc[everything.index])}: no trend to tell.")
             continue
         means = group[metric].to_numpy()
         steps = np.sign(np.diff(means))
@@ -305,6 +354,9 @@ def _against_zero(group: pd.DataFrame, x: str, metric: str, who: str, label: str
 # the report ------------------------------------------------------------------------------
 def analyse(runs: pd.DataFrame, study: Study) -> tuple:
     """(answer sentences, {table name: frame}) for the study's answer kind."""
+    if runs.empty:  # no record of any run (a study stopped before it planned one)
+        return ["No run was recorded: nothing to answer."], {"study": pd.DataFrame(
+            columns=["framework", "variant", "seeds", "complete", "diverged", "missing"])}
     cell_table = cells(runs, study)
     kind = study.answer["kind"]
     extra = {}
@@ -320,23 +372,42 @@ def analyse(runs: pd.DataFrame, study: Study) -> tuple:
             answer += _compare_answer(more, cell_table, study, metric=metric)
         if study.answer.get("best"):
             extra["against_best"] = comparisons(runs, study, against_best=True)
-            answer = _best_answer(extra["against_best"], study) + answer
+            answer = _best_answer(extra["against_best"], runs, study) + answer
     else:
         answer = _trend_answer(cell_table, study)
     return answer, {"study": cell_table, **extra}
 
 
+def shown_metrics(study: Study) -> list:
+    """The metrics a study's tables and plots show: the answer's, each further one it compares (`also`), and
+    the [plot] table's, in that order, once each."""
+    return list(dict.fromkeys([study.answer["metric"], *study.answer.get("also", ()), *study.plot["metrics"]]))
+
+
 def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
-    """study.png: each plot metric against plot.x, mean over seeds with its 95% interval as a band
-    (numeric x) or error bars (categories); cells where a seed failed or diverged are marked x."""
+    """study.png (see figure); [] where there is nothing to draw."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(cell_table, study)
+    if fig is None:
+        return []
+    _atomic(out_dir / "study.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return ["study.png"]
+
+
+def figure(cell_table: pd.DataFrame, study: Study):
+    """A panel per shown metric (the [plot] table's, then the `also` ones) against plot.x, mean over seeds with
+    its 95% interval as a band (numeric x) or error bars (categories); cells where a seed failed or diverged
+    are marked x. None where there is nothing to draw."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = study.plot["x"]
     if cell_table.empty or x is None or x not in cell_table:
-        return []
-    metrics = study.plot["metrics"]
+        return None
+    metrics = list(dict.fromkeys([*study.plot["metrics"], *study.answer.get("also", ())]))
     series_keys = [k for k in _cell_keys(study, cell_table) if k != x and k not in study.scale]
     numeric = pd.api.types.is_numeric_dtype(cell_table[x]) and cell_table[x].dtype != bool
     categories = list(dict.fromkeys(cell_table[x]))
@@ -346,7 +417,8 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
         for n, (values, g) in enumerate(groups):
             values = values if isinstance(values, tuple) else (values,)
             g = g.sort_values(x) if numeric else g.set_index(x).reindex(categories).reset_index()
-            pos = g[x].astype(float) if numeric else np.arange(len(g)) + (n - len(groups) / 2) * 0.06
+            # categories: the series dodged symmetrically about each category's tick
+            pos = g[x].astype(float) if numeric else np.arange(len(g)) + (n - (len(groups) - 1) / 2) * 0.06
             label = " ".join(_num(v) for v in values)
             line, = ax.plot(pos, g[metric], marker="o", ms=3, label=label)
             low, high = (g[f"{metric}_ci_low"].clip(*metric_bounds(metric)),
@@ -365,9 +437,17 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
             ax.set_ylim(0, 1)  # a fraction (its bands are clipped to it)
         if metric == "best_test_acc" and study.failure:
             ax.axhline(study.failure["min_best_test_acc"], color="grey", ls="--", lw=1, label="failure threshold")
-        if numeric and study.plot["log_x"]:
-            ax.set_xscale("log")
-        if not numeric:
+        if numeric:  # a tick at each grid value, and the grid's range even where no cell has a value yet
+            grid = np.array(sorted({float(v) for v in cell_table[x]}))
+            log = study.plot["log_x"] and grid.min() > 0
+            if log:
+                ax.set_xscale("log")
+            low, high = (grid.min() / 1.25, grid.max() * 1.25) if log else \
+                (grid.min() - 0.05 * (np.ptp(grid) or 1), grid.max() + 0.05 * (np.ptp(grid) or 1))
+            ax.set_xlim(low, high)
+            ax.set_xticks(grid, [_num(v) for v in grid])
+            ax.minorticks_off()
+        else:
             ax.set_xticks(np.arange(len(categories)), [_num(c) for c in categories])
         ax.set_xlabel(x)
         ax.set_ylabel(METRICS[metric][0])
@@ -375,13 +455,11 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{study.name}: mean over seeds, 95% t-interval; x = a seed failed or diverged", fontsize=9)
     fig.tight_layout()
-    _atomic(out_dir / "study.png", lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return ["study.png"]
+    return fig
 
 
 def _evidence_columns(cell_table: pd.DataFrame, study: Study) -> list:
-    metrics = list(dict.fromkeys([study.answer["metric"], *study.plot["metrics"]]))
+    metrics = shown_metrics(study)
     counts = ["seeds", "complete", "diverged", "missing"] + (["failed"] if study.failure else [])
     return _cell_keys(study, cell_table) + metrics + counts
 
@@ -397,7 +475,12 @@ def render(study: Study, answer: list, frames: dict, env: dict, plots: list, wri
     if env.get("interrupted"):
         parts.append(f"**This study was interrupted ({env.get('signal')}).** Start it again with the same "
                      f"`--run-id` to run the cells that have no result; the answer above uses what was measured.\n")
-    if n_seeds <= 1:
+    if cell_table.empty or cell_table.complete.sum() == 0:
+        parts.append("**No run has a complete result**, so the answer above has nothing to rest on"
+                     + (f" ({int(cell_table.diverged.sum())} diverged)" if not cell_table.empty
+                        and cell_table.diverged.sum() else "")
+                     + "; the tables below say what each cell is missing.\n")
+    elif n_seeds <= 1:
         parts.append("**Every cell rests on one seed**: no spread between seeds is measured, so no interval "
                      "is given and no difference can be told from seed noise; `--seeds 0,1,2` gives one.\n")
     grid = "; ".join(f"{k} = {', '.join(_num(v) for v in dict.fromkeys(cell_table[k]))}"
