@@ -28,7 +28,6 @@ from common.errors import BackendUnavailable, ConfigError
 from .executor import (ROOT, WORKER_GRACE_SECONDS, LocalExecutor, Task, start_worker, worker_job,
                        worker_records)
 
-RAY_VERSION = "2.60.0"  # pinned in tox.ini (the run and study envs; never a framework's)
 
 
 class WorkerLost(Exception):
@@ -104,12 +103,9 @@ class RayExecutor(LocalExecutor):
 
     def __init__(self, address: str | None = None, threads: int = 1, retries: int = 2, gpus: float = 0,
                  explicit: dict | None = None, init_options: dict | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("--executor ray needs Ray in the orchestrator's environment: use `tox -e run` or "
-                              f"`tox -e study` (they install ray=={RAY_VERSION}), or pip install "
-                              f"'ray[default]=={RAY_VERSION}'") from None
+        from .extras import ensure
+        ensure("ray")  # installed on first use (requirements/ray.txt)
+        import ray
         if threads < 1 or retries < 0:
             raise ConfigError("--threads must be at least 1 and --retries at least 0")
         self.ray, self.address, self.threads, self.retries, self.gpus = ray, address, threads, retries, gpus

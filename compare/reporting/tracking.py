@@ -79,11 +79,9 @@ def resolve_uri(value: str | None, folder: Path) -> str:
 
 
 def require_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise ConfigError("--mlflow needs MLflow in the orchestrator's environment: use `tox -e run` / "
-                          "`tox -e study` (they install it) or `pip install mlflow==3.17.2`") from None
+    """MLflow in the orchestrator's environment, installed on first use (requirements/tracking.txt)."""
+    from ..execution.extras import ensure
+    ensure("mlflow")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
