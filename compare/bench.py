@@ -31,6 +31,7 @@ from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
+from . import HelpFormatter
 from .execution import envs
 from .execution.executor import start_worker, worker_records
 from .reporting.markdown import markdown_table
@@ -197,10 +198,10 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
     return code, skipped
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compare.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+                                formatter_class=HelpFormatter)
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated, from: " + ", ".join(FRAMEWORKS))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--norms", default="batch",
                    help="comma-separated normalisations (compare.run --norm): " + ", ".join(NORMS) +
@@ -211,13 +212,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7,
                    help="epochs of each loop per cell, alternating; at least 6 for a 95%% interval on the ratios")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0 = all 60,000)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
-    p.add_argument("--data-dir")
-    p.add_argument("--no-verify-data", action="store_true")
-    p.add_argument("--python", action="append", default=[], metavar="FW=PATH")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"),
+                   help="where every loop runs (as compare.run --device)")
+    p.add_argument("--data-dir", help="folder with the four Fashion-MNIST files (as for compare.run)")
+    p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not Fashion-MNIST")
+    p.add_argument("--python", action="append", default=[], metavar="FW=PATH",
+                   help="interpreter for a framework (repeatable), as for compare.run")
     p.add_argument("--out", help="write bench.md, .csv, .json and .png here (default reports/bench/<UTC time>)")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         frameworks = parse_frameworks(args.frameworks)
         variants = parse_list(args.variants, "variant", VARIANTS)

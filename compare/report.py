@@ -28,14 +28,20 @@ def build(run_dir, reference: str | None = None) -> tuple:
     return markdown_table(t["summary"], SUMMARY_COLUMNS), usable
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compare.report",
-                                description="Rebuild the tables, plots and report.md of a run from its records.")
-    p.add_argument("run_dir")
-    p.add_argument("--reference", help="framework the drift is measured against")
+def build_parser() -> argparse.ArgumentParser:
+    from . import HelpFormatter
     from .reporting import tracking
+    p = argparse.ArgumentParser(prog="python -m compare.report", formatter_class=HelpFormatter,
+                                description="Rebuild the tables, plots and report.md of a run from its records.")
+    p.add_argument("run_dir", help="a run's (or study's) folder, with its records.jsonl")
+    p.add_argument("--reference", help="framework the drift is measured against (default: the run's own)")
     tracking.add_argument(p, "fill (or rebuild) MLflow from the folder's records")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from .reporting import tracking
+    args = build_parser().parse_args(argv)
     try:
         if args.mlflow is not None:
             tracking.require_mlflow()

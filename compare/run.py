@@ -24,6 +24,7 @@ from common.precision import MIXED, PRECISIONS
 from common.precision import split as split_precision
 from common.registry import FRAMEWORKS, parse_frameworks
 
+from . import HelpFormatter
 from .execution import choose, envs
 from .execution.executor import Interrupted, RecordWriter, Signals, split
 from .execution.progress import Progress
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m compare.run",
         description="Train BN-LeNet with identical seeds, weights and batches on each framework "
                     "and write accuracy, throughput and train/eval divergence reports.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = RunConfig()
     m = ModelSpec()
     g = p.add_argument_group("what to run")
@@ -97,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smoke run: {QUICK['epochs']} epochs on {QUICK['train_limit']} training and "
                         f"{QUICK['test_limit']} test images (explicit options still win)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=None, help=f"passes over the training images (default {d.epochs}; "
+                   f"{QUICK['epochs']} with --quick)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step (and per BN batch)")
     g.add_argument("--lr", type=float, default=d.lr, help="plain SGD learning rate")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})")
@@ -128,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "average), so the saved model is the recalibrated one")
     g = p.add_argument_group("model (BN-LeNet)")
     g.add_argument("--decay", type=float, default=m.decay, help="running = decay*running + (1-decay)*batch")
-    g.add_argument("--epsilon", type=float, default=m.epsilon)
+    g.add_argument("--epsilon", type=float, default=m.epsilon, help="added to the variance inside the square root")
     g.add_argument("--bn-positions", default=",".join(m.bn_positions),
                    help=f"layers followed by BN, from: {', '.join(BN_POSITIONS)}")
     g.add_argument("--no-bias-before-bn", action="store_true", help="drop the bias of layers followed by BN")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=m.activation)
-    g.add_argument("--pooling", choices=POOLINGS, default=m.pooling)
-    g.add_argument("--bn-placement", choices=PLACEMENTS, default=m.bn_placement)
+    g.add_argument("--activation", choices=ACTIVATIONS, default=m.activation,
+                   help="after each normalised layer; the textbook's BN-LeNet uses sigmoid")
+    g.add_argument("--pooling", choices=POOLINGS, default=m.pooling, help="2x2, stride 2, after each convolution")
+    g.add_argument("--bn-placement", choices=PLACEMENTS, default=m.bn_placement,
+                   help="the normalisation before the activation (the textbook, the BN paper) or after it")
     g.add_argument("--dropout", type=float, default=m.dropout, help="after the fc1 and fc2 activations")
     g.add_argument("--freeze-gamma-beta", action="store_true", help="keep gamma=1, beta=0")
     g.add_argument("--norm", choices=NORMS, default=m.norm,
@@ -155,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "framework, else its tox env, created on demand")
     g.add_argument("--reference", help="framework the drift is measured against (default: the first)")
     g.add_argument("--out", default="reports", help="reports go to OUT/RUN_ID/")
-    g.add_argument("--run-id", help="default: UTC time stamp")
+    g.add_argument("--run-id", help="the report's folder name (default: the UTC time stamp)")
     choose.add_arguments(g, 1)
     tracking.add_argument(g)
     g.add_argument("--no-progress", action="store_true", help="one line per epoch instead of live bars")

@@ -24,6 +24,7 @@ from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
+from . import HelpFormatter
 from .execution import choose
 from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m compare.study",
         description=f"Run a study: a grid of seeded configurations on each framework, answered with "
                     f"statistics over seeds. Shipped studies: {shipped}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("study", nargs="?", help="a shipped study's name or a study file (.toml)")
     p.add_argument("--list", action="store_true", help="list the shipped studies and their questions")
     p.add_argument("--frameworks", help=f"comma-separated, from {', '.join(FRAMEWORKS)} (default: the file's)")

@@ -167,3 +167,19 @@ def test_ci_runs_readmes_test_command_as_written():
     packages = lambda cmd: set(re.search(r"apt-get install -y ([\w+ -]+?) &&", cmd).group(1).split())
     assert packages(compare_cmd) <= packages(test_cmd), "the tests install what the comparison command installs"
     assert compare_cmd.endswith(".venv/bin/tox -e run -- --frameworks torch,mxnet") and test_cmd.endswith(".venv/bin/tox")
+
+
+@pytest.mark.parametrize("module", ["run", "study", "bench", "report"])
+def test_every_option_has_help_and_says_its_default_once(module):
+    """Every option of every command explains itself; a default is said once (not "default 10 (default:
+    None)"), and never as None."""
+    import importlib
+    parser = importlib.import_module(f"compare.{module}").build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.help != "==SUPPRESS==":
+            assert action.help and action.help.strip(), f"compare.{module} {action.option_strings[0]} has no help"
+    assert "(default: None)" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    for chunk in re.split(r"(?=\s--[a-z])", flat):  # each option's entry: one "default" at the most
+        assert len(re.findall(r"\(default[: ]", chunk)) <= 1, chunk

@@ -334,3 +334,19 @@ def test_summary_carries_the_interval_over_seeds(tmp_path):
     mean = np.mean(best)
     assert mean + half > 1  # the table keeps the t-interval as it is; report.md shows it clipped to [0, 1]
     assert f"0.8167 [{mean - half:.4f}, 1.0000]" in markdown.markdown_table(t["summary"], markdown.SUMMARY_COLUMNS)
+
+
+def test_every_table_a_report_writes_reads_back_with_its_header(tmp_path):
+    """A one-framework run without errors: drift.csv and errors.csv have no row but their header (pandas reads
+    every CSV), and report.md says why there is no drift table."""
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in summary_records()))
+    assert report.main([str(tmp_path)]) == 0
+    csvs = sorted(tmp_path.glob("*.csv"))
+    assert {"drift.csv", "errors.csv", "summary.csv"} <= {p.name for p in csvs}
+    for path in csvs:
+        frame = pd.read_csv(path)  # an empty file (no header) raises EmptyDataError
+        assert len(frame.columns) > 0, path.name
+    assert list(pd.read_csv(tmp_path / "drift.csv").columns[:2]) == ["framework", "reference"]
+    assert pd.read_csv(tmp_path / "errors.csv").empty
+    text = (tmp_path / "report.md").read_text()
+    assert "Not measured: only torch ran, and drift is one framework's distance from another's" in text

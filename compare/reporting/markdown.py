@@ -249,6 +249,14 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                   "the BN running statistics, and the probe logits' distance.\n",
                   markdown_table(last, ["framework", "variant", "param_rel_l2", "running_stats_rel_l2",
                                         "probe_logit_max_abs", "probe_pred_agreement"])]
+    elif not t["epochs"].empty:  # say why the section is missing
+        ran = list(dict.fromkeys(t["epochs"].framework))
+        parts += ["## Cross-framework drift\n",
+                  (f"Not measured: only {ran[0]} ran, and drift is one framework's distance from another's on the "
+                   f"same seed and configuration; run two or more (`--frameworks torch,mxnet`)." if len(ran) == 1
+                   else "Not measured: no epoch of one framework has a snapshot beside the reference's for the "
+                        "same seed and configuration (each framework's epochs ended apart, or kept no snapshot).")
+                  + "\n"]
     parts += ["## Normalisation conventions in effect\n",
               "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
               "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",

@@ -413,9 +413,23 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
 
 
 # Markdown ----------------------------------------------------------------------
+# The columns of each table that may come out empty (no drift with one framework, no error), so that its CSV
+# still has a header and pandas reads it: what the table holds when it has rows.
+EMPTY_COLUMNS = {
+    "drift": ["framework", "reference", "variant", "seed", "config_id", "epoch", "param_rel_l2",
+              "running_stats_rel_l2", "param_max_abs", "probe_logit_max_abs", "probe_logit_mad",
+              "probe_pred_agreement"],
+    "errors": RUN_INDEX + ["status", "error_type", "message"],
+    "bn_gap": RUN_INDEX + ["epoch", "layer", "mean_gap", "var_log_ratio"],
+    "epochs": RUN_INDEX + ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"],
+    "runs": RUN_INDEX + ["status"],
+    "summary": ["framework", "variant", "status", "seeds"],
+}
+
+
 def write_tables(t: dict, out_dir: Path) -> list:
-    """Each table as NAME.csv and (where pyarrow is there and the table is not empty) NAME.parquet;
-    returns the file names written."""
+    """Each table as NAME.csv (with its header even when it has no row) and (where pyarrow is there and the
+    table is not empty) NAME.parquet; returns the file names written."""
     written = []
     try:
         import pyarrow  # noqa: F401
@@ -423,6 +437,8 @@ def write_tables(t: dict, out_dir: Path) -> list:
     except ImportError:
         parquet = False
     for name, frame in t.items():
+        if frame.empty and len(frame.columns) == 0:
+            frame = pd.DataFrame(columns=EMPTY_COLUMNS.get(name, ["framework", "variant"]))
         _atomic(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
         written.append(f"{name}.csv")
         if parquet and not frame.empty:

@@ -205,7 +205,8 @@ def comparisons(runs: pd.DataFrame, study: Study, against_best: bool = False, me
                          "metric": metric, "arm_mean": both.arm.mean(), "baseline_mean": both.base.mean(),
                          "difference": st["mean"], "difference_ci_low": st["ci_low"],
                          "difference_ci_high": st["ci_high"], "paired_seeds": st["n"], "verdict": verdict})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*strata, "arm", "baseline", "metric", "arm_mean", "baseline_mean", "difference",
+                                       "difference_ci_low", "difference_ci_high", "paired_seeds", "verdict"])
 
 
 def _best_answer(table: pd.DataFrame, runs: pd.DataFrame, study: Study) -> list:
