@@ -350,3 +350,25 @@ def test_every_table_a_report_writes_reads_back_with_its_header(tmp_path):
     assert pd.read_csv(tmp_path / "errors.csv").empty
     text = (tmp_path / "report.md").read_text()
     assert "Not measured: only torch ran, and drift is one framework's distance from another's" in text
+
+
+def test_a_network_still_on_its_plateau_is_named_with_the_reason(tmp_path):
+    """The none variant ends with a training loss of 2.29 (ln 10 = 2.3026: a uniform guess) and chance accuracy:
+    report.md says it has not left its initial plateau and, for sigmoid without BN, why; scratch at 0.5 is not
+    named. The conventions say its norm is none, not batch."""
+    ident = dict(framework="torch", seed=0, epochs=1)
+    recs = []
+    for variant, loss, acc in (("scratch", 0.5, 0.8), ("none", 2.29, 0.1)):
+        config = RunConfig(model=ModelSpec(variant=variant), epochs=1, device="cpu")
+        recs += [records.make("plan", **ident, variant=variant, config_id=f"{variant}-0", config=config.to_dict()),
+                 epoch_record(variant=variant, train_loss=loss, test_acc=acc),
+                 records.make("run_end", framework="torch", variant=variant, seed=0, config_id=f"{variant}-0",
+                              status="complete", epochs_done=1)]
+    t = tables.tables(recs, tmp_path)
+    sentences = markdown.plateau_sentences(t["summary"])
+    assert len(sentences) == 1 and sentences[0].startswith(
+        "torch none: still on its initial plateau (final training loss 2.2900, against ln 10 = 2.3026 for a "
+        "uniform guess over the 10 classes; best test accuracy 0.1000)")
+    assert "each sigmoid scales the gradient by its slope (at most 1/4)" in sentences[0]
+    assert t["runs"].set_index("variant").norm.to_dict() == {"scratch": "batch", "none": "none"}
+    assert not markdown.on_plateau(0.9 * math.log(10) - 1e-9) and markdown.on_plateau(0.9 * math.log(10))

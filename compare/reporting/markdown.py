@@ -188,6 +188,35 @@ def mixed_precision_section(t: dict) -> list:
             markdown_table(table, MIXED_COLUMNS), *sentences, "", speed + "\n"]
 
 
+CHANCE_LOSS = float(np.log(10))  # the cross-entropy of a uniform guess over the 10 classes
+
+
+def on_plateau(final_train_loss) -> bool:
+    """Whether a run is still on its initial plateau: a training loss within 10% of ln 10, a uniform guess."""
+    return bool(pd.notna(final_train_loss) and np.isfinite(final_train_loss)
+                and final_train_loss >= 0.9 * CHANCE_LOSS)
+
+
+def plateau_sentences(summary: pd.DataFrame) -> list:
+    """A sentence for each row still on its initial plateau, saying so, and why where the reason is the
+    textbook's (sigmoid without a normalisation)."""
+    out = []
+    for _, row in summary.iterrows() if "final_train_loss" in summary else []:
+        if not on_plateau(row.final_train_loss):
+            continue
+        text = (f"{row.framework} {row.variant}: still on its initial plateau (final training loss "
+                f"{row.final_train_loss:.4f}, against ln 10 = {CHANCE_LOSS:.4f} for a uniform guess over the 10 "
+                f"classes; best test accuracy {_fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
+                f"learnt yet, so its other figures say little.")
+        if row.variant == "none" and row.get("activation", "sigmoid") == "sigmoid":
+            text += (" Without a normalisation, each sigmoid scales the gradient by its slope (at most 1/4), so "
+                     "at this learning rate the first layers barely move; a normalisation keeps each sigmoid's "
+                     "input near its steep middle. That is the textbook's point of BN-LeNet; `--activation relu` "
+                     "shows the network without BN training.")
+        out.append(text + "\n")
+    return out
+
+
 def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
     s = t["summary"]
     parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
@@ -208,7 +237,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
               "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
               "they come from. `[low, high]`: the 95% t-interval over seeds, clipped to what the metric can be "
               "(accuracies to [0, 1]; the CSV/Parquet tables keep the unclipped `_ci_low`/`_ci_high`).\n",
-              markdown_table(s, SUMMARY_COLUMNS), two_seed_note(s, "row")]
+              markdown_table(s, SUMMARY_COLUMNS), two_seed_note(s, "row"), *plateau_sentences(s)]
     if not s.empty and "best_test_acc_n" in s and (s.best_test_acc_n.fillna(0) <= 1).any():
         one = s[s.best_test_acc_n.fillna(0) <= 1]
         who = "Every row rests" if len(one) == len(s) else f"{len(one)} of {len(s)} rows rest"
@@ -223,7 +252,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                   "`failed`: an error before training.\n",
                   markdown_table(unfinished, UNFINISHED_COLUMNS)]
     norms = sorted(set(s.norm.dropna())) if "norm" in s else []
-    stateless = [n for n in norms if n not in RUNNING_NORMS]
+    stateless = [n for n in norms if n not in RUNNING_NORMS and n != "none"]  # none: no normalisation at all
     parts += ["## Train/eval-mode divergence (final epoch)\n",
               "The same probe images through the network in train mode (batch statistics, nothing updated) and "
               "eval mode (running statistics).\n" + (

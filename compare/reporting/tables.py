@@ -239,10 +239,11 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def config_labels(config: dict) -> dict:
-    """The normalisation and the precision of a run, from its configuration (records from before --norm
-    and --precision ran BN, in their dtype)."""
-    mixed = config.get("mixed", "off")
-    return {"norm": config.get("model", {}).get("norm", "batch"),
+    """The normalisation (none for the variant without one), the activation and the precision of a run, from
+    its configuration (records from before --norm and --precision ran BN, in their dtype)."""
+    mixed, model = config.get("mixed", "off"), config.get("model", {})
+    return {"norm": "none" if model.get("variant") == "none" else model.get("norm", "batch"),
+            "activation": model.get("activation", "sigmoid"),
             "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}"}
 
 
@@ -400,7 +401,8 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
             row.update(device=info.backend_device_name.iloc[0], version=info.backend_version.iloc[0],
                        execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
                        bn_epsilon=info.backend_bn_epsilon.iloc[0],
-                       norm=info.norm.iloc[0] if "norm" in info else "batch")
+                       norm=info.norm.iloc[0] if "norm" in info else "batch",
+                       activation=info.activation.iloc[0] if "activation" in info else "sigmoid")
         if "precision" not in row and "precision" in group and group.precision.notna().any():
             row["precision"] = group.precision.dropna().iloc[0]
         if not drift.empty and fw in set(drift.framework):
