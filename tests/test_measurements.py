@@ -372,3 +372,41 @@ def test_a_network_still_on_its_plateau_is_named_with_the_reason(tmp_path):
     assert "each sigmoid scales the gradient by its slope (at most 1/4)" in sentences[0]
     assert t["runs"].set_index("variant").norm.to_dict() == {"scratch": "batch", "none": "none"}
     assert not markdown.on_plateau(0.9 * math.log(10) - 1e-9) and markdown.on_plateau(0.9 * math.log(10))
+
+
+def test_plots_compare_at_a_glance():
+    """curves.png and divergence.png from two variants over three epochs: integer epoch ticks only, one y range
+    per row across the variants' columns, accuracies and disagreement on [0, 1]; no promise of dashed
+    population lines where none was measured, and the dashed lines where they were."""
+    import matplotlib.pyplot as plt
+    from compare.reporting import plots
+    recs = summary_records()
+    recs += [epoch_record(variant="none", seed=0, epoch=e, test_acc=0.1 + 0.001 * e, train_loss=2.3,
+                          probe_disagreement=0.0) for e in (1, 2, 3)]
+    figs = plots.figures(tables.tables(recs, "."))
+    try:
+        for name in ("curves.png", "divergence.png"):
+            fig = figs[name]
+            rows = {}
+            for ax in fig.axes:
+                ticks = [x for x in ax.get_xticks() if ax.get_xlim()[0] <= x <= ax.get_xlim()[1]]
+                assert ticks and all(float(x).is_integer() for x in ticks), (name, ticks)
+                rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax.get_ylim())
+            assert all(len(set(limits)) == 1 for limits in rows.values()), (name, rows)  # shared per row
+            assert "population" not in fig._suptitle.get_text()
+        curves = figs["curves.png"].axes
+        assert [ax.get_title() for ax in curves[:2]] == ["scratch", "none"]
+        assert curves[-1].get_ylim() == (0, 1) and figs["divergence.png"].axes[-1].get_ylim() == (0, 1)
+        for fig in figs.values():
+            plt.close(fig)
+        with_pop = population_like(recs)
+        figs = plots.figures(tables.tables(with_pop, "."))
+        assert figs["divergence.png"]._suptitle.get_text().endswith("dashed: with population statistics")
+        assert any(line.get_linestyle() == "--" for line in figs["divergence.png"].axes[-1].get_lines())
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+
+
+def population_like(recs):
+    return [dict(r, pop_test_acc=0.5, pop_probe_disagreement=0.05) if r["kind"] == "epoch" else r for r in recs]

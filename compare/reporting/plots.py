@@ -8,11 +8,29 @@ import numpy as np
 from .tables import _atomic
 
 
+FRACTIONS = ("_acc", "disagreement", "agreement")  # metrics that are fractions, drawn on [0, 1]
+
+
 def draw(t: dict, run_dir: Path) -> list:
-    """Every plot of a run folder from its tables; returns the file names written."""
+    """Every plot of a run folder from its tables (see figures); returns the file names written."""
+    import matplotlib.pyplot as plt
+
+    made = []
+    for name, fig in figures(t).items():
+        _atomic(run_dir / name, lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+        made.append(name)
+    return made
+
+
+def figures(t: dict) -> dict:
+    """{file name: matplotlib figure} of a run's tables. Per-epoch panels: a column per variant, a row per
+    metric, integer epoch ticks, one y range per row (so columns compare at a glance), fractions on [0, 1];
+    dashed lines (and the title's word on them) only where population statistics were measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def panels(frame):  # with more than one precision, a panel per variant and precision
         if "precision" in frame and frame.precision.nunique() > 1:
@@ -20,22 +38,23 @@ def draw(t: dict, run_dir: Path) -> list:
         return frame
 
     epochs = panels(t["epochs"])
-    made = []
+    made = {}
     if epochs.empty:
         return made
     variants = list(dict.fromkeys(epochs.variant))
     mean = epochs.groupby(["framework", "variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
 
     def per_variant(name, metrics, title, frame=mean, ylabels=None, dashed=None):
+        dashed = {m: twin for m, twin in (dashed or {}).items() if twin in frame and frame[twin].notna().any()}
         fig, axes = plt.subplots(len(metrics), len(variants), figsize=(3.6 * len(variants), 2.8 * len(metrics)),
-                                 squeeze=False, sharex=True)
+                                 squeeze=False, sharex=True, sharey="row")
         for i, metric in enumerate(metrics):
             for j, variant in enumerate(variants):
                 ax = axes[i][j]
                 for fw, g in frame[frame.variant == variant].groupby("framework", sort=False):
                     line, = ax.plot(g.epoch, g[metric], marker="o", ms=3, label=fw)
-                    twin = (dashed or {}).get(metric)
-                    if twin in g and g[twin].notna().any():
+                    twin = dashed.get(metric)
+                    if twin and g[twin].notna().any():
                         ax.plot(g.epoch, g[twin], ls="--", marker="x", ms=3, color=line.get_color(),
                                 label=f"{fw} (population statistics)")
                 if i == 0:
@@ -44,21 +63,21 @@ def draw(t: dict, run_dir: Path) -> list:
                     ax.set_ylabel((ylabels or metrics)[i])
                 if i == len(metrics) - 1:
                     ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.grid(alpha=0.3)
+            if metric.endswith(FRACTIONS):
+                axes[i][0].set_ylim(0, 1)  # the row shares it
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(title)
+        fig.suptitle(title + ("; dashed: with population statistics" if dashed else ""))
         fig.tight_layout()
-        _atomic(run_dir / name, lambda p: fig.savefig(p, dpi=110, format="png"))
-        plt.close(fig)
-        made.append(name)
+        made[name] = fig
 
     population = {"test_acc": "pop_test_acc", "probe_disagreement": "pop_probe_disagreement"}
     per_variant("curves.png", ["train_loss", "train_acc", "test_acc"],
-                "Training curves (mean over seeds; test in eval mode; dashed: population statistics)",
-                dashed=population)
+                "Training curves (mean over seeds; test in eval mode)", dashed=population)
     per_variant("divergence.png", ["probe_logit_mad", "probe_disagreement"],
-                "Train-mode vs eval-mode BN on the probe set (dashed: population statistics)",
-                ylabels=["mean |logit diff|", "prediction disagreement"], dashed=population)
+                "Train-mode vs eval-mode on the probe set", ylabels=["mean |logit diff|", "prediction disagreement"],
+                dashed=population)
     if not t["drift"].empty:
         drift = panels(t["drift"]).groupby(["framework", "variant", "epoch"], sort=False).mean(
             numeric_only=True).reset_index()
@@ -78,7 +97,5 @@ def draw(t: dict, run_dir: Path) -> list:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _atomic(run_dir / "throughput.png", lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    made.append("throughput.png")
+    made["throughput.png"] = fig
     return made
