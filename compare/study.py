@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     labels = {cid: " ".join(f"{k}={answers._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels,
                         epoch_lines=False, unit="run")
-    tracker = tracking.Tracker(tracking_uri, f"{study.name}/{run_id}", study_dir, "study") if tracking_uri else None
+    tracker = tracking.Tracker(tracking_uri, tracking.study_experiment(study.name, run_id), study_dir,
+                                "study") if tracking_uri else None
     writer = RecordWriter(study_dir / "records.jsonl", progress, tracker)
     for fw, mine in work.items():
         plan_records(writer, [fw], mine, coords)

@@ -183,3 +183,30 @@ def test_every_option_has_help_and_says_its_default_once(module):
     flat = " ".join(text.split())
     for chunk in re.split(r"(?=\s--[a-z])", flat):  # each option's entry: one "default" at the most
         assert len(re.findall(r"\(default[: ]", chunk)) <= 1, chunk
+
+
+CHEAP = re.compile(r"`((?:\.venv/bin/)?tox -e (run|study|bench) -- ([^`]*?--(?:help|list|dry-run)[^`]*))`")
+
+
+def cheap_commands() -> list:
+    """(file, command as written, module, arguments) of every cheap command a guide shows: --help, --list,
+    --dry-run through tox."""
+    found = []
+    for path in DOCS:
+        text = " ".join(path.read_text().split())  # a command may wrap across lines
+        for whole, env, args in CHEAP.findall(text):
+            found.append((path.name, whole, COMMANDS[env], args.split()))
+    return found
+
+
+def test_cheap_commands_in_the_guides_run_as_written():
+    """Each runs, with the arguments as written, as its tox env runs it (tox.ini: `python -m compare.X
+    {posargs}`), and prints something; none fails or is unknown."""
+    tox = (ROOT / "tox.ini").read_text()
+    commands = cheap_commands()
+    assert {c[1] for c in commands} >= {"tox -e run -- --help", "tox -e study -- --list"}, commands
+    for name, written, module, args in commands:
+        assert f"commands = python -m {module} {{posargs}}" in tox, f"{name}: {written}: tox.ini runs it otherwise"
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip(), f"{name}: `{written}` failed:\n{proc.stderr[-2000:]}"

@@ -110,7 +110,12 @@ def test_a_run_in_the_embedded_store(data, tmp_path):
     client, parent, children = check_mirror(uri, folder, "r")
     assert parent.info.status == "FINISHED" and len(children) == 2
     scratch = next(r for r in children.values() if r.data.tags["variant"] == "scratch")
-    assert {"pop_test_acc", "bn1.lag_mean_gap", "test_acc", "train_examples_per_s"} <= set(scratch.data.metrics)
+    names = sorted(scratch.data.metrics)
+    assert {"4 pop_test_acc", "bn1.lag_mean_gap", "1 test_acc", "5 train_examples_per_s"} <= set(names)
+    # MLflow orders the runs table's metric columns by name: the headline ones come first, in their order
+    assert names[:5] == ["1 test_acc", "2 train_loss", "3 probe_disagreement", "4 pop_test_acc",
+                         "5 train_examples_per_s"]
+    assert client.get_experiment_by_name("r").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _status_records(folder):
@@ -208,13 +213,13 @@ def test_a_study_on_a_tracking_server(data, tmp_path, server):
     assert study_main([str(path), "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path / "out"),
                        "--run-id", "a", "--no-progress", "--jobs", "1", *_python(), "--mlflow", uri]) == 0
     folder = tmp_path / "out" / "tiny" / "a"
-    client, parent, children = check_mirror(uri, folder, "tiny/a")
+    client, parent, children = check_mirror(uri, folder, "tiny study a")
     assert len(children) == 4 and {r.data.tags["coord.lr"] for r in children.values()} == {"0.1", "1.0"}
     assert "study.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     # started again with the same run id: nothing runs, nothing is added
     assert study_main([str(path), "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path / "out"),
                        "--run-id", "a", "--no-progress", *_python(), "--mlflow", uri]) == 0
-    _, _, again = check_mirror(uri, folder, "tiny/a")
+    _, _, again = check_mirror(uri, folder, "tiny study a")
     assert {k: r.info.run_id for k, r in again.items()} == {k: r.info.run_id for k, r in children.items()}
 
 

@@ -48,12 +48,17 @@ BACKOFF_SECONDS = (0.5, 1.5)  # between attempts
 REQUEST_TIMEOUT_SECONDS = "10"  # MLflow's HTTP client: one request (its own default is 120 s)
 DRAIN_SECONDS = 60  # at the end, how long the orchestrator waits for what is still queued
 KEY_TAG = "bn_compare.key"
+# MLflow 3's UI opens an experiment in its GenAI layout unless this tag says it is model training
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 NO_END = "no end record: the runner was stopped before the run ended"
 PARENT_KEY = "parent"
 STATUS = {"complete": "FINISHED", "diverged": "FINISHED", "interrupted": "KILLED", "crashed": "FAILED",
           "failed": "FAILED"}
 DRIFT_METRICS = ("param_rel_l2", "running_stats_rel_l2", "probe_logit_max_abs", "probe_pred_agreement")
 REPORT_FILES = ("report.md", "study.md", "environment.json", "study.toml")
+# The epoch metrics a reader looks for first, logged under names that sort before every other metric in
+# MLflow's runs table (which orders metric columns by name: the per-layer gaps would come first): "1 test_acc".
+HEADLINE = ("test_acc", "train_loss", "probe_disagreement", "pop_test_acc", "train_examples_per_s")
 SKIP_EPOCH_FIELDS = ("kind", "schema", "framework", "variant", "seed", "config_id", "epoch", "snapshot",
                      "step_losses", "bn_gap", "recalibrated")
 
@@ -96,9 +101,11 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def epoch_metrics(record: dict) -> dict:
-    """Every finite number of an epoch record, and per BN layer its gaps (bn1.mean_gap, ...)."""
-    out = {k: float(v) for k, v in record.items() if k not in SKIP_EPOCH_FIELDS and isinstance(v, (int, float))
-           and not isinstance(v, bool) and math.isfinite(v)}
+    """Every finite number of an epoch record (the HEADLINE ones as "1 test_acc", ...), and per BN layer its
+    gaps (bn1.mean_gap, ...)."""
+    rank = {name: f"{i} {name}" for i, name in enumerate(HEADLINE, 1)}
+    out = {rank.get(k, k): float(v) for k, v in record.items() if k not in SKIP_EPOCH_FIELDS
+           and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     for gap in record.get("bn_gap") or []:
         for k, v in gap.items():
             if k != "layer" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -222,7 +229,8 @@ class Tracker:
                             if self.uri.startswith("sqlite:") else None)
                 self.experiment_id = self._call(self.client.create_experiment, self.experiment_name,
                                                 artifact_location=location,
-                                                tags={"bn_compare.folder": str(self.folder.resolve()),
+                                                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING,
+                                                      "bn_compare.folder": str(self.folder.resolve()),
                                                       "bn_compare.kind": self.kind})
         return self.experiment_id
 
@@ -298,13 +306,18 @@ class Tracker:
         self._call(self.client.set_terminated, parent, status="KILLED" if interrupted else "FINISHED")
 
 
+def study_experiment(study: str, run_id: str) -> str:
+    """A study's experiment: "STUDY study RUN_ID", whole in MLflow's breadcrumb (which cuts a name at '/')."""
+    return f"{study} study {run_id}"
+
+
 def experiment_name(folder: Path) -> tuple:
-    """(experiment name, kind) of a run or study folder: its run id, or STUDY/RUN_ID."""
+    """(experiment name, kind) of a run or study folder: its run id, or study_experiment's."""
     folder = Path(folder)
     saved = folder / "study.json"
     if saved.is_file():
         try:
-            return f"{json.loads(saved.read_text())['study']}/{folder.name}", "study"
+            return study_experiment(json.loads(saved.read_text())["study"], folder.name), "study"
         except (OSError, ValueError, KeyError):
             pass
     return folder.name, "run"
