@@ -3,7 +3,7 @@
 Spec (x is (N, C, H, W) after a convolution or (N, F) after a dense layer; gamma and beta are per
 channel / feature, as BN's; epsilon sits inside the square root; variances are biased, 1/n):
 
-- batch: BN (common.reference.batch_norm_forward; DESIGN.md).
+- batch: BN (common.reference.batch_norm_forward; docs/running.md, "The BN specification").
 - layer: per example, over all of the layer's values (C x H x W, or F).
 - group: per example, over each of G groups of consecutive channels (C/G x H x W, or F/G); G must
   divide C (common.config checks it at every normalised position).

@@ -1,7 +1,7 @@
 """What each framework's built-in BN layer really does, pinned by tests.
 
 One visible table instead of `if framework == ...` branches in test bodies.
-Sources: CONVENTIONS.md, the frameworks' docs and source; every row is
+Sources: the frameworks' docs and source (docs/conventions.md says what each row means); every row is
 asserted by tests/test_backend.py::test_builtin_layer_conventions.
 """
 BUILTIN = {

@@ -210,3 +210,14 @@ def test_cheap_commands_in_the_guides_run_as_written():
         proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip(), f"{name}: `{written}` failed:\n{proc.stderr[-2000:]}"
+
+
+def test_nothing_points_outside_the_repository():
+    """Specs live in docs/ and docstrings: no file refers to design notes kept outside the repository."""
+    outside = re.compile(r"\b(DESIGN|CONVENTIONS|STYLE)\.md\b|\.\./shared\b")
+    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".ini", ".toml", ".txt", "")
+             and not any(part.startswith(".") and part not in (".ci",) for part in p.relative_to(ROOT).parts)
+             and "__pycache__" not in p.parts and p.stat().st_size < 1_000_000 and "reports" not in p.parts]
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in
+            enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not hits, hits

@@ -1,4 +1,4 @@
-"""Flax's own BN pitfalls, shown on flax.linen.BatchNorm (CONVENTIONS.md's kind of trap, JAX's version).
+"""Flax's own BN pitfalls, shown on flax.linen.BatchNorm (docs/conventions.md).
 
 JAX-specific by nature, so this module runs in the jax environment only. Flax's BN is
 functional: the mode is `use_running_average`, and the running statistics change only

@@ -1,4 +1,4 @@
-"""MXNet's own BN pitfalls (CONVENTIONS.md 4-6), shown on the built-in operator and layer.
+"""MXNet's own BN pitfalls (docs/conventions.md), shown on the built-in operator and layer.
 
 MXNet-specific by nature, so this module runs in the mxnet environment only.
 """

@@ -1,4 +1,4 @@
-"""Keras 3's own BN pitfalls (CONVENTIONS.md 7-8), shown on BatchNormalization.
+"""Keras 3's own BN pitfalls (docs/conventions.md), shown on BatchNormalization.
 
 TensorFlow-specific by nature, so this module runs in the tensorflow environment only.
 """

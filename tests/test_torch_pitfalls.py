@@ -1,4 +1,4 @@
-"""PyTorch's own mode pitfalls (CONVENTIONS.md 1-3), shown on our layer and nn.BatchNorm.
+"""PyTorch's own mode pitfalls (docs/conventions.md), shown on our layer and nn.BatchNorm.
 
 PyTorch-specific by nature, so this module runs in the torch environment only.
 """
