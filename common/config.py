@@ -3,6 +3,7 @@
 Defaults follow the textbook's classic BN-LeNet setting (lr 1.0, batch 256,
 10 epochs, plain SGD, float32, decay 0.9, eps 1e-5, seed 0).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,54 +70,74 @@ class ModelSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
-        _check(self.variant in VARIANTS,
-               f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        _check(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
         for pos in self.bn_positions:
-            _check(pos in BN_POSITIONS,
-                   f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
-        _check(len(set(self.bn_positions)) == len(self.bn_positions),
-               f"BN position listed twice: {self.bn_positions}")
-        object.__setattr__(self, "bn_positions",
-                           tuple(p for p in BN_POSITIONS if p in self.bn_positions))
-        _check(self.activation in ACTIVATIONS,
-               f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        _check(self.pooling in POOLINGS,
-               f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
-        _check(self.bn_placement in PLACEMENTS,
-               f"unknown BN placement {self.bn_placement!r}; choose from {', '.join(PLACEMENTS)}")
-        _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
-               f"dropout must be in [0, 1), got {self.dropout!r}")
+            _check(pos in BN_POSITIONS, f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
+        _check(len(set(self.bn_positions)) == len(self.bn_positions), f"BN position listed twice: {self.bn_positions}")
+        object.__setattr__(self, "bn_positions", tuple(p for p in BN_POSITIONS if p in self.bn_positions))
+        _check(
+            self.activation in ACTIVATIONS,
+            f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}",
+        )
+        _check(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        _check(
+            self.bn_placement in PLACEMENTS,
+            f"unknown BN placement {self.bn_placement!r}; choose from {', '.join(PLACEMENTS)}",
+        )
+        _check(
+            _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"
+        )
         _check(isinstance(self.bias_before_bn, bool), "bias_before_bn must be true or false")
         _check(isinstance(self.freeze_gamma_beta, bool), "freeze_gamma_beta must be true or false")
-        _check(_is_number(self.decay) and 0.0 <= self.decay < 1.0,
-               f"decay must be in [0, 1), got {self.decay!r} (PyTorch's momentum m is decay 1 - m)")
-        _check(_is_number(self.epsilon) and self.epsilon > 0,
-               f"epsilon must be a positive number, got {self.epsilon!r}")
-        _check(isinstance(self.input_size, int) and not isinstance(self.input_size, bool)
-               and self.input_size >= 28 and self.input_size % 4 == 0,
-               f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}")
+        _check(
+            _is_number(self.decay) and 0.0 <= self.decay < 1.0,
+            f"decay must be in [0, 1), got {self.decay!r} (PyTorch's momentum m is decay 1 - m)",
+        )
+        _check(
+            _is_number(self.epsilon) and self.epsilon > 0, f"epsilon must be a positive number, got {self.epsilon!r}"
+        )
+        _check(
+            isinstance(self.input_size, int)
+            and not isinstance(self.input_size, bool)
+            and self.input_size >= 28
+            and self.input_size % 4 == 0,
+            f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}",
+        )
         _check(self.norm in NORMS, f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMS)}")
-        _check(isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
-               f"groups (--groups) must be an integer >= 1, got {self.groups!r}")
-        _check(_is_number(self.renorm_rmax) and self.renorm_rmax >= 1,
-               f"renorm_rmax (--renorm-rmax) must be a number >= 1, got {self.renorm_rmax!r}")
-        _check(_is_number(self.renorm_dmax) and self.renorm_dmax >= 0,
-               f"renorm_dmax (--renorm-dmax) must be a number >= 0, got {self.renorm_dmax!r}")
-        _check(isinstance(self.renorm_warmup, int) and not isinstance(self.renorm_warmup, bool)
-               and self.renorm_warmup >= 0,
-               f"renorm_warmup (--renorm-warmup) must be an integer >= 0, got {self.renorm_warmup!r}")
+        _check(
+            isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
+            f"groups (--groups) must be an integer >= 1, got {self.groups!r}",
+        )
+        _check(
+            _is_number(self.renorm_rmax) and self.renorm_rmax >= 1,
+            f"renorm_rmax (--renorm-rmax) must be a number >= 1, got {self.renorm_rmax!r}",
+        )
+        _check(
+            _is_number(self.renorm_dmax) and self.renorm_dmax >= 0,
+            f"renorm_dmax (--renorm-dmax) must be a number >= 0, got {self.renorm_dmax!r}",
+        )
+        _check(
+            isinstance(self.renorm_warmup, int)
+            and not isinstance(self.renorm_warmup, bool)
+            and self.renorm_warmup >= 0,
+            f"renorm_warmup (--renorm-warmup) must be an integer >= 0, got {self.renorm_warmup!r}",
+        )
         if self.variant != "none" and self.norm == "group":
             for pos in self.bn_positions:
-                _check(CHANNELS[pos] % self.groups == 0,
-                       f"--groups {self.groups} does not divide the {CHANNELS[pos]} channels of {pos}, where group "
-                       f"normalisation was asked for; choose a divisor of "
-                       f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.bn_positions)} (2 divides them all)")
+                _check(
+                    CHANNELS[pos] % self.groups == 0,
+                    f"--groups {self.groups} does not divide the {CHANNELS[pos]} channels of {pos}, where group "
+                    f"normalisation was asked for; choose a divisor of "
+                    f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.bn_positions)} (2 divides them all)",
+                )
         if self.variant != "none" and self.norm == "instance":
             dense = [pos for pos in self.bn_positions if pos.startswith("fc")]
-            _check(not dense,
-                   f"instance normalisation normalises each channel over its H x W values, and a dense layer "
-                   f"({', '.join(dense)}) has one value per feature; put it after the convolutions only: "
-                   f"--bn-positions conv1,conv2")
+            _check(
+                not dense,
+                f"instance normalisation normalises each channel over its H x W values, and a dense layer "
+                f"({', '.join(dense)}) has one value per feature; put it after the convolutions only: "
+                f"--bn-positions conv1,conv2",
+            )
 
     @property
     def has_bn(self) -> bool:
@@ -140,7 +161,7 @@ class ModelSpec:
     @property
     def flat_size(self) -> int:
         """Features after the second pooling, flattened in (C, H, W) order."""
-        return 16 * self.flat_side ** 2
+        return 16 * self.flat_side**2
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -176,28 +197,46 @@ class RunConfig:
             object.__setattr__(self, "model", ModelSpec(**self.model))
         _check(isinstance(self.model, ModelSpec), "model must be a ModelSpec")
         _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
-        for name, low in (("batch_size", 2), ("epochs", 1), ("eval_batch_size", 1),
-                          ("probe_size", 2), ("warmup_steps", 0), ("seed", 0),
-                          ("train_limit", 0), ("test_limit", 0),
-                          ("trace_steps", 0), ("population_size", 0)):
+        for name, low in (
+            ("batch_size", 2),
+            ("epochs", 1),
+            ("eval_batch_size", 1),
+            ("probe_size", 2),
+            ("warmup_steps", 0),
+            ("seed", 0),
+            ("train_limit", 0),
+            ("test_limit", 0),
+            ("trace_steps", 0),
+            ("population_size", 0),
+        ):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                   f"{name} must be an integer >= {low}, got {value!r}")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{name} must be an integer >= {low}, got {value!r}",
+            )
         _check(self.seed < 2**32, f"seed must be below 2**32, got {self.seed}")
-        _check(self.population_size == 0 or self.population_size >= self.batch_size,
-               f"population_size (--population-size) must be 0 (off) or at least one batch ({self.batch_size} images), "
-               f"got {self.population_size}")
+        _check(
+            self.population_size == 0 or self.population_size >= self.batch_size,
+            f"population_size (--population-size) must be 0 (off) or at least one batch ({self.batch_size} images), "
+            f"got {self.population_size}",
+        )
         _check(isinstance(self.recalibrate, bool), "recalibrate must be true or false")
-        _check(not self.recalibrate or self.population_size > 0,
-               "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0")
+        _check(
+            not self.recalibrate or self.population_size > 0,
+            "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0",
+        )
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        _check(self.mixed in MIXED, f"unknown mixed-precision compute dtype {self.mixed!r}; choose from "
-                                    f"{', '.join(MIXED)}")
-        _check(self.mixed == "off" or self.dtype == "float32",
-               f"mixed precision keeps parameters and the update in float32, so it needs dtype float32, not "
-               f"{self.dtype} (--precision mixed-bfloat16 sets both)")
-        _check(self.execution in EXECUTIONS,
-               f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}")
+        _check(
+            self.mixed in MIXED, f"unknown mixed-precision compute dtype {self.mixed!r}; choose from {', '.join(MIXED)}"
+        )
+        _check(
+            self.mixed == "off" or self.dtype == "float32",
+            f"mixed precision keeps parameters and the update in float32, so it needs dtype float32, not "
+            f"{self.dtype} (--precision mixed-bfloat16 sets both)",
+        )
+        _check(
+            self.execution in EXECUTIONS, f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}"
+        )
         _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     @property

@@ -4,6 +4,7 @@ Checksums are SHA-256 of the decompressed IDX bytes, so a file verifies the
 same whether it is stored gzip-compressed (as upstream and Debian ship it, each
 compressed differently) or raw.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,17 +30,28 @@ INSTALL_HINT = (
 
 # part -> (file stem, SHA-256 of the decompressed IDX bytes, item count)
 FILES = {
-    "train_images": ("train-images-idx3-ubyte",
-                     "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 60000),
-    "train_labels": ("train-labels-idx1-ubyte",
-                     "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60000),
-    "test_images": ("t10k-images-idx3-ubyte",
-                    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 10000),
-    "test_labels": ("t10k-labels-idx1-ubyte",
-                    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10000),
+    "train_images": (
+        "train-images-idx3-ubyte",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        60000,
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        60000,
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        10000,
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        10000,
+    ),
 }
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _IDX_DTYPES = {0x08: np.uint8}
 PROBE_SEED = 20240101  # fixed: the probe set is the same for every run and seed
 
@@ -68,8 +80,7 @@ def read_idx_bytes(path: Path) -> bytes:
                 return fh.read()
         return path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read {path}: {exc}; the file is corrupt or truncated. "
-                        f"To fix: {INSTALL_HINT}") from exc
+        raise DataError(f"cannot read {path}: {exc}; the file is corrupt or truncated. To fix: {INSTALL_HINT}") from exc
 
 
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
@@ -83,16 +94,19 @@ def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path} is truncated inside its header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
-        raise DataError(f"{path} holds {len(raw)} bytes but its header {dims} needs {expected}: "
-                        f"the file is truncated or corrupt. To fix: {INSTALL_HINT}")
+        raise DataError(
+            f"{path} holds {len(raw)} bytes but its header {dims} needs {expected}: "
+            f"the file is truncated or corrupt. To fix: {INSTALL_HINT}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
-def find_data_dir(data_dir: str | os.PathLike | None = None, *, cache_dir: Path | None = None,
-                  download: bool = True) -> Path:
+def find_data_dir(
+    data_dir: str | os.PathLike | None = None, *, cache_dir: Path | None = None, download: bool = True
+) -> Path:
     """--data-dir, then $FASHION_MNIST_DIR, then the Debian package, then the cache
     (downloading from the official mirror when the network allows)."""
     if data_dir is not None:
@@ -115,10 +129,11 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, *, cache_dir: Path 
             _download(cache)
             return cache
         except OSError as exc:
-            raise DataError(f"Fashion-MNIST not found (looked in ${ENV_VAR}, {DEBIAN_DIR}, {cache}) "
-                            f"and the download from {MIRROR} failed ({exc}). To fix: {INSTALL_HINT}") from exc
-    raise DataError(f"Fashion-MNIST not found (looked in ${ENV_VAR}, {DEBIAN_DIR}, {cache}). "
-                    f"To fix: {INSTALL_HINT}")
+            raise DataError(
+                f"Fashion-MNIST not found (looked in ${ENV_VAR}, {DEBIAN_DIR}, {cache}) "
+                f"and the download from {MIRROR} failed ({exc}). To fix: {INSTALL_HINT}"
+            ) from exc
+    raise DataError(f"Fashion-MNIST not found (looked in ${ENV_VAR}, {DEBIAN_DIR}, {cache}). To fix: {INSTALL_HINT}")
 
 
 def _download(cache: Path) -> None:
@@ -129,8 +144,7 @@ def _download(cache: Path) -> None:
             continue
         part = cache / (stem + ".gz.part")
         try:
-            with urllib.request.urlopen(MIRROR + stem + ".gz", timeout=20) as response, \
-                    open(part, "wb") as out:
+            with urllib.request.urlopen(MIRROR + stem + ".gz", timeout=20) as response, open(part, "wb") as out:
                 shutil.copyfileobj(response, out)
             with gzip.open(part, "rb") as fh:
                 actual = hashlib.sha256(fh.read()).hexdigest()
@@ -142,8 +156,9 @@ def _download(cache: Path) -> None:
                 part.unlink()
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, verify: bool = True,
-                       dtype: str = "float32", input_size: int = 28) -> Dataset:
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, *, verify: bool = True, dtype: str = "float32", input_size: int = 28
+) -> Dataset:
     """Read the four files, check their checksums and shapes, scale to [0, 1]."""
     directory = find_data_dir(data_dir)
     arrays = {}
@@ -158,7 +173,8 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, verify: boo
                 raise DataError(
                     f"checksum mismatch for {path}: expected SHA-256 {digest} of the decompressed "
                     f"file, got {actual}. The file is corrupt or not the official Fashion-MNIST; "
-                    f"re-install it ({INSTALL_HINT}), or pass --no-verify-data for IDX files of your own")
+                    f"re-install it ({INSTALL_HINT}), or pass --no-verify-data for IDX files of your own"
+                )
         array = parse_idx(raw, path)
         if verify and array.shape[0] != count:
             raise DataError(f"{path} holds {array.shape[0]} items, Fashion-MNIST has {count}")
@@ -174,7 +190,9 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, verify: boo
         train_labels=arrays["train_labels"].astype(np.int64),
         test_images=to_model_input(arrays["test_images"], dtype, input_size),
         test_labels=arrays["test_labels"].astype(np.int64),
-        source=str(directory), verified=verify)
+        source=str(directory),
+        verified=verify,
+    )
 
 
 def to_model_input(images: np.ndarray, dtype: str, input_size: int) -> np.ndarray:
@@ -184,7 +202,7 @@ def to_model_input(images: np.ndarray, dtype: str, input_size: int) -> np.ndarra
         raise DataError(f"input_size {input_size} is smaller than the {height}x{width} images")
     out = np.zeros((images.shape[0], 1, input_size, input_size), dtype=dtype)
     top, left = (input_size - height) // 2, (input_size - width) // 2
-    out[:, 0, top:top + height, left:left + width] = images / np.array(255.0, dtype=dtype)
+    out[:, 0, top : top + height, left : left + width] = images / np.array(255.0, dtype=dtype)
     return out
 
 
@@ -197,8 +215,10 @@ def batch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np
     stream fixed across versions (NEP 19), so numpy 1.23 and 2.x agree.
     """
     if num_examples < batch_size:
-        raise DataError(f"only {num_examples} training examples for batch size {batch_size}; "
-                        f"lower --batch-size or raise --train-limit")
+        raise DataError(
+            f"only {num_examples} training examples for batch size {batch_size}; "
+            f"lower --batch-size or raise --train-limit"
+        )
     order = np.random.RandomState([seed, epoch, 1]).permutation(num_examples)
     steps = num_examples // batch_size
     return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int64)

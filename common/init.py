@@ -8,6 +8,7 @@ keep running statistics (batch, renorm) and, for renorm, `steps`: the training s
 it has taken, which set its clipping limits. Every backend converts to its own layout
 on load and back on export.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -97,7 +98,10 @@ def check_params(params: dict, spec: ModelSpec) -> None:
     expected = parameter_shapes(spec)
     problems = [f"missing {n}" for n in expected if n not in params]
     problems += [f"unexpected {n}" for n in params if n not in expected]
-    problems += [f"{n} has shape {tuple(np.shape(params[n]))}, expected {s}"
-                 for n, s in expected.items() if n in params and tuple(np.shape(params[n])) != s]
+    problems += [
+        f"{n} has shape {tuple(np.shape(params[n]))}, expected {s}"
+        for n, s in expected.items()
+        if n in params and tuple(np.shape(params[n])) != s
+    ]
     if problems:
         raise ValueError("canonical parameters do not fit the model spec: " + "; ".join(problems))

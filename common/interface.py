@@ -7,6 +7,7 @@ Training mode is always explicit: `train_step` and `probe` use batch
 statistics, `evaluate` and `predict` use the running statistics; nothing is
 inferred from grad mode or autograd recording.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -76,8 +77,10 @@ def resolve_execution(config: RunConfig, default: str, supported=("compiled", "e
     have (`supported`) is BackendUnavailable, naming the ones it has."""
     mode = default if config.execution == "default" else config.execution
     if mode not in supported:
-        raise BackendUnavailable(f"--execution {mode} is not a mode of this framework; it has "
-                                 f"{', '.join(('default',) + tuple(supported))} (docs/benchmark.md, \"Execution modes\")")
+        raise BackendUnavailable(
+            f"--execution {mode} is not a mode of this framework; it has "
+            f'{", ".join(("default",) + tuple(supported))} (docs/benchmark.md, "Execution modes")'
+        )
     return mode
 
 
@@ -86,9 +89,12 @@ def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, runnin
     BN layer's input (computed in float64) beside its running statistics."""
     h = np.asarray(bn_input, dtype=np.float64)
     axes = tuple(a for a in range(h.ndim) if a != channel_axis % h.ndim)
-    return {"batch_mean": h.mean(axis=axes), "batch_var": h.var(axis=axes),
-            "running_mean": np.asarray(running_mean, dtype=np.float64),
-            "running_var": np.asarray(running_var, dtype=np.float64)}
+    return {
+        "batch_mean": h.mean(axis=axes),
+        "batch_var": h.var(axis=axes),
+        "running_mean": np.asarray(running_mean, dtype=np.float64),
+        "running_var": np.asarray(running_var, dtype=np.float64),
+    }
 
 
 class Backend(ABC):
@@ -159,8 +165,9 @@ class Backend(ABC):
         biased variance of its input, float64: [{canonical BN name: (mean, var)}, ...]. Changes no
         state (common.population builds the population statistics from it). This default runs
         probe() per batch; a backend may do it in one pass."""
-        return [{name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).bn.items()}
-                for images in batches]
+        return [
+            {name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).bn.items()} for images in batches
+        ]
 
     @abstractmethod
     def synchronize(self) -> None:

@@ -8,6 +8,7 @@ and a dense kernel as (in, out), and flatten NHWC feature maps in (H, W, C) orde
   (C, H, W) order and (H, W, C);
 - everything else (biases, BN vectors) is the same in both.
 """
+
 from __future__ import annotations
 
 import numpy as np

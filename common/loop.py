@@ -7,6 +7,7 @@ the end of the epoch), as a bare framework loop would. The first step's own
 time is reported apart (first_step_seconds): it holds a compiled mode's
 compilation, which never reaches the throughput figure.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,22 +31,33 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
     for layer, s in probe.bn.items():
         # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
         # var + eps))|, each averaged over features
-        mean_gap, var_log_ratio = population.gap(s["batch_mean"], s["batch_var"], s["running_mean"],
-                                                 s["running_var"], epsilon)
+        mean_gap, var_log_ratio = population.gap(
+            s["batch_mean"], s["batch_var"], s["running_mean"], s["running_var"], epsilon
+        )
         gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio})
     return {
         "probe_acc_eval": float(np.mean(pred_eval == labels)),
         "probe_acc_train": float(np.mean(pred_train == labels)),
-        "probe_logit_mad": float(np.mean(np.abs(
-            probe.logits_train.astype(np.float64) - probe.logits_eval.astype(np.float64)))),
+        "probe_logit_mad": float(
+            np.mean(np.abs(probe.logits_train.astype(np.float64) - probe.logits_eval.astype(np.float64)))
+        ),
         "probe_disagreement": float(np.mean(pred_eval != pred_train)),
         "bn_gap": gaps,
     }
 
 
-def population_figures(backend: Backend, stats: dict, ema_probe: ProbeResult, test, ntest: int,
-                       probe_images: np.ndarray, probe_labels: np.ndarray, config: RunConfig, epsilon: float,
-                       keep: bool) -> dict:
+def population_figures(
+    backend: Backend,
+    stats: dict,
+    ema_probe: ProbeResult,
+    test,
+    ntest: int,
+    probe_images: np.ndarray,
+    probe_labels: np.ndarray,
+    config: RunConfig,
+    epsilon: float,
+    keep: bool,
+) -> dict:
     """Eval mode with the population statistics `stats` ({BN name: (mean, var)}) in place of the running
     averages (EMA): test loss and accuracy and the probe's figures (pop_* fields), and per BN layer the
     EMA's lag (running vs population) and batch noise (the probe's batch statistics vs population), in
@@ -59,19 +71,26 @@ def population_figures(backend: Backend, stats: dict, ema_probe: ProbeResult, te
     finally:
         if not keep:
             backend.set_params(saved)
-    return {"pop_test_loss": loss / ntest, "pop_test_acc": correct / ntest,
-            **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
-            "lag_noise": population.lag_and_noise(ema_probe.bn, stats, epsilon)}
+    return {
+        "pop_test_loss": loss / ntest,
+        "pop_test_acc": correct / ntest,
+        **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
+        "lag_noise": population.lag_and_noise(ema_probe.bn, stats, epsilon),
+    }
 
 
 def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> str:
     """Where the loss stopped being finite, and what would apply to this variant."""
     spec = config.model
-    where = (f"the training loss stopped being finite in epoch {epoch}, step {step} of {steps} "
-             f"(variant {spec.variant}, lr {config.lr:g}, {spec.activation})")
+    where = (
+        f"the training loss stopped being finite in epoch {epoch}, step {step} of {steps} "
+        f"(variant {spec.variant}, lr {config.lr:g}, {spec.activation})"
+    )
     if not spec.has_bn:
-        return where + ("; lower --lr, or add BN (--variants scratch or builtin), "
-                        "which keeps the activations in range at larger learning rates")
+        return where + (
+            "; lower --lr, or add BN (--variants scratch or builtin), "
+            "which keeps the activations in range at larger learning rates"
+        )
     hint = f"; lower --lr (this variant already has BN after {','.join(spec.bn_positions)}"
     if len(spec.bn_positions) < len(BN_POSITIONS):
         hint += "; BN after more layers, --bn-positions, may also help"
@@ -84,21 +103,34 @@ def subset(dataset: Dataset, config: RunConfig) -> Dataset:
     """Apply train_limit / test_limit (their first N examples)."""
     ntrain = config.train_limit or len(dataset.train_labels)
     ntest = config.test_limit or len(dataset.test_labels)
-    return Dataset(dataset.train_images[:ntrain], dataset.train_labels[:ntrain],
-                   dataset.test_images[:ntest], dataset.test_labels[:ntest],
-                   dataset.source, dataset.verified)
+    return Dataset(
+        dataset.train_images[:ntrain],
+        dataset.train_labels[:ntrain],
+        dataset.test_images[:ntest],
+        dataset.test_labels[:ntest],
+        dataset.source,
+        dataset.verified,
+    )
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
     if not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise NonFiniteError(f"{name} contain {count} NaN or infinite value(s); "
-                             f"the input must be finite (check the data files or the transform)")
+        raise NonFiniteError(
+            f"{name} contain {count} NaN or infinite value(s); "
+            f"the input must be finite (check the data files or the transform)"
+        )
 
 
-def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset: Dataset,
-        emit: Callable[..., None], progress: Callable[..., None] | None = None, *,
-        clock: Callable[[], float] = time.perf_counter) -> None:
+def run(
+    backend_cls: Callable[[RunConfig], Backend],
+    config: RunConfig,
+    dataset: Dataset,
+    emit: Callable[..., None],
+    progress: Callable[..., None] | None = None,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     """Train config.epochs epochs; emit one epoch record per epoch.
 
     emit(record, arrays=None): arrays (parameters and probe logits) are for the
@@ -110,12 +142,25 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     check_finite("training images", dataset.train_images)
     check_finite("test images", dataset.test_images)
     backend = backend_cls(config)
-    ident = {"framework": backend.name, "variant": config.model.variant, "seed": config.seed,
-             "config_id": config.config_id}
+    ident = {
+        "framework": backend.name,
+        "variant": config.model.variant,
+        "seed": config.seed,
+        "config_id": config.config_id,
+    }
     described = backend.describe()
-    emit(records.make("run_start", **ident, config=config.to_dict(), backend=described,
-                      data_source=dataset.source, data_verified=dataset.verified,
-                      train_examples=len(dataset.train_labels), test_examples=len(dataset.test_labels)))
+    emit(
+        records.make(
+            "run_start",
+            **ident,
+            config=config.to_dict(),
+            backend=described,
+            data_source=dataset.source,
+            data_verified=dataset.verified,
+            train_examples=len(dataset.train_labels),
+            test_examples=len(dataset.test_labels),
+        )
+    )
     backend.set_params(init_params(config.model, config.seed, config.dtype))
     train = backend.put(dataset.train_images, dataset.train_labels)
     test = backend.put(dataset.test_images, dataset.test_labels)
@@ -124,8 +169,11 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
     epsilon = described["bn_epsilon"] or config.model.epsilon  # None without BN layers
     batch = config.batch_size
     # the same images every epoch (and in every framework); none without running statistics (common.norms)
-    pop_batches = (population.population_batches(config.seed, len(dataset.train_labels), config.population_size, batch)
-                   if config.population_size and config.model.has_running_stats else None)
+    pop_batches = (
+        population.population_batches(config.seed, len(dataset.train_labels), config.population_size, batch)
+        if config.population_size and config.model.has_running_stats
+        else None
+    )
     for epoch in range(1, config.epochs + 1):
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
         steps = len(order_np)
@@ -151,12 +199,20 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
         loss_sum, correct = backend.reduce_stats(stats)
         if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
             step = next(i for i, s in enumerate(stats) if not np.isfinite(backend.reduce_stats([s])[0]))
-            emit(records.make("run_end", **ident, status="diverged", epochs_done=epoch - 1,
-                              diverged_epoch=epoch, diverged_step=step + 1,
-                              message=divergence_message(config, epoch, step + 1, steps)))
+            emit(
+                records.make(
+                    "run_end",
+                    **ident,
+                    status="diverged",
+                    epochs_done=epoch - 1,
+                    diverged_epoch=epoch,
+                    diverged_step=step + 1,
+                    message=divergence_message(config, epoch, step + 1, steps),
+                )
+            )
             return
         # per-step losses for step-by-step parity checks; read after the timed region
-        step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[:config.trace_steps]]
+        step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[: config.trace_steps]]
         eval_start = clock()
         test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
         eval_seconds = clock() - eval_start
@@ -167,25 +223,40 @@ def run(backend_cls: Callable[[RunConfig], Backend], config: RunConfig, dataset:
             pop_start = clock()
             recalibrate = config.recalibrate and epoch == config.epochs
             pop_stats = population.statistics(backend, dataset.train_images, pop_batches)
-            figures = population_figures(backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config,
-                                         epsilon, keep=recalibrate)
+            figures = population_figures(
+                backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config, epsilon, keep=recalibrate
+            )
             measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], figures.pop("lag_noise"))]
-            measured.update(figures, population_images=int(pop_batches.size), population_seconds=clock() - pop_start,
-                            recalibrated=recalibrate)
+            measured.update(
+                figures,
+                population_images=int(pop_batches.size),
+                population_seconds=clock() - pop_start,
+                recalibrated=recalibrate,
+            )
         params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
-        snapshot = (f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}"
-                    f"_{config.config_id}_e{epoch:03d}.npz")
+        snapshot = f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}_{config.config_id}_e{epoch:03d}.npz"
         timed = steps - warm
         record = records.make(
-            "epoch", **ident, epoch=epoch,
-            train_loss=loss_sum / (steps * batch), train_acc=correct / (steps * batch),
-            test_loss=test_loss / ntest, test_acc=test_correct / ntest,
-            train_examples_per_s=timed * batch / (end - warm_end), train_seconds=end - start,
+            "epoch",
+            **ident,
+            epoch=epoch,
+            train_loss=loss_sum / (steps * batch),
+            train_acc=correct / (steps * batch),
+            test_loss=test_loss / ntest,
+            test_acc=test_correct / ntest,
+            train_examples_per_s=timed * batch / (end - warm_end),
+            train_seconds=end - start,
             timed_steps=timed,
             warmup_examples_per_s=(warm * batch / (warm_end - start)) if warm else None,
-            warmup_seconds=warm_end - start, warmup_steps=warm, first_step_seconds=first_step,
-            eval_examples_per_s=ntest / eval_seconds, eval_seconds=eval_seconds,
-            snapshot=snapshot, step_losses=step_losses, **measured)
+            warmup_seconds=warm_end - start,
+            warmup_steps=warm,
+            first_step_seconds=first_step,
+            eval_examples_per_s=ntest / eval_seconds,
+            eval_seconds=eval_seconds,
+            snapshot=snapshot,
+            step_losses=step_losses,
+            **measured,
+        )
         arrays = {f"param/{k}": v for k, v in params.items()}
         arrays["probe/logits_eval"] = probe.logits_eval
         arrays["probe/logits_train"] = probe.logits_train

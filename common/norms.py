@@ -23,6 +23,7 @@ channel / feature, as BN's; epsilon sits inside the square root; variances are b
 Only batch and renorm differ between train and eval mode; for the others the harness's divergence
 figures are exactly 0, which every run checks by measuring them like BN's.
 """
+
 from __future__ import annotations
 
 from .config import ModelSpec
@@ -44,4 +45,5 @@ def no_builtin(framework: str, norm: str, has: str) -> BackendUnavailable:
     """The error of --variants builtin / builtin-defaults for a normalisation the framework lacks."""
     return BackendUnavailable(
         f"{framework} has no built-in layer that fits the spec of --norm {norm} (its built-in normalisations: {has}); "
-        f"run --variants scratch for the project's own {norm} layer")
+        f"run --variants scratch for the project's own {norm} layer"
+    )

@@ -23,6 +23,7 @@ gap: running vs population is the EMA's lag, a batch's statistics vs population
 is batch noise (`gaps`). Nothing here changes a backend's state; the loop
 loads the statistics for its eval-mode figures and restores what was there.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,9 +38,11 @@ def population_batches(seed: int, num_train: int, size: int, batch_size: int) ->
     permutation, in batches of batch_size, the last partial batch dropped."""
     steps = min(size, num_train) // batch_size
     if steps < 1:
-        raise DataError(f"population statistics need at least one batch: {min(size, num_train)} image(s) for "
-                        f"batch size {batch_size}; raise --population-size (or --train-limit), or pass 0 to "
-                        f"turn them off")
+        raise DataError(
+            f"population statistics need at least one batch: {min(size, num_train)} image(s) for "
+            f"batch size {batch_size}; raise --population-size (or --train-limit), or pass 0 to "
+            f"turn them off"
+        )
     order = np.random.RandomState([seed, 0, STREAM]).permutation(num_train)
     return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int64)
 
@@ -77,8 +80,14 @@ def lag_and_noise(probe_bn: dict, stats: dict, epsilon: float) -> list:
         pop_mean, pop_var = stats[name]
         lag = gap(s["running_mean"], s["running_var"], pop_mean, pop_var, epsilon)
         noise = gap(s["batch_mean"], s["batch_var"], pop_mean, pop_var, epsilon)
-        out.append({"lag_mean_gap": lag[0], "lag_var_log_ratio": lag[1],
-                    "noise_mean_gap": noise[0], "noise_var_log_ratio": noise[1]})
+        out.append(
+            {
+                "lag_mean_gap": lag[0],
+                "lag_var_log_ratio": lag[1],
+                "noise_mean_gap": noise[0],
+                "noise_var_log_ratio": noise[1],
+            }
+        )
     return out
 
 

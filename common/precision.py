@@ -12,6 +12,7 @@ in the input's dtype. Computing the statistics in bfloat16 instead (8 bits of ma
 E[x^2] - E[x]^2, cancels when |mean| >> std: at mean 1000 and std 1, E[x^2] = 1e6 has a bfloat16 ulp
 of 4096 (tests/test_precision.py measures it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 PRECISIONS = ("float32", "float64", "mixed-bfloat16")
 MIXED = {"mixed-bfloat16": "bfloat16"}  # precision -> the compute dtype of the mixed mechanism
 # bfloat16 keeps 8 significant bits: a rounding moves a value by at most half an ulp, 2^-8 of it relative
-BFLOAT16_EPS = 2.0 ** -8
+BFLOAT16_EPS = 2.0**-8
 
 
 def split(precision: str) -> tuple:

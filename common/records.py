@@ -3,6 +3,7 @@
 Every record has `kind` and `schema`. Run records also carry framework,
 variant and seed. Floats that are not finite are written as null.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,23 @@ STATUSES = ("complete", "diverged", "interrupted", "crashed", "failed")
 RUN_KEYS = ("framework", "variant", "seed", "config_id")
 
 EPOCH_KEYS = RUN_KEYS + (
-    "epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-    "train_examples_per_s", "train_seconds", "timed_steps",
-    "warmup_examples_per_s", "warmup_seconds", "warmup_steps",
-    "eval_examples_per_s", "eval_seconds",
-    "probe_acc_eval", "probe_acc_train", "probe_logit_mad", "probe_disagreement",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "train_examples_per_s",
+    "train_seconds",
+    "timed_steps",
+    "warmup_examples_per_s",
+    "warmup_seconds",
+    "warmup_steps",
+    "eval_examples_per_s",
+    "eval_seconds",
+    "probe_acc_eval",
+    "probe_acc_train",
+    "probe_logit_mad",
+    "probe_disagreement",
     "bn_gap",  # list of {layer, mean_gap, var_log_ratio}
     "snapshot",  # file (relative to the run dir) holding parameters and probe logits
     "step_losses",  # losses of the first config.trace_steps steps (empty unless asked for)
@@ -72,8 +85,11 @@ def problem(record) -> str | None:
     if kind in ("run_end", "error") and record["status"] not in STATUSES:
         return f"{kind} record has unknown status {record['status']!r}"
     if kind == "epoch":
-        bad = [k for k in _NUMERIC if record[k] is not None and
-               (isinstance(record[k], bool) or not isinstance(record[k], (int, float)))]
+        bad = [
+            k
+            for k in _NUMERIC
+            if record[k] is not None and (isinstance(record[k], bool) or not isinstance(record[k], (int, float)))
+        ]
         if bad or not isinstance(record["epoch"], int) or not isinstance(record["bn_gap"], list):
             return f"epoch record has non-numeric {', '.join(bad or ['epoch/bn_gap'])}"
     return None

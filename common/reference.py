@@ -3,6 +3,7 @@
 Written for clarity, not speed. Conventions are the project's specification:
 biased batch variance, running = decay * running + (1 - decay) * batch.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,18 @@ def _shape(x: np.ndarray) -> tuple:
     return (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, training: bool,
-                       decay: float = 0.9, epsilon: float = 1e-5, renorm: tuple | None = None):
+def batch_norm_forward(
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    *,
+    training: bool,
+    decay: float = 0.9,
+    epsilon: float = 1e-5,
+    renorm: tuple | None = None,
+):
     """Returns (y, new_running_mean, new_running_var, cache for the backward).
 
     renorm = (rmax, dmax): batch renormalisation's training mode (common.norms), else BN."""
@@ -64,8 +75,8 @@ def batch_norm_backward(dy, cache):
         return dx_hat * inv_std.reshape(shape), dgamma, dbeta
     n = dy.size // dy.shape[1]
     dx = (inv_std.reshape(shape) / n) * (
-        n * dx_hat - dx_hat.sum(axis=axes, keepdims=True)
-        - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True))
+        n * dx_hat - dx_hat.sum(axis=axes, keepdims=True) - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True)
+    )
     return dx, dgamma, dbeta
 
 
@@ -96,13 +107,15 @@ def group_norm_backward(dy, cache):
     dx_hat = (dy * gamma.reshape(shape)).reshape(n, groups, -1)
     xh = x_hat.reshape(n, groups, -1)
     count = xh.shape[2]
-    dx = (inv_std / count) * (count * dx_hat - dx_hat.sum(axis=2, keepdims=True)
-                              - xh * (dx_hat * xh).sum(axis=2, keepdims=True))
+    dx = (inv_std / count) * (
+        count * dx_hat - dx_hat.sum(axis=2, keepdims=True) - xh * (dx_hat * xh).sum(axis=2, keepdims=True)
+    )
     return dx.reshape(dy.shape), dgamma, dbeta
 
 
-def norm_forward(spec: ModelSpec, x, state: dict, *, training: bool, epsilon: float | None = None,
-                 decay: float | None = None):
+def norm_forward(
+    spec: ModelSpec, x, state: dict, *, training: bool, epsilon: float | None = None, decay: float | None = None
+):
     """One layer of spec.norm. state: canonical suffix -> array (gamma, beta, and running_mean,
     running_var, steps where the norm has them). Returns (y, new state, cache, kind) where kind is
     "batch" or "group" (which backward applies)."""
@@ -111,11 +124,22 @@ def norm_forward(spec: ModelSpec, x, state: dict, *, training: bool, epsilon: fl
     x = np.asarray(x, dtype=np.float64)
     new = dict(state)
     if spec.norm in ("batch", "renorm"):
-        renorm = renorm_limits(float(np.asarray(state["steps"]).reshape(-1)[0]), spec) \
-            if spec.norm == "renorm" and training else None
+        renorm = (
+            renorm_limits(float(np.asarray(state["steps"]).reshape(-1)[0]), spec)
+            if spec.norm == "renorm" and training
+            else None
+        )
         y, new["running_mean"], new["running_var"], cache = batch_norm_forward(
-            x, state["gamma"], state["beta"], state["running_mean"], state["running_var"], training=training,
-            decay=dec, epsilon=eps, renorm=renorm)
+            x,
+            state["gamma"],
+            state["beta"],
+            state["running_mean"],
+            state["running_var"],
+            training=training,
+            decay=dec,
+            epsilon=eps,
+            renorm=renorm,
+        )
         if renorm is not None:
             new["steps"] = np.asarray(state["steps"], np.float64) + 1
         return y, new, cache, "batch"
@@ -145,8 +169,9 @@ def activate(x, kind: str):
     return 1.0 / (1.0 + np.exp(-x)) if kind == "sigmoid" else np.maximum(x, 0.0)
 
 
-def lenet_forward(params: dict, spec: ModelSpec, x, *, training: bool, epsilon: float | None = None,
-                  decay: float | None = None):
+def lenet_forward(
+    params: dict, spec: ModelSpec, x, *, training: bool, epsilon: float | None = None, decay: float | None = None
+):
     """BN-LeNet logits in float64 (no dropout), plus per-BN-layer statistics.
 
     Returns (logits, stats) where stats[bn] = dict(batch_mean, batch_var,
@@ -176,7 +201,9 @@ def lenet_forward(params: dict, spec: ModelSpec, x, *, training: bool, epsilon: 
                 stats[bn] = dict(
                     batch_mean=h.mean(axis=axes) if training else None,
                     batch_var=h.var(axis=axes) if training else None,
-                    new_running_mean=new["running_mean"], new_running_var=new["running_var"])
+                    new_running_mean=new["running_mean"],
+                    new_running_var=new["running_var"],
+                )
             return y
 
         if bn and spec.bn_placement == "before_activation":

@@ -2,6 +2,7 @@
 
 tox envs, pytest ids, CLI choices and report columns all follow FRAMEWORKS.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,9 +31,7 @@ def framework_info(name: str) -> FrameworkInfo:
     try:
         return FRAMEWORKS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown framework {name!r}; choose from {', '.join(FRAMEWORKS)}"
-        ) from None
+        raise ConfigError(f"unknown framework {name!r}; choose from {', '.join(FRAMEWORKS)}") from None
 
 
 def parse_frameworks(text: str) -> tuple:

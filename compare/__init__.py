@@ -1,6 +1,5 @@
 """The orchestrator: CLI, worker subprocesses, pandas reports. Never imports a framework."""
 
-
 import argparse
 
 

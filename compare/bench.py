@@ -10,6 +10,7 @@ would write, no host read inside the epoch) and the textbook loop
 suite/bare is the harness overhead; suite/textbook what the suite gains over
 the textbook's way. Frameworks run one after another, never at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,30 @@ from .reporting.tables import _atomic, write_json
 from .run import cpu_name, parse_list, parse_pythons
 
 LOOPS = ("suite", "bare", "textbook")
-COLUMNS = ["framework", "norm", "variant", "execution", "execution_name", "batch_size", "first_step_seconds",
-           "first_step_seconds_later", "suite_examples_per_s",
-           "bare_examples_per_s", "textbook_examples_per_s", "suite_over_bare", "suite_over_bare_low",
-           "suite_over_bare_high", "suite_over_textbook", "suite_over_textbook_low", "suite_over_textbook_high",
-           "suite_spread", "bare_spread", "textbook_spread", "repeats", "device_name"]
+COLUMNS = [
+    "framework",
+    "norm",
+    "variant",
+    "execution",
+    "execution_name",
+    "batch_size",
+    "first_step_seconds",
+    "first_step_seconds_later",
+    "suite_examples_per_s",
+    "bare_examples_per_s",
+    "textbook_examples_per_s",
+    "suite_over_bare",
+    "suite_over_bare_low",
+    "suite_over_bare_high",
+    "suite_over_textbook",
+    "suite_over_textbook_low",
+    "suite_over_textbook_high",
+    "suite_spread",
+    "bare_spread",
+    "textbook_spread",
+    "repeats",
+    "device_name",
+]
 
 
 def _batch_sizes(text: str) -> list:
@@ -84,8 +104,9 @@ def paired_ratio(numerator, denominator) -> dict:
 def row(result: dict) -> dict:
     """One table row from a worker's bench record: each loop's median and spread ((max - min) / median),
     and the paired ratios suite/bare (the harness overhead) and suite/textbook."""
-    out = {k: result.get(k) for k in ("framework", "variant", "execution", "execution_name", "batch_size",
-                                       "device_name")}
+    out = {
+        k: result.get(k) for k in ("framework", "variant", "execution", "execution_name", "batch_size", "device_name")
+    }
     out["norm"] = result.get("norm", "batch")
     for loop in LOOPS:
         figures = result[f"{loop}_all"]
@@ -104,10 +125,13 @@ def row(result: dict) -> dict:
 
 
 def line(r: dict) -> str:
-    return (f"{r['framework']:>10} {r['norm']:<8} {r['variant']:<16} {r['execution_name'] or r['execution']:<12} {r['batch_size']:>5}  "
-            f"suite {r['suite_examples_per_s']:>8,.0f}  bare {r['bare_examples_per_s']:>8,.0f}  "
-            f"textbook {r['textbook_examples_per_s']:>8,.0f} ex/s   suite/bare {_ratio(r, 'bare')}  "
-            f"suite/textbook {_ratio(r, 'textbook')}")
+    return (
+        f"{r['framework']:>10} {r['norm']:<8} {r['variant']:<16} {r['execution_name'] or r['execution']:<12} "
+        f"{r['batch_size']:>5}  "
+        f"suite {r['suite_examples_per_s']:>8,.0f}  bare {r['bare_examples_per_s']:>8,.0f}  "
+        f"textbook {r['textbook_examples_per_s']:>8,.0f} ex/s   suite/bare {_ratio(r, 'bare')}  "
+        f"suite/textbook {_ratio(r, 'textbook')}"
+    )
 
 
 def _ratio(r, other: str) -> str:
@@ -119,31 +143,54 @@ def _ratio(r, other: str) -> str:
 def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
     shown = frame.copy()
     for loop in LOOPS:
-        shown[loop] = [f"{m:,.0f} ±{s / 2:.0%}" for m, s in zip(frame[f"{loop}_examples_per_s"], frame[f"{loop}_spread"])]
+        shown[loop] = [
+            f"{m:,.0f} ±{s / 2:.0%}" for m, s in zip(frame[f"{loop}_examples_per_s"], frame[f"{loop}_spread"])
+        ]
     for other in ("bare", "textbook"):
         shown[f"suite/{other}"] = [_ratio(r, other) for _, r in frame.iterrows()]
     shown["execution"] = [n or e for n, e in zip(frame["execution_name"], frame["execution"])]
     shown["batch"] = frame["batch_size"].astype(str)
-    shown["first step s"] = [f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
-                             for a, b in zip(frame["first_step_seconds"], frame["first_step_seconds_later"])]
-    table = markdown_table(shown, ["framework", "norm", "variant", "execution", "batch", "suite", "bare", "textbook",
-                                   "suite/bare", "suite/textbook", "first step s"])
-    parts = ["# Throughput: suite, bare and textbook loops\n",
-             f"`{machine['command']}`, {machine['started']}\n",
-             f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['platform']}, "
-             f"Python {machine['python']}; device {', '.join(sorted(set(frame['device_name'].dropna())))}.\n",
-             f"Training examples per second of one epoch ({args.train_limit or 60000:,} images, the first "
-             f"5 steps excluded), median of {args.repeats} epochs per loop, the three loops alternating in one "
-             "process; ± is half the range (max - min) of the repeats, relative to the median. suite/bare is "
-             "the harness overhead (1 = none), suite/textbook the gain over the textbook's loop: each the "
-             "median of the repeats' own ratios (the loops of a repeat run next to each other, so the "
-             "machine's drift between repeats cancels), with its distribution-free 95% interval in "
-             "parentheses (order statistics; from 6 repeats). "
-             "first step s: the suite's first training step, never part of the throughput: in the first "
-             "repeat (compilation from cold caches, for a compiled mode) / the median of the later repeats.\n",
-             table, "## Loops\n",
-             "".join(["- suite: `common.loop` through the framework's backend (the loop every run uses)\n"]
-                     + [f"- {fw} {text}\n" for (fw, _), text in sorted(loops.items())])]
+    shown["first step s"] = [
+        f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
+        for a, b in zip(frame["first_step_seconds"], frame["first_step_seconds_later"])
+    ]
+    table = markdown_table(
+        shown,
+        [
+            "framework",
+            "norm",
+            "variant",
+            "execution",
+            "batch",
+            "suite",
+            "bare",
+            "textbook",
+            "suite/bare",
+            "suite/textbook",
+            "first step s",
+        ],
+    )
+    parts = [
+        "# Throughput: suite, bare and textbook loops\n",
+        f"`{machine['command']}`, {machine['started']}\n",
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['platform']}, "
+        f"Python {machine['python']}; device {', '.join(sorted(set(frame['device_name'].dropna())))}.\n",
+        f"Training examples per second of one epoch ({args.train_limit or 60000:,} images, the first "
+        f"5 steps excluded), median of {args.repeats} epochs per loop, the three loops alternating in one "
+        "process; ± is half the range (max - min) of the repeats, relative to the median. suite/bare is "
+        "the harness overhead (1 = none), suite/textbook the gain over the textbook's loop: each the "
+        "median of the repeats' own ratios (the loops of a repeat run next to each other, so the "
+        "machine's drift between repeats cancels), with its distribution-free 95% interval in "
+        "parentheses (order statistics; from 6 repeats). "
+        "first step s: the suite's first training step, never part of the throughput: in the first "
+        "repeat (compilation from cold caches, for a compiled mode) / the median of the later repeats.\n",
+        table,
+        "## Loops\n",
+        "".join(
+            ["- suite: `common.loop` through the framework's backend (the loop every run uses)\n"]
+            + [f"- {fw} {text}\n" for (fw, _), text in sorted(loops.items())]
+        ),
+    ]
     return "\n".join(parts)
 
 
@@ -151,8 +198,10 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     """One panel per framework: the suite's examples/s against the batch size, a line per variant x
     execution, the bare loop dotted beside it; the whiskers span the repeats (min to max)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     frameworks = list(dict.fromkeys(frame["framework"]))
     fig, axes = plt.subplots(1, len(frameworks), figsize=(5.5 * len(frameworks), 4.2), squeeze=False)
     for ax, framework in zip(axes[0], frameworks):
@@ -162,9 +211,15 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             for loop, style in (("suite", "-o"), ("bare", ":x")):
                 median = group[f"{loop}_examples_per_s"]
                 half = median * group[f"{loop}_spread"] / 2
-                line = ax.errorbar(group["batch_size"], median, yerr=half, fmt=style, capsize=3,
-                                   label=f"{norm} {variant}, {execution}" if loop == "suite" else None,
-                                   color=None if loop == "suite" else last_color)
+                line = ax.errorbar(
+                    group["batch_size"],
+                    median,
+                    yerr=half,
+                    fmt=style,
+                    capsize=3,
+                    label=f"{norm} {variant}, {execution}" if loop == "suite" else None,
+                    color=None if loop == "suite" else last_color,
+                )
                 last_color = line[0].get_color()
         ax.set_xscale("log", base=2)
         ax.set_title(framework)
@@ -199,25 +254,46 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compare.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m compare.bench", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated, from: " + ", ".join(FRAMEWORKS))
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    p.add_argument("--norms", default="batch",
-                   help="comma-separated normalisations (compare.run --norm): " + ", ".join(NORMS) +
-                        "; instance runs after the convolutions only (conv1, conv2)")
-    p.add_argument("--executions", default="default",
-                   help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in docs/benchmark.md)")
+    p.add_argument(
+        "--norms",
+        default="batch",
+        help="comma-separated normalisations (compare.run --norm): "
+        + ", ".join(NORMS)
+        + "; instance runs after the convolutions only (conv1, conv2)",
+    )
+    p.add_argument(
+        "--executions",
+        default="default",
+        help="comma-separated: " + ", ".join(EXECUTIONS) + " (each framework's meaning in docs/benchmark.md)",
+    )
     p.add_argument("--batch-sizes", default="256", help="comma-separated, e.g. 64,256,1024,4096")
-    p.add_argument("--repeats", type=int, default=7,
-                   help="epochs of each loop per cell, alternating; at least 6 for a 95%% interval on the ratios")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="epochs of each loop per cell, alternating; at least 6 for a 95%% interval on the ratios",
+    )
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0 = all 60,000)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"),
-                   help="where every loop runs (as compare.run --device)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "gpu", "auto"),
+        help="where every loop runs (as compare.run --device)",
+    )
     p.add_argument("--data-dir", help="folder with the four Fashion-MNIST files (as for compare.run)")
     p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not Fashion-MNIST")
-    p.add_argument("--python", action="append", default=[], metavar="FW=PATH",
-                   help="interpreter for a framework (repeatable), as for compare.run")
+    p.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="FW=PATH",
+        help="interpreter for a framework (repeatable), as for compare.run",
+    )
     p.add_argument("--out", help="write bench.md, .csv, .json and .png here (default reports/bench/<UTC time>)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
@@ -234,8 +310,10 @@ def main(argv=None) -> int:
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
         if args.train_limit and args.train_limit < 6 * max(batch_sizes):  # the 5 warm-up steps and one timed step
-            raise ConfigError(f"--train-limit {args.train_limit} leaves no timed step at batch size {max(batch_sizes)}; "
-                              f"raise it to at least 6 x the largest batch size, or use 0 (all)")
+            raise ConfigError(
+                f"--train-limit {args.train_limit} leaves no timed step at batch size {max(batch_sizes)}; "
+                f"raise it to at least 6 x the largest batch size, or use 0 (all)"
+            )
         explicit = parse_pythons(args.python)
         data_dir = str(find_data_dir(args.data_dir))
     except BNCompareError as exc:
@@ -243,11 +321,21 @@ def main(argv=None) -> int:
         return 2
     started = datetime.now(timezone.utc)
     out = Path(args.out or Path("reports") / "bench" / started.strftime("%Y%m%d-%H%M%S"))
-    machine = {"command": " ".join(["python -m compare.bench"] + list(argv if argv is not None else sys.argv[1:])),
-               "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-               "platform": platform.platform(), "python": sys.version.split()[0]}
-    cells = [{"norm": n, "variant": v, "execution": e, "batch_size": b}
-             for n in norms for v in variants for e in executions for b in batch_sizes]
+    machine = {
+        "command": " ".join(["python -m compare.bench"] + list(argv if argv is not None else sys.argv[1:])),
+        "started": started.isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    cells = [
+        {"norm": n, "variant": v, "execution": e, "batch_size": b}
+        for n in norms
+        for v in variants
+        for e in executions
+        for b in batch_sizes
+    ]
     rows, loops, status = [], {}, 0
 
     def emit(record):
@@ -264,9 +352,16 @@ def main(argv=None) -> int:
             status = 1
             continue
         print(f"[{framework}] {len(cells)} cell(s) x 3 loops x {args.repeats} repeats", file=sys.stderr, flush=True)
-        job = {"mode": "bench", "framework": framework, "cells": cells, "repeats": args.repeats,
-               "train_limit": args.train_limit, "device": args.device, "data_dir": data_dir,
-               "verify": not args.no_verify_data}
+        job = {
+            "mode": "bench",
+            "framework": framework,
+            "cells": cells,
+            "repeats": args.repeats,
+            "train_limit": args.train_limit,
+            "device": args.device,
+            "data_dir": data_dir,
+            "verify": not args.no_verify_data,
+        }
         before = len(rows)
         code, skipped = bench_framework(framework, python, job, emit)
         if code != 0 or len(rows) - before + skipped < len(cells):

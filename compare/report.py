@@ -3,6 +3,7 @@
 It reads records.jsonl, environment.json and the snapshots in DIR and writes everything again
 (compare.reporting: tables, Markdown, plots); with --mlflow it also fills or rebuilds MLflow from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ def build(run_dir, reference: str | None = None) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     from . import HelpFormatter
     from .reporting import tracking
-    p = argparse.ArgumentParser(prog="python -m compare.report", formatter_class=HelpFormatter,
-                                description="Rebuild the tables, plots and report.md of a run from its records.")
+
+    p = argparse.ArgumentParser(
+        prog="python -m compare.report",
+        formatter_class=HelpFormatter,
+        description="Rebuild the tables, plots and report.md of a run from its records.",
+    )
     p.add_argument("run_dir", help="a run's (or study's) folder, with its records.jsonl")
     p.add_argument("--reference", help="framework the drift is measured against (default: the run's own)")
     tracking.add_argument(p, "fill (or rebuild) MLflow from the folder's records")
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .reporting import tracking
+
     args = build_parser().parse_args(argv)
     try:
         if args.mlflow is not None:
@@ -53,8 +59,11 @@ def main(argv=None) -> int:
     if args.mlflow is not None and usable:
         env, _ = read_environment(Path(args.run_dir))
         tracker = tracking.rebuild(Path(args.run_dir), uri, bool(env.get("interrupted")))
-        print(f"mlflow: {tracker.uri}, experiment {tracker.experiment_name!r}"
-              + (" (incomplete: see the warning above)" if tracker.lost else ""), file=sys.stderr)
+        print(
+            f"mlflow: {tracker.uri}, experiment {tracker.experiment_name!r}"
+            + (" (incomplete: see the warning above)" if tracker.lost else ""),
+            file=sys.stderr,
+        )
     print(summary)
     print(f"report: {Path(args.run_dir) / 'report.md'}", file=sys.stderr)
     if not usable:

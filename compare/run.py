@@ -4,6 +4,7 @@ Each framework runs as a worker subprocess in its own environment; records
 stream back as JSON lines and are appended to <out>/<run-id>/records.jsonl as
 they arrive, then the reports are built from them (compare.report).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import records
-from common.config import (ACTIVATIONS, BN_POSITIONS, DEVICES, DTYPES, EXECUTIONS, NORMS, PLACEMENTS, POOLINGS, VARIANTS,
-                           ModelSpec, RunConfig)
+from common.config import (
+    ACTIVATIONS,
+    BN_POSITIONS,
+    DEVICES,
+    DTYPES,
+    EXECUTIONS,
+    NORMS,
+    PLACEMENTS,
+    POOLINGS,
+    VARIANTS,
+    ModelSpec,
+    RunConfig,
+)
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.precision import MIXED, PRECISIONS
@@ -69,11 +81,11 @@ def check_run_dir(out: str, run_id: str) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass a folder (it is created "
-                          f"if missing)")
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass a folder (it is created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {existing} (permission denied); pass a folder "
-                          f"you can write to")
+        raise ConfigError(
+            f"--out {out}: cannot write in {existing} (permission denied); pass a folder you can write to"
+        )
     if (run_dir / "records.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; pick another --run-id or --out")
     return run_dir
@@ -83,80 +95,144 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m compare.run",
         description="Train BN-LeNet with identical seeds, weights and batches on each framework "
-                    "and write accuracy, throughput and train/eval divergence reports.",
-        formatter_class=HelpFormatter)
+        "and write accuracy, throughput and train/eval divergence reports.",
+        formatter_class=HelpFormatter,
+    )
     d = RunConfig()
     m = ModelSpec()
     g = p.add_argument_group("what to run")
-    g.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                   help=f"comma-separated, from: {', '.join(FRAMEWORKS)}")
-    g.add_argument("--variants", default=",".join(VARIANTS),
-                   help="scratch = our BN; builtin = the framework's BN set to the same decay/eps; "
-                        "builtin-defaults = the framework's BN as constructed by default; none = no BN")
+    g.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated, from: {', '.join(FRAMEWORKS)}")
+    g.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="scratch = our BN; builtin = the framework's BN set to the same decay/eps; "
+        "builtin-defaults = the framework's BN as constructed by default; none = no BN",
+    )
     g.add_argument("--seeds", default=str(d.seed), help="comma-separated seeds, e.g. 0,1,2")
-    g.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['epochs']} epochs on {QUICK['train_limit']} training and "
-                        f"{QUICK['test_limit']} test images (explicit options still win)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK['epochs']} epochs on {QUICK['train_limit']} training and "
+        f"{QUICK['test_limit']} test images (explicit options still win)",
+    )
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help=f"passes over the training images (default {d.epochs}; "
-                   f"{QUICK['epochs']} with --quick)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"passes over the training images (default {d.epochs}; {QUICK['epochs']} with --quick)",
+    )
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step (and per BN batch)")
     g.add_argument("--lr", type=float, default=d.lr, help="plain SGD learning rate")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})")
-    g.add_argument("--precision", default=None,
-                   help="comma-separated: " + ", ".join(PRECISIONS) + " (default float32); mixed-bfloat16 is each "
-                        "framework's own mixed-precision mechanism, and brings float32 runs of the same seeds "
-                        "beside it for the report's comparison")
-    g.add_argument("--device", choices=DEVICES, default=d.device,
-                   help="auto = the GPU when the framework sees one; gpu without one is an error")
-    g.add_argument("--execution", choices=EXECUTIONS, default=d.execution,
-                   help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow XLA, JAX jax.jit); "
-                        "compiled = torch.compile / hybridized / tf.function / jax.jit; eager = op by op everywhere; "
-                        "xla = TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="first steps of each epoch, timed apart from the throughput figure")
+    g.add_argument(
+        "--dtype", choices=DTYPES, default=None, help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})"
+    )
+    g.add_argument(
+        "--precision",
+        default=None,
+        help="comma-separated: " + ", ".join(PRECISIONS) + " (default float32); mixed-bfloat16 is each "
+        "framework's own mixed-precision mechanism, and brings float32 runs of the same seeds "
+        "beside it for the report's comparison",
+    )
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=d.device,
+        help="auto = the GPU when the framework sees one; gpu without one is an error",
+    )
+    g.add_argument(
+        "--execution",
+        choices=EXECUTIONS,
+        default=d.execution,
+        help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow XLA, JAX jax.jit); "
+        "compiled = torch.compile / hybridized / tf.function / jax.jit; eager = op by op everywhere; "
+        "xla = TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="first steps of each epoch, timed apart from the throughput figure",
+    )
     g.add_argument("--train-limit", type=int, default=None, help="use the first N training images (0 = all)")
     g.add_argument("--test-limit", type=int, default=None, help="use the first N test images (0 = all)")
     g.add_argument("--probe-size", type=int, default=d.probe_size, help="test images in the divergence probe")
-    g.add_argument("--trace-steps", type=int, default=0,
-                   help="also record the loss of each of the first N steps of every epoch")
-    g.add_argument("--population-size", type=int, default=d.population_size,
-                   help="after each epoch, also evaluate with BN population statistics from this many training "
-                        "images (train-mode batches of --batch-size, weights fixed; timed apart: one more test-set "
-                        "evaluation plus N train-mode images, 5-17%% of an epoch on a 2-core CPU); 0 = off")
-    g.add_argument("--recalibrate", action="store_true",
-                   help="keep the final population statistics in the final snapshot (instead of the running "
-                        "average), so the saved model is the recalibrated one")
+    g.add_argument(
+        "--trace-steps", type=int, default=0, help="also record the loss of each of the first N steps of every epoch"
+    )
+    g.add_argument(
+        "--population-size",
+        type=int,
+        default=d.population_size,
+        help="after each epoch, also evaluate with BN population statistics from this many training "
+        "images (train-mode batches of --batch-size, weights fixed; timed apart: one more test-set "
+        "evaluation plus N train-mode images, 5-17%% of an epoch on a 2-core CPU); 0 = off",
+    )
+    g.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="keep the final population statistics in the final snapshot (instead of the running "
+        "average), so the saved model is the recalibrated one",
+    )
     g = p.add_argument_group("model (BN-LeNet)")
     g.add_argument("--decay", type=float, default=m.decay, help="running = decay*running + (1-decay)*batch")
     g.add_argument("--epsilon", type=float, default=m.epsilon, help="added to the variance inside the square root")
-    g.add_argument("--bn-positions", default=",".join(m.bn_positions),
-                   help=f"layers followed by BN, from: {', '.join(BN_POSITIONS)}")
+    g.add_argument(
+        "--bn-positions",
+        default=",".join(m.bn_positions),
+        help=f"layers followed by BN, from: {', '.join(BN_POSITIONS)}",
+    )
     g.add_argument("--no-bias-before-bn", action="store_true", help="drop the bias of layers followed by BN")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=m.activation,
-                   help="after each normalised layer; the textbook's BN-LeNet uses sigmoid")
+    g.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default=m.activation,
+        help="after each normalised layer; the textbook's BN-LeNet uses sigmoid",
+    )
     g.add_argument("--pooling", choices=POOLINGS, default=m.pooling, help="2x2, stride 2, after each convolution")
-    g.add_argument("--bn-placement", choices=PLACEMENTS, default=m.bn_placement,
-                   help="the normalisation before the activation (the textbook, the BN paper) or after it")
+    g.add_argument(
+        "--bn-placement",
+        choices=PLACEMENTS,
+        default=m.bn_placement,
+        help="the normalisation before the activation (the textbook, the BN paper) or after it",
+    )
     g.add_argument("--dropout", type=float, default=m.dropout, help="after the fc1 and fc2 activations")
     g.add_argument("--freeze-gamma-beta", action="store_true", help="keep gamma=1, beta=0")
-    g.add_argument("--norm", choices=NORMS, default=m.norm,
-                   help="the normalisation at --bn-positions (common/norms.py has each one's spec); instance "
-                        "needs --bn-positions conv1,conv2")
+    g.add_argument(
+        "--norm",
+        choices=NORMS,
+        default=m.norm,
+        help="the normalisation at --bn-positions (common/norms.py has each one's spec); instance "
+        "needs --bn-positions conv1,conv2",
+    )
     g.add_argument("--groups", type=int, default=m.groups, help="--norm group: groups of channels per example")
     g.add_argument("--renorm-rmax", type=float, default=m.renorm_rmax, help="--norm renorm: r in [1/rmax, rmax]")
     g.add_argument("--renorm-dmax", type=float, default=m.renorm_dmax, help="--norm renorm: d in [-dmax, dmax]")
-    g.add_argument("--renorm-warmup", type=int, default=m.renorm_warmup,
-                   help="--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)")
+    g.add_argument(
+        "--renorm-warmup",
+        type=int,
+        default=m.renorm_warmup,
+        help="--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)",
+    )
     g = p.add_argument_group("data, environments, output")
-    g.add_argument("--data-dir", help="folder with the four Fashion-MNIST *-ubyte(.gz) files "
-                   "(default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--no-verify-data", action="store_true",
-                   help="accept IDX files that are not the official Fashion-MNIST (the report says so)")
-    g.add_argument("--python", action="append", default=[], metavar="FW=PATH",
-                   help="interpreter for a framework (repeatable); default: this Python if it has the "
-                        "framework, else its tox env, created on demand")
+    g.add_argument(
+        "--data-dir",
+        help="folder with the four Fashion-MNIST *-ubyte(.gz) files "
+        "(default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument(
+        "--no-verify-data",
+        action="store_true",
+        help="accept IDX files that are not the official Fashion-MNIST (the report says so)",
+    )
+    g.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="FW=PATH",
+        help="interpreter for a framework (repeatable); default: this Python if it has the "
+        "framework, else its tox env, created on demand",
+    )
     g.add_argument("--reference", help="framework the drift is measured against (default: the first)")
     g.add_argument("--out", default="reports", help="reports go to OUT/RUN_ID/")
     g.add_argument("--run-id", help="the report's folder name (default: the UTC time stamp)")
@@ -172,8 +248,10 @@ def precisions_from_args(args) -> list:
     if args.precision is None:
         return [args.dtype or RunConfig.dtype]
     if args.dtype is not None:
-        raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} both given; --precision replaces "
-                          f"--dtype (--precision {args.dtype})")
+        raise ConfigError(
+            f"--dtype {args.dtype} and --precision {args.precision} both given; --precision replaces "
+            f"--dtype (--precision {args.dtype})"
+        )
     precisions = list(parse_list(args.precision, "precision", PRECISIONS))
     if any(p in MIXED for p in precisions) and "float32" not in precisions:
         precisions.insert(0, "float32")
@@ -187,22 +265,45 @@ def configs_from_args(args) -> list:
     limits = QUICK if args.quick else {}
     out = []
     for variant in variants:
-        spec = ModelSpec(variant=variant, bn_positions=positions, bias_before_bn=not args.no_bias_before_bn,
-                         activation=args.activation, pooling=args.pooling, bn_placement=args.bn_placement,
-                         dropout=args.dropout, freeze_gamma_beta=args.freeze_gamma_beta,
-                         decay=args.decay, epsilon=args.epsilon, norm=args.norm, groups=args.groups,
-                         renorm_rmax=args.renorm_rmax, renorm_dmax=args.renorm_dmax,
-                         renorm_warmup=args.renorm_warmup)
+        spec = ModelSpec(
+            variant=variant,
+            bn_positions=positions,
+            bias_before_bn=not args.no_bias_before_bn,
+            activation=args.activation,
+            pooling=args.pooling,
+            bn_placement=args.bn_placement,
+            dropout=args.dropout,
+            freeze_gamma_beta=args.freeze_gamma_beta,
+            decay=args.decay,
+            epsilon=args.epsilon,
+            norm=args.norm,
+            groups=args.groups,
+            renorm_rmax=args.renorm_rmax,
+            renorm_dmax=args.renorm_dmax,
+            renorm_warmup=args.renorm_warmup,
+        )
         for precision, seed in ((p, s) for p in precisions for s in _seeds(args.seeds)):
             dtype, mixed = split_precision(precision)
-            out.append(RunConfig(
-                model=spec, lr=args.lr, batch_size=args.batch_size, seed=seed, dtype=dtype, mixed=mixed,
-                device=args.device, warmup_steps=args.warmup_steps, probe_size=args.probe_size,
-                trace_steps=args.trace_steps, execution=args.execution,
-                population_size=args.population_size, recalibrate=args.recalibrate,
-                epochs=args.epochs if args.epochs is not None else limits.get("epochs", RunConfig.epochs),
-                train_limit=args.train_limit if args.train_limit is not None else limits.get("train_limit", 0),
-                test_limit=args.test_limit if args.test_limit is not None else limits.get("test_limit", 0)))
+            out.append(
+                RunConfig(
+                    model=spec,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    seed=seed,
+                    dtype=dtype,
+                    mixed=mixed,
+                    device=args.device,
+                    warmup_steps=args.warmup_steps,
+                    probe_size=args.probe_size,
+                    trace_steps=args.trace_steps,
+                    execution=args.execution,
+                    population_size=args.population_size,
+                    recalibrate=args.recalibrate,
+                    epochs=args.epochs if args.epochs is not None else limits.get("epochs", RunConfig.epochs),
+                    train_limit=args.train_limit if args.train_limit is not None else limits.get("train_limit", 0),
+                    test_limit=args.test_limit if args.test_limit is not None else limits.get("test_limit", 0),
+                )
+            )
     return out
 
 
@@ -231,11 +332,22 @@ def cpu_name() -> str:
 def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
     import numpy
     import pandas
-    return {"command": " ".join(["python -m compare.run"] + list(argv)), "started": datetime.now(timezone.utc).isoformat(),
-            "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "pandas": pandas.__version__,
-            "frameworks": list(frameworks), "interpreters": pythons, "data_dir": data_dir,
-            "data_verified": not args.no_verify_data, "args": vars(args)}
+
+    return {
+        "command": " ".join(["python -m compare.run"] + list(argv)),
+        "started": datetime.now(timezone.utc).isoformat(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "frameworks": list(frameworks),
+        "interpreters": pythons,
+        "data_dir": data_dir,
+        "data_verified": not args.no_verify_data,
+        "args": vars(args),
+    }
 
 
 def plan_records(writer: RecordWriter, frameworks, configs, coords: dict | None = None) -> None:
@@ -244,9 +356,18 @@ def plan_records(writer: RecordWriter, frameworks, configs, coords: dict | None 
     for framework in frameworks:
         for config in configs:
             extra = {"coords": coords[config.config_id]} if coords else {}
-            writer.write(records.make("plan", framework=framework, variant=config.model.variant, seed=config.seed,
-                                      config_id=config.config_id, epochs=config.epochs, config=config.to_dict(),
-                                      **extra))
+            writer.write(
+                records.make(
+                    "plan",
+                    framework=framework,
+                    variant=config.model.variant,
+                    seed=config.seed,
+                    config_id=config.config_id,
+                    epochs=config.epochs,
+                    config=config.to_dict(),
+                    **extra,
+                )
+            )
 
 
 def resolve_envs(work: dict, explicit, writer) -> dict:
@@ -263,8 +384,9 @@ def resolve_envs(work: dict, explicit, writer) -> dict:
     return pythons
 
 
-def execute(runner, work: dict, explicit, run_dir, data_dir, verify, writer, signals,
-            options: dict | None = None) -> dict:
+def execute(
+    runner, work: dict, explicit, run_dir, data_dir, verify, writer, signals, options: dict | None = None
+) -> dict:
     """Resolve each framework's interpreter and run its configurations (work: framework -> configs) on the
     executor; after a signal, every unfinished run is recorded as interrupted. Returns framework ->
     interpreter."""
@@ -274,8 +396,12 @@ def execute(runner, work: dict, explicit, run_dir, data_dir, verify, writer, sig
             pythons.update({fw: None for fw in work})
         else:
             pythons.update(resolve_envs({fw: configs for fw, configs in work.items() if configs}, explicit, writer))
-        tasks = [task for fw, configs in work.items() if fw in pythons
-                 for task in split(fw, pythons[fw], configs, runner.jobs, options)]
+        tasks = [
+            task
+            for fw, configs in work.items()
+            if fw in pythons
+            for task in split(fw, pythons[fw], configs, runner.jobs, options)
+        ]
         runner.run(tasks, run_dir, data_dir, verify, writer, signals)
         if signals.signum is not None:
             raise Interrupted(signals.signum)
@@ -308,8 +434,9 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, run_dir)
-        runner = choose.make(args, explicit, len(configs) * len(frameworks),
-                               gpu=any(c.device == "gpu" for c in configs))
+        runner = choose.make(
+            args, explicit, len(configs) * len(frameworks), gpu=any(c.device == "gpu" for c in configs)
+        )
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -319,27 +446,45 @@ def main(argv=None) -> int:
         runner.shutdown()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) "
-          f"-> {run_dir}", file=sys.stderr)
+    print(
+        f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) -> {run_dir}",
+        file=sys.stderr,
+    )
     progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
     tracker = tracking.Tracker(tracking_uri, run_id, run_dir, "run") if tracking_uri else None
     writer = RecordWriter(run_dir / "records.jsonl", progress, tracker)
     # more than one precision: each run's is a coordinate, so the tables keep them apart
-    coords = ({c.config_id: {"precision": c.precision} for c in configs}
-              if len({c.precision for c in configs}) > 1 else None)
+    coords = (
+        {c.config_id: {"precision": c.precision} for c in configs} if len({c.precision for c in configs}) > 1 else None
+    )
     plan_records(writer, frameworks, configs, coords)
     signals = Signals(on_signal=progress.mute)
     started = time.time()
     try:
-        pythons = execute(runner, {fw: configs for fw in frameworks}, explicit, run_dir, data_dir, not args.no_verify_data,
-                          writer, signals)
+        pythons = execute(
+            runner,
+            {fw: configs for fw in frameworks},
+            explicit,
+            run_dir,
+            data_dir,
+            not args.no_verify_data,
+            writer,
+            signals,
+        )
         env_record = environment_record(args, argv, frameworks, pythons, data_dir)
-        env_record.update(reference=reference, run_id=run_id, seconds=round(time.time() - started, 1),
-                          interrupted=signals.signum is not None, **runner.describe(),
-                          signal=signal.Signals(signals.signum).name if signals.signum else None)
+        env_record.update(
+            reference=reference,
+            run_id=run_id,
+            seconds=round(time.time() - started, 1),
+            interrupted=signals.signum is not None,
+            **runner.describe(),
+            signal=signal.Signals(signals.signum).name if signals.signum else None,
+        )
         from .reporting.tables import write_json
+
         write_json(run_dir / "environment.json", env_record)
         from . import report
+
         summary, _ = report.build(run_dir)
     finally:
         signals.restore()
@@ -347,8 +492,11 @@ def main(argv=None) -> int:
     if tracker is not None:  # after the report: a slow tracker never holds it up
         tracker.finish(interrupted=signals.signum is not None)
     if signals.signum is not None:
-        print(f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
-              f"unfinished runs are marked interrupted", file=sys.stderr)
+        print(
+            f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
+            f"unfinished runs are marked interrupted",
+            file=sys.stderr,
+        )
     print(f"\nreport: {run_dir / 'report.md'}", file=sys.stderr)
     print(summary, file=sys.stderr)
     if signals.signum is not None:

@@ -10,6 +10,7 @@ study.md and study.png are built from the records.
 Started again with the same --run-id, a study runs only the cells that have no
 result (complete or diverged) and keeps everything already measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ from .execution import choose
 from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
 from .reporting import tables, tracking
-from .studies import answers, spec
 from .run import _seeds, check_run_dir, environment_record, execute, parse_pythons, plan_records
+from .studies import answers, spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,20 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m compare.study",
         description=f"Run a study: a grid of seeded configurations on each framework, answered with "
-                    f"statistics over seeds. Shipped studies: {shipped}.",
-        formatter_class=HelpFormatter)
+        f"statistics over seeds. Shipped studies: {shipped}.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("study", nargs="?", help="a shipped study's name or a study file (.toml)")
     p.add_argument("--list", action="store_true", help="list the shipped studies and their questions")
     p.add_argument("--frameworks", help=f"comma-separated, from {', '.join(FRAMEWORKS)} (default: the file's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
-    p.add_argument("--quick", action="store_true", help="the study file's [quick] budget: the smallest that "
-                                                        "still answers the question")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the study file's [quick] budget: the smallest that still answers the question",
+    )
     choose.add_arguments(p, default_jobs())
     tracking.add_argument(p)
     p.add_argument("--out", default="reports/studies", help="the study goes to OUT/NAME/RUN_ID/")
     p.add_argument("--run-id", help="default: UTC time stamp; an existing one is resumed")
-    p.add_argument("--python", action="append", default=[], metavar="FW=PATH",
-                   help="interpreter for a framework (repeatable), as for compare.run")
+    p.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="FW=PATH",
+        help="interpreter for a framework (repeatable), as for compare.run",
+    )
     p.add_argument("--data-dir", help="folder with the four Fashion-MNIST files (as for compare.run)")
     p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not Fashion-MNIST")
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
@@ -62,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(study, args) -> dict:
     frameworks = parse_frameworks(args.frameworks) if args.frameworks else study.frameworks
     seeds = _seeds(args.seeds) if args.seeds else study.seeds
-    return {"study": study.name, "file_text": study.text, "quick": bool(args.quick),
-            "frameworks": list(frameworks), "seeds": list(seeds)}
+    return {
+        "study": study.name,
+        "file_text": study.text,
+        "quick": bool(args.quick),
+        "frameworks": list(frameworks),
+        "seeds": list(seeds),
+    }
 
 
 def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
@@ -80,14 +95,23 @@ def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
     try:
         before = json.loads(saved.read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"{study_dir} holds records but no readable study.json: it is not a study folder; "
-                          f"pick another --run-id") from None
+        raise ConfigError(
+            f"{study_dir} holds records but no readable study.json: it is not a study folder; pick another --run-id"
+        ) from None
     if before.get("file_text") != settings["file_text"] or before.get("quick") != settings["quick"]:
         what = "--quick" if before.get("file_text") == settings["file_text"] else "the study file"
-        raise ConfigError(f"{study_dir} was started with a different {what}; resuming it would mix two "
-                          f"studies. Start a new --run-id (or restore the file: {study_dir / 'study.toml'})")
-    tables.write_json(saved, {**settings, "frameworks": list(dict.fromkeys(before["frameworks"] + settings["frameworks"])),
-                              "seeds": list(dict.fromkeys(before["seeds"] + settings["seeds"]))})
+        raise ConfigError(
+            f"{study_dir} was started with a different {what}; resuming it would mix two "
+            f"studies. Start a new --run-id (or restore the file: {study_dir / 'study.toml'})"
+        )
+    tables.write_json(
+        saved,
+        {
+            **settings,
+            "frameworks": list(dict.fromkeys(before["frameworks"] + settings["frameworks"])),
+            "seeds": list(dict.fromkeys(before["seeds"] + settings["seeds"])),
+        },
+    )
     return study_dir, True
 
 
@@ -96,8 +120,11 @@ def finished_runs(study_dir: Path) -> set:
     if not (study_dir / "records.jsonl").is_file():
         return set()
     recs, _ = tables.read_records(study_dir)
-    return {(r["framework"], r["config_id"]) for r in tables.latest_attempts(recs)
-            if r["kind"] == "run_end" and r["status"] in answers.DONE}
+    return {
+        (r["framework"], r["config_id"])
+        for r in tables.latest_attempts(recs)
+        if r["kind"] == "run_end" and r["status"] in answers.DONE
+    }
 
 
 def work_left(study_dir: Path, frameworks, configs) -> dict:
@@ -110,8 +137,10 @@ def work_left(study_dir: Path, frameworks, configs) -> dict:
 
 def budget(configs) -> str:
     c = configs[0]
-    return (f"{c.epochs} epoch(s), {c.train_limit or 'all'} training / {c.test_limit or 'all'} test images, "
-            f"batch {', '.join(str(b) for b in dict.fromkeys(x.batch_size for x in configs))}")
+    return (
+        f"{c.epochs} epoch(s), {c.train_limit or 'all'} training / {c.test_limit or 'all'} test images, "
+        f"batch {', '.join(str(b) for b in dict.fromkeys(x.batch_size for x in configs))}"
+    )
 
 
 def main(argv=None) -> int:
@@ -154,32 +183,61 @@ def main(argv=None) -> int:
         runner.shutdown()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"study {study.name} ({run_id}): {total} run(s) = {len(configs)} cell(s) x "
-          f"{len(settings['frameworks'])} framework(s); "
-          + (f"resumed: {total - todo} already have a result, {todo} to run" if resumed else f"{todo} to run")
-          + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}", file=sys.stderr)
+    print(
+        f"study {study.name} ({run_id}): {total} run(s) = {len(configs)} cell(s) x "
+        f"{len(settings['frameworks'])} framework(s); "
+        + (f"resumed: {total - todo} already have a result, {todo} to run" if resumed else f"{todo} to run")
+        + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}",
+        file=sys.stderr,
+    )
     labels = {cid: " ".join(f"{k}={answers._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
-    progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels,
-                        epoch_lines=False, unit="run")
-    tracker = tracking.Tracker(tracking_uri, tracking.study_experiment(study.name, run_id), study_dir,
-                                "study") if tracking_uri else None
+    progress = Progress(
+        live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels, epoch_lines=False, unit="run"
+    )
+    tracker = (
+        tracking.Tracker(tracking_uri, tracking.study_experiment(study.name, run_id), study_dir, "study")
+        if tracking_uri
+        else None
+    )
     writer = RecordWriter(study_dir / "records.jsonl", progress, tracker)
     for fw, mine in work.items():
         plan_records(writer, [fw], mine, coords)
     signals = Signals(on_signal=progress.mute)
     started = time.time()
     try:
-        pythons = execute(runner, work, explicit, study_dir, data_dir,
-                          not args.no_verify_data, writer, signals, options={"snapshots": "final"})
+        pythons = execute(
+            runner,
+            work,
+            explicit,
+            study_dir,
+            data_dir,
+            not args.no_verify_data,
+            writer,
+            signals,
+            options={"snapshots": "final"},
+        )
         env = environment_record(args, argv, settings["frameworks"], pythons, data_dir)
-        session = {"command": " ".join(["python -m compare.study"] + list(argv)), "started": env["started"],
-                   "seconds": round(time.time() - started, 1), "runs_run": todo, **runner.describe(),
-                   "interrupted": signals.signum is not None,
-                   "signal": signal.Signals(signals.signum).name if signals.signum else None}
+        session = {
+            "command": " ".join(["python -m compare.study"] + list(argv)),
+            "started": env["started"],
+            "seconds": round(time.time() - started, 1),
+            "runs_run": todo,
+            **runner.describe(),
+            "interrupted": signals.signum is not None,
+            "signal": signal.Signals(signals.signum).name if signals.signum else None,
+        }
         before, _ = tables.read_environment(study_dir) if resumed else ({}, None)
         sessions = before.get("sessions", []) + [session]  # each start of the study, in order
-        env.update(session, run_id=run_id, study=study.name, quick=args.quick, seeds=settings["seeds"],
-                   budget=budget(configs), sessions=sessions, seconds=round(sum(s["seconds"] for s in sessions), 1))
+        env.update(
+            session,
+            run_id=run_id,
+            study=study.name,
+            quick=args.quick,
+            seeds=settings["seeds"],
+            budget=budget(configs),
+            sessions=sessions,
+            seconds=round(sum(s["seconds"] for s in sessions), 1),
+        )
         tables.write_json(study_dir / "environment.json", env)
         answer = build(study_dir, study)
     finally:
@@ -190,8 +248,11 @@ def main(argv=None) -> int:
     print(f"\nstudy: {study_dir / 'study.md'}\n", file=sys.stderr)
     print("\n".join(f"- {s}" for s in answer), file=sys.stderr)
     if signals.signum is not None:
-        print(f"\ninterrupted by {signal.Signals(signals.signum).name}; run the same command with "
-              f"--run-id {run_id} to finish the cells without a result", file=sys.stderr)
+        print(
+            f"\ninterrupted by {signal.Signals(signals.signum).name}; run the same command with "
+            f"--run-id {run_id} to finish the cells without a result",
+            file=sys.stderr,
+        )
         return 128 + signals.signum
     return 1 if progress.errors else 0
 
@@ -209,8 +270,9 @@ def build(study_dir: Path, study=None) -> list:
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]
-    text = answers.render(study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots,
-                              unfinished, problems)
+    text = answers.render(
+        study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots, unfinished, problems
+    )
     tables._atomic(study_dir / "study.md", lambda p: p.write_text(text))
     return answer
 

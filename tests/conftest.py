@@ -5,6 +5,7 @@ usage error; a framework that fails to import in its own env fails its tests
 (the backend fixture raises), it is never skipped. Without --framework, the
 framework tests are skipped with that reason, and the framework-free ones run.
 """
+
 import importlib
 import os
 
@@ -14,14 +15,16 @@ from common.registry import FRAMEWORKS, framework_info, load_backend_module
 
 
 def pytest_addoption(parser):
-    parser.addoption("--framework", default=os.environ.get("BN_FRAMEWORK"),
-                     help=f"framework under test: {', '.join(FRAMEWORKS)}")
-    parser.addoption("--cross", action="store_true",
-                     help="run the cross-framework tests (needs every framework's environment)")
-    parser.addoption("--ray", action="store_true",
-                     help="run the Ray executor tests (needs Ray: tox -e ray)")
-    parser.addoption("--tracking", action="store_true",
-                     help="run the MLflow tracking tests (needs MLflow: tox -e tracking)")
+    parser.addoption(
+        "--framework", default=os.environ.get("BN_FRAMEWORK"), help=f"framework under test: {', '.join(FRAMEWORKS)}"
+    )
+    parser.addoption(
+        "--cross", action="store_true", help="run the cross-framework tests (needs every framework's environment)"
+    )
+    parser.addoption("--ray", action="store_true", help="run the Ray executor tests (needs Ray: tox -e ray)")
+    parser.addoption(
+        "--tracking", action="store_true", help="run the MLflow tracking tests (needs MLflow: tox -e tracking)"
+    )
 
 
 def pytest_configure(config):
@@ -38,9 +41,11 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    for option, marker, reason in (("--cross", "cross", "cross-framework test: run with --cross (tox -e cross)"),
-                                   ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)"),
-                                   ("--tracking", "tracking", "MLflow test: run with --tracking (tox -e tracking)")):
+    for option, marker, reason in (
+        ("--cross", "cross", "cross-framework test: run with --cross (tox -e cross)"),
+        ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)"),
+        ("--tracking", "tracking", "MLflow test: run with --tracking (tox -e tracking)"),
+    ):
         if not config.getoption(option):
             for item in items:
                 if marker in item.keywords:

@@ -4,6 +4,7 @@ One visible table instead of `if framework == ...` branches in test bodies.
 Sources: the frameworks' docs and source (docs/conventions.md says what each row means); every row is
 asserted by tests/test_backend.py::test_builtin_layer_conventions.
 """
+
 BUILTIN = {
     # running_var: which batch variance is folded into the running variance
     # updated_in: when the running statistics change in training mode (CPU)
@@ -11,17 +12,18 @@ BUILTIN = {
     # decay_dtype: precision the layer blends running statistics with. MXNet's
     #   operator keeps `momentum` as a C float: 0.9 acts as 0.899999976 even in
     #   float64 runs (a 3e-8 relative gap per update, measured).
-    "torch": {"running_var": "unbiased", "updated_in": "forward", "defaults": (0.9, 1e-5),
-              "decay_dtype": "float64"},
-    "mxnet": {"running_var": "biased", "updated_in": "backward", "defaults": (0.9, 1e-5),
-              "decay_dtype": "float32"},
-    "tensorflow": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-3),
-                   "decay_dtype": "float64"},
+    "torch": {"running_var": "unbiased", "updated_in": "forward", "defaults": (0.9, 1e-5), "decay_dtype": "float64"},
+    "mxnet": {"running_var": "biased", "updated_in": "backward", "defaults": (0.9, 1e-5), "decay_dtype": "float32"},
+    "tensorflow": {
+        "running_var": "biased",
+        "updated_in": "forward",
+        "defaults": (0.99, 1e-3),
+        "decay_dtype": "float64",
+    },
     # Flax (linen) BatchNorm is functional: the forward returns the new statistics (with
     # mutable=["batch_stats"]). Its batch variance is E[x^2] - E[x]^2 by default
     # (use_fast_variance=True): tests/test_jax_pitfalls.py measures what that costs.
-    "jax": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-5),
-            "decay_dtype": "float64"},
+    "jax": {"running_var": "biased", "updated_in": "forward", "defaults": (0.99, 1e-5), "decay_dtype": "float64"},
 }
 
 # What each --execution runs as (describe()["execution"]); "default" is the framework's own choice;
@@ -29,8 +31,12 @@ BUILTIN = {
 EXECUTION_NAMES = {
     "torch": {"default": "eager", "compiled": "torch.compile", "eager": "eager", "xla": None},
     "mxnet": {"default": "hybridized", "compiled": "hybridized", "eager": "imperative", "xla": None},
-    "tensorflow": {"default": "tf.function(jit_compile=True)", "compiled": "tf.function", "eager": "eager",
-                   "xla": "tf.function(jit_compile=True)"},
+    "tensorflow": {
+        "default": "tf.function(jit_compile=True)",
+        "compiled": "tf.function",
+        "eager": "eager",
+        "xla": "tf.function(jit_compile=True)",
+    },
     "jax": {"default": "jax.jit", "compiled": "jax.jit", "eager": "eager", "xla": "jax.jit"},
 }
 
@@ -75,14 +81,42 @@ EVAL_DRAWS_DROPOUT = {"torch": False, "mxnet": True, "tensorflow": False, "jax":
 # - Flax: nn.LayerNorm(reduction_axes=every non-batch axis, feature_axes=-1), nn.GroupNorm, nn.InstanceNorm,
 #   each with use_fast_variance=False (the default E[x^2] - E[x]^2 cancels far from zero).
 NORM_BUILTIN_EPSILON = {
-    "torch": {("layer", 2): 1e-5, ("layer", 4): 1e-5, ("group", 2): 1e-5, ("group", 4): 1e-5,
-              ("instance", 4): 1e-5, ("renorm", 2): None, ("renorm", 4): None},
-    "mxnet": {("layer", 2): 1e-5, ("layer", 4): None, ("group", 2): None, ("group", 4): None,
-              ("instance", 4): 1e-5, ("renorm", 2): None, ("renorm", 4): None},
-    "tensorflow": {("layer", 2): 1e-3, ("layer", 4): 1e-3, ("group", 2): 1e-3, ("group", 4): 1e-3,
-                   ("instance", 4): 1e-3, ("renorm", 2): None, ("renorm", 4): None},
-    "jax": {("layer", 2): 1e-6, ("layer", 4): 1e-6, ("group", 2): 1e-6, ("group", 4): 1e-6,
-            ("instance", 4): 1e-6, ("renorm", 2): None, ("renorm", 4): None},
+    "torch": {
+        ("layer", 2): 1e-5,
+        ("layer", 4): 1e-5,
+        ("group", 2): 1e-5,
+        ("group", 4): 1e-5,
+        ("instance", 4): 1e-5,
+        ("renorm", 2): None,
+        ("renorm", 4): None,
+    },
+    "mxnet": {
+        ("layer", 2): 1e-5,
+        ("layer", 4): None,
+        ("group", 2): None,
+        ("group", 4): None,
+        ("instance", 4): 1e-5,
+        ("renorm", 2): None,
+        ("renorm", 4): None,
+    },
+    "tensorflow": {
+        ("layer", 2): 1e-3,
+        ("layer", 4): 1e-3,
+        ("group", 2): 1e-3,
+        ("group", 4): 1e-3,
+        ("instance", 4): 1e-3,
+        ("renorm", 2): None,
+        ("renorm", 4): None,
+    },
+    "jax": {
+        ("layer", 2): 1e-6,
+        ("layer", 4): 1e-6,
+        ("group", 2): 1e-6,
+        ("group", 4): 1e-6,
+        ("instance", 4): 1e-6,
+        ("renorm", 2): None,
+        ("renorm", 4): None,
+    },
 }
 # dtypes a built-in normalisation layer cannot run in (it fails before training, naming them)
 NORM_BUILTIN_DTYPES_MISSING = {"mxnet": {"instance": ("float64",)}}
@@ -98,11 +132,26 @@ NORM_BUILTIN_ATOL = {"mxnet": {"layer": 5e-12}}
 # variance: float32 too, but the variance cancels this far from zero). None: no mixed mechanism the suite runs
 # (MXNet: amp.init rewrites the operators of the whole process; frameworks/mxnet/lenet.py NO_MIXED).
 MIXED_BUILTIN = {
-    "torch": {"mechanism": "torch.autocast(dtype=torch.bfloat16)", "output": "bfloat16", "gamma": "float32",
-              "running": "float32", "statistics": "float32"},
+    "torch": {
+        "mechanism": "torch.autocast(dtype=torch.bfloat16)",
+        "output": "bfloat16",
+        "gamma": "float32",
+        "running": "float32",
+        "statistics": "float32",
+    },
     "mxnet": None,
-    "tensorflow": {"mechanism": "mixed_bfloat16 dtype policy", "output": "bfloat16", "gamma": "float32",
-                   "running": "float32", "statistics": "float32"},
-    "jax": {"mechanism": "dtype=bfloat16, param_dtype=float32", "output": "bfloat16", "gamma": "float32",
-            "running": "float32", "statistics": "float32 E[x^2]-E[x]^2"},
+    "tensorflow": {
+        "mechanism": "mixed_bfloat16 dtype policy",
+        "output": "bfloat16",
+        "gamma": "float32",
+        "running": "float32",
+        "statistics": "float32",
+    },
+    "jax": {
+        "mechanism": "dtype=bfloat16, param_dtype=float32",
+        "output": "bfloat16",
+        "gamma": "float32",
+        "running": "float32",
+        "statistics": "float32 E[x^2]-E[x]^2",
+    },
 }

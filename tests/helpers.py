@@ -1,4 +1,5 @@
 """Small IDX data sets made by the tests, and shared numeric helpers."""
+
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ def make_images(n: int, seed: int) -> tuple:
     labels = rng.randint(0, 10, size=n).astype(np.uint8)
     images = rng.randint(0, 60, size=(n, 28, 28)).astype(np.int64)
     for i, k in enumerate(labels):
-        images[i, 2 + 2 * k: 5 + 2 * k, 3:25] += 180
+        images[i, 2 + 2 * k : 5 + 2 * k, 3:25] += 180
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
@@ -20,8 +21,7 @@ def make_idx_dir(directory: Path, n_train: int = 1200, n_test: int = 400, compre
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     train, test = make_images(n_train, 1), make_images(n_test, 2)
-    arrays = {"train_images": train[0], "train_labels": train[1],
-              "test_images": test[0], "test_labels": test[1]}
+    arrays = {"train_images": train[0], "train_labels": train[1], "test_images": test[0], "test_labels": test[1]}
     for part, (stem, _, _) in FILES.items():
         write_idx(directory / (stem + (".gz" if compress else "")), arrays[part])
     return directory
@@ -30,6 +30,7 @@ def make_idx_dir(directory: Path, n_train: int = 1200, n_test: int = 400, compre
 def random_bn_params(spec, seed=3, dtype="float64"):
     """Canonical parameters with non-trivial BN gamma, beta and running statistics."""
     from common.init import init_params
+
     rng = np.random.RandomState(seed)
     params = init_params(spec, seed, dtype)
     for name in params:

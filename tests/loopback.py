@@ -3,6 +3,7 @@ interface is loopback, so that every server it starts (Ray's listen on all inter
 from this machine only. Needs the right to unshare the network namespace (root, or a user namespace);
 where that is refused, COMMAND runs as it is with BN_LOOPBACK_UNAVAILABLE saying why, and the tests
 that start servers skip with that reason."""
+
 import ctypes
 import fcntl
 import os

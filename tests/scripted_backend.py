@@ -7,6 +7,7 @@ queued work costs time only when the host waits for it (synchronize,
 reduce_stats, evaluate), so a loop that reads the clock without waiting, or
 waits in the wrong place, gets a different figure.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,9 +52,16 @@ def scripted_backend(script: Script):
             self.epoch = 0
 
         def describe(self):
-            return {"framework": "scripted", "version": "0", "device": "cpu", "device_name": "scripted",
-                    "execution": "scripted", "bn_decay": None, "bn_epsilon": script.bn_epsilon,
-                    "dtype": self.config.dtype}
+            return {
+                "framework": "scripted",
+                "version": "0",
+                "device": "cpu",
+                "device_name": "scripted",
+                "execution": "scripted",
+                "bn_decay": None,
+                "bn_epsilon": script.bn_epsilon,
+                "dtype": self.config.dtype,
+            }
 
         def set_params(self, params):
             self.params = dict(params)

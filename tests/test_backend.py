@@ -2,14 +2,15 @@
 
 Expected values come from common.reference in float64.
 """
+
 import numpy as np
 import pytest
 
 from common.config import EXECUTIONS, ModelSpec, RunConfig
+from common.data import batch_order, load_fashion_mnist
 from common.errors import BackendUnavailable, NonFiniteError
 from common.init import init_params
 from common.loop import run as run_loop
-from common.data import batch_order, load_fashion_mnist
 from common.reference import batch_norm_backward, batch_norm_forward, lenet_forward
 from tests.conventions import BUILTIN, CENTRED_RESIDUAL, EXECUTION_NAMES, FAR_FROM_ZERO_ATOL, FLOAT32, FLOAT64
 from tests.helpers import make_idx_dir, random_bn_params
@@ -20,20 +21,44 @@ TOL = {"float32": FLOAT32, "float64": FLOAT64}
 def bn_inputs(shape, seed=0, loc=0.5, scale=2.0):
     rng = np.random.RandomState(seed)
     c = shape[1]
-    return dict(x=rng.normal(loc, scale, shape), gamma=rng.uniform(0.5, 1.5, c), beta=rng.normal(0, 0.5, c),
-                running_mean=rng.normal(0, 1, c), running_var=rng.uniform(0.5, 2, c), dy=rng.normal(0, 1, shape))
+    return dict(
+        x=rng.normal(loc, scale, shape),
+        gamma=rng.uniform(0.5, 1.5, c),
+        beta=rng.normal(0, 0.5, c),
+        running_mean=rng.normal(0, 1, c),
+        running_var=rng.uniform(0.5, 2, c),
+        dy=rng.normal(0, 1, shape),
+    )
 
 
 def call(fw, kind, inputs, dtype, training, decay=0.9, epsilon=1e-5):
     cast = {k: v.astype(dtype) for k, v in inputs.items()}
-    return fw.run_batch_norm(kind, cast["x"], cast["gamma"], cast["beta"], cast["running_mean"],
-                             cast["running_var"], cast["dy"], training=training, decay=decay,
-                             epsilon=epsilon, dtype=dtype)
+    return fw.run_batch_norm(
+        kind,
+        cast["x"],
+        cast["gamma"],
+        cast["beta"],
+        cast["running_mean"],
+        cast["running_var"],
+        cast["dy"],
+        training=training,
+        decay=decay,
+        epsilon=epsilon,
+        dtype=dtype,
+    )
 
 
 def expected(inputs, training, decay=0.9, epsilon=1e-5):
-    y, rm, rv, cache = batch_norm_forward(inputs["x"], inputs["gamma"], inputs["beta"], inputs["running_mean"],
-                                          inputs["running_var"], training=training, decay=decay, epsilon=epsilon)
+    y, rm, rv, cache = batch_norm_forward(
+        inputs["x"],
+        inputs["gamma"],
+        inputs["beta"],
+        inputs["running_mean"],
+        inputs["running_var"],
+        training=training,
+        decay=decay,
+        epsilon=epsilon,
+    )
     dx, dgamma, dbeta = batch_norm_backward(inputs["dy"], cache)
     return dict(y=y, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=rm, running_var=rv)
 
@@ -45,12 +70,24 @@ def test_scratch_bn_matches_reference(fw, framework, shape, training, dtype):
     inputs = bn_inputs(shape)
     got, want = call(fw, "scratch", inputs, dtype, training), expected(inputs, training)
     for name in ("y", "dx", "dgamma", "dbeta"):
-        np.testing.assert_allclose(getattr(got, name), want[name], **TOL[dtype],
-                                   err_msg=f"{framework} scratch {name} {dtype} training={training}")
-    for name, key in (("mean_after_forward", "running_mean"), ("var_after_forward", "running_var"),
-                      ("mean_after_backward", "running_mean"), ("var_after_backward", "running_var")):
-        np.testing.assert_allclose(getattr(got, name), want[key], **TOL[dtype],
-                                   err_msg=f"{framework} scratch {name} {dtype} training={training}")
+        np.testing.assert_allclose(
+            getattr(got, name),
+            want[name],
+            **TOL[dtype],
+            err_msg=f"{framework} scratch {name} {dtype} training={training}",
+        )
+    for name, key in (
+        ("mean_after_forward", "running_mean"),
+        ("var_after_forward", "running_var"),
+        ("mean_after_backward", "running_mean"),
+        ("var_after_backward", "running_var"),
+    ):
+        np.testing.assert_allclose(
+            getattr(got, name),
+            want[key],
+            **TOL[dtype],
+            err_msg=f"{framework} scratch {name} {dtype} training={training}",
+        )
     if training:  # the update really happened (the textbook's TF slip: it never did)
         assert not np.allclose(got.var_after_forward, inputs["running_var"].astype(dtype))
 
@@ -61,8 +98,12 @@ def test_scratch_bn_far_from_zero_mean(fw, framework, dtype):
     got, want = call(fw, "scratch", inputs, dtype, True), expected(inputs, True)
     atol = FLOAT64["atol"] * 1e3 if dtype == "float64" else FAR_FROM_ZERO_ATOL[framework]
     np.testing.assert_allclose(got.y, want["y"], rtol=0, atol=atol, err_msg=f"{framework} y, mean 1000, {dtype}")
-    np.testing.assert_allclose(got.var_after_backward, want["running_var"], rtol=1e-4 if dtype == "float32" else 1e-10,
-                               err_msg=f"{framework} running var, mean 1000, {dtype}")
+    np.testing.assert_allclose(
+        got.var_after_backward,
+        want["running_var"],
+        rtol=1e-4 if dtype == "float32" else 1e-10,
+        err_msg=f"{framework} running var, mean 1000, {dtype}",
+    )
 
 
 def test_scratch_bn_centres_before_scaling(fw, framework):
@@ -83,7 +124,8 @@ def test_scratch_bn_centres_before_scaling(fw, framework):
         residual = e - fit @ np.linalg.lstsq(fit, e, rcond=None)[0]
         assert np.abs(residual).max() < CENTRED_RESIDUAL, (
             f"{framework} scratch BN, channel {channel}: per-element float32 error {np.abs(residual).max():.1e} "
-            f"beyond a per-channel offset and scale; does the layer compute x * inv + (beta - mean * inv)?")
+            f"beyond a per-channel offset and scale; does the layer compute x * inv + (beta - mean * inv)?"
+        )
 
 
 def test_scratch_bn_bad_input(fw, framework):
@@ -109,16 +151,22 @@ def test_builtin_layer_conventions(fw, framework, shape):
     decay = float(np.dtype(conv["decay_dtype"]).type(0.9))
     got, want = call(fw, "builtin", inputs, "float64", True), expected(inputs, True, decay=decay)
     for name in ("y", "dx", "dgamma", "dbeta"):
-        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-9, atol=1e-10,
-                                   err_msg=f"{framework} builtin {name}")
+        np.testing.assert_allclose(
+            getattr(got, name), want[name], rtol=1e-9, atol=1e-10, err_msg=f"{framework} builtin {name}"
+        )
     n = inputs["x"].size // shape[1]
     batch_var = want["running_var"] - decay * inputs["running_var"]  # (1 - decay) * biased var
     factor = n / (n - 1) if conv["running_var"] == "unbiased" else 1.0
     expected_var = decay * inputs["running_var"] + batch_var * factor
-    np.testing.assert_allclose(got.var_after_backward, expected_var, rtol=1e-10,
-                               err_msg=f"{framework} builtin running var ({conv['running_var']})")
-    np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
-                               err_msg=f"{framework} builtin running mean")
+    np.testing.assert_allclose(
+        got.var_after_backward,
+        expected_var,
+        rtol=1e-10,
+        err_msg=f"{framework} builtin running var ({conv['running_var']})",
+    )
+    np.testing.assert_allclose(
+        got.mean_after_backward, want["running_mean"], rtol=1e-10, err_msg=f"{framework} builtin running mean"
+    )
     if conv["updated_in"] == "forward":
         np.testing.assert_allclose(got.var_after_forward, expected_var, rtol=1e-10)
     else:  # running statistics untouched by the forward alone
@@ -130,11 +178,11 @@ def test_builtin_defaults(fw, framework):
     decay, epsilon = BUILTIN[framework]["defaults"]
     inputs = bn_inputs((16, 5))
     got = call(fw, "builtin-defaults", inputs, "float64", True, decay=0.5, epsilon=0.5)  # both ignored
-    want = expected(inputs, True, decay=float(np.dtype(BUILTIN[framework]["decay_dtype"]).type(decay)),
-                    epsilon=epsilon)
+    want = expected(inputs, True, decay=float(np.dtype(BUILTIN[framework]["decay_dtype"]).type(decay)), epsilon=epsilon)
     np.testing.assert_allclose(got.y, want["y"], rtol=1e-9, err_msg=f"{framework} default epsilon {epsilon}")
-    np.testing.assert_allclose(got.mean_after_backward, want["running_mean"], rtol=1e-10,
-                               err_msg=f"{framework} default decay {decay}")
+    np.testing.assert_allclose(
+        got.mean_after_backward, want["running_mean"], rtol=1e-10, err_msg=f"{framework} default decay {decay}"
+    )
     backend = fw.BACKEND(RunConfig(model=ModelSpec(variant="builtin-defaults"), device="cpu"))
     assert (backend.describe()["bn_decay"], backend.describe()["bn_epsilon"]) == pytest.approx((decay, epsilon))
 
@@ -144,8 +192,14 @@ SPECS = {
     "default": ModelSpec(),
     "builtin": ModelSpec(variant="builtin"),
     "none": ModelSpec(variant="none"),
-    "knobs": ModelSpec(bias_before_bn=False, bn_positions=("conv2", "fc1"), activation="relu", pooling="max",
-                       bn_placement="after_activation", input_size=32),
+    "knobs": ModelSpec(
+        bias_before_bn=False,
+        bn_positions=("conv2", "fc1"),
+        activation="relu",
+        pooling="max",
+        bn_placement="after_activation",
+        input_size=32,
+    ),
 }
 
 
@@ -162,19 +216,28 @@ def test_lenet_logits_match_reference(fw, framework, name):
     x = np.random.RandomState(5).uniform(size=(24, 1, spec.input_size, spec.input_size))
     want_eval, _ = lenet_forward(params, spec, x, training=False)
     want_train, stats = lenet_forward(params, spec, x, training=True)
-    np.testing.assert_allclose(backend.predict(x), want_eval, rtol=1e-9, atol=1e-10,
-                               err_msg=f"{framework} {name} eval logits")
+    np.testing.assert_allclose(
+        backend.predict(x), want_eval, rtol=1e-9, atol=1e-10, err_msg=f"{framework} {name} eval logits"
+    )
     probe = backend.probe(x)
-    np.testing.assert_allclose(probe.logits_eval, want_eval, rtol=1e-9, atol=1e-10,
-                               err_msg=f"{framework} {name} probe eval logits")
-    np.testing.assert_allclose(probe.logits_train, want_train, rtol=1e-9, atol=1e-10,
-                               err_msg=f"{framework} {name} probe train logits")
+    np.testing.assert_allclose(
+        probe.logits_eval, want_eval, rtol=1e-9, atol=1e-10, err_msg=f"{framework} {name} probe eval logits"
+    )
+    np.testing.assert_allclose(
+        probe.logits_train, want_train, rtol=1e-9, atol=1e-10, err_msg=f"{framework} {name} probe train logits"
+    )
     assert sorted(probe.bn) == sorted(stats)
     for layer, s in stats.items():
-        np.testing.assert_allclose(probe.bn[layer]["batch_mean"], s["batch_mean"], rtol=1e-9, atol=1e-12,
-                                   err_msg=f"{framework} {layer} batch mean")
-        np.testing.assert_allclose(probe.bn[layer]["batch_var"], s["batch_var"], rtol=1e-9,
-                                   err_msg=f"{framework} {layer} batch var")
+        np.testing.assert_allclose(
+            probe.bn[layer]["batch_mean"],
+            s["batch_mean"],
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=f"{framework} {layer} batch mean",
+        )
+        np.testing.assert_allclose(
+            probe.bn[layer]["batch_var"], s["batch_var"], rtol=1e-9, err_msg=f"{framework} {layer} batch var"
+        )
         np.testing.assert_array_equal(probe.bn[layer]["running_var"], params[f"{layer}.running_var"])
 
 
@@ -184,8 +247,13 @@ def test_float32_logits_match_reference(fw, framework):
     backend = backend_for(fw, spec, "float32")
     backend.set_params(params)
     x = np.random.RandomState(5).uniform(size=(16, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_allclose(backend.predict(x), lenet_forward(params, spec, x, training=False)[0],
-                               rtol=1e-4, atol=1e-5, err_msg=f"{framework} float32 logits")
+    np.testing.assert_allclose(
+        backend.predict(x),
+        lenet_forward(params, spec, x, training=False)[0],
+        rtol=1e-4,
+        atol=1e-5,
+        err_msg=f"{framework} float32 logits",
+    )
 
 
 # Mode and state ----------------------------------------------------------------
@@ -243,10 +311,19 @@ def test_training_step_updates_running_statistics_by_the_spec(fw, framework, tra
     spec = ModelSpec()
     _, stats = lenet_forward(before, spec, images[:8], training=True)
     for layer, s in stats.items():
-        np.testing.assert_allclose(after[f"{layer}.running_mean"], s["new_running_mean"], rtol=1e-9, atol=1e-12,
-                                   err_msg=f"{framework} {layer} running mean after one step")
-        np.testing.assert_allclose(after[f"{layer}.running_var"], s["new_running_var"], rtol=1e-9,
-                                   err_msg=f"{framework} {layer} running var after one step")
+        np.testing.assert_allclose(
+            after[f"{layer}.running_mean"],
+            s["new_running_mean"],
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=f"{framework} {layer} running mean after one step",
+        )
+        np.testing.assert_allclose(
+            after[f"{layer}.running_var"],
+            s["new_running_var"],
+            rtol=1e-9,
+            err_msg=f"{framework} {layer} running var after one step",
+        )
     assert not np.array_equal(after["conv1.weight"], before["conv1.weight"])
 
 
@@ -318,27 +395,47 @@ def test_execution_modes_train_the_same(fw, framework, tmp_path):
     ds = load_fashion_mnist(tmp_path, verify=False, dtype="float64")
     runs = {}
     for execution in (e for e in EXECUTIONS if EXECUTION_NAMES[framework][e] is not None):
-        config = RunConfig(epochs=2, batch_size=32, lr=0.5, dtype="float64", device="cpu", probe_size=16,
-                           trace_steps=10, execution=execution)
+        config = RunConfig(
+            epochs=2,
+            batch_size=32,
+            lr=0.5,
+            dtype="float64",
+            device="cpu",
+            probe_size=16,
+            trace_steps=10,
+            execution=execution,
+        )
         got = []
         run_loop(fw.BACKEND, config, ds, lambda record, arrays=None: got.append(record))
-        assert got[0]["backend"]["execution"] == EXECUTION_NAMES[framework][execution], \
+        assert got[0]["backend"]["execution"] == EXECUTION_NAMES[framework][execution], (
             f"{framework} --execution {execution} runs as {got[0]['backend']['execution']}"
+        )
         runs[execution] = [r for r in got if r["kind"] == "epoch"]
     for execution, epochs in runs.items():
         for eager, compiled in zip(runs["eager"], epochs):
-            np.testing.assert_allclose(compiled["step_losses"], eager["step_losses"], rtol=1e-10, atol=0,
-                                       err_msg=f"{framework} {execution} vs eager per-step losses, epoch {eager['epoch']}")
+            np.testing.assert_allclose(
+                compiled["step_losses"],
+                eager["step_losses"],
+                rtol=1e-10,
+                atol=0,
+                err_msg=f"{framework} {execution} vs eager per-step losses, epoch {eager['epoch']}",
+            )
             for key in ("train_loss", "test_loss", "probe_logit_mad"):
-                np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-10,
-                                           err_msg=f"{framework} {execution} vs eager {key}, epoch {eager['epoch']}")
+                np.testing.assert_allclose(
+                    compiled[key],
+                    eager[key],
+                    rtol=1e-10,
+                    err_msg=f"{framework} {execution} vs eager {key}, epoch {eager['epoch']}",
+                )
 
 
 def test_a_mode_the_framework_lacks_is_a_clear_error(fw, framework):
     missing = [e for e, name in EXECUTION_NAMES[framework].items() if name is None]
     for execution in missing:
-        with pytest.raises(BackendUnavailable, match=f"--execution {execution} is not a mode of this framework; "
-                                                     f"it has default, compiled, eager"):
+        with pytest.raises(
+            BackendUnavailable,
+            match=f"--execution {execution} is not a mode of this framework; it has default, compiled, eager",
+        ):
             backend_for(fw, ModelSpec(), execution=execution)
     if not missing:  # every mode exists: each one builds and says what it runs as
         for execution, name in EXECUTION_NAMES[framework].items():
@@ -349,8 +446,16 @@ def test_compiled_run_repeats_bit_for_bit(fw, framework, tmp_path):
     """--execution compiled on the CPU: the same seed gives the same per-step losses and parameters, exactly."""
     make_idx_dir(tmp_path, 320, 64)
     ds = load_fashion_mnist(tmp_path, verify=False, dtype="float64")
-    config = RunConfig(epochs=1, batch_size=32, lr=0.5, dtype="float64", device="cpu", probe_size=16,
-                       trace_steps=10, execution="compiled")
+    config = RunConfig(
+        epochs=1,
+        batch_size=32,
+        lr=0.5,
+        dtype="float64",
+        device="cpu",
+        probe_size=16,
+        trace_steps=10,
+        execution="compiled",
+    )
     runs = []
     for _ in range(2):
         got = []
@@ -387,5 +492,10 @@ def test_compiled_evaluate_and_probe_leave_the_training_graph_alone(fw, framewor
     moved = [n for n in before if n.endswith(".running_mean") and not np.array_equal(trained["compiled"][n], before[n])]
     assert moved, f"{framework} compiled: the training step after evaluate/probe left the running statistics alone"
     for name, value in trained["eager"].items():
-        np.testing.assert_allclose(trained["compiled"][name], value, rtol=1e-10, atol=1e-13,
-                                   err_msg=f"{framework} compiled vs eager after evaluate/probe: {name}")
+        np.testing.assert_allclose(
+            trained["compiled"][name],
+            value,
+            rtol=1e-10,
+            atol=1e-13,
+            err_msg=f"{framework} compiled vs eager after evaluate/probe: {name}",
+        )

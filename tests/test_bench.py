@@ -5,6 +5,7 @@ that the benchmark measures what it says: the bare loop does exactly the suite's
 training work, the ratios are the paired ratios of the figures it recorded, and
 bad options are refused before anything runs.
 """
+
 import json
 import math
 import sys
@@ -17,7 +18,8 @@ from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.loop import run as run_loop
 from common.registry import load_backend_module
-from compare.bench import COLUMNS, main as bench_main, median_interval, paired_ratio, row
+from compare.bench import COLUMNS, median_interval, paired_ratio, row
+from compare.bench import main as bench_main
 from tests.conventions import EXECUTION_NAMES
 from tests.helpers import make_idx_dir
 
@@ -44,10 +46,18 @@ def test_paired_ratio_is_the_median_of_each_repeats_ratio():
 
 
 def test_row_keeps_each_loops_median_and_spread():
-    record = {"framework": "torch", "variant": "builtin", "execution": "compiled", "execution_name": "eager",
-              "batch_size": 256, "device_name": "CPU", "suite_all": [10.0, 30.0, 20.0],
-              "suite_first_step_seconds": [9.0, 0.5, 0.25],
-              "bare_all": [10.0, 30.0, 20.0], "textbook_all": [5.0, 15.0, 10.0]}
+    record = {
+        "framework": "torch",
+        "variant": "builtin",
+        "execution": "compiled",
+        "execution_name": "eager",
+        "batch_size": 256,
+        "device_name": "CPU",
+        "suite_all": [10.0, 30.0, 20.0],
+        "suite_first_step_seconds": [9.0, 0.5, 0.25],
+        "bare_all": [10.0, 30.0, 20.0],
+        "textbook_all": [5.0, 15.0, 10.0],
+    }
     r = row(record)
     assert set(r) == set(COLUMNS)
     assert (r["suite_examples_per_s"], r["textbook_examples_per_s"]) == (20.0, 10.0)
@@ -57,15 +67,18 @@ def test_row_keeps_each_loops_median_and_spread():
     assert (r["first_step_seconds"], r["first_step_seconds_later"]) == (9.0, 0.375)  # the first; median of the rest
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--variants", "scratch,bogus", "unknown variant ['bogus']; choose from scratch"),
-    ("--variants", "scratch,scratch", "variant scratch listed twice"),
-    ("--norms", "batch,weight", "unknown normalisation ['weight']; choose from batch"),
-    ("--executions", "jit", "unknown execution ['jit']; choose from default"),
-    ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
-    ("--train-limit", "1000", "leaves no timed step at batch size 256"),
-    ("--repeats", "0", "--repeats must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--variants", "scratch,bogus", "unknown variant ['bogus']; choose from scratch"),
+        ("--variants", "scratch,scratch", "variant scratch listed twice"),
+        ("--norms", "batch,weight", "unknown normalisation ['weight']; choose from batch"),
+        ("--executions", "jit", "unknown execution ['jit']; choose from default"),
+        ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
+        ("--train-limit", "1000", "leaves no timed step at batch size 256"),
+        ("--repeats", "0", "--repeats must be at least 1"),
+    ],
+)
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, option, value, message):
     out = tmp_path / "bench"
     code = bench_main([option, value, "--out", str(out), "--data-dir", str(tmp_path)])
@@ -77,16 +90,43 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, option, 
 def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 640, 100)
     out = tmp_path / "bench"
-    code = bench_main(["--frameworks", framework, "--variants", "scratch,none", "--norms", "batch,renorm",
-                       "--repeats", "2", "--batch-sizes", "64", "--train-limit", "640", "--device", "cpu", "--data-dir", str(data),
-                       "--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(out),
-                       "--json", str(tmp_path / "rows.json")])
+    code = bench_main(
+        [
+            "--frameworks",
+            framework,
+            "--variants",
+            "scratch,none",
+            "--norms",
+            "batch,renorm",
+            "--repeats",
+            "2",
+            "--batch-sizes",
+            "64",
+            "--train-limit",
+            "640",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--python",
+            f"{framework}={sys.executable}",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "rows.json"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     frame = pd.read_csv(out / "bench.csv")
     assert list(frame.columns) == COLUMNS
-    assert sorted(zip(frame["norm"], frame["variant"])) == [("batch", "none"), ("batch", "scratch"),
-                                                           ("renorm", "none"), ("renorm", "scratch")]
+    assert sorted(zip(frame["norm"], frame["variant"])) == [
+        ("batch", "none"),
+        ("batch", "scratch"),
+        ("renorm", "none"),
+        ("renorm", "scratch"),
+    ]
     assert set(frame["framework"]) == {framework}
     saved = json.loads((out / "bench.json").read_text())
     assert saved["machine"]["cpu_count"] and json.loads((tmp_path / "rows.json").read_text()) == saved["rows"]
@@ -96,8 +136,10 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
         assert r["repeats"] == 2 and r["suite_over_bare"] > 0 and r["suite_over_bare_low"] is None  # < 6 repeats
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "bench.md").read_text()
-    assert "| framework | norm | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook " \
-           "| first step s |" in text
+    assert (
+        "| framework | norm | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook "
+        "| first step s |" in text
+    )
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} batch    none" in captured.out
 
@@ -107,9 +149,31 @@ def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, ca
     benchmarks eager; one with it benchmarks both."""
     data = make_idx_dir(tmp_path / "data", 384, 100)
     out = tmp_path / "bench"
-    code = bench_main(["--frameworks", framework, "--variants", "none", "--executions", "eager,xla", "--repeats", "1",
-                       "--batch-sizes", "64", "--train-limit", "384", "--device", "cpu", "--data-dir", str(data),
-                       "--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(out)])
+    code = bench_main(
+        [
+            "--frameworks",
+            framework,
+            "--variants",
+            "none",
+            "--executions",
+            "eager,xla",
+            "--repeats",
+            "1",
+            "--batch-sizes",
+            "64",
+            "--train-limit",
+            "384",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--python",
+            f"{framework}={sys.executable}",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     executions = list(pd.read_csv(out / "bench.csv")["execution"])
@@ -123,14 +187,27 @@ def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, ca
 @pytest.mark.parametrize("variant, norm", [("scratch", "batch"), ("builtin", "batch"), ("scratch", "renorm")])
 def test_the_bare_loop_trains_exactly_as_the_suite(fw, framework, variant, norm, tmp_path):
     """Same init, batches and SGD: after one float64 epoch the bare loop's parameters (running statistics
-    included, and renorm's steps) are the suite's, so suite/bare compares the same work. lr 0.5: Keras's SGD keeps its learning
-    rate in float32, so the TensorFlow bare loop steps with float32(lr), equal to lr only where lr is exact."""
+    included, and renorm's steps) are the suite's, so suite/bare compares the same work. lr 0.5: Keras's SGD keeps
+    its learning rate in float32, so the TensorFlow bare loop steps with float32(lr), equal to lr only where lr is
+    exact."""
     data = load_fashion_mnist(make_idx_dir(tmp_path / "data", 320, 100), verify=False, dtype="float64")
-    config = RunConfig(model=ModelSpec(variant=variant, norm=norm, renorm_warmup=3), dtype="float64", epochs=1, batch_size=32, lr=0.5,
-                       device="cpu", test_limit=100, probe_size=16)
+    config = RunConfig(
+        model=ModelSpec(variant=variant, norm=norm, renorm_warmup=3),
+        dtype="float64",
+        epochs=1,
+        batch_size=32,
+        lr=0.5,
+        device="cpu",
+        test_limit=100,
+        probe_size=16,
+    )
     suite = []
-    run_loop(fw.BACKEND, config, data,
-             lambda record, arrays=None: suite.append(arrays) if record["kind"] == "epoch" else None)
+    run_loop(
+        fw.BACKEND,
+        config,
+        data,
+        lambda record, arrays=None: suite.append(arrays) if record["kind"] == "epoch" else None,
+    )
     examples_per_s, backend = load_backend_module(framework, "bare").epoch(config, data)
     assert examples_per_s > 0
     bare = backend.get_params()

@@ -12,22 +12,36 @@ def test_defaults_are_the_textbook_setting():
     assert (c.model.decay, c.model.epsilon, c.model.variant) == (0.9, 1e-5, "scratch")
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"lr": 0}, "lr must be a positive"), ({"lr": float("nan")}, "lr must be a positive"),
-    ({"batch_size": 1}, "batch_size"), ({"epochs": 0}, "epochs"), ({"dtype": "float16"}, "dtype"),
-    ({"device": "tpu"}, "device"), ({"seed": -1}, "seed"), ({"batch_size": 2.5}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"lr": 0}, "lr must be a positive"),
+        ({"lr": float("nan")}, "lr must be a positive"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"seed": -1}, "seed"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ],
+)
 def test_bad_run_config_values(changes, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig(**changes)
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"variant": "fancy"}, "unknown variant 'fancy'"), ({"decay": 1.0}, "decay must be in"),
-    ({"epsilon": 0}, "epsilon must be a positive"), ({"dropout": 1.0}, "dropout"),
-    ({"bn_positions": ("conv3",)}, "unknown BN position"), ({"activation": "tanh"}, "activation"),
-    ({"input_size": 30}, "input_size"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"variant": "fancy"}, "unknown variant 'fancy'"),
+        ({"decay": 1.0}, "decay must be in"),
+        ({"epsilon": 0}, "epsilon must be a positive"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"bn_positions": ("conv3",)}, "unknown BN position"),
+        ({"activation": "tanh"}, "activation"),
+        ({"input_size": 30}, "input_size"),
+    ],
+)
 def test_bad_model_spec_values(changes, match):
     with pytest.raises(ConfigError, match=match):
         ModelSpec(**changes)

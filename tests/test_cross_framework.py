@@ -5,6 +5,7 @@ give the same losses step by step, and the parameters stay together.
 Run with `tox -e cross` (it needs every framework's tox env; the runner finds
 or creates them).
 """
+
 import json
 
 import numpy as np
@@ -23,10 +24,36 @@ STEPS = 12
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cross")
     data = make_idx_dir(tmp / "data", 1024, 256)
-    code = run_main(["--frameworks", ",".join(FRAMEWORKS), "--variants", "scratch,builtin", "--epochs", "2",
-                     "--batch-size", "64", "--lr", "0.5", "--dtype", "float64", "--device", "cpu",
-                     "--data-dir", str(data), "--no-verify-data", "--out", str(tmp), "--run-id", "cross",
-                     "--probe-size", "64", "--trace-steps", str(STEPS), "--no-progress"])
+    code = run_main(
+        [
+            "--frameworks",
+            ",".join(FRAMEWORKS),
+            "--variants",
+            "scratch,builtin",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.5",
+            "--dtype",
+            "float64",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp),
+            "--run-id",
+            "cross",
+            "--probe-size",
+            "64",
+            "--trace-steps",
+            str(STEPS),
+            "--no-progress",
+        ]
+    )
     assert code == 0, "a framework failed: see the errors table of the run"
     return tmp / "cross"
 
@@ -45,8 +72,9 @@ def test_first_steps_give_the_same_losses(run_dir, variant):
     assert len(reference) == STEPS and reference[-1] < reference[0]
     for framework, got in losses.items():
         # every step, not just the last; float64 leaves only summation-order noise
-        np.testing.assert_allclose(got, reference, rtol=1e-10, atol=0,
-                                   err_msg=f"{framework} vs torch, {variant}: per-step losses")
+        np.testing.assert_allclose(
+            got, reference, rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, {variant}: per-step losses"
+        )
 
 
 def test_parameters_stay_together_and_drift_is_reported(run_dir):
@@ -74,19 +102,32 @@ def test_population_statistics_agree(run_dir, variant):
     for (framework, epoch), record in by.items():
         ref = by[("torch", epoch)]
         assert record["population_images"] == ref["population_images"] > 0
-        np.testing.assert_allclose(record["pop_test_loss"], ref["pop_test_loss"], rtol=1e-10,
-                                   err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: population test loss")
+        np.testing.assert_allclose(
+            record["pop_test_loss"],
+            ref["pop_test_loss"],
+            rtol=1e-10,
+            err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: population test loss",
+        )
         assert record["pop_test_acc"] == ref["pop_test_acc"]
         mine, theirs = np.load(run_dir / record["snapshot"]), np.load(run_dir / ref["snapshot"])
         names = sorted(k for k in theirs.files if k.startswith("population/"))
         assert len(names) == 8 and sorted(k for k in mine.files if k.startswith("population/")) == names
         for name in names:
-            np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-10, atol=1e-14,
-                                       err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: {name}")
+            np.testing.assert_allclose(
+                mine[name],
+                theirs[name],
+                rtol=1e-10,
+                atol=1e-14,
+                err_msg=f"{framework} vs torch, {variant}, epoch {epoch}: {name}",
+            )
 
 
-NORM_ARGS = {"layer": [], "group": ["--groups", "2"], "instance": ["--bn-positions", "conv1,conv2"],
-             "renorm": ["--renorm-warmup", "4"]}
+NORM_ARGS = {
+    "layer": [],
+    "group": ["--groups", "2"],
+    "instance": ["--bn-positions", "conv1,conv2"],
+    "renorm": ["--renorm-warmup", "4"],
+}
 
 
 @pytest.mark.parametrize("norm", list(NORM_ARGS))
@@ -94,18 +135,49 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
     """Each scratch normalisation: same initial weights and batches in float64, the same per-step losses in
     every framework (renorm with a short warm-up, so r and d act within the traced steps)."""
     data = make_idx_dir(tmp_path / "data", 512, 128)
-    code = run_main(["--frameworks", ",".join(FRAMEWORKS), "--variants", "scratch", "--epochs", "1",
-                     "--batch-size", "32", "--lr", "0.5", "--dtype", "float64", "--device", "cpu", "--norm", norm,
-                     *NORM_ARGS[norm], "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path),
-                     "--run-id", norm, "--probe-size", "32", "--population-size", "64",
-                     "--trace-steps", str(STEPS), "--no-progress"])
+    code = run_main(
+        [
+            "--frameworks",
+            ",".join(FRAMEWORKS),
+            "--variants",
+            "scratch",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--dtype",
+            "float64",
+            "--device",
+            "cpu",
+            "--norm",
+            norm,
+            *NORM_ARGS[norm],
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            norm,
+            "--probe-size",
+            "32",
+            "--population-size",
+            "64",
+            "--trace-steps",
+            str(STEPS),
+            "--no-progress",
+        ]
+    )
     assert code == 0, "a framework failed: see the errors table of the run"
     epochs = _epochs(tmp_path / norm)
     losses = {r["framework"]: np.array(r["step_losses"]) for r in epochs}
     assert sorted(losses) == sorted(FRAMEWORKS)
     for framework, got in losses.items():
-        np.testing.assert_allclose(got, losses["torch"], rtol=1e-10, atol=0,
-                                   err_msg=f"{framework} vs torch, --norm {norm}: per-step losses")
+        np.testing.assert_allclose(
+            got, losses["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, --norm {norm}: per-step losses"
+        )
     for r in epochs:  # only renorm keeps running statistics, so only it can differ between train and eval mode
         assert (r["probe_logit_mad"] > 0) == (norm == "renorm"), (r["framework"], r["probe_logit_mad"])
 
@@ -122,10 +194,38 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
     runs agree to float32 precision, the mixed ones within MIXED_RTOL of PyTorch's step by step, and MXNet's
     mixed runs fail before training with the reason while its float32 runs complete."""
     data = make_idx_dir(tmp_path / "data", 512, 128)
-    code = run_main(["--frameworks", ",".join(FRAMEWORKS), "--variants", "scratch,builtin", "--epochs", "1",
-                     "--batch-size", "32", "--lr", "0.5", "--precision", "mixed-bfloat16", "--device", "cpu",
-                     "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path), "--run-id", "mixed",
-                     "--probe-size", "32", "--population-size", "0", "--trace-steps", str(STEPS), "--no-progress"])
+    code = run_main(
+        [
+            "--frameworks",
+            ",".join(FRAMEWORKS),
+            "--variants",
+            "scratch,builtin",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--precision",
+            "mixed-bfloat16",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "mixed",
+            "--probe-size",
+            "32",
+            "--population-size",
+            "0",
+            "--trace-steps",
+            str(STEPS),
+            "--no-progress",
+        ]
+    )
     assert code == 1  # MXNet's mixed runs failed, the rest completed
     records = [json.loads(line) for line in (tmp_path / "mixed" / "records.jsonl").read_text().splitlines()]
     ends = {(r["framework"], r["variant"], r["config_id"]): r for r in records if r["kind"] in ("run_end", "error")}
@@ -142,8 +242,14 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
             losses[(r["framework"], r["variant"], configs[r["config_id"]]["mixed"])] = np.array(r["step_losses"])
     for (framework, variant, mixed), got in losses.items():
         want = losses[("torch", variant, mixed)]
-        np.testing.assert_allclose(got, want, rtol=1e-5 if mixed == "off" else MIXED_RTOL, atol=0,
-                                   err_msg=f"{framework} vs torch, {variant}, mixed={mixed}: per-step losses")
-    mixed_gap = max(np.max(np.abs(got / losses[("torch", v, m)] - 1)) for (f, v, m), got in losses.items()
-                    if m != "off")
+        np.testing.assert_allclose(
+            got,
+            want,
+            rtol=1e-5 if mixed == "off" else MIXED_RTOL,
+            atol=0,
+            err_msg=f"{framework} vs torch, {variant}, mixed={mixed}: per-step losses",
+        )
+    mixed_gap = max(
+        np.max(np.abs(got / losses[("torch", v, m)] - 1)) for (f, v, m), got in losses.items() if m != "off"
+    )
     print(f"largest mixed-precision per-step loss gap from PyTorch: {mixed_gap:.2e}")

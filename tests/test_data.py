@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from common import data
-from common.data import (DataError, batch_order, find_data_dir, load_fashion_mnist, parse_idx,
-                         probe_indices, write_idx)
+from common.data import DataError, batch_order, find_data_dir, load_fashion_mnist, parse_idx, probe_indices, write_idx
 from tests.helpers import make_idx_dir
 
 
@@ -101,25 +100,32 @@ def test_real_fashion_mnist_verifies():
 
 
 # Pins: a change in numpy's RandomState stream must fail loudly --------------
-STREAM = ("numpy's RandomState stream changed: {what} is now {got}. Every run's batches and probe images "
-          "would differ from earlier reports; make common.data draw them the old way.")
+STREAM = (
+    "numpy's RandomState stream changed: {what} is now {got}. Every run's batches and probe images "
+    "would differ from earlier reports; make common.data draw them the old way."
+)
 
 
 def test_batch_order_pin():
     got = batch_order(0, 1, 20, 4).tolist()
-    assert got == [[13, 19, 1, 8], [10, 9, 0, 5], [16, 18, 4, 6], [12, 7, 2, 17], [14, 15, 3, 11]], \
-        STREAM.format(what="the batch order of seed 0, epoch 1", got=got)
-    assert batch_order(0, 2, 20, 4)[0].tolist() == [3, 16, 2, 18], \
-        STREAM.format(what="seed 0, epoch 2", got=batch_order(0, 2, 20, 4)[0].tolist())
-    assert batch_order(1, 1, 20, 4)[0].tolist() == [2, 3, 8, 18], \
-        STREAM.format(what="seed 1, epoch 1", got=batch_order(1, 1, 20, 4)[0].tolist())
+    assert got == [[13, 19, 1, 8], [10, 9, 0, 5], [16, 18, 4, 6], [12, 7, 2, 17], [14, 15, 3, 11]], STREAM.format(
+        what="the batch order of seed 0, epoch 1", got=got
+    )
+    assert batch_order(0, 2, 20, 4)[0].tolist() == [3, 16, 2, 18], STREAM.format(
+        what="seed 0, epoch 2", got=batch_order(0, 2, 20, 4)[0].tolist()
+    )
+    assert batch_order(1, 1, 20, 4)[0].tolist() == [2, 3, 8, 18], STREAM.format(
+        what="seed 1, epoch 1", got=batch_order(1, 1, 20, 4)[0].tolist()
+    )
 
 
 def test_probe_indices_pin():
-    assert probe_indices(5, 4).tolist() == [0, 2, 3, 4], STREAM.format(what="probe_indices(5, 4)",
-                                                                        got=probe_indices(5, 4).tolist())
+    assert probe_indices(5, 4).tolist() == [0, 2, 3, 4], STREAM.format(
+        what="probe_indices(5, 4)", got=probe_indices(5, 4).tolist()
+    )
     got = probe_indices(100, 8).tolist()
     assert got == [0, 10, 21, 36, 37, 70, 79, 90], STREAM.format(what="probe_indices(100, 8)", got=got)
     full = probe_indices(10000, 512)
-    assert full[:8].tolist() == [27, 104, 144, 150, 180, 184, 185, 223] and full[-3:].tolist() == [9945, 9973, 9986], \
+    assert full[:8].tolist() == [27, 104, 144, 150, 180, 184, 185, 223] and full[-3:].tolist() == [9945, 9973, 9986], (
         STREAM.format(what="the default probe set", got=full[:8].tolist())
+    )

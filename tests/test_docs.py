@@ -8,6 +8,7 @@
 - README's test command is what .ci/run runs, word for word (it reads it from README), and both commands
   set tox up in a virtual environment, which a system pip that refuses installs (PEP 668) cannot stop.
 """
+
 import re
 import shutil
 import subprocess
@@ -32,8 +33,9 @@ def help_options():
     """command -> the options its --help lists."""
     out = {}
     for name, module in COMMANDS.items():
-        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         out[name] = set(OPTION.findall(proc.stdout))
     return out
@@ -41,7 +43,7 @@ def help_options():
 
 def pytest_options():
     text = (ROOT / "tests" / "conftest.py").read_text()
-    return set(re.findall(r'addoption\("(--[a-z-]+)"', text))
+    return set(re.findall(r'addoption\(\s*"(--[a-z-]+)"', text))
 
 
 def doc_lines(path: Path):
@@ -72,17 +74,20 @@ def option_problems(path: Path, help_options: dict, known_pytest: set) -> list:
                 match = COMMAND.search(piece)
                 if match:
                     command = match.group(1) or match.group(2)
-                    for option in OPTION.findall(piece[match.end():]):
+                    for option in OPTION.findall(piece[match.end() :]):
                         if option not in help_options[command]:
-                            problems.append(f"{path.name}:{number}: {option} is not an option of "
-                                            f"{COMMANDS[command]} (--help)")
+                            problems.append(
+                                f"{path.name}:{number}: {option} is not an option of {COMMANDS[command]} (--help)"
+                            )
                     continue
                 if any(tool in piece for tool in OTHER_TOOLS):
                     continue
                 for option in OPTION.findall(piece):
                     if option.split("=")[0] not in everything:
-                        problems.append(f"{path.name}:{number}: {option} is no option of compare.run, study, "
-                                        f"bench, report or the tests")
+                        problems.append(
+                            f"{path.name}:{number}: {option} is no option of compare.run, study, "
+                            f"bench, report or the tests"
+                        )
     return problems
 
 
@@ -94,8 +99,11 @@ def test_every_option_the_docs_name_exists(help_options):
 def study_names(path: Path) -> set:
     text = path.read_text()
     named = set(re.findall(r"(?:compare\.study|tox -e study --)\s+([a-z][a-z0-9-]*)(?![\w.-])", text))  # not FILE.toml
-    named |= set(re.findall(r"^\| `([a-z][a-z0-9-]*)` \|", text, flags=re.M)) if "## Studies" in text or \
-        path.name == "studies.md" else set()
+    named |= (
+        set(re.findall(r"^\| `([a-z][a-z0-9-]*)` \|", text, flags=re.M))
+        if "## Studies" in text or path.name == "studies.md"
+        else set()
+    )
     return named - {"list"}
 
 
@@ -158,15 +166,21 @@ def test_ci_runs_readmes_test_command_as_written():
     `sudo` a root shell leaves out; it installs what the comparison command installs, and sets tox up in a
     virtual environment, where a system pip that refuses installs (PEP 668) cannot stop it."""
     compare_cmd, test_cmd = readme_commands()
-    printed = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--print"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    printed = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "--print"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert printed.split() == [w for w in test_cmd.split() if w != "sudo" or shutil.which("sudo")]
     for cmd in (compare_cmd, test_cmd):
         assert "python3 -m venv .venv" in cmd and ".venv/bin/pip install 'tox>=4'" in cmd
         assert not re.search(r"(^|&& )(sudo )?(python3 -m )?pip install", cmd), "a system pip install (PEP 668)"
-    packages = lambda cmd: set(re.search(r"apt-get install -y ([\w+ -]+?) &&", cmd).group(1).split())
+
+    def packages(cmd):
+        return set(re.search(r"apt-get install -y ([\w+ -]+?) &&", cmd).group(1).split())
+
     assert packages(compare_cmd) <= packages(test_cmd), "the tests install what the comparison command installs"
-    assert compare_cmd.endswith(".venv/bin/tox -e run -- --frameworks torch,mxnet") and test_cmd.endswith(".venv/bin/tox")
+    assert compare_cmd.endswith(".venv/bin/tox -e run -- --frameworks torch,mxnet") and test_cmd.endswith(
+        ".venv/bin/tox"
+    )
 
 
 @pytest.mark.parametrize("module", ["run", "study", "bench", "report"])
@@ -174,6 +188,7 @@ def test_every_option_has_help_and_says_its_default_once(module):
     """Every option of every command explains itself; a default is said once (not "default 10 (default:
     None)"), and never as None."""
     import importlib
+
     parser = importlib.import_module(f"compare.{module}").build_parser()
     text = parser.format_help()
     for action in parser._actions:
@@ -207,17 +222,29 @@ def test_cheap_commands_in_the_guides_run_as_written():
     assert {c[1] for c in commands} >= {"tox -e run -- --help", "tox -e study -- --list"}, commands
     for name, written, module, args in commands:
         assert f"commands = python -m {module} {{posargs}}" in tox, f"{name}: {written}: tox.ini runs it otherwise"
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0 and proc.stdout.strip(), f"{name}: `{written}` failed:\n{proc.stderr[-2000:]}"
 
 
 def test_nothing_points_outside_the_repository():
     """Specs live in docs/ and docstrings: no file refers to design notes kept outside the repository."""
     outside = re.compile(r"\b(DESIGN|CONVENTIONS|STYLE)\.md\b|\.\./shared\b")
-    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".ini", ".toml", ".txt", "")
-             and not any(part.startswith(".") and part not in (".ci",) for part in p.relative_to(ROOT).parts)
-             and "__pycache__" not in p.parts and p.stat().st_size < 1_000_000 and "reports" not in p.parts]
-    hits = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in
-            enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    files = [
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file()
+        and p.suffix in (".py", ".md", ".ini", ".toml", ".txt", "")
+        and not any(part.startswith(".") and part not in (".ci",) for part in p.relative_to(ROOT).parts)
+        and "__pycache__" not in p.parts
+        and p.stat().st_size < 1_000_000
+        and "reports" not in p.parts
+    ]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in files
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
     assert not hits, hits

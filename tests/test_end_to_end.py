@@ -1,4 +1,5 @@
 """compare.run on small IDX files, through real worker subprocesses."""
+
 import json
 import sys
 
@@ -12,17 +13,49 @@ from compare.reporting import tables
 from compare.run import main as run_main
 from tests.helpers import make_idx_dir
 
-TIMING = {"train_examples_per_s", "train_seconds", "warmup_examples_per_s", "warmup_seconds", "first_step_seconds",
-          "eval_examples_per_s", "eval_seconds", "population_seconds"}
-FILES = ["records.jsonl", "environment.json", "report.md", "curves.png", "divergence.png", "throughput.png"] + \
-        [f"{t}.csv" for t in tables.TABLES]
+TIMING = {
+    "train_examples_per_s",
+    "train_seconds",
+    "warmup_examples_per_s",
+    "warmup_seconds",
+    "first_step_seconds",
+    "eval_examples_per_s",
+    "eval_seconds",
+    "population_seconds",
+}
+FILES = ["records.jsonl", "environment.json", "report.md", "curves.png", "divergence.png", "throughput.png"] + [
+    f"{t}.csv" for t in tables.TABLES
+]
 
 
 def _run(framework, data, out, run_id, *extra):
-    return run_main(["--frameworks", framework, "--variants", "scratch,builtin,none", "--epochs", "2",
-                     "--batch-size", "64", "--data-dir", str(data), "--no-verify-data", "--out", str(out),
-                     "--run-id", run_id, "--python", f"{framework}={sys.executable}", "--probe-size", "64",
-                     "--no-progress", "--trace-steps", "3", *extra])
+    return run_main(
+        [
+            "--frameworks",
+            framework,
+            "--variants",
+            "scratch,builtin,none",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(out),
+            "--run-id",
+            run_id,
+            "--python",
+            f"{framework}={sys.executable}",
+            "--probe-size",
+            "64",
+            "--no-progress",
+            "--trace-steps",
+            "3",
+            *extra,
+        ]
+    )
 
 
 def _records(path):
@@ -58,7 +91,9 @@ def test_run_writes_every_report_and_repeats_exactly(framework, tmp_path):
     # the same seed again: identical records apart from timings
     assert _run(framework, data, tmp_path / "out", "b") == 0
     strip = [{k: v for k, v in r.items() if k not in TIMING | {"backend", "pid"}} for r in records]
-    again = [{k: v for k, v in r.items() if k not in TIMING | {"backend", "pid"}} for r in _records(tmp_path / "out" / "b")]
+    again = [
+        {k: v for k, v in r.items() if k not in TIMING | {"backend", "pid"}} for r in _records(tmp_path / "out" / "b")
+    ]
     assert strip == again
 
     # the reports rebuild from the raw records alone
@@ -71,23 +106,43 @@ def test_run_writes_every_report_and_repeats_exactly(framework, tmp_path):
 
 def test_a_broken_framework_costs_only_its_rows(tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 200, 100)
-    code = run_main(["--frameworks", "mxnet", "--variants", "scratch", "--epochs", "1", "--data-dir", str(data),
-                     "--no-verify-data", "--out", str(tmp_path / "out"), "--run-id", "x",
-                     "--python", f"mxnet={tmp_path / 'no-such-python'}", "--no-progress"])
+    code = run_main(
+        [
+            "--frameworks",
+            "mxnet",
+            "--variants",
+            "scratch",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path / "out"),
+            "--run-id",
+            "x",
+            "--python",
+            f"mxnet={tmp_path / 'no-such-python'}",
+            "--no-progress",
+        ]
+    )
     assert code == 1
     errors = pd.read_csv(tmp_path / "out" / "x" / "errors.csv")
     assert list(errors.framework) == ["mxnet"] and "no such interpreter" in errors.message[0]
     assert "## Errors" in (tmp_path / "out" / "x" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--frameworks", "torch,paddle"], "unknown framework 'paddle'"),
-    (["--variants", "fancy"], "unknown variant"),
-    (["--seeds", "a"], "--seeds takes comma-separated integers"),
-    (["--lr", "-1"], "lr must be a positive"),
-    (["--data-dir", "/no/such/dir"], "does not exist"),
-    (["--python", "torch"], "--python takes FW=PATH"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--frameworks", "torch,paddle"], "unknown framework 'paddle'"),
+        (["--variants", "fancy"], "unknown variant"),
+        (["--seeds", "a"], "--seeds takes comma-separated integers"),
+        (["--lr", "-1"], "lr must be a positive"),
+        (["--data-dir", "/no/such/dir"], "does not exist"),
+        (["--python", "torch"], "--python takes FW=PATH"),
+    ],
+)
 def test_bad_command_lines(argv, message, capsys, tmp_path):
     assert run_main(argv + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Ray and MLflow are the orchestrator's optional packages (compare.execution.extras): installed on first use
 into this repository's own tox envs, never behind the user's back elsewhere. Framework-free; the install
 itself is exercised by tox -e ray and tox -e tracking, whose envs hold the pinned versions."""
+
 import sys
 from pathlib import Path
 
@@ -22,8 +23,10 @@ def test_only_this_repositorys_tox_envs_count_as_our_own(monkeypatch):
     assert extras.in_own_tox_env("/somewhere/else/study") and not extras.in_own_tox_env(str(ROOT / ".tox" / "run"))
 
 
-@pytest.mark.parametrize("module, option, requirements", [("ray", "--executor ray", "requirements/ray.txt"),
-                                                          ("mlflow", "--mlflow", "requirements/tracking.txt")])
+@pytest.mark.parametrize(
+    "module, option, requirements",
+    [("ray", "--executor ray", "requirements/ray.txt"), ("mlflow", "--mlflow", "requirements/tracking.txt")],
+)
 def test_outside_a_tox_env_the_error_says_how_to_install(module, option, requirements, monkeypatch):
     """Elsewhere nothing is installed: the error names the option, the package and the one command."""
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError

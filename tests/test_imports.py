@@ -1,4 +1,5 @@
 """common and compare import no framework (checked in a fresh interpreter)."""
+
 import json
 import subprocess
 import sys
@@ -7,18 +8,36 @@ from pathlib import Path
 from common.registry import FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["common.config", "common.data", "common.init", "common.reference", "common.interface",
-           "common.loop", "common.records", "common.registry", "compare.run", "compare.report",
-           "compare.execution.envs", "compare.execution.worker", "compare.execution.progress", "compare.bench",
-           "compare.reporting.stats", "common.layout",
-           "common.population", "compare.reporting.tracking", "compare.study"]
+MODULES = [
+    "common.config",
+    "common.data",
+    "common.init",
+    "common.reference",
+    "common.interface",
+    "common.loop",
+    "common.records",
+    "common.registry",
+    "compare.run",
+    "compare.report",
+    "compare.execution.envs",
+    "compare.execution.worker",
+    "compare.execution.progress",
+    "compare.bench",
+    "compare.reporting.stats",
+    "common.layout",
+    "common.population",
+    "compare.reporting.tracking",
+    "compare.study",
+]
 # every framework's top-level package, and the one each registry entry imports to prove it (flax for jax)
 PACKAGES = sorted(set(FRAMEWORKS) | {info.import_name for info in FRAMEWORKS.values()})
 
 
 def test_common_and_compare_import_no_framework():
-    code = (f"import importlib, json, sys\nfor m in {MODULES!r}: importlib.import_module(m)\n"
-            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {PACKAGES!r})))")
+    code = (
+        f"import importlib, json, sys\nfor m in {MODULES!r}: importlib.import_module(m)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {PACKAGES!r})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [], "a framework was imported by common/compare"
@@ -26,14 +45,17 @@ def test_common_and_compare_import_no_framework():
 
 def compare_modules() -> dict:
     """compare's modules (dotted name -> path)."""
-    return {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
-            for path in sorted((ROOT / "compare").rglob("*.py"))}
+    return {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in sorted((ROOT / "compare").rglob("*.py"))
+    }
 
 
 def test_compare_has_no_import_cycle_and_each_module_says_what_it_owns():
     """compare's folders show its jobs: every module opens with a docstring, and no module imports
     (at the top or inside a function) one that imports it back, however long the loop."""
     import ast
+
     modules = compare_modules()
     graph = {}
     for name, path in modules.items():

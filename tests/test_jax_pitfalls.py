@@ -4,6 +4,7 @@ JAX-specific by nature, so this module runs in the jax environment only. Flax's 
 functional: the mode is `use_running_average`, and the running statistics change only
 in what `apply(..., mutable=["batch_stats"])` returns.
 """
+
 import numpy as np
 import pytest
 
@@ -31,8 +32,13 @@ def _variables(gamma, beta, rm, rv):
 def _inputs(seed=0, loc=2.0, scale=3.0, shape=(16, 3)):
     rng = np.random.RandomState(seed)
     c = shape[-1]
-    return rng.normal(loc, scale, shape), rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c), \
-        rng.uniform(0.5, 2, c)
+    return (
+        rng.normal(loc, scale, shape),
+        rng.uniform(0.5, 2, c),
+        rng.normal(0, 1, c),
+        rng.normal(0, 1, c),
+        rng.uniform(0.5, 2, c),
+    )
 
 
 def test_use_running_average_left_false_in_evaluation_uses_the_batch(flax):
@@ -42,8 +48,7 @@ def test_use_running_average_left_false_in_evaluation_uses_the_batch(flax):
     x, gamma, beta, rm, rv = _inputs()
     layer, variables = _layer(flax), _variables(gamma, beta, rm, rv)
     y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-    np.testing.assert_allclose(np.asarray(y), batch_norm_forward(x, gamma, beta, rm, rv, training=True)[0],
-                               rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(y), batch_norm_forward(x, gamma, beta, rm, rv, training=True)[0], rtol=1e-9)
     evaluated = np.asarray(layer.apply(variables, x, use_running_average=True))
     np.testing.assert_allclose(evaluated, batch_norm_forward(x, gamma, beta, rm, rv, training=False)[0], rtol=1e-9)
     assert np.abs(np.asarray(y) - evaluated).max() > 0.1  # the two modes really differ here
@@ -76,8 +81,9 @@ def _far_from_zero(flax, seed, dtype, **kwargs):
     cast = [np.asarray(a, dtype=dtype) for a in (x, gamma, beta, rm, rv)]
     y, updates = layer.apply(_variables(*cast[1:]), cast[0], use_running_average=False, mutable=["batch_stats"])
     exact = cast[0].astype(np.float64)  # what the layer sees
-    want_y = batch_norm_forward(exact.transpose(0, 3, 1, 2), gamma.astype(dtype), beta.astype(dtype), rm, rv,
-                                training=True)[0].transpose(0, 2, 3, 1)  # the reference is channels-first
+    want_y = batch_norm_forward(
+        exact.transpose(0, 3, 1, 2), gamma.astype(dtype), beta.astype(dtype), rm, rv, training=True
+    )[0].transpose(0, 2, 3, 1)  # the reference is channels-first
     batch_var = exact.var(axis=(0, 1, 2))  # momentum 0: the running variance is the batch variance
     got_var = np.asarray(updates["batch_stats"]["var"], dtype=np.float64)
     return np.abs(np.asarray(y, np.float64) - want_y).max(), np.abs(got_var / batch_var - 1).max()
@@ -105,19 +111,21 @@ def test_momentum_is_decay_not_pytorchs_momentum(flax):
     x, gamma, beta, rm, rv = _inputs()
     layer = flax.linen.BatchNorm(momentum=0.1, epsilon=1e-5, dtype="float64", param_dtype="float64")
     _, updates = layer.apply(_variables(gamma, beta, rm, rv), x, use_running_average=False, mutable=["batch_stats"])
-    np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"]), 0.1 * rm + 0.9 * x.mean(axis=0),
-                               rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"]), 0.1 * rm + 0.9 * x.mean(axis=0), rtol=1e-10)
 
 
 def test_group_and_layer_norm_default_to_the_fast_variance(flax):
     """Flax's GroupNorm and LayerNorm also default to use_fast_variance=True (E[x^2] - E[x]^2): far from zero
     in float32 that cancels; the suite builds them with use_fast_variance=False."""
     import jax.numpy as jnp
+
     nn = flax.linen
     assert nn.GroupNorm().use_fast_variance and nn.LayerNorm().use_fast_variance
     x = jnp.asarray(np.random.RandomState(0).normal(1000.0, 1.0, (4, 3, 3, 6)).astype(np.float32))
     want = np.asarray(x, np.float64).reshape(4, -1)
-    want = ((want - want.mean(axis=1, keepdims=True)) / np.sqrt(want.var(axis=1, keepdims=True) + 1e-6)).reshape(x.shape)
+    want = ((want - want.mean(axis=1, keepdims=True)) / np.sqrt(want.var(axis=1, keepdims=True) + 1e-6)).reshape(
+        x.shape
+    )
     errors = {}
     for fast in (True, False):
         layer = nn.GroupNorm(num_groups=1, use_fast_variance=fast, dtype="float32", param_dtype="float32")
@@ -128,4 +136,5 @@ def test_group_and_layer_norm_default_to_the_fast_variance(flax):
 
 def jax_key():
     import jax
+
     return jax.random.key(0)

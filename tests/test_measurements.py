@@ -6,6 +6,7 @@ compare.report tables are built from hand-made records and snapshots. Every
 expected figure below is worked out in the comment beside it, so a swapped or
 misplaced term in any formula fails here, framework-free.
 """
+
 import json
 import math
 
@@ -28,11 +29,19 @@ LOGITS_EVAL = np.array([[3, 0, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]], dtype=np.fl
 LOGITS_TRAIN = np.array([[3, 0, 0], [0, 1, 3], [0, 0, 3], [2, 1, 0]], dtype=np.float64)  # predicts 0 2 2 0
 BN = {
     # epsilon 1 (from describe()): running std = sqrt(running_var + 1) = 2, 3
-    "bn1": {"batch_mean": np.array([1.0, 6.0]), "batch_var": np.array([3.0, 26.0]),
-            "running_mean": np.array([0.0, 0.0]), "running_var": np.array([3.0, 8.0])},
+    "bn1": {
+        "batch_mean": np.array([1.0, 6.0]),
+        "batch_var": np.array([3.0, 26.0]),
+        "running_mean": np.array([0.0, 0.0]),
+        "running_var": np.array([3.0, 8.0]),
+    },
     # running std sqrt(0 + 1) = 1
-    "bn2": {"batch_mean": np.array([-2.0]), "batch_var": np.array([0.0]),
-            "running_mean": np.array([1.0]), "running_var": np.array([0.0])},
+    "bn2": {
+        "batch_mean": np.array([-2.0]),
+        "batch_var": np.array([0.0]),
+        "running_mean": np.array([1.0]),
+        "running_var": np.array([0.0]),
+    },
 }
 
 
@@ -49,16 +58,41 @@ def step_stats(epoch, step):
 
 
 def scripted_run(warmup_steps=3, epochs=2, trace_steps=3, population_size=2048, population_stats=None):
-    script = Script(step_seconds=step_seconds, step_stats=step_stats, eval_seconds=0.5, eval_stats=(2.0, 3.0),
-                    probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN), bn_epsilon=1.0,
-                    population_stats=population_stats)
-    data = Dataset(np.zeros((40, 1, 28, 28), np.float32), np.zeros(40, np.int64),
-                   np.zeros((5, 1, 28, 28), np.float32), np.array(TEST_LABELS, np.int64), "scripted", False)
-    config = RunConfig(model=ModelSpec(), batch_size=4, epochs=epochs, warmup_steps=warmup_steps,
-                       probe_size=4, trace_steps=trace_steps, device="cpu", population_size=population_size)
+    script = Script(
+        step_seconds=step_seconds,
+        step_stats=step_stats,
+        eval_seconds=0.5,
+        eval_stats=(2.0, 3.0),
+        probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN),
+        bn_epsilon=1.0,
+        population_stats=population_stats,
+    )
+    data = Dataset(
+        np.zeros((40, 1, 28, 28), np.float32),
+        np.zeros(40, np.int64),
+        np.zeros((5, 1, 28, 28), np.float32),
+        np.array(TEST_LABELS, np.int64),
+        "scripted",
+        False,
+    )
+    config = RunConfig(
+        model=ModelSpec(),
+        batch_size=4,
+        epochs=epochs,
+        warmup_steps=warmup_steps,
+        probe_size=4,
+        trace_steps=trace_steps,
+        device="cpu",
+        population_size=population_size,
+    )
     out = []
-    run_loop(scripted_backend(script), config, data, lambda record, arrays=None: out.append((record, arrays)),
-             clock=script.clock)
+    run_loop(
+        scripted_backend(script),
+        config,
+        data,
+        lambda record, arrays=None: out.append((record, arrays)),
+        clock=script.clock,
+    )
     return [r for r, _ in out if r["kind"] == "epoch"], [a for _, a in out if a is not None], script
 
 
@@ -77,14 +111,18 @@ def test_throughput_counts_only_the_timed_steps():
     assert second["train_examples_per_s"] == pytest.approx(8.0), "train_examples_per_s, epoch 2"
     assert second["warmup_examples_per_s"] == pytest.approx(8.0), "warmup_examples_per_s, epoch 2"
     # evaluation: 5 test images in 0.5 s
-    assert first["eval_examples_per_s"] == pytest.approx(10.0) and first["eval_seconds"] == pytest.approx(0.5), \
+    assert first["eval_examples_per_s"] == pytest.approx(10.0) and first["eval_seconds"] == pytest.approx(0.5), (
         "eval_examples_per_s"
+    )
 
 
-@pytest.mark.parametrize("warmup_steps, timed, rate, warm_rate", [
-    (0, 10, 40 / 8.75, None),  # nothing timed apart: the whole epoch
-    (50, 1, 4 / 0.25, 36 / 8.5),  # more warm-up steps than the epoch has: the last step stays timed
-])
+@pytest.mark.parametrize(
+    "warmup_steps, timed, rate, warm_rate",
+    [
+        (0, 10, 40 / 8.75, None),  # nothing timed apart: the whole epoch
+        (50, 1, 4 / 0.25, 36 / 8.5),  # more warm-up steps than the epoch has: the last step stays timed
+    ],
+)
 def test_warmup_edge_cases(warmup_steps, timed, rate, warm_rate):
     first = scripted_run(warmup_steps=warmup_steps, epochs=1)[0][0]
     assert first["timed_steps"] == timed
@@ -176,9 +214,18 @@ def test_population_images_are_capped_by_the_training_set():
 # Report tables from hand-made records -------------------------------------------
 def epoch_record(framework="torch", variant="scratch", seed=0, epoch=1, **values):
     fields = {k: 0.0 for k in records.EPOCH_KEYS}
-    fields.update(framework=framework, variant=variant, seed=seed, config_id=f"{variant}-{seed}", epoch=epoch,
-                  timed_steps=10, warmup_steps=5, bn_gap=[], step_losses=[],
-                  snapshot=f"snapshots/{framework}_{variant}_s{seed}_e{epoch:03d}.npz")
+    fields.update(
+        framework=framework,
+        variant=variant,
+        seed=seed,
+        config_id=f"{variant}-{seed}",
+        epoch=epoch,
+        timed_steps=10,
+        warmup_steps=5,
+        bn_gap=[],
+        step_losses=[],
+        snapshot=f"snapshots/{framework}_{variant}_s{seed}_e{epoch:03d}.npz",
+    )
     fields.update(values)
     return records.make("epoch", **{k: v for k, v in fields.items() if k not in ("kind", "schema")})
 
@@ -192,8 +239,7 @@ def run_records(framework="torch", variant="scratch", seed=0, epochs=3, status="
     """The plan and end records of one run (the epoch records go between them)."""
     ident = dict(framework=framework, variant=variant, seed=seed, config_id=f"{variant}-{seed}")
     kind = "error" if status in ("crashed", "failed") else "run_end"
-    return (records.make("plan", **ident, epochs=epochs),
-            records.make(kind, **ident, status=status, **fields))
+    return (records.make("plan", **ident, epochs=epochs), records.make(kind, **ident, status=status, **fields))
 
 
 def summary_records():
@@ -202,10 +248,19 @@ def summary_records():
         out += run_records(seed=seed)
     for seed, curve in CURVES.items():
         for epoch, acc in enumerate(curve, 1):
-            out.append(epoch_record(seed=seed, epoch=epoch, test_acc=acc, train_loss=seed + epoch,
-                                    train_examples_per_s=next(throughput), eval_examples_per_s=50.0 * epoch,
-                                    probe_disagreement=0.1 * seed, probe_acc_eval=0.5 + 0.1 * seed,
-                                    bn_gap=[{"layer": "bn1", "mean_gap": seed + 0.5, "var_log_ratio": epoch * 0.25}]))
+            out.append(
+                epoch_record(
+                    seed=seed,
+                    epoch=epoch,
+                    test_acc=acc,
+                    train_loss=seed + epoch,
+                    train_examples_per_s=next(throughput),
+                    eval_examples_per_s=50.0 * epoch,
+                    probe_disagreement=0.1 * seed,
+                    probe_acc_eval=0.5 + 0.1 * seed,
+                    bn_gap=[{"layer": "bn1", "mean_gap": seed + 0.5, "var_log_ratio": epoch * 0.25}],
+                )
+            )
     return out
 
 
@@ -244,12 +299,24 @@ def write_snapshot(run_dir, record, **arrays):
 def drift_run(tmp_path):
     torch_rec = epoch_record("torch")
     mx_rec = epoch_record("mxnet")
-    write_snapshot(tmp_path, torch_rec, **{
-        "param/conv1.weight": np.array([3.0, 4.0]), "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 1.0]),
-        "probe/logits_eval": np.array([[1.0, 0.0], [0.0, 1.0]])})
-    write_snapshot(tmp_path, mx_rec, **{
-        "param/conv1.weight": np.array([3.0, 4.5]), "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 2.0]),
-        "probe/logits_eval": np.array([[1.0, 0.25], [2.0, 1.0]])})
+    write_snapshot(
+        tmp_path,
+        torch_rec,
+        **{
+            "param/conv1.weight": np.array([3.0, 4.0]),
+            "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 1.0]),
+            "probe/logits_eval": np.array([[1.0, 0.0], [0.0, 1.0]]),
+        },
+    )
+    write_snapshot(
+        tmp_path,
+        mx_rec,
+        **{
+            "param/conv1.weight": np.array([3.0, 4.5]),
+            "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 2.0]),
+            "probe/logits_eval": np.array([[1.0, 0.25], [2.0, 1.0]]),
+        },
+    )
     return [torch_rec, mx_rec]
 
 
@@ -292,12 +359,20 @@ def test_mixed_precision_drift_is_measured_from_the_float32_twin(tmp_path):
     for config in (float32, mixed):
         ident = dict(framework="torch", variant="scratch", seed=0, config_id=config.config_id)
         epoch = epoch_record(config_id=config.config_id, snapshot=f"snapshots/{config.config_id}.npz")
-        write_snapshot(tmp_path, epoch, **{
-            "param/conv1.weight": np.full(4, values[config.config_id]),
-            "param/bn1.running_var": np.full(4, values[config.config_id]),
-            "probe/logits_eval": np.eye(2) * values[config.config_id]})
-        recs += [records.make("plan", **ident, epochs=1, config=config.to_dict()), epoch,
-                 records.make("run_end", **ident, status="complete", epochs_done=1)]
+        write_snapshot(
+            tmp_path,
+            epoch,
+            **{
+                "param/conv1.weight": np.full(4, values[config.config_id]),
+                "param/bn1.running_var": np.full(4, values[config.config_id]),
+                "probe/logits_eval": np.eye(2) * values[config.config_id],
+            },
+        )
+        recs += [
+            records.make("plan", **ident, epochs=1, config=config.to_dict()),
+            epoch,
+            records.make("run_end", **ident, status="complete", epochs_done=1),
+        ]
     t = tables.tables(recs, tmp_path)
     row = t["mixed_precision"].iloc[0]
     assert (row.config_id, row.float32_config_id) == (mixed.config_id, float32.config_id)
@@ -309,6 +384,7 @@ def test_mixed_precision_drift_is_measured_from_the_float32_twin(tmp_path):
 
 def test_seed_statistics_by_hand():
     from compare.reporting.stats import seed_stats
+
     st = seed_stats([0.8, 0.75, 0.9])
     mean = 2.45 / 3
     std = math.sqrt(((0.8 - mean) ** 2 + (0.75 - mean) ** 2 + (0.9 - mean) ** 2) / 2)  # ddof 1
@@ -330,7 +406,8 @@ def test_summary_carries_the_interval_over_seeds(tmp_path):
     assert row.best_test_acc_n == 3 and row.best_test_acc_std == pytest.approx(np.std(best, ddof=1))
     assert row.best_test_acc_ci_high == pytest.approx(np.mean(best) + half), "best_test_acc_ci_high"
     assert row.final_test_acc_ci_low == pytest.approx(
-        np.mean([0.7, 0.75, 0.6]) - 4.302652729911275 * np.std([0.7, 0.75, 0.6], ddof=1) / math.sqrt(3))
+        np.mean([0.7, 0.75, 0.6]) - 4.302652729911275 * np.std([0.7, 0.75, 0.6], ddof=1) / math.sqrt(3)
+    )
     mean = np.mean(best)
     assert mean + half > 1  # the table keeps the t-interval as it is; report.md shows it clipped to [0, 1]
     assert f"0.8167 [{mean - half:.4f}, 1.0000]" in markdown.markdown_table(t["summary"], markdown.SUMMARY_COLUMNS)
@@ -360,15 +437,25 @@ def test_a_network_still_on_its_plateau_is_named_with_the_reason(tmp_path):
     recs = []
     for variant, loss, acc in (("scratch", 0.5, 0.8), ("none", 2.29, 0.1)):
         config = RunConfig(model=ModelSpec(variant=variant), epochs=1, device="cpu")
-        recs += [records.make("plan", **ident, variant=variant, config_id=f"{variant}-0", config=config.to_dict()),
-                 epoch_record(variant=variant, train_loss=loss, test_acc=acc),
-                 records.make("run_end", framework="torch", variant=variant, seed=0, config_id=f"{variant}-0",
-                              status="complete", epochs_done=1)]
+        recs += [
+            records.make("plan", **ident, variant=variant, config_id=f"{variant}-0", config=config.to_dict()),
+            epoch_record(variant=variant, train_loss=loss, test_acc=acc),
+            records.make(
+                "run_end",
+                framework="torch",
+                variant=variant,
+                seed=0,
+                config_id=f"{variant}-0",
+                status="complete",
+                epochs_done=1,
+            ),
+        ]
     t = tables.tables(recs, tmp_path)
     sentences = markdown.plateau_sentences(t["summary"])
     assert len(sentences) == 1 and sentences[0].startswith(
         "torch none: still on its initial plateau (final training loss 2.2900, against ln 10 = 2.3026 for a "
-        "uniform guess over the 10 classes; best test accuracy 0.1000)")
+        "uniform guess over the 10 classes; best test accuracy 0.1000)"
+    )
     assert "each sigmoid scales the gradient by its slope (at most 1/4)" in sentences[0]
     assert t["runs"].set_index("variant").norm.to_dict() == {"scratch": "batch", "none": "none"}
     assert not markdown.on_plateau(0.9 * math.log(10) - 1e-9) and markdown.on_plateau(0.9 * math.log(10))
@@ -379,10 +466,14 @@ def test_plots_compare_at_a_glance():
     per row across the variants' columns, accuracies and disagreement on [0, 1]; no promise of dashed
     population lines where none was measured, and the dashed lines where they were."""
     import matplotlib.pyplot as plt
+
     from compare.reporting import plots
+
     recs = summary_records()
-    recs += [epoch_record(variant="none", seed=0, epoch=e, test_acc=0.1 + 0.001 * e, train_loss=2.3,
-                          probe_disagreement=0.0) for e in (1, 2, 3)]
+    recs += [
+        epoch_record(variant="none", seed=0, epoch=e, test_acc=0.1 + 0.001 * e, train_loss=2.3, probe_disagreement=0.0)
+        for e in (1, 2, 3)
+    ]
     figs = plots.figures(tables.tables(recs, "."))
     try:
         for name in ("curves.png", "divergence.png"):

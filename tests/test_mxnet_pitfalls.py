@@ -2,11 +2,11 @@
 
 MXNet-specific by nature, so this module runs in the mxnet environment only.
 """
+
 import numpy as np
 import pytest
 
 from common.reference import batch_norm_forward
-
 
 FRAMEWORK = "mxnet"
 
@@ -18,13 +18,19 @@ def mx(native):
 
 def _inputs(seed=0, n=16, c=3):
     rng = np.random.RandomState(seed)
-    return (rng.normal(2, 3, (n, c)), rng.uniform(0.5, 2, c), rng.normal(0, 1, c),
-            rng.normal(0, 1, c), rng.uniform(0.5, 2, c))
+    return (
+        rng.normal(2, 3, (n, c)),
+        rng.uniform(0.5, 2, c),
+        rng.normal(0, 1, c),
+        rng.normal(0, 1, c),
+        rng.uniform(0.5, 2, c),
+    )
 
 
 def test_raw_operator_defaults_fix_gamma_and_eps_1e3(mx):
     """Pitfall 4: nd.BatchNorm ignores gamma (fix_gamma=True) and uses eps 1e-3 unless told."""
     from mxnet import autograd, nd
+
     x, gamma, beta, rm, rv = _inputs()
     args = [nd.array(a, dtype="float64") for a in (x, gamma, beta, rm, rv)]
     with autograd.record(train_mode=True):
@@ -43,6 +49,7 @@ def test_gluon_layer_is_in_inference_mode_outside_record(mx):
     """Pitfall 6: the mode is autograd's training flag, not 'the layer was created for training'."""
     from mxnet import autograd, nd
     from mxnet.gluon import nn
+
     x, gamma, beta, rm, rv = _inputs()
     layer = nn.BatchNorm(in_channels=3)
     layer.initialize()
@@ -60,6 +67,7 @@ def test_one_value_per_channel_is_silently_beta(mx):
     """The built-in layer does not refuse a one-example training batch: it outputs beta."""
     from mxnet import autograd, nd
     from mxnet.gluon import nn
+
     layer = nn.BatchNorm(in_channels=3)
     layer.initialize()
     layer.beta.set_data(nd.array([0.5, -1.0, 2.0]))
@@ -73,6 +81,7 @@ def test_gluon_group_norm_has_a_gamma_per_group_and_needs_a_feature_map(mx):
     """Gluon's GroupNorm (MXNet 1.9.1) learns one gamma and beta per group, not per channel, and refuses 2-D
     input: it fits no position of the spec, so --norm group --variants builtin is a clear error."""
     from mxnet.gluon import nn
+
     layer = nn.GroupNorm(num_groups=2)
     layer.initialize()
     layer(mx.nd.ones((4, 6, 5, 5)))
@@ -86,6 +95,7 @@ def test_gluon_instance_norm_does_not_learn_gamma_by_default_and_is_float32_only
     is never trained (grad_req 'null'), so it stays at its initial 1; the suite passes scale=True. Its
     operator has a float32 kernel only."""
     from mxnet.gluon import nn
+
     layer = nn.InstanceNorm(in_channels=3)
     layer.initialize()
     assert layer._kwargs["scale"] is False and layer.gamma.grad_req == "null"
@@ -105,6 +115,7 @@ def test_gluon_layer_norm_normalises_one_axis(mx):
     """nn.LayerNorm normalises along one axis (default -1): on a feature map that is each pixel's channels,
     or one row of W values, never C x H x W; after a dense layer it is the spec."""
     from mxnet.gluon import nn
+
     layer = nn.LayerNorm(axis=1, in_channels=3)
     layer.initialize()
     x = np.random.RandomState(1).normal(2, 3, (2, 3, 4, 4))
@@ -112,7 +123,7 @@ def test_gluon_layer_norm_normalises_one_axis(mx):
     np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-5)  # per pixel, over the channels only
     np.testing.assert_allclose(y.var(axis=1), 1, atol=1e-3)
     flat = x.reshape(2, -1)
-    spec = ((flat - flat.mean(axis=1, keepdims=True)) / np.sqrt(flat.var(axis=1, keepdims=True) + 1e-5))
+    spec = (flat - flat.mean(axis=1, keepdims=True)) / np.sqrt(flat.var(axis=1, keepdims=True) + 1e-5)
     assert np.abs(y - spec.reshape(x.shape)).max() > 0.5  # the spec's layer normalisation is another transform
 
 
@@ -122,9 +133,12 @@ def test_amp_init_rewrites_the_operators_of_the_whole_process(mx):
     Run in a subprocess, so that this test's process stays float32."""
     import subprocess
     import sys
-    code = ("import mxnet as mx; from mxnet.contrib import amp; before = mx.nd.FullyConnected; "
-            "amp.init(target_dtype='bfloat16'); print(mx.nd.FullyConnected is before, "
-            "mx.nd.FullyConnected(mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), no_bias=True, num_hidden=4).dtype, sep='|')")
+
+    code = (
+        "import mxnet as mx; from mxnet.contrib import amp; before = mx.nd.FullyConnected; "
+        "amp.init(target_dtype='bfloat16'); print(mx.nd.FullyConnected is before, "
+        "mx.nd.FullyConnected(mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), no_bias=True, num_hidden=4).dtype, sep='|')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     replaced, dtype = out.stdout.strip().splitlines()[-1].split("|")
     assert replaced == "False"  # the module attribute itself was replaced

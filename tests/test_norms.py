@@ -7,6 +7,7 @@ is reproducible and short) over shapes, batch sizes 1 and 2, offsets far from ze
 limits and schedule, and dtype; plus the harness's own check that a norm without running statistics
 has no train/eval divergence at all.
 """
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,18 +22,23 @@ from common.reference import norm_backward, norm_forward
 from tests.conventions import NORM_BUILTIN_ATOL, NORM_BUILTIN_DTYPES_MISSING, NORM_BUILTIN_EPSILON
 from tests.helpers import make_idx_dir
 
-EXAMPLES = settings(max_examples=25, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
-UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
+EXAMPLES = settings(
+    max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24}
 
 
 def layer_inputs(shape, spec, seed, offset=0.0, scale=1.0, steps=0):
     """x, dy and the layer's state (canonical suffixes) for one normalisation layer."""
     rng = np.random.RandomState(seed)
     c = shape[1]
-    state = {"gamma": rng.uniform(0.5, 1.5, c), "beta": rng.normal(0, 0.5, c),
-             "running_mean": offset + rng.normal(0, scale, c), "running_var": scale ** 2 * rng.uniform(0.3, 3, c),
-             "steps": np.array([float(steps)])}
+    state = {
+        "gamma": rng.uniform(0.5, 1.5, c),
+        "beta": rng.normal(0, 0.5, c),
+        "running_mean": offset + rng.normal(0, scale, c),
+        "running_var": scale**2 * rng.uniform(0.3, 3, c),
+        "steps": np.array([float(steps)]),
+    }
     state = {k: v for k, v in state.items() if k in norm_suffixes(spec)}
     return offset + scale * rng.normal(0, 1, shape), rng.normal(0, 1, shape), state
 
@@ -58,6 +64,7 @@ def bound(dtype, offset, scale, values):
 
     def tol(want):
         return {"rtol": 0, "atol": 256 * UNIT_ROUNDOFF[dtype] * magnitude * (1 + values * np.max(np.abs(want)))}
+
     return tol
 
 
@@ -74,11 +81,17 @@ def cases(draw):
     scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
     offset = scale * draw(st.sampled_from([0.0, 3.0, -100.0] + ([1e4] if dtype == "float64" else [])))
     # one position, conv1 (6 channels): every drawn group count divides it, and instance is allowed there
-    spec = ModelSpec(norm=norm, bn_positions=("conv1",), groups=groups if norm == "group" else 2, epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
-                     renorm_rmax=draw(st.sampled_from([1.0, 1.5, 3.0])), renorm_dmax=draw(st.sampled_from([0.0, 0.5, 5.0])),
-                     renorm_warmup=draw(st.sampled_from([0, 10])))
+    spec = ModelSpec(
+        norm=norm,
+        bn_positions=("conv1",),
+        groups=groups if norm == "group" else 2,
+        epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        renorm_rmax=draw(st.sampled_from([1.0, 1.5, 3.0])),
+        renorm_dmax=draw(st.sampled_from([0.0, 0.5, 5.0])),
+        renorm_warmup=draw(st.sampled_from([0, 10])),
+    )
     steps = draw(st.integers(0, 20))
-    return spec, (batch, channels) + spatial, training, dtype, offset, scale, steps, draw(st.integers(0, 2 ** 16))
+    return spec, (batch, channels) + spatial, training, dtype, offset, scale, steps, draw(st.integers(0, 2**16))
 
 
 @EXAMPLES
@@ -93,8 +106,12 @@ def test_scratch_norm_matches_reference(fw, framework, case):
     want = expected(spec, x.astype(dtype), cast, dy.astype(dtype), training)
     # the clip of r or d can flip when sigma_B / sigma lands within round-off of a limit: keep the
     # float32 renorm cases away from those edges (float64 is exact enough for any draw)
-    check(got, want, bound(dtype, offset, scale, 1), f"{framework} scratch {spec.norm} {shape} {dtype} "
-                                                        f"training={training} offset={offset} scale={scale}")
+    check(
+        got,
+        want,
+        bound(dtype, offset, scale, 1),
+        f"{framework} scratch {spec.norm} {shape} {dtype} training={training} offset={offset} scale={scale}",
+    )
 
 
 @pytest.mark.parametrize("norm", ["layer", "group", "instance"])
@@ -102,15 +119,20 @@ def test_scratch_norms_take_a_batch_of_one(fw, framework, norm):
     """Per-example normalisations need no batch: one image normalises on its own (BN cannot)."""
     spec = ModelSpec(norm=norm, bn_positions=("conv1", "conv2"))
     x, dy, state = layer_inputs((1, 4, 3, 3), spec, seed=1)
-    check(fw.run_norm(spec, x, state, dy, training=True, dtype="float64"), expected(spec, x, state, dy, True),
-          bound("float64", 0, 1, 1), f"{framework} {norm} batch 1")
+    check(
+        fw.run_norm(spec, x, state, dy, training=True, dtype="float64"),
+        expected(spec, x, state, dy, True),
+        bound("float64", 0, 1, 1),
+        f"{framework} {norm} batch 1",
+    )
 
 
 def test_renorm_first_step_is_bn_and_later_steps_correct_it(fw, framework):
     """Step 0 (rmax 1, dmax 0) normalises exactly as BN; after the warm-up r and d move the output."""
     x, dy, state = layer_inputs((8, 3, 2, 2), ModelSpec(norm="renorm"), seed=2, offset=2.0)
-    bn = fw.run_norm(ModelSpec(), x, {k: state[k] for k in norm_suffixes(ModelSpec())}, dy, training=True,
-                     dtype="float64")
+    bn = fw.run_norm(
+        ModelSpec(), x, {k: state[k] for k in norm_suffixes(ModelSpec())}, dy, training=True, dtype="float64"
+    )
     spec = ModelSpec(norm="renorm", renorm_warmup=10)
     first = fw.run_norm(spec, x, state, dy, training=True, dtype="float64")
     np.testing.assert_allclose(first["y"], bn["y"], rtol=0, atol=1e-14)
@@ -134,8 +156,9 @@ def test_renorm_gradient_treats_r_and_d_as_constants(fw, framework, shape):
 
 
 @pytest.mark.parametrize("variant", ["builtin", "builtin-defaults"])
-@pytest.mark.parametrize("norm,dims", [("layer", 2), ("layer", 4), ("group", 2), ("group", 4), ("instance", 4),
-                                       ("renorm", 2), ("renorm", 4)])
+@pytest.mark.parametrize(
+    "norm,dims", [("layer", 2), ("layer", 4), ("group", 2), ("group", 4), ("instance", 4), ("renorm", 2), ("renorm", 4)]
+)
 def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, framework, norm, dims, variant):
     default_eps = NORM_BUILTIN_EPSILON[framework][(norm, dims)]
     dtype = "float32" if "float64" in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).get(norm, ()) else "float64"
@@ -146,14 +169,24 @@ def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, framework, norm,
         with pytest.raises(BackendUnavailable, match=f"no built-in layer that fits the spec of --norm {norm}"):
             fw.run_norm(spec, x, state, dy, training=True, dtype=dtype)
         return
-    got = fw.run_norm(spec, x.astype(dtype), {k: v.astype(dtype) for k, v in state.items()}, dy.astype(dtype),
-                      training=True, dtype=dtype)
+    got = fw.run_norm(
+        spec,
+        x.astype(dtype),
+        {k: v.astype(dtype) for k, v in state.items()},
+        dy.astype(dtype),
+        training=True,
+        dtype=dtype,
+    )
     eps = spec.epsilon if variant == "builtin" else default_eps
     want = expected(ModelSpec(norm=norm, epsilon=eps, bn_positions=("conv1",)), x, state, dy, True)
     tol = bound(dtype, 3.0, 2.0, 4)
     extra = NORM_BUILTIN_ATOL.get(framework, {}).get(norm, 0)
-    check(got, want, lambda want: {"rtol": 0, "atol": tol(want)["atol"] + extra},
-          f"{framework} {variant} {norm} {dims}-D (epsilon {eps:g})")
+    check(
+        got,
+        want,
+        lambda want: {"rtol": 0, "atol": tol(want)["atol"] + extra},
+        f"{framework} {variant} {norm} {dims}-D (epsilon {eps:g})",
+    )
     if variant == "builtin-defaults":  # the pinned default really is the layer's: another epsilon misses
         other = expected(ModelSpec(norm=norm, epsilon=eps * 10, bn_positions=("conv1",)), x, state, dy, True)
         assert np.max(np.abs(got["y"] - other["y"])) > 1e-6
@@ -182,15 +215,30 @@ def test_norm_runs_train_the_same_in_every_mode_and_only_renorm_diverges(fw, fra
     spec = ModelSpec(norm=norm, renorm_warmup=4)
     runs = {}
     for execution in ("default", "eager"):
-        config = RunConfig(model=spec, epochs=2, batch_size=32, lr=0.5, dtype="float64", device="cpu",
-                           probe_size=16, trace_steps=4, population_size=64, execution=execution)
+        config = RunConfig(
+            model=spec,
+            epochs=2,
+            batch_size=32,
+            lr=0.5,
+            dtype="float64",
+            device="cpu",
+            probe_size=16,
+            trace_steps=4,
+            population_size=64,
+            execution=execution,
+        )
         got = []
         run_loop(fw.BACKEND, config, tiny, lambda record, arrays=None: got.append((record, arrays)))
         assert got[-1][0]["status"] == "complete"
         runs[execution] = [(r, a) for r, a in got if r["kind"] == "epoch"]
     for (default, arrays), (eager, _) in zip(runs["default"], runs["eager"]):
-        np.testing.assert_allclose(default["step_losses"], eager["step_losses"], rtol=1e-10, atol=0,
-                                   err_msg=f"{framework} {norm}: default vs eager per-step losses")
+        np.testing.assert_allclose(
+            default["step_losses"],
+            eager["step_losses"],
+            rtol=1e-10,
+            atol=0,
+            err_msg=f"{framework} {norm}: default vs eager per-step losses",
+        )
         if norm == "renorm":
             assert default["probe_logit_mad"] > 0 and "pop_test_acc" in default
             assert arrays["param/bn1.steps"][0] == 4 * default["epoch"]  # 4 steps an epoch, none from the probe
@@ -202,13 +250,14 @@ def test_norm_runs_train_the_same_in_every_mode_and_only_renorm_diverges(fw, fra
 
 def test_bad_norm_combinations_are_clear_errors():
     for kwargs, message in (
-            (dict(norm="instance"), "dense layer \\(fc1, fc2\\).*--bn-positions conv1,conv2"),
-            (dict(norm="group", groups=4), "--groups 4 does not divide the 6 channels of conv1"),
-            (dict(norm="group", groups=0), "groups \\(--groups\\) must be an integer >= 1"),
-            (dict(norm="batchnorm"), "unknown normalisation 'batchnorm' \\(--norm\\)"),
-            (dict(norm="renorm", renorm_rmax=0.5), "renorm_rmax \\(--renorm-rmax\\) must be a number >= 1"),
-            (dict(norm="renorm", renorm_dmax=-1), "renorm_dmax"),
-            (dict(norm="renorm", renorm_warmup=-1), "renorm_warmup")):
+        (dict(norm="instance"), "dense layer \\(fc1, fc2\\).*--bn-positions conv1,conv2"),
+        (dict(norm="group", groups=4), "--groups 4 does not divide the 6 channels of conv1"),
+        (dict(norm="group", groups=0), "groups \\(--groups\\) must be an integer >= 1"),
+        (dict(norm="batchnorm"), "unknown normalisation 'batchnorm' \\(--norm\\)"),
+        (dict(norm="renorm", renorm_rmax=0.5), "renorm_rmax \\(--renorm-rmax\\) must be a number >= 1"),
+        (dict(norm="renorm", renorm_dmax=-1), "renorm_dmax"),
+        (dict(norm="renorm", renorm_warmup=-1), "renorm_warmup"),
+    ):
         with pytest.raises(ConfigError, match=message):
             ModelSpec(**kwargs)
     # what does not normalise is not checked: no norm layer, or positions where the groups divide

@@ -1,5 +1,6 @@
 """Population statistics (common.population): the spec in float64 numpy, then each framework against it
 (--framework / tox -e NAME), then that computing them changes nothing else in a run."""
+
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def test_combine_is_the_exact_variance_over_every_value():
     # the spec's own formula, average(var + mean^2) - mean^2, is the same number (in float64, at this
     # offset, to about 1e-10 of the value: the cancellation the stable form avoids)
     means, variances = np.stack([b["bn1"][0] for b in per_batch]), np.stack([b["bn1"][1] for b in per_batch])
-    spec_var = (variances + means ** 2).mean(axis=0) - means.mean(axis=0) ** 2
+    spec_var = (variances + means**2).mean(axis=0) - means.mean(axis=0) ** 2
     np.testing.assert_allclose(var, spec_var, rtol=1e-6)
 
 
@@ -49,8 +50,11 @@ def test_population_batches_are_seeded_and_drop_the_partial_batch():
 
 def test_population_options_are_checked_before_anything_runs():
     assert RunConfig().population_size == 2048 and not RunConfig().recalibrate
-    with pytest.raises(ConfigError, match=r"population_size \(--population-size\) must be 0 \(off\) or at least "
-                                          r"one batch \(256 images\), got 100"):
+    with pytest.raises(
+        ConfigError,
+        match=r"population_size \(--population-size\) must be 0 \(off\) or at least "
+        r"one batch \(256 images\), got 100",
+    ):
         RunConfig(population_size=100)
     with pytest.raises(ConfigError, match="recalibrate .* needs population statistics"):
         RunConfig(population_size=0, recalibrate=True)
@@ -67,7 +71,7 @@ def reference_population(params, spec, images, batches):
         means = np.stack([s[name]["batch_mean"] for s in stats])
         variances = np.stack([s[name]["batch_var"] for s in stats])
         mean = means.mean(axis=0)
-        out[name] = (mean, (variances + means ** 2).mean(axis=0) - mean ** 2, variances.mean(axis=0))
+        out[name] = (mean, (variances + means**2).mean(axis=0) - mean**2, variances.mean(axis=0))
     return out
 
 
@@ -84,8 +88,9 @@ def test_population_statistics_follow_the_spec(fw, framework, variant):
     want = reference_population(params, spec, images, batches)
     assert sorted(got) == sorted(want) == ["bn1", "bn2", "bn3", "bn4"]
     for name, (mean, var, mean_of_batch_vars) in want.items():
-        np.testing.assert_allclose(got[name][0], mean, rtol=1e-9, atol=1e-12,
-                                   err_msg=f"{framework} {variant} {name} population mean")
+        np.testing.assert_allclose(
+            got[name][0], mean, rtol=1e-9, atol=1e-12, err_msg=f"{framework} {variant} {name} population mean"
+        )
         np.testing.assert_allclose(got[name][1], var, rtol=1e-9, err_msg=f"{framework} {variant} {name} population var")
         # far beyond the tolerance: the average of the batch variances would fail this test
         assert np.max(np.abs(var - mean_of_batch_vars) / var) > 1e-6, f"{name}: the exact variance must be told apart"
@@ -103,8 +108,18 @@ def test_evaluating_with_population_statistics_changes_no_state(fw, framework):
     images, labels = rng.uniform(size=(64, 1, 28, 28)), rng.randint(0, 10, 64)
     stats = population.statistics(backend, images, population.population_batches(0, 64, 64, 16))
     probe = backend.probe(images[:20])
-    figures = population_figures(backend, stats, probe, backend.put(images[20:], labels[20:]), 44, images[:20],
-                                 labels[:20], config, spec.epsilon, keep=False)
+    figures = population_figures(
+        backend,
+        stats,
+        probe,
+        backend.put(images[20:], labels[20:]),
+        44,
+        images[:20],
+        labels[:20],
+        config,
+        spec.epsilon,
+        keep=False,
+    )
     for name, value in backend.get_params().items():
         np.testing.assert_array_equal(value, params[name], err_msg=f"{framework}: {name} changed")
     # the figures are eval mode with the population statistics loaded, as the reference computes it
@@ -120,15 +135,34 @@ def tiny(tmp_path):
 
 
 def _run(fw, dataset, dropout=0.3, **kw):
-    config = RunConfig(model=ModelSpec(dropout=dropout), epochs=2, batch_size=32, lr=0.5, dtype="float64",
-                       device="cpu", probe_size=16, trace_steps=6, eval_batch_size=48, **kw)
+    config = RunConfig(
+        model=ModelSpec(dropout=dropout),
+        epochs=2,
+        batch_size=32,
+        lr=0.5,
+        dtype="float64",
+        device="cpu",
+        probe_size=16,
+        trace_steps=6,
+        eval_batch_size=48,
+        **kw,
+    )
     got = []
     run_loop(fw.BACKEND, config, dataset, lambda record, arrays=None: got.append((record, arrays)))
     return [(r, a) for r, a in got if r["kind"] == "epoch"]
 
 
-TRAINING = ("train_loss", "train_acc", "test_loss", "test_acc", "step_losses", "probe_acc_eval",
-            "probe_acc_train", "probe_logit_mad", "probe_disagreement")
+TRAINING = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "step_losses",
+    "probe_acc_eval",
+    "probe_acc_train",
+    "probe_logit_mad",
+    "probe_disagreement",
+)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -139,8 +173,9 @@ def test_the_rest_of_the_run_is_unchanged_by_population_statistics(fw, framework
     (tests/conventions.py EVAL_DRAWS_DROPOUT: MXNet), whose later masks, and so its second epoch, differ."""
     off, on = _run(fw, tiny, dropout, population_size=0), _run(fw, tiny, dropout, population_size=96)
     identical = dropout == 0 or not EVAL_DRAWS_DROPOUT[framework]
-    assert (off[1][0]["train_loss"] == on[1][0]["train_loss"]) is identical, \
+    assert (off[1][0]["train_loss"] == on[1][0]["train_loss"]) is identical, (
         f"{framework}: dropout {dropout}, epoch 2 expected {'the same' if identical else 'to differ'}"
+    )
     for (a, arrays_a), (b, arrays_b) in zip(off, on) if identical else []:
         for key in TRAINING:
             assert a[key] == b[key], f"{framework} epoch {a['epoch']}: {key} changed by population statistics"
@@ -170,8 +205,12 @@ def test_recalibrate_keeps_the_population_statistics_in_the_final_snapshot(fw, f
     assert last["recalibrated"] is True and last_ema["recalibrated"] is False
     for name in ("bn1", "bn2", "bn3", "bn4"):
         for stat in ("running_mean", "running_var"):
-            np.testing.assert_allclose(arrays[f"param/{name}.{stat}"], arrays[f"population/{name}.{stat}"],
-                                       rtol=1e-15, err_msg=f"{framework} recalibrated {name}.{stat}")
+            np.testing.assert_allclose(
+                arrays[f"param/{name}.{stat}"],
+                arrays[f"population/{name}.{stat}"],
+                rtol=1e-15,
+                err_msg=f"{framework} recalibrated {name}.{stat}",
+            )
             assert not np.allclose(ema_arrays[f"param/{name}.{stat}"], arrays[f"param/{name}.{stat}"])
     assert last["pop_test_acc"] == last_ema["pop_test_acc"] and last["test_acc"] == last_ema["test_acc"]
 
@@ -179,18 +218,49 @@ def test_recalibrate_keeps_the_population_statistics_in_the_final_snapshot(fw, f
 # Reports, from hand-made records ----------------------------------------------------------------------
 def population_records():
     from tests.test_measurements import epoch_record, run_records
+
     out = []
     # seed: (EMA test acc, population test acc, EMA disagreement, population disagreement), final epoch
     final = {0: (0.80, 0.84, 0.10, 0.02), 1: (0.82, 0.85, 0.12, 0.03)}
     for seed, (acc, pop, dis, pop_dis) in final.items():
         out += run_records(seed=seed, epochs=2)
-        gap = [{"layer": "bn1", "mean_gap": 0.2, "var_log_ratio": 0.1, "lag_mean_gap": 0.15 + seed,
-                "lag_var_log_ratio": 0.05, "noise_mean_gap": 0.01, "noise_var_log_ratio": 0.02}]
-        out.append(epoch_record(seed=seed, epoch=1, test_acc=0.5, pop_test_acc=0.9, probe_disagreement=0.3,
-                                pop_probe_disagreement=0.1, population_images=2048, population_seconds=0.4, bn_gap=gap))
-        out.append(epoch_record(seed=seed, epoch=2, test_acc=acc, pop_test_acc=pop, probe_disagreement=dis,
-                                pop_probe_disagreement=pop_dis, population_images=2048, population_seconds=0.5,
-                                bn_gap=gap))
+        gap = [
+            {
+                "layer": "bn1",
+                "mean_gap": 0.2,
+                "var_log_ratio": 0.1,
+                "lag_mean_gap": 0.15 + seed,
+                "lag_var_log_ratio": 0.05,
+                "noise_mean_gap": 0.01,
+                "noise_var_log_ratio": 0.02,
+            }
+        ]
+        out.append(
+            epoch_record(
+                seed=seed,
+                epoch=1,
+                test_acc=0.5,
+                pop_test_acc=0.9,
+                probe_disagreement=0.3,
+                pop_probe_disagreement=0.1,
+                population_images=2048,
+                population_seconds=0.4,
+                bn_gap=gap,
+            )
+        )
+        out.append(
+            epoch_record(
+                seed=seed,
+                epoch=2,
+                test_acc=acc,
+                pop_test_acc=pop,
+                probe_disagreement=dis,
+                pop_probe_disagreement=pop_dis,
+                population_images=2048,
+                population_seconds=0.5,
+                bn_gap=gap,
+            )
+        )
     out += run_records(variant="none", seed=0, epochs=1)
     out.append(epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3))
     return out
@@ -198,6 +268,7 @@ def population_records():
 
 def test_population_figures_reach_runs_summary_and_report(tmp_path):
     from compare.reporting import markdown, tables
+
     t = tables.tables(population_records(), tmp_path)
     runs = t["runs"].set_index(["variant", "seed"])
     assert runs.loc[("scratch", 0), "final_pop_gain"] == pytest.approx(0.04)
@@ -212,10 +283,15 @@ def test_population_figures_reach_runs_summary_and_report(tmp_path):
         "torch scratch: final test accuracy 0.8100 with the running average (EMA), 0.8450 with population "
         "statistics from 2,048 training images: the EMA costs 3.50 points (95% interval over 2 seeds -2.85 to "
         "+9.85, within seed noise). Train/eval prediction disagreement on the probe: 11.0% with the EMA, 2.5% "
-        "with population statistics, so 23% of it remains (batch noise) and 77% was the EMA's lag."]
+        "with population statistics, so 23% of it remains (batch noise) and 77% was the EMA's lag."
+    ]
     text = "\n".join(markdown.population_section(t))
     assert "| torch | scratch | bn1 | 0.65 | 0.05 | 0.01 | 0.02 |" in text  # lag 0.15 and 1.15, averaged
     assert "| torch | none |" not in text
     # a run without population statistics has no section
-    assert markdown.population_section(tables.tables([r for r in population_records() if r["variant"] == "none"],
-                                                   tmp_path)) == []
+    assert (
+        markdown.population_section(
+            tables.tables([r for r in population_records() if r["variant"] == "none"], tmp_path)
+        )
+        == []
+    )

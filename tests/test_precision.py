@@ -7,6 +7,7 @@ bfloat16's precision (8 bits: a relative rounding error of at most 2^-9 per roun
 (statistics computed in bfloat16) failing by orders of magnitude more on inputs far from zero, each
 framework's built-in BN pinned (what it keeps in float32), and a mixed run through the loop.
 """
+
 import numpy as np
 import pytest
 
@@ -17,7 +18,6 @@ from common.loop import run as run_loop
 from common.precision import BFLOAT16_EPS, to_bfloat16
 from common.reference import batch_norm_backward, batch_norm_forward
 from tests.conventions import BUILTIN, MIXED_BUILTIN
-
 from tests.helpers import make_idx_dir
 
 
@@ -44,8 +44,15 @@ def spec_mixed_batch_norm(x, epsilon=1e-5):
 
 def reference(x, epsilon=1e-5):
     x = to_bfloat16(x).astype(np.float64)  # what the layer is given
-    y, _, _, _ = batch_norm_forward(x, np.ones(x.shape[1]), np.zeros(x.shape[1]), np.zeros(x.shape[1]),
-                                    np.ones(x.shape[1]), training=True, epsilon=epsilon)
+    y, _, _, _ = batch_norm_forward(
+        x,
+        np.ones(x.shape[1]),
+        np.zeros(x.shape[1]),
+        np.zeros(x.shape[1]),
+        np.ones(x.shape[1]),
+        training=True,
+        epsilon=epsilon,
+    )
     return y
 
 
@@ -70,17 +77,26 @@ def bn_case(shape, offset, seed=0):
     c = shape[1]
     x = to_bfloat16(rng.normal(offset, 1.0, shape)).astype(np.float64)  # what a bfloat16 layer is given
     dy = to_bfloat16(rng.normal(0, 1, shape)).astype(np.float64)
-    state = {"gamma": rng.uniform(0.5, 1.5, c), "beta": rng.normal(0, 0.5, c),
-             "running_mean": np.full(c, offset) + rng.normal(0, 1, c), "running_var": rng.uniform(0.5, 2, c)}
+    state = {
+        "gamma": rng.uniform(0.5, 1.5, c),
+        "beta": rng.normal(0, 0.5, c),
+        "running_mean": np.full(c, offset) + rng.normal(0, 1, c),
+        "running_var": rng.uniform(0.5, 2, c),
+    }
     return x, dy, {k: v.astype(np.float32).astype(np.float64) for k, v in state.items()}
 
 
 def skip_without_mixed(fw, framework):
     if MIXED_BUILTIN[framework] is None:
         with pytest.raises(BackendUnavailable, match="mixed precision"):
-            fw.run_norm(ModelSpec(), np.zeros((4, 2)), {"gamma": np.ones(2), "beta": np.zeros(2),
-                                                        "running_mean": np.zeros(2), "running_var": np.ones(2)},
-                        np.zeros((4, 2)), training=True, dtype="mixed-bfloat16")
+            fw.run_norm(
+                ModelSpec(),
+                np.zeros((4, 2)),
+                {"gamma": np.ones(2), "beta": np.zeros(2), "running_mean": np.zeros(2), "running_var": np.ones(2)},
+                np.zeros((4, 2)),
+                training=True,
+                dtype="mixed-bfloat16",
+            )
         pytest.skip(f"{framework} runs no mixed precision (its refusal is checked above)")
 
 
@@ -94,17 +110,25 @@ def test_scratch_bn_in_mixed_precision_follows_the_spec(fw, framework, shape, tr
     skip_without_mixed(fw, framework)
     x, dy, state = bn_case(shape, offset)
     got = fw.run_norm(ModelSpec(), x, state, dy, training=training, dtype="mixed-bfloat16")
-    y, mean, var, cache = batch_norm_forward(x, state["gamma"], state["beta"], state["running_mean"],
-                                             state["running_var"], training=training)
+    y, mean, var, cache = batch_norm_forward(
+        x, state["gamma"], state["beta"], state["running_mean"], state["running_var"], training=training
+    )
     dx, dgamma, dbeta = batch_norm_backward(dy, cache)
-    assert got["dtypes"] == {"y": "bfloat16", "gamma": "float32", "beta": "float32", "running_mean": "float32",
-                             "running_var": "float32"}
+    assert got["dtypes"] == {
+        "y": "bfloat16",
+        "gamma": "float32",
+        "beta": "float32",
+        "running_mean": "float32",
+        "running_var": "float32",
+    }
     for name, want in (("y", y), ("dx", dx)):
-        np.testing.assert_allclose(got[name], want, rtol=0, atol=BFLOAT16_EPS * np.max(np.abs(want)),
-                                   err_msg=f"{framework} {name}")
+        np.testing.assert_allclose(
+            got[name], want, rtol=0, atol=BFLOAT16_EPS * np.max(np.abs(want)), err_msg=f"{framework} {name}"
+        )
     for name, want in (("dgamma", dgamma), ("dbeta", dbeta)):  # float32 sums of bfloat16 products
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)),
-                                   err_msg=f"{framework} {name}")
+        np.testing.assert_allclose(
+            got[name], want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)), err_msg=f"{framework} {name}"
+        )
     np.testing.assert_allclose(got["state"]["running_mean"], mean, rtol=1e-6, err_msg=f"{framework} running mean")
     np.testing.assert_allclose(got["state"]["running_var"], var, rtol=1e-5, err_msg=f"{framework} running var")
 
@@ -115,17 +139,22 @@ def test_builtin_bn_in_mixed_precision_is_pinned(fw, framework):
     pinned = MIXED_BUILTIN[framework]
     x, dy, state = bn_case((64, 3, 4, 4), 1000.0, seed=1)
     got = fw.run_norm(ModelSpec(variant="builtin"), x, state, dy, training=True, dtype="mixed-bfloat16")
-    assert (got["dtypes"]["y"], got["dtypes"]["gamma"], got["dtypes"]["running_mean"]) == \
-        (pinned["output"], pinned["gamma"], pinned["running"])
-    _, mean, var, _ = batch_norm_forward(x, state["gamma"], state["beta"], state["running_mean"],
-                                         state["running_var"], training=True)
+    assert (got["dtypes"]["y"], got["dtypes"]["gamma"], got["dtypes"]["running_mean"]) == (
+        pinned["output"],
+        pinned["gamma"],
+        pinned["running"],
+    )
+    _, mean, var, _ = batch_norm_forward(
+        x, state["gamma"], state["beta"], state["running_mean"], state["running_var"], training=True
+    )
     mean_error = np.max(np.abs(got["state"]["running_mean"] / mean - 1))
     var_error = np.max(np.abs(got["state"]["running_var"] / var - 1))
     if BUILTIN[framework]["running_var"] == "unbiased":  # PyTorch folds n/(n-1) x the batch variance in
         n = x.size // x.shape[1]
         batch_var = (var - 0.9 * state["running_var"]) / 0.1
-        var_error = np.max(np.abs(got["state"]["running_var"] / (0.9 * state["running_var"] + 0.1 * batch_var * n / (n - 1))
-                                  - 1))
+        var_error = np.max(
+            np.abs(got["state"]["running_var"] / (0.9 * state["running_var"] + 0.1 * batch_var * n / (n - 1)) - 1)
+        )
     assert mean_error < 1e-6  # the mean: float32 in every framework (bfloat16 would be ~1e-3 off)
     measured = "float32" if var_error < 1e-4 else "float32 E[x^2]-E[x]^2" if var_error < 0.2 else "bfloat16"
     assert measured == pinned["statistics"], (var_error, measured)
@@ -140,8 +169,7 @@ def tiny(tmp_path_factory):
 def test_a_mixed_run_keeps_float32_parameters_and_trains_beside_float32(fw, framework, tiny):
     """Through the loop: the parameters and running statistics stay float32, and the first steps' losses
     follow the float32 run's within bfloat16's precision (the same initial weights and batches)."""
-    config = RunConfig(epochs=1, batch_size=32, lr=0.5, device="cpu", probe_size=16, trace_steps=4,
-                       population_size=0)
+    config = RunConfig(epochs=1, batch_size=32, lr=0.5, device="cpu", probe_size=16, trace_steps=4, population_size=0)
     if MIXED_BUILTIN[framework] is None:
         with pytest.raises(BackendUnavailable, match="mixed precision"):
             fw.BACKEND(config.replace(mixed="bfloat16"))
@@ -153,8 +181,9 @@ def test_a_mixed_run_keeps_float32_parameters_and_trains_beside_float32(fw, fram
         runs[mixed] = [(r, a) for r, a in got if r["kind"] == "epoch"][0]
     (mixed, arrays), (full, _) = runs["bfloat16"], runs["off"]
     assert all(a.dtype == np.float32 for k, a in arrays.items() if k.startswith("param/"))
-    np.testing.assert_allclose(mixed["step_losses"], full["step_losses"], rtol=0.02,
-                               err_msg=f"{framework}: mixed vs float32 per-step losses")
+    np.testing.assert_allclose(
+        mixed["step_losses"], full["step_losses"], rtol=0.02, err_msg=f"{framework}: mixed vs float32 per-step losses"
+    )
     assert mixed["step_losses"] != full["step_losses"]  # it really ran in bfloat16
 
 
@@ -169,10 +198,38 @@ def test_a_mixed_run_is_reported_beside_its_float32_twin(fw, framework, tmp_path
     from compare.run import main as run_main
 
     data = make_idx_dir(tmp_path / "data", 128, 64)
-    code = run_main(["--frameworks", framework, "--variants", "scratch", "--epochs", "2", "--batch-size", "32",
-                     "--lr", "0.5", "--precision", "mixed-bfloat16", "--device", "cpu", "--data-dir", str(data),
-                     "--no-verify-data", "--out", str(tmp_path), "--run-id", "m", "--probe-size", "16",
-                     "--population-size", "0", "--python", f"{framework}={sys.executable}", "--no-progress"])
+    code = run_main(
+        [
+            "--frameworks",
+            framework,
+            "--variants",
+            "scratch",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--precision",
+            "mixed-bfloat16",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "m",
+            "--probe-size",
+            "16",
+            "--population-size",
+            "0",
+            "--python",
+            f"{framework}={sys.executable}",
+            "--no-progress",
+        ]
+    )
     run_dir = tmp_path / "m"
     runs = pd.read_csv(run_dir / "runs.csv").set_index("precision")
     assert sorted(runs.index) == ["float32", "mixed-bfloat16"]

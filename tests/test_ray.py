@@ -7,6 +7,7 @@ at most a few minutes, and stopped at the end. Against it: a study gives the sam
 local executor; workers killed mid-run are retried and the study completes; with no retries left,
 their runs are crashed and every other run's rows are kept; Ctrl-C leaves records a resume finishes.
 """
+
 import json
 import os
 import secrets
@@ -41,15 +42,20 @@ def _stop_ray():
 def cluster(framework):
     """The address of a two-node local Ray cluster (1 CPU each), stopped at the end."""
     import ray  # noqa: F401  (with --ray, Ray must be here: an import error is a failure, not a skip)
+
     if framework != "torch":
         pytest.skip("the Ray tests run PyTorch workers (tox -e ray)")
     why = os.environ.get("BN_LOOPBACK_UNAVAILABLE")
     if why:
-        pytest.skip(f"Ray cannot start here with loopback-only servers ({why}); Ray's servers listen on "
-                    f"every interface, so the tests run it in a network namespace of its own")
+        pytest.skip(
+            f"Ray cannot start here with loopback-only servers ({why}); Ray's servers listen on "
+            f"every interface, so the tests run it in a network namespace of its own"
+        )
     if not loopback_only():
-        pytest.skip("Ray's servers listen on every interface: run these tests with loopback as the only "
-                    "network, `python tests/loopback.py python -m pytest tests/test_ray.py` (tox -e ray does)")
+        pytest.skip(
+            "Ray's servers listen on every interface: run these tests with loopback as the only "
+            "network, `python tests/loopback.py python -m pytest tests/test_ray.py` (tox -e ray does)"
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,8 +64,10 @@ def cluster(framework):
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     try:
-        for command in ([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                        [RAY, "start", f"--address=127.0.0.1:{port}", *common]):
+        for command in (
+            [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+            [RAY, "start", f"--address=127.0.0.1:{port}", *common],
+        ):
             proc = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
             assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}"
         yield f"127.0.0.1:{port}"
@@ -70,8 +78,18 @@ def cluster(framework):
 
 
 def _study_args(path, data, out, run_id, *extra):
-    return [str(path), "--data-dir", str(data), "--no-verify-data", "--out", str(out), "--run-id", run_id,
-            "--no-progress", *extra]
+    return [
+        str(path),
+        "--data-dir",
+        str(data),
+        "--no-verify-data",
+        "--out",
+        str(out),
+        "--run-id",
+        run_id,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _records(study_dir):
@@ -80,8 +98,11 @@ def _records(study_dir):
 
 def _measured(recs):
     """(config_id, epoch) -> the epoch record without its timing figures."""
-    return {(r["config_id"], r["epoch"]): {k: v for k, v in r.items() if k not in TIMING}
-            for r in recs if r["kind"] == "epoch"}
+    return {
+        (r["config_id"], r["epoch"]): {k: v for k, v in r.items() if k not in TIMING}
+        for r in recs
+        if r["kind"] == "epoch"
+    }
 
 
 def test_ray_gives_the_same_study_as_local(cluster, tmp_path):
@@ -89,8 +110,9 @@ def test_ray_gives_the_same_study_as_local(cluster, tmp_path):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     assert study_main(_study_args(path, data, tmp_path / "out", "local", "--jobs", "2")) == 0
-    assert _run(_study_args(path, data, tmp_path / "out", "ray", "--executor", "ray", "--address", cluster),
-                tmp_path) == 0, (tmp_path / "driver.log").read_text()
+    assert (
+        _run(_study_args(path, data, tmp_path / "out", "ray", "--executor", "ray", "--address", cluster), tmp_path) == 0
+    ), (tmp_path / "driver.log").read_text()
     local, remote = tmp_path / "out" / "tiny" / "local", tmp_path / "out" / "tiny" / "ray"
     a, b = _measured(_records(local)), _measured(_records(remote))
     assert len(a) == 4 * 2 and a == b  # every loss, accuracy and divergence figure, bit for bit
@@ -98,8 +120,10 @@ def test_ray_gives_the_same_study_as_local(cluster, tmp_path):
         with np.load(snapshot) as x, np.load(remote / "snapshots" / snapshot.name) as y:
             assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
     throughput = [c for c in pd.read_csv(local / "study.csv").columns if "per_s" in c]
-    pd.testing.assert_frame_equal(pd.read_csv(local / "study.csv").drop(columns=throughput),
-                                  pd.read_csv(remote / "study.csv").drop(columns=throughput))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(local / "study.csv").drop(columns=throughput),
+        pd.read_csv(remote / "study.csv").drop(columns=throughput),
+    )
     env = json.loads((remote / "environment.json").read_text())
     assert (env["executor"], env["ray_nodes"], env["ray_cpus"], env["jobs"]) == ("ray", 2, 2, 2)
     assert "attempt 1 on node 127.0.0.1" in "".join(p.read_text() for p in (remote / "logs").iterdir())
@@ -117,8 +141,13 @@ def _run(args, tmp_path) -> int:
 
 def _start(args, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "compare.study", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "compare.study", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "driver.log", "w"),
+    )
 
 
 def _wait_for(study_dir, ready, proc, timeout=240):
@@ -139,8 +168,12 @@ def _kill_the_workers_mid_run(cluster, tmp_path, retries):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.replace("epochs = 2", "epochs = 3"))
     study_dir = tmp_path / "out" / "tiny" / "k"
-    proc = _start(_study_args(path, data, tmp_path / "out", "k", "--executor", "ray", "--address", cluster,
-                              "--retries", str(retries)), tmp_path)
+    proc = _start(
+        _study_args(
+            path, data, tmp_path / "out", "k", "--executor", "ray", "--address", cluster, "--retries", str(retries)
+        ),
+        tmp_path,
+    )
 
     def midway(recs):
         ended = {r["config_id"] for r in recs if r["kind"] == "run_end"}
@@ -204,8 +237,11 @@ def test_ctrl_c_cancels_the_tasks_and_a_resume_finishes(cluster, tmp_path):
         proc.wait()
     for pid in workers:  # the cancelled tasks stopped their workers
         deadline = time.time() + 30
-        while time.time() < deadline and Path(f"/proc/{pid}").exists() and \
-                "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
+        while (
+            time.time() < deadline
+            and Path(f"/proc/{pid}").exists()
+            and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+        ):
             time.sleep(0.1)
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     runs = pd.read_csv(study_dir / "runs.csv")
@@ -222,10 +258,21 @@ def test_a_node_without_the_framework_env_fails_those_runs_naming_the_node(clust
     data = make_idx_dir(tmp_path / "data", 320, 100)
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
-    args = _study_args(path, data, tmp_path / "out", "n", "--executor", "ray", "--address", cluster,
-                       "--python", "torch=/nonexistent/bin/python")
+    args = _study_args(
+        path,
+        data,
+        tmp_path / "out",
+        "n",
+        "--executor",
+        "ray",
+        "--address",
+        cluster,
+        "--python",
+        "torch=/nonexistent/bin/python",
+    )
     assert _run(args, tmp_path) == 1
     runs = pd.read_csv(tmp_path / "out" / "tiny" / "n" / "runs.csv")
     assert (runs.status == "failed").all() and len(runs) == 4
-    assert runs.detail.str.startswith("node 127.0.0.1 has no environment for torch: --python "
-                                      "torch=/nonexistent/bin/python: no such interpreter").all()
+    assert runs.detail.str.startswith(
+        "node 127.0.0.1 has no environment for torch: --python torch=/nonexistent/bin/python: no such interpreter"
+    ).all()

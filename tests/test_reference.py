@@ -1,18 +1,24 @@
 """The float64 reference itself: checked against finite differences and by hand."""
+
 import numpy as np
 import pytest
 
 from common.config import ModelSpec
 from common.init import init_params, parameter_shapes
-from common.reference import (batch_norm_backward, batch_norm_forward, conv2d, lenet_forward,
-                              softmax_cross_entropy)
+from common.reference import batch_norm_backward, batch_norm_forward, conv2d, lenet_forward, softmax_cross_entropy
 
 
 def _inputs(shape, seed=0):
     rng = np.random.RandomState(seed)
     c = shape[1]
-    return (rng.normal(0.5, 2.0, shape), rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c),
-            rng.normal(0, 1, c), rng.uniform(0.5, 2, c), rng.normal(0, 1, shape))
+    return (
+        rng.normal(0.5, 2.0, shape),
+        rng.uniform(0.5, 1.5, c),
+        rng.normal(0, 0.5, c),
+        rng.normal(0, 1, c),
+        rng.uniform(0.5, 2, c),
+        rng.normal(0, 1, shape),
+    )
 
 
 @pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5, 6)])
@@ -41,8 +47,9 @@ def test_backward_matches_finite_differences(shape, training):
 
 def test_training_forward_and_running_update_by_hand():
     x = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]])
-    y, rm, rv, _ = batch_norm_forward(x, np.ones(2), np.zeros(2), np.zeros(2), np.ones(2),
-                                      training=True, decay=0.9, epsilon=0.0)
+    y, rm, rv, _ = batch_norm_forward(
+        x, np.ones(2), np.zeros(2), np.zeros(2), np.ones(2), training=True, decay=0.9, epsilon=0.0
+    )
     # column 0: mean 3, biased var 8/3; column 1: mean 12, biased var 8
     np.testing.assert_allclose(y[:, 0], (x[:, 0] - 3) / np.sqrt(8 / 3))
     np.testing.assert_allclose(rm, [0.3, 1.2])
@@ -51,8 +58,9 @@ def test_training_forward_and_running_update_by_hand():
 
 def test_eval_forward_uses_running_statistics_and_keeps_them():
     x = np.array([[2.0], [4.0]])
-    y, rm, rv, _ = batch_norm_forward(x, np.array([2.0]), np.array([1.0]), np.array([1.0]), np.array([4.0]),
-                                      training=False, epsilon=0.0)
+    y, rm, rv, _ = batch_norm_forward(
+        x, np.array([2.0]), np.array([1.0]), np.array([1.0]), np.array([4.0]), training=False, epsilon=0.0
+    )
     np.testing.assert_allclose(y[:, 0], [2 * (2 - 1) / 2 + 1, 2 * (4 - 1) / 2 + 1])
     np.testing.assert_array_equal(rm, [1.0])
     np.testing.assert_array_equal(rv, [4.0])
@@ -72,7 +80,7 @@ def test_conv2d_matches_a_direct_loop():
         for o in range(4):
             for i in range(5):
                 for j in range(5):
-                    direct[n, o, i, j] = np.sum(x[n, :, i:i + 3, j:j + 2] * w[o]) + b[o]
+                    direct[n, o, i, j] = np.sum(x[n, :, i : i + 3, j : j + 2] * w[o]) + b[o]
     np.testing.assert_allclose(out, direct, rtol=1e-12)
 
 

@@ -5,6 +5,7 @@ derives, the command-line checks, and divergence through the real loop with a
 scripted backend. With the PyTorch worker (tox -e torch): SIGINT and SIGTERM
 to a real runner mid-run, and a real diverging configuration.
 """
+
 import json
 import os
 import signal
@@ -17,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import Dataset
 from common.interface import ProbeResult
-from common.loop import divergence_message, run as run_loop
+from common.loop import divergence_message
+from common.loop import run as run_loop
 from compare import report
 from compare.reporting import tables
 from compare.run import main as run_main
@@ -34,8 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_run(run_dir, lines, env=None):
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "records.jsonl").write_bytes(b"".join(
-        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines))
+    (run_dir / "records.jsonl").write_bytes(
+        b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+    )
     if env is not None:
         (run_dir / "environment.json").write_bytes(env)
     return run_dir
@@ -46,22 +48,49 @@ def test_each_status_reaches_runs_summary_and_report(tmp_path):
     lines = []
     lines += run_records(variant="scratch", seed=0)  # complete after 3 epochs
     lines += [epoch_record(variant="scratch", seed=0, epoch=e, test_acc=0.7) for e in (1, 2, 3)]
-    plan, end = run_records(variant="builtin", seed=0, status="diverged", epochs_done=1, diverged_epoch=2,
-                            diverged_step=7, message="the training loss stopped being finite")
+    plan, end = run_records(
+        variant="builtin",
+        seed=0,
+        status="diverged",
+        epochs_done=1,
+        diverged_epoch=2,
+        diverged_step=7,
+        message="the training loss stopped being finite",
+    )
     lines += [plan, epoch_record(variant="builtin", seed=0, epoch=1, test_acc=0.6), end]
-    lines += [run_records(variant="none", seed=0)[0],  # planned, one epoch, then nothing: the runner died
-              epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3)]
-    lines += run_records(variant="builtin-defaults", seed=0, status="crashed", error_type="WorkerCrashed",
-                         exit_status=-9, message="the worker exited with status -9")
-    lines += run_records(framework="mxnet", variant="scratch", seed=0, status="failed",
-                         error_type="BackendUnavailable", message="cannot import MXNet")
+    lines += [
+        run_records(variant="none", seed=0)[0],  # planned, one epoch, then nothing: the runner died
+        epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3),
+    ]
+    lines += run_records(
+        variant="builtin-defaults",
+        seed=0,
+        status="crashed",
+        error_type="WorkerCrashed",
+        exit_status=-9,
+        message="the worker exited with status -9",
+    )
+    lines += run_records(
+        framework="mxnet",
+        variant="scratch",
+        seed=0,
+        status="failed",
+        error_type="BackendUnavailable",
+        message="cannot import MXNet",
+    )
     run_dir = write_run(tmp_path / "run", lines)
     assert report.main([str(run_dir)]) == 0
     runs = pd.read_csv(run_dir / "runs.csv").set_index(["framework", "variant"])
     assert runs.status.to_dict() == {
-        ("torch", "scratch"): "complete", ("torch", "builtin"): "diverged", ("torch", "none"): "interrupted",
-        ("torch", "builtin-defaults"): "crashed", ("mxnet", "scratch"): "failed"}
-    assert runs.loc[("torch", "builtin"), "diverged_epoch"] == 2 and runs.loc[("torch", "builtin"), "diverged_step"] == 7
+        ("torch", "scratch"): "complete",
+        ("torch", "builtin"): "diverged",
+        ("torch", "none"): "interrupted",
+        ("torch", "builtin-defaults"): "crashed",
+        ("mxnet", "scratch"): "failed",
+    }
+    assert (
+        runs.loc[("torch", "builtin"), "diverged_epoch"] == 2 and runs.loc[("torch", "builtin"), "diverged_step"] == 7
+    )
     assert runs.loc[("torch", "none"), "epochs_done"] == 1 and tables.NO_END in runs.loc[("torch", "none"), "detail"]
     assert runs.loc[("torch", "builtin-defaults"), "exit_status"] == -9
     summary = pd.read_csv(run_dir / "summary.csv").set_index(["framework", "variant"])
@@ -70,8 +99,11 @@ def test_each_status_reaches_runs_summary_and_report(tmp_path):
     assert summary.loc[("mxnet", "scratch"), "status"] == "failed"  # a run with no epoch still has its row
     assert summary.loc[("torch", "builtin-defaults"), "errors"] == 1
     epochs = pd.read_csv(run_dir / "epochs.csv")
-    assert set(zip(epochs.variant, epochs.status)) == {("scratch", "complete"), ("builtin", "diverged"),
-                                                       ("none", "interrupted")}
+    assert set(zip(epochs.variant, epochs.status)) == {
+        ("scratch", "complete"),
+        ("builtin", "diverged"),
+        ("none", "interrupted"),
+    }
     text = (run_dir / "report.md").read_text()
     assert "| torch | builtin | **diverged** |" in text
     assert "0.6000 (to epoch 1 of 3)" in text and "| torch | none | **interrupted** |" in text
@@ -87,14 +119,28 @@ def test_status_summary_counts_mixed_seeds():
 def test_report_skips_and_names_every_unusable_line(tmp_path):
     good = run_records() + (epoch_record(epoch=1, test_acc=0.5),)
     lacking = {k: v for k, v in epoch_record(epoch=2).items() if k != "test_acc"}
-    lines = [good[0], b"42", b"null", lacking, b"\xff\xfe not utf-8", b'{"kind": "epoch", cut', good[2], good[1],
-             {"kind": "mystery"}]
+    lines = [
+        good[0],
+        b"42",
+        b"null",
+        lacking,
+        b"\xff\xfe not utf-8",
+        b'{"kind": "epoch", cut',
+        good[2],
+        good[1],
+        {"kind": "mystery"},
+    ]
     run_dir = write_run(tmp_path / "run", lines, env=b"{ not json")
     assert report.main([str(run_dir)]) == 0
     text = (run_dir / "report.md").read_text()
-    for number, reason in ((2, "not a record (a JSON int)"), (3, "not a record (a JSON NoneType)"),
-                           (4, "epoch record lacks test_acc"), (5, "not UTF-8"), (6, "not valid JSON"),
-                           (9, "unknown record kind 'mystery'")):
+    for number, reason in (
+        (2, "not a record (a JSON int)"),
+        (3, "not a record (a JSON NoneType)"),
+        (4, "epoch record lacks test_acc"),
+        (5, "not UTF-8"),
+        (6, "not valid JSON"),
+        (9, "unknown record kind 'mystery'"),
+    ):
         assert f"line {number}: {reason}" in text, (number, reason)
     assert "6 line(s) of records.jsonl could not be used" in text
     assert "environment.json is corrupt" in text
@@ -111,17 +157,20 @@ def test_report_exit_status(tmp_path, capsys):
 
 
 # Command-line checks before anything runs ----------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0,0"], "seed 0 listed twice"),
-    (["--variants", "scratch,scratch"], "variant scratch listed twice"),
-    (["--run-id", "a/b"], "--run-id 'a/b' must be a plain folder name"),
-    (["--run-id", ".."], "must be a plain folder name"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0,0"], "seed 0 listed twice"),
+        (["--variants", "scratch,scratch"], "variant scratch listed twice"),
+        (["--run-id", "a/b"], "--run-id 'a/b' must be a plain folder name"),
+        (["--run-id", ".."], "must be a plain folder name"),
+    ],
+)
 def test_bad_run_options(argv, message, tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 20, 20)
     out = tmp_path / "out"
     assert run_main(argv + ["--data-dir", str(data), "--out", str(out)]) == 2
-    assert f"error: " in capsys.readouterr().err
+    assert "error: " in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -142,14 +191,24 @@ def test_divergence_is_a_result_with_its_epoch_and_step():
     def stats(epoch, step):
         return (np.nan if (epoch, step) >= nan_from else 1.0, 2.0)
 
-    script = Script(step_seconds=lambda e, s: 0.1, step_stats=stats, eval_stats=(1.0, 2.0),
-                    probe=ProbeResult(np.eye(4), np.eye(4), {}), bn_epsilon=1e-5)
-    data = Dataset(np.zeros((40, 1, 28, 28), np.float32), np.zeros(40, np.int64),
-                   np.zeros((4, 1, 28, 28), np.float32), np.arange(4), "scripted", False)
+    script = Script(
+        step_seconds=lambda e, s: 0.1,
+        step_stats=stats,
+        eval_stats=(1.0, 2.0),
+        probe=ProbeResult(np.eye(4), np.eye(4), {}),
+        bn_epsilon=1e-5,
+    )
+    data = Dataset(
+        np.zeros((40, 1, 28, 28), np.float32),
+        np.zeros(40, np.int64),
+        np.zeros((4, 1, 28, 28), np.float32),
+        np.arange(4),
+        "scripted",
+        False,
+    )
     config = RunConfig(model=ModelSpec(variant="none"), lr=3.0, batch_size=4, epochs=4, probe_size=4, device="cpu")
     out = []
-    run_loop(scripted_backend(script), config, data, lambda record, arrays=None: out.append(record),
-             clock=script.clock)
+    run_loop(scripted_backend(script), config, data, lambda record, arrays=None: out.append(record), clock=script.clock)
     assert [r["kind"] for r in out] == ["run_start", "epoch", "run_end"]
     end = out[-1]
     assert (end["status"], end["diverged_epoch"], end["diverged_step"], end["epochs_done"]) == ("diverged", 2, 4, 1)
@@ -176,10 +235,32 @@ def _records(run_dir):
 
 def _start_runner(tmp_path, *extra):
     data = make_idx_dir(tmp_path / "data", 640, 200)
-    argv = [sys.executable, "-m", "compare.run", "--frameworks", "torch", "--variants", "scratch,builtin,none",
-            "--epochs", "10", "--batch-size", "64", "--data-dir", str(data), "--no-verify-data",
-            "--out", str(tmp_path / "out"), "--run-id", "r", "--python", f"torch={sys.executable}",
-            "--probe-size", "64", "--no-progress", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "compare.run",
+        "--frameworks",
+        "torch",
+        "--variants",
+        "scratch,builtin,none",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "64",
+        "--data-dir",
+        str(data),
+        "--no-verify-data",
+        "--out",
+        str(tmp_path / "out"),
+        "--run-id",
+        "r",
+        "--python",
+        f"torch={sys.executable}",
+        "--probe-size",
+        "64",
+        "--no-progress",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -230,8 +311,14 @@ def test_a_second_signal_during_the_first_is_forwarded_not_deadlocked():
     SIGINT, then tox's). A handler that held a lock while forwarding the first was re-entered by the second
     and waited on its own lock forever: no report. The first signal is forwarded to the worker, the second
     kills it, and the progress display is muted once."""
-    proc = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "['SIGINT', 'kill'] [True]"
 
@@ -266,10 +353,36 @@ def test_a_diverging_run_does_not_stop_the_others(native, tmp_path):
     """relu, lr 300, seed 0 on the CPU: scratch BN diverges in its first epoch (measured with PyTorch
     2.13; the run repeats bit for bit), the network without BN does not."""
     data = make_idx_dir(tmp_path / "data", 640, 200)
-    code = run_main(["--frameworks", "torch", "--variants", "scratch,none", "--activation", "relu", "--lr", "300",
-                     "--epochs", "2", "--batch-size", "64", "--data-dir", str(data), "--no-verify-data",
-                     "--out", str(tmp_path / "out"), "--run-id", "d", "--python", f"torch={sys.executable}",
-                     "--probe-size", "64", "--no-progress", "--device", "cpu"])
+    code = run_main(
+        [
+            "--frameworks",
+            "torch",
+            "--variants",
+            "scratch,none",
+            "--activation",
+            "relu",
+            "--lr",
+            "300",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path / "out"),
+            "--run-id",
+            "d",
+            "--python",
+            f"torch={sys.executable}",
+            "--probe-size",
+            "64",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, "a diverged run is a result, not an error"
     runs = pd.read_csv(tmp_path / "out" / "d" / "runs.csv").set_index("variant")
     assert runs.status.to_dict() == {"scratch": "diverged", "none": "complete"}

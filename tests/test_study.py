@@ -1,9 +1,10 @@
 """Studies: the file format and its errors, the grid, the statistics and answers against numbers worked
 by hand, resumption, and (in tox -e torch) real studies end to end, every shipped one with --quick."""
+
 import json
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,21 @@ from compare.study import main as study_main
 from tests.helpers import make_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ["batch-size", "bias-before-bn", "bn-placement", "decay", "dropout-vs-bn", "framework-agreement",
-           "frozen-gamma-beta", "lr-sweep", "normalizers", "population-size", "population-stats", "precision",
-           "renorm"]
+SHIPPED = [
+    "batch-size",
+    "bias-before-bn",
+    "bn-placement",
+    "decay",
+    "dropout-vs-bn",
+    "framework-agreement",
+    "frozen-gamma-beta",
+    "lr-sweep",
+    "normalizers",
+    "population-size",
+    "population-stats",
+    "precision",
+    "renorm",
+]
 
 LR_STUDY = """\
 question = "How large can the learning rate go?"
@@ -77,8 +90,12 @@ def test_grid_expansion_scale_and_coordinates(tmp_path):
     configs, coords = study.cells()
     # lr x batch_size x variant x seed, in that order of nesting
     assert [(c.lr, c.batch_size, c.model.variant, c.seed) for c in configs[:5]] == [
-        (0.1, 32, "scratch", 0), (0.1, 32, "scratch", 1), (0.1, 32, "none", 0), (0.1, 32, "none", 1),
-        (0.1, 64, "scratch", 0)]
+        (0.1, 32, "scratch", 0),
+        (0.1, 32, "scratch", 1),
+        (0.1, 32, "none", 0),
+        (0.1, 32, "none", 1),
+        (0.1, 64, "scratch", 0),
+    ]
     assert len(configs) == 16
     assert {c.model.activation for c in configs} == {"relu"} and {c.epochs for c in configs} == {4}
     assert {(c.batch_size, c.probe_size) for c in configs} == {(32, 512), (64, 1024)}  # 512 x 64/32
@@ -95,24 +112,32 @@ def test_scale_gives_an_integer_field_an_integer(tmp_path):
     assert all(isinstance(c.probe_size, int) for c in configs)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("[grid]\nlr", "[grid]\nlrr"), r"s\.toml:11: \[grid\] lrr: unknown field; choose from lr, batch_size"),
-    (("lr = [0.1, 1.0]", "lr = [0.1, -1.0]"), r"s\.toml:11: \[grid\] lr: -1\.0 is not valid: lr must be a positive"),
-    (("lr = [0.1, 1.0]", "lr = []"), r"s\.toml:11: \[grid\] lr: must be a non-empty list"),
-    (("lr = [0.1, 1.0]", "lr = [0.1, 0.1]"), r"s\.toml:11: \[grid\] lr: lists a value twice"),
-    (("epochs = 4", "epochs = 4\nlr = 0.5"), r"s\.toml:12: \[grid\] lr: is also set in \[base\]"),
-    (("epochs = 4", "epochs = 0"), r"s\.toml:8: \[base\] epochs: 0 is not valid: epochs must be an integer >= 1"),
-    (("activation = \"relu\"", "activation = \"tanh\""), r"s\.toml:7: \[base\] activation: 'tanh' is not valid"),
-    (("seeds = [0, 1]", "seed = [0, 1]"), r"s\.toml:4: seed: unknown field"),
-    (("variants = [\"scratch\", \"none\"]", "variants = [\"scratch\", \"bn\"]"),
-     r"s\.toml:3: variants: unknown 'bn'; choose from scratch"),
-    (("kind = \"largest-stable\"", "kind = \"best\""), r"s\.toml:\d+: \[answer\] kind: choose from largest-stable"),
-    (("x = \"lr\"", "x = \"momentum\""), r"\[answer\] x: must name a \[grid\] field; the grid has lr, batch_size"),
-    (("min_best_test_acc = 0.5", "min_best_test_acc = 5"), r"\[failure\] min_best_test_acc: must be a number in"),
-    (("rule = \"linear\"", "rule = \"cubic\""), r"\[scale\] probe_size: rule 'cubic'"),
-    (("question = \"How large can the learning rate go?\"", ""), r"question: every study states its question"),
-    (("[grid]", "[grid"), r"s\.toml: not valid TOML: .*line 10"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("[grid]\nlr", "[grid]\nlrr"), r"s\.toml:11: \[grid\] lrr: unknown field; choose from lr, batch_size"),
+        (
+            ("lr = [0.1, 1.0]", "lr = [0.1, -1.0]"),
+            r"s\.toml:11: \[grid\] lr: -1\.0 is not valid: lr must be a positive",
+        ),
+        (("lr = [0.1, 1.0]", "lr = []"), r"s\.toml:11: \[grid\] lr: must be a non-empty list"),
+        (("lr = [0.1, 1.0]", "lr = [0.1, 0.1]"), r"s\.toml:11: \[grid\] lr: lists a value twice"),
+        (("epochs = 4", "epochs = 4\nlr = 0.5"), r"s\.toml:12: \[grid\] lr: is also set in \[base\]"),
+        (("epochs = 4", "epochs = 0"), r"s\.toml:8: \[base\] epochs: 0 is not valid: epochs must be an integer >= 1"),
+        (('activation = "relu"', 'activation = "tanh"'), r"s\.toml:7: \[base\] activation: 'tanh' is not valid"),
+        (("seeds = [0, 1]", "seed = [0, 1]"), r"s\.toml:4: seed: unknown field"),
+        (
+            ('variants = ["scratch", "none"]', 'variants = ["scratch", "bn"]'),
+            r"s\.toml:3: variants: unknown 'bn'; choose from scratch",
+        ),
+        (('kind = "largest-stable"', 'kind = "best"'), r"s\.toml:\d+: \[answer\] kind: choose from largest-stable"),
+        (('x = "lr"', 'x = "momentum"'), r"\[answer\] x: must name a \[grid\] field; the grid has lr, batch_size"),
+        (("min_best_test_acc = 0.5", "min_best_test_acc = 5"), r"\[failure\] min_best_test_acc: must be a number in"),
+        (('rule = "linear"', 'rule = "cubic"'), r"\[scale\] probe_size: rule 'cubic'"),
+        (('question = "How large can the learning rate go?"', ""), r"question: every study states its question"),
+        (("[grid]", "[grid"), r"s\.toml: not valid TOML: .*line 10"),
+    ],
+)
 def test_bad_files_name_the_line_and_the_field(tmp_path, edit, message):
     old, new = edit
     assert old in LR_STUDY
@@ -147,24 +172,42 @@ def runs_frame(rows):
 
 
 def lr_study(tmp_path):
-    return spec.load(write(tmp_path, LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    return spec.load(
+        write(
+            tmp_path,
+            LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
+                '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
+            ),
+        )
+    )
 
 
 def test_failure_criterion(tmp_path):
     study = lr_study(tmp_path)
-    runs = runs_frame([{"best_test_acc": 0.6}, {"best_test_acc": 0.4}, {"best_test_acc": 0.5},
-                       {"status": "diverged", "best_test_acc": 0.7}, {"status": "diverged"},
-                       {"status": "crashed", "best_test_acc": 0.2}, {"status": "interrupted"},
-                       {"status": "complete"}])  # complete but no epoch accuracy: fails (not >= threshold)
+    runs = runs_frame(
+        [
+            {"best_test_acc": 0.6},
+            {"best_test_acc": 0.4},
+            {"best_test_acc": 0.5},
+            {"status": "diverged", "best_test_acc": 0.7},
+            {"status": "diverged"},
+            {"status": "crashed", "best_test_acc": 0.2},
+            {"status": "interrupted"},
+            {"status": "complete"},
+        ]
+    )  # complete but no epoch accuracy: fails (not >= threshold)
     assert answers.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
 
 
 def test_cell_statistics_by_hand(tmp_path):
     study = lr_study(tmp_path)
-    runs = runs_frame([{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate([0.80, 0.84, 0.85])]
-                      + [{"lr": 0.1, "seed": 3, "status": "diverged", "best_test_acc": 0.1},
-                         {"lr": 1.0, "seed": 0, "best_test_acc": 0.7}])
+    runs = runs_frame(
+        [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate([0.80, 0.84, 0.85])]
+        + [
+            {"lr": 0.1, "seed": 3, "status": "diverged", "best_test_acc": 0.1},
+            {"lr": 1.0, "seed": 0, "best_test_acc": 0.7},
+        ]
+    )
     cells = answers.cells(runs, study).set_index("lr")
     row = cells.loc[0.1]
     # mean 0.83; sample sd sqrt(((-.03)^2 + .01^2 + .02^2) / 2) = sqrt(0.0007) = 0.0264575;
@@ -187,8 +230,10 @@ def test_largest_stable_learning_rate(tmp_path):
     # none: fails at 0.1 (too slow), passes at 1, diverges at 3; 10 has a crashed seed
     for lr, accs in [(0.1, [0.2, 0.6]), (1.0, [0.6, 0.55])]:
         rows += [{"variant": "none", "lr": lr, "seed": s, "best_test_acc": a} for s, a in enumerate(accs)]
-    rows += [{"variant": "none", "lr": 3.0, "seed": 0, "status": "diverged"},
-             {"variant": "none", "lr": 3.0, "seed": 1, "best_test_acc": 0.6}]
+    rows += [
+        {"variant": "none", "lr": 3.0, "seed": 0, "status": "diverged"},
+        {"variant": "none", "lr": 3.0, "seed": 1, "best_test_acc": 0.6},
+    ]
     answer, frames = answers.analyse(runs_frame(rows), study)
     table = frames["stability"].set_index("variant")
     assert table.loc["scratch", "largest_stable_lr"] == 3.0 and table.loc["scratch", "smallest_failing_lr"] == 10.0
@@ -200,10 +245,15 @@ def test_largest_stable_learning_rate(tmp_path):
 
 
 def test_paired_comparison_by_hand(tmp_path):
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
-                            "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
-    study = spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    text = LR_STUDY.replace('kind = "largest-stable"\nx = "lr"', 'kind = "compare"\naxis = "lr"\nbaseline = 0.1')
+    study = spec.load(
+        write(
+            tmp_path,
+            text.replace("batch_size = [32, 64]\n", "").replace(
+                '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
+            ),
+        )
+    )
     base, arm = [0.80, 0.81, 0.79], [0.81, 0.83, 0.83]  # per-seed differences 0.01, 0.02, 0.04
     rows = [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in enumerate(base)]
     rows += [{"lr": 1.0, "seed": s, "best_test_acc": v} for s, v in enumerate(arm)]
@@ -226,16 +276,26 @@ def test_paired_comparison_by_hand(tmp_path):
 
 def compare_study(tmp_path):
     """The LR study answered by comparing each lr with the baseline lr 0.1."""
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1")
-    return spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    text = LR_STUDY.replace('kind = "largest-stable"\nx = "lr"', 'kind = "compare"\naxis = "lr"\nbaseline = 0.1')
+    return spec.load(
+        write(
+            tmp_path,
+            text.replace("batch_size = [32, 64]\n", "").replace(
+                '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
+            ),
+        )
+    )
 
 
 def arms(base: dict, arm: dict, arm_status=None):
     """Runs of the baseline (lr 0.1) and the arm (lr 1.0): seed -> best test accuracy."""
-    return runs_frame([{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in base.items()]
-                      + [{"lr": 1.0, "seed": s, "best_test_acc": v,
-                          "status": (arm_status or {}).get(s, "complete")} for s, v in arm.items()])
+    return runs_frame(
+        [{"lr": 0.1, "seed": s, "best_test_acc": v} for s, v in base.items()]
+        + [
+            {"lr": 1.0, "seed": s, "best_test_acc": v, "status": (arm_status or {}).get(s, "complete")}
+            for s, v in arm.items()
+        ]
+    )
 
 
 def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
@@ -247,45 +307,71 @@ def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
     # half-width 4.302653 x 0.0057735 / sqrt(3) = 0.0143422 -> [0.0123245, 0.0410089], above 0
     # (with the diverged seed: -0.22 among them, mean -0.035, within seed noise)
     assert row.paired_seeds == 3
-    assert row.arm_mean == pytest.approx((0.83 + 0.80 + 0.84) / 3) and row.baseline_mean == pytest.approx((0.80 + 0.78 + 0.81) / 3)
+    assert row.arm_mean == pytest.approx((0.83 + 0.80 + 0.84) / 3) and row.baseline_mean == pytest.approx(
+        (0.80 + 0.78 + 0.81) / 3
+    )
     assert row.difference == pytest.approx(0.0266667, abs=1e-7)
-    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0123245, abs=1e-7),
-                                                               pytest.approx(0.0410089, abs=1e-7))
+    assert (row.difference_ci_low, row.difference_ci_high) == (
+        pytest.approx(0.0123245, abs=1e-7),
+        pytest.approx(0.0410089, abs=1e-7),
+    )
     assert row.verdict == "higher"
 
 
 def test_best_names_the_best_arm_and_those_within_seed_noise_of_it(tmp_path):
     """best = true: each arm against the stratum's best arm (by mean), paired per seed. lr 1.0 is best; lr 0.1
     trails it by 0.01-0.03 per seed (beyond seed noise), lr 0.3 by -0.02..+0.02 (within)."""
-    study = spec.load(write(tmp_path, LR_STUDY.replace(
-        "kind = \"largest-stable\"\nx = \"lr\"", "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nbest = true"
-    ).replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
+    study = spec.load(
+        write(
+            tmp_path,
+            LR_STUDY.replace(
+                'kind = "largest-stable"\nx = "lr"', 'kind = "compare"\naxis = "lr"\nbaseline = 0.1\nbest = true'
+            )
+            .replace("batch_size = [32, 64]\n", "")
+            .replace('[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""),
+        )
+    )
     accuracy = {0.1: [0.80, 0.79, 0.81], 0.3: [0.83, 0.80, 0.82], 1.0: [0.82, 0.81, 0.83]}
-    runs = runs_frame([{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)])
+    runs = runs_frame(
+        [{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)]
+    )
     table = answers.comparisons(runs, study, against_best=True)
     assert set(table.baseline) == {"lr=1"} and sorted(table.arm) == ["lr=0.1", "lr=0.3"]
     # lr 0.1 - lr 1: -0.02, -0.02, -0.02: sd 0, an interval of one point, below 0
     assert table.set_index("arm").verdict.to_dict() == {"lr=0.1": "lower", "lr=0.3": "within seed noise"}
     answer, frames = answers.analyse(runs, study)
-    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
-                         "it: lr=0.3; behind it beyond seed noise: lr=0.1.")
+    assert answer[0] == (
+        "torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
+        "it: lr=0.3; behind it beyond seed noise: lr=0.1."
+    )
     assert "against_best" in frames
     with pytest.raises(spec.StudyError, match="best"):
-        spec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nbest = true")))
+        spec.load(write(tmp_path, LR_STUDY.replace('x = "lr"', 'x = "lr"\nbest = true')))
 
 
 def test_also_compares_further_metrics_the_same_way(tmp_path):
     """also = [...]: each further metric gets its own paired comparisons and sentences, after the answer's."""
-    study = spec.load(write(tmp_path, LR_STUDY.replace(
-        "kind = \"largest-stable\"\nx = \"lr\"",
-        "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nalso = [\"final_probe_disagreement\"]"
-    ).replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
-    runs = runs_frame([{"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
-                       for lr, values in {0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
-                                          1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)]}.items()
-                       for seed, (acc, dis) in enumerate(values)])
+    study = spec.load(
+        write(
+            tmp_path,
+            LR_STUDY.replace(
+                'kind = "largest-stable"\nx = "lr"',
+                'kind = "compare"\naxis = "lr"\nbaseline = 0.1\nalso = ["final_probe_disagreement"]',
+            )
+            .replace("batch_size = [32, 64]\n", "")
+            .replace('[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""),
+        )
+    )
+    runs = runs_frame(
+        [
+            {"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
+            for lr, values in {
+                0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
+                1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)],
+            }.items()
+            for seed, (acc, dis) in enumerate(values)
+        ]
+    )
     answer, frames = answers.analyse(runs, study)
     table = frames["comparisons"].set_index("metric")
     assert list(table.index) == ["best_test_acc", "final_probe_disagreement"]
@@ -294,7 +380,7 @@ def test_also_compares_further_metrics_the_same_way(tmp_path):
     assert table.loc["final_probe_disagreement", "verdict"] == "higher"
     assert answer[-1].startswith("lr=1 vs lr=0.1 (torch, scratch): train/eval prediction disagreement 0.1100 vs 0.0533")
     with pytest.raises(spec.StudyError, match="also"):
-        spec.load(write(tmp_path, LR_STUDY.replace("x = \"lr\"", "x = \"lr\"\nalso = [\"bogus\"]")))
+        spec.load(write(tmp_path, LR_STUDY.replace('x = "lr"', 'x = "lr"\nalso = ["bogus"]')))
 
 
 def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
@@ -306,8 +392,10 @@ def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
     # sqrt(3) = 0.0124207 (by position: 0.02, 0.18, -0.075, mean 0.0416667)
     assert row.paired_seeds == 3 and row.baseline_mean == pytest.approx(0.80)
     assert row.difference == pytest.approx(0.025, abs=1e-9)
-    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0125793, abs=1e-7),
-                                                               pytest.approx(0.0374207, abs=1e-7))
+    assert (row.difference_ci_low, row.difference_ci_high) == (
+        pytest.approx(0.0125793, abs=1e-7),
+        pytest.approx(0.0374207, abs=1e-7),
+    )
     assert row.verdict == "higher"
 
 
@@ -319,8 +407,10 @@ def test_pairing_keeps_each_arm_in_seed_order(tmp_path):
     # differences 0.02, 0.03, 0.025, 0.02: mean 0.02375, sd sqrt(0.0000687500 / 3) = 0.00478714, half-width
     # t(0.975, 3) 3.182446 x 0.00478714 / 2 = 0.00761738 (sorted arm: -0.07, 0.075, 0.07, 0.02, within noise)
     assert row.paired_seeds == 4 and row.difference == pytest.approx(0.02375, abs=1e-9)
-    assert (row.difference_ci_low, row.difference_ci_high) == (pytest.approx(0.0161326, abs=1e-7),
-                                                               pytest.approx(0.0313674, abs=1e-7))
+    assert (row.difference_ci_low, row.difference_ci_high) == (
+        pytest.approx(0.0161326, abs=1e-7),
+        pytest.approx(0.0313674, abs=1e-7),
+    )
     assert row.verdict == "higher"
 
 
@@ -329,10 +419,12 @@ def test_a_resume_runs_what_has_no_result_and_nothing_else(tmp_path):
     runner killed) run again; a run whose latest attempt completed does not."""
     from common.config import RunConfig
     from compare.study import work_left
+
     configs = [RunConfig(seed=s, epochs=2) for s in range(7)]
     lines = []
-    for config, ends in zip(configs, [["complete"], ["diverged"], ["interrupted"], ["crashed"], ["failed"], [],
-                                      ["crashed", "complete"]]):
+    for config, ends in zip(
+        configs, [["complete"], ["diverged"], ["interrupted"], ["crashed"], ["failed"], [], ["crashed", "complete"]]
+    ):
         ident = dict(framework="torch", variant="scratch", seed=config.seed, config_id=config.config_id)
         for attempt, status in enumerate(ends or [None], 1):
             lines.append(records.make("plan", **ident, epochs=2, attempt=attempt))
@@ -365,6 +457,7 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
     shown = [float(v) for pair in re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", text) for v in pair]
     assert shown and all(-1 <= v <= 1 for v in shown), shown
     from compare.reporting.stats import clipped, metric_bounds
+
     assert metric_bounds("final_train_loss") == (0.0, math.inf)
     assert clipped(-0.5, 2.0, metric_bounds("final_train_loss")) == (0.0, 2.0)
     assert metric_bounds("train_examples_per_s")[0] == 0.0 and metric_bounds("final_probe_disagreement") == (0, 1)
@@ -373,61 +466,93 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
 def test_framework_agreement_compares_every_pair_and_their_intervals():
     study = spec.load(spec.find("framework-agreement"))
     values = {"torch": [0.80, 0.82, 0.81], "mxnet": [0.80, 0.82, 0.815], "tensorflow": [0.70, 0.71, 0.72]}
-    rows = [{"framework": fw, "seed": s, "best_test_acc": v, "config_id": f"c{s}"}
-            for fw, vs in values.items() for s, v in enumerate(vs)]
+    rows = [
+        {"framework": fw, "seed": s, "best_test_acc": v, "config_id": f"c{s}"}
+        for fw, vs in values.items()
+        for s, v in enumerate(vs)
+    ]
     answer, frames = answers.analyse(runs_frame(rows), study)
     pairs = frames["comparisons"][["arm", "baseline", "verdict"]].values.tolist()
-    assert pairs == [["mxnet", "torch", "within seed noise"], ["tensorflow", "torch", "lower"],
-                     ["tensorflow", "mxnet", "lower"]]
-    assert answer[0] == ("2 of 3 comparisons differ beyond seed noise (higher is better). The 95% intervals of "
-                         "torch and tensorflow (scratch); mxnet and tensorflow (scratch) do not overlap.")
+    assert pairs == [
+        ["mxnet", "torch", "within seed noise"],
+        ["tensorflow", "torch", "lower"],
+        ["tensorflow", "mxnet", "lower"],
+    ]
+    assert answer[0] == (
+        "2 of 3 comparisons differ beyond seed noise (higher is better). The 95% intervals of "
+        "torch and tensorflow (scratch); mxnet and tensorflow (scratch) do not overlap."
+    )
     # each framework's mean first: torch 0.81, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414
     assert answer[1].startswith("scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3); mxnet 0.8117 [")
     assert answer[2].startswith("mxnet vs torch (scratch): best test accuracy 0.8117 vs 0.8100, difference +0.0017")
     # one framework alone: its figure, and nothing to compare
     answer, _ = answers.analyse(runs_frame([r for r in rows if r["framework"] == "torch"]), study)
-    assert answer == ["scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3).",
-                      "Only torch ran with complete runs: nothing to compare."]
+    assert answer == [
+        "scratch: mean best test accuracy torch 0.8100 [0.7852, 0.8348] (n=3).",
+        "Only torch ran with complete runs: nothing to compare.",
+    ]
 
 
 def test_trend_answer(tmp_path):
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
-                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    text = LR_STUDY.replace(
+        'kind = "largest-stable"\nx = "lr"', 'kind = "trend"\nx = "batch_size"\nmetric = "final_probe_disagreement"'
+    )
     study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
-    rows = [{"batch_size": b, "seed": s, "final_probe_disagreement": v + 0.001 * s}
-            for b, v in [(32, 0.20), (64, 0.10)] for s in range(3)]
+    rows = [
+        {"batch_size": b, "seed": s, "final_probe_disagreement": v + 0.001 * s}
+        for b, v in [(32, 0.20), (64, 0.10)]
+        for s in range(3)
+    ]
     answer, _ = answers.analyse(runs_frame(rows), study)
-    assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
-                      "0.1010 [0.0985, 0.1035] (n=3) at batch_size 64, highest 0.2010 [0.1985, 0.2035] (n=3) at batch_size 32; "
-                      "the two intervals do not overlap."]
+    assert answer == [
+        "torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest "
+        "0.1010 [0.0985, 0.1035] (n=3) at batch_size 64, highest 0.2010 [0.1985, 0.2035] (n=3) at batch_size 32; "
+        "the two intervals do not overlap."
+    ]
 
 
 def test_a_paired_gain_says_where_it_leaves_zero(tmp_path):
     """final_pop_gain is each seed's population minus EMA accuracy of the same run: the trend answer also
     says where its interval over seeds excludes 0."""
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
-                            "kind = \"trend\"\nx = \"lr\"\nmetric = \"final_pop_gain\"")
-    study = spec.load(write(tmp_path, text.replace("batch_size = [32, 64]\n", "").replace(
-        "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")))
-    rows = [{"lr": lr, "seed": s, "final_pop_gain": v}
-            for lr, values in [(0.1, [0.01, 0.02, 0.03]), (1.0, [0.05, 0.06, 0.055])] for s, v in enumerate(values)]
+    text = LR_STUDY.replace('kind = "largest-stable"\nx = "lr"', 'kind = "trend"\nx = "lr"\nmetric = "final_pop_gain"')
+    study = spec.load(
+        write(
+            tmp_path,
+            text.replace("batch_size = [32, 64]\n", "").replace(
+                '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
+            ),
+        )
+    )
+    rows = [
+        {"lr": lr, "seed": s, "final_pop_gain": v}
+        for lr, values in [(0.1, [0.01, 0.02, 0.03]), (1.0, [0.05, 0.06, 0.055])]
+        for s, v in enumerate(values)
+    ]
     answer, _ = answers.analyse(runs_frame(rows), study)
     # lr 0.1: mean 0.02, sd 0.01, half-width 4.302653 x 0.01 / sqrt(3) = 0.0248414; lr 1: mean 0.055, sd 0.005,
     # half-width 0.0124207
-    assert answer[0] == ("torch, scratch: final test accuracy, population statistics minus running average (per "
-                         "seed, the same run): above 0 at lr 1 (0.0550 [0.0426, 0.0674] (n=3)); within seed noise "
-                         "at lr 0.1 (0.0200 [-0.0048, 0.0448] (n=3)).")
+    assert answer[0] == (
+        "torch, scratch: final test accuracy, population statistics minus running average (per "
+        "seed, the same run): above 0 at lr 1 (0.0550 [0.0426, 0.0674] (n=3)); within seed noise "
+        "at lr 0.1 (0.0200 [-0.0048, 0.0448] (n=3))."
+    )
 
 
 def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
     ident = dict(framework="torch", variant="scratch", seed=0, config_id="c0")
     from tests.test_measurements import epoch_record
-    first = [records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
-             epoch_record(config_id="c0", epoch=1, test_acc=0.3),
-             records.make("run_end", **ident, status="interrupted", epochs_done=1)]
-    second = [records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
-              epoch_record(config_id="c0", epoch=1, test_acc=0.5), epoch_record(config_id="c0", epoch=2, test_acc=0.6),
-              records.make("run_end", **ident, status="complete", epochs_done=2)]
+
+    first = [
+        records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
+        epoch_record(config_id="c0", epoch=1, test_acc=0.3),
+        records.make("run_end", **ident, status="interrupted", epochs_done=1),
+    ]
+    second = [
+        records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
+        epoch_record(config_id="c0", epoch=1, test_acc=0.5),
+        epoch_record(config_id="c0", epoch=2, test_acc=0.6),
+        records.make("run_end", **ident, status="complete", epochs_done=2),
+    ]
     t = tables.tables(first + second, tmp_path)
     assert t["runs"][["status", "lr", "best_test_acc"]].values.tolist() == [["complete", 1.0, 0.6]]
     assert t["epochs"].test_acc.tolist() == [0.5, 0.6] and t["epochs"].lr.tolist() == [1.0, 1.0]
@@ -436,22 +561,23 @@ def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
 
 # Every answer kind with what is missing ------------------------------------------------------
 BASE_LR = LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
-    "[scale]\nprobe_size = { with = \"batch_size\", reference = 32, rule = \"linear\" }\n", "")
+    '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
+)
 ANSWER_KINDS = {
-    "largest-stable": "kind = \"largest-stable\"\nx = \"lr\"",
-    "compare": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1",
-    "compare-best": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nbest = true",
-    "compare-also": "kind = \"compare\"\naxis = \"lr\"\nbaseline = 0.1\nalso = [\"final_probe_disagreement\"]",
-    "compare-every-pair": "kind = \"compare\"\naxis = \"lr\"",
-    "trend": "kind = \"trend\"\nx = \"lr\"",
-    "trend-gain": "kind = \"trend\"\nx = \"lr\"\nmetric = \"final_pop_gain\"",
+    "largest-stable": 'kind = "largest-stable"\nx = "lr"',
+    "compare": 'kind = "compare"\naxis = "lr"\nbaseline = 0.1',
+    "compare-best": 'kind = "compare"\naxis = "lr"\nbaseline = 0.1\nbest = true',
+    "compare-also": 'kind = "compare"\naxis = "lr"\nbaseline = 0.1\nalso = ["final_probe_disagreement"]',
+    "compare-every-pair": 'kind = "compare"\naxis = "lr"',
+    "trend": 'kind = "trend"\nx = "lr"',
+    "trend-gain": 'kind = "trend"\nx = "lr"\nmetric = "final_pop_gain"',
 }
 
 
 def kind_study(tmp_path, kind):
     """BASE_LR answered by `kind`, plotted against lr on a log axis (which cannot autoscale with no value drawn)."""
-    text = BASE_LR.replace("kind = \"largest-stable\"\nx = \"lr\"", ANSWER_KINDS[kind])
-    return spec.load(write(tmp_path, text + "\n[plot]\nx = \"lr\"\nlog_x = true\n", f"{kind}.toml"))
+    text = BASE_LR.replace('kind = "largest-stable"\nx = "lr"', ANSWER_KINDS[kind])
+    return spec.load(write(tmp_path, text + '\n[plot]\nx = "lr"\nlog_x = true\n', f"{kind}.toml"))
 
 
 def statuses_runs(subset):
@@ -460,8 +586,11 @@ def statuses_runs(subset):
     rows = []
     for lr in (0.1, 1.0):
         for seed in (0, 1):
-            measured = {"best_test_acc": 0.5 + lr / 10 + seed / 100, "final_probe_disagreement": 0.1,
-                        "final_pop_gain": 0.01 * seed + lr / 100}
+            measured = {
+                "best_test_acc": 0.5 + lr / 10 + seed / 100,
+                "final_probe_disagreement": 0.1,
+                "final_pop_gain": 0.01 * seed + lr / 100,
+            }
             if subset == "one seed" and seed == 1:
                 continue
             if subset == "no complete run" or (subset == "one arm" and lr == 1.0):
@@ -472,13 +601,15 @@ def statuses_runs(subset):
     return runs_frame(rows)
 
 
-NOTHING = {"compare": "No run completed (4 without a result): nothing to compare.",
-           "trend": "torch, scratch: fewer than two lr values with complete runs (4 without a result): no trend to tell."}
+NOTHING = {
+    "compare": "No run completed (4 without a result): nothing to compare.",
+    "trend": "torch, scratch: fewer than two lr values with complete runs (4 without a result): no trend to tell.",
+}
 MISSING = {  # (kind, subset) -> a sentence the answer must hold, saying what is missing
     ("largest-stable", "no complete run"): "**scratch**: largest stable lr unknown, no run has a result (torch).",
     ("largest-stable", "every run diverged"): "**scratch**: largest stable lr none in the grid (torch).",
     ("largest-stable", "one seed"): "A lr is stable when none of its 1 seed failed: a failure is a non-finite "
-                                    "training loss or a best test accuracy below 0.5.",
+    "training loss or a best test accuracy below 0.5.",
     ("largest-stable", "one arm"): "Note: torch scratch: unknown at 1 (runs missing).",
     ("compare", "no complete run"): NOTHING["compare"],
     ("compare", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
@@ -487,39 +618,41 @@ MISSING = {  # (kind, subset) -> a sentence the answer must hold, saying what is
     ("compare-best", "no complete run"): "torch, scratch: no arm has a complete run: no best arm.",
     ("compare-best", "every run diverged"): "torch, scratch: no arm has a complete run: no best arm.",
     ("compare-best", "one seed"): "torch, scratch: the highest best test accuracy is lr=1's (0.6000); within seed "
-                                  "noise of it: none; not told apart from it (one paired seed): lr=0.1; behind it "
-                                  "beyond seed noise: none.",
+    "noise of it: none; not told apart from it (one paired seed): lr=0.1; behind it "
+    "beyond seed noise: none.",
     ("compare-best", "one arm"): "torch, scratch: only lr=0.1 has complete runs, so there is no other arm to rank "
-                                 "it against.",
+    "it against.",
     ("compare-also", "no complete run"): NOTHING["compare"],
     ("compare-also", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
     ("compare-also", "one seed"): "lr=1 vs lr=0.1 (torch, scratch): train/eval prediction disagreement 0.1000 vs "
-                                  "0.1000, difference +0.0000 (1 paired seed): one seed: no interval.",
+    "0.1000, difference +0.0000 (1 paired seed): one seed: no interval.",
     ("compare-also", "one arm"): "Only lr=0.1 ran with complete runs: nothing to compare.",
     ("compare-every-pair", "no complete run"): NOTHING["compare"],
     ("compare-every-pair", "every run diverged"): "No run completed (4 diverged): nothing to compare.",
     ("compare-every-pair", "one seed"): "lr=1 vs lr=0.1 (torch, scratch): best test accuracy 0.6000 vs 0.5100, "
-                                        "difference +0.0900 (1 paired seed): one seed: no interval.",
+    "difference +0.0900 (1 paired seed): one seed: no interval.",
     ("compare-every-pair", "one arm"): "Only lr=0.1 ran with complete runs: nothing to compare.",
     ("trend", "no complete run"): NOTHING["trend"],
     ("trend", "every run diverged"): "torch, scratch: fewer than two lr values with complete runs (4 diverged): "
-                                     "no trend to tell.",
+    "no trend to tell.",
     ("trend", "one seed"): "torch, scratch: best test accuracy rises with lr: lowest 0.5100 (n=1) at lr 0.1, "
-                           "highest 0.6000 (n=1) at lr 1; one seed: no interval.",
+    "highest 0.6000 (n=1) at lr 1; one seed: no interval.",
     ("trend", "one arm"): "torch, scratch: fewer than two lr values with complete runs (2 without a result): no "
-                          "trend to tell.",
+    "trend to tell.",
     ("trend-gain", "no complete run"): NOTHING["trend"],
     ("trend-gain", "every run diverged"): "torch, scratch: fewer than two lr values with complete runs (4 "
-                                          "diverged): no trend to tell.",
+    "diverged): no trend to tell.",
     ("trend-gain", "one seed"): "torch, scratch: final test accuracy, population statistics minus running average "
-                                "(per seed, the same run): one seed: no interval at lr 0.1 (0.0010 (n=1)), lr 1 "
-                                "(0.0100 (n=1)).",
+    "(per seed, the same run): one seed: no interval at lr 0.1 (0.0010 (n=1)), lr 1 "
+    "(0.0100 (n=1)).",
     ("trend-gain", "one arm"): "torch, scratch: fewer than two lr values with complete runs (2 without a result): "
-                               "no trend to tell.",
+    "no trend to tell.",
 }
 
 
-@pytest.mark.parametrize("kind, subset", sorted(MISSING), ids=[f"{k}-{s}".replace(" ", "-") for k, s in sorted(MISSING)])
+@pytest.mark.parametrize(
+    "kind, subset", sorted(MISSING), ids=[f"{k}-{s}".replace(" ", "-") for k, s in sorted(MISSING)]
+)
 def test_every_answer_kind_says_what_is_missing(tmp_path, kind, subset):
     """Whatever subset of the runs has a result, each answer kind answers with a sentence saying what is missing,
     study.md renders (with a word on the missing results where no run completed), and the plot draws."""
@@ -545,58 +678,81 @@ def test_best_keeps_arms_measured_on_one_seed_apart(tmp_path):
     within seed noise nor behind beyond it: the answer names it on its own."""
     study = kind_study(tmp_path, "compare-best")
     accuracy = {0.1: [0.80, 0.79, 0.81], 0.3: [0.83], 1.0: [0.82, 0.81, 0.83], 3.0: [0.83, 0.80, 0.82]}
-    runs = runs_frame([{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items()
-                       for s, v in enumerate(vs)])
+    runs = runs_frame(
+        [{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)]
+    )
     answer, frames = answers.analyse(runs, study)
     # the best arm is the highest mean: lr 0.3's single seed (0.83), which pairs with each other arm's seed 0 only
-    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=0.3's (0.8300); within seed noise "
-                         "of it: none; not told apart from it (one paired seed): lr=0.1, lr=1, lr=3; behind it "
-                         "beyond seed noise: none.")
+    assert answer[0] == (
+        "torch, scratch: the highest best test accuracy is lr=0.3's (0.8300); within seed noise "
+        "of it: none; not told apart from it (one paired seed): lr=0.1, lr=1, lr=3; behind it "
+        "beyond seed noise: none."
+    )
     runs = runs[runs.lr != 0.3].copy()
     runs = pd.concat([runs, runs_frame([{"lr": 0.3, "seed": 1, "best_test_acc": 0.60}])], ignore_index=True)
     answer, _ = answers.analyse(runs, study)
     # lr 0.3 now ran seed 1 alone (0.60): lr 1 is best (0.82); lr 3 within seed noise (per seed +0.01, -0.01,
     # -0.01); lr 0.1 behind (-0.02 every seed); lr 0.3 one paired seed (seed 1)
-    assert answer[0] == ("torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
-                         "it: lr=3; not told apart from it (one paired seed): lr=0.3; behind it beyond seed noise: "
-                         "lr=0.1.")
+    assert answer[0] == (
+        "torch, scratch: the highest best test accuracy is lr=1's (0.8200); within seed noise of "
+        "it: lr=3; not told apart from it (one paired seed): lr=0.3; behind it beyond seed noise: "
+        "lr=0.1."
+    )
 
 
 def test_trend_intervals_that_overlap_are_not_called_apart(tmp_path):
     """Two batch sizes whose intervals overlap ([0.1000, 0.3000] and [0.2000, 0.4000] in spirit): lowest's high
     end above the highest's low end. A check of the wrong ends (high against high, low against high) would
     call them apart."""
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
-                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    text = LR_STUDY.replace(
+        'kind = "largest-stable"\nx = "lr"', 'kind = "trend"\nx = "batch_size"\nmetric = "final_probe_disagreement"'
+    )
     study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
     # batch 32: 0.25, 0.35, 0.30 -> mean 0.30, sd 0.05, half-width 4.302653 x 0.05 / sqrt(3) = 0.1242069
     # batch 64: 0.15, 0.25, 0.20 -> mean 0.20, the same half-width: [0.0757931, 0.3242069] and [0.1757931, 0.4242069]
-    rows = [{"batch_size": b, "seed": s, "final_probe_disagreement": v}
-            for b, values in [(32, [0.25, 0.35, 0.30]), (64, [0.15, 0.25, 0.20])] for s, v in enumerate(values)]
+    rows = [
+        {"batch_size": b, "seed": s, "final_probe_disagreement": v}
+        for b, values in [(32, [0.25, 0.35, 0.30]), (64, [0.15, 0.25, 0.20])]
+        for s, v in enumerate(values)
+    ]
     answer, _ = answers.analyse(runs_frame(rows), study)
-    assert answer == ["torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest 0.2000 "
-                      "[0.0758, 0.3242] (n=3) at batch_size 64, highest 0.3000 [0.1758, 0.4242] (n=3) at batch_size "
-                      "32; their intervals overlap, so the extremes are not told apart from seed noise."]
+    assert answer == [
+        "torch, scratch: train/eval prediction disagreement falls as batch_size grows: lowest 0.2000 "
+        "[0.0758, 0.3242] (n=3) at batch_size 64, highest 0.3000 [0.1758, 0.4242] (n=3) at batch_size "
+        "32; their intervals overlap, so the extremes are not told apart from seed noise."
+    ]
 
 
 def test_a_trend_is_not_split_by_a_scaled_field(tmp_path):
     """probe_size follows batch_size ([scale]): it differs in every cell, so grouping by it would leave one
     batch size per group and no trend."""
-    text = LR_STUDY.replace("kind = \"largest-stable\"\nx = \"lr\"",
-                            "kind = \"trend\"\nx = \"batch_size\"\nmetric = \"final_probe_disagreement\"")
+    text = LR_STUDY.replace(
+        'kind = "largest-stable"\nx = "lr"', 'kind = "trend"\nx = "batch_size"\nmetric = "final_probe_disagreement"'
+    )
     study = spec.load(write(tmp_path, text.replace("lr = [0.1, 1.0]\n", "")))
     configs, coords = study.cells(seeds=(0, 1))
-    rows = [{"batch_size": c.batch_size, "probe_size": c.probe_size, "seed": c.seed, "config_id": c.config_id,
-             "variant": c.model.variant, "final_probe_disagreement": 0.1 * c.batch_size / 32 + 0.01 * c.seed}
-            for c in configs if c.model.variant == "scratch"]
+    rows = [
+        {
+            "batch_size": c.batch_size,
+            "probe_size": c.probe_size,
+            "seed": c.seed,
+            "config_id": c.config_id,
+            "variant": c.model.variant,
+            "final_probe_disagreement": 0.1 * c.batch_size / 32 + 0.01 * c.seed,
+        }
+        for c in configs
+        if c.model.variant == "scratch"
+    ]
     runs = runs_frame(rows)
     assert set(zip(runs.batch_size, runs.probe_size)) == {(32, 512), (64, 1024)}
     answer, _ = answers.analyse(runs, study)
     # batch 32: 0.10, 0.11 -> mean 0.105; batch 64: 0.20, 0.21 -> mean 0.205; sd 0.0070711, half-width
     # 12.706205 x 0.0070711 / sqrt(2) = 0.0635310
-    assert answer == ["torch, scratch: train/eval prediction disagreement rises with batch_size: lowest 0.1050 "
-                      "[0.0415, 0.1685] (n=2) at batch_size 32, highest 0.2050 [0.1415, 0.2685] (n=2) at batch_size "
-                      "64; their intervals overlap, so the extremes are not told apart from seed noise."]
+    assert answer == [
+        "torch, scratch: train/eval prediction disagreement rises with batch_size: lowest 0.1050 "
+        "[0.0415, 0.1685] (n=2) at batch_size 32, highest 0.2050 [0.1415, 0.2685] (n=2) at batch_size "
+        "64; their intervals overlap, so the extremes are not told apart from seed noise."
+    ]
 
 
 def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
@@ -604,10 +760,16 @@ def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
     a panel in study.png, though the [plot] table does not name it."""
     study = kind_study(tmp_path, "compare-also")
     assert study.plot["metrics"] == ["best_test_acc"]
-    runs = runs_frame([{"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
-                       for lr, values in {0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
-                                          1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)]}.items()
-                       for seed, (acc, dis) in enumerate(values)])
+    runs = runs_frame(
+        [
+            {"lr": lr, "seed": seed, "best_test_acc": acc, "final_probe_disagreement": dis}
+            for lr, values in {
+                0.1: [(0.80, 0.05), (0.79, 0.06), (0.81, 0.05)],
+                1.0: [(0.82, 0.10), (0.80, 0.12), (0.83, 0.11)],
+            }.items()
+            for seed, (acc, dis) in enumerate(values)
+        ]
+    )
     answer, frames = answers.analyse(runs, study)
     cell = frames["study"].set_index("lr").final_probe_disagreement
     assert cell[1.0] == pytest.approx(0.11) and cell[0.1] == pytest.approx(0.16 / 3)
@@ -616,7 +778,7 @@ def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
     assert "final_probe_disagreement" in header and "best_test_acc" in header
     fig = answers.figure(frames["study"], study)
     assert [ax.get_ylabel() for ax in fig.axes] == ["best test accuracy", "train/eval prediction disagreement"]
-    line = next(l for l in fig.axes[1].get_lines() if len(l.get_ydata()) == 2)
+    line = next(drawn for drawn in fig.axes[1].get_lines() if len(drawn.get_ydata()) == 2)
     np.testing.assert_allclose(line.get_ydata(), [0.16 / 3, 0.11])
 
 
@@ -644,9 +806,23 @@ baseline = 0.1
 
 
 def _study(framework, path, data, out, run_id, *extra):
-    return [sys.executable, "-m", "compare.study", str(path), "--data-dir", str(data), "--no-verify-data",
-            "--out", str(out), "--run-id", run_id, "--python", f"{framework}={sys.executable}", "--no-progress",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "compare.study",
+        str(path),
+        "--data-dir",
+        str(data),
+        "--no-verify-data",
+        "--out",
+        str(out),
+        "--run-id",
+        run_id,
+        "--python",
+        f"{framework}={sys.executable}",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _records(study_dir):
@@ -666,15 +842,20 @@ def test_tiny_study_end_to_end(torch_only, tmp_path):
     study_dir = tmp_path / "out" / "tiny" / "a"
     cells = pd.read_csv(study_dir / "study.csv")
     assert cells[["framework", "variant", "lr", "seeds", "complete", "best_test_acc_n"]].values.tolist() == [
-        ["torch", "scratch", 0.1, 2, 2, 2], ["torch", "scratch", 1.0, 2, 2, 2]]
+        ["torch", "scratch", 0.1, 2, 2, 2],
+        ["torch", "scratch", 1.0, 2, 2, 2],
+    ]
     runs = pd.read_csv(study_dir / "runs.csv")
     assert len(runs) == 4 and set(runs.lr) == {0.1, 1.0} and (runs.status == "complete").all()
     comparison = pd.read_csv(study_dir / "comparisons.csv").iloc[0]
     text = (study_dir / "study.md").read_text()
     assert text.startswith("# Study: tiny\n\n**Question.** Does a larger learning rate help here?")
     # the answer is made from the numbers in the tables
-    assert (f"lr=1 vs lr=0.1 (torch, scratch): best test accuracy {comparison.arm_mean:.4f} vs {comparison.baseline_mean:.4f}, "
-            f"difference {comparison.difference:+.4f} (2 paired seeds") in text
+    assert (
+        f"lr=1 vs lr=0.1 (torch, scratch): best test accuracy {comparison.arm_mean:.4f} vs "
+        f"{comparison.baseline_mean:.4f}, "
+        f"difference {comparison.difference:+.4f} (2 paired seeds"
+    ) in text
     assert "2 worker(s) at once, 1 thread(s) each" in text and (study_dir / "study.png").is_file()
     snapshots = sorted(p.name for p in (study_dir / "snapshots").iterdir())
     assert len(snapshots) == 4 and all(name.endswith("_e002.npz") for name in snapshots)  # the final epoch's only
@@ -695,8 +876,13 @@ def test_killed_study_resumes_without_rerunning(torch_only, tmp_path):
     path = write(tmp_path, TINY.replace("epochs = 2", "epochs = 3"), "tiny.toml")
     study_dir = tmp_path / "out" / "tiny" / "k"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(_study("torch", path, data, tmp_path / "out", "k", "--jobs", "1"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _study("torch", path, data, tmp_path / "out", "k", "--jobs", "1"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
@@ -717,7 +903,7 @@ def test_killed_study_resumes_without_rerunning(torch_only, tmp_path):
     assert len(ended) >= 2 and len(ended) < 4
     assert study_main(_study("torch", path, data, tmp_path / "out", "k")[3:]) == 0
     after = _records(study_dir)
-    assert after[:len(killed)] == killed  # nothing measured was lost
+    assert after[: len(killed)] == killed  # nothing measured was lost
     starts = pd.Series([r["config_id"] for r in after if r["kind"] == "run_start"]).value_counts()
     assert all(starts[c] == 1 for c in ended)  # a run with a result is not run again
     assert len(starts) == 4
@@ -735,8 +921,14 @@ def test_ctrl_c_in_the_first_run_leaves_a_study_md_that_says_so(torch_only, tmp_
     path = write(tmp_path, text, "tiny.toml")
     study_dir = tmp_path / "out" / "tiny" / "c"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(_study("torch", path, data, tmp_path / "out", "c", "--jobs", "1"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _study("torch", path, data, tmp_path / "out", "c", "--jobs", "1"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
@@ -759,13 +951,30 @@ def test_ctrl_c_in_the_first_run_leaves_a_study_md_that_says_so(torch_only, tmp_
     assert json.loads((study_dir / "environment.json").read_text())["interrupted"] is True
 
 
-@pytest.mark.skipif(not data.DEBIAN_DIR.is_dir(), reason="the dataset-fashion-mnist package is not installed "
-                                                          "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not data.DEBIAN_DIR.is_dir(),
+    reason="the dataset-fashion-mnist package is not installed (apt-get install dataset-fashion-mnist)",
+)
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_study_runs_quick(torch_only, tmp_path, name):
     """Each file in studies/ with its --quick budget on the real data, one seed, PyTorch: none rots."""
-    code = study_main([name, "--quick", "--frameworks", "torch", "--seeds", "0", "--out", str(tmp_path),
-                       "--run-id", "q", "--python", f"torch={sys.executable}", "--no-progress"])
+    code = study_main(
+        [
+            name,
+            "--quick",
+            "--frameworks",
+            "torch",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "q",
+            "--python",
+            f"torch={sys.executable}",
+            "--no-progress",
+        ]
+    )
     study_dir = tmp_path / name / "q"
     assert code == 0
     cells = pd.read_csv(study_dir / "study.csv")
@@ -783,13 +992,22 @@ def test_progress_counts_runs_failures_and_eta():
     """The study's progress (tqdm on a terminal, lines otherwise): runs ended / planned, the problems so
     far, elapsed time and an ETA; a line for each run that did not complete."""
     import io
+
     from compare.execution.progress import Progress
+
     ident = dict(framework="torch", variant="none", config_id="c1")
-    ends = [records.make("run_end", **ident, seed=0, status="complete", epochs_done=2),
-            records.make("run_end", **ident, seed=1, status="diverged", epochs_done=0,
-                         message="the training loss stopped being finite"),
-            records.make("error", **ident, seed=2, status="failed", error_type="BackendUnavailable",
-                         message="no torch")]
+    ends = [
+        records.make("run_end", **ident, seed=0, status="complete", epochs_done=2),
+        records.make(
+            "run_end",
+            **ident,
+            seed=1,
+            status="diverged",
+            epochs_done=0,
+            message="the training loss stopped being finite",
+        ),
+        records.make("error", **ident, seed=2, status="failed", error_type="BackendUnavailable", message="no torch"),
+    ]
     plain = io.StringIO()
     progress = Progress(live=False, total=4, stream=plain, labels={"c1": "lr=3"}, epoch_lines=False)
     for record in ends:
@@ -802,8 +1020,19 @@ def test_progress_counts_runs_failures_and_eta():
     assert progress.errors == 1
     live = io.StringIO()
     progress = Progress(live=True, total=4, stream=live, labels={"c1": "lr=3"}, epoch_lines=False)
-    progress.update({"framework": "torch", "variant": "none", "seed": 0, "config_id": "c1", "epoch": 1,
-                     "epochs": 2, "step": 5, "steps": 10, "time": 0.0})
+    progress.update(
+        {
+            "framework": "torch",
+            "variant": "none",
+            "seed": 0,
+            "config_id": "c1",
+            "epoch": 1,
+            "epochs": 2,
+            "step": 5,
+            "steps": 10,
+            "time": 0.0,
+        }
+    )
     [bar] = progress._bars.values()
     assert (bar.n, bar.total) == (5, 10)  # the worker's bar (tqdm redraws it at most every 0.1 s)
     for record in ends:

@@ -2,11 +2,11 @@
 
 TensorFlow-specific by nature, so this module runs in the tensorflow environment only.
 """
+
 import numpy as np
 import pytest
 
 from common.reference import batch_norm_forward
-
 
 FRAMEWORK = "tensorflow"
 
@@ -14,6 +14,7 @@ FRAMEWORK = "tensorflow"
 @pytest.fixture(scope="module")
 def keras(native):
     import keras  # comes with TensorFlow 2.16+
+
     return keras
 
 
@@ -26,16 +27,22 @@ def _layer(keras, gamma, beta, rm, rv, **kwargs):
 
 def _inputs(seed=0):
     rng = np.random.RandomState(seed)
-    return rng.normal(2, 3, (16, 3)), rng.uniform(0.5, 2, 3), rng.normal(0, 1, 3), rng.normal(0, 1, 3), \
-        rng.uniform(0.5, 2, 3)
+    return (
+        rng.normal(2, 3, (16, 3)),
+        rng.uniform(0.5, 2, 3),
+        rng.normal(0, 1, 3),
+        rng.normal(0, 1, 3),
+        rng.uniform(0.5, 2, 3),
+    )
 
 
 def test_a_plain_call_is_inference(keras):
     """Pitfall 7 (and the textbook's TF slip): without training=True, BN never uses batch statistics."""
     x, gamma, beta, rm, rv = _inputs()
     layer = _layer(keras, gamma, beta, rm, rv)
-    np.testing.assert_allclose(np.asarray(layer(x)), batch_norm_forward(x, gamma, beta, rm, rv, training=False)[0],
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), batch_norm_forward(x, gamma, beta, rm, rv, training=False)[0], rtol=1e-9
+    )
     np.testing.assert_array_equal(layer.get_weights()[3], rv)
     y = layer(x, training=True)
     want, _, new_var, _ = batch_norm_forward(x, gamma, beta, rm, rv, training=True)
@@ -48,8 +55,7 @@ def test_trainable_false_means_inference(keras):
     layer = _layer(keras, gamma, beta, rm, rv)
     layer.trainable = False
     y = layer(x, training=True)
-    np.testing.assert_allclose(np.asarray(y), batch_norm_forward(x, gamma, beta, rm, rv, training=False)[0],
-                               rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(y), batch_norm_forward(x, gamma, beta, rm, rv, training=False)[0], rtol=1e-9)
     np.testing.assert_array_equal(layer.get_weights()[3], rv)
 
 
@@ -87,11 +93,17 @@ def test_batch_renormalization_does_not_follow_the_renorm_spec(keras):
     a clear error, and this pins the difference: after two training steps the moving variance is not the
     spec's."""
     import tensorflow as tf
+
     rng = np.random.RandomState(3)
     eps, decay = 1e-3, 0.9
-    layer = keras.layers.BatchNormalization(renorm=True, momentum=decay, epsilon=eps, renorm_momentum=decay,
-                                            renorm_clipping={"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0},
-                                            dtype="float64")
+    layer = keras.layers.BatchNormalization(
+        renorm=True,
+        momentum=decay,
+        epsilon=eps,
+        renorm_momentum=decay,
+        renorm_clipping={"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0},
+        dtype="float64",
+    )
     layer.build((None, 3))
     assert {"renorm_mean", "renorm_stddev", "moving_stddev"} <= {w.path.split("/")[-1] for w in layer.weights}
     spec_var = np.ones(3)

@@ -2,11 +2,11 @@
 
 PyTorch-specific by nature, so this module runs in the torch environment only.
 """
+
 import numpy as np
 import pytest
 
 from common.config import ModelSpec
-
 
 FRAMEWORK = "torch"
 
@@ -19,6 +19,7 @@ def torch(native):
 @pytest.fixture(params=["scratch", "builtin"])
 def layer(request, torch):
     from frameworks.torch.lenet import make_bn
+
     bn = make_bn(ModelSpec(variant=request.param), 3, 2).double()
     with torch.no_grad():
         bn.running_mean.fill_(0.5)
@@ -31,8 +32,7 @@ def test_eval_alone_switches_to_running_statistics(torch, layer):
     layer.eval()  # grad mode stays on: no no_grad, no inference_mode
     assert torch.is_grad_enabled()
     y = layer(x)
-    np.testing.assert_allclose(y.detach().numpy(), (x.detach().numpy() - 0.5) / np.sqrt(2.0 + 1e-5),
-                               rtol=1e-12)
+    np.testing.assert_allclose(y.detach().numpy(), (x.detach().numpy() - 0.5) / np.sqrt(2.0 + 1e-5), rtol=1e-12)
     assert (layer.running_mean == 0.5).all() and (layer.running_var == 2.0).all()
 
 
@@ -65,10 +65,12 @@ def test_functional_batch_norm_defaults_to_eval(torch):
 def test_compiled_without_a_cxx_compiler_says_what_to_install(torch, monkeypatch):
     """torch.compile on the CPU generates C++: without a compiler the run fails with the fix, before any
     step, not with an Inductor traceback in the middle of the first one."""
+    from torch._inductor import config as inductor
+
     from common.config import RunConfig
     from common.errors import BackendUnavailable
     from frameworks.torch.backend import TorchBackend
-    from torch._inductor import config as inductor
+
     monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-cxx-compiler"))
     with pytest.raises(BackendUnavailable, match=r"needs a C\+\+ compiler.*apt-get install g\+\+.*--execution eager"):
         TorchBackend(RunConfig(device="cpu", execution="compiled"))

@@ -5,6 +5,7 @@ Against MLflow's embedded SQLite store and against a real `mlflow server` that t
 127.0.0.1 (a free port of their own) and stop. `tox -e tracking` (MLflow is in the orchestrator's envs
 only); the workers run in the torch env, found or created as compare.run does.
 """
+
 import json
 import os
 import signal
@@ -30,13 +31,22 @@ pytestmark = pytest.mark.tracking
 ROOT = Path(__file__).resolve().parent.parent
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 SERVER_START_SECONDS = 90
-BACKEND = {"framework": "torch", "version": "2.13.0", "device": "cpu", "device_name": "CPU", "execution": "eager",
-           "bn_decay": 0.9, "bn_epsilon": 1e-5, "dtype": "float32"}
+BACKEND = {
+    "framework": "torch",
+    "version": "2.13.0",
+    "device": "cpu",
+    "device_name": "CPU",
+    "execution": "eager",
+    "bn_decay": 0.9,
+    "bn_epsilon": 1e-5,
+    "dtype": "float32",
+}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, framework):
     from mlflow.tracking import MlflowClient  # noqa: F401  (with --tracking, MLflow must be here)
+
     if framework != "torch":
         pytest.skip("the tracking tests run PyTorch workers (tox -e tracking)")
     return make_idx_dir(tmp_path_factory.mktemp("data"), 320, 100)
@@ -48,9 +58,28 @@ def _python():
 
 
 def _run_args(data, out, run_id, *extra):
-    return ["--frameworks", "torch", "--epochs", "2", "--batch-size", "32", "--probe-size", "32",
-            "--population-size", "64", "--data-dir", str(data), "--no-verify-data", "--out", str(out),
-            "--run-id", run_id, "--no-progress", *_python(), *extra]
+    return [
+        "--frameworks",
+        "torch",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--probe-size",
+        "32",
+        "--population-size",
+        "64",
+        "--data-dir",
+        str(data),
+        "--no-verify-data",
+        "--out",
+        str(out),
+        "--run-id",
+        run_id,
+        "--no-progress",
+        *_python(),
+        *extra,
+    ]
 
 
 def _records(folder):
@@ -62,6 +91,7 @@ def check_mirror(uri, folder, experiment):
     """Everything records.jsonl says of each run is in MLflow, and nothing else is: one child run per
     suite run, its parameters, every epoch's metrics at its step, its status; the parent's files."""
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no experiment {experiment!r} at {uri}"
@@ -88,10 +118,11 @@ def check_mirror(uri, folder, experiment):
         for k, v in (starts[-1]["backend"] if starts else {}).items():
             assert run.data.params[f"backend.{k}"] == str(v)
         epochs = [r for r in recs if r["kind"] == "epoch" and f"{r['framework']}/{r['config_id']}" == key]
-        for name in (tracking.epoch_metrics(epochs[0]) if epochs else {}):
+        for name in tracking.epoch_metrics(epochs[0]) if epochs else {}:
             history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
-            assert history == {e["epoch"]: pytest.approx(tracking.epoch_metrics(e)[name]) for e in epochs}, \
+            assert history == {e["epoch"]: pytest.approx(tracking.epoch_metrics(e)[name]) for e in epochs}, (
                 f"{key} {name}"
+            )
         end = ends.get(key)
         status = end["status"] if end else "interrupted"  # as the reports read a run without an end record
         assert run.data.tags["status"] == status and run.info.status == tracking.STATUS[status], key
@@ -113,16 +144,22 @@ def test_a_run_in_the_embedded_store(data, tmp_path):
     names = sorted(scratch.data.metrics)
     assert {"4 pop_test_acc", "bn1.lag_mean_gap", "1 test_acc", "5 train_examples_per_s"} <= set(names)
     # MLflow orders the runs table's metric columns by name: the headline ones come first, in their order
-    assert names[:5] == ["1 test_acc", "2 train_loss", "3 probe_disagreement", "4 pop_test_acc",
-                         "5 train_examples_per_s"]
+    assert names[:5] == [
+        "1 test_acc",
+        "2 train_loss",
+        "3 probe_disagreement",
+        "4 pop_test_acc",
+        "5 train_examples_per_s",
+    ]
     assert client.get_experiment_by_name("r").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _status_records(folder):
     """A run folder whose records hold every status: complete, diverged, interrupted (no end record, and
     an interrupted end), crashed, failed."""
-    from tests.test_measurements import epoch_record
     from common.config import RunConfig
+    from tests.test_measurements import epoch_record
+
     out = []
     for seed, status in enumerate(["complete", "diverged", "interrupted", "crashed", "failed", None]):
         config = RunConfig(seed=seed, epochs=2)
@@ -132,12 +169,21 @@ def _status_records(folder):
             out.append(records.make("run_start", **ident, config=config.to_dict(), backend=BACKEND))
             out.append(epoch_record(seed=seed, epoch=1, config_id=config.config_id, test_acc=0.1 * seed))
         if status in ("complete", "diverged", "interrupted"):
-            out.append(records.make("run_end", **ident, status=status, epochs_done=1,
-                                    **({"message": "the training loss stopped being finite"} if status == "diverged"
-                                       else {})))
+            out.append(
+                records.make(
+                    "run_end",
+                    **ident,
+                    status=status,
+                    epochs_done=1,
+                    **({"message": "the training loss stopped being finite"} if status == "diverged" else {}),
+                )
+            )
         elif status:
-            out.append(records.make("error", **ident, status=status, error_type="WorkerCrashed",
-                                    message=f"{status} for the test"))
+            out.append(
+                records.make(
+                    "error", **ident, status=status, error_type="WorkerCrashed", message=f"{status} for the test"
+                )
+            )
     folder.mkdir(parents=True)
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     return folder
@@ -150,8 +196,13 @@ def test_statuses_and_a_rebuild_that_never_duplicates(tmp_path):
     client, _, children = check_mirror(uri, folder, "s")
     by_seed = {r.data.tags["seed"]: r for r in children.values()}
     assert {s: (r.info.status, r.data.tags.get("status")) for s, r in by_seed.items()} == {
-        "0": ("FINISHED", "complete"), "1": ("FINISHED", "diverged"), "2": ("KILLED", "interrupted"),
-        "3": ("FAILED", "crashed"), "4": ("FAILED", "failed"), "5": ("KILLED", "interrupted")}
+        "0": ("FINISHED", "complete"),
+        "1": ("FINISHED", "diverged"),
+        "2": ("KILLED", "interrupted"),
+        "3": ("FAILED", "crashed"),
+        "4": ("FAILED", "failed"),
+        "5": ("KILLED", "interrupted"),
+    }
     assert by_seed["3"].data.tags["message"] == "crashed for the test"
     assert by_seed["5"].data.tags["message"] == tracking.NO_END
     assert report_main([str(folder), "--mlflow"]) == 0  # again: the same runs, replaced, not added
@@ -171,11 +222,25 @@ def server(tmp_path):
     procs = []
 
     def start():
-        proc = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                 "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                                 "--artifacts-destination", str(store / "artifacts")],
-                                stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "ab"),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                MLFLOW,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(store / "server.log", "ab"),
+            start_new_session=True,
+        )
         procs.append(proc)
         deadline = time.monotonic() + SERVER_START_SECONDS
         while time.monotonic() < deadline:
@@ -210,15 +275,51 @@ def server(tmp_path):
 def test_a_study_on_a_tracking_server(data, tmp_path, server):
     uri, _, _ = server
     path = write(tmp_path, TINY, "tiny.toml")
-    assert study_main([str(path), "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path / "out"),
-                       "--run-id", "a", "--no-progress", "--jobs", "1", *_python(), "--mlflow", uri]) == 0
+    assert (
+        study_main(
+            [
+                str(path),
+                "--data-dir",
+                str(data),
+                "--no-verify-data",
+                "--out",
+                str(tmp_path / "out"),
+                "--run-id",
+                "a",
+                "--no-progress",
+                "--jobs",
+                "1",
+                *_python(),
+                "--mlflow",
+                uri,
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "out" / "tiny" / "a"
     client, parent, children = check_mirror(uri, folder, "tiny study a")
     assert len(children) == 4 and {r.data.tags["coord.lr"] for r in children.values()} == {"0.1", "1.0"}
     assert "study.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     # started again with the same run id: nothing runs, nothing is added
-    assert study_main([str(path), "--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path / "out"),
-                       "--run-id", "a", "--no-progress", *_python(), "--mlflow", uri]) == 0
+    assert (
+        study_main(
+            [
+                str(path),
+                "--data-dir",
+                str(data),
+                "--no-verify-data",
+                "--out",
+                str(tmp_path / "out"),
+                "--run-id",
+                "a",
+                "--no-progress",
+                *_python(),
+                "--mlflow",
+                uri,
+            ]
+        )
+        == 0
+    )
     _, _, again = check_mirror(uri, folder, "tiny study a")
     assert {k: r.info.run_id for k, r in again.items()} == {k: r.info.run_id for k, r in children.items()}
 
@@ -227,10 +328,20 @@ def test_a_tracker_that_stops_mid_run_costs_no_record(data, tmp_path, server):
     """The server is stopped after the first epoch: the run completes with every record, says what was
     not logged, and the folder fills the tracker afterwards."""
     uri, start, stop = server
-    argv = [sys.executable, "-m", "compare.run", *_run_args(data, tmp_path, "o", "--variants", "scratch,builtin",
-                                                             "--epochs", "4", "--mlflow", uri)]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "compare.run",
+        *_run_args(data, tmp_path, "o", "--variants", "scratch,builtin", "--epochs", "4", "--mlflow", uri),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     folder = tmp_path / "o"
     try:
         deadline = time.monotonic() + 180
@@ -252,6 +363,8 @@ def test_a_tracker_that_stops_mid_run_costs_no_record(data, tmp_path, server):
 
 
 def test_mlflow_options_are_checked_before_anything_runs(tmp_path, capsys):
-    assert run_main(["--frameworks", "torch", "--out", str(tmp_path), "--run-id", "x", "--mlflow", "ftp://nowhere"]) == 2
+    assert (
+        run_main(["--frameworks", "torch", "--out", str(tmp_path), "--run-id", "x", "--mlflow", "ftp://nowhere"]) == 2
+    )
     assert "--mlflow 'ftp://nowhere': give a tracking server" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -1,1 +1,2 @@
-"""Executing work: worker processes, locally (executor) or on a Ray cluster (rayexec), the environments they run in, and progress."""
+"""Executing work: worker processes, locally (executor) or on a Ray cluster (rayexec), the environments they
+run in, and progress."""

@@ -3,6 +3,7 @@
 Apart from both executors so that neither imports the other: rayexec builds on executor, and only this
 module knows them both (Ray is imported only when --executor ray asks for it).
 """
+
 from __future__ import annotations
 
 from common.errors import ConfigError
@@ -12,17 +13,31 @@ from .executor import LocalExecutor
 
 def add_arguments(group, default_jobs: int) -> None:
     """The executor options of compare.run and compare.study."""
-    group.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: worker processes on this machine; ray: Ray tasks on a cluster "
-                            "(see docs/clusters.md)")
-    group.add_argument("--jobs", type=int, default=default_jobs,
-                       help="local: workers at once, each limited to cores/jobs threads (jobs x threads <= cores)")
-    group.add_argument("--address", default=None,
-                       help="ray: the cluster, as Ray takes it (auto, HOST:PORT, ray://HOST:10001); "
-                            "default: a local Ray started for this command")
+    group.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: worker processes on this machine; ray: Ray tasks on a cluster (see docs/clusters.md)",
+    )
+    group.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs,
+        help="local: workers at once, each limited to cores/jobs threads (jobs x threads <= cores)",
+    )
+    group.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster, as Ray takes it (auto, HOST:PORT, ray://HOST:10001); "
+        "default: a local Ray started for this command",
+    )
     group.add_argument("--threads", type=int, default=1, help="ray: CPUs (and compute threads) per worker task")
-    group.add_argument("--retries", type=int, default=2,
-                       help="ray: how many times the runs of a lost worker or node are tried again elsewhere")
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="ray: how many times the runs of a lost worker or node are tried again elsewhere",
+    )
 
 
 def make(args, explicit: dict, cells: int, gpu: bool = False):
@@ -34,5 +49,7 @@ def make(args, explicit: dict, cells: int, gpu: bool = False):
             raise ConfigError("--address is for --executor ray")
         return LocalExecutor(min(args.jobs, max(1, cells)))
     from .rayexec import RayExecutor
-    return RayExecutor(args.address, threads=args.threads, retries=args.retries, gpus=1 if gpu else 0,
-                       explicit=explicit)
+
+    return RayExecutor(
+        args.address, threads=args.threads, retries=args.retries, gpus=1 if gpu else 0, explicit=explicit
+    )

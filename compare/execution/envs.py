@@ -5,6 +5,7 @@ the framework; an existing tox env; creating that tox env; otherwise a clear
 error saying how to get one. Import checks run in a subprocess, so the
 orchestrator itself never imports a framework.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 def can_import(python: str, module: str) -> tuple:
     """(ok, message) for `python -c "import module"`, run in a subprocess."""
     try:
-        proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True,
-                              timeout=300, cwd="/")
+        proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=300, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     if proc.returncode == 0:
@@ -63,22 +63,32 @@ def resolve(framework: str, explicit: dict, *, create: bool = True, log=print) -
         ok, why = can_import(str(python), info.import_name)
         if ok:
             return str(python)
-        log(f"[{framework}] the tox env at {python.parent.parent} cannot import "
-            f"{info.import_name} ({why}); recreating it")
-    hint = (f"create it with `tox -e {info.tox_env} --notest` (pip install tox first), "
-            f"or pass --python {framework}=/path/to/python of an environment with {info.label}")
+        log(
+            f"[{framework}] the tox env at {python.parent.parent} cannot import "
+            f"{info.import_name} ({why}); recreating it"
+        )
+    hint = (
+        f"create it with `tox -e {info.tox_env} --notest` (pip install tox first), "
+        f"or pass --python {framework}=/path/to/python of an environment with {info.label}"
+    )
     if not create:
         raise BackendUnavailable(f"no environment with {info.label} found; {hint}")
     tox = tox_command()
     if tox is None:
         raise BackendUnavailable(f"no environment with {info.label} found and tox is not installed; {hint}")
     log(f"[{framework}] creating the tox env '{info.tox_env}' (once; this downloads {info.label})")
-    proc = subprocess.run(tox + ["-e", info.tox_env, "--notest", "--recreate"] if python.is_file()
-                          else tox + ["-e", info.tox_env, "--notest"],
-                          cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr)
+    proc = subprocess.run(
+        tox + ["-e", info.tox_env, "--notest", "--recreate"]
+        if python.is_file()
+        else tox + ["-e", info.tox_env, "--notest"],
+        cwd=ROOT,
+        stdout=sys.stderr,
+        stderr=sys.stderr,
+    )
     if proc.returncode != 0 or not python.is_file():
-        raise BackendUnavailable(f"creating the tox env '{info.tox_env}' failed (exit {proc.returncode}); "
-                                 f"see the output above; {hint}")
+        raise BackendUnavailable(
+            f"creating the tox env '{info.tox_env}' failed (exit {proc.returncode}); see the output above; {hint}"
+        )
     ok, why = can_import(str(python), info.import_name)
     if not ok:
         raise BackendUnavailable(f"the new tox env '{info.tox_env}' cannot import {info.import_name}: {why}")

@@ -11,6 +11,7 @@ killed if it has not stopped after WORKER_GRACE_SECONDS, or at a second
 signal) and no further task starts; the caller then records every unfinished
 run as interrupted and builds the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,10 +86,18 @@ class RecordWriter:
         """A terminal record for each of these runs that has none yet."""
         for config in configs:
             if (framework, config.config_id) not in self.ended:
-                self.write(records.make(
-                    "run_end" if status == "interrupted" else "error", framework=framework,
-                    variant=config.model.variant, seed=config.seed, config_id=config.config_id, status=status,
-                    epochs_done=self.epochs.get((framework, config.config_id), 0), **fields))
+                self.write(
+                    records.make(
+                        "run_end" if status == "interrupted" else "error",
+                        framework=framework,
+                        variant=config.model.variant,
+                        seed=config.seed,
+                        config_id=config.config_id,
+                        status=status,
+                        epochs_done=self.epochs.get((framework, config.config_id), 0),
+                        **fields,
+                    )
+                )
 
     def show(self, event: dict) -> None:
         """A worker's progress line: shown, not kept."""
@@ -195,9 +204,12 @@ def _log_tail(path: Path) -> str:
 
 
 def worker_env(threads: int | None) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
-        PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    )
     if threads:
         env.update({name: str(threads) for name in THREAD_VARIABLES})
         env.update(TF_NUM_INTEROP_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1")
@@ -206,15 +218,29 @@ def worker_env(threads: int | None) -> dict:
 
 def worker_job(task: Task, configs: list, data_dir, verify, out) -> dict:
     """What a worker reads on its stdin; out: where it writes snapshots (None: the caller sets it)."""
-    return {"framework": task.framework, "out": None if out is None else str(out), "data_dir": data_dir,
-            "verify": verify, "configs": [c.to_dict() for c in configs], **(task.options or {})}
+    return {
+        "framework": task.framework,
+        "out": None if out is None else str(out),
+        "data_dir": data_dir,
+        "verify": verify,
+        "configs": [c.to_dict() for c in configs],
+        **(task.options or {}),
+    }
 
 
 def start_worker(python: str, job: dict, log, threads: int | None) -> subprocess.Popen:
     """A compare.execution.worker process with its job written to its stdin and its stderr to log. Its own session:
     a terminal's Ctrl-C reaches the runner only, which forwards it once."""
-    proc = subprocess.Popen([python, "-m", "compare.execution.worker"], cwd=ROOT, env=worker_env(threads), text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [python, "-m", "compare.execution.worker"],
+        cwd=ROOT,
+        env=worker_env(threads),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
@@ -252,18 +278,26 @@ def run_worker(task: Task, run_dir: Path, data_dir, verify, writer, signals, thr
                 proc.wait()
     if signals.signum is None:
         tail = _log_tail(log_path)
-        writer.end_unfinished(task.framework, task.configs, "crashed", error_type="WorkerCrashed",
-                              exit_status=code, log_tail=tail,
-                              message=f"the {task.framework} worker exited with status {code} before finishing; "
-                                      f"last lines of {log_path}: " + " | ".join(tail.splitlines()[-3:]))
+        writer.end_unfinished(
+            task.framework,
+            task.configs,
+            "crashed",
+            error_type="WorkerCrashed",
+            exit_status=code,
+            log_tail=tail,
+            message=f"the {task.framework} worker exited with status {code} before finishing; "
+            f"last lines of {log_path}: " + " | ".join(tail.splitlines()[-3:]),
+        )
 
 
 def split(framework: str, python: str, configs: list, parts: int, options: dict | None = None) -> list:
     """The configurations of one framework as up to `parts` tasks, dealt round-robin (neighbouring
     cells, which tend to cost alike, go to different workers)."""
     parts = max(1, min(parts, len(configs)))
-    return [Task(framework, python, configs[i::parts], framework if parts == 1 else f"{framework}-{i + 1}",
-                 options) for i in range(parts)]
+    return [
+        Task(framework, python, configs[i::parts], framework if parts == 1 else f"{framework}-{i + 1}", options)
+        for i in range(parts)
+    ]
 
 
 def default_jobs(cores: int | None = None) -> int:
@@ -299,13 +333,18 @@ class LocalExecutor:
         """Run every task; returns when all have ended, or, after a signal, when the running ones have
         stopped (tasks not yet started never start). Unfinished runs are for the caller to record."""
 
-        self._each(tasks, lambda task: run_worker(task, run_dir, data_dir, verify, writer, signals, self.threads),
-                   signals, self.jobs)
+        self._each(
+            tasks,
+            lambda task: run_worker(task, run_dir, data_dir, verify, writer, signals, self.threads),
+            signals,
+            self.jobs,
+        )
 
     @staticmethod
     def _each(tasks, one, signals, workers: int) -> None:
         """one(task) for every task, `workers` at a time, in threads; the main thread waits, so that its
         signal handler runs promptly. After a signal no further task starts."""
+
         def guarded(task):
             if signals.signum is None:
                 one(task)

@@ -7,6 +7,7 @@ tox env (`tox -e run`, `study`, `bench`), as framework environments are
 created on first use. Outside a tox env of this repository nothing is
 installed behind the user's back: the error says the one command that does it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,7 @@ from common.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # import name -> (what needs it, requirements file)
-EXTRAS = {"ray": ("--executor ray", "requirements/ray.txt"),
-          "mlflow": ("--mlflow", "requirements/tracking.txt")}
+EXTRAS = {"ray": ("--executor ray", "requirements/ray.txt"), "mlflow": ("--mlflow", "requirements/tracking.txt")}
 
 
 def in_own_tox_env(prefix: str | None = None) -> bool:
@@ -41,14 +41,19 @@ def ensure(module: str, *, log=None, prefix: str | None = None) -> None:
     needed_by, requirements = EXTRAS[module]
     command = [sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / requirements)]
     if not in_own_tox_env(prefix):
-        raise ConfigError(f"{needed_by} needs {module}, which this environment ({sys.prefix}) lacks: install it "
-                          f"with `{Path(sys.executable).name} -m pip install -r {requirements}`, or run through "
-                          f"tox (`tox -e run -- ...`), which installs it on first use")
+        raise ConfigError(
+            f"{needed_by} needs {module}, which this environment ({sys.prefix}) lacks: install it "
+            f"with `{Path(sys.executable).name} -m pip install -r {requirements}`, or run through "
+            f"tox (`tox -e run -- ...`), which installs it on first use"
+        )
     (log or (lambda text: print(text, file=sys.stderr, flush=True)))(
-        f"{needed_by}: installing {module} into {sys.prefix} (once; pinned in {requirements})")
+        f"{needed_by}: installing {module} into {sys.prefix} (once; pinned in {requirements})"
+    )
     proc = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
-        raise ConfigError(f"{needed_by}: installing {module} failed (pip exit {proc.returncode}, output above); "
-                          f"try `{' '.join(command)}` yourself")
+        raise ConfigError(
+            f"{needed_by}: installing {module} failed (pip exit {proc.returncode}, output above); "
+            f"try `{' '.join(command)}` yourself"
+        )
     importlib.invalidate_caches()
     importlib.import_module(module)

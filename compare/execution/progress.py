@@ -6,6 +6,7 @@ epoch). Always: a permanent line per finished epoch and per run that did not
 complete; without a terminal, also one line per ended run with the counts and
 the ETA, so a log shows how far a long study is.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,8 +18,15 @@ PROBLEMS = ("diverged", "interrupted", "crashed", "failed")
 
 
 class Progress:
-    def __init__(self, live: bool, total: int = 0, stream=sys.stderr, labels: dict | None = None,
-                 epoch_lines: bool = True, unit: str = "run"):
+    def __init__(
+        self,
+        live: bool,
+        total: int = 0,
+        stream=sys.stderr,
+        labels: dict | None = None,
+        epoch_lines: bool = True,
+        unit: str = "run",
+    ):
         """total: runs planned (framework x configuration); labels: config_id -> text shown after
         the seed (a study's grid coordinates); epoch_lines: a line per finished epoch."""
         self.live, self.stream, self.total = live, stream, total
@@ -31,8 +39,9 @@ class Progress:
         self._bars = {}
         self._overall = None
         if live and total:
-            self._overall = tqdm(total=total, desc="all", unit=unit, file=stream, position=0,
-                                 dynamic_ncols=True, leave=True)
+            self._overall = tqdm(
+                total=total, desc="all", unit=unit, file=stream, position=0, dynamic_ncols=True, leave=True
+            )
 
     def mute(self) -> None:
         """Write nothing more (after an interrupt: the report comes first; a terminal or a pipe that is
@@ -43,8 +52,7 @@ class Progress:
 
     def _name(self, event: dict) -> str:
         label = self.labels.get(event.get("config_id"), "")
-        return (f"{event['framework']:>10} {event['variant']:<16} seed {event['seed']}"
-                + (f" {label}" if label else ""))
+        return f"{event['framework']:>10} {event['variant']:<16} seed {event['seed']}" + (f" {label}" if label else "")
 
     def _write(self, text: str) -> None:
         if self.muted:
@@ -65,16 +73,16 @@ class Progress:
         if bar is None or bar.total != event["steps"]:
             if bar is not None:
                 bar.close()
-            bar = self._bars[key] = tqdm(total=event["steps"], desc=desc, unit="step", file=self.stream,
-                                         leave=False, dynamic_ncols=True)
+            bar = self._bars[key] = tqdm(
+                total=event["steps"], desc=desc, unit="step", file=self.stream, leave=False, dynamic_ncols=True
+            )
         elif bar.desc != desc:
             bar.reset(total=event["steps"])
             bar.set_description_str(desc)
         bar.update(event["step"] - bar.n)
 
     def _close_bar(self, record: dict) -> None:
-        bar = self._bars.pop((record["framework"], record.get("config_id"), record["seed"], record["variant"]),
-                             None)
+        bar = self._bars.pop((record["framework"], record.get("config_id"), record["seed"], record["variant"]), None)
         if bar is not None:
             bar.close()
 
@@ -93,7 +101,8 @@ class Progress:
                 f"{self._name(record)} epoch {record['epoch']}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                 f"test acc {record['test_acc']:.4f} | {record['train_examples_per_s']:,.0f} ex/s | "
-                f"train/eval disagreement {record['probe_disagreement']:.3f}")
+                f"train/eval disagreement {record['probe_disagreement']:.3f}"
+            )
         if kind not in ("error", "run_end"):
             return
         self._close_bar(record)
@@ -112,8 +121,10 @@ class Progress:
             self._overall.set_postfix_str(problems, refresh=False)
             self._overall.update(1)
         elif self.total and not self.epoch_lines:
-            self._write(f"[{self.ended}/{self.total} {self.unit}s] {self._name(record)} {status}"
-                        f"{' (' + problems + ')' if problems else ''}; {self._eta()}")
+            self._write(
+                f"[{self.ended}/{self.total} {self.unit}s] {self._name(record)} {status}"
+                f"{' (' + problems + ')' if problems else ''}; {self._eta()}"
+            )
 
     def close(self) -> None:
         for bar in self._bars.values():

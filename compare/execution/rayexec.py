@@ -15,6 +15,7 @@ record) and resubmitted, anywhere in the cluster, up to `retries` times; then
 they are recorded as crashed. SIGINT/SIGTERM on the driver cancel the running
 tasks (their workers are stopped) and no further task starts.
 """
+
 from __future__ import annotations
 
 import signal
@@ -25,9 +26,7 @@ from pathlib import Path
 
 from common.errors import BackendUnavailable, ConfigError
 
-from .executor import (ROOT, WORKER_GRACE_SECONDS, LocalExecutor, Task, start_worker, worker_job,
-                       worker_records)
-
+from .executor import ROOT, WORKER_GRACE_SECONDS, LocalExecutor, Task, start_worker, worker_job, worker_records
 
 
 class WorkerLost(Exception):
@@ -36,18 +35,23 @@ class WorkerLost(Exception):
 
 def _node() -> str:
     import ray
+
     return ray.util.get_node_ip_address()
 
 
 def ray_task(framework: str, job: dict, explicit: dict, threads: int | None, grace: float):
     """Body of the Ray task (a generator): runs one worker on this node, yields what it writes."""
     from . import envs
+
     node = _node()
     try:
         python = envs.resolve(framework, explicit, create=False)
     except BackendUnavailable as exc:
-        yield {"kind": "_failed", "node": node, "message": f"node {node} has no environment for {framework}: "
-                                                            f"{exc} (on that node, in {ROOT})"}
+        yield {
+            "kind": "_failed",
+            "node": node,
+            "message": f"node {node} has no environment for {framework}: {exc} (on that node, in {ROOT})",
+        }
         return
     with tempfile.TemporaryDirectory(prefix="bn-compare-") as tmp:
         log_path = Path(tmp) / "worker.log"
@@ -86,10 +90,12 @@ class _RayHandle:
 
     def send_signal(self, signum):
         import ray
+
         ray.cancel(self.ref)  # KeyboardInterrupt in the task: it stops its worker
 
     def kill(self):
         import ray
+
         ray.cancel(self.ref, force=True)
 
 
@@ -101,11 +107,20 @@ class RayExecutor(LocalExecutor):
     name = "ray"
     resolves_on_nodes = True  # each task finds its framework's interpreter on the node it runs on
 
-    def __init__(self, address: str | None = None, threads: int = 1, retries: int = 2, gpus: float = 0,
-                 explicit: dict | None = None, init_options: dict | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        threads: int = 1,
+        retries: int = 2,
+        gpus: float = 0,
+        explicit: dict | None = None,
+        init_options: dict | None = None,
+    ):
         from .extras import ensure
+
         ensure("ray")  # installed on first use (requirements/ray.txt)
         import ray
+
         if threads < 1 or retries < 0:
             raise ConfigError("--threads must be at least 1 and --retries at least 0")
         self.ray, self.address, self.threads, self.retries, self.gpus = ray, address, threads, retries, gpus
@@ -113,20 +128,34 @@ class RayExecutor(LocalExecutor):
         self._started_here = not ray.is_initialized()
         if self._started_here:
             try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, **(init_options or {}))
+                ray.init(
+                    address=address,
+                    log_to_driver=False,
+                    include_dashboard=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                    **(init_options or {}),
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(f"cannot connect to Ray at {address or 'a new local cluster'}: {exc}; start "
-                                  f"one with `ray start --head` and pass --address auto") from None
+                raise ConfigError(
+                    f"cannot connect to Ray at {address or 'a new local cluster'}: {exc}; start "
+                    f"one with `ray start --head` and pass --address auto"
+                ) from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.jobs = max(1, cpus // threads)  # tasks that fit at once: how finely each framework's runs are split
         self._task = ray.remote(ray_task).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
 
     def describe(self) -> dict:
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
-        return {"executor": self.name, "address": self.address, "jobs": self.jobs, "threads_per_worker": self.threads,
-                "retries": self.retries, "ray_version": self.ray.__version__, "ray_nodes": len(nodes),
-                "ray_cpus": int(self.ray.cluster_resources().get("CPU", 0))}
+        return {
+            "executor": self.name,
+            "address": self.address,
+            "jobs": self.jobs,
+            "threads_per_worker": self.threads,
+            "retries": self.retries,
+            "ray_version": self.ray.__version__,
+            "ray_nodes": len(nodes),
+            "ray_cpus": int(self.ray.cluster_resources().get("CPU", 0)),
+        }
 
     def shutdown(self) -> None:
         if self._started_here:
@@ -151,11 +180,19 @@ class RayExecutor(LocalExecutor):
             configs = [c for c in configs if (task.framework, c.config_id) not in writer.ended]
             if not configs:
                 return
-            print(f"[{task.framework}] {lost}; {len(configs)} run(s) without a result"
-                  + (f", retrying (attempt {attempt + 1} of {self.retries + 1})" if attempt <= self.retries else ""),
-                  file=sys.stderr)
-        writer.end_unfinished(task.framework, configs, "crashed", error_type="WorkerLost", attempts=self.retries + 1,
-                              message=f"lost {self.retries + 1} time(s) (retries exhausted): {lost}")
+            print(
+                f"[{task.framework}] {lost}; {len(configs)} run(s) without a result"
+                + (f", retrying (attempt {attempt + 1} of {self.retries + 1})" if attempt <= self.retries else ""),
+                file=sys.stderr,
+            )
+        writer.end_unfinished(
+            task.framework,
+            configs,
+            "crashed",
+            error_type="WorkerLost",
+            attempts=self.retries + 1,
+            message=f"lost {self.retries + 1} time(s) (retries exhausted): {lost}",
+        )
 
     def _attempt(self, task, configs, attempt, run_dir, data_dir, verify, writer, signals) -> None:
         job = worker_job(task, configs, data_dir, verify, out=None)  # the task writes in a folder of its node
@@ -176,8 +213,9 @@ class RayExecutor(LocalExecutor):
                     with open(log_path, "a") as log:
                         log.write(f"--- attempt {attempt} on node {item['node']} ---\n{item['text']}")
                 elif kind == "_failed":
-                    writer.end_unfinished(task.framework, configs, "failed", error_type="BackendUnavailable",
-                                          message=item["message"])
+                    writer.end_unfinished(
+                        task.framework, configs, "failed", error_type="BackendUnavailable", message=item["message"]
+                    )
                 else:
                     writer.receive(item)
         except self.ray.exceptions.TaskCancelledError:
@@ -188,5 +226,9 @@ class RayExecutor(LocalExecutor):
             signals.remove(handle)
 
     def run(self, tasks: list, run_dir: Path, data_dir, verify, writer, signals) -> None:
-        self._each(tasks, lambda task: self.run_task(task, run_dir, data_dir, verify, writer, signals), signals,
-                   workers=max(1, len(tasks)))
+        self._each(
+            tasks,
+            lambda task: self.run_task(task, run_dir, data_dir, verify, writer, signals),
+            signals,
+            workers=max(1, len(tasks)),
+        )

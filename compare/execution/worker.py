@@ -7,6 +7,7 @@ and dropped). Parameter and probe snapshots go to <out>/snapshots/*.npz (with
 the job's "snapshots": "final", only each run's last epoch's). A
 failure of one configuration becomes an error record and the next one runs.
 """
+
 from __future__ import annotations
 
 import gc
@@ -47,10 +48,17 @@ def save_npz(path: Path, arrays: dict) -> None:
 
 def error_record(framework, config: RunConfig, exc: BaseException, status: str) -> dict:
     """status: failed (before training) or crashed (during it)."""
-    return records.make("error", framework=framework, variant=config.model.variant, seed=config.seed,
-                        config_id=config.config_id, status=status, error_type=type(exc).__name__,
-                        message=str(exc) or type(exc).__name__,
-                        traceback=None if isinstance(exc, BNCompareError) else traceback.format_exc())
+    return records.make(
+        "error",
+        framework=framework,
+        variant=config.model.variant,
+        seed=config.seed,
+        config_id=config.config_id,
+        status=status,
+        error_type=type(exc).__name__,
+        message=str(exc) or type(exc).__name__,
+        traceback=None if isinstance(exc, BNCompareError) else traceback.format_exc(),
+    )
 
 
 def _terminate(signum, frame):
@@ -71,45 +79,85 @@ def bench(job: dict) -> int:
     datasets = {}
     for cell in job["cells"]:
         norm = cell.get("norm", "batch")
-        model = ModelSpec(variant=cell["variant"], norm=norm,
-                          **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}))
+        model = ModelSpec(
+            variant=cell["variant"], norm=norm, **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {})
+        )
         label = "" if norm == "batch" else f" --norm {norm}"
-        config = RunConfig(model=model, epochs=1, batch_size=cell["batch_size"],
-                           execution=cell["execution"], device=job["device"], train_limit=job["train_limit"],
-                           test_limit=1000, probe_size=64, population_size=0)
+        config = RunConfig(
+            model=model,
+            epochs=1,
+            batch_size=cell["batch_size"],
+            execution=cell["execution"],
+            device=job["device"],
+            train_limit=job["train_limit"],
+            test_limit=1000,
+            probe_size=64,
+            population_size=0,
+        )
         if config.dtype not in datasets:
             datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
         dataset, described, first_steps = datasets[config.dtype], {}, []
 
         def suite():
             epochs = []
-            run_loop(module.BACKEND, config, dataset,
-                     lambda record, arrays=None: epochs.append(record) if record["kind"] == "epoch" else
-                     described.update(record.get("backend", {})))
+            run_loop(
+                module.BACKEND,
+                config,
+                dataset,
+                lambda record, arrays=None: (
+                    epochs.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
+                ),
+            )
             first_steps.append(epochs[0]["first_step_seconds"])
             return epochs[0]["train_examples_per_s"]
 
-        measure = {"suite": suite, "bare": lambda: loops["bare"].epoch(config, dataset)[0],
-                   "textbook": lambda: loops["textbook"].examples_per_second(config, dataset)}
+        measure = {
+            "suite": suite,
+            "bare": lambda: loops["bare"].epoch(config, dataset)[0],
+            "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
+        }
         figures = {name: [] for name in LOOPS}
         try:
             module.BACKEND(config)  # a mode this framework lacks (or cannot run here) skips the cell, not the rest
         except BackendUnavailable as exc:
-            send({"kind": "bench_skipped", "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
-                  f"{config.batch_size} skipped: {exc}"})
+            send(
+                {
+                    "kind": "bench_skipped",
+                    "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
+                    f"{config.batch_size} skipped: {exc}",
+                }
+            )
             continue
         for r in range(job["repeats"]):
-            for name in LOOPS[r % 3:] + LOOPS[:r % 3]:
+            for name in LOOPS[r % 3 :] + LOOPS[: r % 3]:
                 gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
                 figures[name].append(measure[name]())
-            send({"kind": "bench_repeat", "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
-                  f"{config.batch_size} repeat {r + 1}: " + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS) + " ex/s"})
-        send({"kind": "bench", "framework": framework, "norm": norm, "variant": config.model.variant,
-              "execution": config.execution, "execution_name": described.get("execution"),
-              "batch_size": config.batch_size, "device_name": described.get("device_name"),
-              **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
-              **{f"{name}_all": figures[name] for name in LOOPS}, "suite_first_step_seconds": first_steps,
-              "bare": loops["bare"].DESCRIPTION, "textbook": loops["textbook"].DESCRIPTION})
+            send(
+                {
+                    "kind": "bench_repeat",
+                    "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
+                    f"{config.batch_size} repeat {r + 1}: "
+                    + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS)
+                    + " ex/s",
+                }
+            )
+        send(
+            {
+                "kind": "bench",
+                "framework": framework,
+                "norm": norm,
+                "variant": config.model.variant,
+                "execution": config.execution,
+                "execution_name": described.get("execution"),
+                "batch_size": config.batch_size,
+                "device_name": described.get("device_name"),
+                **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
+                **{f"{name}_all": figures[name] for name in LOOPS},
+                "suite_first_step_seconds": first_steps,
+                "bare": loops["bare"].DESCRIPTION,
+                "textbook": loops["textbook"].DESCRIPTION,
+            }
+        )
     return 0
 
 
@@ -133,10 +181,18 @@ def run_job(job: dict) -> int:
     try:
         module = load_backend_module(framework)
         info = framework_info(framework)
-        send(records.make("worker", framework=framework, pid=os.getpid(), python=sys.version.split()[0],
-                          executable=sys.executable, numpy=np.__version__,
-                          platform=platform.platform(),
-                          framework_version=getattr(sys.modules[info.import_name], "__version__", None)))
+        send(
+            records.make(
+                "worker",
+                framework=framework,
+                pid=os.getpid(),
+                python=sys.version.split()[0],
+                executable=sys.executable,
+                numpy=np.__version__,
+                platform=platform.platform(),
+                framework_version=getattr(sys.modules[info.import_name], "__version__", None),
+            )
+        )
     except Exception as exc:  # the whole framework is unavailable: every config fails
         for config in configs:
             send(error_record(framework, config, exc, "failed"))
@@ -145,6 +201,7 @@ def run_job(job: dict) -> int:
     datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
     final_only = job.get("snapshots", "all") == "final"  # a study keeps the last epoch's snapshot only
     for config in configs:
+
         def emit(record, arrays=None, config=config):
             if arrays is not None:
                 if final_only and record["epoch"] != config.epochs:
@@ -159,17 +216,36 @@ def run_job(job: dict) -> int:
             nonlocal started
             started = True
             if step == steps or step % 10 == 0:
-                send({"kind": "progress", "framework": framework, "variant": config.model.variant,
-                      "seed": config.seed, "config_id": config.config_id, "epoch": epoch, "epochs": config.epochs,
-                      "step": step, "steps": steps, "time": time.time()})
+                send(
+                    {
+                        "kind": "progress",
+                        "framework": framework,
+                        "variant": config.model.variant,
+                        "seed": config.seed,
+                        "config_id": config.config_id,
+                        "epoch": epoch,
+                        "epochs": config.epochs,
+                        "step": step,
+                        "steps": steps,
+                        "time": time.time(),
+                    }
+                )
 
-        print(f"worker {framework} (pid {os.getpid()}): {config.model.variant} seed {config.seed} "
-              f"({config.config_id}) starting", file=sys.stderr, flush=True)
+        print(
+            f"worker {framework} (pid {os.getpid()}): {config.model.variant} seed {config.seed} "
+            f"({config.config_id}) starting",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             key = (config.dtype, config.model.input_size)
             if key not in datasets:
-                datasets[key] = load_fashion_mnist(job.get("data_dir"), verify=job.get("verify", True),
-                                                        dtype=config.dtype, input_size=config.model.input_size)
+                datasets[key] = load_fashion_mnist(
+                    job.get("data_dir"),
+                    verify=job.get("verify", True),
+                    dtype=config.dtype,
+                    input_size=config.model.input_size,
+                )
             run_loop(module.BACKEND, config, datasets[key], emit, progress)
         except Exception as exc:
             send(error_record(framework, config, exc, "crashed" if started else "failed"))

@@ -1,4 +1,5 @@
 """report.md: the tables as Markdown, with intervals and the sentences made from the numbers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ import pandas as pd
 from common.config import RUNNING_NORMS
 
 from .stats import clipped, metric_bounds
+
 
 def interval_text(low, high, column: str, bounds: tuple | None = None) -> str:
     """A 95% interval as [low, high], clipped to what the metric can be (the tables keep it unclipped)."""
@@ -21,8 +23,10 @@ def two_seed_note(frame: pd.DataFrame, what: str) -> str:
     if two.empty:
         return ""
     who = f"every {what}" if len(two) == len(frame) else f"{len(two)} of {len(frame)} {what}s"
-    return (f"The intervals of {who} (n=2) rest on two seeds: t(0.975, 1) = 12.71, so they are wide and say "
-            f"little; more seeds (`--seeds 0,1,2,3,4`) narrow them.\n")
+    return (
+        f"The intervals of {who} (n=2) rest on two seeds: t(0.975, 1) = 12.71, so they are wide and say "
+        f"little; more seeds (`--seeds 0,1,2,3,4`) narrow them.\n"
+    )
 
 
 def _fmt(value, column: str) -> str:
@@ -60,20 +64,55 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_COLUMNS = ["framework", "variant", "status", "seeds", "epochs", "best_test_acc", "best_epoch",
-                   "final_test_acc", "train_examples_per_s", "first_step_seconds", "eval_examples_per_s", "execution",
-                   "device"]
-DIVERGENCE_COLUMNS = ["framework", "variant", "status", "final_probe_acc_eval", "final_probe_acc_train",
-                      "final_probe_disagreement", "final_probe_logit_mad"]
+SUMMARY_COLUMNS = [
+    "framework",
+    "variant",
+    "status",
+    "seeds",
+    "epochs",
+    "best_test_acc",
+    "best_epoch",
+    "final_test_acc",
+    "train_examples_per_s",
+    "first_step_seconds",
+    "eval_examples_per_s",
+    "execution",
+    "device",
+]
+DIVERGENCE_COLUMNS = [
+    "framework",
+    "variant",
+    "status",
+    "final_probe_acc_eval",
+    "final_probe_acc_train",
+    "final_probe_disagreement",
+    "final_probe_logit_mad",
+]
 CONVENTION_COLUMNS = ["framework", "variant", "norm", "version", "bn_decay", "bn_epsilon"]
 UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
 
 
-POPULATION_SUMMARY_COLUMNS = ["framework", "variant", "status", "final_test_acc", "final_pop_test_acc",
-                              "final_pop_gain", "final_probe_disagreement", "final_pop_probe_disagreement",
-                              "population_images", "population_seconds"]
-LAG_NOISE_COLUMNS = ["framework", "variant", "layer", "lag_mean_gap", "lag_var_log_ratio", "noise_mean_gap",
-                     "noise_var_log_ratio"]
+POPULATION_SUMMARY_COLUMNS = [
+    "framework",
+    "variant",
+    "status",
+    "final_test_acc",
+    "final_pop_test_acc",
+    "final_pop_gain",
+    "final_probe_disagreement",
+    "final_pop_probe_disagreement",
+    "population_images",
+    "population_seconds",
+]
+LAG_NOISE_COLUMNS = [
+    "framework",
+    "variant",
+    "layer",
+    "lag_mean_gap",
+    "lag_var_log_ratio",
+    "noise_mean_gap",
+    "noise_var_log_ratio",
+]
 
 
 def final_epoch_gaps(gap: pd.DataFrame) -> pd.DataFrame:
@@ -102,22 +141,35 @@ def population_answer(summary: pd.DataFrame) -> list:
     sentences = []
     for _, row in summary.dropna(subset=["final_pop_test_acc"]).iterrows():
         gain = row.final_pop_gain * 100
-        cost = (f"the EMA costs {gain:.2f} points" if gain > 0 else
-                f"the EMA is {-gain:.2f} points better" if gain < 0 else "the two are equal")
-        text = (f"{who(row, summary)}: final test accuracy {row.final_test_acc:.4f} with the running "
-                f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
-                f"{int(row.population_images):,} training images: {cost}")
+        cost = (
+            f"the EMA costs {gain:.2f} points"
+            if gain > 0
+            else f"the EMA is {-gain:.2f} points better"
+            if gain < 0
+            else "the two are equal"
+        )
+        text = (
+            f"{who(row, summary)}: final test accuracy {row.final_test_acc:.4f} with the running "
+            f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
+            f"{int(row.population_images):,} training images: {cost}"
+        )
         if not pd.isna(row.get("final_pop_gain_ci_high")):
             low, high = clipped(row.final_pop_gain_ci_low, row.final_pop_gain_ci_high, metric_bounds("final_pop_gain"))
-            text += (f" (95% interval over {int(row.final_pop_gain_n)} seeds {low * 100:+.2f} to {high * 100:+.2f}"
-                     f"{', beyond seed noise' if low > 0 or high < 0 else ', within seed noise'})")
+            text += (
+                f" (95% interval over {int(row.final_pop_gain_n)} seeds {low * 100:+.2f} to {high * 100:+.2f}"
+                f"{', beyond seed noise' if low > 0 or high < 0 else ', within seed noise'})"
+            )
         ema, pop = row.final_probe_disagreement, row.final_pop_probe_disagreement
         if ema > 0:
-            text += (f". Train/eval prediction disagreement on the probe: {ema:.1%} with the EMA, {pop:.1%} with "
-                     f"population statistics, so {pop / ema:.0%} of it remains (batch noise) and {1 - pop / ema:.0%} "
-                     f"was the EMA's lag.")
+            text += (
+                f". Train/eval prediction disagreement on the probe: {ema:.1%} with the EMA, {pop:.1%} with "
+                f"population statistics, so {pop / ema:.0%} of it remains (batch noise) and {1 - pop / ema:.0%} "
+                f"was the EMA's lag."
+            )
         else:
-            text += f". Train and eval mode agree on every probe image with the EMA ({pop:.1%} with population statistics)."
+            text += (
+                f". Train and eval mode agree on every probe image with the EMA ({pop:.1%} with population statistics)."
+            )
         sentences.append(text)
     return sentences
 
@@ -128,28 +180,44 @@ def population_section(t: dict) -> list:
     answer = population_answer(s)
     if not answer:
         return []
-    parts = ["## Population statistics: what the train/eval gap is made of (final epoch)\n",
-             "Eval mode with each BN layer's population statistics (every weight fixed, train-mode batches of "
-             "the run's batch size over `population_images` training images (`--population-size`, at most "
-             "the training split): the mean of the batch means and the exact variance over all their values) beside eval mode with the running average (EMA) each "
-             "framework keeps. `final_pop_gain`: population minus EMA test accuracy. The headline accuracies "
-             "above stay the EMA's. `population_seconds`: the time to compute them and evaluate with them, "
-             "apart from training.\n"]
+    parts = [
+        "## Population statistics: what the train/eval gap is made of (final epoch)\n",
+        "Eval mode with each BN layer's population statistics (every weight fixed, train-mode batches of "
+        "the run's batch size over `population_images` training images (`--population-size`, at most "
+        "the training split): the mean of the batch means and the exact variance over all their values) beside "
+        "eval mode with the running average (EMA) each "
+        "framework keeps. `final_pop_gain`: population minus EMA test accuracy. The headline accuracies "
+        "above stay the EMA's. `population_seconds`: the time to compute them and evaluate with them, "
+        "apart from training.\n",
+    ]
     parts += [f"- {sentence}" for sentence in answer] + [""]
     parts.append(markdown_table(s.dropna(subset=["final_pop_test_acc"]), POPULATION_SUMMARY_COLUMNS))
     gap = t["bn_gap"]
     if not gap.empty and "lag_mean_gap" in gap:
         last = final_epoch_gaps(gap.dropna(subset=["lag_mean_gap"]))
-        parts += ["Per BN layer: `lag_*` is the EMA against the population statistics (the EMA's lag), `noise_*` "
-                  "the probe's batch statistics against them (batch noise), in the units of `mean_gap` / "
-                  "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
-                  markdown_table(last, LAG_NOISE_COLUMNS)]
+        parts += [
+            "Per BN layer: `lag_*` is the EMA against the population statistics (the EMA's lag), `noise_*` "
+            "the probe's batch statistics against them (batch noise), in the units of `mean_gap` / "
+            "`var_log_ratio` below (population standard deviations; |log variance ratio|).\n",
+            markdown_table(last, LAG_NOISE_COLUMNS),
+        ]
     return parts
 
 
-MIXED_COLUMNS = ["framework", "variant", "precision", "seeds", "test_acc_mixed", "test_acc_float32",
-                 "probe_disagreement_mixed", "probe_disagreement_float32", "param_rel_l2", "running_stats_rel_l2",
-                 "probe_pred_agreement", "speed_ratio"]
+MIXED_COLUMNS = [
+    "framework",
+    "variant",
+    "precision",
+    "seeds",
+    "test_acc_mixed",
+    "test_acc_float32",
+    "probe_disagreement_mixed",
+    "probe_disagreement_float32",
+    "param_rel_l2",
+    "running_stats_rel_l2",
+    "probe_pred_agreement",
+    "speed_ratio",
+]
 
 
 def mixed_precision_section(t: dict) -> list:
@@ -161,9 +229,16 @@ def mixed_precision_section(t: dict) -> list:
     last = mixed[mixed.epoch == mixed.groupby(["framework", "config_id"]).epoch.transform("max")]
     rows = []
     for (fw, variant, precision), g in last.groupby(["framework", "variant", "precision"], sort=False):
-        rows.append({"framework": fw, "variant": variant, "precision": precision, "seeds": g.seed.nunique(),
-                     **g.mean(numeric_only=True).drop(["seed", "epoch"], errors="ignore").to_dict(),
-                     "speed_ratio": float((g.train_examples_per_s_mixed / g.train_examples_per_s_float32).median())})
+        rows.append(
+            {
+                "framework": fw,
+                "variant": variant,
+                "precision": precision,
+                "seeds": g.seed.nunique(),
+                **g.mean(numeric_only=True).drop(["seed", "epoch"], errors="ignore").to_dict(),
+                "speed_ratio": float((g.train_examples_per_s_mixed / g.train_examples_per_s_float32).median()),
+            }
+        )
     table = pd.DataFrame(rows)
     sentences = []
     for _, r in table.iterrows():
@@ -173,19 +248,28 @@ def mixed_precision_section(t: dict) -> list:
             f"train/eval disagreement {100 * r.probe_disagreement_mixed:.1f}% against "
             f"{100 * r.probe_disagreement_float32:.1f}%; the parameters are {r.param_rel_l2:.2g} (relative L2) "
             f"and the running statistics {r.running_stats_rel_l2:.2g} from the float32 run's, and the two "
-            f"predict the same class for {100 * r.probe_pred_agreement:.1f}% of the probe images.")
+            f"predict the same class for {100 * r.probe_pred_agreement:.1f}% of the probe images."
+        )
     devices = t["summary"].get("device", pd.Series(dtype=str)).dropna() if "summary" in t else pd.Series(dtype=str)
     cpu = not devices.empty and devices.astype(str).str.startswith("CPU").all()
-    speed = ("`speed_ratio` is the mixed run's training throughput over the float32 run's (median over seeds). "
-             + ("These ran on a CPU: bfloat16 there is emulated unless the processor has bfloat16 instructions "
-                "(AVX512_BF16, AMX), so a ratio below 1 says nothing of a GPU; docs/precision.md gives GPU figures where "
-                "one was measured." if cpu else ""))
-    return ["## Mixed precision against float32 (final epoch)\n",
-            "Each mixed-precision run beside the float32 run of the same seed, initial weights and batches "
-            "(parameters, the update and the loss stay float32 in both; common/precision.py), averaged over "
-            "seeds. `param_rel_l2` / `running_stats_rel_l2`: relative L2 distance of the trained parameters "
-            "and of the BN running statistics from the float32 run's.\n",
-            markdown_table(table, MIXED_COLUMNS), *sentences, "", speed + "\n"]
+    speed = "`speed_ratio` is the mixed run's training throughput over the float32 run's (median over seeds). " + (
+        "These ran on a CPU: bfloat16 there is emulated unless the processor has bfloat16 instructions "
+        "(AVX512_BF16, AMX), so a ratio below 1 says nothing of a GPU; docs/precision.md gives GPU figures where "
+        "one was measured."
+        if cpu
+        else ""
+    )
+    return [
+        "## Mixed precision against float32 (final epoch)\n",
+        "Each mixed-precision run beside the float32 run of the same seed, initial weights and batches "
+        "(parameters, the update and the loss stay float32 in both; common/precision.py), averaged over "
+        "seeds. `param_rel_l2` / `running_stats_rel_l2`: relative L2 distance of the trained parameters "
+        "and of the BN running statistics from the float32 run's.\n",
+        markdown_table(table, MIXED_COLUMNS),
+        *sentences,
+        "",
+        speed + "\n",
+    ]
 
 
 CHANCE_LOSS = float(np.log(10))  # the cross-entropy of a uniform guess over the 10 classes
@@ -193,8 +277,7 @@ CHANCE_LOSS = float(np.log(10))  # the cross-entropy of a uniform guess over the
 
 def on_plateau(final_train_loss) -> bool:
     """Whether a run is still on its initial plateau: a training loss within 10% of ln 10, a uniform guess."""
-    return bool(pd.notna(final_train_loss) and np.isfinite(final_train_loss)
-                and final_train_loss >= 0.9 * CHANCE_LOSS)
+    return bool(pd.notna(final_train_loss) and np.isfinite(final_train_loss) and final_train_loss >= 0.9 * CHANCE_LOSS)
 
 
 def plateau_sentences(summary: pd.DataFrame) -> list:
@@ -204,15 +287,19 @@ def plateau_sentences(summary: pd.DataFrame) -> list:
     for _, row in summary.iterrows() if "final_train_loss" in summary else []:
         if not on_plateau(row.final_train_loss):
             continue
-        text = (f"{row.framework} {row.variant}: still on its initial plateau (final training loss "
-                f"{row.final_train_loss:.4f}, against ln 10 = {CHANCE_LOSS:.4f} for a uniform guess over the 10 "
-                f"classes; best test accuracy {_fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
-                f"learnt yet, so its other figures say little.")
+        text = (
+            f"{row.framework} {row.variant}: still on its initial plateau (final training loss "
+            f"{row.final_train_loss:.4f}, against ln 10 = {CHANCE_LOSS:.4f} for a uniform guess over the 10 "
+            f"classes; best test accuracy {_fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
+            f"learnt yet, so its other figures say little."
+        )
         if row.variant == "none" and row.get("activation", "sigmoid") == "sigmoid":
-            text += (" Without a normalisation, each sigmoid scales the gradient by its slope (at most 1/4), so "
-                     "at this learning rate the first layers barely move; a normalisation keeps each sigmoid's "
-                     "input near its steep middle. That is the textbook's point of BN-LeNet; `--activation relu` "
-                     "shows the network without BN training.")
+            text += (
+                " Without a normalisation, each sigmoid scales the gradient by its slope (at most 1/4), so "
+                "at this learning rate the first layers barely move; a normalisation keeps each sigmoid's "
+                "input near its steep middle. That is the textbook's point of BN-LeNet; `--activation relu` "
+                "shows the network without BN training."
+            )
         out.append(text + "\n")
     return out
 
@@ -221,78 +308,119 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     s = t["summary"]
     parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
     if env.get("interrupted"):
-        parts.append(f"**This run was interrupted ({env.get('signal') or 'by a signal'}).** What was measured "
-                     f"before that is below; every run it stopped is marked `interrupted`.\n")
-    parts += [f"- command: `{env.get('command', '?')}`",
-              f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), {env.get('platform', '?')}",
-              f"- data: {env.get('data_dir', '?')} (" +
-              ("checksums verified" if env.get("data_verified", True) else "**not** the verified Fashion-MNIST") + ")",
-              f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n"]
+        parts.append(
+            f"**This run was interrupted ({env.get('signal') or 'by a signal'}).** What was measured "
+            f"before that is below; every run it stopped is marked `interrupted`.\n"
+        )
+    parts += [
+        f"- command: `{env.get('command', '?')}`",
+        f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), {env.get('platform', '?')}",
+        f"- data: {env.get('data_dir', '?')} ("
+        + ("checksums verified" if env.get("data_verified", True) else "**not** the verified Fashion-MNIST")
+        + ")",
+        f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n",
+    ]
     if problems:
         parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
-    parts += ["## Summary\n",
-              "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
-              "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
-              "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
-              "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
-              "they come from. `[low, high]`: the 95% t-interval over seeds, clipped to what the metric can be "
-              "(accuracies to [0, 1]; the CSV/Parquet tables keep the unclipped `_ci_low`/`_ci_high`).\n",
-              markdown_table(s, SUMMARY_COLUMNS), two_seed_note(s, "row"), *plateau_sentences(s)]
+    parts += [
+        "## Summary\n",
+        "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
+        "the best epoch's, averaged over seeds. Throughput is the median epoch's training examples/s over "
+        "the timed steps (the first warm-up steps of each epoch excluded, the device synchronised at the "
+        "boundaries). A `status` other than complete is in bold, and its accuracies say the last epoch "
+        "they come from. `[low, high]`: the 95% t-interval over seeds, clipped to what the metric can be "
+        "(accuracies to [0, 1]; the CSV/Parquet tables keep the unclipped `_ci_low`/`_ci_high`).\n",
+        markdown_table(s, SUMMARY_COLUMNS),
+        two_seed_note(s, "row"),
+        *plateau_sentences(s),
+    ]
     if not s.empty and "best_test_acc_n" in s and (s.best_test_acc_n.fillna(0) <= 1).any():
         one = s[s.best_test_acc_n.fillna(0) <= 1]
         who = "Every row rests" if len(one) == len(s) else f"{len(one)} of {len(s)} rows rest"
-        parts.append(f"{who} on one seed (or none): no spread between seeds is measured, so no interval is "
-                     f"given; `--seeds 0,1,2` gives one.\n")
+        parts.append(
+            f"{who} on one seed (or none): no spread between seeds is measured, so no interval is "
+            f"given; `--seeds 0,1,2` gives one.\n"
+        )
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     if not unfinished.empty:
-        parts += ["## Runs that did not complete\n",
-                  "`diverged`: the training loss stopped being finite (a result: the epoch and step are given); "
-                  "`interrupted`: stopped by a signal; `crashed`: the worker died or raised during training; "
-                  "`failed`: an error before training.\n",
-                  markdown_table(unfinished, UNFINISHED_COLUMNS)]
+        parts += [
+            "## Runs that did not complete\n",
+            "`diverged`: the training loss stopped being finite (a result: the epoch and step are given); "
+            "`interrupted`: stopped by a signal; `crashed`: the worker died or raised during training; "
+            "`failed`: an error before training.\n",
+            markdown_table(unfinished, UNFINISHED_COLUMNS),
+        ]
     norms = sorted(set(s.norm.dropna())) if "norm" in s else []
     stateless = [n for n in norms if n not in RUNNING_NORMS and n != "none"]  # none: no normalisation at all
-    parts += ["## Train/eval-mode divergence (final epoch)\n",
-              "The same probe images through the network in train mode (batch statistics, nothing updated) and "
-              "eval mode (running statistics).\n" + (
-                  f" {' and '.join(stateless).capitalize()} normalisation keep{'s' if len(stateless) == 1 else ''} no "
-                  f"running statistics: train and eval mode are the same computation, so its divergence is 0; it is "
-                  f"measured all the same, a check of the harness.\n" if stateless else ""),
-              markdown_table(s, DIVERGENCE_COLUMNS)]
+    parts += [
+        "## Train/eval-mode divergence (final epoch)\n",
+        "The same probe images through the network in train mode (batch statistics, nothing updated) and "
+        "eval mode (running statistics).\n"
+        + (
+            f" {' and '.join(stateless).capitalize()} normalisation keep{'s' if len(stateless) == 1 else ''} no "
+            f"running statistics: train and eval mode are the same computation, so its divergence is 0; it is "
+            f"measured all the same, a check of the harness.\n"
+            if stateless
+            else ""
+        ),
+        markdown_table(s, DIVERGENCE_COLUMNS),
+    ]
     parts += mixed_precision_section(t)
     parts += population_section(t)
     gap = t["bn_gap"]
     if not gap.empty:
         last = final_epoch_gaps(gap)
-        parts += ["### Batch vs running statistics per BN layer (final epoch)\n",
-                  "`mean_gap`: |batch mean - running mean| in running standard deviations; `var_log_ratio`: "
-                  "|log(batch var / running var)|; both averaged over features.\n",
-                  markdown_table(last, ["framework", "variant", "layer", "mean_gap", "var_log_ratio"])]
+        parts += [
+            "### Batch vs running statistics per BN layer (final epoch)\n",
+            "`mean_gap`: |batch mean - running mean| in running standard deviations; `var_log_ratio`: "
+            "|log(batch var / running var)|; both averaged over features.\n",
+            markdown_table(last, ["framework", "variant", "layer", "mean_gap", "var_log_ratio"]),
+        ]
     drift = t["drift"]
     if not drift.empty:
         last = drift[drift.epoch == drift.epoch.max()]
         last = last.groupby(by_run(last), sort=False).mean(numeric_only=True).reset_index()
-        parts += [f"## Cross-framework drift from {drift.reference.iloc[0]} (final epoch)\n",
-                  "Same initial weights and batches; relative L2 distance of all trainable parameters and of "
-                  "the BN running statistics, and the probe logits' distance.\n",
-                  markdown_table(last, ["framework", "variant", "param_rel_l2", "running_stats_rel_l2",
-                                        "probe_logit_max_abs", "probe_pred_agreement"])]
+        parts += [
+            f"## Cross-framework drift from {drift.reference.iloc[0]} (final epoch)\n",
+            "Same initial weights and batches; relative L2 distance of all trainable parameters and of "
+            "the BN running statistics, and the probe logits' distance.\n",
+            markdown_table(
+                last,
+                [
+                    "framework",
+                    "variant",
+                    "param_rel_l2",
+                    "running_stats_rel_l2",
+                    "probe_logit_max_abs",
+                    "probe_pred_agreement",
+                ],
+            ),
+        ]
     elif not t["epochs"].empty:  # say why the section is missing
         ran = list(dict.fromkeys(t["epochs"].framework))
-        parts += ["## Cross-framework drift\n",
-                  (f"Not measured: only {ran[0]} ran, and drift is one framework's distance from another's on the "
-                   f"same seed and configuration; run two or more (`--frameworks torch,mxnet`)." if len(ran) == 1
-                   else "Not measured: no epoch of one framework has a snapshot beside the reference's for the "
-                        "same seed and configuration (each framework's epochs ended apart, or kept no snapshot).")
-                  + "\n"]
-    parts += ["## Normalisation conventions in effect\n",
-              "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
-              "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",
-              markdown_table(s, CONVENTION_COLUMNS)]
+        parts += [
+            "## Cross-framework drift\n",
+            (
+                f"Not measured: only {ran[0]} ran, and drift is one framework's distance from another's on the "
+                f"same seed and configuration; run two or more (`--frameworks torch,mxnet`)."
+                if len(ran) == 1
+                else "Not measured: no epoch of one framework has a snapshot beside the reference's for the "
+                "same seed and configuration (each framework's epochs ended apart, or kept no snapshot)."
+            )
+            + "\n",
+        ]
+    parts += [
+        "## Normalisation conventions in effect\n",
+        "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
+        "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",
+        markdown_table(s, CONVENTION_COLUMNS),
+    ]
     if not t["errors"].empty:
-        parts += ["## Errors\n", markdown_table(t["errors"], ["framework", "variant", "seed", "status", "error_type",
-                                                              "message"])]
+        parts += [
+            "## Errors\n",
+            markdown_table(t["errors"], ["framework", "variant", "seed", "status", "error_type", "message"]),
+        ]
     if plots:
         parts.append("## Plots\n")
         parts += [f"![{p}]({p})\n" for p in plots]

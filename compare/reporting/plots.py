@@ -1,4 +1,5 @@
 """The report's PNG plots: training curves, train/eval divergence, drift and throughput."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from .tables import _atomic
-
 
 FRACTIONS = ("_acc", "disagreement", "agreement")  # metrics that are fractions, drawn on [0, 1]
 
@@ -28,6 +28,7 @@ def figures(t: dict) -> dict:
     metric, integer epoch ticks, one y range per row (so columns compare at a glance), fractions on [0, 1];
     dashed lines (and the title's word on them) only where population statistics were measured."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -46,17 +47,30 @@ def figures(t: dict) -> dict:
 
     def per_variant(name, metrics, title, frame=mean, ylabels=None, dashed=None):
         dashed = {m: twin for m, twin in (dashed or {}).items() if twin in frame and frame[twin].notna().any()}
-        fig, axes = plt.subplots(len(metrics), len(variants), figsize=(3.6 * len(variants), 2.8 * len(metrics)),
-                                 squeeze=False, sharex=True, sharey="row")
+        fig, axes = plt.subplots(
+            len(metrics),
+            len(variants),
+            figsize=(3.6 * len(variants), 2.8 * len(metrics)),
+            squeeze=False,
+            sharex=True,
+            sharey="row",
+        )
         for i, metric in enumerate(metrics):
             for j, variant in enumerate(variants):
                 ax = axes[i][j]
                 for fw, g in frame[frame.variant == variant].groupby("framework", sort=False):
-                    line, = ax.plot(g.epoch, g[metric], marker="o", ms=3, label=fw)
+                    (line,) = ax.plot(g.epoch, g[metric], marker="o", ms=3, label=fw)
                     twin = dashed.get(metric)
                     if twin and g[twin].notna().any():
-                        ax.plot(g.epoch, g[twin], ls="--", marker="x", ms=3, color=line.get_color(),
-                                label=f"{fw} (population statistics)")
+                        ax.plot(
+                            g.epoch,
+                            g[twin],
+                            ls="--",
+                            marker="x",
+                            ms=3,
+                            color=line.get_color(),
+                            label=f"{fw} (population statistics)",
+                        )
                 if i == 0:
                     ax.set_title(variant)
                 if j == 0:
@@ -73,17 +87,34 @@ def figures(t: dict) -> dict:
         made[name] = fig
 
     population = {"test_acc": "pop_test_acc", "probe_disagreement": "pop_probe_disagreement"}
-    per_variant("curves.png", ["train_loss", "train_acc", "test_acc"],
-                "Training curves (mean over seeds; test in eval mode)", dashed=population)
-    per_variant("divergence.png", ["probe_logit_mad", "probe_disagreement"],
-                "Train-mode vs eval-mode on the probe set", ylabels=["mean |logit diff|", "prediction disagreement"],
-                dashed=population)
+    per_variant(
+        "curves.png",
+        ["train_loss", "train_acc", "test_acc"],
+        "Training curves (mean over seeds; test in eval mode)",
+        dashed=population,
+    )
+    per_variant(
+        "divergence.png",
+        ["probe_logit_mad", "probe_disagreement"],
+        "Train-mode vs eval-mode on the probe set",
+        ylabels=["mean |logit diff|", "prediction disagreement"],
+        dashed=population,
+    )
     if not t["drift"].empty:
-        drift = panels(t["drift"]).groupby(["framework", "variant", "epoch"], sort=False).mean(
-            numeric_only=True).reset_index()
+        drift = (
+            panels(t["drift"])
+            .groupby(["framework", "variant", "epoch"], sort=False)
+            .mean(numeric_only=True)
+            .reset_index()
+        )
         ref = t["drift"].reference.iloc[0]
-        per_variant("drift.png", ["param_rel_l2", "probe_logit_max_abs"], f"Drift from {ref}", frame=drift,
-                    ylabels=["param rel. L2", "max |logit diff|"])
+        per_variant(
+            "drift.png",
+            ["param_rel_l2", "probe_logit_max_abs"],
+            f"Drift from {ref}",
+            frame=drift,
+            ylabels=["param rel. L2", "max |logit diff|"],
+        )
     summary = panels(t["summary"])
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(variants)), 3.4))
     frameworks = list(dict.fromkeys(summary.framework))

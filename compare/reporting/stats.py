@@ -6,6 +6,7 @@ approximation's 1.96 would be far too narrow (t is 4.30 for n = 3). With one
 seed there is no spread to measure: std and the interval are NaN, and reports
 say the number rests on one seed.
 """
+
 from __future__ import annotations
 
 import math

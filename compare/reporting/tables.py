@@ -4,6 +4,7 @@ The records (records.jsonl) are the source of truth: every table is rebuilt from
 environment.json. Every file is written to a temporary name and renamed, so a failure never leaves half a
 table. Reporting never decides pass/fail; tests assert on the same records.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,11 +85,12 @@ def read_environment(run_dir: Path) -> tuple:
 def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty or "framework" not in frame:
         return frame
-    orders = {"framework": {n: i for i, n in enumerate(FRAMEWORKS)},
-              "variant": {n: i for i, n in enumerate(VARIANTS)}}
-    return frame.sort_values(by=[c for c in ["framework", "variant", "seed", "epoch", "layer"] if c in frame],
-                             key=lambda s: s.map(orders[s.name]) if s.name in orders else s,
-                             kind="stable").reset_index(drop=True)
+    orders = {"framework": {n: i for i, n in enumerate(FRAMEWORKS)}, "variant": {n: i for i, n in enumerate(VARIANTS)}}
+    return frame.sort_values(
+        by=[c for c in ["framework", "variant", "seed", "epoch", "layer"] if c in frame],
+        key=lambda s: s.map(orders[s.name]) if s.name in orders else s,
+        kind="stable",
+    ).reset_index(drop=True)
 
 
 def snapshot_distance(mine: Path, ref: Path) -> dict:
@@ -107,11 +109,16 @@ def snapshot_distance(mine: Path, ref: Path) -> dict:
 
     logits = np.abs(a["probe/logits_eval"].astype(np.float64) - b["probe/logits_eval"].astype(np.float64))
     same_pred = np.mean(a["probe/logits_eval"].argmax(1) == b["probe/logits_eval"].argmax(1))
-    return {"param_rel_l2": rel(trainable), "running_stats_rel_l2": rel(running),
-            "param_max_abs": max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
-                                 for k in trainable),
-            "probe_logit_max_abs": float(logits.max()), "probe_logit_mad": float(logits.mean()),
-            "probe_pred_agreement": float(same_pred)}
+    return {
+        "param_rel_l2": rel(trainable),
+        "running_stats_rel_l2": rel(running),
+        "param_max_abs": max(
+            float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in trainable
+        ),
+        "probe_logit_max_abs": float(logits.max()),
+        "probe_logit_mad": float(logits.mean()),
+        "probe_pred_agreement": float(same_pred),
+    }
 
 
 def _mixed_vs_float32(epochs: pd.DataFrame, records: list, run_dir: Path) -> pd.DataFrame:
@@ -119,8 +126,11 @@ def _mixed_vs_float32(epochs: pd.DataFrame, records: list, run_dir: Path) -> pd.
     everything else (its twin: the same configuration with mixed off): accuracy and train/eval divergence
     of both, and how far the mixed run's parameters, running statistics and probe logits are from the
     float32 run's (common.precision)."""
-    configs = {r["config_id"]: r["config"] for r in records if r.get("kind") in ("plan", "run_start")
-               and isinstance(r.get("config"), dict)}
+    configs = {
+        r["config_id"]: r["config"]
+        for r in records
+        if r.get("kind") in ("plan", "run_start") and isinstance(r.get("config"), dict)
+    }
     twins = {}
     for cid, config in configs.items():
         if config.get("mixed", "off") != "off":
@@ -137,9 +147,15 @@ def _mixed_vs_float32(epochs: pd.DataFrame, records: list, run_dir: Path) -> pd.
         if key not in by_key.index:
             continue
         base = by_key.loc[key]
-        out = {"framework": row.framework, "variant": row.variant, "seed": row.seed, "config_id": row.config_id,
-               "float32_config_id": twins[row.config_id], "epoch": row.epoch,
-               "precision": f"mixed-{configs[row.config_id]['mixed']}"}
+        out = {
+            "framework": row.framework,
+            "variant": row.variant,
+            "seed": row.seed,
+            "config_id": row.config_id,
+            "float32_config_id": twins[row.config_id],
+            "epoch": row.epoch,
+            "precision": f"mixed-{configs[row.config_id]['mixed']}",
+        }
         for metric in ("test_acc", "probe_disagreement", "probe_logit_mad", "train_examples_per_s"):
             out[f"{metric}_mixed"], out[f"{metric}_float32"] = row[metric], base[metric]
         snapshots = (row.snapshot, base["snapshot"])
@@ -164,9 +180,17 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
         mine, ref = run_dir / row.snapshot, run_dir / ref_rows.loc[key, "snapshot"]
         if not (mine.is_file() and ref.is_file()):
             continue
-        rows.append({"framework": row.framework, "reference": reference, "variant": row.variant,
-                     "seed": row.seed, "config_id": row.config_id, "epoch": row.epoch,
-                     **snapshot_distance(mine, ref)})
+        rows.append(
+            {
+                "framework": row.framework,
+                "reference": reference,
+                "variant": row.variant,
+                "seed": row.seed,
+                "config_id": row.config_id,
+                "epoch": row.epoch,
+                **snapshot_distance(mine, ref),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -180,8 +204,7 @@ def latest_attempts(records: list) -> list:
     for i, r in enumerate(records):
         if r.get("kind") == "plan":
             last_plan[(r["framework"], r["config_id"])] = i
-    return [r for i, r in enumerate(records)
-            if i >= last_plan.get((r.get("framework"), r.get("config_id")), -1)]
+    return [r for i, r in enumerate(records) if i >= last_plan.get((r.get("framework"), r.get("config_id")), -1)]
 
 
 def coordinates(records: list) -> dict:
@@ -210,8 +233,15 @@ RUN_METRICS = {
     # for a run with no such twin
     "final_running_stats_drift": ("running-statistics drift from the float32 run", "lower"),
 }
-POPULATION_COLUMNS = ("pop_test_loss", "pop_test_acc", "pop_probe_acc_eval", "pop_probe_logit_mad",
-                      "pop_probe_disagreement", "population_images", "population_seconds")
+POPULATION_COLUMNS = (
+    "pop_test_loss",
+    "pop_test_acc",
+    "pop_probe_acc_eval",
+    "pop_probe_logit_mad",
+    "pop_probe_disagreement",
+    "population_images",
+    "population_seconds",
+)
 
 
 def _population(g: pd.DataFrame) -> dict:
@@ -219,9 +249,12 @@ def _population(g: pd.DataFrame) -> dict:
     if "pop_test_acc" not in g or g.pop_test_acc.isna().all():
         return {}
     last = g.iloc[-1]
-    return {"best_pop_test_acc": g.pop_test_acc.max(), "final_pop_test_acc": last.pop_test_acc,
-            "final_pop_gain": last.pop_test_acc - last.test_acc,
-            "final_pop_probe_disagreement": last.pop_probe_disagreement}
+    return {
+        "best_pop_test_acc": g.pop_test_acc.max(),
+        "final_pop_test_acc": last.pop_test_acc,
+        "final_pop_gain": last.pop_test_acc - last.test_acc,
+        "final_pop_probe_disagreement": last.pop_probe_disagreement,
+    }
 
 
 def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -230,11 +263,21 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (fw, cid), g in epochs.sort_values("epoch").groupby(["framework", "config_id"], sort=False):
         last = g.iloc[-1]
-        rows.append({"framework": fw, "config_id": cid, "best_test_acc": g.test_acc.max(),
-                     "final_test_acc": last.test_acc, "final_train_loss": last.train_loss,
-                     **{f"final_{k}": last[k] for k in ("probe_acc_eval", "probe_acc_train",
-                                                         "probe_disagreement", "probe_logit_mad")},
-                     "train_examples_per_s": g.train_examples_per_s.median(), **_population(g)})
+        rows.append(
+            {
+                "framework": fw,
+                "config_id": cid,
+                "best_test_acc": g.test_acc.max(),
+                "final_test_acc": last.test_acc,
+                "final_train_loss": last.train_loss,
+                **{
+                    f"final_{k}": last[k]
+                    for k in ("probe_acc_eval", "probe_acc_train", "probe_disagreement", "probe_logit_mad")
+                },
+                "train_examples_per_s": g.train_examples_per_s.median(),
+                **_population(g),
+            }
+        )
     return pd.DataFrame(rows).reindex(columns=["framework", "config_id", *RUN_METRICS])
 
 
@@ -242,9 +285,11 @@ def config_labels(config: dict) -> dict:
     """The normalisation (none for the variant without one), the activation and the precision of a run, from
     its configuration (records from before --norm and --precision ran BN, in their dtype)."""
     mixed, model = config.get("mixed", "off"), config.get("model", {})
-    return {"norm": "none" if model.get("variant") == "none" else model.get("norm", "batch"),
-            "activation": model.get("activation", "sigmoid"),
-            "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}"}
+    return {
+        "norm": "none" if model.get("variant") == "none" else model.get("norm", "batch"),
+        "activation": model.get("activation", "sigmoid"),
+        "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}",
+    }
 
 
 def _runs(records: list) -> pd.DataFrame:
@@ -254,9 +299,17 @@ def _runs(records: list) -> pd.DataFrame:
     for r in records:
         if r["kind"] not in ("plan", "run_start", "epoch", "run_end", "error"):
             continue
-        row = rows.setdefault((r["framework"], r["config_id"]), {
-            **{k: r[k] for k in RUN_INDEX}, "status": None, "epochs": None, "epochs_done": 0, "attempts": 1,
-            "detail": None})
+        row = rows.setdefault(
+            (r["framework"], r["config_id"]),
+            {
+                **{k: r[k] for k in RUN_INDEX},
+                "status": None,
+                "epochs": None,
+                "epochs_done": 0,
+                "attempts": 1,
+                "detail": None,
+            },
+        )
         if isinstance(r.get("config"), dict):  # plan and run_start
             row.update(config_labels(r["config"]))
         if r["kind"] == "plan":
@@ -265,8 +318,11 @@ def _runs(records: list) -> pd.DataFrame:
         elif r["kind"] == "run_start":
             row.update({f"backend_{k}": v for k, v in r["backend"].items()})
 
-            row.update(data_verified=r.get("data_verified"), train_examples=r.get("train_examples"),
-                       test_examples=r.get("test_examples"))
+            row.update(
+                data_verified=r.get("data_verified"),
+                train_examples=r.get("train_examples"),
+                test_examples=r.get("test_examples"),
+            )
             if row["epochs"] is None and isinstance(r["config"], dict):
                 row["epochs"] = r["config"].get("epochs")
         elif r["kind"] == "epoch":
@@ -317,8 +373,16 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
     runs = _runs(records)
     if not runs.empty:
         runs = _with_coords(runs.merge(_run_metrics(epochs), on=["framework", "config_id"], how="left"), coords)
-    errors = _with_coords(pd.DataFrame([{k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
-                                        for r in records if r.get("kind") == "error"]), coords)
+    errors = _with_coords(
+        pd.DataFrame(
+            [
+                {k: r.get(k) for k in RUN_INDEX + ["status", "error_type", "message"]}
+                for r in records
+                if r.get("kind") == "error"
+            ]
+        ),
+        coords,
+    )
     gap_rows = []
     if not epochs.empty:
         for _, row in epochs.iterrows():
@@ -355,8 +419,13 @@ def status_summary(statuses) -> str:
 def _with_ci(name: str, per_seed: pd.Series) -> dict:
     """name (the mean over seeds) with name_std, name_ci_low/high (95% t-interval) and name_n."""
     st = seed_stats(per_seed.tolist())
-    return {name: st["mean"], f"{name}_std": st["std"], f"{name}_ci_low": st["ci_low"],
-            f"{name}_ci_high": st["ci_high"], f"{name}_n": st["n"]}
+    return {
+        name: st["mean"],
+        f"{name}_std": st["std"],
+        f"{name}_ci_low": st["ci_low"],
+        f"{name}_ci_high": st["ci_high"],
+        f"{name}_n": st["n"],
+    }
 
 
 def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
@@ -368,41 +437,61 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
     for values, group in _fw_order(runs).groupby(keys, sort=False, dropna=False):
         fw, variant = values[:2]
         done = group.epochs_done
-        row = {**dict(zip(keys, values)), "status": status_summary(group.status),
-               "seeds": group.seed.nunique(), "epochs": group.epochs.max(),
-               # the epoch the final_* columns come from (a range when the seeds stopped apart)
-               "final_epoch": str(done.max()) if done.min() == done.max() else f"{done.min()}-{done.max()}"}
-        mine = (epochs[(epochs.framework == fw) & epochs.config_id.isin(group.config_id)] if not epochs.empty
-                else epochs)
+        row = {
+            **dict(zip(keys, values)),
+            "status": status_summary(group.status),
+            "seeds": group.seed.nunique(),
+            "epochs": group.epochs.max(),
+            # the epoch the final_* columns come from (a range when the seeds stopped apart)
+            "final_epoch": str(done.max()) if done.min() == done.max() else f"{done.min()}-{done.max()}",
+        }
+        mine = epochs[(epochs.framework == fw) & epochs.config_id.isin(group.config_id)] if not epochs.empty else epochs
         if not mine.empty:
             seen = group.dropna(subset=["best_test_acc"])
             curve = mine.groupby("epoch").test_acc.mean()
-            row.update({
-                **_with_ci("final_test_acc", seen.final_test_acc),
-                **_with_ci("best_test_acc", seen.best_test_acc),
-                "best_epoch": int(curve.idxmax()),
-                "final_train_loss": seen.final_train_loss.mean(),
-                "train_examples_per_s": mine.train_examples_per_s.median(),
-                "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
-                # epoch 1's first step, timed apart: a compiled mode's compilation (records before it: NaN)
-                "first_step_seconds": (mine[mine.epoch == 1].first_step_seconds.median()
-                                       if "first_step_seconds" in mine else np.nan),
-                "eval_examples_per_s": mine.eval_examples_per_s.median(),
-                **{k: seen[k].mean() for k in ("final_probe_acc_eval", "final_probe_acc_train",
-                                               "final_probe_disagreement", "final_probe_logit_mad",
-                                               "final_pop_probe_disagreement")},
-                **_with_ci("final_pop_test_acc", seen.final_pop_test_acc),
-                **_with_ci("final_pop_gain", seen.final_pop_gain),
-                "best_pop_test_acc": seen.best_pop_test_acc.mean(),
-                **{k: mine[k].median() if k in mine else np.nan for k in ("population_images", "population_seconds")},
-            })
+            row.update(
+                {
+                    **_with_ci("final_test_acc", seen.final_test_acc),
+                    **_with_ci("best_test_acc", seen.best_test_acc),
+                    "best_epoch": int(curve.idxmax()),
+                    "final_train_loss": seen.final_train_loss.mean(),
+                    "train_examples_per_s": mine.train_examples_per_s.median(),
+                    "warmup_examples_per_s": mine.warmup_examples_per_s.median(),
+                    # epoch 1's first step, timed apart: a compiled mode's compilation (records before it: NaN)
+                    "first_step_seconds": (
+                        mine[mine.epoch == 1].first_step_seconds.median() if "first_step_seconds" in mine else np.nan
+                    ),
+                    "eval_examples_per_s": mine.eval_examples_per_s.median(),
+                    **{
+                        k: seen[k].mean()
+                        for k in (
+                            "final_probe_acc_eval",
+                            "final_probe_acc_train",
+                            "final_probe_disagreement",
+                            "final_probe_logit_mad",
+                            "final_pop_probe_disagreement",
+                        )
+                    },
+                    **_with_ci("final_pop_test_acc", seen.final_pop_test_acc),
+                    **_with_ci("final_pop_gain", seen.final_pop_gain),
+                    "best_pop_test_acc": seen.best_pop_test_acc.mean(),
+                    **{
+                        k: mine[k].median() if k in mine else np.nan
+                        for k in ("population_images", "population_seconds")
+                    },
+                }
+            )
         info = group.dropna(subset=["backend_version"]) if "backend_version" in group else group.iloc[:0]
         if not info.empty:
-            row.update(device=info.backend_device_name.iloc[0], version=info.backend_version.iloc[0],
-                       execution=info.backend_execution.iloc[0], bn_decay=info.backend_bn_decay.iloc[0],
-                       bn_epsilon=info.backend_bn_epsilon.iloc[0],
-                       norm=info.norm.iloc[0] if "norm" in info else "batch",
-                       activation=info.activation.iloc[0] if "activation" in info else "sigmoid")
+            row.update(
+                device=info.backend_device_name.iloc[0],
+                version=info.backend_version.iloc[0],
+                execution=info.backend_execution.iloc[0],
+                bn_decay=info.backend_bn_decay.iloc[0],
+                bn_epsilon=info.backend_bn_epsilon.iloc[0],
+                norm=info.norm.iloc[0] if "norm" in info else "batch",
+                activation=info.activation.iloc[0] if "activation" in info else "sigmoid",
+            )
         if "precision" not in row and "precision" in group and group.precision.notna().any():
             row["precision"] = group.precision.dropna().iloc[0]
         if not drift.empty and fw in set(drift.framework):
@@ -418,9 +507,20 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
 # The columns of each table that may come out empty (no drift with one framework, no error), so that its CSV
 # still has a header and pandas reads it: what the table holds when it has rows.
 EMPTY_COLUMNS = {
-    "drift": ["framework", "reference", "variant", "seed", "config_id", "epoch", "param_rel_l2",
-              "running_stats_rel_l2", "param_max_abs", "probe_logit_max_abs", "probe_logit_mad",
-              "probe_pred_agreement"],
+    "drift": [
+        "framework",
+        "reference",
+        "variant",
+        "seed",
+        "config_id",
+        "epoch",
+        "param_rel_l2",
+        "running_stats_rel_l2",
+        "param_max_abs",
+        "probe_logit_max_abs",
+        "probe_logit_mad",
+        "probe_pred_agreement",
+    ],
     "errors": RUN_INDEX + ["status", "error_type", "message"],
     "bn_gap": RUN_INDEX + ["epoch", "layer", "mean_gap", "var_log_ratio"],
     "epochs": RUN_INDEX + ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"],
@@ -435,6 +535,7 @@ def write_tables(t: dict, out_dir: Path) -> list:
     written = []
     try:
         import pyarrow  # noqa: F401
+
         parquet = True
     except ImportError:
         parquet = False
@@ -450,15 +551,18 @@ def write_tables(t: dict, out_dir: Path) -> list:
 
 
 def load(run_dir: Path, reference: str | None = None) -> tuple:
-    """(tables, environment, problems, number of usable records) of a run or study folder; problems are said in its report."""
+    """(tables, environment, problems, number of usable records) of a run or study folder; problems are said
+    in its report."""
     run_dir = Path(run_dir)
     env, env_problem = read_environment(run_dir)
     recs, skipped = read_records(run_dir)
     problems = [env_problem] if env_problem and (run_dir / "environment.json").exists() else []
     if skipped:
-        problems.append(f"{len(skipped)} line(s) of records.jsonl could not be used and were skipped: " +
-                        "; ".join(f"line {n}: {why}" for n, why in skipped[:20]) +
-                        (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
+        problems.append(
+            f"{len(skipped)} line(s) of records.jsonl could not be used and were skipped: "
+            + "; ".join(f"line {n}: {why}" for n, why in skipped[:20])
+            + (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+        )
     if env_problem:
         print(f"warning: {env_problem}", file=sys.stderr)
     return tables(recs, run_dir, reference or env.get("reference")), env, problems, len(recs)

@@ -30,6 +30,7 @@ ATTEMPTS times; when one still fails the tracker is taken as down for this
 session: nothing more is sent, the runs go on, and the closing warning names
 what was not logged and how to fill it in from the folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,22 +53,44 @@ KEY_TAG = "bn_compare.key"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 NO_END = "no end record: the runner was stopped before the run ended"
 PARENT_KEY = "parent"
-STATUS = {"complete": "FINISHED", "diverged": "FINISHED", "interrupted": "KILLED", "crashed": "FAILED",
-          "failed": "FAILED"}
+STATUS = {
+    "complete": "FINISHED",
+    "diverged": "FINISHED",
+    "interrupted": "KILLED",
+    "crashed": "FAILED",
+    "failed": "FAILED",
+}
 DRIFT_METRICS = ("param_rel_l2", "running_stats_rel_l2", "probe_logit_max_abs", "probe_pred_agreement")
 REPORT_FILES = ("report.md", "study.md", "environment.json", "study.toml")
 # The epoch metrics a reader looks for first, logged under names that sort before every other metric in
 # MLflow's runs table (which orders metric columns by name: the per-layer gaps would come first): "1 test_acc".
 HEADLINE = ("test_acc", "train_loss", "probe_disagreement", "pop_test_acc", "train_examples_per_s")
-SKIP_EPOCH_FIELDS = ("kind", "schema", "framework", "variant", "seed", "config_id", "epoch", "snapshot",
-                     "step_losses", "bn_gap", "recalibrated")
+SKIP_EPOCH_FIELDS = (
+    "kind",
+    "schema",
+    "framework",
+    "variant",
+    "seed",
+    "config_id",
+    "epoch",
+    "snapshot",
+    "step_losses",
+    "bn_gap",
+    "recalibrated",
+)
 
 
 def add_argument(group, what: str = "mirror the runs into MLflow as they happen") -> None:
     """--mlflow [URI] of compare.run, compare.study and compare.report."""
-    group.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                       help=f"also {what}: a tracking server (http://HOST:PORT), or, without a URI, "
-                            f"$MLFLOW_TRACKING_URI or else an SQLite store in the report folder (docs/tracking.md)")
+    group.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help=f"also {what}: a tracking server (http://HOST:PORT), or, without a URI, "
+        f"$MLFLOW_TRACKING_URI or else an SQLite store in the report folder (docs/tracking.md)",
+    )
 
 
 def embedded_uri(folder: Path) -> str:
@@ -78,14 +101,17 @@ def resolve_uri(value: str | None, folder: Path) -> str:
     """--mlflow's URI: the one given, else $MLFLOW_TRACKING_URI, else the embedded store in the folder."""
     uri = value or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(folder)
     if not uri.startswith(("http://", "https://", "sqlite:///", "file:", "databricks")):
-        raise ConfigError(f"--mlflow {uri!r}: give a tracking server (http://HOST:PORT), a store "
-                          f"(sqlite:///PATH.db), or nothing for the SQLite store in the report folder")
+        raise ConfigError(
+            f"--mlflow {uri!r}: give a tracking server (http://HOST:PORT), a store "
+            f"(sqlite:///PATH.db), or nothing for the SQLite store in the report folder"
+        )
     return uri
 
 
 def require_mlflow() -> None:
     """MLflow in the orchestrator's environment, installed on first use (requirements/tracking.txt)."""
     from ..execution.extras import ensure
+
     ensure("mlflow")
 
 
@@ -104,8 +130,11 @@ def epoch_metrics(record: dict) -> dict:
     """Every finite number of an epoch record (the HEADLINE ones as "1 test_acc", ...), and per BN layer its
     gaps (bn1.mean_gap, ...)."""
     rank = {name: f"{i} {name}" for i, name in enumerate(HEADLINE, 1)}
-    out = {rank.get(k, k): float(v) for k, v in record.items() if k not in SKIP_EPOCH_FIELDS
-           and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    out = {
+        rank.get(k, k): float(v)
+        for k, v in record.items()
+        if k not in SKIP_EPOCH_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     for gap in record.get("bn_gap") or []:
         for k, v in gap.items():
             if k != "layer" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -121,6 +150,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT_SECONDS)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the attempts are ours, bounded
         from mlflow.tracking import MlflowClient
+
         self.uri, self.experiment_name, self.folder, self.kind = uri, experiment, Path(folder), kind
         self.client = MlflowClient(tracking_uri=uri)
         self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
@@ -147,11 +177,15 @@ class Tracker:
         if self._thread.is_alive():
             self.lost.append(f"whatever was still queued after {DRAIN_SECONDS} s")
         if self.lost:
-            self.warn(f"MLflow at {self.uri} did not take {len(self.lost)} item(s)"
-                      + (f" ({self.down})" if self.down else "") + ": " + "; ".join(self.lost[:5])
-                      + (f"; and {len(self.lost) - 5} more" if len(self.lost) > 5 else "")
-                      + f". records.jsonl has everything: fill the tracker with `python -m compare.report "
-                      f"{self.folder} --mlflow {self.uri}`")
+            self.warn(
+                f"MLflow at {self.uri} did not take {len(self.lost)} item(s)"
+                + (f" ({self.down})" if self.down else "")
+                + ": "
+                + "; ".join(self.lost[:5])
+                + (f"; and {len(self.lost) - 5} more" if len(self.lost) > 5 else "")
+                + f". records.jsonl has everything: fill the tracker with `python -m compare.report "
+                f"{self.folder} --mlflow {self.uri}`"
+            )
 
     # the tracker's thread ----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -159,9 +193,12 @@ class Tracker:
             item = self._queue.get()
             if item is None:
                 return
-            what = (f"{item.get('kind')} record of {item.get('framework')} {item.get('variant')} seed "
-                    f"{item.get('seed')}" + (f" epoch {item['epoch']}" if item.get("kind") == "epoch" else "")
-                    if isinstance(item, dict) else "the report's files and drift")
+            what = (
+                f"{item.get('kind')} record of {item.get('framework')} {item.get('variant')} seed "
+                f"{item.get('seed')}" + (f" epoch {item['epoch']}" if item.get("kind") == "epoch" else "")
+                if isinstance(item, dict)
+                else "the report's files and drift"
+            )
             if self.down:
                 self.lost.append(what)
                 continue
@@ -170,8 +207,10 @@ class Tracker:
             except Exception as exc:  # the tracker's failure is never the run's
                 self.down = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 self.lost.append(what)
-                self.warn(f"MLflow at {self.uri} failed {ATTEMPTS} times ({self.down}); the runs go on, "
-                          f"nothing more is sent to it")
+                self.warn(
+                    f"MLflow at {self.uri} failed {ATTEMPTS} times ({self.down}); the runs go on, "
+                    f"nothing more is sent to it"
+                )
 
     def _call(self, fn, *args, **kwargs):
         for attempt in range(ATTEMPTS):
@@ -197,13 +236,16 @@ class Tracker:
         run_id = self.runs.get(key) or self._start(key, self.plans.get(key) or item)
         if kind == "run_start":
             backend = item.get("backend") or {}
-            self._params(run_id, {"framework": item["framework"], **{f"backend.{k}": str(v) for k, v in backend.items()}})
+            self._params(
+                run_id, {"framework": item["framework"], **{f"backend.{k}": str(v) for k, v in backend.items()}}
+            )
         elif kind == "epoch":
             from mlflow.entities import Metric
+
             stamp = int(time.time() * 1000)
             metrics = [Metric(k, v, stamp, item["epoch"]) for k, v in epoch_metrics(item).items()]
             for i in range(0, len(metrics), 500):  # MLflow's batch limit is 1000
-                self._call(self.client.log_batch, run_id, metrics=metrics[i:i + 500])
+                self._call(self.client.log_batch, run_id, metrics=metrics[i : i + 500])
         else:
             status = item["status"]
             tags = {"status": status, "epochs_done": str(item.get("epochs_done", ""))}
@@ -225,18 +267,23 @@ class Tracker:
             if found is not None:
                 self.experiment_id = found.experiment_id
             else:
-                location = ((self.folder / "mlartifacts").resolve().as_uri()
-                            if self.uri.startswith("sqlite:") else None)
-                self.experiment_id = self._call(self.client.create_experiment, self.experiment_name,
-                                                artifact_location=location,
-                                                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING,
-                                                      "bn_compare.folder": str(self.folder.resolve()),
-                                                      "bn_compare.kind": self.kind})
+                location = (self.folder / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite:") else None
+                self.experiment_id = self._call(
+                    self.client.create_experiment,
+                    self.experiment_name,
+                    artifact_location=location,
+                    tags={
+                        EXPERIMENT_KIND_TAG: MODEL_TRAINING,
+                        "bn_compare.folder": str(self.folder.resolve()),
+                        "bn_compare.kind": self.kind,
+                    },
+                )
         return self.experiment_id
 
     def _find(self, key: str):
-        runs = self._call(self.client.search_runs, [self._experiment()], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                          max_results=10)
+        runs = self._call(
+            self.client.search_runs, [self._experiment()], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=10
+        )
         return list(runs)
 
     def _parent(self) -> str:
@@ -246,8 +293,12 @@ class Tracker:
                 self.parent_id = found[0].info.run_id
                 self._call(self.client.update_run, self.parent_id, status="RUNNING")
             else:
-                run = self._call(self.client.create_run, self._experiment(), run_name=self.experiment_name,
-                                 tags={KEY_TAG: PARENT_KEY, "bn_compare.kind": self.kind})
+                run = self._call(
+                    self.client.create_run,
+                    self._experiment(),
+                    run_name=self.experiment_name,
+                    tags={KEY_TAG: PARENT_KEY, "bn_compare.kind": self.kind},
+                )
                 self.parent_id = run.info.run_id
         return self.parent_id
 
@@ -259,10 +310,18 @@ class Tracker:
             self._call(self.client.delete_run, old.info.run_id)
         coords = plan.get("coords") or {}
         name = f"{plan['framework']} {plan['variant']} seed {plan['seed']}" + "".join(
-            f" {k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in coords.items())
-        tags = {KEY_TAG: key, "mlflow.parentRunId": parent, "framework": plan["framework"],
-                "variant": plan["variant"], "seed": str(plan["seed"]), "config_id": plan["config_id"],
-                "status": "running", **{f"coord.{k}": str(v) for k, v in coords.items()}}
+            f" {k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in coords.items()
+        )
+        tags = {
+            KEY_TAG: key,
+            "mlflow.parentRunId": parent,
+            "framework": plan["framework"],
+            "variant": plan["variant"],
+            "seed": str(plan["seed"]),
+            "config_id": plan["config_id"],
+            "status": "running",
+            **{f"coord.{k}": str(v) for k, v in coords.items()},
+        }
         run = self._call(self.client.create_run, self._experiment(), run_name=name, tags=tags)
         self.runs[key] = run.info.run_id
         config = plan.get("config")
@@ -272,31 +331,38 @@ class Tracker:
 
     def _params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
+
         have = self._call(self.client.get_run, run_id).data.params
         new = [Param(k, v[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):  # MLflow's batch limit is 100 parameters
-            self._call(self.client.log_batch, run_id, params=new[i:i + 100])
+            self._call(self.client.log_batch, run_id, params=new[i : i + 100])
 
     def _tags(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag
+
         self._call(self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _finish(self, interrupted: bool) -> None:
         from mlflow.entities import Metric
+
         for key, run_id in self.runs.items():  # no end record: the runner was killed (the reports say so too)
             if key not in self.ended:
                 self._end(key, run_id, "interrupted", {"status": "interrupted", "message": NO_END})
         drift_csv = self.folder / "drift.csv"
         if drift_csv.is_file() and drift_csv.stat().st_size > 1:
             import pandas as pd
+
             drift = pd.read_csv(drift_csv)
             stamp = int(time.time() * 1000)
-            for (fw, cid), group in (drift.groupby(["framework", "config_id"]) if not drift.empty else []):
+            for (fw, cid), group in drift.groupby(["framework", "config_id"]) if not drift.empty else []:
                 key = f"{fw}/{cid}"
                 run_id = self.runs.get(key) or next((r.info.run_id for r in self._find(key)), None)
-                metrics = [Metric(f"drift.{m}", float(row[m]), stamp, int(row["epoch"]))
-                           for _, row in group.iterrows() for m in DRIFT_METRICS
-                           if m in row and isinstance(row[m], (int, float)) and math.isfinite(row[m])]
+                metrics = [
+                    Metric(f"drift.{m}", float(row[m]), stamp, int(row["epoch"]))
+                    for _, row in group.iterrows()
+                    for m in DRIFT_METRICS
+                    if m in row and isinstance(row[m], (int, float)) and math.isfinite(row[m])
+                ]
                 if run_id and metrics:
                     self._call(self.client.log_batch, run_id, metrics=metrics)
         parent = self._parent()
@@ -327,6 +393,7 @@ def rebuild(folder: Path, uri: str | None, interrupted: bool) -> Tracker:
     """Mirror a folder's records.jsonl (each run's latest attempt) and its report into MLflow, replacing
     what the tracker held of them."""
     from .tables import latest_attempts, read_records
+
     name, kind = experiment_name(folder)
     tracker = Tracker(resolve_uri(uri, folder), name, folder, kind)
     records, _ = read_records(folder)

@@ -35,6 +35,7 @@
 Every problem is a StudyError naming the file, the line where it can be found,
 and the field.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,7 +45,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from common.config import ModelSpec, RunConfig, VARIANTS
+from common.config import VARIANTS, ModelSpec, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
@@ -61,8 +62,20 @@ FIELDS = RUN_FIELDS + MODEL_FIELDS
 METRICS = RUN_METRICS
 ANSWERS = ("largest-stable", "compare", "trend")
 SCALE_RULES = {"linear": lambda r: r, "sqrt": math.sqrt}
-TOP_KEYS = ("question", "about", "frameworks", "variants", "seeds", "base", "grid", "scale", "quick",
-            "failure", "answer", "plot")
+TOP_KEYS = (
+    "question",
+    "about",
+    "frameworks",
+    "variants",
+    "seeds",
+    "base",
+    "grid",
+    "scale",
+    "quick",
+    "failure",
+    "answer",
+    "plot",
+)
 QUICK_DEFAULT = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}  # compare.run's --quick
 
 
@@ -134,7 +147,9 @@ class Study:
 
 
 def _scaled(rule: dict, base: dict, values: dict):
-    default = getattr(RunConfig(), rule["field"]) if rule["field"] in RUN_FIELDS else getattr(ModelSpec(), rule["field"])
+    default = (
+        getattr(RunConfig(), rule["field"]) if rule["field"] in RUN_FIELDS else getattr(ModelSpec(), rule["field"])
+    )
     start = base.get(rule["field"], default)
     value = start * SCALE_RULES[rule["rule"]](values[rule["with"]] / rule["reference"])
     return int(round(value)) if isinstance(default, int) else value  # an integer field stays one
@@ -157,8 +172,11 @@ class _Reader:
     def line(self, section: str | None, key: str | None = None) -> int | None:
         """The line of `key` in [section] (the top level when section is None), else of the section's
         header, else the first line that sets `key` anywhere; None if none."""
-        headers = [(i, m.group(1).strip()) for i, l in enumerate(self.lines, 1)
-                   if (m := re.match(r"^\s*\[([^\[\]]+)\]", l))]
+        headers = [
+            (i, m.group(1).strip())
+            for i, text in enumerate(self.lines, 1)
+            if (m := re.match(r"^\s*\[([^\[\]]+)\]", text))
+        ]
         bounds = [(0, None)] + headers
         key_re = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=") if key else None
         for n, (start, name) in enumerate(bounds):
@@ -222,12 +240,16 @@ def load(path, name: str | None = None) -> Study:
     _known(r, None, data, TOP_KEYS)
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise r.error(None, "question", "every study states its question in words (question = \"...\")")
+        raise r.error(None, "question", 'every study states its question in words (question = "...")')
     frameworks = _string_list(r, data, "frameworks", FRAMEWORKS, list(FRAMEWORKS))
     variants = _string_list(r, data, "variants", VARIANTS, ["scratch"])
     seeds = data.get("seeds", [0, 1, 2])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
+    ):
         raise r.error(None, "seeds", "must be a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
 
     tables = {}
@@ -259,12 +281,18 @@ def load(path, name: str | None = None) -> Study:
         if not isinstance(rule, dict) or set(rule) != {"with", "reference", "rule"}:
             raise r.error("scale", key, 'must be { with = "GRID FIELD", reference = NUMBER, rule = "linear" }')
         if rule["with"] not in grid or key in grid:
-            raise r.error("scale", key, f"'with' must name a [grid] field (not {key} itself); the grid has "
-                                        f"{', '.join(grid) or 'none'}")
+            raise r.error(
+                "scale",
+                key,
+                f"'with' must name a [grid] field (not {key} itself); the grid has {', '.join(grid) or 'none'}",
+            )
         if rule["rule"] not in SCALE_RULES:
             raise r.error("scale", key, f"rule {rule['rule']!r}: choose from {', '.join(SCALE_RULES)}")
-        if not isinstance(rule["reference"], (int, float)) or isinstance(rule["reference"], bool) \
-                or rule["reference"] <= 0:
+        if (
+            not isinstance(rule["reference"], (int, float))
+            or isinstance(rule["reference"], bool)
+            or rule["reference"] <= 0
+        ):
             raise r.error("scale", key, "reference must be a positive number")
         scale[key] = {"field": key, **rule}
 
@@ -293,14 +321,22 @@ def load(path, name: str | None = None) -> Study:
     answer = dict(tables["answer"])
     _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best", "also"))
     also = answer.get("also", [])
-    if "also" in answer and (answer.get("kind") != "compare" or not isinstance(also, list)
-                             or any(m not in METRICS for m in also)):
-        raise r.error("answer", "also", f"is a list of further metrics to compare, for kind = \"compare\" only; "
-                                        f"choose from {', '.join(METRICS)}")
+    if "also" in answer and (
+        answer.get("kind") != "compare" or not isinstance(also, list) or any(m not in METRICS for m in also)
+    ):
+        raise r.error(
+            "answer",
+            "also",
+            f'is a list of further metrics to compare, for kind = "compare" only; choose from {", ".join(METRICS)}',
+        )
     answer["also"] = tuple(also)
     if "best" in answer and (answer.get("kind") != "compare" or not isinstance(answer["best"], bool)):
-        raise r.error("answer", "best", "is true or false, and for kind = \"compare\" only (each arm against the "
-                                        "best arm of its stratum, beside the comparisons)")
+        raise r.error(
+            "answer",
+            "best",
+            'is true or false, and for kind = "compare" only (each arm against the '
+            "best arm of its stratum, beside the comparisons)",
+        )
     if answer.get("kind") not in ANSWERS:
         raise r.error("answer", "kind", f"choose from {', '.join(ANSWERS)}")
     answer.setdefault("metric", "best_test_acc")
@@ -325,8 +361,11 @@ def load(path, name: str | None = None) -> Study:
                 baseline = {axis[0]: baseline}
             if not isinstance(baseline, dict) or set(baseline) != set(axis):
                 raise r.error("answer", "baseline", f"must give a value for each of {', '.join(axis)}")
-            options = {"framework": frameworks, "variant": variants,
-                       **{k: tuple(coord_value(v) for v in grid.get(k, ())) for k in grid}}
+            options = {
+                "framework": frameworks,
+                "variant": variants,
+                **{k: tuple(coord_value(v) for v in grid.get(k, ())) for k in grid},
+            }
             for key, value in baseline.items():
                 if key in options and coord_value(value) not in options[key]:
                     raise r.error("answer", "baseline", f"{key} = {value!r} is not among {list(options[key])}")
@@ -339,12 +378,25 @@ def load(path, name: str | None = None) -> Study:
     plot.setdefault("metrics", [answer["metric"]])
     if not isinstance(plot["log_x"], bool):
         raise r.error("plot", "log_x", "must be true or false")
-    if not isinstance(plot["metrics"], list) or not plot["metrics"] or \
-            any(m not in METRICS for m in plot["metrics"]):
+    if not isinstance(plot["metrics"], list) or not plot["metrics"] or any(m not in METRICS for m in plot["metrics"]):
         raise r.error("plot", "metrics", f"must be a non-empty list from: {', '.join(METRICS)}")
     if plot["x"] is not None and plot["x"] not in ("framework", "variant") + axes:
-        raise r.error("plot", "x", f"must name a grid field, 'framework' or 'variant'")
-    return Study(name=name or path.stem, path=path, text=text, question=question.strip(),
-                 about=str(data.get("about", "")).strip(), frameworks=frameworks, variants=variants,
-                 seeds=tuple(seeds), base=base, grid=grid, scale=scale, quick=quick, quick_grid=quick_grid,
-                 failure=failure, answer=answer, plot=plot)
+        raise r.error("plot", "x", "must name a grid field, 'framework' or 'variant'")
+    return Study(
+        name=name or path.stem,
+        path=path,
+        text=text,
+        question=question.strip(),
+        about=str(data.get("about", "")).strip(),
+        frameworks=frameworks,
+        variants=variants,
+        seeds=tuple(seeds),
+        base=base,
+        grid=grid,
+        scale=scale,
+        quick=quick,
+        quick_grid=quick_grid,
+        failure=failure,
+        answer=answer,
+        plot=plot,
+    )

@@ -15,6 +15,7 @@ the same functions un-jitted, op by op (slow; for parity). float64 runs switch o
 images in the run's dtype, labels and batch indices int32), so a float32 run's arrays stay
 float32 with the flag on.
 """
+
 import os
 import platform
 
@@ -29,8 +30,7 @@ from common.init import bn_layers, check_params, init_params, is_trainable
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
-from .lenet import (FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_norm, mode_kwargs,
-                    variable_paths)
+from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_norm, mode_kwargs, variable_paths
 
 # The jitted step by default: eager JAX dispatches every op from Python (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -56,7 +56,8 @@ def resolve_device(requested):
     if requested == "gpu" and not gpus:
         raise BackendUnavailable(
             f"--device gpu asked for, but this JAX ({jax.__version__}) sees no GPU; use --device cpu or auto, "
-            "or install a CUDA build of JAX (pip install 'jax[cuda13]') on a machine with an NVIDIA driver")
+            "or install a CUDA build of JAX (pip install 'jax[cuda13]') on a machine with an NVIDIA driver"
+        )
     return gpus[0] if requested in ("gpu", "auto") and gpus else jax.devices("cpu")[0]
 
 
@@ -83,8 +84,9 @@ class JaxBackend(Backend):
         if config.model.has_bn:
             make_norm(config.model, 2, config.dtype)  # a normalisation without a fitting Flax module fails here
         # mixed precision: Flax's own way, modules computing in bfloat16 with float32 parameters
-        self.model = BNLeNet(config.model, dtype="bfloat16" if config.mixed == "bfloat16" else config.dtype,
-                             param_dtype=config.dtype)
+        self.model = BNLeNet(
+            config.model, dtype="bfloat16" if config.mixed == "bfloat16" else config.dtype, param_dtype=config.dtype
+        )
         self.paths = variable_paths(config.model)
         # XLA is JAX's only compiler: --execution xla is the jitted step too
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
@@ -95,11 +97,16 @@ class JaxBackend(Backend):
         if self.compiled:
             # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
             self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
-            self._forward, self._probe, self._logits = (jax.jit(f) for f in (self._forward_impl, self._probe_impl,
-                                                                              self._logits_impl))
+            self._forward, self._probe, self._logits = (
+                jax.jit(f) for f in (self._forward_impl, self._probe_impl, self._logits_impl)
+            )
         else:
-            self._step, self._forward, self._probe, self._logits = (step, self._forward_impl, self._probe_impl,
-                                                                    self._logits_impl)
+            self._step, self._forward, self._probe, self._logits = (
+                step,
+                self._forward_impl,
+                self._probe_impl,
+                self._logits_impl,
+            )
 
     def make_step(self):
         """The whole training step as one pure function of (variables, images, labels, order, step, count)."""
@@ -114,15 +121,20 @@ class JaxBackend(Backend):
             stats = variables.get("batch_stats", {})
 
             def loss_fn(params):
-                logits, updates = model.apply({"params": params, "batch_stats": stats}, x, training=True,
-                                              mutable=["batch_stats"], rngs=rngs)
+                logits, updates = model.apply(
+                    {"params": params, "batch_stats": stats}, x, training=True, mutable=["batch_stats"], rngs=rngs
+                )
                 losses, correct = loss_and_correct(logits, y)
                 return jnp.mean(losses), (updates.get("batch_stats", {}), jnp.sum(losses), correct)
 
             grads, (new_stats, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(variables["params"])
-            params = {module: {leaf: value - lr * grads[module][leaf] if mask[module][leaf] else value
-                               for leaf, value in leaves.items()}
-                      for module, leaves in variables["params"].items()}
+            params = {
+                module: {
+                    leaf: value - lr * grads[module][leaf] if mask[module][leaf] else value
+                    for leaf, value in leaves.items()
+                }
+                for module, leaves in variables["params"].items()
+            }
             new = {"params": params, "batch_stats": new_stats} if stats else {"params": params}
             return new, jnp.stack([loss_sum, correct])
 
@@ -142,11 +154,16 @@ class JaxBackend(Backend):
             device_name = f"CPU ({platform.processor() or platform.machine()})"
         else:
             device_name = self.device.device_kind
-        return {"framework": "jax", "version": f"{jax.__version__} (flax {flax.__version__})",
-                "device": "cpu" if self.device.platform == "cpu" else "gpu", "device_name": device_name,
-                "execution": "jax.jit" if self.compiled else "eager",
-                "bn_decay": None if decay is None else float(decay),
-                "bn_epsilon": None if epsilon is None else float(epsilon), "dtype": self.dtype}
+        return {
+            "framework": "jax",
+            "version": f"{jax.__version__} (flax {flax.__version__})",
+            "device": "cpu" if self.device.platform == "cpu" else "gpu",
+            "device_name": device_name,
+            "execution": "jax.jit" if self.compiled else "eager",
+            "bn_decay": None if decay is None else float(decay),
+            "bn_epsilon": None if epsilon is None else float(epsilon),
+            "dtype": self.dtype,
+        }
 
     # parameters ---------------------------------------------------------------
     def set_params(self, params):
@@ -177,8 +194,10 @@ class JaxBackend(Backend):
 
     # data ---------------------------------------------------------------------
     def put(self, images, labels):
-        return (jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device),
-                jax.device_put(np.asarray(labels, dtype=np.int32), self.device))
+        return (
+            jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device),
+            jax.device_put(np.asarray(labels, dtype=np.int32), self.device),
+        )
 
     def put_order(self, order):
         return jax.device_put(np.asarray(order, dtype=np.int32), self.device)
@@ -201,8 +220,10 @@ class JaxBackend(Backend):
 
     def evaluate(self, data, batch_size):
         images, labels = data
-        totals = [self._forward(self.variables, images[s:s + batch_size], labels[s:s + batch_size])
-                  for s in range(0, int(labels.shape[0]), batch_size)]
+        totals = [
+            self._forward(self.variables, images[s : s + batch_size], labels[s : s + batch_size])
+            for s in range(0, int(labels.shape[0]), batch_size)
+        ]
         return self.reduce_stats(totals)
 
     def predict(self, images):
@@ -212,17 +233,23 @@ class JaxBackend(Backend):
     def _probe_impl(self, variables, x):
         logits_eval = self.model.apply(variables, x, training=False)
         # the new running statistics this returns are dropped: the probe changes no state
-        logits_train, state = self.model.apply(variables, x, training=False, bn_training=True,
-                                               mutable=["batch_stats", "intermediates"])
+        logits_train, state = self.model.apply(
+            variables, x, training=False, bn_training=True, mutable=["batch_stats", "intermediates"]
+        )
         return logits_eval, logits_train, state.get("intermediates", {})
 
     def probe(self, images):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
         logits_eval, logits_train, inputs = self._probe(self.variables, x)
-        stats = {name: bn_probe_stats(np.asarray(inputs[f"{name}_input"][0].astype(jnp.float64 if self.dtype == "float64"
-                                                                               else jnp.float32)), -1,  # channels last
-                                      self._array(f"{name}.running_mean"), self._array(f"{name}.running_var"))
-                 for name in (bn_layers(self.spec) if self.spec.has_running_stats else ())}  # others: no statistics
+        stats = {
+            name: bn_probe_stats(
+                np.asarray(inputs[f"{name}_input"][0].astype(jnp.float64 if self.dtype == "float64" else jnp.float32)),
+                -1,  # channels last
+                self._array(f"{name}.running_mean"),
+                self._array(f"{name}.running_var"),
+            )
+            for name in (bn_layers(self.spec) if self.spec.has_running_stats else ())
+        }  # others: no statistics
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
 
     def synchronize(self):
@@ -240,9 +267,16 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
     out = run_norm(ModelSpec(variant=kind, decay=decay, epsilon=epsilon), x, state, dy, training=training, dtype=dtype)
     stats = out["state"]
     # functional: the forward returns the new running statistics; the backward cannot change them
-    return BNResult(y=out["y"], dx=out["dx"], dgamma=out["dgamma"], dbeta=out["dbeta"],
-                    mean_after_forward=stats["running_mean"], var_after_forward=stats["running_var"],
-                    mean_after_backward=stats["running_mean"], var_after_backward=stats["running_var"])
+    return BNResult(
+        y=out["y"],
+        dx=out["dx"],
+        dgamma=out["dgamma"],
+        dbeta=out["dbeta"],
+        mean_after_forward=stats["running_mean"],
+        var_after_forward=stats["running_var"],
+        mean_after_backward=stats["running_mean"],
+        var_after_backward=stats["running_var"],
+    )
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
@@ -256,12 +290,18 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     for suffix, value in state.items():
         collection, leaf = leaves[suffix]
         variables[collection][leaf] = jnp.asarray(np.asarray(value, dtype=params_dtype))
-    xt, dyt = (jnp.asarray(nchw_to_nhwc(a).astype(params_dtype)).astype(jnp.bfloat16 if mixed else params_dtype)
-               for a in (x, dy))
+    xt, dyt = (
+        jnp.asarray(nchw_to_nhwc(a).astype(params_dtype)).astype(jnp.bfloat16 if mixed else params_dtype)
+        for a in (x, dy)
+    )
 
     def forward(x, params):
-        return layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           mutable=["batch_stats"], **mode_kwargs(layer, training))
+        return layer.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            mutable=["batch_stats"],
+            **mode_kwargs(layer, training),
+        )
 
     y, backward, updates = jax.vjp(forward, xt, variables["params"], has_aux=True)
     dx, dparams = backward(dyt.astype(y.dtype))
@@ -270,7 +310,12 @@ def run_norm(spec, x, state, dy, *, training, dtype):
 
     def f64(a):
         return np.asarray(a.astype(jnp.float32 if a.dtype == jnp.bfloat16 else a.dtype), dtype=np.float64)
-    return {"y": nhwc_to_nchw(f64(y)), "dx": nhwc_to_nchw(f64(dx)),
-            "dgamma": f64(dparams[leaves["gamma"][1]]), "dbeta": f64(dparams[leaves["beta"][1]]),
-            "state": {suffix: f64(value) for suffix, value in after.items()},
-            "dtypes": {"y": str(y.dtype), **{suffix: str(value.dtype) for suffix, value in after.items()}}}
+
+    return {
+        "y": nhwc_to_nchw(f64(y)),
+        "dx": nhwc_to_nchw(f64(dx)),
+        "dgamma": f64(dparams[leaves["gamma"][1]]),
+        "dbeta": f64(dparams[leaves["beta"][1]]),
+        "state": {suffix: f64(value) for suffix, value in after.items()},
+        "dtypes": {"y": str(y.dtype), **{suffix: str(value.dtype) for suffix, value in after.items()}},
+    }

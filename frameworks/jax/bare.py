@@ -8,6 +8,7 @@ on the device and are read once, at the end: no host synchronisation inside the
 epoch. The same BN-LeNet, initial parameters, lr, batch size and batch order (the
 suite's epoch 1) as the suite; nothing of the suite's interface in between.
 """
+
 import time
 
 import jax
@@ -20,8 +21,10 @@ from common.layout import nchw_to_nhwc
 
 from .backend import JaxBackend
 
-DESCRIPTION = ("bare loop: one jitted step (eager for eager runs) with optax SGD, arrays on the device, gather per "
-               "batch, metrics summed on the device, read once")
+DESCRIPTION = (
+    "bare loop: one jitted step (eager for eager runs) with optax SGD, arrays on the device, gather per "
+    "batch, metrics summed on the device, read once"
+)
 
 
 def epoch(config, dataset, warmup_steps=5):
@@ -29,8 +32,10 @@ def epoch(config, dataset, warmup_steps=5):
     backend holding the trained model: tests compare its parameters with the suite's)."""
     backend = JaxBackend(config)  # only to build the same BNLeNet and parameters on the same device
     model, device = backend.model, backend.device
-    frozen = {module: {leaf: "train" if trainable else "frozen" for leaf, trainable in leaves.items()}
-              for module, leaves in backend.trainable_mask().items()}
+    frozen = {
+        module: {leaf: "train" if trainable else "frozen" for leaf, trainable in leaves.items()}
+        for module, leaves in backend.trainable_mask().items()
+    }
     optimizer = optax.multi_transform({"train": optax.sgd(config.lr), "frozen": optax.set_to_zero()}, frozen)
     n = config.train_limit or len(dataset.train_labels)
     images = jax.device_put(nchw_to_nhwc(dataset.train_images[:n]).astype(config.dtype), device)
@@ -43,8 +48,13 @@ def epoch(config, dataset, warmup_steps=5):
         x, y = images[order[i]], labels[order[i]]
 
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, training=True,
-                                          mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(dropout_key, i)})
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                training=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(dropout_key, i)},
+            )
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
             correct = jnp.sum(jnp.argmax(logits, axis=1) == y).astype(logits.dtype)
             return jnp.mean(losses), (updates.get("batch_stats", {}), jnp.sum(losses), correct)
@@ -56,8 +66,12 @@ def epoch(config, dataset, warmup_steps=5):
     if backend.compiled:
         step = jax.jit(step, donate_argnums=(0,) if device.platform != "cpu" else ())
     variables = backend.variables
-    carry = (variables["params"], variables.get("batch_stats", {}), optimizer.init(variables["params"]),
-             jax.device_put(np.zeros(2, dtype=config.dtype), device))
+    carry = (
+        variables["params"],
+        variables.get("batch_stats", {}),
+        optimizer.init(variables["params"]),
+        jax.device_put(np.zeros(2, dtype=config.dtype), device),
+    )
     steps = int(order.shape[0])
     warm = min(warmup_steps, steps - 1)
     for i in range(steps):

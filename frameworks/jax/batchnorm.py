@@ -18,6 +18,7 @@ input is normalised in float32 (the layers' `dtype`, that of their parameters an
 running statistics), the statistics and the running blend included, and the
 result returned in the input's dtype.
 """
+
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
@@ -27,8 +28,10 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     """Return (y, new_running_mean, new_running_var); eval mode returns the running ones unchanged.
     renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
     if x.ndim not in (2, 4):
-        raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
-                         f"flatten or reshape before the BN layer")
+        raise ValueError(
+            f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
+            f"flatten or reshape before the BN layer"
+        )
     axes = (0,) if x.ndim == 2 else (0, 1, 2)
     out_dtype, x = x.dtype, in_float32(x)
     if training:
@@ -36,8 +39,10 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         for axis in axes:
             per_channel *= x.shape[axis]
         if per_channel < 2:
-            raise ValueError(f"training-mode batch_norm needs more than one value per channel, got input shape "
-                             f"{tuple(x.shape)}; use a batch of at least 2 or eval mode")
+            raise ValueError(
+                f"training-mode batch_norm needs more than one value per channel, got input shape "
+                f"{tuple(x.shape)}; use a batch of at least 2 or eval mode"
+            )
         mean = jnp.mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
         # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (the jitted CPU step
@@ -95,9 +100,17 @@ class BatchNorm(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, shape, self.dtype)
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, shape, self.dtype)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
-        y, new_mean, new_var = batch_norm(x, gamma, beta, running_mean.value, running_var.value,
-                                          training=training, decay=self.decay, epsilon=self.epsilon,
-                                          renorm=self.limits(training))
+        y, new_mean, new_var = batch_norm(
+            x,
+            gamma,
+            beta,
+            running_mean.value,
+            running_var.value,
+            training=training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            renorm=self.limits(training),
+        )
         if training and not self.is_initializing():
             running_mean.value, running_var.value = new_mean, new_var
         return y

@@ -19,21 +19,29 @@ defaults to training (dropout follows `training`); the probe uses training=False
 bn_training=True. Each BN layer's input is sown into the "intermediates" collection
 (a no-op unless the caller makes that collection mutable, as the probe does).
 """
+
 from flax import linen as nn
 
 from common.config import ModelSpec
 from common.init import BN_NAMES, has_bias, layer_shapes, parameter_shapes
-
 from common.norms import groups_of, no_builtin
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 # canonical BN suffix -> (collection, leaf) for our layer and for Flax's
-SCRATCH_LEAVES = {"gamma": ("params", "gamma"), "beta": ("params", "beta"),
-                  "running_mean": ("batch_stats", "running_mean"), "running_var": ("batch_stats", "running_var"),
-                  "steps": ("batch_stats", "steps")}
-FLAX_LEAVES = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+SCRATCH_LEAVES = {
+    "gamma": ("params", "gamma"),
+    "beta": ("params", "beta"),
+    "running_mean": ("batch_stats", "running_mean"),
+    "running_var": ("batch_stats", "running_var"),
+    "steps": ("batch_stats", "steps"),
+}
+FLAX_LEAVES = {
+    "gamma": ("params", "scale"),
+    "beta": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 FLAX_NORMS = "nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, nn.RMSNorm"
 
 
@@ -46,9 +54,19 @@ def make_norm(spec, num_features, dtype, dims=4, name=None, param_dtype=None):
         return make_bn(spec, num_features, dtype, name=name, param_dtype=param_dtype)
     if spec.variant == "scratch":
         if spec.norm == "renorm":
-            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=param_dtype,
-                               rmax=spec.renorm_rmax, dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, name=name)
-        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=param_dtype, name=name)
+            return BatchRenorm(
+                num_features,
+                decay=spec.decay,
+                epsilon=spec.epsilon,
+                dtype=param_dtype,
+                rmax=spec.renorm_rmax,
+                dmax=spec.renorm_dmax,
+                warmup=spec.renorm_warmup,
+                name=name,
+            )
+        return GroupNorm(
+            num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=param_dtype, name=name
+        )
     if spec.norm == "renorm":
         raise no_builtin("Flax", "renorm", FLAX_NORMS)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, name=name)
@@ -105,11 +123,19 @@ class BNLeNet(nn.Module):
 
         def block(layer, h):
             if layer.startswith("conv"):
-                h = nn.Conv(shapes[layer][0], shapes[layer][2:], padding="VALID", use_bias=has_bias(spec, layer),
-                            dtype=dtype, param_dtype=param_dtype, name=layer)(h)
+                h = nn.Conv(
+                    shapes[layer][0],
+                    shapes[layer][2:],
+                    padding="VALID",
+                    use_bias=has_bias(spec, layer),
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    name=layer,
+                )(h)
             else:
-                h = nn.Dense(shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=param_dtype,
-                             name=layer)(h)
+                h = nn.Dense(
+                    shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=param_dtype, name=layer
+                )(h)
             if layer not in BN_NAMES or not spec.bn_at(layer):
                 return h if layer not in BN_NAMES else act(h)
             name = BN_NAMES[layer]

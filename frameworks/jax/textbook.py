@@ -7,6 +7,7 @@ numpy batches from a shuffled host-side iterator, reading the loss and the corre
 count back with float() after every batch (one host round trip per step). Same
 BN-LeNet (the scratch layer for scratch), initial parameters, lr and batch size as the suite.
 """
+
 import time
 from typing import Any
 
@@ -30,14 +31,19 @@ class TrainState(train_state.TrainState):
 def examples_per_second(config, dataset, warmup_steps=5):
     backend = JaxBackend(config)  # the same BNLeNet and initial parameters
     variables, model = backend.variables, backend.model
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(config.lr),
-                              batch_stats=variables.get("batch_stats", {}))
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(config.lr),
+        batch_stats=variables.get("batch_stats", {}),
+    )
 
     @jax.jit
     def train_step(state, X, y):
         def loss(params):
-            y_hat, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, X, training=True,
-                                            mutable=["batch_stats"])
+            y_hat, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats}, X, training=True, mutable=["batch_stats"]
+            )
             l = optax.softmax_cross_entropy_with_integer_labels(y_hat, y)
             return l.mean(), (updates.get("batch_stats", {}), l.sum(), (y_hat.argmax(axis=1) == y).sum())
 
@@ -53,7 +59,7 @@ def examples_per_second(config, dataset, warmup_steps=5):
         if i == warmup_steps:
             jax.block_until_ready(state)
             start = time.perf_counter()
-        index = order[first:first + config.batch_size]
+        index = order[first : first + config.batch_size]
         X, y = jnp.asarray(images[index]), jnp.asarray(labels[index].astype(np.int32))
         state, l_sum, correct = train_step(state, X, y)
         metric[0] += float(l_sum)

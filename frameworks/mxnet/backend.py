@@ -14,6 +14,7 @@ inside its backward, and a save right after a step was seen to write the old
 values while a later read returned the new ones (the engine does not order
 reads after that write). Once per epoch, so it costs nothing measurable.
 """
+
 import platform
 
 import mxnet as mx
@@ -26,7 +27,6 @@ from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, res
 
 from .lenet import BNLeNet, check_dtype, effective_bn, make_bn, make_norm
 
-
 # Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
 # batch 256, compiled in well under a second (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -37,7 +37,8 @@ def resolve_context(requested):
     if requested == "gpu" and gpus == 0:
         raise BackendUnavailable(
             f"--device gpu asked for, but this MXNet ({mx.__version__}) sees no GPU (the PyPI 'mxnet' wheel is "
-            "CPU-only); use --device cpu or auto, or install a CUDA build such as mxnet-cu112")
+            "CPU-only); use --device cpu or auto, or install a CUDA build such as mxnet-cu112"
+        )
     return mx.gpu(0) if requested in ("gpu", "auto") and gpus > 0 else mx.cpu()
 
 
@@ -68,12 +69,21 @@ class MXNetBackend(Backend):
 
     def describe(self):
         decay, epsilon = effective_bn(self.spec)
-        device_name = f"GPU {self.ctx.device_id}" if self.ctx.device_type == "gpu" else \
-            f"CPU ({platform.processor() or platform.machine()})"
-        return {"framework": "mxnet", "version": mx.__version__,
-                "device": "gpu" if self.ctx.device_type == "gpu" else "cpu", "device_name": device_name,
-                "execution": "hybridized" if self.hybridized else "imperative", "bn_decay": decay,
-                "bn_epsilon": epsilon, "dtype": self.dtype}
+        device_name = (
+            f"GPU {self.ctx.device_id}"
+            if self.ctx.device_type == "gpu"
+            else f"CPU ({platform.processor() or platform.machine()})"
+        )
+        return {
+            "framework": "mxnet",
+            "version": mx.__version__,
+            "device": "gpu" if self.ctx.device_type == "gpu" else "cpu",
+            "device_name": device_name,
+            "execution": "hybridized" if self.hybridized else "imperative",
+            "bn_decay": decay,
+            "bn_epsilon": epsilon,
+            "dtype": self.dtype,
+        }
 
     def set_params(self, params):
         check_params(params, self.spec)
@@ -82,8 +92,9 @@ class MXNetBackend(Backend):
 
     def get_params(self):
         nd.waitall()  # see the module docstring
-        return {name: _param(self.net, name).data().asnumpy().astype(self.dtype)
-                for name in parameter_shapes(self.spec)}
+        return {
+            name: _param(self.net, name).data().asnumpy().astype(self.dtype) for name in parameter_shapes(self.spec)
+        }
 
     def save(self, path):
         nd.waitall()  # see the module docstring
@@ -111,15 +122,16 @@ class MXNetBackend(Backend):
         return nd.concat(loss.sum(), correct, dim=0)
 
     def reduce_stats(self, stats):
-        return nd.add_n(*stats).asnumpy().astype(np.float64) if len(stats) > 1 else \
-            stats[0].asnumpy().astype(np.float64)
+        return (
+            nd.add_n(*stats).asnumpy().astype(np.float64) if len(stats) > 1 else stats[0].asnumpy().astype(np.float64)
+        )
 
     def evaluate(self, data, batch_size):
         images, labels = data
         nd.waitall()  # see the module docstring
         total = []
         for start in range(0, labels.shape[0], batch_size):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
             logits = self.net(x, False)[0]
             total.append(nd.concat(self.loss(logits, y).sum(), (logits.argmax(axis=1) == y).sum(), dim=0))
         return self.reduce_stats(total)
@@ -135,8 +147,10 @@ class MXNetBackend(Backend):
         blocks = self.net.bn_blocks() if self.spec.has_running_stats else {}  # the others have no statistics
         saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
         inputs = {}  # each BN layer's input, recorded by a hook
-        hooks = [b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
-                 for name, b in blocks.items()]
+        hooks = [
+            b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
+            for name, b in blocks.items()
+        ]
         try:
             if self.hybridized:
                 self.net.hybridize(active=False)  # hooks only fire on imperative calls
@@ -150,8 +164,10 @@ class MXNetBackend(Backend):
                 b.running_var.set_data(saved[name][1])
             if self.hybridized:
                 self.net.hybridize(static_alloc=True, static_shape=True)
-        stats = {name: bn_probe_stats(inputs[name].asnumpy(), 1, saved[name][0].asnumpy(), saved[name][1].asnumpy())
-                 for name in blocks}  # NCHW / NC: channels on axis 1
+        stats = {
+            name: bn_probe_stats(inputs[name].asnumpy(), 1, saved[name][0].asnumpy(), saved[name][1].asnumpy())
+            for name in blocks
+        }  # NCHW / NC: channels on axis 1
         return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):
@@ -169,8 +185,7 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
     layer = make_bn(spec, x.shape[1], 4 if np.ndim(x) == 4 else 2)
     layer.initialize(ctx=mx.cpu())
     layer.cast(dtype)
-    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                        ("running_var", running_var)):
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
         getattr(layer, name).set_data(nd.array(value, dtype=dtype))
     xt = nd.array(x, dtype=dtype)
     xt.attach_grad()
@@ -180,16 +195,25 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
         y = out[0] if kind == "scratch" else out
         # scratch: the statistics its forward returns (stored below, once the graph is freed);
         # builtin: what the operator has written so far
-        after_forward = (out[1].asnumpy(), out[2].asnumpy()) if kind == "scratch" else \
-            (layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
+        after_forward = (
+            (out[1].asnumpy(), out[2].asnumpy())
+            if kind == "scratch"
+            else (layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
+        )
         loss = (y * nd.array(dy, dtype=dtype)).sum()
     loss.backward()
     if kind == "scratch" and training:
         layer.store(out[1], out[2])
-    return BNResult(y=y.asnumpy(), dx=xt.grad.asnumpy(), dgamma=layer.gamma.grad().asnumpy(),
-                    dbeta=layer.beta.grad().asnumpy(), mean_after_forward=after_forward[0],
-                    var_after_forward=after_forward[1], mean_after_backward=layer.running_mean.data().asnumpy(),
-                    var_after_backward=layer.running_var.data().asnumpy())
+    return BNResult(
+        y=y.asnumpy(),
+        dx=xt.grad.asnumpy(),
+        dgamma=layer.gamma.grad().asnumpy(),
+        dbeta=layer.beta.grad().asnumpy(),
+        mean_after_forward=after_forward[0],
+        var_after_forward=after_forward[1],
+        mean_after_backward=layer.running_mean.data().asnumpy(),
+        var_after_backward=layer.running_var.data().asnumpy(),
+    )
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
@@ -212,6 +236,10 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     loss.backward()
     if hasattr(layer, "state") and training:  # our layers: store what the forward returned
         layer.store(*out[1:])
-    return {"y": y.asnumpy(), "dx": xt.grad.asnumpy(), "dgamma": layer.gamma.grad().asnumpy(),
-            "dbeta": layer.beta.grad().asnumpy(),
-            "state": {suffix: getattr(layer, suffix).data().asnumpy() for suffix in state}}
+    return {
+        "y": y.asnumpy(),
+        "dx": xt.grad.asnumpy(),
+        "dgamma": layer.gamma.grad().asnumpy(),
+        "dbeta": layer.beta.grad().asnumpy(),
+        "state": {suffix: getattr(layer, suffix).data().asnumpy() for suffix in state},
+    }

@@ -7,6 +7,7 @@ suite's batch order, so the work is the same), `autograd.record()`,
 accumulate as NDArrays and are read once, at the end: no host synchronisation
 inside the epoch. Nothing of the suite's interface in between.
 """
+
 import time
 
 from mxnet import autograd, nd

@@ -13,6 +13,7 @@ Running statistics are Parameters with grad_req='null', so they are saved,
 loaded and moved with the model. The raw `BatchNorm` operator is not used
 here (its defaults, fix_gamma=True and eps 1e-3, are a classic trap).
 """
+
 import mxnet as mx
 from mxnet import nd
 from mxnet.gluon import HybridBlock
@@ -35,14 +36,18 @@ def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, eps
     x3 = F.reshape(x, shape=(0, 0, -1))  # (N, C, S), S = H*W (1 for 2-D input)
     rows = F.reshape(x3, shape=(-3, -1))  # (N*C, S)
     ones_s = F.stop_gradient(F.ones_like(F.slice_axis(rows, axis=0, begin=0, end=1)))  # (1, S)
-    ones_n = F.stop_gradient(F.ones_like(F.reshape(F.slice_axis(F.slice_axis(
-        x3, axis=2, begin=0, end=1), axis=1, begin=0, end=1), shape=(-1, 1))))  # (N, 1)
+    ones_n = F.stop_gradient(
+        F.ones_like(
+            F.reshape(F.slice_axis(F.slice_axis(x3, axis=2, begin=0, end=1), axis=1, begin=0, end=1), shape=(-1, 1))
+        )
+    )  # (N, 1)
     per_row = F.slice_axis(x3, axis=2, begin=0, end=1)  # (N, C, 1): the shape of per-row sums
     count = F.sum(ones_s) * F.sum(ones_n)  # N * S values per channel
 
     def channel_mean(t):  # (N*C, S) -> (C,)
-        row_sums = F.reshape(F.reshape_like(F.FullyConnected(t, ones_s, no_bias=True, num_hidden=1), per_row),
-                             shape=(0, -1))
+        row_sums = F.reshape(
+            F.reshape_like(F.FullyConnected(t, ones_s, no_bias=True, num_hidden=1), per_row), shape=(0, -1)
+        )
         return F.broadcast_div(F.reshape(F.dot(ones_n, row_sums, transpose_a=True), shape=(-1,)), count)
 
     def spread(v):  # (C,) -> (N*C, S)
@@ -86,8 +91,10 @@ class GroupNorm(HybridBlock):
     def __init__(self, num_features, num_dims, groups, *, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if num_dims not in (2, 4) or num_features % groups:
-            raise ValueError(f"group_norm needs 2-D or 4-D input and groups dividing the channels, got num_dims="
-                             f"{num_dims}, {groups} groups of {num_features} channels")
+            raise ValueError(
+                f"group_norm needs 2-D or 4-D input and groups dividing the channels, got num_dims="
+                f"{num_dims}, {groups} groups of {num_features} channels"
+            )
         self.num_features, self.num_dims, self.groups, self.epsilon = num_features, num_dims, groups, epsilon
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
@@ -110,24 +117,29 @@ class BatchNorm(HybridBlock):
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
             self.beta = self.params.get("beta", shape=(num_features,), init=mx.init.Zero())
-            self.running_mean = self.params.get("running_mean", shape=(num_features,), init=mx.init.Zero(),
-                                                grad_req="null", differentiable=False)
-            self.running_var = self.params.get("running_var", shape=(num_features,), init=mx.init.One(),
-                                               grad_req="null", differentiable=False)
+            self.running_mean = self.params.get(
+                "running_mean", shape=(num_features,), init=mx.init.Zero(), grad_req="null", differentiable=False
+            )
+            self.running_var = self.params.get(
+                "running_var", shape=(num_features,), init=mx.init.One(), grad_req="null", differentiable=False
+            )
 
     def forward(self, x, mode):
         if isinstance(x, nd.NDArray):  # imperative call or the first trace: shapes are known
             if x.ndim != self.num_dims:
-                raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input matching num_dims="
-                                 f"{self.num_dims}, got shape {x.shape}; flatten or reshape before the BN layer")
+                raise ValueError(
+                    f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input matching num_dims="
+                    f"{self.num_dims}, got shape {x.shape}; flatten or reshape before the BN layer"
+                )
             if x.size // x.shape[1] < 2 and mode.asscalar() == 1:  # only synchronises in this corner
-                raise ValueError(f"training-mode batch_norm needs more than one value per channel, got input "
-                                 f"shape {x.shape}; use a batch of at least 2 or eval mode")
+                raise ValueError(
+                    f"training-mode batch_norm needs more than one value per channel, got input "
+                    f"shape {x.shape}; use a batch of at least 2 or eval mode"
+                )
         return super().forward(x, mode)
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var):
-        return batch_norm(F, x, gamma, beta, running_mean, running_var, mode,
-                          decay=self.decay, epsilon=self.epsilon)
+        return batch_norm(F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay, epsilon=self.epsilon)
 
     def store(self, *new_state):
         """Write the state (self.state) a training forward returned (asynchronous, no sync)."""
@@ -140,17 +152,18 @@ class BatchRenorm(BatchNorm):
 
     state = ("running_mean", "running_var", "steps")
 
-    def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, rmax=3.0, dmax=5.0, warmup=1000,
-                 **kwargs):
+    def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, rmax=3.0, dmax=5.0, warmup=1000, **kwargs):
         super().__init__(num_features, num_dims, decay=decay, epsilon=epsilon, **kwargs)
         self.rmax, self.dmax, self.warmup = rmax, dmax, warmup
         with self.name_scope():
-            self.steps = self.params.get("steps", shape=(1,), init=mx.init.Zero(), grad_req="null",
-                                         differentiable=False)
+            self.steps = self.params.get(
+                "steps", shape=(1,), init=mx.init.Zero(), grad_req="null", differentiable=False
+            )
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var, steps):
         ramp = F.minimum(steps / self.warmup, 1.0) if self.warmup else F.ones_like(steps)
         limits = (1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp)
-        y, new_mean, new_var = batch_norm(F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay,
-                                          epsilon=self.epsilon, renorm=limits)
+        y, new_mean, new_var = batch_norm(
+            F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay, epsilon=self.epsilon, renorm=limits
+        )
         return y, new_mean, new_var, steps + mode

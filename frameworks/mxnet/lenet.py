@@ -14,20 +14,22 @@ them at run time. The built-in BN reads Gluon's flag itself, at run time. The
 net returns (logits, new_running_stats); call store_running(new_running_stats)
 after a training forward (the scratch layers' update).
 """
+
 from mxnet import autograd, nd
 from mxnet.gluon import HybridBlock, nn
 
 from common.errors import BackendUnavailable
 from common.init import BN_NAMES, has_bias, layer_shapes
-
 from common.norms import groups_of, no_builtin
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 # Gluon's own normalisation layers (MXNet 1.9.1), and why most cannot be set to the spec
-GLUON_NORMS = ("nn.BatchNorm, nn.LayerNorm (one axis: fits the spec after a dense layer only), nn.InstanceNorm, "
-               "nn.GroupNorm (one gamma and beta per group, not per channel, and 3-D input or more: it fits no "
-               "position of the spec)")
+GLUON_NORMS = (
+    "nn.BatchNorm, nn.LayerNorm (one axis: fits the spec after a dense layer only), nn.InstanceNorm, "
+    "nn.GroupNorm (one gamma and beta per group, not per channel, and 3-D input or more: it fits no "
+    "position of the spec)"
+)
 
 
 def make_norm(spec, num_features, dims):
@@ -36,8 +38,15 @@ def make_norm(spec, num_features, dims):
         return make_bn(spec, num_features, dims)
     if spec.variant == "scratch":
         if spec.norm == "renorm":
-            return BatchRenorm(num_features, dims, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
-                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup)
+            return BatchRenorm(
+                num_features,
+                dims,
+                decay=spec.decay,
+                epsilon=spec.epsilon,
+                rmax=spec.renorm_rmax,
+                dmax=spec.renorm_dmax,
+                warmup=spec.renorm_warmup,
+            )
         return GroupNorm(num_features, dims, groups_of(spec, num_features), epsilon=spec.epsilon)
     kwargs = {} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon}
     if spec.norm == "layer" and dims == 2:
@@ -48,10 +57,12 @@ def make_norm(spec, num_features, dims):
 
 
 # tests/test_mxnet_pitfalls.py shows what amp.init does to the process
-NO_MIXED = ("MXNet 1.9.1's mixed precision, mx.contrib.amp.init(target_dtype=\"bfloat16\"), rewrites the operators of "
-            "mx.nd and mx.sym for the whole process, once and for good, before the network is built: a float32 run "
-            "after it in the same worker would no longer be float32, so the suite does not run MXNet in mixed "
-            "precision; use --precision float32 or float64 for MXNet")
+NO_MIXED = (
+    'MXNet 1.9.1\'s mixed precision, mx.contrib.amp.init(target_dtype="bfloat16"), rewrites the operators of '
+    "mx.nd and mx.sym for the whole process, once and for good, before the network is built: a float32 run "
+    "after it in the same worker would no longer be float32, so the suite does not run MXNet in mixed "
+    "precision; use --precision float32 or float64 for MXNet"
+)
 
 
 def check_dtype(spec, dtype):
@@ -60,8 +71,10 @@ def check_dtype(spec, dtype):
     if dtype == "mixed-bfloat16":
         raise BackendUnavailable(NO_MIXED)
     if spec.has_bn and spec.norm == "instance" and spec.variant != "scratch" and dtype != "float32":
-        raise BackendUnavailable(f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {dtype}; "
-                                 f"use --dtype float32, or --variants scratch")
+        raise BackendUnavailable(
+            f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {dtype}; "
+            f"use --dtype float32, or --variants scratch"
+        )
 
 
 def make_bn(spec, num_features, dims):
@@ -89,7 +102,7 @@ class BNLeNet(HybridBlock):
         self.spec = spec
         # the scratch layers with running statistics take the mode and return their new state
         self.scratch = spec.variant == "scratch" and spec.has_running_stats
-        self.bn_names = [BN_NAMES[l] for l in BN_NAMES if spec.bn_at(l)]
+        self.bn_names = [BN_NAMES[layer] for layer in BN_NAMES if spec.bn_at(layer)]
         with self.name_scope():
             for layer, shape in layer_shapes(spec).items():
                 bias = has_bias(spec, layer)
@@ -156,5 +169,5 @@ class BNLeNet(HybridBlock):
         start = 0
         for name in self.bn_names if self.scratch else []:
             block = getattr(self, name)
-            block.store(*new_stats[start:start + len(block.state)])
+            block.store(*new_stats[start : start + len(block.state)])
             start += len(block.state)

@@ -4,6 +4,7 @@ Imperative (not hybridized), a gluon DataLoader over an ArrayDataset, the same
 scratch BatchNorm inside the same BN-LeNet, `trainer.step(batch_size)`, and the
 per-batch metric accumulation that converts to Python floats (one wait per step).
 """
+
 import time
 
 from mxnet import autograd, gluon, nd
@@ -20,8 +21,9 @@ def examples_per_second(config, dataset, warmup_steps=5):
     backend.set_params(init_params(config.model, config.seed, config.dtype))
     net, ctx = backend.net, backend.ctx
     n = config.train_limit or len(dataset.train_labels)
-    data = gluon.data.ArrayDataset(nd.array(dataset.train_images[:n], dtype=config.dtype),
-                                   nd.array(dataset.train_labels[:n], dtype=config.dtype))
+    data = gluon.data.ArrayDataset(
+        nd.array(dataset.train_images[:n], dtype=config.dtype), nd.array(dataset.train_labels[:n], dtype=config.dtype)
+    )
     train_iter = gluon.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, last_batch="discard")
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     trainer = backend.trainer

@@ -9,10 +9,11 @@ the update step and the eval forward with XLA (`tf.function(jit_compile=True)`),
 the batch gathered by a plain tf.function before it; compiled = tf.function
 for the whole step; eager = neither.
 """
+
 import platform
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 from common.errors import BackendUnavailable
@@ -20,9 +21,16 @@ from common.init import NORM_STATE, check_params, norm_suffixes, parameter_shape
 from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
-from .lenet import (BUILTIN_NAMES, BNLeNet, effective_bn, make_bn, make_dense_norm, make_norm, trainable_variables,
-                    variable)
-
+from .lenet import (
+    BUILTIN_NAMES,
+    BNLeNet,
+    effective_bn,
+    make_bn,
+    make_dense_norm,
+    make_norm,
+    trainable_variables,
+    variable,
+)
 
 # XLA by default: 1.9x tf.function, which is 2.4x (scratch) and 2.7x (built-in) eager, at batch 256 on the
 # CPU (docs/benchmark.md, "Execution modes").
@@ -35,7 +43,8 @@ def resolve_device(requested):
     if requested == "gpu" and not gpus:
         raise BackendUnavailable(
             f"--device gpu asked for, but this TensorFlow ({tf.__version__}) sees no GPU; use --device cpu or "
-            "auto, or install tensorflow[and-cuda] on a machine with an NVIDIA driver")
+            "auto, or install tensorflow[and-cuda] on a machine with an NVIDIA driver"
+        )
     return "/GPU:0" if requested in ("gpu", "auto") and gpus else "/CPU:0"
 
 
@@ -77,11 +86,16 @@ class TensorFlowBackend(Backend):
             device_name = details.get("device_name", "GPU")
         else:
             device_name = f"CPU ({platform.processor() or platform.machine()})"
-        return {"framework": "tensorflow", "version": tf.__version__,
-                "device": "gpu" if self.device.startswith("/GPU") else "cpu", "device_name": device_name,
-                "execution": EXECUTION_NAMES[self.execution],
-                "bn_decay": None if decay is None else float(decay),
-                "bn_epsilon": None if epsilon is None else float(epsilon), "dtype": self.dtype}
+        return {
+            "framework": "tensorflow",
+            "version": tf.__version__,
+            "device": "gpu" if self.device.startswith("/GPU") else "cpu",
+            "device_name": device_name,
+            "execution": EXECUTION_NAMES[self.execution],
+            "bn_decay": None if decay is None else float(decay),
+            "bn_epsilon": None if epsilon is None else float(epsilon),
+            "dtype": self.dtype,
+        }
 
     def set_params(self, params):
         check_params(params, self.spec)
@@ -89,8 +103,10 @@ class TensorFlowBackend(Backend):
             variable(self.model, name).assign(to_channels_last(name, np.asarray(value, dtype=self.dtype), self.spec))
 
     def get_params(self):
-        return {name: from_channels_last(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
-                for name in parameter_shapes(self.spec)}
+        return {
+            name: from_channels_last(name, variable(self.model, name).numpy(), self.spec).astype(self.dtype)
+            for name in parameter_shapes(self.spec)
+        }
 
     def save(self, path):
         self.model.save_weights(path if path.endswith(".weights.h5") else path + ".weights.h5")
@@ -141,8 +157,9 @@ class TensorFlowBackend(Backend):
         images, labels = data
         n = int(labels.shape[0])
         with tf.device(self.device):
-            totals = [self._forward(images[s:s + batch_size], labels[s:s + batch_size])
-                      for s in range(0, n, batch_size)]
+            totals = [
+                self._forward(images[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, n, batch_size)
+            ]
         return self.reduce_stats(totals)
 
     def predict(self, images):
@@ -194,8 +211,9 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
     layer = make_bn(spec, x.shape[1], dtype)
     xt = tf.constant(nchw_to_nhwc(x).astype(dtype))
     layer.build(xt.shape)
-    names = ("gamma", "beta") + (("running_mean", "running_var") if kind == "scratch"
-                                 else ("moving_mean", "moving_variance"))
+    names = ("gamma", "beta") + (
+        ("running_mean", "running_var") if kind == "scratch" else ("moving_mean", "moving_variance")
+    )
     for name, value in zip(names, (gamma, beta, running_mean, running_var)):
         getattr(layer, name).assign(np.asarray(value, dtype=dtype))
     with tf.GradientTape() as tape:
@@ -204,10 +222,16 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
         after_forward = [getattr(layer, n).numpy().copy() for n in names[2:]]
         loss = tf.reduce_sum(y * tf.constant(nchw_to_nhwc(dy).astype(dtype)))
     dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names[0]), getattr(layer, names[1])])
-    return BNResult(y=nhwc_to_nchw(y.numpy()), dx=nhwc_to_nchw(dx.numpy()), dgamma=dgamma.numpy(), dbeta=dbeta.numpy(),
-                    mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
-                    mean_after_backward=getattr(layer, names[2]).numpy(),
-                    var_after_backward=getattr(layer, names[3]).numpy())
+    return BNResult(
+        y=nhwc_to_nchw(y.numpy()),
+        dx=nhwc_to_nchw(dx.numpy()),
+        dgamma=dgamma.numpy(),
+        dbeta=dbeta.numpy(),
+        mean_after_forward=after_forward[0],
+        var_after_forward=after_forward[1],
+        mean_after_backward=getattr(layer, names[2]).numpy(),
+        var_after_backward=getattr(layer, names[3]).numpy(),
+    )
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
@@ -224,15 +248,26 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     with tf.GradientTape() as tape:
         tape.watch(xt)
         y = layer(xt, training=training)
-        loss = tf.reduce_sum(tf.cast(y, tf.float32 if mixed else dtype)
-                             * tf.cast(tf.constant(nchw_to_nhwc(dy).astype(np.float32 if mixed else dtype)),
-                                       tf.float32 if mixed else dtype))
+        loss = tf.reduce_sum(
+            tf.cast(y, tf.float32 if mixed else dtype)
+            * tf.cast(
+                tf.constant(nchw_to_nhwc(dy).astype(np.float32 if mixed else dtype)), tf.float32 if mixed else dtype
+            )
+        )
     dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names["gamma"]), getattr(layer, names["beta"])])
     after = {suffix: getattr(layer, names[suffix]) for suffix in state}
 
     def f64(t):
         return tf.cast(t, tf.float64).numpy()
-    return {"y": nhwc_to_nchw(f64(y)), "dx": nhwc_to_nchw(f64(dx)), "dgamma": f64(dgamma), "dbeta": f64(dbeta),
-            "state": {suffix: f64(v) for suffix, v in after.items()},
-            "dtypes": {"y": y.dtype.name, **{suffix: v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype)
-                                             for suffix, v in after.items()}}}
+
+    return {
+        "y": nhwc_to_nchw(f64(y)),
+        "dx": nhwc_to_nchw(f64(dx)),
+        "dgamma": f64(dgamma),
+        "dbeta": f64(dbeta),
+        "state": {suffix: f64(v) for suffix, v in after.items()},
+        "dtypes": {
+            "y": y.dtype.name,
+            **{suffix: v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype) for suffix, v in after.items()},
+        },
+    }

@@ -9,6 +9,7 @@ already a tensor on the device and `tf.gather` of each batch inside the step
 correct count accumulate in tf.Variables and are read once, at the end: no host
 synchronisation inside the epoch. Nothing of the suite's interface in between.
 """
+
 import time
 
 import keras
@@ -20,8 +21,11 @@ from common.layout import nchw_to_nhwc
 
 from .backend import TensorFlowBackend
 
-DESCRIPTION = ("bare loop: the step under tf.function (XLA: jit_compile; eager runs: plain eager), Keras SGD, tensors on the device, "
-               "gather per batch, metrics read once")
+DESCRIPTION = (
+    "bare loop: the step under tf.function (XLA: jit_compile; eager runs: plain eager), Keras SGD, tensors on the "
+    "device, "
+    "gather per batch, metrics read once"
+)
 
 
 def epoch(config, dataset, warmup_steps=5):

@@ -14,6 +14,7 @@ input to bfloat16): the weights are created with autocast=False, so they are
 read in float32, and a bfloat16 input is normalised in float32, the statistics
 and the running blend included; the result is returned in the input's dtype.
 """
+
 import keras
 import tensorflow as tf
 
@@ -23,8 +24,10 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
     rank = x.shape.rank
     if rank not in (2, 4):
-        raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
-                         f"flatten or reshape before the BN layer")
+        raise ValueError(
+            f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
+            f"flatten or reshape before the BN layer"
+        )
     axes = [0] if rank == 2 else [0, 1, 2]
     out_dtype, x = x.dtype, in_float32(x)
     if training:
@@ -32,8 +35,10 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
         for axis in axes:
             per_channel = None if per_channel is None or x.shape[axis] is None else per_channel * x.shape[axis]
         if per_channel is not None and per_channel < 2:
-            raise ValueError(f"training-mode batch_norm needs more than one value per channel, got input shape "
-                             f"{tuple(x.shape)}; use a batch of at least 2 or eval mode")
+            raise ValueError(
+                f"training-mode batch_norm needs more than one value per channel, got input shape "
+                f"{tuple(x.shape)}; use a batch of at least 2 or eval mode"
+            )
         mean = tf.reduce_mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
         # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (the XLA step ran at
@@ -89,19 +94,29 @@ class BatchNorm(keras.layers.Layer):
         shape = (self.num_features,)
         self.gamma = self.add_weight(shape=shape, initializer="ones", name="gamma", autocast=False)
         self.beta = self.add_weight(shape=shape, initializer="zeros", name="beta", autocast=False)
-        self.running_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="running_mean",
-                                            autocast=False)
-        self.running_var = self.add_weight(shape=shape, initializer="ones", trainable=False, name="running_var",
-                                           autocast=False)
+        self.running_mean = self.add_weight(
+            shape=shape, initializer="zeros", trainable=False, name="running_mean", autocast=False
+        )
+        self.running_var = self.add_weight(
+            shape=shape, initializer="ones", trainable=False, name="running_var", autocast=False
+        )
 
     def limits(self):
         """(rmax, dmax) of batch renormalisation; None: plain BN."""
         return None
 
     def call(self, x, training=False):
-        y, new_mean, new_var = batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var,
-                                          training=bool(training), decay=self.decay, epsilon=self.epsilon,
-                                          renorm=self.limits())
+        y, new_mean, new_var = batch_norm(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            training=bool(training),
+            decay=self.decay,
+            epsilon=self.epsilon,
+            renorm=self.limits(),
+        )
         if training:
             self.running_mean.assign(new_mean)
             self.running_var.assign(new_var)

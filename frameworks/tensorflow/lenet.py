@@ -15,19 +15,21 @@ renorm that fits the spec (KERAS_NORMS says why). `model(x, training=False,
 bn_training=None)`: bn_training defaults to training; the probe uses
 training=False (no dropout) with bn_training=True.
 """
+
 import keras
 
 from common.init import BN_NAMES, has_bias, layer_shapes
-
 from common.norms import groups_of, no_builtin
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
 BUILTIN_NAMES = {"running_mean": "moving_mean", "running_var": "moving_variance"}
-KERAS_NORMS = ("BatchNormalization (its renorm=True computes r and d from a second pair of moving averages, "
-               "keeps a moving average of the standard deviation instead of the variance and clips with constant "
-               "limits: it cannot be set to the spec; tests/test_tensorflow_pitfalls.py measures it), "
-               "GroupNormalization, LayerNormalization")
+KERAS_NORMS = (
+    "BatchNormalization (its renorm=True computes r and d from a second pair of moving averages, "
+    "keeps a moving average of the standard deviation instead of the variance and clips with constant "
+    "limits: it cannot be set to the spec; tests/test_tensorflow_pitfalls.py measures it), "
+    "GroupNormalization, LayerNormalization"
+)
 
 
 def make_norm(spec, num_features, dtype):
@@ -36,8 +38,15 @@ def make_norm(spec, num_features, dtype):
         return make_bn(spec, num_features, dtype)
     if spec.variant == "scratch":
         if spec.norm == "renorm":
-            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
-                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup, dtype=dtype)
+            return BatchRenorm(
+                num_features,
+                decay=spec.decay,
+                epsilon=spec.epsilon,
+                rmax=spec.renorm_rmax,
+                dmax=spec.renorm_dmax,
+                warmup=spec.renorm_warmup,
+                dtype=dtype,
+            )
         return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=dtype)
     if spec.norm == "renorm":
         raise no_builtin("Keras", "renorm", KERAS_NORMS)
@@ -77,7 +86,7 @@ class BNLeNet(keras.Model):
     def __init__(self, spec, dtype="float32"):
         super().__init__(dtype=dtype)
         self.spec = spec
-        self.bn_names = [BN_NAMES[l] for l in BN_NAMES if spec.bn_at(l)]
+        self.bn_names = [BN_NAMES[layer] for layer in BN_NAMES if spec.bn_at(layer)]
         for layer, shape in layer_shapes(spec).items():
             bias = has_bias(spec, layer)
             if layer.startswith("conv"):
@@ -140,4 +149,3 @@ def trainable_variables(model):
         if getattr(bn, "frozen", False):
             frozen.update({id(bn.gamma), id(bn.beta)})
     return [v for v in model.trainable_variables if id(v) not in frozen]
-

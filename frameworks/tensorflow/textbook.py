@@ -4,6 +4,7 @@
 then `model.fit` over the in-memory arrays, with the same scratch BatchNorm in
 the same BN-LeNet. The first steps are excluded from the timing (callbacks).
 """
+
 import time
 
 import keras
@@ -39,9 +40,19 @@ def examples_per_second(config, dataset, warmup_steps=5):
     model = backend.model
     n = config.train_limit or len(dataset.train_labels)
     n -= n % config.batch_size  # whole batches, as the suite
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=config.lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=config.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     timer = _Timer(warmup_steps)
-    model.fit(nchw_to_nhwc(dataset.train_images[:n]), dataset.train_labels[:n].astype(np.int32),
-              batch_size=config.batch_size, epochs=1, shuffle=True, verbose=0, callbacks=[timer])
+    model.fit(
+        nchw_to_nhwc(dataset.train_images[:n]),
+        dataset.train_labels[:n].astype(np.int32),
+        batch_size=config.batch_size,
+        epochs=1,
+        shuffle=True,
+        verbose=0,
+        callbacks=[timer],
+    )
     return (timer.steps - warmup_steps) * config.batch_size / (timer.end - timer.start)

@@ -11,6 +11,7 @@ on `self.training`, so the compiled graph never freezes the mode; evaluate,
 predict and the probe run the eager module (the same parameters and buffers),
 so they cannot replay a training graph.
 """
+
 import platform
 
 import numpy as np
@@ -36,20 +37,23 @@ def check_compiler():
     """torch.compile on the CPU writes C++ and needs a compiler: say so, not an Inductor traceback."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
+
         get_cpp_compiler()
     except Exception as exc:  # InvalidCxxCompiler, or a private API that moved
         if type(exc).__name__ != "InvalidCxxCompiler":
             return  # cannot tell here: let torch.compile report it
         raise BackendUnavailable(
             "--execution compiled: torch.compile on the CPU needs a C++ compiler and found none (it looks for "
-            "$CXX, else g++); install one (Debian/Ubuntu: apt-get install g++) or use --execution eager") from None
+            "$CXX, else g++); install one (Debian/Ubuntu: apt-get install g++) or use --execution eager"
+        ) from None
 
 
 def resolve_device(requested):
     if requested == "gpu" and not torch.cuda.is_available():
         raise BackendUnavailable(
             f"--device gpu asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
-            "use --device cpu or auto, or install a CUDA build of PyTorch")
+            "use --device cpu or auto, or install a CUDA build of PyTorch"
+        )
     if requested in ("gpu", "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -75,8 +79,7 @@ class TorchBackend(Backend):
         # what train_step calls: the compiled module shares self.model's parameters and buffers
         self.train_forward = torch.compile(self.model) if self.compiled else self.model
         self.spec = config.model
-        self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
+        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
 
     def describe(self):
@@ -85,9 +88,16 @@ class TorchBackend(Backend):
             device_name = torch.cuda.get_device_name(self.device)
         else:
             device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        return {"framework": "torch", "version": torch.__version__, "device": "gpu" if self.device.type == "cuda" else "cpu",
-                "device_name": device_name, "execution": "torch.compile" if self.compiled else "eager", "bn_decay": decay,
-                "bn_epsilon": epsilon, "dtype": self.config.dtype}
+        return {
+            "framework": "torch",
+            "version": torch.__version__,
+            "device": "gpu" if self.device.type == "cuda" else "cpu",
+            "device_name": device_name,
+            "execution": "torch.compile" if self.compiled else "eager",
+            "bn_decay": decay,
+            "bn_epsilon": epsilon,
+            "dtype": self.config.dtype,
+        }
 
     def _forward(self, module, x):
         """module(x) under autocast when the run is mixed precision; the logits (and so the loss) in the
@@ -113,8 +123,10 @@ class TorchBackend(Backend):
     def get_params(self):
         state = self.model.state_dict()
         dtype = self.config.dtype
-        return {name: state[canonical_to_torch(name, self.spec)].detach().cpu().numpy().astype(dtype)
-                for name in parameter_shapes(self.spec)}
+        return {
+            name: state[canonical_to_torch(name, self.spec)].detach().cpu().numpy().astype(dtype)
+            for name in parameter_shapes(self.spec)
+        }
 
     def save(self, path):
         torch.save(self.model.state_dict(), path)
@@ -124,8 +136,10 @@ class TorchBackend(Backend):
 
     # data ---------------------------------------------------------------------
     def put(self, images, labels):
-        return (torch.as_tensor(images).to(self.device, self.dtype),
-                torch.as_tensor(labels).to(self.device, torch.int64))
+        return (
+            torch.as_tensor(images).to(self.device, self.dtype),
+            torch.as_tensor(labels).to(self.device, torch.int64),
+        )
 
     def put_order(self, order):
         return torch.as_tensor(order).to(self.device)
@@ -153,7 +167,7 @@ class TorchBackend(Backend):
         images, labels = data
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in range(0, len(labels), batch_size):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
             logits = self._forward(self.model, x)
             total[0] += F.cross_entropy(logits, y, reduction="sum").double()
             total[1] += (logits.argmax(dim=1) == y).sum()
@@ -175,8 +189,13 @@ class TorchBackend(Backend):
 
         def capture(name):
             def hook(module, inputs):  # NCHW / NC: channels on axis 1
-                stats[name] = bn_probe_stats(inputs[0].double().cpu().numpy(), 1, module.running_mean.cpu().numpy(),
-                                             module.running_var.cpu().numpy())
+                stats[name] = bn_probe_stats(
+                    inputs[0].double().cpu().numpy(),
+                    1,
+                    module.running_mean.cpu().numpy(),
+                    module.running_var.cpu().numpy(),
+                )
+
             return hook
 
         try:
@@ -204,6 +223,7 @@ BACKEND = TorchBackend  # what common.registry hands to the loop
 def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
     """See common.interface: one BN layer's forward and backward, numpy in and out."""
     from common.config import ModelSpec
+
     from .lenet import make_bn
 
     dt = DTYPES[dtype]
@@ -221,10 +241,16 @@ def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, train
     after_forward = (layer.running_mean.detach().cpu().numpy().copy(), layer.running_var.detach().cpu().numpy().copy())
     (y * torch.as_tensor(np.asarray(dy), dtype=dt)).sum().backward()
     g, b = getattr(layer, names[0]), getattr(layer, names[1])
-    return BNResult(y=y.detach().numpy(), dx=xt.grad.numpy(), dgamma=g.grad.numpy(), dbeta=b.grad.numpy(),
-                    mean_after_forward=after_forward[0], var_after_forward=after_forward[1],
-                    mean_after_backward=layer.running_mean.detach().numpy(),
-                    var_after_backward=layer.running_var.detach().numpy())
+    return BNResult(
+        y=y.detach().numpy(),
+        dx=xt.grad.numpy(),
+        dgamma=g.grad.numpy(),
+        dbeta=b.grad.numpy(),
+        mean_after_forward=after_forward[0],
+        var_after_forward=after_forward[1],
+        mean_after_backward=layer.running_mean.detach().numpy(),
+        var_after_backward=layer.running_var.detach().numpy(),
+    )
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
@@ -245,9 +271,14 @@ def run_norm(spec, x, state, dy, *, training, dtype):
         y = layer(xt)
     (y * torch.as_tensor(np.asarray(dy)).to(compute)).sum().backward()
     after = {suffix: getattr(layer, attr).detach() for suffix, attr in attrs.items()}
-    return {"y": y.detach().double().numpy(), "dx": xt.grad.double().numpy(),
-            "dgamma": getattr(layer, attrs["gamma"]).grad.double().numpy(),
-            "dbeta": getattr(layer, attrs["beta"]).grad.double().numpy(),
-            "state": {suffix: value.double().numpy() for suffix, value in after.items()},
-            "dtypes": {"y": str(y.dtype).replace("torch.", ""),
-                       **{suffix: str(value.dtype).replace("torch.", "") for suffix, value in after.items()}}}
+    return {
+        "y": y.detach().double().numpy(),
+        "dx": xt.grad.double().numpy(),
+        "dgamma": getattr(layer, attrs["gamma"]).grad.double().numpy(),
+        "dbeta": getattr(layer, attrs["beta"]).grad.double().numpy(),
+        "state": {suffix: value.double().numpy() for suffix, value in after.items()},
+        "dtypes": {
+            "y": str(y.dtype).replace("torch.", ""),
+            **{suffix: str(value.dtype).replace("torch.", "") for suffix, value in after.items()},
+        },
+    }

@@ -7,6 +7,7 @@ loss sum and correct count accumulate on the device and are read once, at the
 end: no host synchronisation inside the epoch. Same model, parameters, lr and
 batch size as the suite; nothing of the suite's interface in between.
 """
+
 import time
 
 import torch

@@ -10,6 +10,7 @@ Mixed precision (common.precision): a bfloat16 or float16 input (autocast's
 convolution output) is normalised in float32, the statistics and the running
 blend included, and the result returned in the input's dtype.
 """
+
 import torch
 from torch import nn
 
@@ -24,15 +25,19 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     training mode, the batch-normalised values corrected by r and d (no gradient).
     """
     if x.dim() not in (2, 4):
-        raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got shape "
-                         f"{tuple(x.shape)}; flatten or reshape before the BN layer")
+        raise ValueError(
+            f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got shape "
+            f"{tuple(x.shape)}; flatten or reshape before the BN layer"
+        )
     out_dtype, x = x.dtype, in_float32(x)
     axes = (0,) if x.dim() == 2 else (0, 2, 3)
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
     if training:
         if x.numel() // x.shape[1] < 2:
-            raise ValueError(f"training-mode batch_norm needs more than one value per channel, "
-                             f"got input shape {tuple(x.shape)}; use a batch of at least 2 or eval mode")
+            raise ValueError(
+                f"training-mode batch_norm needs more than one value per channel, "
+                f"got input shape {tuple(x.shape)}; use a batch of at least 2 or eval mode"
+            )
         var, mean = torch.var_mean(x, dim=axes, correction=0)  # biased (1/n), as the spec says
         # .detach(): the running statistics must not carry autograd history
         new_mean = decay * running_mean + (1.0 - decay) * mean.detach()
@@ -88,8 +93,16 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         y, new_mean, new_var = batch_norm(
-            x, self.gamma, self.beta, self.running_mean, self.running_var,
-            training=self.training, decay=self.decay, epsilon=self.epsilon, renorm=self.limits())
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            renorm=self.limits(),
+        )
         if self.training:
             with torch.no_grad():
                 self.running_mean.copy_(new_mean)

@@ -7,12 +7,12 @@ BatchRenorm / GroupNorm; built-in nn.GroupNorm (group; layer after a convolution
 nn.LayerNorm's affine is per element of C x H x W, not per channel), nn.LayerNorm
 (layer after a dense layer), nn.InstanceNorm2d(affine=True); no built-in renorm.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from common.init import BN_NAMES, has_bias, layer_shapes
-
 from common.norms import groups_of, no_builtin
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
@@ -27,11 +27,19 @@ def make_norm(spec, num_features, dims):
         return make_bn(spec, num_features, dims)
     if spec.variant == "scratch":
         if spec.norm == "renorm":
-            return BatchRenorm(num_features, decay=spec.decay, epsilon=spec.epsilon, rmax=spec.renorm_rmax,
-                               dmax=spec.renorm_dmax, warmup=spec.renorm_warmup)
+            return BatchRenorm(
+                num_features,
+                decay=spec.decay,
+                epsilon=spec.epsilon,
+                rmax=spec.renorm_rmax,
+                dmax=spec.renorm_dmax,
+                warmup=spec.renorm_warmup,
+            )
         return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon)
     if spec.norm == "renorm":
-        raise no_builtin("PyTorch", "renorm", "nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d")
+        raise no_builtin(
+            "PyTorch", "renorm", "nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d"
+        )
     kwargs = {} if spec.variant == "builtin-defaults" else {"eps": spec.epsilon}
     if spec.norm == "layer" and dims == 2:
         return nn.LayerNorm(num_features, **kwargs)
@@ -82,7 +90,7 @@ class BNLeNet(nn.Module):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
 
     def bn_modules(self):
-        return {BN_NAMES[l]: getattr(self, BN_NAMES[l]) for l in BN_NAMES if self.spec.bn_at(l)}
+        return {BN_NAMES[layer]: getattr(self, BN_NAMES[layer]) for layer in BN_NAMES if self.spec.bn_at(layer)}
 
     def _block(self, layer, h):
         bn = getattr(self, BN_NAMES[layer]) if self.spec.bn_at(layer) else None

@@ -4,6 +4,7 @@ A DataLoader over in-memory tensors, `net(X)`, `loss(y_hat, y).mean().backward()
 `trainer.step()`, and the per-batch metric accumulation that converts to Python
 floats (one device round trip per step). Same model, batch size and data as the suite.
 """
+
 import time
 
 import torch
