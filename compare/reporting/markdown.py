@@ -7,6 +7,7 @@ import pandas as pd
 
 from common.config import RUNNING_NORMS
 
+from . import metrics
 from .stats import clipped, metric_bounds
 
 
@@ -30,15 +31,8 @@ def two_seed_note(frame: pd.DataFrame, what: str) -> str:
 
 
 def _fmt(value, column: str) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    if isinstance(value, (float, np.floating)):
-        if column.endswith("_per_s"):
-            return f"{value:,.0f}"
-        if column.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement", "_gain")):
-            return f"{value:.4f}"
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """A table cell: the value as its metric prints (compare.reporting.metrics), Markdown-safe."""
+    return metrics.format_value(value, column).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:

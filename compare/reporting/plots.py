@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics as registry
 from .tables import _atomic
-
-FRACTIONS = ("_acc", "disagreement", "agreement")  # metrics that are fractions, drawn on [0, 1]
 
 
 def draw(t: dict, run_dir: Path) -> list:
@@ -79,7 +78,7 @@ def figures(t: dict) -> dict:
                     ax.set_xlabel("epoch")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.grid(alpha=0.3)
-            if metric.endswith(FRACTIONS):
+            if registry.bounds(metric) == registry.BOUNDS["fraction"]:
                 axes[i][0].set_ylim(0, 1)  # the row shares it
         axes[0][0].legend(fontsize=8)
         fig.suptitle(title + ("; dashed: with population statistics" if dashed else ""))

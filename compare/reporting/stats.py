@@ -14,6 +14,8 @@ import math
 import numpy as np
 from scipy import stats as _scipy_stats
 
+from . import metrics
+
 CONFIDENCE = 0.95
 
 
@@ -31,21 +33,11 @@ def seed_stats(values, confidence: float = CONFIDENCE) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
 
 
-# What a metric can be: accuracies and rates are fractions, losses, distances, times and speeds are >= 0.
-# A t-interval from few seeds can reach past these; reports show it clipped to them.
-_FRACTIONS = ("_acc", "_acc_eval", "_acc_train", "disagreement", "agreement", "_rate")
-_NON_NEGATIVE = ("loss", "_mad", "_per_s", "_seconds", "_l2", "_max_abs", "_gap", "_ratio")
-
-
 def metric_bounds(metric: str) -> tuple:
-    """(low, high) of the values a metric (a column name) can take; (-inf, inf) where nothing bounds it."""
-    if metric.endswith("_gain"):  # a difference of two accuracies
-        return -1.0, 1.0
-    if metric.endswith(_FRACTIONS):
-        return 0.0, 1.0
-    if metric.endswith(_NON_NEGATIVE):
-        return 0.0, math.inf
-    return -math.inf, math.inf
+    """(low, high) of the values a metric (a column name) can take, from the registry (compare.reporting.metrics);
+    (-inf, inf) for a column that is no metric. A t-interval from few seeds can reach past them; reports show it
+    clipped to them."""
+    return metrics.bounds(metric)
 
 
 def difference_bounds(metric: str) -> tuple:

@@ -20,6 +20,7 @@ from common.config import VARIANTS, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
+from .metrics import RUN_METRICS
 from .stats import seed_stats
 
 RUN_INDEX = ["framework", "variant", "seed", "config_id"]
@@ -212,27 +213,6 @@ def coordinates(records: list) -> dict:
     return {r["config_id"]: r["coords"] for r in records if r.get("kind") == "plan" and r.get("coords")}
 
 
-# Per run, from its epochs (runs table): name -> (what it is, which way is better). A study aggregates
-# these over seeds and answers with them.
-RUN_METRICS = {
-    "best_test_acc": ("best test accuracy", "higher"),
-    "final_test_acc": ("final test accuracy", "higher"),
-    "final_train_loss": ("final training loss", "lower"),
-    "final_probe_disagreement": ("train/eval prediction disagreement", "lower"),
-    "final_probe_logit_mad": ("train/eval mean |logit difference|", "lower"),
-    "final_probe_acc_eval": ("probe accuracy in eval mode", "higher"),
-    "final_probe_acc_train": ("probe accuracy in train mode", "higher"),
-    "train_examples_per_s": ("training examples/s", "higher"),
-    # with population statistics in place of the running average (common.population); NaN where off
-    "best_pop_test_acc": ("best test accuracy with population statistics", "higher"),
-    "final_pop_test_acc": ("final test accuracy with population statistics", "higher"),
-    "final_pop_gain": ("final test accuracy, population statistics minus running average", "higher"),
-    "final_pop_probe_disagreement": ("train/eval prediction disagreement with population statistics", "lower"),
-    # mixed precision (common.precision): the final running statistics' relative L2 distance from those of the
-    # float32 run of the same seed (0 for that float32 run itself, so a paired difference is the drift); NaN
-    # for a run with no such twin
-    "final_running_stats_drift": ("running-statistics drift from the float32 run", "lower"),
-}
 POPULATION_COLUMNS = (
     "pop_test_loss",
     "pop_test_acc",

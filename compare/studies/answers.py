@@ -199,7 +199,7 @@ def comparisons(
     difference of the metric with its 95% t-interval. against_best: each arm against the stratum's
     best arm (the best mean of the metric) instead. metric: another than the answer's (its `also` list)."""
     metric, axis = metric or study.answer["metric"], list(study.answer["axis"])
-    higher = METRICS[metric][1].startswith("higher")
+    higher = METRICS[metric].better == "higher"
     strata = _strata(study, runs)
     done = runs[runs.status == "complete"]
     rows = []
@@ -267,8 +267,8 @@ def _best_answer(table: pd.DataFrame, runs: pd.DataFrame, study: Study) -> list:
     noise of it, those told apart from it by one seed only, and those behind it beyond seed noise; or what is
     missing where a stratum has fewer than two arms with complete runs."""
     metric, axis = study.answer["metric"], list(study.answer["axis"])
-    label = METRICS[metric][0]
-    most = "highest" if METRICS[metric][1].startswith("higher") else "lowest"
+    label = METRICS[metric].label
+    most = "highest" if METRICS[metric].better == "higher" else "lowest"
     strata = _strata(study, runs)
     sentences = []
     for values, stratum in _groups(runs, strata):
@@ -310,7 +310,7 @@ def _arm(axis, values) -> str:
 
 def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study, metric: str | None = None) -> list:
     metric = metric or study.answer["metric"]
-    label, better = METRICS[metric]
+    label, better = METRICS[metric].label, METRICS[metric].better
     sentences = []
     if "framework" in study.answer["axis"]:  # each framework's figure first, then the pairs
         for variant, group in cell_table.groupby("variant", sort=False):
@@ -388,7 +388,7 @@ def _intervals_overlap(cell_table: pd.DataFrame, metric: str) -> str:
 # trend ---------------------------------------------------------------------------------
 def _trend_answer(cell_table: pd.DataFrame, study: Study) -> list:
     x, metric = study.answer["x"], study.answer["metric"]
-    label = METRICS[metric][0]
+    label = METRICS[metric].label
     keys = [k for k in _cell_keys(study, cell_table) if k != x and k not in study.scale]
     sentences = []
     for values, everything in _groups(cell_table, keys):
@@ -545,8 +545,8 @@ def figure(cell_table: pd.DataFrame, study: Study):
                     mew=2,
                     transform=ax.get_xaxis_transform(),
                 )
-        if metric.endswith(("_acc", "_acc_eval", "_acc_train", "disagreement")):
-            ax.set_ylim(0, 1)  # a fraction (its bands are clipped to it)
+        if METRICS[metric].kind == "fraction":
+            ax.set_ylim(0, 1)  # its bands are clipped to it
         if metric == "best_test_acc" and study.failure:
             ax.axhline(study.failure["min_best_test_acc"], color="grey", ls="--", lw=1, label="failure threshold")
         if numeric:  # a tick at each grid value, and the grid's range even where no cell has a value yet
@@ -565,7 +565,7 @@ def figure(cell_table: pd.DataFrame, study: Study):
         else:
             ax.set_xticks(np.arange(len(categories)), [_num(c) for c in categories])
         ax.set_xlabel(x)
-        ax.set_ylabel(METRICS[metric][0])
+        ax.set_ylabel(METRICS[metric].label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{study.name}: mean over seeds, 95% t-interval; x = a seed failed or diverged", fontsize=9)

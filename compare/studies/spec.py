@@ -49,7 +49,7 @@ from common.config import VARIANTS, ModelSpec, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
-from ..reporting.tables import RUN_METRICS
+from ..reporting.metrics import RUN_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STUDIES_DIR = ROOT / "studies"
