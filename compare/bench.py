@@ -35,8 +35,8 @@ from common.registry import FRAMEWORKS, parse_frameworks
 from . import HelpFormatter
 from .execution import envs
 from .execution.executor import start_worker, worker_records
+from .reporting.files import atomic, write_json
 from .reporting.markdown import markdown_table
-from .reporting.tables import _atomic, write_json
 from .run import cpu_name, parse_list, parse_pythons
 
 LOOPS = ("suite", "bare", "textbook")
@@ -228,7 +228,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -371,12 +371,12 @@ def main(argv=None) -> int:
         return 1
     frame = pd.DataFrame(rows)[COLUMNS]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "bench.csv", lambda path: frame.to_csv(path, index=False))
+    atomic(out / "bench.csv", lambda path: frame.to_csv(path, index=False))
     rows = records.clean(rows)  # NaN (no interval) as null
     write_json(out / "bench.json", {"machine": machine, "rows": rows})
     text = render(frame, machine, loops, args)
     plot(frame, out / "bench.png")
-    _atomic(out / "bench.md", lambda path: path.write_text(text + "\n![throughput against batch size](bench.png)\n"))
+    atomic(out / "bench.md", lambda path: path.write_text(text + "\n![throughput against batch size](bench.png)\n"))
     if args.json:
         write_json(Path(args.json), rows)
     print(f"written: {out}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)

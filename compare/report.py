@@ -12,9 +12,10 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
+from .reporting.files import atomic, read_environment
 from .reporting.markdown import SUMMARY_COLUMNS, markdown_table, render_markdown
 from .reporting.plots import draw
-from .reporting.tables import _atomic, load, read_environment, write_tables
+from .reporting.tables import load, write_tables
 
 
 def build(run_dir, reference: str | None = None) -> tuple:
@@ -25,7 +26,7 @@ def build(run_dir, reference: str | None = None) -> tuple:
     written = write_tables(t, run_dir)
     plots = draw(t, run_dir)
     text = render_markdown(t, env, plots, written + plots, problems)
-    _atomic(run_dir / "report.md", lambda p: p.write_text(text))
+    atomic(run_dir / "report.md", lambda p: p.write_text(text))
     return markdown_table(t["summary"], SUMMARY_COLUMNS), usable
 
 

@@ -62,7 +62,7 @@ def parse_list(text: str, kind: str, choices) -> tuple:
     return _no_repeats(items, kind, text)
 
 
-def _seeds(text: str) -> tuple:
+def parse_seeds(text: str) -> tuple:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -282,7 +282,7 @@ def configs_from_args(args) -> list:
             renorm_dmax=args.renorm_dmax,
             renorm_warmup=args.renorm_warmup,
         )
-        for precision, seed in ((p, s) for p in precisions for s in _seeds(args.seeds)):
+        for precision, seed in ((p, s) for p in precisions for s in parse_seeds(args.seeds)):
             dtype, mixed = split_precision(precision)
             out.append(
                 RunConfig(
@@ -480,7 +480,7 @@ def main(argv=None) -> int:
             **runner.describe(),
             signal=signal.Signals(signals.signum).name if signals.signum else None,
         )
-        from .reporting.tables import write_json
+        from .reporting.files import write_json
 
         write_json(run_dir / "environment.json", env_record)
         from . import report

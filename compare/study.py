@@ -29,8 +29,8 @@ from . import HelpFormatter
 from .execution import choose
 from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
-from .reporting import tables, tracking
-from .run import _seeds, check_run_dir, environment_record, execute, parse_pythons, plan_records
+from .reporting import files, tables, tracking
+from .run import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
 from .studies import answers, spec
 
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(study, args) -> dict:
     frameworks = parse_frameworks(args.frameworks) if args.frameworks else study.frameworks
-    seeds = _seeds(args.seeds) if args.seeds else study.seeds
+    seeds = parse_seeds(args.seeds) if args.seeds else study.seeds
     return {
         "study": study.name,
         "file_text": study.text,
@@ -89,7 +89,7 @@ def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
     if not (study_dir / "records.jsonl").exists():
         check_run_dir(str(Path(out) / name), run_id)
         study_dir.mkdir(parents=True, exist_ok=True)
-        tables.write_json(saved, settings)
+        files.write_json(saved, settings)
         (study_dir / "study.toml").write_text(settings["file_text"])
         return study_dir, False
     try:
@@ -104,7 +104,7 @@ def open_study_dir(out: str, name: str, run_id: str, settings: dict) -> tuple:
             f"{study_dir} was started with a different {what}; resuming it would mix two "
             f"studies. Start a new --run-id (or restore the file: {study_dir / 'study.toml'})"
         )
-    tables.write_json(
+    files.write_json(
         saved,
         {
             **settings,
@@ -119,7 +119,7 @@ def finished_runs(study_dir: Path) -> set:
     """(framework, config_id) of every run whose latest attempt ended with a result."""
     if not (study_dir / "records.jsonl").is_file():
         return set()
-    recs, _ = tables.read_records(study_dir)
+    recs, _ = files.read_records(study_dir)
     return {
         (r["framework"], r["config_id"])
         for r in tables.latest_attempts(recs)
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
             "interrupted": signals.signum is not None,
             "signal": signal.Signals(signals.signum).name if signals.signum else None,
         }
-        before, _ = tables.read_environment(study_dir) if resumed else ({}, None)
+        before, _ = files.read_environment(study_dir) if resumed else ({}, None)
         sessions = before.get("sessions", []) + [session]  # each start of the study, in order
         env.update(
             session,
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             sessions=sessions,
             seconds=round(sum(s["seconds"] for s in sessions), 1),
         )
-        tables.write_json(study_dir / "environment.json", env)
+        files.write_json(study_dir / "environment.json", env)
         answer = build(study_dir, study)
     finally:
         signals.restore()
@@ -273,7 +273,7 @@ def build(study_dir: Path, study=None) -> list:
     text = answers.render(
         study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots, unfinished, problems
     )
-    tables._atomic(study_dir / "study.md", lambda p: p.write_text(text))
+    files.atomic(study_dir / "study.md", lambda p: p.write_text(text))
     return answer
 
 

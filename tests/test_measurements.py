@@ -20,7 +20,7 @@ from common.data import Dataset
 from common.interface import ProbeResult
 from common.loop import run as run_loop
 from compare import report
-from compare.reporting import markdown, tables
+from compare.reporting import files, markdown, tables
 from tests.scripted_backend import Script, scripted_backend
 
 # 5 test images; the probe takes 4 of them (probe_indices(5, 4) = 0, 2, 3, 4, pinned below), labels 0, 1, 2, 3.
@@ -344,7 +344,7 @@ def test_reference_changes_the_drift_table(tmp_path):
     assert drift.param_rel_l2[0] == pytest.approx(0.5 / math.sqrt(9 + 20.25)), "param_rel_l2 against mxnet"
     assert drift.running_stats_rel_l2[0] == pytest.approx(1 / math.sqrt(7)), "running_stats_rel_l2 against mxnet"
     # and the run's own choice, stored in environment.json, is what a plain rebuild uses
-    tables.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
+    files.write_json(tmp_path / "environment.json", {"reference": "mxnet"})
     assert report.main([str(tmp_path)]) == 0
     assert list(pd.read_csv(tmp_path / "drift.csv").reference) == ["mxnet"]
 

@@ -147,13 +147,11 @@ def test_what_the_reports_read_comes_from_the_registry():
         assert stats.metric_bounds(name) == metric.bounds
         assert metric.better in ("higher", "lower", None) and metric.label
     assert stats.metric_bounds("framework") == (-math.inf, math.inf)
+    assert markdown.fmt(0.123456, "final_pop_gain") == "0.1235" and markdown.fmt(2048.0, "population_images") == "2,048"
     assert (
-        markdown._fmt(0.123456, "final_pop_gain") == "0.1235" and markdown._fmt(2048.0, "population_images") == "2,048"
+        markdown.fmt(12345.6, "train_examples_per_s") == "12,346" and markdown.fmt(0.000123, "mean_gap") == "0.000123"
     )
-    assert (
-        markdown._fmt(12345.6, "train_examples_per_s") == "12,346" and markdown._fmt(0.000123, "mean_gap") == "0.000123"
-    )
-    assert markdown._fmt("a|b", "detail") == "a\\|b"
+    assert markdown.fmt("a|b", "detail") == "a\\|b"
 
 
 def test_a_bounded_metrics_interval_is_clipped_through_the_registry(monkeypatch):

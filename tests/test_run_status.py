@@ -24,7 +24,7 @@ from common.interface import ProbeResult
 from common.loop import divergence_message
 from common.loop import run as run_loop
 from compare import report
-from compare.reporting import tables
+from compare.reporting import files, tables
 from compare.run import main as run_main
 from tests.helpers import make_idx_dir
 from tests.scripted_backend import Script, scripted_backend
@@ -91,7 +91,7 @@ def test_each_status_reaches_runs_summary_and_report(tmp_path):
     assert (
         runs.loc[("torch", "builtin"), "diverged_epoch"] == 2 and runs.loc[("torch", "builtin"), "diverged_step"] == 7
     )
-    assert runs.loc[("torch", "none"), "epochs_done"] == 1 and tables.NO_END in runs.loc[("torch", "none"), "detail"]
+    assert runs.loc[("torch", "none"), "epochs_done"] == 1 and files.NO_END in runs.loc[("torch", "none"), "detail"]
     assert runs.loc[("torch", "builtin-defaults"), "exit_status"] == -9
     summary = pd.read_csv(run_dir / "summary.csv").set_index(["framework", "variant"])
     assert summary.loc[("torch", "builtin"), "status"] == "diverged"

@@ -14,7 +14,7 @@ from .stats import clipped, metric_bounds
 def interval_text(low, high, column: str, bounds: tuple | None = None) -> str:
     """A 95% interval as [low, high], clipped to what the metric can be (the tables keep it unclipped)."""
     low, high = clipped(float(low), float(high), bounds or metric_bounds(column))
-    return f"[{_fmt(low, column)}, {_fmt(high, column)}]"
+    return f"[{fmt(low, column)}, {fmt(high, column)}]"
 
 
 def two_seed_note(frame: pd.DataFrame, what: str) -> str:
@@ -30,7 +30,7 @@ def two_seed_note(frame: pd.DataFrame, what: str) -> str:
     )
 
 
-def _fmt(value, column: str) -> str:
+def fmt(value, column: str) -> str:
     """A table cell: the value as its metric prints (compare.reporting.metrics), Markdown-safe."""
     return metrics.format_value(value, column).replace("|", "\\|").replace("\n", " ")
 
@@ -43,7 +43,7 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
         columns.insert(columns.index("variant") + 1, "precision")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
-        cells = [_fmt(row[c], c) for c in columns]
+        cells = [fmt(row[c], c) for c in columns]
         for i, c in enumerate(columns):  # a mean over seeds shows its 95% interval
             high = row.get(f"{c}_ci_high")
             if cells[i] and high is not None and not pd.isna(high):
@@ -53,7 +53,7 @@ def markdown_table(frame: pd.DataFrame, columns: list | None = None) -> str:
                 if c == "status":
                     cells[i] = f"**{cells[i]}**"
                 elif c in ("best_test_acc", "final_test_acc") and cells[i] and "final_epoch" in row:
-                    cells[i] += f" (to epoch {row['final_epoch']} of {_fmt(row.get('epochs'), 'epochs')})"
+                    cells[i] += f" (to epoch {row['final_epoch']} of {fmt(row.get('epochs'), 'epochs')})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -284,7 +284,7 @@ def plateau_sentences(summary: pd.DataFrame) -> list:
         text = (
             f"{row.framework} {row.variant}: still on its initial plateau (final training loss "
             f"{row.final_train_loss:.4f}, against ln 10 = {CHANCE_LOSS:.4f} for a uniform guess over the 10 "
-            f"classes; best test accuracy {_fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
+            f"classes; best test accuracy {fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
             f"learnt yet, so its other figures say little."
         )
         if row.variant == "none" and row.get("activation", "sigmoid") == "sigmoid":

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as registry
-from .tables import _atomic
+from .files import atomic
 
 
 def draw(t: dict, run_dir: Path) -> list:
@@ -16,7 +16,7 @@ def draw(t: dict, run_dir: Path) -> list:
 
     made = []
     for name, fig in figures(t).items():
-        _atomic(run_dir / name, lambda p: fig.savefig(p, dpi=110, format="png"))
+        atomic(run_dir / name, lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
         made.append(name)
     return made

@@ -7,8 +7,6 @@ table. Reporting never decides pass/fail; tests assert on the same records.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,67 +18,12 @@ from common.config import VARIANTS, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
+from .files import NO_END, atomic, read_environment, read_records
 from .metrics import RUN_METRICS
 from .stats import seed_stats
 
 RUN_INDEX = ["framework", "variant", "seed", "config_id"]
 TABLES = ("epochs", "bn_gap", "drift", "summary", "runs", "errors")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
-
-
-def read_records(run_dir: Path) -> tuple:
-    """(records, skipped): every usable record of records.jsonl, and (line number, reason) for each
-    line that could not be used. A bad line never stops the report."""
-    path = Path(run_dir) / "records.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a bn-compare run directory?")
-    out, skipped = [], []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            skipped.append((number, "not UTF-8 text"))
-            continue
-        except json.JSONDecodeError:
-            skipped.append((number, "not valid JSON (a line cut by a crash?)"))
-            continue
-        why = records_schema.problem(record)
-        if why:
-            skipped.append((number, why))
-        else:
-            out.append(record)
-    for number, why in skipped:
-        print(f"warning: {path}:{number}: {why}; skipped", file=sys.stderr)
-    return out, skipped
-
-
-def read_environment(run_dir: Path) -> tuple:
-    """(environment dict, problem or None): a missing or corrupt environment.json is reported, not fatal."""
-    path = Path(run_dir) / "environment.json"
-    if not path.is_file():
-        return {}, f"{path.name} is missing (the runner was stopped before writing it?)"
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {}, f"{path.name} is corrupt ({exc}); the tables are built without it"
-    if not isinstance(env, dict):
-        return {}, f"{path.name} holds a JSON {type(env).__name__}, not an object; the tables are built without it"
-    return env, None
 
 
 def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
@@ -193,9 +136,6 @@ def _drift(epochs: pd.DataFrame, run_dir: Path, reference: str) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
-
-
-NO_END = "no end record: the runner stopped before it could write one"
 
 
 def latest_attempts(records: list) -> list:
@@ -522,10 +462,10 @@ def write_tables(t: dict, out_dir: Path) -> list:
     for name, frame in t.items():
         if frame.empty and len(frame.columns) == 0:
             frame = pd.DataFrame(columns=EMPTY_COLUMNS.get(name, ["framework", "variant"]))
-        _atomic(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+        atomic(out_dir / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
         written.append(f"{name}.csv")
         if parquet and not frame.empty:
-            _atomic(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+            atomic(out_dir / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
             written.append(f"{name}.parquet")
     return written
 

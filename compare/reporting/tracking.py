@@ -44,6 +44,8 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
+from .files import NO_END
+
 ATTEMPTS = 3
 BACKOFF_SECONDS = (0.5, 1.5)  # between attempts
 REQUEST_TIMEOUT_SECONDS = "10"  # MLflow's HTTP client: one request (its own default is 120 s)
@@ -51,7 +53,6 @@ DRAIN_SECONDS = 60  # at the end, how long the orchestrator waits for what is st
 KEY_TAG = "bn_compare.key"
 # MLflow 3's UI opens an experiment in its GenAI layout unless this tag says it is model training
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-NO_END = "no end record: the runner was stopped before the run ended"
 PARENT_KEY = "parent"
 STATUS = {
     "complete": "FINISHED",
@@ -392,7 +393,8 @@ def experiment_name(folder: Path) -> tuple:
 def rebuild(folder: Path, uri: str | None, interrupted: bool) -> Tracker:
     """Mirror a folder's records.jsonl (each run's latest attempt) and its report into MLflow, replacing
     what the tracker held of them."""
-    from .tables import latest_attempts, read_records
+    from .files import read_records
+    from .tables import latest_attempts
 
     name, kind = experiment_name(folder)
     tracker = Tracker(resolve_uri(uri, folder), name, folder, kind)

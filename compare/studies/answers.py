@@ -15,9 +15,9 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from ..reporting.markdown import _fmt, interval_text, markdown_table, two_seed_note
+from ..reporting.files import atomic
+from ..reporting.markdown import fmt, interval_text, markdown_table, two_seed_note
 from ..reporting.stats import clipped, difference_bounds, metric_bounds, seed_stats
-from ..reporting.tables import _atomic
 from .spec import METRICS, Study
 
 DONE = ("complete", "diverged")  # a result; the other statuses mean the run is missing
@@ -104,7 +104,7 @@ def _num(value) -> str:
 
 
 def _fmt_metric(value, metric) -> str:
-    return _fmt(value, metric) or "n/a"
+    return fmt(value, metric) or "n/a"
 
 
 def _with_interval(row, column, metric=None) -> str:
@@ -487,7 +487,7 @@ def plot(cell_table: pd.DataFrame, study: Study, out_dir) -> list:
     fig = figure(cell_table, study)
     if fig is None:
         return []
-    _atomic(out_dir / "study.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic(out_dir / "study.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return ["study.png"]
 
