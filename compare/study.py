@@ -31,7 +31,7 @@ from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
 from .reporting import files, tables, tracking
 from .run import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
-from .studies import answers, spec
+from .studies import analysis, answers, render, spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +123,7 @@ def finished_runs(study_dir: Path) -> set:
     return {
         (r["framework"], r["config_id"])
         for r in tables.latest_attempts(recs)
-        if r["kind"] == "run_end" and r["status"] in answers.DONE
+        if r["kind"] == "run_end" and r["status"] in analysis.DONE
     }
 
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}",
         file=sys.stderr,
     )
-    labels = {cid: " ".join(f"{k}={answers._num(v)}" for k, v in c.items()) for cid, c in coords.items()}
+    labels = {cid: " ".join(f"{k}={analysis.num(v)}" for k, v in c.items()) for cid, c in coords.items()}
     progress = Progress(
         live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels, epoch_lines=False, unit="run"
     )
@@ -266,11 +266,11 @@ def build(study_dir: Path, study=None) -> list:
     t, env, problems, _ = tables.load(study_dir)
     answer, frames = answers.analyse(t["runs"], study)
     written = tables.write_tables({**t, **frames}, study_dir)
-    plots = answers.plot(frames["study"], study, study_dir)
+    plots = render.plot(frames["study"], study, study_dir)
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]
-    text = answers.render(
+    text = render.render(
         study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots, unfinished, problems
     )
     files.atomic(study_dir / "study.md", lambda p: p.write_text(text))

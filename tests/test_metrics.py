@@ -11,7 +11,7 @@ from common import records
 from common.config import ModelSpec, RunConfig
 from compare import report
 from compare.reporting import markdown, metrics, stats, tables, tracking
-from compare.studies import answers, spec
+from compare.studies import answers, render, spec
 from tests.test_measurements import drift_run, epoch_record, summary_records, write_snapshot
 from tests.test_population import population_records
 from tests.test_study import BASE_LR, runs_frame, write
@@ -133,7 +133,7 @@ def test_every_metric_a_study_prints_is_in_the_registry(tmp_path, kind):
         ]
     )
     sentences, frames = answers.analyse(runs, study)
-    text = answers.render(study, sentences, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
+    text = render.render(study, sentences, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
     printed = {c for c in headers(text) if not c.startswith(("largest_stable_", "smallest_failing_"))}
     unknown = sorted(c for c in printed - NOT_METRICS if metrics.get(c) is None)
     assert not unknown, f"printed but not in the registry: {unknown}"

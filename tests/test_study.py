@@ -17,7 +17,7 @@ import pytest
 
 from common import data, records
 from compare.reporting import tables
-from compare.studies import answers, spec
+from compare.studies import analysis, answers, render, spec
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir
 
@@ -196,7 +196,7 @@ def test_failure_criterion(tmp_path):
             {"status": "complete"},
         ]
     )  # complete but no epoch accuracy: fails (not >= threshold)
-    assert answers.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
+    assert analysis.failed(runs, study).tolist() == [False, True, False, True, True, np.nan, np.nan, True]
 
 
 def test_cell_statistics_by_hand(tmp_path):
@@ -208,7 +208,7 @@ def test_cell_statistics_by_hand(tmp_path):
             {"lr": 1.0, "seed": 0, "best_test_acc": 0.7},
         ]
     )
-    cells = answers.cells(runs, study).set_index("lr")
+    cells = analysis.cells(runs, study).set_index("lr")
     row = cells.loc[0.1]
     # mean 0.83; sample sd sqrt(((-.03)^2 + .01^2 + .02^2) / 2) = sqrt(0.0007) = 0.0264575;
     # half-width t(0.975, 2) 4.302653 x 0.0264575 / sqrt(3) = 0.0657241
@@ -302,7 +302,7 @@ def test_a_diverged_run_stays_out_of_a_paired_comparison(tmp_path):
     """Seed 1 of the arm diverged after some epochs: its best accuracy before that (0.60) is finite, but a
     diverged run is not a complete one and has no place in the paired difference."""
     runs = arms({0: 0.80, 1: 0.82, 2: 0.78, 3: 0.81}, {0: 0.83, 1: 0.60, 2: 0.80, 3: 0.84}, {1: "diverged"})
-    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = analysis.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # seeds 0, 2, 3: differences 0.03, 0.02, 0.03; mean 0.0266667, sd sqrt(0.0000333333) = 0.0057735,
     # half-width 4.302653 x 0.0057735 / sqrt(3) = 0.0143422 -> [0.0123245, 0.0410089], above 0
     # (with the diverged seed: -0.22 among them, mean -0.035, within seed noise)
@@ -335,7 +335,7 @@ def test_best_names_the_best_arm_and_those_within_seed_noise_of_it(tmp_path):
     runs = runs_frame(
         [{"lr": lr, "seed": s, "best_test_acc": v} for lr, vs in accuracy.items() for s, v in enumerate(vs)]
     )
-    table = answers.comparisons(runs, study, against_best=True)
+    table = analysis.comparisons(runs, study, against_best=True)
     assert set(table.baseline) == {"lr=1"} and sorted(table.arm) == ["lr=0.1", "lr=0.3"]
     # lr 0.1 - lr 1: -0.02, -0.02, -0.02: sd 0, an interval of one point, below 0
     assert table.set_index("arm").verdict.to_dict() == {"lr=0.1": "lower", "lr=0.3": "within seed noise"}
@@ -387,7 +387,7 @@ def test_arms_pair_by_seed_value_when_a_seed_is_missing(tmp_path):
     """The arm lacks seed 1 (in the middle of the list): seed 2 pairs with seed 2, not with the baseline's
     second run."""
     runs = arms({0: 0.80, 1: 0.70, 2: 0.85, 3: 0.75}, {0: 0.82, 2: 0.88, 3: 0.775})
-    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = analysis.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # seeds 0, 2, 3: differences 0.02, 0.03, 0.025; mean 0.025, sd 0.005, half-width 4.302653 x 0.005 /
     # sqrt(3) = 0.0124207 (by position: 0.02, 0.18, -0.075, mean 0.0416667)
     assert row.paired_seeds == 3 and row.baseline_mean == pytest.approx(0.80)
@@ -403,7 +403,7 @@ def test_pairing_keeps_each_arm_in_seed_order(tmp_path):
     """Neither arm is in ascending order of its values; the mean difference would not change if one were
     sorted before pairing, but the interval and the verdict would."""
     runs = arms({0: 0.80, 1: 0.70, 2: 0.75, 3: 0.85}, {0: 0.82, 1: 0.73, 2: 0.775, 3: 0.87})
-    row = answers.comparisons(runs, compare_study(tmp_path)).iloc[0]
+    row = analysis.comparisons(runs, compare_study(tmp_path)).iloc[0]
     # differences 0.02, 0.03, 0.025, 0.02: mean 0.02375, sd sqrt(0.0000687500 / 3) = 0.00478714, half-width
     # t(0.975, 3) 3.182446 x 0.00478714 / 2 = 0.00761738 (sorted arm: -0.07, 0.075, 0.07, 0.02, within noise)
     assert row.paired_seeds == 4 and row.difference == pytest.approx(0.02375, abs=1e-9)
@@ -448,7 +448,7 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
     cell = frames["study"].set_index("lr").loc[0.1]
     # mean 0.35, sd 0.353553, half-width 12.706205 x 0.353553 / sqrt(2) = 3.176551
     assert cell.best_test_acc_ci_low == pytest.approx(0.35 - 3.176551, abs=1e-6)  # unclipped in the table
-    text = answers.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
+    text = render.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
     assert "0.3500 [0.0000, 1.0000] (n=2)" in text
     assert "rest on two seeds" in text
     # the paired difference of two accuracies lies in [-1, 1]: differences 0.02, 0.30, mean 0.16, half-width
@@ -660,9 +660,9 @@ def test_every_answer_kind_says_what_is_missing(tmp_path, kind, subset):
     answer, frames = answers.analyse(runs, study)
     assert MISSING[kind, subset] in answer, answer
     assert not any("nan" in sentence for sentence in answer), answer
-    text = answers.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs[runs.status != "complete"], [])
+    text = render.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs[runs.status != "complete"], [])
     assert ("**No run has a complete result**" in text) == (subset in ("no complete run", "every run diverged"))
-    assert answers.plot(frames["study"], study, tmp_path) == ["study.png"]
+    assert render.plot(frames["study"], study, tmp_path) == ["study.png"]
 
 
 def test_a_study_without_any_run_recorded_still_answers(tmp_path):
@@ -670,7 +670,7 @@ def test_a_study_without_any_run_recorded_still_answers(tmp_path):
     runs = tables.tables([], tmp_path)["runs"]
     answer, frames = answers.analyse(runs, study)
     assert answer == ["No run was recorded: nothing to answer."]
-    assert "**No run has a complete result**" in answers.render(study, answer, frames, {}, [], [], runs, [])
+    assert "**No run has a complete result**" in render.render(study, answer, frames, {}, [], [], runs, [])
 
 
 def test_best_keeps_arms_measured_on_one_seed_apart(tmp_path):
@@ -773,10 +773,10 @@ def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
     answer, frames = answers.analyse(runs, study)
     cell = frames["study"].set_index("lr").final_probe_disagreement
     assert cell[1.0] == pytest.approx(0.11) and cell[0.1] == pytest.approx(0.16 / 3)
-    text = answers.render(study, answer, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
+    text = render.render(study, answer, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
     header = next(line for line in text.splitlines() if line.startswith("| framework | variant | lr |"))
     assert "final_probe_disagreement" in header and "best_test_acc" in header
-    fig = answers.figure(frames["study"], study)
+    fig = render.figure(frames["study"], study)
     assert [ax.get_ylabel() for ax in fig.axes] == ["best test accuracy", "train/eval prediction disagreement"]
     line = next(drawn for drawn in fig.axes[1].get_lines() if len(drawn.get_ydata()) == 2)
     np.testing.assert_allclose(line.get_ydata(), [0.16 / 3, 0.11])
