@@ -98,18 +98,100 @@ def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, runnin
 
 
 class Backend(ABC):
-    """One framework's BN-LeNet on one device, built from a RunConfig."""
+    """One framework's BN-LeNet on one device, built from a RunConfig.
+
+    A template: what is the same in every framework is written here once (describe, probe, the population
+    pass, and the gate that only normalisations with running statistics report statistics); a framework
+    implements the primitives the loop calls (set_params ... synchronize) and a few small hooks:
+    framework_version, device_info, execution_name, default_norm_constants and train_mode_forward, and, where
+    a forward can change more than the canonical arrays, save_state / restore_state."""
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
 
     def __init__(self, config: RunConfig):
         self.config = config
 
+    # hooks ------------------------------------------------------------------------------------------------
     @abstractmethod
-    def describe(self) -> dict:
-        """Framework version, device name, execution mode, and the BN decay and
-        epsilon the model really uses (they differ from the spec for builtin-defaults)."""
+    def framework_version(self) -> str:
+        """The framework's version string."""
 
+    @abstractmethod
+    def device_info(self) -> tuple:
+        """("cpu" or "gpu", a readable device name) of the device this model runs on."""
+
+    @abstractmethod
+    def execution_name(self) -> str:
+        """How the training step runs, in the framework's words (eager, torch.compile, hybridized, ...)."""
+
+    @abstractmethod
+    def default_norm_constants(self) -> tuple:
+        """(decay, epsilon) of the framework's own normalisation layer for this spec as its constructor makes
+        it (the builtin-defaults variant); decay None where the layer keeps no running statistics."""
+
+    @abstractmethod
+    def train_mode_forward(self, images: np.ndarray, capture: bool) -> tuple:
+        """A forward of numpy images with every normalisation layer in train mode (its batch statistics) and
+        dropout off: (logits as numpy, {canonical layer name: (the layer's input as numpy, its channel axis)}
+        for every normalisation layer where capture, else {}). It may change state (running statistics,
+        counters); probe() restores it."""
+
+    def save_state(self):
+        """Everything a train-mode forward could change, for restore_state (default: the canonical arrays,
+        running statistics and renorm's step counts included)."""
+        return self.get_params()
+
+    def restore_state(self, saved) -> None:
+        self.set_params(saved)
+
+    # the template -------------------------------------------------------------------------------------------
+    def effective_norm(self) -> tuple:
+        """(decay, epsilon) the normalisation layers really use: the spec's, or for builtin-defaults the
+        framework's own; decay None without running statistics, both None without a normalisation."""
+        spec = self.config.model
+        if not spec.has_bn:
+            return None, None
+        if spec.variant == "builtin-defaults":
+            decay, epsilon = self.default_norm_constants()
+        else:
+            decay, epsilon = spec.decay, spec.epsilon
+        return (None if decay is None or not spec.has_running_stats else float(decay)), float(epsilon)
+
+    def describe(self) -> dict:
+        """Framework version, device name, execution mode, and the decay and epsilon the normalisation layers
+        really use (they differ from the spec for builtin-defaults)."""
+        device, device_name = self.device_info()
+        decay, epsilon = self.effective_norm()
+        return {
+            "framework": self.name,
+            "version": self.framework_version(),
+            "device": device,
+            "device_name": device_name,
+            "execution": self.execution_name(),
+            "bn_decay": decay,
+            "bn_epsilon": epsilon,
+            "dtype": self.config.dtype,
+        }
+
+    def probe(self, images: np.ndarray) -> ProbeResult:
+        """Eval-mode and train-mode logits of the same images, and each normalisation layer's batch and
+        running statistics (only the normalisations that keep running statistics report any). Changes no
+        state: running statistics, parameters and any optimizer or framework counters are exactly as before."""
+        logits_eval = self.predict(images)
+        capture = self.config.model.has_running_stats
+        params = self.get_params() if capture else {}
+        saved = self.save_state()
+        try:
+            logits_train, inputs = self.train_mode_forward(images, capture)
+        finally:
+            self.restore_state(saved)
+        stats = {
+            name: bn_probe_stats(x, axis, params[f"{name}.running_mean"], params[f"{name}.running_var"])
+            for name, (x, axis) in inputs.items()
+        }
+        return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
+
+    # the primitives the loop calls ------------------------------------------------------------------------
     @abstractmethod
     def set_params(self, params: dict) -> None:
         """Load canonical parameters (every array of common.init.parameter_shapes)."""
@@ -152,12 +234,6 @@ class Backend(ABC):
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode logits of numpy images. Changes no state."""
-
-    @abstractmethod
-    def probe(self, images: np.ndarray) -> ProbeResult:
-        """Eval-mode and train-mode logits of the same images, and each BN layer's batch
-        and running statistics. Changes no state: running statistics, parameters and
-        any optimizer or framework counters are exactly as before."""
 
     def batch_statistics(self, batches: list) -> list:
         """For each batch of numpy images: a forward with every BN layer in train mode (normalising with

@@ -170,13 +170,21 @@ def activate(x, kind: str):
 
 
 def lenet_forward(
-    params: dict, spec: ModelSpec, x, *, training: bool, epsilon: float | None = None, decay: float | None = None
+    params: dict,
+    spec: ModelSpec,
+    x,
+    *,
+    training: bool,
+    epsilon: float | None = None,
+    decay: float | None = None,
+    inputs: dict | None = None,
 ):
     """BN-LeNet logits in float64 (no dropout), plus per-BN-layer statistics.
 
     Returns (logits, stats) where stats[bn] = dict(batch_mean, batch_var,
     new_running_mean, new_running_var) for the norms with running statistics;
-    batch_* are None in eval mode.
+    batch_* are None in eval mode. `inputs`, where given, receives each
+    normalisation layer's input (NCHW / NC) under its canonical name.
     """
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     eps = spec.epsilon if epsilon is None else epsilon
@@ -194,6 +202,8 @@ def lenet_forward(
         bn = BN_NAMES[layer] if spec.bn_at(layer) else None
 
         def norm(h):
+            if inputs is not None:
+                inputs[bn] = h
             state = {k.split(".")[1]: v for k, v in p.items() if k.startswith(f"{bn}.")}
             y, new, _, _ = norm_forward(spec, h, state, training=training, epsilon=eps, decay=dec)
             if spec.norm in ("batch", "renorm"):

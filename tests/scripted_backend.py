@@ -63,6 +63,22 @@ def scripted_backend(script: Script):
                 "dtype": self.config.dtype,
             }
 
+        # the template's hooks: describe and probe are scripted whole here, so these are never called
+        def framework_version(self):
+            raise NotImplementedError
+
+        def device_info(self):
+            raise NotImplementedError
+
+        def execution_name(self):
+            raise NotImplementedError
+
+        def default_norm_constants(self):
+            raise NotImplementedError
+
+        def train_mode_forward(self, images, capture):
+            raise NotImplementedError
+
         def set_params(self, params):
             self.params = dict(params)
 

@@ -27,10 +27,10 @@ from flax import serialization
 
 from common.errors import BackendUnavailable
 from common.init import bn_layers, check_params, init_params, is_trainable
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
+from common.interface import Backend, BNResult, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
-from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, effective_bn, make_norm, mode_kwargs, variable_paths
+from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, make_norm, mode_kwargs, variable_paths
 
 # The jitted step by default: eager JAX dispatches every op from Python (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -148,21 +148,35 @@ class JaxBackend(Backend):
                 mask.setdefault(module, {})[leaf] = is_trainable(name, self.spec)
         return mask
 
-    def describe(self):
-        decay, epsilon = effective_bn(self.spec)
+    # hooks of the Backend template (common.interface) -------------------------------------------------------
+    def framework_version(self):
+        return f"{jax.__version__} (flax {flax.__version__})"
+
+    def device_info(self):
         if self.device.platform == "cpu":
-            device_name = f"CPU ({platform.processor() or platform.machine()})"
-        else:
-            device_name = self.device.device_kind
-        return {
-            "framework": "jax",
-            "version": f"{jax.__version__} (flax {flax.__version__})",
-            "device": "cpu" if self.device.platform == "cpu" else "gpu",
-            "device_name": device_name,
-            "execution": "jax.jit" if self.compiled else "eager",
-            "bn_decay": None if decay is None else float(decay),
-            "bn_epsilon": None if epsilon is None else float(epsilon),
-            "dtype": self.dtype,
+            return "cpu", f"CPU ({platform.processor() or platform.machine()})"
+        return "gpu", self.device.device_kind
+
+    def execution_name(self):
+        return "jax.jit" if self.compiled else "eager"
+
+    def default_norm_constants(self):
+        layer = make_norm(self.spec, 2, "float32")
+        return getattr(layer, "momentum", None), layer.epsilon
+
+    def save_state(self):  # functional: a forward returns new state and changes none
+        return None
+
+    def restore_state(self, saved):
+        pass
+
+    def train_mode_forward(self, images, capture):
+        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
+        logits, inputs = self._probe(self.variables, x)
+        wide = jnp.float64 if self.dtype == "float64" else jnp.float32
+        return np.asarray(logits), {
+            name: (np.asarray(inputs[f"{name}_input"][0].astype(wide)), -1)  # channels last
+            for name in (bn_layers(self.spec) if capture else ())
         }
 
     # parameters ---------------------------------------------------------------
@@ -231,26 +245,11 @@ class JaxBackend(Backend):
         return np.asarray(self._logits(self.variables, x))
 
     def _probe_impl(self, variables, x):
-        logits_eval = self.model.apply(variables, x, training=False)
         # the new running statistics this returns are dropped: the probe changes no state
         logits_train, state = self.model.apply(
             variables, x, training=False, bn_training=True, mutable=["batch_stats", "intermediates"]
         )
-        return logits_eval, logits_train, state.get("intermediates", {})
-
-    def probe(self, images):
-        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
-        logits_eval, logits_train, inputs = self._probe(self.variables, x)
-        stats = {
-            name: bn_probe_stats(
-                np.asarray(inputs[f"{name}_input"][0].astype(jnp.float64 if self.dtype == "float64" else jnp.float32)),
-                -1,  # channels last
-                self._array(f"{name}.running_mean"),
-                self._array(f"{name}.running_var"),
-            )
-            for name in (bn_layers(self.spec) if self.spec.has_running_stats else ())
-        }  # others: no statistics
-        return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
+        return logits_train, state.get("intermediates", {})
 
     def synchronize(self):
         jax.block_until_ready(self.variables)

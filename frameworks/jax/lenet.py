@@ -89,16 +89,6 @@ def make_bn(spec, num_features, dtype, name=None, param_dtype=None):
     return nn.BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)  # builtin-defaults
 
 
-def effective_bn(spec):
-    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
-    if not spec.has_bn:
-        return None, None
-    if spec.variant == "builtin-defaults":
-        layer = make_norm(spec, 2, "float32")
-        return getattr(layer, "momentum", None), layer.epsilon
-    return (spec.decay if spec.has_running_stats else None), spec.epsilon
-
-
 def mode_kwargs(layer, training):
     """Our BN layers take `training`; Flax's BatchNorm takes `use_running_average`, its inverse; the other
     normalisations have no mode."""

@@ -23,9 +23,9 @@ from mxnet import autograd, gluon, nd
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
+from common.interface import Backend, BNResult, resolve_execution
 
-from .lenet import BNLeNet, check_dtype, effective_bn, make_bn, make_norm
+from .lenet import BNLeNet, check_dtype, make_bn, make_norm
 
 # Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
 # batch 256, compiled in well under a second (docs/benchmark.md, "Execution modes").
@@ -67,23 +67,42 @@ class MXNetBackend(Backend):
         self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr})
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
 
-    def describe(self):
-        decay, epsilon = effective_bn(self.spec)
-        device_name = (
-            f"GPU {self.ctx.device_id}"
-            if self.ctx.device_type == "gpu"
-            else f"CPU ({platform.processor() or platform.machine()})"
-        )
-        return {
-            "framework": "mxnet",
-            "version": mx.__version__,
-            "device": "gpu" if self.ctx.device_type == "gpu" else "cpu",
-            "device_name": device_name,
-            "execution": "hybridized" if self.hybridized else "imperative",
-            "bn_decay": decay,
-            "bn_epsilon": epsilon,
-            "dtype": self.dtype,
-        }
+    # hooks of the Backend template (common.interface) -------------------------------------------------------
+    def framework_version(self):
+        return mx.__version__
+
+    def device_info(self):
+        if self.ctx.device_type == "gpu":
+            return "gpu", f"GPU {self.ctx.device_id}"
+        return "cpu", f"CPU ({platform.processor() or platform.machine()})"
+
+    def execution_name(self):
+        return "hybridized" if self.hybridized else "imperative"
+
+    def default_norm_constants(self):
+        kwargs = make_norm(self.spec, 2, 4 if "conv1" in self.spec.bn_positions else 2)._kwargs
+        return kwargs.get("momentum"), kwargs["eps"]
+
+    def train_mode_forward(self, images, capture):
+        x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
+        nd.waitall()  # see the module docstring
+        blocks = self.net.bn_blocks() if capture else {}
+        inputs = {}  # each layer's input, recorded by a hook (NCHW / NC: channels on axis 1)
+        hooks = [
+            b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
+            for name, b in blocks.items()
+        ]
+        try:
+            if self.hybridized:
+                self.net.hybridize(active=False)  # hooks only fire on imperative calls
+            with autograd.train_mode():
+                logits = self.net(x, False, True)[0].asnumpy()
+        finally:
+            for hook in hooks:
+                hook.detach()
+            if self.hybridized:
+                self.net.hybridize(static_alloc=True, static_shape=True)
+        return logits, {name: (h.asnumpy(), 1) for name, h in inputs.items()}
 
     def set_params(self, params):
         check_params(params, self.spec)
@@ -139,36 +158,6 @@ class MXNetBackend(Backend):
     def predict(self, images):
         nd.waitall()  # see the module docstring
         return self.net(nd.array(images, ctx=self.ctx, dtype=self.dtype), False)[0].asnumpy()
-
-    def probe(self, images):
-        x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
-        nd.waitall()  # see the module docstring
-        logits_eval = self.net(x, False)[0].asnumpy()
-        blocks = self.net.bn_blocks() if self.spec.has_running_stats else {}  # the others have no statistics
-        saved = {name: (b.running_mean.data().copy(), b.running_var.data().copy()) for name, b in blocks.items()}
-        inputs = {}  # each BN layer's input, recorded by a hook
-        hooks = [
-            b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))
-            for name, b in blocks.items()
-        ]
-        try:
-            if self.hybridized:
-                self.net.hybridize(active=False)  # hooks only fire on imperative calls
-            with autograd.train_mode():
-                logits_train = self.net(x, False, True)[0].asnumpy()
-        finally:
-            for hook in hooks:
-                hook.detach()
-            for name, b in blocks.items():
-                b.running_mean.set_data(saved[name][0])
-                b.running_var.set_data(saved[name][1])
-            if self.hybridized:
-                self.net.hybridize(static_alloc=True, static_shape=True)
-        stats = {
-            name: bn_probe_stats(inputs[name].asnumpy(), 1, saved[name][0].asnumpy(), saved[name][1].asnumpy())
-            for name in blocks
-        }  # NCHW / NC: channels on axis 1
-        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):
         nd.waitall()

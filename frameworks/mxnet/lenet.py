@@ -86,16 +86,6 @@ def make_bn(spec, num_features, dims):
     return nn.BatchNorm(in_channels=num_features)  # builtin-defaults
 
 
-def effective_bn(spec):
-    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
-    if not spec.has_bn:
-        return None, None  # no BN layer, nothing in effect
-    if spec.variant == "builtin-defaults":
-        kwargs = make_norm(spec, 2, 4 if "conv1" in spec.bn_positions else 2)._kwargs
-        return kwargs.get("momentum"), kwargs["eps"]
-    return (spec.decay if spec.has_running_stats else None), spec.epsilon
-
-
 class BNLeNet(HybridBlock):
     def __init__(self, spec, **kwargs):
         super().__init__(**kwargs)

@@ -17,14 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from common.errors import BackendUnavailable
-from common.init import NORM_STATE, check_params, norm_suffixes, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
+from common.init import check_params, parameter_shapes
+from common.interface import Backend, BNResult, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
 
 from .lenet import (
     BUILTIN_NAMES,
     BNLeNet,
-    effective_bn,
     make_bn,
     make_dense_norm,
     make_norm,
@@ -79,23 +78,42 @@ class TensorFlowBackend(Backend):
             self._step = wrap(self._step_impl)
             self._forward = wrap(self._forward_impl)
 
-    def describe(self):
-        decay, epsilon = effective_bn(self.spec)
+    # hooks of the Backend template (common.interface) -------------------------------------------------------
+    def framework_version(self):
+        return tf.__version__
+
+    def device_info(self):
         if self.device.startswith("/GPU"):
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-            device_name = details.get("device_name", "GPU")
-        else:
-            device_name = f"CPU ({platform.processor() or platform.machine()})"
-        return {
-            "framework": "tensorflow",
-            "version": tf.__version__,
-            "device": "gpu" if self.device.startswith("/GPU") else "cpu",
-            "device_name": device_name,
-            "execution": EXECUTION_NAMES[self.execution],
-            "bn_decay": None if decay is None else float(decay),
-            "bn_epsilon": None if epsilon is None else float(epsilon),
-            "dtype": self.dtype,
-        }
+            return "gpu", details.get("device_name", "GPU")
+        return "cpu", f"CPU ({platform.processor() or platform.machine()})"
+
+    def execution_name(self):
+        return EXECUTION_NAMES[self.execution]
+
+    def default_norm_constants(self):
+        layer = make_norm(self.spec, 2, "float32")
+        return getattr(layer, "momentum", None), layer.epsilon
+
+    def train_mode_forward(self, images, capture):
+        x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
+        layers = self.model.bn_layers() if capture else {}
+        inputs, originals = {}, {}
+        for name, layer in layers.items():  # record each layer's input on this eager call (channels last)
+            originals[name] = layer.call
+
+            def call(h, *args, _name=name, _call=layer.call, **kwargs):
+                inputs[_name] = (tf.cast(h, tf.float64).numpy(), -1)
+                return _call(h, *args, **kwargs)
+
+            layer.call = call
+        try:
+            with tf.device(self.device):
+                logits = self.model(x, training=False, bn_training=True).numpy()
+        finally:
+            for name, layer in layers.items():
+                layer.call = originals[name]
+        return logits, inputs
 
     def set_params(self, params):
         check_params(params, self.spec)
@@ -165,34 +183,6 @@ class TensorFlowBackend(Backend):
     def predict(self, images):
         with tf.device(self.device):
             return self.model(tf.constant(nchw_to_nhwc(images).astype(self.dtype)), training=False).numpy()
-
-    def probe(self, images):
-        x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
-        with tf.device(self.device):
-            logits_eval = self.model(x, training=False).numpy()
-        layers = self.model.bn_layers() if self.spec.has_running_stats else {}  # the others have no statistics
-        stat_names = [s for s in norm_suffixes(self.spec) if s in NORM_STATE]  # running_mean, running_var (, steps)
-        saved = {name: [variable(self.model, f"{name}.{s}").numpy() for s in stat_names] for name in layers}
-        inputs = {}
-        originals = {}
-        for name, layer in layers.items():  # record each BN layer's input on this eager call
-            originals[name] = layer.call
-
-            def call(h, *args, _name=name, _call=layer.call, **kwargs):
-                inputs[_name] = tf.cast(h, tf.float64).numpy()
-                return _call(h, *args, **kwargs)
-
-            layer.call = call
-        try:
-            with tf.device(self.device):
-                logits_train = self.model(x, training=False, bn_training=True).numpy()
-        finally:
-            for name, layer in layers.items():
-                layer.call = originals[name]
-                for s, value in zip(stat_names, saved[name]):
-                    variable(self.model, f"{name}.{s}").assign(value)
-        stats = {name: bn_probe_stats(inputs[name], -1, *saved[name][:2]) for name in layers}  # channels last
-        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):
         # Eager ops are dispatched synchronously on the host (TensorFlow's default). On a GPU the

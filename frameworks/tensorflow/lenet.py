@@ -72,16 +72,6 @@ def make_bn(spec, num_features, dtype):
     return keras.layers.BatchNormalization(dtype=dtype)  # builtin-defaults
 
 
-def effective_bn(spec):
-    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
-    if not spec.has_bn:
-        return None, None  # no BN layer, nothing in effect
-    if spec.variant == "builtin-defaults":
-        layer = make_norm(spec, 2, "float32")
-        return getattr(layer, "momentum", None), layer.epsilon
-    return (spec.decay if spec.has_running_stats else None), spec.epsilon
-
-
 class BNLeNet(keras.Model):
     def __init__(self, spec, dtype="float32"):
         super().__init__(dtype=dtype)

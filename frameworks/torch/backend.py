@@ -20,9 +20,9 @@ from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, ProbeResult, bn_probe_stats, resolve_execution
+from common.interface import Backend, BNResult, resolve_execution
 
-from .lenet import BNLeNet, canonical_to_torch, effective_bn
+from .lenet import BNLeNet, canonical_to_torch, make_norm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -82,22 +82,54 @@ class TorchBackend(Backend):
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
 
-    def describe(self):
-        decay, epsilon = effective_bn(self.spec)
+    # hooks of the Backend template (common.interface) -------------------------------------------------------
+    def framework_version(self):
+        return torch.__version__
+
+    def device_info(self):
         if self.device.type == "cuda":
-            device_name = torch.cuda.get_device_name(self.device)
-        else:
-            device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        return {
-            "framework": "torch",
-            "version": torch.__version__,
-            "device": "gpu" if self.device.type == "cuda" else "cpu",
-            "device_name": device_name,
-            "execution": "torch.compile" if self.compiled else "eager",
-            "bn_decay": decay,
-            "bn_epsilon": epsilon,
-            "dtype": self.config.dtype,
-        }
+            return "gpu", torch.cuda.get_device_name(self.device)
+        return "cpu", f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+    def execution_name(self):
+        return "torch.compile" if self.compiled else "eager"
+
+    def default_norm_constants(self):
+        layer = make_norm(self.spec, 2, 4 if "conv1" in self.spec.bn_positions else 2)
+        momentum = getattr(layer, "momentum", None)
+        return (None if momentum is None else 1.0 - momentum), layer.eps
+
+    def save_state(self):  # every buffer: the canonical ones and BN's num_batches_tracked
+        return {k: v.clone() for k, v in self.model.named_buffers()}
+
+    def restore_state(self, saved):
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(saved[name])
+
+    @torch.no_grad()
+    def train_mode_forward(self, images, capture):
+        x = torch.as_tensor(images).to(self.device, self.dtype)
+        inputs, hooks = {}, []
+
+        def record(name):
+            def hook(module, args):  # NCHW / NC: channels on axis 1
+                inputs[name] = (args[0].double().cpu().numpy(), 1)
+
+            return hook
+
+        self._mode(False)  # dropout off
+        try:
+            for name, module in self.model.bn_modules().items():
+                if capture:
+                    hooks.append(module.register_forward_pre_hook(record(name)))
+                module.train()  # the normalisation layers only
+            logits = self._forward(self.model, x).cpu().numpy()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.model.eval()
+        return logits, inputs
 
     def _forward(self, module, x):
         """module(x) under autocast when the run is mixed precision; the logits (and so the loss) in the
@@ -177,40 +209,6 @@ class TorchBackend(Backend):
     def predict(self, images):
         self._mode(False)
         return self._forward(self.model, torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
-
-    @torch.no_grad()
-    def probe(self, images):
-        x = torch.as_tensor(images).to(self.device, self.dtype)
-        self._mode(False)
-        logits_eval = self._forward(self.model, x).cpu().numpy()
-        bns = self.model.bn_modules()
-        saved = {k: v.clone() for k, v in self.model.named_buffers()}
-        stats, hooks = {}, []
-
-        def capture(name):
-            def hook(module, inputs):  # NCHW / NC: channels on axis 1
-                stats[name] = bn_probe_stats(
-                    inputs[0].double().cpu().numpy(),
-                    1,
-                    module.running_mean.cpu().numpy(),
-                    module.running_var.cpu().numpy(),
-                )
-
-            return hook
-
-        try:
-            for name, module in bns.items():
-                if self.spec.has_running_stats:  # the others have no batch or running statistics to report
-                    hooks.append(module.register_forward_pre_hook(capture(name)))
-                module.train()  # BN only: dropout stays in eval mode
-            logits_train = self._forward(self.model, x).cpu().numpy()
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.model.eval()
-            for name, buffer in self.model.named_buffers():
-                buffer.copy_(saved[name])
-        return ProbeResult(logits_eval=logits_eval, logits_train=logits_train, bn=stats)
 
     def synchronize(self):
         if self.device.type == "cuda":

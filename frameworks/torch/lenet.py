@@ -58,16 +58,6 @@ def make_bn(spec, num_features, dims):
     return layer(num_features)  # builtin-defaults
 
 
-def effective_bn(spec):
-    """(decay, epsilon) the normalisation layers really use (decay None: no running statistics)."""
-    if not spec.has_bn:
-        return None, None  # no BN layer, nothing in effect
-    if spec.variant == "builtin-defaults":
-        probe = make_norm(spec, 2, 4)
-        return (1.0 - probe.momentum if spec.has_running_stats else None), probe.eps
-    return (spec.decay if spec.has_running_stats else None), spec.epsilon
-
-
 class BNLeNet(nn.Module):
     def __init__(self, spec):
         super().__init__()
