@@ -248,3 +248,27 @@ def test_nothing_points_outside_the_repository():
         if outside.search(line)
     ]
     assert not hits, hits
+
+
+MEASURED = re.compile(r"<!-- measured: ([\w-]+) -->(.*?)<!-- /measured -->", re.S)
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?%?")
+
+
+def test_quoted_figures_come_from_generated_excerpts():
+    """Each docs/measured/NAME/excerpt.md is what its committed records give (regenerated here), and every
+    number a guide quotes inside a `<!-- measured: NAME -->` passage is in that excerpt."""
+    from compare.reporting.excerpt import excerpt
+
+    measured = sorted((ROOT / "docs" / "measured").iterdir())
+    assert measured, "docs/measured holds at least the quick start's records"
+    for folder in measured:
+        assert (folder / "excerpt.md").read_text() == excerpt(folder), (
+            f"{folder.name}/excerpt.md is not what its records give: regenerate it with "
+            f"`python -m compare.reporting.excerpt docs/measured/{folder.name}`"
+        )
+    passages = [(path.name, name, text) for path in DOCS for name, text in MEASURED.findall(path.read_text())]
+    assert any(name == "quick-start" for _, name, _ in passages), "README quotes the quick start's excerpt"
+    for doc, name, text in passages:
+        quoted = (ROOT / "docs" / "measured" / name / "excerpt.md").read_text()
+        missing = [n for n in NUMBER.findall(" ".join(text.split())) if n not in quoted]
+        assert not missing, f"{doc}: numbers quoted from {name} that its excerpt does not hold: {missing}"
