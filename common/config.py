@@ -27,7 +27,7 @@ POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
 DTYPES = ("float32", "float64")
 # the compute dtype of the framework's mixed-precision mechanism (common.precision); "off": none
-MIXED = ("off", "bfloat16")
+MIXED_DTYPES = ("off", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
 # default = the framework's own choice (docs/benchmark.md "Execution modes" gives the measurements behind each);
 # compiled = torch.compile / hybridized Gluon / tf.function / jax.jit; eager = op by op everywhere;
@@ -227,7 +227,8 @@ class RunConfig:
         )
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(
-            self.mixed in MIXED, f"unknown mixed-precision compute dtype {self.mixed!r}; choose from {', '.join(MIXED)}"
+            self.mixed in MIXED_DTYPES,
+            f"unknown mixed-precision compute dtype {self.mixed!r}; choose from {', '.join(MIXED_DTYPES)}",
         )
         _check(
             self.mixed == "off" or self.dtype == "float32",

@@ -30,46 +30,8 @@ class ProbeResult:
     bn: dict
 
 
-@dataclass
-class BNResult:
-    """One BN layer's forward and backward, as numpy (see run_batch_norm)."""
-
-    y: np.ndarray
-    dx: np.ndarray
-    dgamma: np.ndarray
-    dbeta: np.ndarray
-    # running statistics right after the forward (for MXNet's scratch layer, the values its
-    # forward returns: a recorded graph cannot be written to, so its owner stores them after
-    # the backward)...
-    mean_after_forward: np.ndarray
-    var_after_forward: np.ndarray
-    mean_after_backward: np.ndarray  # ...and after the backward (MXNet on CPU updates here)
-    var_after_backward: np.ndarray
-
-
-# Each frameworks/<fw>/backend.py also defines, at module level:
-#
-#   BACKEND: the Backend subclass
-#   run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *,
-#                  training, decay, epsilon, dtype) -> BNResult
-#       kind "scratch" runs the project's batch_norm layer, "builtin" the
-#       framework's layer set to decay/epsilon, "builtin-defaults" the
-#       framework's layer as constructed by default (decay/epsilon ignored).
-#       One forward in the given mode, then a backward of sum(dy * y). Bad
-#       input raises ValueError, as the layer does.
-#   run_norm(spec, x, state, dy, *, training, dtype) -> dict
-#       One layer of spec.norm / spec.variant (any normalisation, common.norms) on
-#       canonical NCHW / NC numpy x: state maps the canonical suffixes of
-#       common.init.norm_suffixes(spec) to arrays; one forward in the given mode,
-#       a backward of sum(dy * y); returns y, dx, dgamma, dbeta and "state", the
-#       layer's arrays after both, as numpy (float64 in PyTorch, TensorFlow and
-#       JAX, the run's dtype in MXNet), and, in the frameworks that run mixed
-#       precision, "dtypes": the framework dtype name of y and of each state
-#       array. dtype "mixed-bfloat16": the layer
-#       as the framework's mixed-precision mechanism builds it (float32
-#       parameters), its input and dy in bfloat16. A norm without a fitting
-#       built-in layer, or a framework without a mixed mechanism, raises
-#       BackendUnavailable, as the model does.
+# Each frameworks/<fw>/backend.py defines, at module level, BACKEND: its Backend subclass. The tests run single
+# layers through frameworks/<fw>/harness.py (common.harness).
 
 
 def resolve_execution(config: RunConfig, default: str, supported=("compiled", "eager")) -> str:

@@ -26,6 +26,8 @@ figures are exactly 0, which every run checks by measuring them like BN's.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .config import ModelSpec
 from .errors import BackendUnavailable
 
@@ -35,10 +37,12 @@ def groups_of(spec: ModelSpec, channels: int) -> int:
     return {"layer": 1, "group": spec.groups, "instance": channels}[spec.norm]
 
 
-def renorm_limits(steps: float, spec: ModelSpec) -> tuple:
-    """(rmax, dmax) for a training step taken after `steps` earlier ones."""
-    ramp = 1.0 if spec.renorm_warmup == 0 else min(steps / spec.renorm_warmup, 1.0)
-    return 1.0 + (spec.renorm_rmax - 1.0) * ramp, spec.renorm_dmax * ramp
+def renorm_limits(steps, rmax: float, dmax: float, warmup: int, minimum=np.minimum, ones_like=np.ones_like) -> tuple:
+    """(rmax, dmax) for a training step taken after `steps` earlier ones: both grow linearly from (1, 0) over the
+    first `warmup` steps (none: at once). steps may be any framework's array, with that framework's minimum and
+    ones_like; every framework's BatchRenorm layer and the float64 reference compute the ramp here."""
+    ramp = minimum(steps / warmup, 1.0) if warmup else ones_like(steps)
+    return 1.0 + (rmax - 1.0) * ramp, dmax * ramp
 
 
 def no_builtin(framework: str, norm: str, has: str) -> BackendUnavailable:

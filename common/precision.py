@@ -18,15 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 PRECISIONS = ("float32", "float64", "mixed-bfloat16")
-MIXED = {"mixed-bfloat16": "bfloat16"}  # precision -> the compute dtype of the mixed mechanism
+MIXED_PRECISIONS = {"mixed-bfloat16": "bfloat16"}  # precision -> the compute dtype of the mixed mechanism
 # bfloat16 keeps 8 significant bits: a rounding moves a value by at most half an ulp, 2^-8 of it relative
 BFLOAT16_EPS = 2.0**-8
 
 
-def split(precision: str) -> tuple:
+def dtype_and_mixed(precision: str) -> tuple:
     """(dtype, mixed) of RunConfig for a --precision value."""
-    if precision in MIXED:
-        return "float32", MIXED[precision]
+    if precision in MIXED_PRECISIONS:
+        return "float32", MIXED_PRECISIONS[precision]
     return precision, "off"
 
 

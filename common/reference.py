@@ -125,7 +125,9 @@ def norm_forward(
     new = dict(state)
     if spec.norm in ("batch", "renorm"):
         renorm = (
-            renorm_limits(float(np.asarray(state["steps"]).reshape(-1)[0]), spec)
+            renorm_limits(
+                float(np.asarray(state["steps"]).reshape(-1)[0]), spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup
+            )
             if spec.norm == "renorm" and training
             else None
         )

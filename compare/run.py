@@ -32,13 +32,12 @@ from common.config import (
 )
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
-from common.precision import MIXED, PRECISIONS
-from common.precision import split as split_precision
+from common.precision import MIXED_PRECISIONS, PRECISIONS, dtype_and_mixed
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter
 from .execution import choose, envs
-from .execution.executor import Interrupted, RecordWriter, Signals, split
+from .execution.executor import Interrupted, RecordWriter, Signals, split_into_tasks
 from .execution.progress import Progress
 from .reporting import tracking
 
@@ -253,7 +252,7 @@ def precisions_from_args(args) -> list:
             f"--dtype (--precision {args.dtype})"
         )
     precisions = list(parse_list(args.precision, "precision", PRECISIONS))
-    if any(p in MIXED for p in precisions) and "float32" not in precisions:
+    if any(p in MIXED_PRECISIONS for p in precisions) and "float32" not in precisions:
         precisions.insert(0, "float32")
     return precisions
 
@@ -283,7 +282,7 @@ def configs_from_args(args) -> list:
             renorm_warmup=args.renorm_warmup,
         )
         for precision, seed in ((p, s) for p in precisions for s in parse_seeds(args.seeds)):
-            dtype, mixed = split_precision(precision)
+            dtype, mixed = dtype_and_mixed(precision)
             out.append(
                 RunConfig(
                     model=spec,
@@ -400,7 +399,7 @@ def execute(
             task
             for fw, configs in work.items()
             if fw in pythons
-            for task in split(fw, pythons[fw], configs, runner.jobs, options)
+            for task in split_into_tasks(fw, pythons[fw], configs, runner.jobs, options)
         ]
         runner.run(tasks, run_dir, data_dir, verify, writer, signals)
         if signals.signum is not None:

@@ -66,6 +66,12 @@ def fw(framework):
     return load_backend_module(framework)
 
 
+@pytest.fixture(scope="session")
+def harness(framework):
+    """The layer harness of the framework under test (frameworks.<name>.harness, common.harness)."""
+    return load_backend_module(framework, "harness")
+
+
 @pytest.fixture(scope="module")
 def native(request, framework):
     """For a module of one framework's own pitfalls (it sets FRAMEWORK = name): that framework's

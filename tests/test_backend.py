@@ -9,6 +9,7 @@ import pytest
 from common.config import EXECUTIONS, ModelSpec, RunConfig
 from common.data import batch_order, load_fashion_mnist
 from common.errors import BackendUnavailable, NonFiniteError
+from common.harness import run_batch_norm
 from common.init import init_params
 from common.loop import run as run_loop
 from common.reference import batch_norm_backward, batch_norm_forward, lenet_forward
@@ -31,9 +32,10 @@ def bn_inputs(shape, seed=0, loc=0.5, scale=2.0):
     )
 
 
-def call(fw, kind, inputs, dtype, training, decay=0.9, epsilon=1e-5):
+def call(harness, kind, inputs, dtype, training, decay=0.9, epsilon=1e-5):
     cast = {k: v.astype(dtype) for k, v in inputs.items()}
-    return fw.run_batch_norm(
+    return run_batch_norm(
+        harness,
         kind,
         cast["x"],
         cast["gamma"],
@@ -66,9 +68,9 @@ def expected(inputs, training, decay=0.9, epsilon=1e-5):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(16, 7), (6, 3, 5, 4)], ids=["2d", "4d"])
-def test_scratch_bn_matches_reference(fw, framework, shape, training, dtype):
+def test_scratch_bn_matches_reference(harness, framework, shape, training, dtype):
     inputs = bn_inputs(shape)
-    got, want = call(fw, "scratch", inputs, dtype, training), expected(inputs, training)
+    got, want = call(harness, "scratch", inputs, dtype, training), expected(inputs, training)
     for name in ("y", "dx", "dgamma", "dbeta"):
         np.testing.assert_allclose(
             getattr(got, name),
@@ -93,9 +95,9 @@ def test_scratch_bn_matches_reference(fw, framework, shape, training, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_scratch_bn_far_from_zero_mean(fw, framework, dtype):
+def test_scratch_bn_far_from_zero_mean(harness, framework, dtype):
     inputs = bn_inputs((32, 4, 3, 3), loc=1000.0, scale=1.0)
-    got, want = call(fw, "scratch", inputs, dtype, True), expected(inputs, True)
+    got, want = call(harness, "scratch", inputs, dtype, True), expected(inputs, True)
     atol = FLOAT64["atol"] * 1e3 if dtype == "float64" else FAR_FROM_ZERO_ATOL[framework]
     np.testing.assert_allclose(got.y, want["y"], rtol=0, atol=atol, err_msg=f"{framework} y, mean 1000, {dtype}")
     np.testing.assert_allclose(
@@ -106,7 +108,7 @@ def test_scratch_bn_far_from_zero_mean(fw, framework, dtype):
     )
 
 
-def test_scratch_bn_centres_before_scaling(fw, framework):
+def test_scratch_bn_centres_before_scaling(harness, framework):
     """Within a channel, the float32 error of y far from zero is only y's own rounding.
 
     (x - mean) is exact when x and mean are that close, so the batch mean's accumulation
@@ -116,7 +118,7 @@ def test_scratch_bn_centres_before_scaling(fw, framework):
     """
     inputs = bn_inputs((32, 4, 3, 3), loc=1000.0, scale=1.0)
     rounded = {k: v.astype(np.float32).astype(np.float64) for k, v in inputs.items()}  # what the layer sees
-    got, want = call(fw, "scratch", inputs, "float32", True), expected(rounded, True)
+    got, want = call(harness, "scratch", inputs, "float32", True), expected(rounded, True)
     error = got.y.astype(np.float64) - want["y"]
     for channel in range(error.shape[1]):
         y, e = want["y"][:, channel].ravel(), error[:, channel].ravel()
@@ -128,28 +130,28 @@ def test_scratch_bn_centres_before_scaling(fw, framework):
         )
 
 
-def test_scratch_bn_bad_input(fw, framework):
+def test_scratch_bn_bad_input(harness, framework):
     inputs = bn_inputs((4, 3, 5))
     with pytest.raises(ValueError, match="2-D .* or 4-D"):
-        call(fw, "scratch", inputs, "float32", True)
+        call(harness, "scratch", inputs, "float32", True)
     one = bn_inputs((1, 3))
     with pytest.raises(ValueError, match="more than one value per channel"):
-        call(fw, "scratch", one, "float32", True)
+        call(harness, "scratch", one, "float32", True)
     with pytest.raises(ValueError, match="more than one value per channel"):
-        call(fw, "scratch", bn_inputs((1, 3, 1, 1)), "float32", True)
+        call(harness, "scratch", bn_inputs((1, 3, 1, 1)), "float32", True)
     # eval mode normalises a single example with the running statistics: no error
-    got = call(fw, "scratch", one, "float64", False)
+    got = call(harness, "scratch", one, "float64", False)
     np.testing.assert_allclose(got.y, expected(one, False)["y"], **FLOAT64, err_msg=f"{framework} single-example eval")
 
 
 @pytest.mark.parametrize("shape", [(16, 7), (8, 3, 4, 4)], ids=["2d", "4d"])
-def test_builtin_layer_conventions(fw, framework, shape):
+def test_builtin_layer_conventions(harness, framework, shape):
     """builtin agrees with scratch on y and gradients; its running variance and the moment it
     updates follow the table in tests/conventions.py."""
     conv = BUILTIN[framework]
     inputs = bn_inputs(shape)
     decay = float(np.dtype(conv["decay_dtype"]).type(0.9))
-    got, want = call(fw, "builtin", inputs, "float64", True), expected(inputs, True, decay=decay)
+    got, want = call(harness, "builtin", inputs, "float64", True), expected(inputs, True, decay=decay)
     for name in ("y", "dx", "dgamma", "dbeta"):
         np.testing.assert_allclose(
             getattr(got, name), want[name], rtol=1e-9, atol=1e-10, err_msg=f"{framework} builtin {name}"
@@ -174,10 +176,10 @@ def test_builtin_layer_conventions(fw, framework, shape):
         np.testing.assert_array_equal(got.mean_after_forward, inputs["running_mean"])
 
 
-def test_builtin_defaults(fw, framework):
+def test_builtin_defaults(fw, harness, framework):
     decay, epsilon = BUILTIN[framework]["defaults"]
     inputs = bn_inputs((16, 5))
-    got = call(fw, "builtin-defaults", inputs, "float64", True, decay=0.5, epsilon=0.5)  # both ignored
+    got = call(harness, "builtin-defaults", inputs, "float64", True, decay=0.5, epsilon=0.5)  # both ignored
     want = expected(inputs, True, decay=float(np.dtype(BUILTIN[framework]["decay_dtype"]).type(decay)), epsilon=epsilon)
     np.testing.assert_allclose(got.y, want["y"], rtol=1e-9, err_msg=f"{framework} default epsilon {epsilon}")
     np.testing.assert_allclose(

@@ -96,13 +96,13 @@ def cases(draw):
 
 @EXAMPLES
 @given(case=cases())
-def test_scratch_norm_matches_reference(fw, framework, case):
+def test_scratch_norm_matches_reference(fw, harness, framework, case):
     spec, shape, training, dtype, offset, scale, steps, seed = case
     if spec.norm == "renorm" and training and np.prod(shape) // shape[1] < 2:
         return  # one value per channel: BN's error (tests/test_backend.py), not a case of renorm
     x, dy, state = layer_inputs(shape, spec, seed, offset, scale, steps)
     cast = {k: v.astype(dtype) for k, v in state.items()}
-    got = fw.run_norm(spec, x.astype(dtype), cast, dy.astype(dtype), training=training, dtype=dtype)
+    got = harness.run_norm(spec, x.astype(dtype), cast, dy.astype(dtype), training=training, dtype=dtype)
     want = expected(spec, x.astype(dtype), cast, dy.astype(dtype), training)
     # the clip of r or d can flip when sigma_B / sigma lands within round-off of a limit: keep the
     # float32 renorm cases away from those edges (float64 is exact enough for any draw)
@@ -115,40 +115,40 @@ def test_scratch_norm_matches_reference(fw, framework, case):
 
 
 @pytest.mark.parametrize("norm", ["layer", "group", "instance"])
-def test_scratch_norms_take_a_batch_of_one(fw, framework, norm):
+def test_scratch_norms_take_a_batch_of_one(fw, harness, framework, norm):
     """Per-example normalisations need no batch: one image normalises on its own (BN cannot)."""
     spec = ModelSpec(norm=norm, bn_positions=("conv1", "conv2"))
     x, dy, state = layer_inputs((1, 4, 3, 3), spec, seed=1)
     check(
-        fw.run_norm(spec, x, state, dy, training=True, dtype="float64"),
+        harness.run_norm(spec, x, state, dy, training=True, dtype="float64"),
         expected(spec, x, state, dy, True),
         bound("float64", 0, 1, 1),
         f"{framework} {norm} batch 1",
     )
 
 
-def test_renorm_first_step_is_bn_and_later_steps_correct_it(fw, framework):
+def test_renorm_first_step_is_bn_and_later_steps_correct_it(fw, harness, framework):
     """Step 0 (rmax 1, dmax 0) normalises exactly as BN; after the warm-up r and d move the output."""
     x, dy, state = layer_inputs((8, 3, 2, 2), ModelSpec(norm="renorm"), seed=2, offset=2.0)
-    bn = fw.run_norm(
+    bn = harness.run_norm(
         ModelSpec(), x, {k: state[k] for k in norm_suffixes(ModelSpec())}, dy, training=True, dtype="float64"
     )
     spec = ModelSpec(norm="renorm", renorm_warmup=10)
-    first = fw.run_norm(spec, x, state, dy, training=True, dtype="float64")
+    first = harness.run_norm(spec, x, state, dy, training=True, dtype="float64")
     np.testing.assert_allclose(first["y"], bn["y"], rtol=0, atol=1e-14)
     np.testing.assert_array_equal(first["state"]["steps"], [1.0])
     later_state = {**state, "steps": np.array([10.0])}
-    later = fw.run_norm(spec, x, later_state, dy, training=True, dtype="float64")
+    later = harness.run_norm(spec, x, later_state, dy, training=True, dtype="float64")
     assert np.max(np.abs(later["y"] - bn["y"])) > 0.1  # running statistics far from the batch's: r, d act
     check(later, expected(spec, x, later_state, dy, True), bound("float64", 2.0, 1, 1), f"{framework} renorm")
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["2d", "4d"])
-def test_renorm_gradient_treats_r_and_d_as_constants(fw, framework, shape):
+def test_renorm_gradient_treats_r_and_d_as_constants(fw, harness, framework, shape):
     """A fixed case with r and d inside their limits (so a gradient through them would show)."""
     spec = ModelSpec(norm="renorm", renorm_warmup=0, renorm_rmax=10, renorm_dmax=10)
     x, dy, state = layer_inputs(shape, spec, seed=1)
-    got, want = fw.run_norm(spec, x, state, dy, training=True, dtype="float64"), expected(spec, x, state, dy, True)
+    got, want = harness.run_norm(spec, x, state, dy, training=True, dtype="float64"), expected(spec, x, state, dy, True)
     sigma = np.sqrt(state["running_var"] + spec.epsilon)
     axes = (0,) if len(shape) == 2 else (0, 2, 3)
     assert np.all(np.abs(x.mean(axis=axes) - state["running_mean"]) / sigma < 10)  # d unclipped
@@ -159,7 +159,7 @@ def test_renorm_gradient_treats_r_and_d_as_constants(fw, framework, shape):
 @pytest.mark.parametrize(
     "norm,dims", [("layer", 2), ("layer", 4), ("group", 2), ("group", 4), ("instance", 4), ("renorm", 2), ("renorm", 4)]
 )
-def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, framework, norm, dims, variant):
+def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, harness, framework, norm, dims, variant):
     default_eps = NORM_BUILTIN_EPSILON[framework][(norm, dims)]
     dtype = "float32" if "float64" in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).get(norm, ()) else "float64"
     spec = ModelSpec(norm=norm, variant=variant, epsilon=1e-4, bn_positions=("conv1", "conv2"))
@@ -167,9 +167,9 @@ def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, framework, norm,
     x, dy, state = layer_inputs(shape, spec, seed=4, offset=3.0, scale=2.0)
     if default_eps is None:
         with pytest.raises(BackendUnavailable, match=f"no built-in layer that fits the spec of --norm {norm}"):
-            fw.run_norm(spec, x, state, dy, training=True, dtype=dtype)
+            harness.run_norm(spec, x, state, dy, training=True, dtype=dtype)
         return
-    got = fw.run_norm(
+    got = harness.run_norm(
         spec,
         x.astype(dtype),
         {k: v.astype(dtype) for k, v in state.items()},

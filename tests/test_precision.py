@@ -86,10 +86,10 @@ def bn_case(shape, offset, seed=0):
     return x, dy, {k: v.astype(np.float32).astype(np.float64) for k, v in state.items()}
 
 
-def skip_without_mixed(fw, framework):
+def skip_without_mixed(harness, framework):
     if MIXED_BUILTIN[framework] is None:
         with pytest.raises(BackendUnavailable, match="mixed precision"):
-            fw.run_norm(
+            harness.run_norm(
                 ModelSpec(),
                 np.zeros((4, 2)),
                 {"gamma": np.ones(2), "beta": np.zeros(2), "running_mean": np.zeros(2), "running_var": np.ones(2)},
@@ -103,13 +103,13 @@ def skip_without_mixed(fw, framework):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(16, 5), (8, 3, 4, 4)], ids=["2d", "4d"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0], ids=["centred", "far-from-zero"])
-def test_scratch_bn_in_mixed_precision_follows_the_spec(fw, framework, shape, training, offset):
+def test_scratch_bn_in_mixed_precision_follows_the_spec(fw, harness, framework, shape, training, offset):
     """Against the float64 reference on the same bfloat16 input: y and dx within one bfloat16 rounding of
     their size (the output is bfloat16; the statistics are float32), gamma/beta gradients and the running
     statistics to float32 precision, every array but y kept in float32."""
-    skip_without_mixed(fw, framework)
+    skip_without_mixed(harness, framework)
     x, dy, state = bn_case(shape, offset)
-    got = fw.run_norm(ModelSpec(), x, state, dy, training=training, dtype="mixed-bfloat16")
+    got = harness.run_norm(ModelSpec(), x, state, dy, training=training, dtype="mixed-bfloat16")
     y, mean, var, cache = batch_norm_forward(
         x, state["gamma"], state["beta"], state["running_mean"], state["running_var"], training=training
     )
@@ -133,12 +133,12 @@ def test_scratch_bn_in_mixed_precision_follows_the_spec(fw, framework, shape, tr
     np.testing.assert_allclose(got["state"]["running_var"], var, rtol=1e-5, err_msg=f"{framework} running var")
 
 
-def test_builtin_bn_in_mixed_precision_is_pinned(fw, framework):
+def test_builtin_bn_in_mixed_precision_is_pinned(fw, harness, framework):
     """What the framework's own BN keeps in float32 under its mixed-precision mechanism (MIXED_BUILTIN)."""
-    skip_without_mixed(fw, framework)
+    skip_without_mixed(harness, framework)
     pinned = MIXED_BUILTIN[framework]
     x, dy, state = bn_case((64, 3, 4, 4), 1000.0, seed=1)
-    got = fw.run_norm(ModelSpec(variant="builtin"), x, state, dy, training=True, dtype="mixed-bfloat16")
+    got = harness.run_norm(ModelSpec(variant="builtin"), x, state, dy, training=True, dtype="mixed-bfloat16")
     assert (got["dtypes"]["y"], got["dtypes"]["gamma"], got["dtypes"]["running_mean"]) == (
         pinned["output"],
         pinned["gamma"],

@@ -290,7 +290,7 @@ def run_worker(task: Task, run_dir: Path, data_dir, verify, writer, signals, thr
         )
 
 
-def split(framework: str, python: str, configs: list, parts: int, options: dict | None = None) -> list:
+def split_into_tasks(framework: str, python: str, configs: list, parts: int, options: dict | None = None) -> list:
     """The configurations of one framework as up to `parts` tasks, dealt round-robin (neighbouring
     cells, which tend to cost alike, go to different workers)."""
     parts = max(1, min(parts, len(configs)))

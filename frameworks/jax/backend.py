@@ -27,10 +27,10 @@ from flax import serialization
 
 from common.errors import BackendUnavailable
 from common.init import bn_layers, check_params, init_params, is_trainable
-from common.interface import Backend, BNResult, resolve_execution
-from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
+from common.interface import Backend, resolve_execution
+from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 
-from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, BNLeNet, make_norm, mode_kwargs, variable_paths
+from .lenet import BNLeNet, make_norm, variable_paths
 
 # The jitted step by default: eager JAX dispatches every op from Python (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -256,65 +256,3 @@ class JaxBackend(Backend):
 
 
 BACKEND = JaxBackend  # what common.registry hands to the loop
-
-
-def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
-    """See common.interface: one BN layer's forward and backward, numpy in and out (NCHW in, NCHW out)."""
-    from common.config import ModelSpec
-
-    state = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-    out = run_norm(ModelSpec(variant=kind, decay=decay, epsilon=epsilon), x, state, dy, training=training, dtype=dtype)
-    stats = out["state"]
-    # functional: the forward returns the new running statistics; the backward cannot change them
-    return BNResult(
-        y=out["y"],
-        dx=out["dx"],
-        dgamma=out["dgamma"],
-        dbeta=out["dbeta"],
-        mean_after_forward=stats["running_mean"],
-        var_after_forward=stats["running_var"],
-        mean_after_backward=stats["running_mean"],
-        var_after_backward=stats["running_var"],
-    )
-
-
-def run_norm(spec, x, state, dy, *, training, dtype):
-    """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
-    mixed = dtype == "mixed-bfloat16"  # the module computing in bfloat16 with float32 parameters, as in a run
-    params_dtype = "float32" if mixed else dtype
-    enable_float64(params_dtype)
-    layer = make_norm(spec, x.shape[1], "bfloat16" if mixed else dtype, dims=np.ndim(x), param_dtype=params_dtype)
-    leaves = SCRATCH_LEAVES if spec.variant == "scratch" else FLAX_LEAVES
-    variables = {"params": {}, "batch_stats": {}}
-    for suffix, value in state.items():
-        collection, leaf = leaves[suffix]
-        variables[collection][leaf] = jnp.asarray(np.asarray(value, dtype=params_dtype))
-    xt, dyt = (
-        jnp.asarray(nchw_to_nhwc(a).astype(params_dtype)).astype(jnp.bfloat16 if mixed else params_dtype)
-        for a in (x, dy)
-    )
-
-    def forward(x, params):
-        return layer.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            mutable=["batch_stats"],
-            **mode_kwargs(layer, training),
-        )
-
-    y, backward, updates = jax.vjp(forward, xt, variables["params"], has_aux=True)
-    dx, dparams = backward(dyt.astype(y.dtype))
-    after = {**variables["params"], **variables["batch_stats"], **updates.get("batch_stats", {})}
-    after = {suffix: after[leaves[suffix][1]] for suffix in state}
-
-    def f64(a):
-        return np.asarray(a.astype(jnp.float32 if a.dtype == jnp.bfloat16 else a.dtype), dtype=np.float64)
-
-    return {
-        "y": nhwc_to_nchw(f64(y)),
-        "dx": nhwc_to_nchw(f64(dx)),
-        "dgamma": f64(dparams[leaves["gamma"][1]]),
-        "dbeta": f64(dparams[leaves["beta"][1]]),
-        "state": {suffix: f64(value) for suffix, value in after.items()},
-        "dtypes": {"y": str(y.dtype), **{suffix: str(value.dtype) for suffix, value in after.items()}},
-    }

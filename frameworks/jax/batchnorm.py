@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from common.norms import renorm_limits
+
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var); eval mode returns the running ones unchanged.
@@ -129,10 +131,12 @@ class BatchRenorm(BatchNorm):
 
     def limits(self, training):
         steps = self.variable("batch_stats", "steps", jnp.zeros, (1,), self.dtype)
-        ramp = jnp.minimum(steps.value / self.warmup, 1.0) if self.warmup else jnp.ones_like(steps.value)
+        limits = renorm_limits(
+            steps.value, self.rmax, self.dmax, self.warmup, minimum=jnp.minimum, ones_like=jnp.ones_like
+        )
         if training and not self.is_initializing():
             steps.value = steps.value + 1
-        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+        return limits
 
 
 class GroupNorm(nn.Module):

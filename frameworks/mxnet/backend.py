@@ -23,9 +23,9 @@ from mxnet import autograd, gluon, nd
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, resolve_execution
+from common.interface import Backend, resolve_execution
 
-from .lenet import BNLeNet, check_dtype, make_bn, make_norm
+from .lenet import BNLeNet, check_dtype, make_norm
 
 # Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
 # batch 256, compiled in well under a second (docs/benchmark.md, "Execution modes").
@@ -164,71 +164,3 @@ class MXNetBackend(Backend):
 
 
 BACKEND = MXNetBackend  # what common.registry hands to the loop
-
-
-def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
-    """See common.interface: one BN layer's forward and backward, numpy in and out."""
-    from common.config import ModelSpec
-
-    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
-    layer = make_bn(spec, x.shape[1], 4 if np.ndim(x) == 4 else 2)
-    layer.initialize(ctx=mx.cpu())
-    layer.cast(dtype)
-    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
-        getattr(layer, name).set_data(nd.array(value, dtype=dtype))
-    xt = nd.array(x, dtype=dtype)
-    xt.attach_grad()
-    mode = nd.array([float(training)], dtype=dtype)
-    with autograd.record(train_mode=training):
-        out = layer(xt, mode) if kind == "scratch" else layer(xt)
-        y = out[0] if kind == "scratch" else out
-        # scratch: the statistics its forward returns (stored below, once the graph is freed);
-        # builtin: what the operator has written so far
-        after_forward = (
-            (out[1].asnumpy(), out[2].asnumpy())
-            if kind == "scratch"
-            else (layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
-        )
-        loss = (y * nd.array(dy, dtype=dtype)).sum()
-    loss.backward()
-    if kind == "scratch" and training:
-        layer.store(out[1], out[2])
-    return BNResult(
-        y=y.asnumpy(),
-        dx=xt.grad.asnumpy(),
-        dgamma=layer.gamma.grad().asnumpy(),
-        dbeta=layer.beta.grad().asnumpy(),
-        mean_after_forward=after_forward[0],
-        var_after_forward=after_forward[1],
-        mean_after_backward=layer.running_mean.data().asnumpy(),
-        var_after_backward=layer.running_var.data().asnumpy(),
-    )
-
-
-def run_norm(spec, x, state, dy, *, training, dtype):
-    """See common.interface: one normalisation layer's forward and backward, numpy in and out."""
-    check_dtype(spec, dtype)
-    layer = make_norm(spec, x.shape[1], np.ndim(x))
-    layer.initialize(ctx=mx.cpu())
-    layer.cast(dtype)
-    xt = nd.array(x, dtype=dtype)
-    for suffix, value in state.items():  # a built-in Gluon block's shapes are known after a first call
-        getattr(layer, suffix).shape = np.shape(value)
-    layer(xt, nd.array([0.0], dtype=dtype)) if hasattr(layer, "state") else layer(xt)
-    for suffix, value in state.items():
-        getattr(layer, suffix).set_data(nd.array(value, dtype=dtype))
-    xt.attach_grad()
-    with autograd.record(train_mode=training):
-        out = layer(xt, nd.array([float(training)], dtype=dtype)) if hasattr(layer, "state") else layer(xt)
-        y = out[0] if isinstance(out, (list, tuple)) else out
-        loss = (y * nd.array(dy, dtype=dtype)).sum()
-    loss.backward()
-    if hasattr(layer, "state") and training:  # our layers: store what the forward returned
-        layer.store(*out[1:])
-    return {
-        "y": y.asnumpy(),
-        "dx": xt.grad.asnumpy(),
-        "dgamma": layer.gamma.grad().asnumpy(),
-        "dbeta": layer.beta.grad().asnumpy(),
-        "state": {suffix: getattr(layer, suffix).data().asnumpy() for suffix in state},
-    }

@@ -18,6 +18,8 @@ import mxnet as mx
 from mxnet import nd
 from mxnet.gluon import HybridBlock
 
+from common.norms import renorm_limits
+
 
 def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var); see the module docstring for `mode`.
@@ -112,7 +114,7 @@ class BatchNorm(HybridBlock):
     def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if num_dims not in (2, 4):
-            raise ValueError(f"num_dims must be 2 or 4, got {num_dims}")
+            raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got num_dims={num_dims}")
         self.num_features, self.num_dims, self.decay, self.epsilon = num_features, num_dims, decay, epsilon
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
@@ -161,8 +163,7 @@ class BatchRenorm(BatchNorm):
             )
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var, steps):
-        ramp = F.minimum(steps / self.warmup, 1.0) if self.warmup else F.ones_like(steps)
-        limits = (1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp)
+        limits = renorm_limits(steps, self.rmax, self.dmax, self.warmup, minimum=F.minimum, ones_like=F.ones_like)
         y, new_mean, new_var = batch_norm(
             F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay, epsilon=self.epsilon, renorm=limits
         )

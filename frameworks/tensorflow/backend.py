@@ -18,14 +18,11 @@ import tensorflow as tf
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, resolve_execution
-from common.layout import from_channels_last, nchw_to_nhwc, nhwc_to_nchw, to_channels_last
+from common.interface import Backend, resolve_execution
+from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 
 from .lenet import (
-    BUILTIN_NAMES,
     BNLeNet,
-    make_bn,
-    make_dense_norm,
     make_norm,
     trainable_variables,
     variable,
@@ -191,73 +188,3 @@ class TensorFlowBackend(Backend):
 
 
 BACKEND = TensorFlowBackend  # what common.registry hands to the loop
-
-
-def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
-    """See common.interface: one BN layer's forward and backward, numpy in and out (NCHW in, NCHW out)."""
-    from common.config import ModelSpec
-
-    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
-    layer = make_bn(spec, x.shape[1], dtype)
-    xt = tf.constant(nchw_to_nhwc(x).astype(dtype))
-    layer.build(xt.shape)
-    names = ("gamma", "beta") + (
-        ("running_mean", "running_var") if kind == "scratch" else ("moving_mean", "moving_variance")
-    )
-    for name, value in zip(names, (gamma, beta, running_mean, running_var)):
-        getattr(layer, name).assign(np.asarray(value, dtype=dtype))
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(xt, training=training)
-        after_forward = [getattr(layer, n).numpy().copy() for n in names[2:]]
-        loss = tf.reduce_sum(y * tf.constant(nchw_to_nhwc(dy).astype(dtype)))
-    dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names[0]), getattr(layer, names[1])])
-    return BNResult(
-        y=nhwc_to_nchw(y.numpy()),
-        dx=nhwc_to_nchw(dx.numpy()),
-        dgamma=dgamma.numpy(),
-        dbeta=dbeta.numpy(),
-        mean_after_forward=after_forward[0],
-        var_after_forward=after_forward[1],
-        mean_after_backward=getattr(layer, names[2]).numpy(),
-        var_after_backward=getattr(layer, names[3]).numpy(),
-    )
-
-
-def run_norm(spec, x, state, dy, *, training, dtype):
-    """See common.interface: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
-    mixed = dtype == "mixed-bfloat16"  # the layer under the mixed_bfloat16 policy, its input (and dy) in bfloat16
-    policy, compute = ("mixed_bfloat16", tf.bfloat16) if mixed else (dtype, dtype)
-    layer = (make_norm if np.ndim(x) == 4 else make_dense_norm)(spec, x.shape[1], policy)
-    xt = tf.cast(tf.constant(nchw_to_nhwc(x).astype(np.float32 if mixed else dtype)), compute)
-    layer.build(xt.shape)
-    names = {suffix: BUILTIN_NAMES.get(suffix, suffix) if spec.variant != "scratch" else suffix for suffix in state}
-    for suffix, value in state.items():
-        variable = getattr(layer, names[suffix])
-        variable.assign(np.asarray(value, dtype=variable.dtype))
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(xt, training=training)
-        loss = tf.reduce_sum(
-            tf.cast(y, tf.float32 if mixed else dtype)
-            * tf.cast(
-                tf.constant(nchw_to_nhwc(dy).astype(np.float32 if mixed else dtype)), tf.float32 if mixed else dtype
-            )
-        )
-    dx, dgamma, dbeta = tape.gradient(loss, [xt, getattr(layer, names["gamma"]), getattr(layer, names["beta"])])
-    after = {suffix: getattr(layer, names[suffix]) for suffix in state}
-
-    def f64(t):
-        return tf.cast(t, tf.float64).numpy()
-
-    return {
-        "y": nhwc_to_nchw(f64(y)),
-        "dx": nhwc_to_nchw(f64(dx)),
-        "dgamma": f64(dgamma),
-        "dbeta": f64(dbeta),
-        "state": {suffix: f64(v) for suffix, v in after.items()},
-        "dtypes": {
-            "y": y.dtype.name,
-            **{suffix: v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype) for suffix, v in after.items()},
-        },
-    }

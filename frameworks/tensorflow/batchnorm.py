@@ -18,6 +18,8 @@ and the running blend included; the result is returned in the input's dtype.
 import keras
 import tensorflow as tf
 
+from common.norms import renorm_limits
+
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var); eval mode returns the running ones.
@@ -139,8 +141,7 @@ class BatchRenorm(BatchNorm):
         self.steps = self.add_weight(shape=(1,), initializer="zeros", trainable=False, name="steps", autocast=False)
 
     def limits(self):
-        ramp = tf.minimum(self.steps / self.warmup, 1.0) if self.warmup else tf.ones_like(self.steps)
-        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+        return renorm_limits(self.steps, self.rmax, self.dmax, self.warmup, minimum=tf.minimum, ones_like=tf.ones_like)
 
     def count_step(self):
         self.steps.assign_add(tf.ones_like(self.steps))

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
-from common.interface import Backend, BNResult, resolve_execution
+from common.interface import Backend, resolve_execution
 
 from .lenet import BNLeNet, canonical_to_torch, make_norm
 
@@ -216,67 +216,3 @@ class TorchBackend(Backend):
 
 
 BACKEND = TorchBackend  # what common.registry hands to the loop
-
-
-def run_batch_norm(kind, x, gamma, beta, running_mean, running_var, dy, *, training, decay, epsilon, dtype):
-    """See common.interface: one BN layer's forward and backward, numpy in and out."""
-    from common.config import ModelSpec
-
-    from .lenet import make_bn
-
-    dt = DTYPES[dtype]
-    spec = ModelSpec(variant=kind, decay=decay, epsilon=epsilon)
-    layer = make_bn(spec, x.shape[1], 4 if np.ndim(x) == 4 else 2).to(dt)
-    names = ("gamma", "beta") if kind == "scratch" else ("weight", "bias")
-    with torch.no_grad():
-        getattr(layer, names[0]).copy_(torch.as_tensor(gamma))
-        getattr(layer, names[1]).copy_(torch.as_tensor(beta))
-        layer.running_mean.copy_(torch.as_tensor(running_mean))
-        layer.running_var.copy_(torch.as_tensor(running_var))
-    layer.train(training)
-    xt = torch.tensor(np.asarray(x), dtype=dt, requires_grad=True)
-    y = layer(xt)
-    after_forward = (layer.running_mean.detach().cpu().numpy().copy(), layer.running_var.detach().cpu().numpy().copy())
-    (y * torch.as_tensor(np.asarray(dy), dtype=dt)).sum().backward()
-    g, b = getattr(layer, names[0]), getattr(layer, names[1])
-    return BNResult(
-        y=y.detach().numpy(),
-        dx=xt.grad.numpy(),
-        dgamma=g.grad.numpy(),
-        dbeta=b.grad.numpy(),
-        mean_after_forward=after_forward[0],
-        var_after_forward=after_forward[1],
-        mean_after_backward=layer.running_mean.detach().numpy(),
-        var_after_backward=layer.running_var.detach().numpy(),
-    )
-
-
-def run_norm(spec, x, state, dy, *, training, dtype):
-    """See common.interface: one normalisation layer's forward and backward, numpy in and out."""
-    from .lenet import make_norm
-
-    mixed = dtype == "mixed-bfloat16"  # the layer in float32, its input (and dy) in bfloat16, under autocast
-    dt = DTYPES["float32" if mixed else dtype]
-    layer = make_norm(spec, x.shape[1], np.ndim(x)).to(dt)
-    attrs = {suffix: canonical_to_torch(f"bn1.{suffix}", spec).split(".")[1] for suffix in state}
-    with torch.no_grad():
-        for suffix, value in state.items():
-            getattr(layer, attrs[suffix]).copy_(torch.as_tensor(np.asarray(value)))
-    layer.train(training)
-    compute = torch.bfloat16 if mixed else dt
-    xt = torch.tensor(np.asarray(x), dtype=compute, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
-        y = layer(xt)
-    (y * torch.as_tensor(np.asarray(dy)).to(compute)).sum().backward()
-    after = {suffix: getattr(layer, attr).detach() for suffix, attr in attrs.items()}
-    return {
-        "y": y.detach().double().numpy(),
-        "dx": xt.grad.double().numpy(),
-        "dgamma": getattr(layer, attrs["gamma"]).grad.double().numpy(),
-        "dbeta": getattr(layer, attrs["beta"]).grad.double().numpy(),
-        "state": {suffix: value.double().numpy() for suffix, value in after.items()},
-        "dtypes": {
-            "y": str(y.dtype).replace("torch.", ""),
-            **{suffix: str(value.dtype).replace("torch.", "") for suffix, value in after.items()},
-        },
-    }

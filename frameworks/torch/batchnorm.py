@@ -14,6 +14,8 @@ blend included, and the result returned in the input's dtype.
 import torch
 from torch import nn
 
+from common.norms import renorm_limits
+
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
     """Return (y, new_running_mean, new_running_var).
@@ -126,8 +128,14 @@ class BatchRenorm(BatchNorm):
         self.register_buffer("steps", torch.zeros(1))
 
     def limits(self):
-        ramp = torch.clamp(self.steps / self.warmup, max=1.0) if self.warmup else torch.ones_like(self.steps)
-        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+        return renorm_limits(
+            self.steps,
+            self.rmax,
+            self.dmax,
+            self.warmup,
+            minimum=lambda x, top: torch.clamp(x, max=top),
+            ones_like=torch.ones_like,
+        )
 
     def count_step(self):
         self.steps.add_(1)
