@@ -36,6 +36,12 @@ DEVICES = ("auto", "cpu", "gpu")
 EXECUTIONS = ("default", "compiled", "eager", "xla")
 
 
+def option(default, help: str, *, choices=None, flag: str | None = None):
+    """A field that is also an option of compare.run (compare/options.py makes it from this: `--field-name`,
+    or `flag` for a boolean whose option turns it off), with its help text and, for a choice, its choices."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -49,24 +55,41 @@ def _is_number(value) -> bool:
 class ModelSpec:
     """What BN-LeNet looks like. All frameworks build the same network from it."""
 
-    variant: str = "scratch"  # scratch | builtin | builtin-defaults | none
-    bn_positions: tuple = BN_POSITIONS  # which layers are followed by BN
-    bias_before_bn: bool = True  # the textbook keeps the conv/dense bias before BN
-    activation: str = "sigmoid"
-    pooling: str = "avg"
-    bn_placement: str = "before_activation"
-    dropout: float = 0.0  # after the fc1 and fc2 activations; 0 = no dropout layer
-    freeze_gamma_beta: bool = False  # gamma and beta stay at their initial 1 and 0
-    decay: float = 0.9  # running = decay * running + (1 - decay) * batch
-    epsilon: float = 1e-5  # inside the square root
+    variant: str = "scratch"  # scratch | builtin | builtin-defaults | none (compare.run --variants)
+    bn_positions: tuple = option(
+        BN_POSITIONS, f"layers followed by the normalisation, from: {', '.join(BN_POSITIONS)}", choices=BN_POSITIONS
+    )
+    bias_before_bn: bool = option(
+        True, "drop the bias of layers followed by BN (the textbook keeps it)", flag="--no-bias-before-bn"
+    )
+    activation: str = option(
+        "sigmoid", "after each normalised layer; the textbook's BN-LeNet uses sigmoid", choices=ACTIVATIONS
+    )
+    pooling: str = option("avg", "2x2, stride 2, after each convolution", choices=POOLINGS)
+    bn_placement: str = option(
+        "before_activation",
+        "the normalisation before the activation (the textbook, the BN paper) or after it",
+        choices=PLACEMENTS,
+    )
+    dropout: float = option(0.0, "after the fc1 and fc2 activations; 0 = no dropout layer")
+    freeze_gamma_beta: bool = option(False, "keep gamma=1, beta=0 (their initial values)")
+    decay: float = option(0.9, "running = decay*running + (1-decay)*batch (PyTorch's momentum m is 1 - m)")
+    epsilon: float = option(1e-5, "added to the variance inside the square root")
     input_size: int = 28  # images are zero-padded (centred) to this size
-    norm: str = "batch"  # see NORMS; at bn_positions, with the same variants
-    groups: int = 2  # group normalisation: groups of channels per example
+    norm: str = option(
+        "batch",
+        "the normalisation at --bn-positions (common/norms.py has each one's spec); instance needs "
+        "--bn-positions conv1,conv2",
+        choices=NORMS,
+    )
+    groups: int = option(2, "--norm group: groups of channels per example")
     # batch renormalisation (Ioffe, 2017): r is clipped to [1/rmax, rmax], d to [-dmax, dmax]; the limits
     # grow linearly from 1 and 0 over the first renorm_warmup training steps (0 = the limits from the start)
-    renorm_rmax: float = 3.0
-    renorm_dmax: float = 5.0
-    renorm_warmup: int = 1000
+    renorm_rmax: float = option(3.0, "--norm renorm: r in [1/rmax, rmax]")
+    renorm_dmax: float = option(5.0, "--norm renorm: d in [-dmax, dmax]")
+    renorm_warmup: int = option(
+        1000, "--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)"
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
@@ -174,23 +197,38 @@ class RunConfig:
     """One training run of one variant with one seed (the framework is chosen apart)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    lr: float = 1.0
-    batch_size: int = 256
-    epochs: int = 10
-    seed: int = 0
+    lr: float = option(1.0, "plain SGD learning rate")
+    batch_size: int = option(256, "images per SGD step (and per BN batch)")
+    epochs: int = option(10, "passes over the training images")
+    seed: int = 0  # compare.run --seeds
     dtype: str = "float32"  # parameters, data and the optimizer update (and the compute dtype unless mixed)
     mixed: str = "off"  # "bfloat16": the framework's mixed-precision mechanism (--precision mixed-bfloat16)
-    device: str = "auto"  # auto = the GPU when there is one, else the CPU
-    execution: str = "default"  # see EXECUTIONS
-    warmup_steps: int = 5  # the first steps of each epoch, timed apart from the rest
+    device: str = option(
+        "auto", "auto = the GPU when the framework sees one; gpu without one is an error", choices=DEVICES
+    )
+    execution: str = option(
+        "default",
+        "default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow XLA, JAX jax.jit); "
+        "compiled = torch.compile / hybridized / tf.function / jax.jit; eager = op by op everywhere; xla = "
+        "TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)",
+        choices=EXECUTIONS,
+    )
+    warmup_steps: int = option(5, "first steps of each epoch, timed apart from the throughput figure")
     eval_batch_size: int = 1000
-    probe_size: int = 512  # fixed test images for the train/eval divergence
-    train_limit: int = 0  # 0 = the whole training set; else its first N examples
-    test_limit: int = 0
-    trace_steps: int = 0  # record the loss of each of the first N steps of every epoch
-    # BN population statistics after each epoch from this many training images (0 = off; common.population)
-    population_size: int = 2048
-    recalibrate: bool = False  # the final snapshot keeps the population statistics instead of the EMA
+    probe_size: int = option(512, "test images in the divergence probe")
+    train_limit: int = option(0, "use the first N training images (0 = all)")
+    test_limit: int = option(0, "use the first N test images (0 = all)")
+    trace_steps: int = option(0, "also record the loss of each of the first N steps of every epoch")
+    population_size: int = option(
+        2048,
+        "after each epoch, also evaluate with BN population statistics from this many training images "
+        "(train-mode batches of --batch-size, weights fixed, timed apart: common.population); 0 = off",
+    )
+    recalibrate: bool = option(
+        False,
+        "keep the final population statistics in the final snapshot (instead of the running average), "
+        "so the saved model is the recalibrated one",
+    )
 
     def __post_init__(self):
         if isinstance(self.model, dict):

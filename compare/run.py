@@ -18,14 +18,7 @@ from pathlib import Path
 
 from common import records
 from common.config import (
-    ACTIVATIONS,
-    BN_POSITIONS,
-    DEVICES,
     DTYPES,
-    EXECUTIONS,
-    NORMS,
-    PLACEMENTS,
-    POOLINGS,
     VARIANTS,
     ModelSpec,
     RunConfig,
@@ -35,7 +28,7 @@ from common.errors import BNCompareError, ConfigError
 from common.precision import MIXED_PRECISIONS, PRECISIONS, dtype_and_mixed
 from common.registry import FRAMEWORKS, parse_frameworks
 
-from . import HelpFormatter
+from . import HelpFormatter, options
 from .execution import choose, envs
 from .execution.executor import Interrupted, RecordWriter, Signals, split_into_tasks
 from .execution.progress import Progress
@@ -98,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     d = RunConfig()
-    m = ModelSpec()
     g = p.add_argument_group("what to run")
     g.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated, from: {', '.join(FRAMEWORKS)}")
     g.add_argument(
@@ -116,14 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("training")
     g.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"passes over the training images (default {d.epochs}; {QUICK['epochs']} with --quick)",
-    )
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step (and per BN batch)")
-    g.add_argument("--lr", type=float, default=d.lr, help="plain SGD learning rate")
-    g.add_argument(
         "--dtype", choices=DTYPES, default=None, help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})"
     )
     g.add_argument(
@@ -133,86 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "framework's own mixed-precision mechanism, and brings float32 runs of the same seeds "
         "beside it for the report's comparison",
     )
-    g.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=d.device,
-        help="auto = the GPU when the framework sees one; gpu without one is an error",
-    )
-    g.add_argument(
-        "--execution",
-        choices=EXECUTIONS,
-        default=d.execution,
-        help="default = each framework's own (PyTorch eager, Gluon hybridized, TensorFlow XLA, JAX jax.jit); "
-        "compiled = torch.compile / hybridized / tf.function / jax.jit; eager = op by op everywhere; "
-        "xla = TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)",
-    )
-    g.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=d.warmup_steps,
-        help="first steps of each epoch, timed apart from the throughput figure",
-    )
-    g.add_argument("--train-limit", type=int, default=None, help="use the first N training images (0 = all)")
-    g.add_argument("--test-limit", type=int, default=None, help="use the first N test images (0 = all)")
-    g.add_argument("--probe-size", type=int, default=d.probe_size, help="test images in the divergence probe")
-    g.add_argument(
-        "--trace-steps", type=int, default=0, help="also record the loss of each of the first N steps of every epoch"
-    )
-    g.add_argument(
-        "--population-size",
-        type=int,
-        default=d.population_size,
-        help="after each epoch, also evaluate with BN population statistics from this many training "
-        "images (train-mode batches of --batch-size, weights fixed; timed apart: one more test-set "
-        "evaluation plus N train-mode images, 5-17%% of an epoch on a 2-core CPU); 0 = off",
-    )
-    g.add_argument(
-        "--recalibrate",
-        action="store_true",
-        help="keep the final population statistics in the final snapshot (instead of the running "
-        "average), so the saved model is the recalibrated one",
-    )
-    g = p.add_argument_group("model (BN-LeNet)")
-    g.add_argument("--decay", type=float, default=m.decay, help="running = decay*running + (1-decay)*batch")
-    g.add_argument("--epsilon", type=float, default=m.epsilon, help="added to the variance inside the square root")
-    g.add_argument(
-        "--bn-positions",
-        default=",".join(m.bn_positions),
-        help=f"layers followed by BN, from: {', '.join(BN_POSITIONS)}",
-    )
-    g.add_argument("--no-bias-before-bn", action="store_true", help="drop the bias of layers followed by BN")
-    g.add_argument(
-        "--activation",
-        choices=ACTIVATIONS,
-        default=m.activation,
-        help="after each normalised layer; the textbook's BN-LeNet uses sigmoid",
-    )
-    g.add_argument("--pooling", choices=POOLINGS, default=m.pooling, help="2x2, stride 2, after each convolution")
-    g.add_argument(
-        "--bn-placement",
-        choices=PLACEMENTS,
-        default=m.bn_placement,
-        help="the normalisation before the activation (the textbook, the BN paper) or after it",
-    )
-    g.add_argument("--dropout", type=float, default=m.dropout, help="after the fc1 and fc2 activations")
-    g.add_argument("--freeze-gamma-beta", action="store_true", help="keep gamma=1, beta=0")
-    g.add_argument(
-        "--norm",
-        choices=NORMS,
-        default=m.norm,
-        help="the normalisation at --bn-positions (common/norms.py has each one's spec); instance "
-        "needs --bn-positions conv1,conv2",
-    )
-    g.add_argument("--groups", type=int, default=m.groups, help="--norm group: groups of channels per example")
-    g.add_argument("--renorm-rmax", type=float, default=m.renorm_rmax, help="--norm renorm: r in [1/rmax, rmax]")
-    g.add_argument("--renorm-dmax", type=float, default=m.renorm_dmax, help="--norm renorm: d in [-dmax, dmax]")
-    g.add_argument(
-        "--renorm-warmup",
-        type=int,
-        default=m.renorm_warmup,
-        help="--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)",
-    )
+    options.add_options(g, RunConfig, later={k: f"{v} with --quick" for k, v in QUICK.items()})
+    options.add_options(p.add_argument_group("model (BN-LeNet)"), ModelSpec)
     g = p.add_argument_group("data, environments, output")
     g.add_argument(
         "--data-dir",
@@ -258,51 +164,18 @@ def precisions_from_args(args) -> list:
 
 
 def configs_from_args(args) -> list:
+    """One RunConfig per variant, precision and seed; every other field from its option (compare.options),
+    epochs and the limits from --quick where not given."""
     variants = parse_list(args.variants, "variant", VARIANTS)
     precisions = precisions_from_args(args)
-    positions = parse_list(args.bn_positions, "BN position", BN_POSITIONS)
-    limits = QUICK if args.quick else {}
+    model = options.values(args, ModelSpec, parse_list)
+    run = {**(QUICK if args.quick else {}), **options.values(args, RunConfig, parse_list)}
     out = []
     for variant in variants:
-        spec = ModelSpec(
-            variant=variant,
-            bn_positions=positions,
-            bias_before_bn=not args.no_bias_before_bn,
-            activation=args.activation,
-            pooling=args.pooling,
-            bn_placement=args.bn_placement,
-            dropout=args.dropout,
-            freeze_gamma_beta=args.freeze_gamma_beta,
-            decay=args.decay,
-            epsilon=args.epsilon,
-            norm=args.norm,
-            groups=args.groups,
-            renorm_rmax=args.renorm_rmax,
-            renorm_dmax=args.renorm_dmax,
-            renorm_warmup=args.renorm_warmup,
-        )
+        spec = ModelSpec(variant=variant, **model)
         for precision, seed in ((p, s) for p in precisions for s in parse_seeds(args.seeds)):
             dtype, mixed = dtype_and_mixed(precision)
-            out.append(
-                RunConfig(
-                    model=spec,
-                    lr=args.lr,
-                    batch_size=args.batch_size,
-                    seed=seed,
-                    dtype=dtype,
-                    mixed=mixed,
-                    device=args.device,
-                    warmup_steps=args.warmup_steps,
-                    probe_size=args.probe_size,
-                    trace_steps=args.trace_steps,
-                    execution=args.execution,
-                    population_size=args.population_size,
-                    recalibrate=args.recalibrate,
-                    epochs=args.epochs if args.epochs is not None else limits.get("epochs", RunConfig.epochs),
-                    train_limit=args.train_limit if args.train_limit is not None else limits.get("train_limit", 0),
-                    test_limit=args.test_limit if args.test_limit is not None else limits.get("test_limit", 0),
-                )
-            )
+            out.append(RunConfig(model=spec, seed=seed, dtype=dtype, mixed=mixed, **run))
     return out
 
 

@@ -82,3 +82,57 @@ def test_initial_parameters_are_seeded_and_glorot():
     assert abs(a["conv1.weight"]).max() <= limit and abs(a["conv1.weight"]).max() > 0.9 * limit
     assert (a["bn1.running_var"] == 1).all() and (a["bn1.running_mean"] == 0).all()  # not the textbook's 0
     assert a["fc1.weight"].dtype.name == "float32"
+
+
+def test_every_option_field_is_a_run_option_and_reaches_the_config():
+    """The run and model options are made from the config fields declared with option(): each is in
+    compare.run's --help with its help text, and what it parses is what the RunConfig holds."""
+    from compare import options
+    from compare.run import build_parser, configs_from_args
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for cls in (RunConfig, ModelSpec):
+        for f in options.option_fields(cls):
+            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            assert flag in text and " ".join(f.metadata["help"].split()) in text, flag
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--variants",
+            "scratch",
+            "--seeds",
+            "3",
+            "--norm",
+            "group",
+            "--groups",
+            "3",
+            "--no-bias-before-bn",
+            "--bn-positions",
+            "fc1,conv1",
+            "--lr",
+            "0.5",
+            "--epochs",
+            "4",
+            "--population-size",
+            "0",
+            "--activation",
+            "relu",
+            "--decay",
+            "0.8",
+        ]
+    )
+    [config] = configs_from_args(args)
+    assert (config.seed, config.lr, config.epochs, config.train_limit, config.test_limit) == (3, 0.5, 4, 6000, 2000)
+    assert config.population_size == 0 and config.batch_size == 256 and config.device == "auto"
+    m = config.model
+    assert (m.norm, m.groups, m.bias_before_bn, m.bn_positions, m.activation, m.decay) == (
+        "group",
+        3,
+        False,
+        ("conv1", "fc1"),
+        "relu",
+        0.8,
+    )
+    [default] = configs_from_args(parser.parse_args(["--variants", "none"]))
+    assert default == RunConfig(model=ModelSpec(variant="none"))  # nothing given: the dataclasses' defaults
