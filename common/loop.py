@@ -20,63 +20,7 @@ from .config import BN_POSITIONS, RunConfig
 from .data import Dataset, batch_order, probe_indices
 from .errors import NonFiniteError
 from .init import init_params
-from .interface import Backend, ProbeResult
-
-
-def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
-    """Train/eval-mode divergence on the probe set, from one ProbeResult."""
-    pred_eval = probe.logits_eval.argmax(axis=1)
-    pred_train = probe.logits_train.argmax(axis=1)
-    gaps = []
-    for layer, s in probe.bn.items():
-        # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
-        # var + eps))|, each averaged over features
-        mean_gap, var_log_ratio = population.gap(
-            s["batch_mean"], s["batch_var"], s["running_mean"], s["running_var"], epsilon
-        )
-        gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio})
-    return {
-        "probe_acc_eval": float(np.mean(pred_eval == labels)),
-        "probe_acc_train": float(np.mean(pred_train == labels)),
-        "probe_logit_mad": float(
-            np.mean(np.abs(probe.logits_train.astype(np.float64) - probe.logits_eval.astype(np.float64)))
-        ),
-        "probe_disagreement": float(np.mean(pred_eval != pred_train)),
-        "bn_gap": gaps,
-    }
-
-
-def population_figures(
-    backend: Backend,
-    stats: dict,
-    ema_probe: ProbeResult,
-    test,
-    ntest: int,
-    probe_images: np.ndarray,
-    probe_labels: np.ndarray,
-    config: RunConfig,
-    epsilon: float,
-    keep: bool,
-) -> dict:
-    """Eval mode with the population statistics `stats` ({BN name: (mean, var)}) in place of the running
-    averages (EMA): test loss and accuracy and the probe's figures (pop_* fields), and per BN layer the
-    EMA's lag (running vs population) and batch noise (the probe's batch statistics vs population), in
-    the units of mean_gap / var_log_ratio. ema_probe: the epoch's probe with the EMA. The EMA is put
-    back unless `keep` (--recalibrate, final epoch)."""
-    saved = backend.get_params()
-    backend.set_params(population.with_running(saved, stats))
-    try:
-        loss, correct = backend.evaluate(test, config.eval_batch_size)
-        probe = divergence(backend.probe(probe_images), probe_labels, epsilon)
-    finally:
-        if not keep:
-            backend.set_params(saved)
-    return {
-        "pop_test_loss": loss / ntest,
-        "pop_test_acc": correct / ntest,
-        **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
-        "lag_noise": population.lag_and_noise(ema_probe.bn, stats, epsilon),
-    }
+from .interface import Backend
 
 
 def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> str:
@@ -120,6 +64,29 @@ def check_finite(name: str, array: np.ndarray) -> None:
             f"{name} contain {count} NaN or infinite value(s); "
             f"the input must be finite (check the data files or the transform)"
         )
+
+
+def timed_epoch(backend: Backend, train, order, steps: int, warm: int, clock, on_step=None) -> tuple:
+    """The epoch's SGD steps: (per-step results, start, end of the warm-up, end, the first step's own time or
+    None). The host waits for the device only at the boundaries: after the first step and at the end of the
+    warm-up (both inside the untimed warm-up), and at the end of the epoch."""
+    stats = []
+    backend.synchronize()
+    start = clock()
+    warm_end = start
+    first_step = None
+    for step in range(steps):
+        if step == warm:
+            backend.synchronize()
+            warm_end = clock()
+        stats.append(backend.train_step(train, order, step))
+        if step == 0 and warm > 0:  # inside the warm-up: its own figure (compilation, first-call setup)
+            backend.synchronize()
+            first_step = clock() - start
+        if on_step:
+            on_step(step + 1)
+    backend.synchronize()
+    return stats, start, warm_end, clock(), first_step
 
 
 def run(
@@ -178,24 +145,15 @@ def run(
         order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
         steps = len(order_np)
         warm = min(config.warmup_steps, steps - 1)
-        order = backend.put_order(order_np)
-        stats = []
-        backend.synchronize()
-        start = clock()
-        warm_end = start
-        first_step = None
-        for step in range(steps):
-            if step == warm:
-                backend.synchronize()
-                warm_end = clock()
-            stats.append(backend.train_step(train, order, step))
-            if step == 0 and warm > 0:  # inside the warm-up: its own figure (compilation, first-call setup)
-                backend.synchronize()
-                first_step = clock() - start
-            if progress:
-                progress(epoch, step + 1, steps)
-        backend.synchronize()
-        end = clock()
+        stats, start, warm_end, end, first_step = timed_epoch(
+            backend,
+            train,
+            backend.put_order(order_np),
+            steps,
+            warm,
+            clock,
+            progress and (lambda step: progress(epoch, step, steps)),
+        )
         loss_sum, correct = backend.reduce_stats(stats)
         if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
             step = next(i for i, s in enumerate(stats) if not np.isfinite(backend.reduce_stats([s])[0]))
@@ -218,21 +176,26 @@ def run(
         eval_seconds = clock() - eval_start
         probe = backend.probe(probe_images)
         ntest = len(dataset.test_labels)
-        measured = divergence(probe, probe_labels, epsilon)
+        measured = population.divergence(probe, probe_labels, epsilon)
+        pop_arrays = {}
         if pop_batches is not None:  # untimed as training: its own time, population_seconds
-            pop_start = clock()
-            recalibrate = config.recalibrate and epoch == config.epochs
-            pop_stats = population.statistics(backend, dataset.train_images, pop_batches)
-            figures = population_figures(
-                backend, pop_stats, probe, test, ntest, probe_images, probe_labels, config, epsilon, keep=recalibrate
+            keep = config.recalibrate and epoch == config.epochs
+            fields, lag_noise, pop_arrays = population.measure(
+                backend,
+                dataset.train_images,
+                pop_batches,
+                probe,
+                test,
+                ntest,
+                probe_images,
+                probe_labels,
+                config,
+                epsilon,
+                keep=keep,
+                clock=clock,
             )
-            measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], figures.pop("lag_noise"))]
-            measured.update(
-                figures,
-                population_images=int(pop_batches.size),
-                population_seconds=clock() - pop_start,
-                recalibrated=recalibrate,
-            )
+            measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], lag_noise)]
+            measured.update(fields)
         params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
         snapshot = f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}_{config.config_id}_e{epoch:03d}.npz"
         timed = steps - warm
@@ -260,8 +223,6 @@ def run(
         arrays = {f"param/{k}": v for k, v in params.items()}
         arrays["probe/logits_eval"] = probe.logits_eval
         arrays["probe/logits_train"] = probe.logits_train
-        if pop_batches is not None:
-            for name, (mean, var) in pop_stats.items():
-                arrays[f"population/{name}.running_mean"], arrays[f"population/{name}.running_var"] = mean, var
+        arrays.update(pop_arrays)
         emit(record, arrays)
     emit(records.make("run_end", **ident, status="complete", epochs_done=config.epochs))

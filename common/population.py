@@ -20,15 +20,20 @@ E[x^2] - E[x]^2 when |mean| >> std.
 
 Evaluating with them beside the running average (EMA) splits the train/eval
 gap: running vs population is the EMA's lag, a batch's statistics vs population
-is batch noise (`gaps`). Nothing here changes a backend's state; the loop
-loads the statistics for its eval-mode figures and restores what was there.
+is batch noise (`lag_and_noise`). `measure` is an epoch's whole pass: the
+statistics, eval mode with them (`figures`, which restores the EMA unless
+--recalibrate keeps them), and the snapshot's arrays. `divergence` measures a
+probe's train/eval gap in the same units (`gap`). Nothing here changes a
+backend's state except where --recalibrate asks it to.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .config import RunConfig
 from .errors import DataError
+from .interface import Backend, ProbeResult
 
 STREAM = 2  # the permutation's stream: RandomState([seed, 0, STREAM]) (batch_order uses [seed, epoch, 1])
 
@@ -104,3 +109,85 @@ def with_running(params: dict, population: dict) -> dict:
         out[f"{name}.running_mean"] = np.asarray(mean, dtype)
         out[f"{name}.running_var"] = np.asarray(var, dtype)
     return out
+
+
+def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
+    """Train/eval-mode divergence on the probe set, from one ProbeResult."""
+    pred_eval = probe.logits_eval.argmax(axis=1)
+    pred_train = probe.logits_train.argmax(axis=1)
+    gaps = []
+    for layer, s in probe.bn.items():
+        # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
+        # var + eps))|, each averaged over features
+        mean_gap, var_log_ratio = gap(s["batch_mean"], s["batch_var"], s["running_mean"], s["running_var"], epsilon)
+        gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio})
+    return {
+        "probe_acc_eval": float(np.mean(pred_eval == labels)),
+        "probe_acc_train": float(np.mean(pred_train == labels)),
+        "probe_logit_mad": float(
+            np.mean(np.abs(probe.logits_train.astype(np.float64) - probe.logits_eval.astype(np.float64)))
+        ),
+        "probe_disagreement": float(np.mean(pred_eval != pred_train)),
+        "bn_gap": gaps,
+    }
+
+
+def figures(
+    backend: Backend,
+    stats: dict,
+    ema_probe: ProbeResult,
+    test,
+    ntest: int,
+    probe_images: np.ndarray,
+    probe_labels: np.ndarray,
+    config: RunConfig,
+    epsilon: float,
+    keep: bool,
+) -> dict:
+    """Eval mode with the population statistics `stats` ({BN name: (mean, var)}) in place of the running
+    averages (EMA): test loss and accuracy and the probe's figures (pop_* fields), and per BN layer the
+    EMA's lag (running vs population) and batch noise (the probe's batch statistics vs population), in
+    the units of mean_gap / var_log_ratio. ema_probe: the epoch's probe with the EMA. The EMA is put
+    back unless `keep` (--recalibrate, final epoch)."""
+    saved = backend.get_params()
+    backend.set_params(with_running(saved, stats))
+    try:
+        loss, correct = backend.evaluate(test, config.eval_batch_size)
+        probe = divergence(backend.probe(probe_images), probe_labels, epsilon)
+    finally:
+        if not keep:
+            backend.set_params(saved)
+    return {
+        "pop_test_loss": loss / ntest,
+        "pop_test_acc": correct / ntest,
+        **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
+        "lag_noise": lag_and_noise(ema_probe.bn, stats, epsilon),
+    }
+
+
+def measure(
+    backend,
+    train_images: np.ndarray,
+    batches: np.ndarray,
+    ema_probe,
+    test,
+    ntest: int,
+    probe_images: np.ndarray,
+    probe_labels: np.ndarray,
+    config,
+    epsilon: float,
+    *,
+    keep: bool,
+    clock,
+) -> tuple:
+    """An epoch's population pass, timed on its own: the statistics over images[batches], then figures().
+    Returns (the epoch record's fields, the per-layer lag and noise, the snapshot's population/* arrays)."""
+    start = clock()
+    stats = statistics(backend, train_images, batches)
+    fields = figures(backend, stats, ema_probe, test, ntest, probe_images, probe_labels, config, epsilon, keep)
+    lag_noise = fields.pop("lag_noise")
+    fields.update(population_images=int(batches.size), population_seconds=clock() - start, recalibrated=keep)
+    arrays = {}
+    for name, (mean, var) in stats.items():
+        arrays[f"population/{name}.running_mean"], arrays[f"population/{name}.running_var"] = mean, var
+    return fields, lag_noise, arrays

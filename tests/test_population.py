@@ -8,7 +8,6 @@ from common import population
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import ConfigError, DataError
-from common.loop import population_figures
 from common.loop import run as run_loop
 from common.reference import lenet_forward
 from tests.conventions import EVAL_DRAWS_DROPOUT
@@ -108,7 +107,7 @@ def test_evaluating_with_population_statistics_changes_no_state(fw, framework):
     images, labels = rng.uniform(size=(64, 1, 28, 28)), rng.randint(0, 10, 64)
     stats = population.statistics(backend, images, population.population_batches(0, 64, 64, 16))
     probe = backend.probe(images[:20])
-    figures = population_figures(
+    figures = population.figures(
         backend,
         stats,
         probe,
