@@ -158,11 +158,6 @@ def bounds(name: str) -> tuple:
     return metric.bounds if metric else BOUNDS["real"]
 
 
-def label(name: str) -> str:
-    metric = get(name)
-    return metric.label if metric else name
-
-
 def format_value(value, name: str) -> str:
     """value as the reports print it: by its metric's kind, or as it is for a column that is no metric."""
     metric = get(name)
