@@ -36,10 +36,11 @@ DEVICES = ("auto", "cpu", "gpu")
 EXECUTIONS = ("default", "compiled", "eager", "xla")
 
 
-def option(default, help: str, *, choices=None, flag: str | None = None):
-    """A field that is also an option of compare.run (compare/options.py makes it from this: `--field-name`,
-    or `flag` for a boolean whose option turns it off), with its help text and, for a choice, its choices."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def option(default, help: str, *, choices=None, flag: str | None = None, aliases: tuple = ()):
+    """A field that is also an option of compare.run (compare/options.py makes it from this: `--field-name`, or
+    `flag`; a boolean default True is turned off by its option, so its flag reads --no-...), with its help text,
+    for a choice its choices, and older spellings of the flag that still work (aliases)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "aliases": aliases})
 
 
 def _check(condition: bool, message: str) -> None:
@@ -56,11 +57,20 @@ class ModelSpec:
     """What BN-LeNet looks like. All frameworks build the same network from it."""
 
     variant: str = "scratch"  # scratch | builtin | builtin-defaults | none (compare.run --variants)
+    # bn_positions, bias_before_bn, bn_placement: any normalisation's, as their flags say; the field names are the
+    # ones records and config ids were first written with, so results already on disk stay readable and resumable
     bn_positions: tuple = option(
-        BN_POSITIONS, f"layers followed by the normalisation, from: {', '.join(BN_POSITIONS)}", choices=BN_POSITIONS
+        BN_POSITIONS,
+        f"layers followed by the normalisation, from: {', '.join(BN_POSITIONS)}",
+        choices=BN_POSITIONS,
+        flag="--norm-positions",
+        aliases=("--bn-positions",),
     )
     bias_before_bn: bool = option(
-        True, "drop the bias of layers followed by BN (the textbook keeps it)", flag="--no-bias-before-bn"
+        True,
+        "drop the bias of layers followed by the normalisation (the textbook keeps it)",
+        flag="--no-bias-before-norm",
+        aliases=("--no-bias-before-bn",),
     )
     activation: str = option(
         "sigmoid", "after each normalised layer; the textbook's BN-LeNet uses sigmoid", choices=ACTIVATIONS
@@ -70,6 +80,8 @@ class ModelSpec:
         "before_activation",
         "the normalisation before the activation (the textbook, the BN paper) or after it",
         choices=PLACEMENTS,
+        flag="--norm-placement",
+        aliases=("--bn-placement",),
     )
     dropout: float = option(0.0, "after the fc1 and fc2 activations; 0 = no dropout layer")
     freeze_gamma_beta: bool = option(False, "keep gamma=1, beta=0 (their initial values)")
@@ -78,8 +90,8 @@ class ModelSpec:
     input_size: int = 28  # images are zero-padded (centred) to this size
     norm: str = option(
         "batch",
-        "the normalisation at --bn-positions (common/norms.py has each one's spec); instance needs "
-        "--bn-positions conv1,conv2",
+        "the normalisation at --norm-positions (common/norms.py has each one's spec); instance needs "
+        "--norm-positions conv1,conv2",
         choices=NORMS,
     )
     groups: int = option(2, "--norm group: groups of channels per example")
@@ -159,14 +171,14 @@ class ModelSpec:
                 not dense,
                 f"instance normalisation normalises each channel over its H x W values, and a dense layer "
                 f"({', '.join(dense)}) has one value per feature; put it after the convolutions only: "
-                f"--bn-positions conv1,conv2",
+                f"--norm-positions conv1,conv2",
             )
 
     @property
-    def has_bn(self) -> bool:
+    def has_norm(self) -> bool:
         return self.variant != "none" and bool(self.bn_positions)
 
-    def bn_at(self, position: str) -> bool:
+    def norm_at(self, position: str) -> bool:
         """Whether a normalisation layer (of self.norm) follows `position`."""
         return self.variant != "none" and position in self.bn_positions
 
@@ -174,7 +186,7 @@ class ModelSpec:
     def has_running_stats(self) -> bool:
         """Whether the normalisation layers keep running statistics (batch, renorm): only then do train and
         eval mode differ, and only then are there population statistics."""
-        return self.has_bn and self.norm in RUNNING_NORMS
+        return self.has_norm and self.norm in RUNNING_NORMS
 
     @property
     def flat_side(self) -> int:

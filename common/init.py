@@ -16,7 +16,7 @@ import numpy as np
 from .config import CHANNELS, ModelSpec
 
 # BN position -> the canonical name of its BN layer
-BN_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
+NORM_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
 BN_STATS = ("running_mean", "running_var")
 # the state of a normalisation layer that training changes besides gamma and beta
 NORM_STATE = BN_STATS + ("steps",)
@@ -42,13 +42,13 @@ def layer_shapes(spec: ModelSpec) -> dict:
 
 def has_bias(spec: ModelSpec, layer: str) -> bool:
     """A layer followed by BN keeps its bias only when spec.bias_before_bn is set."""
-    return not spec.bn_at(layer) or spec.bias_before_bn
+    return not spec.norm_at(layer) or spec.bias_before_bn
 
 
-def bn_layers(spec: ModelSpec) -> dict:
-    """Canonical BN name -> number of features, for the BN layers the spec has."""
+def norm_features(spec: ModelSpec) -> dict:
+    """Canonical normalisation layer name (bn1 ... bn4) -> number of features, for the layers the spec has."""
     shapes = layer_shapes(spec)
-    return {BN_NAMES[pos]: shapes[pos][0] for pos in BN_NAMES if spec.bn_at(pos)}
+    return {NORM_NAMES[pos]: shapes[pos][0] for pos in NORM_NAMES if spec.norm_at(pos)}
 
 
 def parameter_shapes(spec: ModelSpec) -> dict:
@@ -58,8 +58,8 @@ def parameter_shapes(spec: ModelSpec) -> dict:
         out[f"{layer}.weight"] = shape
         if has_bias(spec, layer):
             out[f"{layer}.bias"] = (shape[0],)
-        if layer in BN_NAMES and spec.bn_at(layer):
-            bn = BN_NAMES[layer]
+        if layer in NORM_NAMES and spec.norm_at(layer):
+            bn = NORM_NAMES[layer]
             for suffix in norm_suffixes(spec):
                 out[f"{bn}.{suffix}"] = (1,) if suffix == "steps" else (shape[0],)
     return out

@@ -27,7 +27,7 @@ class ProbeResult:
     logits_train: np.ndarray  # (N, 10), batch statistics of these N images
     # canonical BN name -> dict(batch_mean, batch_var, running_mean, running_var),
     # batch_var biased; the batch statistics are those the train-mode forward used
-    bn: dict
+    norms: dict
 
 
 # Each frameworks/<fw>/backend.py defines, at module level, BACKEND: its Backend subclass. The tests run single
@@ -47,7 +47,7 @@ def resolve_execution(config: RunConfig, default: str, supported=("compiled", "e
 
 
 def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:
-    """One entry of ProbeResult.bn: the per-channel batch mean and biased variance of the
+    """One entry of ProbeResult.norms: the per-channel batch mean and biased variance of the
     BN layer's input (computed in float64) beside its running statistics."""
     h = np.asarray(bn_input, dtype=np.float64)
     axes = tuple(a for a in range(h.ndim) if a != channel_axis % h.ndim)
@@ -111,7 +111,7 @@ class Backend(ABC):
         """(decay, epsilon) the normalisation layers really use: the spec's, or for builtin-defaults the
         framework's own; decay None without running statistics, both None without a normalisation."""
         spec = self.config.model
-        if not spec.has_bn:
+        if not spec.has_norm:
             return None, None
         if spec.variant == "builtin-defaults":
             decay, epsilon = self.default_norm_constants()
@@ -151,7 +151,7 @@ class Backend(ABC):
             name: bn_probe_stats(x, axis, params[f"{name}.running_mean"], params[f"{name}.running_var"])
             for name, (x, axis) in inputs.items()
         }
-        return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), bn=stats)
+        return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), norms=stats)
 
     # the primitives the loop calls ------------------------------------------------------------------------
     @abstractmethod
@@ -204,7 +204,8 @@ class Backend(ABC):
         state (common.population builds the population statistics from it). This default runs
         probe() per batch; a backend may do it in one pass."""
         return [
-            {name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).bn.items()} for images in batches
+            {name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).norms.items()}
+            for images in batches
         ]
 
     @abstractmethod

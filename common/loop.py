@@ -30,14 +30,14 @@ def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> 
         f"the training loss stopped being finite in epoch {epoch}, step {step} of {steps} "
         f"(variant {spec.variant}, lr {config.lr:g}, {spec.activation})"
     )
-    if not spec.has_bn:
+    if not spec.has_norm:
         return where + (
             "; lower --lr, or add BN (--variants scratch or builtin), "
             "which keeps the activations in range at larger learning rates"
         )
     hint = f"; lower --lr (this variant already has BN after {','.join(spec.bn_positions)}"
     if len(spec.bn_positions) < len(BN_POSITIONS):
-        hint += "; BN after more layers, --bn-positions, may also help"
+        hint += "; BN after more layers, --norm-positions, may also help"
     if spec.freeze_gamma_beta:
         hint += "; gamma and beta are frozen, so BN cannot rescale what it normalises"
     return where + hint + ")"
@@ -89,6 +89,80 @@ def timed_epoch(backend: Backend, train, order, steps: int, warm: int, clock, on
     return stats, start, warm_end, clock(), first_step
 
 
+def train_epoch(backend: Backend, train, config: RunConfig, epoch: int, ntrain: int, clock, progress=None) -> tuple:
+    """One epoch's SGD steps, timed: ({the epoch record's training fields}, None), or, when the epoch diverged,
+    (None, {the run_end record's fields saying where})."""
+    batch = config.batch_size
+    order = batch_order(config.seed, epoch, ntrain, batch)
+    steps = len(order)
+    warm = min(config.warmup_steps, steps - 1)
+    on_step = progress and (lambda step: progress(epoch, step, steps))
+    stats, start, warm_end, end, first_step = timed_epoch(
+        backend, train, backend.put_order(order), steps, warm, clock, on_step
+    )
+    loss_sum, correct = backend.reduce_stats(stats)
+    if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
+        step = next(i for i, s in enumerate(stats) if not np.isfinite(backend.reduce_stats([s])[0])) + 1
+        message = divergence_message(config, epoch, step, steps)
+        return None, {"diverged_epoch": epoch, "diverged_step": step, "message": message}
+    timed = steps - warm
+    return {
+        "train_loss": loss_sum / (steps * batch),
+        "train_acc": correct / (steps * batch),
+        "train_examples_per_s": timed * batch / (end - warm_end),
+        "train_seconds": end - start,
+        "timed_steps": timed,
+        "warmup_examples_per_s": (warm * batch / (warm_end - start)) if warm else None,
+        "warmup_seconds": warm_end - start,
+        "warmup_steps": warm,
+        "first_step_seconds": first_step,
+        # per-step losses for step-by-step parity checks; read after the timed region
+        "step_losses": [float(backend.reduce_stats([s])[0]) / batch for s in stats[: config.trace_steps]],
+    }, None
+
+
+def evaluate_epoch(backend: Backend, test, dataset: Dataset, probe_set, pop_batches, config, epoch, epsilon, clock):
+    """After an epoch: test loss and accuracy (timed), the train/eval probe and, with population statistics, the
+    population pass. ({the epoch record's evaluation fields}, {the arrays to store})."""
+    ntest = len(dataset.test_labels)
+    eval_start = clock()
+    test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
+    eval_seconds = clock() - eval_start
+    probe_images, probe_labels = probe_set
+    probe = backend.probe(probe_images)
+    measured = population.divergence(probe, probe_labels, epsilon)
+    pop_arrays = {}
+    if pop_batches is not None:  # untimed as training: its own time, population_seconds
+        keep = config.recalibrate and epoch == config.epochs
+        fields, lag_noise, pop_arrays = population.measure(
+            backend,
+            dataset.train_images,
+            pop_batches,
+            probe,
+            test,
+            ntest,
+            probe_images,
+            probe_labels,
+            config,
+            epsilon,
+            keep=keep,
+            clock=clock,
+        )
+        measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], lag_noise)]
+        measured.update(fields)
+    params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
+    fields = {
+        "test_loss": test_loss / ntest,
+        "test_acc": test_correct / ntest,
+        "eval_examples_per_s": ntest / eval_seconds,
+        "eval_seconds": eval_seconds,
+        **measured,
+    }
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    arrays.update({"probe/logits_eval": probe.logits_eval, "probe/logits_train": probe.logits_train, **pop_arrays})
+    return fields, arrays
+
+
 def run(
     backend_cls: Callable[[RunConfig], Backend],
     config: RunConfig,
@@ -109,13 +183,9 @@ def run(
     check_finite("training images", dataset.train_images)
     check_finite("test images", dataset.test_images)
     backend = backend_cls(config)
-    ident = {
-        "framework": backend.name,
-        "variant": config.model.variant,
-        "seed": config.seed,
-        "config_id": config.config_id,
-    }
+    ident = dict(framework=backend.name, variant=config.model.variant, seed=config.seed, config_id=config.config_id)
     described = backend.describe()
+    ntrain, ntest = len(dataset.train_labels), len(dataset.test_labels)
     emit(
         records.make(
             "run_start",
@@ -124,105 +194,30 @@ def run(
             backend=described,
             data_source=dataset.source,
             data_verified=dataset.verified,
-            train_examples=len(dataset.train_labels),
-            test_examples=len(dataset.test_labels),
+            train_examples=ntrain,
+            test_examples=ntest,
         )
     )
     backend.set_params(init_params(config.model, config.seed, config.dtype))
     train = backend.put(dataset.train_images, dataset.train_labels)
     test = backend.put(dataset.test_images, dataset.test_labels)
-    probe_idx = probe_indices(len(dataset.test_labels), config.probe_size)
-    probe_images, probe_labels = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
-    epsilon = described["bn_epsilon"] or config.model.epsilon  # None without BN layers
-    batch = config.batch_size
+    probe_idx = probe_indices(ntest, config.probe_size)
+    probe_set = dataset.test_images[probe_idx], dataset.test_labels[probe_idx]
+    epsilon = described["bn_epsilon"] or config.model.epsilon  # None without normalisation layers
     # the same images every epoch (and in every framework); none without running statistics (common.norms)
     pop_batches = (
-        population.population_batches(config.seed, len(dataset.train_labels), config.population_size, batch)
+        population.population_batches(config.seed, ntrain, config.population_size, config.batch_size)
         if config.population_size and config.model.has_running_stats
         else None
     )
     for epoch in range(1, config.epochs + 1):
-        order_np = batch_order(config.seed, epoch, len(dataset.train_labels), batch)
-        steps = len(order_np)
-        warm = min(config.warmup_steps, steps - 1)
-        stats, start, warm_end, end, first_step = timed_epoch(
-            backend,
-            train,
-            backend.put_order(order_np),
-            steps,
-            warm,
-            clock,
-            progress and (lambda step: progress(epoch, step, steps)),
-        )
-        loss_sum, correct = backend.reduce_stats(stats)
-        if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
-            step = next(i for i, s in enumerate(stats) if not np.isfinite(backend.reduce_stats([s])[0]))
-            emit(
-                records.make(
-                    "run_end",
-                    **ident,
-                    status="diverged",
-                    epochs_done=epoch - 1,
-                    diverged_epoch=epoch,
-                    diverged_step=step + 1,
-                    message=divergence_message(config, epoch, step + 1, steps),
-                )
-            )
+        trained, diverged = train_epoch(backend, train, config, epoch, ntrain, clock, progress)
+        if diverged:
+            emit(records.make("run_end", **ident, status="diverged", epochs_done=epoch - 1, **diverged))
             return
-        # per-step losses for step-by-step parity checks; read after the timed region
-        step_losses = [float(backend.reduce_stats([s])[0]) / batch for s in stats[: config.trace_steps]]
-        eval_start = clock()
-        test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)
-        eval_seconds = clock() - eval_start
-        probe = backend.probe(probe_images)
-        ntest = len(dataset.test_labels)
-        measured = population.divergence(probe, probe_labels, epsilon)
-        pop_arrays = {}
-        if pop_batches is not None:  # untimed as training: its own time, population_seconds
-            keep = config.recalibrate and epoch == config.epochs
-            fields, lag_noise, pop_arrays = population.measure(
-                backend,
-                dataset.train_images,
-                pop_batches,
-                probe,
-                test,
-                ntest,
-                probe_images,
-                probe_labels,
-                config,
-                epsilon,
-                keep=keep,
-                clock=clock,
-            )
-            measured["bn_gap"] = [{**g, **extra} for g, extra in zip(measured["bn_gap"], lag_noise)]
-            measured.update(fields)
-        params = backend.get_params()  # with --recalibrate, the final epoch's holds the population statistics
-        snapshot = f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}_{config.config_id}_e{epoch:03d}.npz"
-        timed = steps - warm
-        record = records.make(
-            "epoch",
-            **ident,
-            epoch=epoch,
-            train_loss=loss_sum / (steps * batch),
-            train_acc=correct / (steps * batch),
-            test_loss=test_loss / ntest,
-            test_acc=test_correct / ntest,
-            train_examples_per_s=timed * batch / (end - warm_end),
-            train_seconds=end - start,
-            timed_steps=timed,
-            warmup_examples_per_s=(warm * batch / (warm_end - start)) if warm else None,
-            warmup_seconds=warm_end - start,
-            warmup_steps=warm,
-            first_step_seconds=first_step,
-            eval_examples_per_s=ntest / eval_seconds,
-            eval_seconds=eval_seconds,
-            snapshot=snapshot,
-            step_losses=step_losses,
-            **measured,
+        evaluated, arrays = evaluate_epoch(
+            backend, test, dataset, probe_set, pop_batches, config, epoch, epsilon, clock
         )
-        arrays = {f"param/{k}": v for k, v in params.items()}
-        arrays["probe/logits_eval"] = probe.logits_eval
-        arrays["probe/logits_train"] = probe.logits_train
-        arrays.update(pop_arrays)
-        emit(record, arrays)
+        snapshot = f"snapshots/{backend.name}_{config.model.variant}_s{config.seed}_{config.config_id}_e{epoch:03d}.npz"
+        emit(records.make("epoch", **ident, epoch=epoch, snapshot=snapshot, **trained, **evaluated), arrays)
     emit(records.make("run_end", **ident, status="complete", epochs_done=config.epochs))

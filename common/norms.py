@@ -26,10 +26,92 @@ figures are exactly 0, which every run checks by measuring them like BN's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .config import ModelSpec
+from .config import RUNNING_NORMS, ModelSpec
 from .errors import BackendUnavailable
+from .init import layer_shapes
+
+# NormLayer.kind: the project's own layers (scratch), one per transform, and the framework's built-in ones
+SCRATCH_KINDS = {"batch": "batch", "renorm": "renorm", "layer": "group", "group": "group", "instance": "group"}
+BUILTIN_KINDS = {norm: f"builtin-{norm}" for norm in SCRATCH_KINDS}
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """One normalisation layer: what (spec.norm, spec.variant) and its position make of it, decided here once for
+    every framework. Each framework's `lenet.make_norm(layer, precision="float32", name=None)` looks `kind` up in
+    its table of constructors (`build`), so a framework knows nothing of variants.
+
+    kind: "batch", "renorm" or "group" (the project's layers; layer, group and instance normalisation are group
+    normalisation with `groups` groups), or "builtin-" and the spec.norm (the framework's own layer).
+    decay, epsilon: None where the framework's own default applies (builtin-defaults); decay None too where the
+    layer keeps no running statistics. groups: the group kinds only. renorm: (rmax, dmax, warmup), renorm only."""
+
+    kind: str
+    features: int  # channels (after a convolution) or features (after a dense layer)
+    dims: int  # 4: after a convolution, (N, C, H, W); 2: after a dense layer, (N, F)
+    decay: float | None = None
+    epsilon: float | None = None
+    groups: int | None = None
+    renorm: tuple | None = None
+
+    @property
+    def norm(self) -> str:
+        """The spec.norm it came from ("group" for the project's layer, group or instance normalisation)."""
+        return self.kind.removeprefix("builtin-")
+
+    def renorm_kwargs(self) -> dict:
+        """rmax, dmax and warmup as keyword arguments of a BatchRenorm layer."""
+        return dict(zip(("rmax", "dmax", "warmup"), self.renorm))
+
+    @property
+    def where(self) -> str:
+        return "after a convolution" if self.dims == 4 else "after a dense layer"
+
+
+def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
+    """The NormLayer of spec.norm and spec.variant after a layer of `features` channels (dims 4) or features
+    (dims 2). builtin-defaults leaves decay and epsilon to the framework."""
+    if spec.variant == "none":
+        raise ValueError("variant none has no normalisation layer")
+    builtin = spec.variant != "scratch"
+    constants = spec.variant != "builtin-defaults"
+    running = spec.norm in RUNNING_NORMS
+    return NormLayer(
+        kind=(BUILTIN_KINDS if builtin else SCRATCH_KINDS)[spec.norm],
+        features=features,
+        dims=dims,
+        decay=spec.decay if constants and running else None,
+        epsilon=spec.epsilon if constants else None,
+        groups=None if running else groups_of(spec, features),
+        renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if spec.norm == "renorm" else None,
+    )
+
+
+def norm_after(spec: ModelSpec, position: str) -> NormLayer:
+    """The NormLayer that follows BN-LeNet's layer `position` (conv1 ... fc2)."""
+    features = layer_shapes(spec)[position][0]
+    return norm_layer(spec, features, 4 if position.startswith("conv") else 2)
+
+
+def given(**kwargs) -> dict:
+    """The keyword arguments that are not None: a built-in layer's constants, leaving the framework's defaults
+    where a NormLayer has none (builtin-defaults)."""
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def build(layer: NormLayer, constructors: dict, framework: str, has: str, **kwargs):
+    """constructors[layer.kind](layer, **kwargs): the framework's layer of that kind. A kind the table lacks, or a
+    constructor that returns None (no fitting layer at this position), raises no_builtin naming the framework's
+    own normalisations (`has`)."""
+    make = constructors.get(layer.kind)
+    made = make(layer, **kwargs) if make else None
+    if made is None:  # a constructor that exists but declines names the position it declines
+        raise no_builtin(framework, f"{layer.norm} {layer.where}" if make else layer.norm, has)
+    return made
 
 
 def groups_of(spec: ModelSpec, channels: int) -> int:

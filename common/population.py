@@ -79,7 +79,7 @@ def gap(mean, var, ref_mean, ref_var, epsilon: float) -> tuple:
 def lag_and_noise(probe_bn: dict, stats: dict, epsilon: float) -> list:
     """Per BN layer, in probe_bn's order: the EMA's lag, gap(running, population), and the batch noise,
     gap(the probe batch's statistics, population), both measured against the population statistics `stats`
-    ({BN name: (mean, var)}), as lag_* and noise_* mean_gap / var_log_ratio. probe_bn: ProbeResult.bn."""
+    ({BN name: (mean, var)}), as lag_* and noise_* mean_gap / var_log_ratio. probe_bn: ProbeResult.norms."""
     out = []
     for name, s in probe_bn.items():
         pop_mean, pop_var = stats[name]
@@ -116,7 +116,7 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
     pred_eval = probe.logits_eval.argmax(axis=1)
     pred_train = probe.logits_train.argmax(axis=1)
     gaps = []
-    for layer, s in probe.bn.items():
+    for layer, s in probe.norms.items():
         # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
         # var + eps))|, each averaged over features
         mean_gap, var_log_ratio = gap(s["batch_mean"], s["batch_var"], s["running_mean"], s["running_var"], epsilon)
@@ -161,7 +161,7 @@ def figures(
         "pop_test_loss": loss / ntest,
         "pop_test_acc": correct / ntest,
         **{f"pop_{k}": probe[k] for k in ("probe_acc_eval", "probe_logit_mad", "probe_disagreement")},
-        "lag_noise": lag_and_noise(ema_probe.bn, stats, epsilon),
+        "lag_noise": lag_and_noise(ema_probe.norms, stats, epsilon),
     }
 
 

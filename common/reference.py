@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelSpec
-from .init import BN_NAMES, has_bias
+from .init import NORM_NAMES, has_bias
 from .norms import groups_of, renorm_limits
 
 
@@ -201,7 +201,7 @@ def lenet_forward(
         h = conv2d(h, w, bias) if layer.startswith("conv") else h @ w.T + (0 if bias is None else bias)
         if layer == "fc3":
             return h, stats
-        bn = BN_NAMES[layer] if spec.bn_at(layer) else None
+        bn = NORM_NAMES[layer] if spec.norm_at(layer) else None
 
         def norm(h):
             if inputs is not None:

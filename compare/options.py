@@ -1,7 +1,7 @@
 """The training and model options of compare.run, made from the config dataclasses' fields.
 
 A field of common.config.RunConfig or ModelSpec declared with `option(...)` is an option: `--field-name`
-(or its `flag`, for a boolean the option turns off), typed by its default, with its choices and help text.
+(or its `flag`; older spellings stay as aliases), typed by its default, with its choices and help text.
 Adding a run or model option is adding such a field; compare.run, the studies (any field) and the docs test
 (every option a guide names exists) follow. The options with rules of their own (--seeds, --variants,
 --precision/--dtype, --quick) stay in compare.run.
@@ -17,8 +17,14 @@ def option_fields(cls) -> list:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def _flag(f) -> str:
+def flag(f) -> str:
+    """The option's flag: its declared one, or --field-name."""
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def noun(f) -> str:
+    """What one item of a list option is called in an error: "norm position" for --norm-positions."""
+    return flag(f).lstrip("-").replace("-", " ").removesuffix("s")
 
 
 def add_options(group, cls, later: dict | None = None) -> None:
@@ -30,14 +36,14 @@ def add_options(group, cls, later: dict | None = None) -> None:
         help_text = f.metadata["help"] + (f" (default {default}; {later[f.name]})" if f.name in later else "")
         kwargs = {"help": help_text, "dest": f.name}
         if isinstance(default, bool):
-            kwargs["action"] = "store_false" if f.metadata["flag"] else "store_true"
+            kwargs["action"] = "store_false" if default else "store_true"
         elif isinstance(default, tuple):
             kwargs["default"] = ",".join(default)
         else:
             kwargs.update(type=type(default), default=None if f.name in later else default)
             if f.metadata["choices"]:
                 kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(f), **kwargs)
+        group.add_argument(flag(f), *f.metadata["aliases"], **kwargs)
 
 
 def values(args, cls, parse_list) -> dict:
@@ -47,7 +53,7 @@ def values(args, cls, parse_list) -> dict:
     for f in option_fields(cls):
         value = getattr(args, f.name)
         if isinstance(f.default, tuple):
-            value = parse_list(value, _flag(f).lstrip("-").replace("-", " ").rstrip("s"), f.metadata["choices"])
+            value = parse_list(value, noun(f), f.metadata["choices"])
         if value is not None:
             out[f.name] = value
     return out

@@ -46,7 +46,7 @@ def _no_repeats(items: tuple, what: str, text: str) -> tuple:
 
 
 def parse_list(text: str, kind: str, choices) -> tuple:
-    """A comma-separated list of known names, each once (--variants, --bn-positions, compare.bench's lists)."""
+    """A comma-separated list of known names, each once (--variants, --norm-positions, compare.bench's lists)."""
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in items if s not in choices]
     if bad or not items:

@@ -228,19 +228,19 @@ def test_lenet_logits_match_reference(fw, framework, name):
     np.testing.assert_allclose(
         probe.logits_train, want_train, rtol=1e-9, atol=1e-10, err_msg=f"{framework} {name} probe train logits"
     )
-    assert sorted(probe.bn) == sorted(stats)
+    assert sorted(probe.norms) == sorted(stats)
     for layer, s in stats.items():
         np.testing.assert_allclose(
-            probe.bn[layer]["batch_mean"],
+            probe.norms[layer]["batch_mean"],
             s["batch_mean"],
             rtol=1e-9,
             atol=1e-12,
             err_msg=f"{framework} {layer} batch mean",
         )
         np.testing.assert_allclose(
-            probe.bn[layer]["batch_var"], s["batch_var"], rtol=1e-9, err_msg=f"{framework} {layer} batch var"
+            probe.norms[layer]["batch_var"], s["batch_var"], rtol=1e-9, err_msg=f"{framework} {layer} batch var"
         )
-        np.testing.assert_array_equal(probe.bn[layer]["running_var"], params[f"{layer}.running_var"])
+        np.testing.assert_array_equal(probe.norms[layer]["running_var"], params[f"{layer}.running_var"])
 
 
 def test_float32_logits_match_reference(fw, framework):

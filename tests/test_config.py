@@ -94,7 +94,7 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
     text = " ".join(parser.format_help().split())
     for cls in (RunConfig, ModelSpec):
         for f in options.option_fields(cls):
-            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            flag = options.flag(f)
             assert flag in text and " ".join(f.metadata["help"].split()) in text, flag
     args = parser.parse_args(
         [
@@ -107,8 +107,8 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
             "group",
             "--groups",
             "3",
-            "--no-bias-before-bn",
-            "--bn-positions",
+            "--no-bias-before-norm",
+            "--norm-positions",
             "fc1,conv1",
             "--lr",
             "0.5",
@@ -136,3 +136,21 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
     )
     [default] = configs_from_args(parser.parse_args(["--variants", "none"]))
     assert default == RunConfig(model=ModelSpec(variant="none"))  # nothing given: the dataclasses' defaults
+    # the flags' older spellings, from when they named BN only, still set the same fields
+    old = [
+        "--variants",
+        "scratch",
+        "--bn-positions",
+        "conv2",
+        "--bn-placement",
+        "after_activation",
+        "--no-bias-before-bn",
+    ]
+    [config] = configs_from_args(parser.parse_args(old))
+    assert (config.model.bn_positions, config.model.bn_placement, config.model.bias_before_bn) == (
+        ("conv2",),
+        "after_activation",
+        False,
+    )
+    with pytest.raises(ConfigError, match="unknown norm position \\['fc3'\\]"):  # named as the option is now
+        configs_from_args(parser.parse_args(["--norm-positions", "fc3"]))

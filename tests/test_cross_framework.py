@@ -125,7 +125,7 @@ def test_population_statistics_agree(run_dir, variant):
 NORM_ARGS = {
     "layer": [],
     "group": ["--groups", "2"],
-    "instance": ["--bn-positions", "conv1,conv2"],
+    "instance": ["--norm-positions", "conv1,conv2"],
     "renorm": ["--renorm-warmup", "4"],
 }
 

@@ -18,6 +18,7 @@ from common.data import load_fashion_mnist
 from common.errors import BackendUnavailable, ConfigError
 from common.init import norm_suffixes
 from common.loop import run as run_loop
+from common.norms import BUILTIN_KINDS, SCRATCH_KINDS, norm_after
 from common.reference import norm_backward, norm_forward
 from tests.conventions import NORM_BUILTIN_ATOL, NORM_BUILTIN_DTYPES_MISSING, NORM_BUILTIN_EPSILON
 from tests.helpers import make_idx_dir
@@ -250,7 +251,7 @@ def test_norm_runs_train_the_same_in_every_mode_and_only_renorm_diverges(fw, fra
 
 def test_bad_norm_combinations_are_clear_errors():
     for kwargs, message in (
-        (dict(norm="instance"), "dense layer \\(fc1, fc2\\).*--bn-positions conv1,conv2"),
+        (dict(norm="instance"), "dense layer \\(fc1, fc2\\).*--norm-positions conv1,conv2"),
         (dict(norm="group", groups=4), "--groups 4 does not divide the 6 channels of conv1"),
         (dict(norm="group", groups=0), "groups \\(--groups\\) must be an integer >= 1"),
         (dict(norm="batchnorm"), "unknown normalisation 'batchnorm' \\(--norm\\)"),
@@ -263,3 +264,35 @@ def test_bad_norm_combinations_are_clear_errors():
     # what does not normalise is not checked: no norm layer, or positions where the groups divide
     ModelSpec(norm="instance", variant="none")
     ModelSpec(norm="group", groups=4, bn_positions=("conv2", "fc1", "fc2"))
+
+
+@pytest.mark.parametrize("variant", ["scratch", "builtin", "builtin-defaults"])
+@pytest.mark.parametrize("norm", ["batch", "renorm", "layer", "group", "instance"])
+def test_norm_and_variant_make_one_layer_kind(norm, variant):
+    """common.norms.norm_layer decides the layer once for every framework: its kind, and the constants it passes
+    (none for builtin-defaults, the framework's own; no decay without running statistics)."""
+    spec = ModelSpec(norm=norm, variant=variant, groups=2, decay=0.8, epsilon=1e-3, bn_positions=("conv1", "conv2"))
+    layer = norm_after(spec, "conv2")
+    scratch_kind = {"layer": "group", "instance": "group"}.get(norm, norm)
+    assert layer.kind == (scratch_kind if variant == "scratch" else f"builtin-{norm}")
+    assert (layer.features, layer.dims) == (16, 4)
+    running = norm in ("batch", "renorm")
+    assert layer.epsilon == (None if variant == "builtin-defaults" else 1e-3)
+    assert layer.decay == (0.8 if running and variant != "builtin-defaults" else None)
+    assert layer.groups == (None if running else {"layer": 1, "group": 2, "instance": 16}[norm])
+    assert (layer.renorm is not None) == (norm == "renorm")
+    if norm != "instance":
+        dense = norm_after(ModelSpec(norm=norm, variant=variant), "fc1")
+        assert (dense.features, dense.dims) == (120, 2)
+
+
+def test_every_framework_builds_only_the_kinds_common_decides(fw, framework):
+    """Each framework's lenet.CONSTRUCTORS maps kinds of common.norms to layers: every scratch kind, and no kind
+    that norm_layer never makes."""
+    import importlib
+
+    constructors = importlib.import_module(f"frameworks.{framework}.lenet").CONSTRUCTORS
+    kinds = set(SCRATCH_KINDS.values()) | set(BUILTIN_KINDS.values())
+    assert set(constructors) <= kinds, sorted(set(constructors) - kinds)
+    assert set(SCRATCH_KINDS.values()) <= set(constructors)
+    assert "builtin-batch" in constructors

@@ -152,13 +152,13 @@ def test_the_template_probe_restores_state_and_reports_by_the_spec(tiny):
     record = {}
     lenet_forward(params, spec, images, training=True, inputs=record)
     h = record["bn2"]
-    np.testing.assert_allclose(probe.bn["bn2"]["batch_mean"], h.mean(axis=(0, 2, 3)), rtol=1e-14)
-    np.testing.assert_allclose(probe.bn["bn2"]["batch_var"], h.var(axis=(0, 2, 3)), rtol=1e-14)
-    np.testing.assert_array_equal(probe.bn["bn2"]["running_var"], params["bn2.running_var"])  # before the forward
+    np.testing.assert_allclose(probe.norms["bn2"]["batch_mean"], h.mean(axis=(0, 2, 3)), rtol=1e-14)
+    np.testing.assert_allclose(probe.norms["bn2"]["batch_var"], h.var(axis=(0, 2, 3)), rtol=1e-14)
+    np.testing.assert_array_equal(probe.norms["bn2"]["running_var"], params["bn2.running_var"])  # before the forward
     np.testing.assert_array_equal(probe.logits_eval, backend.predict(images))
     # the same statistics feed the population pass
     (stats,) = backend.batch_statistics([images])
-    np.testing.assert_array_equal(stats["bn2"][0], probe.bn["bn2"]["batch_mean"])
+    np.testing.assert_array_equal(stats["bn2"][0], probe.norms["bn2"]["batch_mean"])
     assert population.combine([stats])["bn2"][0].shape == (16,)
 
 
@@ -173,4 +173,4 @@ def test_the_gate_and_the_effective_constants_are_the_templates(tiny, variant, n
     backend = NumpyBackend(RunConfig(model=spec, dtype="float64", device="cpu"))
     backend.set_params(init_params(spec, 0, "float64"))
     assert backend.effective_norm() == want
-    assert (backend.probe(tiny.test_images[:8]).bn == {}) == (not spec.has_running_stats)
+    assert (backend.probe(tiny.test_images[:8]).norms == {}) == (not spec.has_running_stats)

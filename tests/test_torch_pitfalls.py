@@ -18,9 +18,10 @@ def torch(native):
 
 @pytest.fixture(params=["scratch", "builtin"])
 def layer(request, torch):
-    from frameworks.torch.lenet import make_bn
+    from common.norms import norm_layer
+    from frameworks.torch.lenet import make_norm
 
-    bn = make_bn(ModelSpec(variant=request.param), 3, 2).double()
+    bn = make_norm(norm_layer(ModelSpec(variant=request.param), 3, 2), "float64")
     with torch.no_grad():
         bn.running_mean.fill_(0.5)
         bn.running_var.fill_(2.0)

@@ -26,9 +26,10 @@ import numpy as np
 from flax import serialization
 
 from common.errors import BackendUnavailable
-from common.init import bn_layers, check_params, init_params, is_trainable
+from common.init import check_params, init_params, is_trainable, norm_features
 from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
+from common.norms import norm_after
 
 from .lenet import BNLeNet, make_norm, variable_paths
 
@@ -81,12 +82,11 @@ class JaxBackend(Backend):
         self.device = resolve_device(config.device)
         self.dtype = config.dtype
         self.spec = config.model
-        if config.model.has_bn:
-            make_norm(config.model, 2, config.dtype)  # a normalisation without a fitting Flax module fails here
+        if config.model.has_norm:
+            # a normalisation without a fitting Flax module fails here
+            make_norm(norm_after(config.model, config.model.bn_positions[0]), config.precision)
         # mixed precision: Flax's own way, modules computing in bfloat16 with float32 parameters
-        self.model = BNLeNet(
-            config.model, dtype="bfloat16" if config.mixed == "bfloat16" else config.dtype, param_dtype=config.dtype
-        )
+        self.model = BNLeNet(config.model, config.precision)
         self.paths = variable_paths(config.model)
         # XLA is JAX's only compiler: --execution xla is the jitted step too
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
@@ -161,7 +161,7 @@ class JaxBackend(Backend):
         return "jax.jit" if self.compiled else "eager"
 
     def default_norm_constants(self):
-        layer = make_norm(self.spec, 2, "float32")
+        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
         return getattr(layer, "momentum", None), layer.epsilon
 
     def save_state(self):  # functional: a forward returns new state and changes none
@@ -176,7 +176,7 @@ class JaxBackend(Backend):
         wide = jnp.float64 if self.dtype == "float64" else jnp.float32
         return np.asarray(logits), {
             name: (np.asarray(inputs[f"{name}_input"][0].astype(wide)), -1)  # channels last
-            for name in (bn_layers(self.spec) if capture else ())
+            for name in (norm_features(self.spec) if capture else ())
         }
 
     # parameters ---------------------------------------------------------------

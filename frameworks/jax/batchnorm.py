@@ -47,9 +47,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
             )
         mean = jnp.mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
-        # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (the jitted CPU step
-        # ran at 0.92x Flax's layer with it, 0.87x without, in one alternating in-process run; 0.95x and 0.94x in
-        # a second).
+        # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (docs/benchmark.md,
+        # "Execution modes", has what it saves).
         var = jnp.mean(jnp.square(x - lax.stop_gradient(mean)), axis=axes)
         # stop_gradient: the running statistics are state, not part of the differentiated function
         new_mean = decay * running_mean + (1.0 - decay) * lax.stop_gradient(mean)

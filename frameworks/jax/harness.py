@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.layout import nchw_to_nhwc, nhwc_to_nchw
+from common.norms import norm_layer
 
 from .backend import enable_float64
 from .lenet import FLAX_LEAVES, SCRATCH_LEAVES, make_norm, mode_kwargs
@@ -19,7 +20,7 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     mixed = dtype == "mixed-bfloat16"  # the module computing in bfloat16 with float32 parameters, as in a run
     params_dtype = "float32" if mixed else dtype
     enable_float64(params_dtype)
-    layer = make_norm(spec, x.shape[1], "bfloat16" if mixed else dtype, dims=np.ndim(x), param_dtype=params_dtype)
+    layer = make_norm(norm_layer(spec, x.shape[1], np.ndim(x)), dtype)
     leaves = SCRATCH_LEAVES if spec.variant == "scratch" else FLAX_LEAVES
     variables = {"params": {}, "batch_stats": {}}
     for suffix, value in state.items():

@@ -23,8 +23,9 @@ bn_training=True. Each BN layer's input is sown into the "intermediates" collect
 from flax import linen as nn
 
 from common.config import ModelSpec
-from common.init import BN_NAMES, has_bias, layer_shapes, parameter_shapes
-from common.norms import groups_of, no_builtin
+from common.init import NORM_NAMES, has_bias, layer_shapes, parameter_shapes
+from common.norms import build, given, norm_after
+from common.precision import dtype_and_mixed
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
@@ -45,48 +46,47 @@ FLAX_LEAVES = {
 FLAX_NORMS = "nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, nn.RMSNorm"
 
 
-def make_norm(spec, num_features, dtype, dims=4, name=None, param_dtype=None):
-    """The module of spec.norm and spec.variant that follows a layer of num_features channels. dtype: the
-    computation's (bfloat16 in mixed precision); param_dtype: the parameters' (default dtype). Our layers
-    keep their parameters in param_dtype and compute in it (common.precision)."""
-    param_dtype = param_dtype or dtype
-    if spec.norm == "batch":
-        return make_bn(spec, num_features, dtype, name=name, param_dtype=param_dtype)
-    if spec.variant == "scratch":
-        if spec.norm == "renorm":
-            return BatchRenorm(
-                num_features,
-                decay=spec.decay,
-                epsilon=spec.epsilon,
-                dtype=param_dtype,
-                rmax=spec.renorm_rmax,
-                dmax=spec.renorm_dmax,
-                warmup=spec.renorm_warmup,
-                name=name,
-            )
-        return GroupNorm(
-            num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=param_dtype, name=name
-        )
-    if spec.norm == "renorm":
-        raise no_builtin("Flax", "renorm", FLAX_NORMS)
-    kwargs = dict(dtype=dtype, param_dtype=param_dtype, name=name)
-    if spec.variant == "builtin":
-        kwargs["epsilon"] = spec.epsilon
-    # use_fast_variance=False: Flax's default E[x^2] - E[x]^2 cancels when |mean| >> std (tests/test_jax_pitfalls.py)
-    if spec.norm == "layer":  # over every non-batch axis, gamma per channel (feature_axes=-1)
-        return nn.LayerNorm(reduction_axes=tuple(range(1, dims)), feature_axes=-1, use_fast_variance=False, **kwargs)
-    if spec.norm == "instance":
-        return nn.InstanceNorm(feature_axes=-1, use_fast_variance=False, **kwargs)
-    return nn.GroupNorm(num_groups=spec.groups, use_fast_variance=False, **kwargs)
+def flax_dtypes(precision):
+    """(dtype, param_dtype) of Flax modules in a precision: the computation's (bfloat16 when mixed, Flax's own
+    mixed-precision way) and the parameters' (common.precision)."""
+    param_dtype, mixed = dtype_and_mixed(precision)
+    return (param_dtype if mixed == "off" else mixed), param_dtype
 
 
-def make_bn(spec, num_features, dtype, name=None, param_dtype=None):
-    param_dtype = param_dtype or dtype
-    if spec.variant == "scratch":
-        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=param_dtype, name=name)
-    if spec.variant == "builtin":
-        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
-    return nn.BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)  # builtin-defaults
+def builtin(module, **options):
+    """A Flax normalisation module with the NormLayer's epsilon (None: Flax's default). use_fast_variance=False:
+    Flax's default E[x^2] - E[x]^2 cancels when |mean| >> std (tests/test_jax_pitfalls.py)."""
+    return lambda layer, **kw: module(**options, **given(epsilon=layer.epsilon), use_fast_variance=False, **kw)
+
+
+# our layers keep their parameters in param_dtype and compute in it (common.precision)
+CONSTRUCTORS = {
+    "batch": lambda layer, dtype, param_dtype, name: BatchNorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+    ),
+    "renorm": lambda layer, dtype, param_dtype, name: BatchRenorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.renorm_kwargs()
+    ),
+    "group": lambda layer, dtype, param_dtype, name: GroupNorm(
+        layer.features, layer.groups, epsilon=layer.epsilon, dtype=param_dtype, name=name
+    ),
+    # Flax's momentum weights the old running value, like our decay
+    "builtin-batch": lambda layer, dtype, param_dtype, **kw: nn.BatchNorm(
+        **given(momentum=layer.decay, epsilon=layer.epsilon), dtype=dtype, param_dtype=param_dtype, **kw
+    ),
+    # over every non-batch axis, gamma per channel (feature_axes=-1)
+    "builtin-layer": lambda layer, **kw: builtin(
+        nn.LayerNorm, reduction_axes=tuple(range(1, layer.dims)), feature_axes=-1
+    )(layer, **kw),
+    "builtin-group": lambda layer, **kw: builtin(nn.GroupNorm, num_groups=layer.groups)(layer, **kw),
+    "builtin-instance": builtin(nn.InstanceNorm, feature_axes=-1),
+}
+
+
+def make_norm(layer, precision="float32", name=None):
+    """Flax's module for a common.norms.NormLayer in a precision (flax_dtypes), named `name` in the model."""
+    dtype, param_dtype = flax_dtypes(precision)
+    return build(layer, CONSTRUCTORS, "Flax", FLAX_NORMS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def mode_kwargs(layer, training):
@@ -99,13 +99,12 @@ def mode_kwargs(layer, training):
 
 class BNLeNet(nn.Module):
     spec: ModelSpec
-    dtype: str = "float32"  # the computation's: bfloat16 in mixed precision (common.precision)
-    param_dtype: str | None = None  # the parameters' (and the logits'); default dtype
+    precision: str = "float32"  # common.precision: flax_dtypes gives the computation's and the parameters' dtype
 
     @nn.compact
     def __call__(self, x, *, training, bn_training=None):
-        spec, dtype = self.spec, self.dtype
-        param_dtype = self.param_dtype or dtype
+        spec = self.spec
+        dtype, param_dtype = flax_dtypes(self.precision)
         bn_training = training if bn_training is None else bn_training
         act = nn.sigmoid if spec.activation == "sigmoid" else nn.relu
         pool = nn.avg_pool if spec.pooling == "avg" else nn.max_pool
@@ -126,10 +125,10 @@ class BNLeNet(nn.Module):
                 h = nn.Dense(
                     shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=param_dtype, name=layer
                 )(h)
-            if layer not in BN_NAMES or not spec.bn_at(layer):
-                return h if layer not in BN_NAMES else act(h)
-            name = BN_NAMES[layer]
-            bn = make_norm(spec, shapes[layer][0], dtype, dims=h.ndim, name=name, param_dtype=param_dtype)
+            if layer not in NORM_NAMES or not spec.norm_at(layer):
+                return h if layer not in NORM_NAMES else act(h)
+            name = NORM_NAMES[layer]
+            bn = make_norm(norm_after(spec, layer), self.precision, name=name)
             before = spec.bn_placement == "before_activation"
             if not before:
                 h = act(h)

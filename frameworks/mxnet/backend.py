@@ -24,11 +24,12 @@ from mxnet import autograd, gluon, nd
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, resolve_execution
+from common.norms import norm_after
 
 from .lenet import BNLeNet, check_dtype, make_norm
 
-# Hybridized (static_alloc, static_shape) by default: 1.32x (scratch) and 1.06x (built-in) imperative at
-# batch 256, compiled in well under a second (docs/benchmark.md, "Execution modes").
+# Hybridized (static_alloc, static_shape) by default: faster than imperative for both layers and compiled in
+# well under a second (docs/benchmark.md, "Execution modes", has the figures).
 DEFAULT_EXECUTION = "compiled"
 
 
@@ -80,13 +81,13 @@ class MXNetBackend(Backend):
         return "hybridized" if self.hybridized else "imperative"
 
     def default_norm_constants(self):
-        kwargs = make_norm(self.spec, 2, 4 if "conv1" in self.spec.bn_positions else 2)._kwargs
+        kwargs = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))._kwargs
         return kwargs.get("momentum"), kwargs["eps"]
 
     def train_mode_forward(self, images, capture):
         x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
         nd.waitall()  # see the module docstring
-        blocks = self.net.bn_blocks() if capture else {}
+        blocks = self.net.norm_modules() if capture else {}
         inputs = {}  # each layer's input, recorded by a hook (NCHW / NC: channels on axis 1)
         hooks = [
             b.register_forward_pre_hook(lambda block, args, name=name: inputs.__setitem__(name, args[0]))

@@ -9,13 +9,15 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, nd
 
+from common.norms import norm_layer
+
 from .lenet import check_dtype, make_norm
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.harness: one normalisation layer's forward and backward, numpy in and out."""
     check_dtype(spec, dtype)
-    layer = make_norm(spec, x.shape[1], np.ndim(x))
+    layer = make_norm(norm_layer(spec, x.shape[1], np.ndim(x)), dtype)
     layer.initialize(ctx=mx.cpu())
     layer.cast(dtype)
     xt = nd.array(x, dtype=dtype)

@@ -19,8 +19,8 @@ from mxnet import autograd, nd
 from mxnet.gluon import HybridBlock, nn
 
 from common.errors import BackendUnavailable
-from common.init import BN_NAMES, has_bias, layer_shapes
-from common.norms import groups_of, no_builtin
+from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
+from common.norms import build, given, norm_after
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
@@ -32,28 +32,36 @@ GLUON_NORMS = (
 )
 
 
-def make_norm(spec, num_features, dims):
-    """The block of spec.norm and spec.variant that follows a layer of num_features channels."""
-    if spec.norm == "batch":
-        return make_bn(spec, num_features, dims)
-    if spec.variant == "scratch":
-        if spec.norm == "renorm":
-            return BatchRenorm(
-                num_features,
-                dims,
-                decay=spec.decay,
-                epsilon=spec.epsilon,
-                rmax=spec.renorm_rmax,
-                dmax=spec.renorm_dmax,
-                warmup=spec.renorm_warmup,
-            )
-        return GroupNorm(num_features, dims, groups_of(spec, num_features), epsilon=spec.epsilon)
-    kwargs = {} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon}
-    if spec.norm == "layer" and dims == 2:
-        return nn.LayerNorm(axis=-1, in_channels=num_features, **kwargs)
-    if spec.norm == "instance":  # scale=False by default: gamma would be ignored; float32 only (check_dtype)
-        return nn.InstanceNorm(axis=1, scale=True, in_channels=num_features, **kwargs)
-    raise no_builtin("MXNet Gluon", spec.norm + (" after a convolution" if spec.norm == "layer" else ""), GLUON_NORMS)
+def builtin_layer(layer):
+    # nn.LayerNorm normalises over one axis: the spec only after a dense layer (None: no fitting layer here)
+    return (
+        nn.LayerNorm(axis=-1, in_channels=layer.features, **given(epsilon=layer.epsilon)) if layer.dims == 2 else None
+    )
+
+
+CONSTRUCTORS = {
+    "batch": lambda layer: BatchNorm(layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon),
+    "renorm": lambda layer: BatchRenorm(
+        layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
+    ),
+    "group": lambda layer: GroupNorm(layer.features, layer.dims, layer.groups, epsilon=layer.epsilon),
+    # Gluon's momentum weights the old running value, like our decay
+    "builtin-batch": lambda layer: nn.BatchNorm(
+        in_channels=layer.features, **given(momentum=layer.decay, epsilon=layer.epsilon)
+    ),
+    "builtin-layer": builtin_layer,
+    # scale=False by default: gamma would be ignored; float32 only (check_dtype)
+    "builtin-instance": lambda layer: nn.InstanceNorm(
+        axis=1, scale=True, in_channels=layer.features, **given(epsilon=layer.epsilon)
+    ),
+}
+
+
+def make_norm(layer, precision="float32", name=None):
+    """Gluon's block for a common.norms.NormLayer. precision: the net casts every block after initialising it
+    (check_dtype refuses what Gluon cannot run); name: unused, a block is named by its attribute."""
+    check_layer_dtype(layer, precision)
+    return build(layer, CONSTRUCTORS, "MXNet Gluon", GLUON_NORMS)
 
 
 # tests/test_mxnet_pitfalls.py shows what amp.init does to the process
@@ -65,25 +73,21 @@ NO_MIXED = (
 )
 
 
-def check_dtype(spec, dtype):
-    """Gluon's InstanceNorm has a float32 kernel only (float64 fails inside the operator); mixed precision
-    (dtype "mixed-bfloat16") is refused (NO_MIXED)."""
-    if dtype == "mixed-bfloat16":
+def check_dtype(spec, precision):
+    """Refuse mixed precision (NO_MIXED) and a layer Gluon cannot run in `precision`, before anything is built."""
+    if precision == "mixed-bfloat16":
         raise BackendUnavailable(NO_MIXED)
-    if spec.has_bn and spec.norm == "instance" and spec.variant != "scratch" and dtype != "float32":
+    if spec.has_norm:
+        check_layer_dtype(norm_after(spec, spec.bn_positions[0]), precision)
+
+
+def check_layer_dtype(layer, precision):
+    """Gluon's InstanceNorm has a float32 kernel only (float64 fails inside the operator)."""
+    if layer.kind == "builtin-instance" and precision != "float32":
         raise BackendUnavailable(
-            f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {dtype}; "
+            f"Gluon's nn.InstanceNorm (MXNet 1.9.1) runs in float32 only, not {precision}; "
             f"use --dtype float32, or --variants scratch"
         )
-
-
-def make_bn(spec, num_features, dims):
-    if spec.variant == "scratch":
-        return BatchNorm(num_features, dims, decay=spec.decay, epsilon=spec.epsilon)
-    if spec.variant == "builtin":
-        # Gluon's momentum weights the old running value, like our decay
-        return nn.BatchNorm(momentum=spec.decay, epsilon=spec.epsilon, in_channels=num_features)
-    return nn.BatchNorm(in_channels=num_features)  # builtin-defaults
 
 
 class BNLeNet(HybridBlock):
@@ -92,7 +96,7 @@ class BNLeNet(HybridBlock):
         self.spec = spec
         # the scratch layers with running statistics take the mode and return their new state
         self.scratch = spec.variant == "scratch" and spec.has_running_stats
-        self.bn_names = [BN_NAMES[layer] for layer in BN_NAMES if spec.bn_at(layer)]
+        self.norm_names = list(norm_features(spec))
         with self.name_scope():
             for layer, shape in layer_shapes(spec).items():
                 bias = has_bias(spec, layer)
@@ -101,25 +105,25 @@ class BNLeNet(HybridBlock):
                 else:  # Dense flattens NCHW input in (C, H, W) order, as the canonical layout
                     block = nn.Dense(shape[0], in_units=shape[1], use_bias=bias)
                 setattr(self, layer, block)
-                if layer in BN_NAMES and spec.bn_at(layer):
-                    bn = make_norm(spec, shape[0], 4 if layer.startswith("conv") else 2)
-                    setattr(self, BN_NAMES[layer], bn)
+                if layer in NORM_NAMES and spec.norm_at(layer):
+                    bn = make_norm(norm_after(spec, layer))
+                    setattr(self, NORM_NAMES[layer], bn)
                     if spec.freeze_gamma_beta:
                         bn.gamma.grad_req = bn.beta.grad_req = "null"
 
-    def bn_blocks(self):
-        return {name: getattr(self, name) for name in self.bn_names}
+    def norm_modules(self):
+        return {name: getattr(self, name) for name in self.norm_names}
 
     def forward(self, x, training=None, bn_training=None):
         training = autograd.is_training() if training is None else training
         bn_training = training if bn_training is None else bn_training
-        if bn_training and self.spec.has_bn and x.shape[0] < 2:
+        if bn_training and self.spec.has_norm and x.shape[0] < 2:
             raise ValueError(f"training-mode BN needs a batch of at least 2, got {x.shape[0]}")
         flags = nd.array([float(bn_training), float(training)], ctx=x.context, dtype=x.dtype)
         return super().forward(x, flags)
 
     def _block(self, F, layer, h, bn_mode, new_stats):
-        bn = getattr(self, BN_NAMES[layer]) if self.spec.bn_at(layer) else None
+        bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
 
         def norm(h):
             if not self.scratch:
@@ -157,7 +161,7 @@ class BNLeNet(HybridBlock):
     def store_running(self, new_stats):
         """After a training forward: store what the scratch layers computed."""
         start = 0
-        for name in self.bn_names if self.scratch else []:
+        for name in self.norm_names if self.scratch else []:
             block = getattr(self, name)
             block.store(*new_stats[start : start + len(block.state)])
             start += len(block.state)

@@ -20,6 +20,7 @@ from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
+from common.norms import norm_after
 
 from .lenet import (
     BNLeNet,
@@ -28,8 +29,8 @@ from .lenet import (
     variable,
 )
 
-# XLA by default: 1.9x tf.function, which is 2.4x (scratch) and 2.7x (built-in) eager, at batch 256 on the
-# CPU (docs/benchmark.md, "Execution modes").
+# XLA by default: the fastest of the three modes on the CPU, tf.function next, eager last (docs/benchmark.md,
+# "Execution modes", has the figures).
 DEFAULT_EXECUTION = "xla"
 EXECUTION_NAMES = {"compiled": "tf.function", "xla": "tf.function(jit_compile=True)", "eager": "eager"}
 
@@ -59,7 +60,7 @@ class TensorFlowBackend(Backend):
         size = config.model.input_size
         with tf.device(self.device):
             # mixed precision: Keras' own mechanism, the mixed_bfloat16 dtype policy on every layer
-            self.model = BNLeNet(config.model, dtype="mixed_bfloat16" if config.mixed == "bfloat16" else config.dtype)
+            self.model = BNLeNet(config.model, config.precision)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)
@@ -89,12 +90,12 @@ class TensorFlowBackend(Backend):
         return EXECUTION_NAMES[self.execution]
 
     def default_norm_constants(self):
-        layer = make_norm(self.spec, 2, "float32")
+        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
         return getattr(layer, "momentum", None), layer.epsilon
 
     def train_mode_forward(self, images, capture):
         x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
-        layers = self.model.bn_layers() if capture else {}
+        layers = self.model.norm_modules() if capture else {}
         inputs, originals = {}, {}
         for name, layer in layers.items():  # record each layer's input on this eager call (channels last)
             originals[name] = layer.call

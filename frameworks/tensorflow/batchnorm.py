@@ -43,9 +43,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
             )
         mean = tf.reduce_mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
-        # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (the XLA step ran at
-        # 0.94x Keras's layer with it, 0.91x without, in one alternating in-process run; tf.nn.moments, under
-        # Keras's layer, does the same).
+        # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x, as tf.nn.moments
+        # does under Keras's layer (docs/benchmark.md, "Execution modes", has what it saves).
         var = tf.reduce_mean(tf.square(x - tf.stop_gradient(mean)), axis=axes)
         # stop_gradient: the running statistics must not carry autograd history
         new_mean = decay * running_mean + (1.0 - decay) * tf.stop_gradient(mean)

@@ -8,15 +8,16 @@ import numpy as np
 import tensorflow as tf
 
 from common.layout import nchw_to_nhwc, nhwc_to_nchw
+from common.norms import norm_layer
 
-from .lenet import BUILTIN_NAMES, make_dense_norm, make_norm
+from .lenet import BUILTIN_NAMES, make_norm
 
 
 def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.harness: one normalisation layer's forward and backward, numpy in and out (NCHW in and out)."""
     mixed = dtype == "mixed-bfloat16"  # the layer under the mixed_bfloat16 policy, its input (and dy) in bfloat16
-    policy, compute = ("mixed_bfloat16", tf.bfloat16) if mixed else (dtype, dtype)
-    layer = (make_norm if np.ndim(x) == 4 else make_dense_norm)(spec, x.shape[1], policy)
+    compute = tf.bfloat16 if mixed else dtype
+    layer = make_norm(norm_layer(spec, x.shape[1], np.ndim(x)), dtype)
     xt = tf.cast(tf.constant(nchw_to_nhwc(x).astype(np.float32 if mixed else dtype)), compute)
     layer.build(xt.shape)
     names = {suffix: BUILTIN_NAMES.get(suffix, suffix) if spec.variant != "scratch" else suffix for suffix in state}

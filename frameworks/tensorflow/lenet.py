@@ -18,8 +18,8 @@ training=False (no dropout) with bn_training=True.
 
 import keras
 
-from common.init import BN_NAMES, has_bias, layer_shapes
-from common.norms import groups_of, no_builtin
+from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
+from common.norms import build, given, norm_after
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
@@ -32,51 +32,49 @@ KERAS_NORMS = (
 )
 
 
-def make_norm(spec, num_features, dtype):
-    """The layer of spec.norm and spec.variant that follows a layer of num_features channels."""
-    if spec.norm == "batch":
-        return make_bn(spec, num_features, dtype)
-    if spec.variant == "scratch":
-        if spec.norm == "renorm":
-            return BatchRenorm(
-                num_features,
-                decay=spec.decay,
-                epsilon=spec.epsilon,
-                rmax=spec.renorm_rmax,
-                dmax=spec.renorm_dmax,
-                warmup=spec.renorm_warmup,
-                dtype=dtype,
-            )
-        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon, dtype=dtype)
-    if spec.norm == "renorm":
-        raise no_builtin("Keras", "renorm", KERAS_NORMS)
-    kwargs = {"dtype": dtype} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon, "dtype": dtype}
+def builtin_layer(layer, **kw):
     # LayerNormalization over (H, W, C) has a gamma per element: after a convolution, one group is the spec
-    return keras.layers.GroupNormalization(groups=groups_of(spec, num_features), **kwargs)
+    if layer.dims == 2:
+        return keras.layers.LayerNormalization(axis=-1, **given(epsilon=layer.epsilon), **kw)
+    return keras.layers.GroupNormalization(groups=1, **given(epsilon=layer.epsilon), **kw)
 
 
-def make_dense_norm(spec, num_features, dtype):
-    """After a dense layer, the built-in layer normalisation is LayerNormalization itself."""
-    if spec.norm == "layer" and spec.variant in ("builtin", "builtin-defaults"):
-        kwargs = {"dtype": dtype} if spec.variant == "builtin-defaults" else {"epsilon": spec.epsilon, "dtype": dtype}
-        return keras.layers.LayerNormalization(axis=-1, **kwargs)
-    return make_norm(spec, num_features, dtype)
+def builtin_group(layer, **kw):
+    return keras.layers.GroupNormalization(groups=layer.groups, **given(epsilon=layer.epsilon), **kw)
 
 
-def make_bn(spec, num_features, dtype):
-    if spec.variant == "scratch":
-        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon, dtype=dtype)
-    if spec.variant == "builtin":
-        # Keras's momentum weights the old running value, like our decay
-        return keras.layers.BatchNormalization(momentum=spec.decay, epsilon=spec.epsilon, dtype=dtype)
-    return keras.layers.BatchNormalization(dtype=dtype)  # builtin-defaults
+CONSTRUCTORS = {
+    "batch": lambda layer, **kw: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon, **kw),
+    "renorm": lambda layer, **kw: BatchRenorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs(), **kw
+    ),
+    "group": lambda layer, **kw: GroupNorm(layer.features, layer.groups, epsilon=layer.epsilon, **kw),
+    # Keras's momentum weights the old running value, like our decay
+    "builtin-batch": lambda layer, **kw: keras.layers.BatchNormalization(
+        **given(momentum=layer.decay, epsilon=layer.epsilon), **kw
+    ),
+    "builtin-layer": builtin_layer,
+    "builtin-group": builtin_group,
+    "builtin-instance": builtin_group,  # C groups
+}
+
+
+def keras_dtype(precision):
+    """The Keras dtype policy of a precision: mixed_bfloat16, Keras' own mixed-precision mechanism, or the dtype."""
+    return "mixed_bfloat16" if precision == "mixed-bfloat16" else precision
+
+
+def make_norm(layer, precision="float32", name=None):
+    """Keras' layer for a common.norms.NormLayer under the precision's dtype policy."""
+    return build(layer, CONSTRUCTORS, "Keras", KERAS_NORMS, dtype=keras_dtype(precision), **given(name=name))
 
 
 class BNLeNet(keras.Model):
-    def __init__(self, spec, dtype="float32"):
+    def __init__(self, spec, precision="float32"):
+        dtype = keras_dtype(precision)
         super().__init__(dtype=dtype)
         self.spec = spec
-        self.bn_names = [BN_NAMES[layer] for layer in BN_NAMES if spec.bn_at(layer)]
+        self.norm_names = list(norm_features(spec))
         for layer, shape in layer_shapes(spec).items():
             bias = has_bias(spec, layer)
             if layer.startswith("conv"):
@@ -84,11 +82,11 @@ class BNLeNet(keras.Model):
             else:
                 block = keras.layers.Dense(shape[0], use_bias=bias, dtype=dtype, name=layer)
             setattr(self, layer, block)
-            if layer in BN_NAMES and spec.bn_at(layer):
-                bn = (make_norm if layer.startswith("conv") else make_dense_norm)(spec, shape[0], dtype)
+            if layer in NORM_NAMES and spec.norm_at(layer):
+                bn = make_norm(norm_after(spec, layer), precision)
                 if spec.freeze_gamma_beta:
                     bn.frozen = True  # read by trainable_gamma_beta below
-                setattr(self, BN_NAMES[layer], bn)
+                setattr(self, NORM_NAMES[layer], bn)
         pool = keras.layers.AveragePooling2D if spec.pooling == "avg" else keras.layers.MaxPooling2D
         self.pool1, self.pool2 = pool(2, dtype=dtype), pool(2, dtype=dtype)
         self.flatten = keras.layers.Flatten(dtype=dtype)
@@ -96,11 +94,11 @@ class BNLeNet(keras.Model):
         self.drop2 = keras.layers.Dropout(spec.dropout, dtype=dtype) if spec.dropout else None
         self.act = keras.activations.sigmoid if spec.activation == "sigmoid" else keras.activations.relu
 
-    def bn_layers(self):
-        return {name: getattr(self, name) for name in self.bn_names}
+    def norm_modules(self):
+        return {name: getattr(self, name) for name in self.norm_names}
 
     def _block(self, layer, h, bn_training):
-        bn = getattr(self, BN_NAMES[layer]) if self.spec.bn_at(layer) else None
+        bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
         before = self.spec.bn_placement == "before_activation"
         if bn is not None and before:
             h = bn(h, training=bn_training)
@@ -135,7 +133,7 @@ def variable(model, name):
 def trainable_variables(model):
     """Everything SGD updates: all trainable weights, minus frozen gamma/beta."""
     frozen = set()
-    for bn in model.bn_layers().values():
+    for bn in model.norm_modules().values():
         if getattr(bn, "frozen", False):
             frozen.update({id(bn.gamma), id(bn.beta)})
     return [v for v in model.trainable_variables if id(v) not in frozen]

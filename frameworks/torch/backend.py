@@ -21,15 +21,16 @@ from torch.nn import functional as F
 from common.errors import BackendUnavailable
 from common.init import check_params, parameter_shapes
 from common.interface import Backend, resolve_execution
+from common.norms import norm_after
 
 from .lenet import BNLeNet, canonical_to_torch, make_norm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-# Eager by default: on the 2-core CPU torch.compile makes only the scratch layer faster (1.25-1.5x at batch
-# 256), needs a C++ compiler and takes 20-40 s cold before its first step, about what a default 10-epoch run
-# gains (docs/benchmark.md, "Execution modes").
+# Eager by default: on a CPU torch.compile speeds up only the scratch layer, needs a C++ compiler, and its
+# cold compilation costs about what a default 10-epoch run gains (docs/benchmark.md, "Execution modes", has
+# the figures).
 DEFAULT_EXECUTION = "eager"
 
 
@@ -95,7 +96,7 @@ class TorchBackend(Backend):
         return "torch.compile" if self.compiled else "eager"
 
     def default_norm_constants(self):
-        layer = make_norm(self.spec, 2, 4 if "conv1" in self.spec.bn_positions else 2)
+        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
         momentum = getattr(layer, "momentum", None)
         return (None if momentum is None else 1.0 - momentum), layer.eps
 
@@ -120,7 +121,7 @@ class TorchBackend(Backend):
 
         self._mode(False)  # dropout off
         try:
-            for name, module in self.model.bn_modules().items():
+            for name, module in self.model.norm_modules().items():
                 if capture:
                     hooks.append(module.register_forward_pre_hook(record(name)))
                 module.train()  # the normalisation layers only

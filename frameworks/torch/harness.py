@@ -8,6 +8,8 @@ a float32 layer with bfloat16 input, as in a run.
 import numpy as np
 import torch
 
+from common.norms import norm_layer
+
 from .backend import DTYPES
 from .lenet import canonical_to_torch, make_norm
 
@@ -16,7 +18,7 @@ def run_norm(spec, x, state, dy, *, training, dtype):
     """See common.harness: one normalisation layer's forward and backward, numpy in and out."""
     mixed = dtype == "mixed-bfloat16"  # the layer in float32, its input (and dy) in bfloat16, under autocast
     dt = DTYPES["float32" if mixed else dtype]
-    layer = make_norm(spec, x.shape[1], np.ndim(x)).to(dt)
+    layer = make_norm(norm_layer(spec, x.shape[1], np.ndim(x)), dtype)
     attrs = {suffix: canonical_to_torch(f"bn1.{suffix}", spec).split(".")[1] for suffix in state}
     with torch.no_grad():
         for suffix, value in state.items():

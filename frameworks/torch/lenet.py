@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.init import BN_NAMES, has_bias, layer_shapes
-from common.norms import groups_of, no_builtin
+from common.init import NORM_NAMES, has_bias, layer_shapes
+from common.norms import build, given, norm_after
+from common.precision import dtype_and_mixed
 
 from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 
@@ -21,41 +22,41 @@ from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
 BUILTIN_NAMES = {"gamma": "weight", "beta": "bias"}
 
 
-def make_norm(spec, num_features, dims):
-    """The layer of spec.norm and spec.variant that follows a layer of num_features channels."""
-    if spec.norm == "batch":
-        return make_bn(spec, num_features, dims)
-    if spec.variant == "scratch":
-        if spec.norm == "renorm":
-            return BatchRenorm(
-                num_features,
-                decay=spec.decay,
-                epsilon=spec.epsilon,
-                rmax=spec.renorm_rmax,
-                dmax=spec.renorm_dmax,
-                warmup=spec.renorm_warmup,
-            )
-        return GroupNorm(num_features, groups_of(spec, num_features), epsilon=spec.epsilon)
-    if spec.norm == "renorm":
-        raise no_builtin(
-            "PyTorch", "renorm", "nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d"
-        )
-    kwargs = {} if spec.variant == "builtin-defaults" else {"eps": spec.epsilon}
-    if spec.norm == "layer" and dims == 2:
-        return nn.LayerNorm(num_features, **kwargs)
-    if spec.norm == "instance":
-        return nn.InstanceNorm2d(num_features, affine=True, **kwargs)
-    return nn.GroupNorm(groups_of(spec, num_features), num_features, **kwargs)
+TORCH_NORMS = "nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d/2d/3d, nn.BatchNorm1d/2d/3d"
 
 
-def make_bn(spec, num_features, dims):
-    if spec.variant == "scratch":
-        return BatchNorm(num_features, decay=spec.decay, epsilon=spec.epsilon)
-    layer = nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d
-    if spec.variant == "builtin":
-        # PyTorch's momentum weights the new batch value: our decay 0.9 is momentum 0.1
-        return layer(num_features, momentum=1.0 - spec.decay, eps=spec.epsilon)
-    return layer(num_features)  # builtin-defaults
+def builtin_batch(layer):
+    # PyTorch's momentum weights the new batch value: our decay 0.9 is momentum 0.1
+    momentum = None if layer.decay is None else 1.0 - layer.decay
+    return (nn.BatchNorm2d if layer.dims == 4 else nn.BatchNorm1d)(
+        layer.features, **given(momentum=momentum, eps=layer.epsilon)
+    )
+
+
+def builtin_group(layer):
+    # nn.LayerNorm after a convolution would have a gamma per element of C x H x W: one group is the spec
+    if layer.norm == "layer" and layer.dims == 2:
+        return nn.LayerNorm(layer.features, **given(eps=layer.epsilon))
+    return nn.GroupNorm(layer.groups, layer.features, **given(eps=layer.epsilon))
+
+
+CONSTRUCTORS = {
+    "batch": lambda layer: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon),
+    "renorm": lambda layer: BatchRenorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
+    ),
+    "group": lambda layer: GroupNorm(layer.features, layer.groups, epsilon=layer.epsilon),
+    "builtin-batch": builtin_batch,
+    "builtin-layer": builtin_group,
+    "builtin-group": builtin_group,
+    "builtin-instance": lambda layer: nn.InstanceNorm2d(layer.features, affine=True, **given(eps=layer.epsilon)),
+}
+
+
+def make_norm(layer, precision="float32", name=None):
+    """PyTorch's module for a common.norms.NormLayer, its parameters in the precision's dtype (float32 when mixed:
+    autocast computes in bfloat16). name: unused, a module is named by its attribute."""
+    return build(layer, CONSTRUCTORS, "PyTorch", TORCH_NORMS).to(getattr(torch, dtype_and_mixed(precision)[0]))
 
 
 class BNLeNet(nn.Module):
@@ -69,9 +70,9 @@ class BNLeNet(nn.Module):
                 setattr(self, layer, nn.Conv2d(shape[1], shape[0], shape[2:], bias=bias))
             else:
                 setattr(self, layer, nn.Linear(shape[1], shape[0], bias=bias))
-            if layer in BN_NAMES and spec.bn_at(layer):
-                bn = make_norm(spec, shape[0], 4 if layer.startswith("conv") else 2)
-                setattr(self, BN_NAMES[layer], bn)
+            if layer in NORM_NAMES and spec.norm_at(layer):
+                bn = make_norm(norm_after(spec, layer))
+                setattr(self, NORM_NAMES[layer], bn)
                 if spec.freeze_gamma_beta:
                     for p in bn.parameters():
                         p.requires_grad_(False)
@@ -79,11 +80,11 @@ class BNLeNet(nn.Module):
         self.pool = F.avg_pool2d if spec.pooling == "avg" else F.max_pool2d
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
 
-    def bn_modules(self):
-        return {BN_NAMES[layer]: getattr(self, BN_NAMES[layer]) for layer in BN_NAMES if self.spec.bn_at(layer)}
+    def norm_modules(self):
+        return {NORM_NAMES[layer]: getattr(self, NORM_NAMES[layer]) for layer in NORM_NAMES if self.spec.norm_at(layer)}
 
     def _block(self, layer, h):
-        bn = getattr(self, BN_NAMES[layer]) if self.spec.bn_at(layer) else None
+        bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
         before = self.spec.bn_placement == "before_activation"
         if bn is not None and before:
             h = bn(h)
