@@ -201,13 +201,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment_record(args, argv, frameworks, pythons, data_dir) -> dict:
+def environment_record(args, argv, frameworks, pythons, data_dir, started: float) -> dict:
+    """The machine, interpreters and command of a run that began at `started` (time.time())."""
     import numpy
     import pandas
 
     return {
         "command": " ".join(["python -m compare.run"] + list(argv)),
-        "started": datetime.now(timezone.utc).isoformat(),
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_name(),
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
             writer,
             signals,
         )
-        env_record = environment_record(args, argv, frameworks, pythons, data_dir)
+        env_record = environment_record(args, argv, frameworks, pythons, data_dir, started)
         env_record.update(
             reference=reference,
             run_id=run_id,

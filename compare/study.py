@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             signals,
             options={"snapshots": "final"},
         )
-        env = environment_record(args, argv, settings["frameworks"], pythons, data_dir)
+        env = environment_record(args, argv, settings["frameworks"], pythons, data_dir, started)
         session = {
             "command": " ".join(["python -m compare.study"] + list(argv)),
             "started": env["started"],

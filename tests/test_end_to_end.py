@@ -2,6 +2,7 @@
 
 import json
 import sys
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
@@ -64,7 +65,9 @@ def _records(path):
 
 def test_run_writes_every_report_and_repeats_exactly(framework, tmp_path):
     data = make_idx_dir(tmp_path / "data", 1200, 400)
+    before_run = datetime.now(timezone.utc)
     assert _run(framework, data, tmp_path / "out", "a") == 0
+    after_run = datetime.now(timezone.utc)
     run_dir = tmp_path / "out" / "a"
     for name in FILES:
         assert (run_dir / name).is_file(), name
@@ -85,6 +88,9 @@ def test_run_writes_every_report_and_repeats_exactly(framework, tmp_path):
     assert "## Summary" in text and "## Train/eval-mode divergence" in text and "![curves.png]" in text
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["frameworks"] == [framework] and env["data_verified"] is False
+    # started: when the runs began, not when the report was written after them
+    started = datetime.fromisoformat(env["started"])
+    assert before_run <= started and started + timedelta(seconds=env["seconds"] - 1) <= after_run, env
     records = _records(run_dir)
     assert all(len(r["step_losses"]) == 3 for r in records if r["kind"] == "epoch")
 
