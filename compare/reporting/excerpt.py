@@ -1,7 +1,9 @@
 """Measured figures that the guides quote, generated from committed records, so that prose cannot drift.
 
-docs/measured/NAME/ holds what one run wrote that its figures come from: records.jsonl and environment.json
-(the snapshots are left out: no quoted figure needs them). excerpt.md beside them is generated from them:
+docs/measured/NAME/ holds what one run or study wrote that its figures come from: records.jsonl and
+environment.json, and for a study its study.toml and study.json (the snapshots are left out: no quoted figure
+needs them). excerpt.md beside them is generated from them (a run's: a table and ranges; a study's: its
+measured answer, as study.md gives it):
 
     .tox/run/bin/python -m compare.reporting.excerpt docs/measured/NAME
 
@@ -11,11 +13,13 @@ fails when excerpt.md is not what its records give, or when a number in such a p
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..studies import answers, spec
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -30,16 +34,57 @@ def _span(values: list, digits: int, unit: str = "") -> str:
     return f"{low}{unit}" if low == high else f"{low}-{high}{unit}"
 
 
+def _cost_and_steadiness(epochs) -> list:
+    """Sentences on what population statistics cost (seconds per epoch, against training's) and how much steadier
+    test accuracy is with them over the second half of the epochs, from the epoch records."""
+    runs = epochs.dropna(subset=["pop_test_acc"]).groupby(["framework", "variant", "seed"])
+    if not len(runs):
+        return []
+    seconds, shares, ema_jumps, pop_jumps = [], [], [], []
+    for _, run in runs:
+        run = run.sort_values("epoch")
+        seconds.append(run.population_seconds.median())
+        shares.append(100 * run.population_seconds.median() / run.train_seconds.median())
+        late = run[run.epoch > run.epoch.max() // 2]
+        ema_jumps.append(100 * late.test_acc.diff().abs().max())
+        pop_jumps.append(100 * late.pop_test_acc.diff().abs().max())
+    first = int(epochs.epoch.max()) // 2 + 1
+    return [
+        "",
+        f"Computing them took {_span(seconds, 1, ' s')} per epoch (the median of each run), "
+        f"{_span(shares, 0, '%')} of an epoch's training time. Over epochs {first}-{int(epochs.epoch.max())}, test "
+        f"accuracy with the running average moves by up to {_span(ema_jumps, 1)} points between consecutive epochs, "
+        f"with population statistics by up to {_span(pop_jumps, 1)}.",
+    ]
+
+
+def _measured_with(env: dict, entry: str) -> str:
+    command = env.get("command", "?").replace(f"python -m compare.{entry}", f"tox -e {entry} --")
+    return f"Measured with `{command}` on {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores)"
+
+
+def study_excerpt(folder: Path) -> str:
+    """excerpt.md of a measured study folder: its command and the study's measured answer, computed here from the
+    records exactly as compare.study writes it into study.md."""
+    name = json.loads((folder / "study.json").read_text())["study"]
+    study = spec.load(folder / "study.toml", name=name)
+    t, env, _, _ = load(folder)
+    answer, _ = answers.analyse(t["runs"], study)
+    return "\n".join([f"{_measured_with(env, 'study')}; the answer:", ""] + [f"- {line}" for line in answer]) + "\n"
+
+
 def excerpt(folder: Path) -> str:
     """excerpt.md of a measured folder: its command, a table of the final epoch per framework and variant
     (accuracy and train/eval disagreement with the running average and with population statistics), and the
-    ranges the guides quote, each computed here."""
+    ranges the guides quote, each computed here: the accuracy gained and disagreement removed, the population
+    pass's cost in seconds, and how much accuracy moves between late epochs either way."""
+    if (Path(folder) / "study.json").exists():
+        return study_excerpt(Path(folder))
     t, env, _, _ = load(Path(folder))
     s = t["summary"]
-    command = env.get("command", "?").replace("python -m compare.run", "tox -e run --")
+    seeds = ", ".join(map(str, sorted(set(t["runs"].seed))))
     lines = [
-        f"Measured with `{command}` on {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); "
-        f"{int(s.epochs.max())} epochs, seed {', '.join(map(str, sorted(set(t['runs'].seed))))}; final epoch:",
+        f"{_measured_with(env, 'run')}; {int(s.epochs.max())} epochs, seed {seeds}; final epoch:",
         "",
         "| framework | variant | test acc, running average | with population statistics | "
         "train/eval disagreement | with population statistics |",
@@ -64,6 +109,7 @@ def excerpt(folder: Path) -> str:
             f"{_span(costs, 1)} points, and {_span(lags, 0, '%')} of the train/eval disagreement on the probe "
             f"images goes away: that share is the running average's lag, the rest batch noise.",
         ]
+        lines += _cost_and_steadiness(t["epochs"])
     return "\n".join(lines) + "\n"
 
 
