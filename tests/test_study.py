@@ -1042,3 +1042,28 @@ def test_progress_counts_runs_failures_and_eta():
     assert "torch none             seed 0 lr=3 epoch 1/2" in text
     assert "3/4" in text and "1 diverged, 1 failed" in text  # the study's bar
     assert "seed 1 lr=3 DIVERGED" in text
+
+
+def test_a_further_metric_without_values_says_so_not_that_no_seed_is_shared(tmp_path):
+    """A metric read from the snapshots (the running-statistics drift) has no value in a folder without them: the
+    runs still share their seeds, so the answer says the values are missing, not that the seeds differ."""
+    text = BASE_LR.replace(
+        'kind = "largest-stable"\nx = "lr"',
+        'kind = "compare"\naxis = "lr"\nbaseline = 0.1\nalso = ["final_running_stats_drift"]',
+    )
+    study = spec.load(write(tmp_path, text, "drift.toml"))
+    runs = runs_frame(
+        [
+            {"lr": lr, "seed": s, "best_test_acc": 0.5 + lr / 10 + s / 100, "final_running_stats_drift": np.nan}
+            for lr in (0.1, 1.0)
+            for s in (0, 1)
+        ]
+    )
+    answer, _ = answers.analyse(runs, study)
+    drift = "running-statistics drift from the float32 run"
+    assert f"The complete runs that share a seed have no value of {drift}: nothing to compare." in answer, answer
+    assert (
+        f"lr=1 vs lr=0.1 (torch, scratch): {drift} not compared: the complete runs that share a seed have no "
+        "value of it." in answer
+    ), answer
+    assert not any("share no seed" in sentence for sentence in answer), answer

@@ -25,6 +25,7 @@ ONE_SEED = "one seed: no interval"  # a comparison's verdict with one paired see
 
 
 NO_PAIR = "no paired seed"  # ... with none (the arms' complete runs share no seed)
+NO_VALUE = "no value"  # ... runs share seeds but the metric has no value in them (a snapshot metric without them)
 
 
 def failed(runs: pd.DataFrame, study: Study) -> pd.Series:
@@ -158,7 +159,7 @@ def comparisons(
             diffs = both.arm - both.base
             st = seed_stats(diffs.tolist())
             if st["n"] == 0:
-                verdict = NO_PAIR
+                verdict = NO_VALUE if len(shared) else NO_PAIR
             elif st["n"] < 2:
                 verdict = ONE_SEED
             elif st["ci_low"] > 0 or st["ci_high"] < 0:

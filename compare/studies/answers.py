@@ -13,6 +13,7 @@ from ..reporting.markdown import fmt, interval_text
 from ..reporting.stats import clipped, difference_bounds, metric_bounds
 from .analysis import (
     NO_PAIR,
+    NO_VALUE,
     ONE_SEED,
     arm_label,
     cell_keys,
@@ -172,6 +173,9 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study,
             row.verdict, row.verdict
         )
         which = f"{row.arm} vs {row.baseline}{' (' + stratum + ')' if stratum else ''}: {label} "
+        if row.verdict == NO_VALUE:
+            pairs.append(which + "not compared: the complete runs that share a seed have no value of it.")
+            continue
         if row.paired_seeds == 0:
             pairs.append(which + "not compared: their complete runs share no seed.")
             continue
@@ -180,7 +184,9 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study,
             which + f"{fmt_metric(row.arm_mean, metric)} vs {fmt_metric(row.baseline_mean, metric)}, "
             f"difference {row.difference:+.4f} ({seeds}{interval}): {verdict}."
         )
-    if (table.paired_seeds == 0).all():
+    if (table.verdict == NO_VALUE).all():
+        lead = f"The complete runs that share a seed have no value of {label}: nothing to compare."
+    elif (table.paired_seeds == 0).all():
         lead = (
             f"No arm has complete runs that share a seed with the arm it is compared with: nothing to "
             f"compare{' for ' + label if metric != study.answer['metric'] else ''}."

@@ -106,10 +106,12 @@ def figure(cell_table: pd.DataFrame, study: Study):
     return fig
 
 
-def _evidence_columns(cell_table: pd.DataFrame, study: Study) -> list:
+def evidence(cell_table: pd.DataFrame, study: Study) -> str:
+    """The evidence table of study.md: per cell, each shown metric's mean over seeds with its interval, and the
+    run counts."""
     metrics = shown_metrics(study)
     counts = ["seeds", "complete", "diverged", "missing"] + (["failed"] if study.failure else [])
-    return cell_keys(study, cell_table) + metrics + counts
+    return _table(cell_table, cell_keys(study, cell_table) + metrics + counts)
 
 
 def render(
@@ -202,7 +204,7 @@ def render(
     parts += [
         "## Evidence\n",
         "Per cell, over seeds (complete runs).\n",
-        _table(cell_table, _evidence_columns(cell_table, study)),
+        evidence(cell_table, study),
         two_seed_note(cell_table, "cell"),
     ]
     for name in ("stability", "comparisons", "against_best"):
