@@ -3,7 +3,7 @@
 docs/measured/NAME/ holds what one run or study wrote that its figures come from: records.jsonl and
 environment.json, and for a study its study.toml and study.json (the snapshots are left out: no quoted figure
 needs them). excerpt.md beside them is generated from them (a run's: a table and ranges; a study's: its
-measured answer, as study.md gives it):
+measured answer and evidence table, as study.md gives them):
 
     .tox/run/bin/python -m compare.reporting.excerpt docs/measured/NAME
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..studies import answers, spec
+from ..studies import answers, render, spec
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -63,14 +63,49 @@ def _measured_with(env: dict, entry: str) -> str:
     return f"Measured with `{command}` on {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores)"
 
 
+def _mixed_against_float32(t: dict) -> list:
+    """For a run with mixed-precision runs: each one's final epoch beside its float32 twin (accuracy, train/eval
+    disagreement, training throughput), from the records alone (the snapshot distances need the snapshots,
+    which measured folders leave out)."""
+    mixed = t.get("mixed_precision")
+    if mixed is None or mixed.empty:
+        return []
+    last = mixed[mixed.epoch == mixed.groupby(["framework", "config_id"]).epoch.transform("max")]
+    lines = [
+        "",
+        "Mixed precision against float32, the same seed, weights and batches (final epoch):",
+        "",
+        "| framework | variant | precision | test acc, mixed vs float32 | train/eval disagreement, mixed vs float32 | "
+        "training throughput, mixed / float32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    runs = t["runs"]
+    speed = dict(zip(zip(runs.framework, runs.config_id), runs.train_examples_per_s))  # median over epochs
+    ratios = {}
+    for _, r in last.iterrows():
+        ratio = speed[(r.framework, r.config_id)] / speed[(r.framework, r.float32_config_id)]
+        ratios.setdefault(r.framework, []).append(ratio)
+        lines.append(
+            f"| {r.framework} | {r.variant} | {r.precision} | {r.test_acc_mixed:.3f} vs {r.test_acc_float32:.3f} | "
+            f"{_percent(r.probe_disagreement_mixed)} vs {_percent(r.probe_disagreement_float32)} | {ratio:.2f} |"
+        )
+    speeds = ", ".join(f"{fw} {_span(values, 2, 'x')}" for fw, values in ratios.items())
+    return lines + [
+        "",
+        f"Training throughput (each run's median over epochs) in mixed precision over float32's: {speeds}.",
+    ]
+
+
 def study_excerpt(folder: Path) -> str:
-    """excerpt.md of a measured study folder: its command and the study's measured answer, computed here from the
-    records exactly as compare.study writes it into study.md."""
+    """excerpt.md of a measured study folder: its command, the study's measured answer and its evidence table,
+    computed here from the records exactly as compare.study writes them into study.md."""
     name = json.loads((folder / "study.json").read_text())["study"]
     study = spec.load(folder / "study.toml", name=name)
     t, env, _, _ = load(folder)
-    answer, _ = answers.analyse(t["runs"], study)
-    return "\n".join([f"{_measured_with(env, 'study')}; the answer:", ""] + [f"- {line}" for line in answer]) + "\n"
+    answer, frames = answers.analyse(t["runs"], study)
+    lines = [f"{_measured_with(env, 'study')}; the answer:", ""] + [f"- {line}" for line in answer]
+    lines += ["", "Per cell, over seeds (complete runs):", "", render.evidence(frames["study"], study)]
+    return "\n".join(lines) + "\n"
 
 
 def excerpt(folder: Path) -> str:
@@ -83,18 +118,21 @@ def excerpt(folder: Path) -> str:
     t, env, _, _ = load(Path(folder))
     s = t["summary"]
     seeds = ", ".join(map(str, sorted(set(t["runs"].seed))))
+    precisions = "precision" in s and s.precision.nunique() > 1  # a column only where runs differ in it
     lines = [
         f"{_measured_with(env, 'run')}; {int(s.epochs.max())} epochs, seed {seeds}; final epoch:",
         "",
-        "| framework | variant | test acc, running average | with population statistics | "
-        "train/eval disagreement | with population statistics |",
-        "|---|---|---|---|---|---|",
+        "| framework | variant | " + ("precision | " if precisions else "") + "test acc, running average | "
+        "with population statistics | train/eval disagreement | with population statistics |",
+        "|---|---|---|---|---|---|" + ("---|" if precisions else ""),
     ]
     costs, lags = [], []
     for _, row in s.iterrows():
         pop = row.get("final_pop_test_acc")
         lines.append(
-            f"| {row.framework} | {row.variant} | {fmt(row.final_test_acc, 'final_test_acc')} | "
+            f"| {row.framework} | {row.variant} | "
+            + (f"{row.precision} | " if precisions else "")
+            + f"{fmt(row.final_test_acc, 'final_test_acc')} | "
             f"{fmt(pop, 'final_pop_test_acc') or 'n/a'} | {_percent(row.final_probe_disagreement)} | "
             + (_percent(row.final_pop_probe_disagreement) if not np.isnan(pop) else "n/a")
             + " |"
@@ -110,6 +148,7 @@ def excerpt(folder: Path) -> str:
             f"images goes away: that share is the running average's lag, the rest batch noise.",
         ]
         lines += _cost_and_steadiness(t["epochs"])
+    lines += _mixed_against_float32(t)
     return "\n".join(lines) + "\n"
 
 
