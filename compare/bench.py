@@ -336,11 +336,12 @@ def main(argv=None) -> int:
         for e in executions
         for b in batch_sizes
     ]
-    rows, loops, status = [], {}, 0
+    rows, measured, loops, status = [], [], {}, 0
 
     def emit(record):
         r = row(record)
         rows.append(r)
+        measured.append(record)
         loops.update({(record["framework"], loop): record[loop] for loop in ("bare", "textbook")})
         print(line(r), flush=True)
 
@@ -373,7 +374,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic(out / "bench.csv", lambda path: frame.to_csv(path, index=False))
     rows = records.clean(rows)  # NaN (no interval) as null
-    write_json(out / "bench.json", {"machine": machine, "rows": rows})
+    # measured: each cell's per-repeat figures, from which the rows are computed again (compare.reporting.excerpt)
+    write_json(out / "bench.json", {"machine": machine, "rows": rows, "measured": records.clean(measured)})
     text = render(frame, machine, loops, args)
     plot(frame, out / "bench.png")
     atomic(out / "bench.md", lambda path: path.write_text(text + "\n![throughput against batch size](bench.png)\n"))

@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.loop import run as run_loop
 from common.registry import load_backend_module
 from compare.bench import COLUMNS, median_interval, paired_ratio, row
 from compare.bench import main as bench_main
+from compare.reporting.excerpt import excerpt
 from tests.conventions import EXECUTION_NAMES
 from tests.helpers import make_idx_dir
 
@@ -142,6 +144,11 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     )
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} batch    none" in captured.out
+    # the per-repeat figures are kept, and the rows computed from them again are the rows written (docs/measured)
+    assert [records.clean([row(m)])[0] for m in saved["measured"]] == saved["rows"]
+    quoted = excerpt(out)
+    for r in saved["rows"]:
+        assert f"| {framework} | {r['variant']} | " in quoted and f"{r['suite_examples_per_s']:,.0f}" in quoted
 
 
 def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, capsys):

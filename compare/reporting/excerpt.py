@@ -1,9 +1,10 @@
 """Measured figures that the guides quote, generated from committed records, so that prose cannot drift.
 
-docs/measured/NAME/ holds what one run or study wrote that its figures come from: records.jsonl and
-environment.json, and for a study its study.toml and study.json (the snapshots are left out: no quoted figure
-needs them). excerpt.md beside them is generated from them (a run's: a table and ranges; a study's: its
-measured answer and evidence table, as study.md gives them):
+docs/measured/NAME/ holds what one run, study or benchmark wrote that its figures come from: records.jsonl and
+environment.json, for a study also its study.toml and study.json (the snapshots are left out: no quoted figure
+needs them), for a benchmark its bench.json (each cell's per-repeat figures). excerpt.md beside them is
+generated from them (a run's: a table and ranges; a study's: its measured answer and evidence table, as
+study.md gives them; a benchmark's: its table and ratio ranges, computed again from the repeats):
 
     .tox/run/bin/python -m compare.reporting.excerpt docs/measured/NAME
 
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from .. import bench
 from ..studies import answers, render, spec
 from .files import atomic
 from .markdown import fmt
@@ -96,6 +99,42 @@ def _mixed_against_float32(t: dict) -> list:
     ]
 
 
+def bench_excerpt(folder: Path) -> str:
+    """excerpt.md of a measured benchmark folder (its bench.json): each cell's row computed again from the
+    per-repeat figures the benchmark measured, and the ranges the guides quote."""
+    data = json.loads((folder / "bench.json").read_text())
+    rows = pd.DataFrame([bench.row(result) for result in data["measured"]])  # the benchmark's own arithmetic
+    lines = [
+        f"{_measured_with(data['machine'], 'bench')}; suite/bare and suite/textbook are medians of the repeats' "
+        f"own ratios, with their 95% intervals:",
+        "",
+        "| framework | variant | execution | batch | suite examples/s | suite/bare | suite/textbook |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in rows.iterrows():
+        lines.append(
+            f"| {r.framework} | {r.variant} | {r.execution_name or r.execution} | {r.batch_size} | "
+            f"{r.suite_examples_per_s:,.0f} | {_ratio(r, 'bare')} | {_ratio(r, 'textbook')} |"
+        )
+    lows, highs = rows.suite_over_bare_low.dropna(), rows.suite_over_bare_high.dropna()
+    within = f", every interval within {lows.min():.3f}-{highs.max():.3f}" if len(lows) else ""
+    textbook = "; ".join(
+        f"{fw} {_span(list(g.suite_over_textbook), 2)}" for fw, g in rows.groupby("framework", sort=False)
+    )
+    lines += [
+        "",
+        f"suite/bare {_span(list(rows.suite_over_bare), 3)} in all {len(rows)} cells{within}; suite/textbook: "
+        f"{textbook}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(r, other: str) -> str:
+    low, high = r[f"suite_over_{other}_low"], r[f"suite_over_{other}_high"]
+    interval = "" if pd.isna(low) else f" [{low:.3f}, {high:.3f}]"
+    return f"{r[f'suite_over_{other}']:.3f}{interval}"
+
+
 def study_excerpt(folder: Path) -> str:
     """excerpt.md of a measured study folder: its command, the study's measured answer and its evidence table,
     computed here from the records exactly as compare.study writes them into study.md."""
@@ -115,6 +154,8 @@ def excerpt(folder: Path) -> str:
     pass's cost in seconds, and how much accuracy moves between late epochs either way."""
     if (Path(folder) / "study.json").exists():
         return study_excerpt(Path(folder))
+    if (Path(folder) / "bench.json").exists():
+        return bench_excerpt(Path(folder))
     t, env, _, _ = load(Path(folder))
     s = t["summary"]
     seeds = ", ".join(map(str, sorted(set(t["runs"].seed))))
