@@ -15,6 +15,7 @@ fails when excerpt.md is not what its records give, or when a number in such a p
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def _cost_and_steadiness(epochs) -> list:
 
 
 def _measured_with(env: dict, entry: str) -> str:
+    """ "Measured with `COMMAND` on CPU (N cores)", the command as tox runs it and without its --out folder
+    (where the measurement was written, not what it measured)."""
     command = env.get("command", "?").replace(f"python -m compare.{entry}", f"tox -e {entry} --")
+    command = re.sub(r" --out \S+", "", command)
     return f"Measured with `{command}` on {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores)"
 
 
@@ -126,7 +130,44 @@ def bench_excerpt(folder: Path) -> str:
         f"suite/bare {_span(list(rows.suite_over_bare), 3)} in all {len(rows)} cells{within}; suite/textbook: "
         f"{textbook}.",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _execution_modes(rows)) + "\n"
+
+
+def _execution_modes(rows: pd.DataFrame) -> list:
+    """For a benchmark of several execution modes: each mode's suite examples/s against the same variant's eager
+    cell and its first step (the compilation), and the scratch layer against the built-in per mode. Cells run
+    one after another, so these are ratios of two cells' medians, not paired within a repeat."""
+    if rows.groupby(["framework", "variant"]).execution.nunique().max() < 2:
+        return []
+    lines = [
+        "",
+        "Execution modes (ratios of two cells' medians: the cells ran one after the other, not alternating):",
+        "",
+        "| framework | variant | execution | suite examples/s | against eager | first step, first repeat | "
+        "first step, later repeats |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    speed = {(r.framework, r.variant, r.execution): r.suite_examples_per_s for r in rows.itertuples()}
+
+    def mode(r):
+        return f"{r.execution_name or r.execution} (`{r.execution}`)"
+
+    for r in rows.itertuples():
+        eager = speed.get((r.framework, r.variant, "eager"))
+        later = "n/a" if r.first_step_seconds_later is None else f"{r.first_step_seconds_later:.2f} s"
+        lines.append(
+            f"| {r.framework} | {r.variant} | {mode(r)} | {r.suite_examples_per_s:,.0f} | "
+            f"{'n/a' if eager is None else f'{r.suite_examples_per_s / eager:.2f}x'} | "
+            f"{r.first_step_seconds:.2f} s | {later} |"
+        )
+    pairs = [
+        f"{r.framework} {mode(r)} {r.suite_examples_per_s / speed[key]:.2f}x"
+        for r in rows.itertuples()
+        if r.variant == "scratch" and (key := (r.framework, "builtin", r.execution)) in speed
+    ]
+    if pairs:
+        lines += ["", "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + "."]
+    return lines
 
 
 def _ratio(r, other: str) -> str:
