@@ -102,6 +102,16 @@ class ModelSpec:
     renorm_warmup: int = option(
         1000, "--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)"
     )
+    # noisy BN (Santurkar et al. 2018): after each normalisation layer, in training steps only, h * s + m with
+    # s ~ U(1, noise_scale) and m ~ U(-noise_shift, noise_shift) per step and channel (common.norms.draw_noise)
+    norm_noise: bool = option(
+        False,
+        "after each normalisation, in training steps, a random scale s ~ U(1, --noise-scale) and shift "
+        "m ~ U(-b, b), b = --noise-shift, per step and channel, the same in every framework (noisy BN: "
+        "docs/why-bn.md)",
+    )
+    noise_scale: float = option(2.0, "--norm-noise: the largest scale a")
+    noise_shift: float = option(1.0, "--norm-noise: the largest shift b")
 
     def __post_init__(self):
         object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
@@ -142,6 +152,21 @@ class ModelSpec:
         _check(
             isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
             f"groups (--groups) must be an integer >= 1, got {self.groups!r}",
+        )
+        _check(isinstance(self.norm_noise, bool), "norm_noise must be true or false")
+        _check(
+            _is_number(self.noise_scale) and self.noise_scale >= 1,
+            f"noise_scale (--noise-scale) must be a number >= 1, got {self.noise_scale!r}",
+        )
+        _check(
+            _is_number(self.noise_shift) and self.noise_shift >= 0,
+            f"noise_shift (--noise-shift) must be a number >= 0, got {self.noise_shift!r}",
+        )
+        _check(
+            not self.norm_noise or self.has_norm,
+            "norm_noise (--norm-noise) adds noise after each normalisation layer, and this model has none "
+            f"(variant {self.variant}, norm positions {','.join(self.bn_positions) or 'none'}); use a variant with "
+            "a normalisation (scratch, builtin)",
         )
         _check(
             _is_number(self.renorm_rmax) and self.renorm_rmax >= 1,
@@ -204,6 +229,10 @@ class ModelSpec:
         return data
 
 
+# fields added after results were stored, with their defaults (config_id); model fields as "model.NAME"
+LATE_FIELDS = {"trace_every": 0, "model.norm_noise": False, "model.noise_scale": 2.0, "model.noise_shift": 1.0}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run of one variant with one seed (the framework is chosen apart)."""
@@ -231,6 +260,11 @@ class RunConfig:
     train_limit: int = option(0, "use the first N training images (0 = all)")
     test_limit: int = option(0, "use the first N test images (0 = all)")
     trace_steps: int = option(0, "also record the loss of each of the first N steps of every epoch")
+    trace_every: int = option(
+        0,
+        "every K SGD steps, before the step: activation percentiles, internal covariate shift and the loss "
+        "landscape (common.trace, docs/why-bn.md), timed apart; 0 = off",
+    )
     population_size: int = option(
         2048,
         "after each epoch, also evaluate with BN population statistics from this many training images "
@@ -257,6 +291,7 @@ class RunConfig:
             ("train_limit", 0),
             ("test_limit", 0),
             ("trace_steps", 0),
+            ("trace_every", 0),
             ("population_size", 0),
         ):
             value = getattr(self, name)
@@ -321,5 +356,11 @@ class RunConfig:
 
     @property
     def config_id(self) -> str:
-        """A short stable hash of the configuration (the same on every framework)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        """A short stable hash of the configuration (the same on every framework). A field added after results
+        were stored (LATE_FIELDS) enters it only away from its default, so the ids of earlier results still hold."""
+        data = self.to_dict()
+        for name, default in LATE_FIELDS.items():
+            holder, key = (data["model"], name[6:]) if name.startswith("model.") else (data, name)
+            if holder.get(key) == default:
+                del holder[key]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -30,6 +30,22 @@ class ProbeResult:
     norms: dict
 
 
+@dataclass
+class Gradient:
+    """The mean loss of a batch and the gradient of every trainable parameter, from a forward with the
+    normalisation layers in train mode (batch statistics) and dropout off; no state changed."""
+
+    loss: float
+    grads: dict  # canonical name -> float64 array in the canonical layout, trainable parameters only
+    # position (conv1, conv2, fc1, fc2) -> float64 input of its activation, channels on axis 1 (when captured)
+    activations: dict
+
+
+def channels_first(array, channel_axis: int) -> np.ndarray:
+    """A float64 copy of array with its channel axis moved to axis 1 (NCHW / NC, the canonical layout)."""
+    return np.moveaxis(np.asarray(array, dtype=np.float64), channel_axis, 1)
+
+
 # Each frameworks/<fw>/backend.py defines, at module level, BACKEND: its Backend subclass. The tests run single
 # layers through frameworks/<fw>/harness.py (common.harness).
 
@@ -65,8 +81,9 @@ class Backend(ABC):
     A template: what is the same in every framework is written here once (describe, probe, the population
     pass, and the gate that only normalisations with running statistics report statistics); a framework
     implements the primitives the loop calls (set_params ... synchronize) and a few small hooks:
-    framework_version, device_info, execution_name, default_norm_constants and train_mode_forward, and, where
-    a forward can change more than the canonical arrays, save_state / restore_state."""
+    framework_version, device_info, execution_name, default_norm_constants, train_mode_forward and
+    loss_and_gradient, and, where a forward can change more than the canonical arrays, save_state /
+    restore_state."""
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
 
@@ -97,6 +114,16 @@ class Backend(ABC):
         dropout off: (logits as numpy, {canonical layer name: (the layer's input as numpy, its channel axis)}
         for every normalisation layer where capture, else {}). It may change state (running statistics,
         counters); probe() restores it."""
+
+    @abstractmethod
+    def loss_and_gradient(self, images: np.ndarray, labels: np.ndarray, capture: bool, noise=None) -> tuple:
+        """With the current parameters: a forward of numpy images with every normalisation layer in train mode
+        (followed by noise, one step's {norm name: (scales, shifts)} of common.norms.draw_noise, where given)
+        and dropout off, the mean cross-entropy against labels and its gradient. Returns (loss as a float,
+        {canonical name: gradient as numpy, canonical layout} for every trainable parameter (common.init
+        .is_trainable), {position: (the input of its activation as numpy, its channel axis)} for conv1, conv2,
+        fc1 and fc2 where capture, else {}). It may change state (running statistics, gradient buffers);
+        gradient() restores it."""
 
     def save_state(self):
         """Everything a train-mode forward could change, for restore_state (default: the canonical arrays,
@@ -153,6 +180,26 @@ class Backend(ABC):
         }
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), norms=stats)
 
+    def gradient(
+        self, params: dict, images: np.ndarray, labels: np.ndarray, capture: bool = False, noise=None
+    ) -> Gradient:
+        """The loss and gradient at `params` (canonical, every array of common.init.parameter_shapes) on a batch,
+        train mode, with a step's noisy-BN draws where given (loss_and_gradient). Changes no state: the model's
+        parameters, running statistics and any optimizer or framework counter are exactly as before, and no
+        random stream is drawn from (dropout is off). What common.trace measures with."""
+        current, saved = self.get_params(), self.save_state()
+        try:
+            self.set_params(params)
+            loss, grads, activations = self.loss_and_gradient(images, labels, capture, noise)
+        finally:
+            self.set_params(current)
+            self.restore_state(saved)
+        return Gradient(
+            loss=float(loss),
+            grads={name: np.asarray(g, dtype=np.float64) for name, g in grads.items()},
+            activations={pos: channels_first(h, axis) for pos, (h, axis) in activations.items()},
+        )
+
     # the primitives the loop calls ------------------------------------------------------------------------
     @abstractmethod
     def set_params(self, params: dict) -> None:
@@ -178,6 +225,12 @@ class Backend(ABC):
     @abstractmethod
     def put_order(self, order: np.ndarray):
         """Move one epoch's (steps, batch_size) index matrix to the device."""
+
+    @abstractmethod
+    def put_noise(self, noise: dict) -> None:
+        """Move one epoch's noisy-BN draws (common.norms.draw_noise: {norm name: (scales, shifts)}, each
+        (steps, channels); {} = none) to the device: train_step(..., step) then adds row `step` after each
+        normalisation layer."""
 
     @abstractmethod
     def train_step(self, data, order, step: int):

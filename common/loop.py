@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import population, records
+from . import norms, population, records, trace
 from .config import BN_POSITIONS, RunConfig
 from .data import Dataset, batch_order, probe_indices
 from .errors import NonFiniteError
@@ -66,11 +66,15 @@ def check_finite(name: str, array: np.ndarray) -> None:
         )
 
 
-def timed_epoch(backend: Backend, train, order, steps: int, warm: int, clock, on_step=None) -> tuple:
+def timed_epoch(backend: Backend, train, order, steps: int, warm: int, clock, on_step=None, trace=None) -> tuple:
     """The epoch's SGD steps: (per-step results, start, end of the warm-up, end, the first step's own time or
-    None). The host waits for the device only at the boundaries: after the first step and at the end of the
-    warm-up (both inside the untimed warm-up), and at the end of the epoch."""
+    None, {"warmup": s, "timed": s} spent in `trace`). The host waits for the device only at the boundaries:
+    after the first step and at the end of the warm-up (both inside the untimed warm-up), and at the end of
+    the epoch. trace: (steps to trace, callable(step)), run before those steps with the clock stopped (the
+    device drained first), its time kept apart from both regions."""
     stats = []
+    traced, measure = trace or ((), None)
+    paused = {"warmup": 0.0, "timed": 0.0}
     backend.synchronize()
     start = clock()
     warm_end = start
@@ -79,26 +83,37 @@ def timed_epoch(backend: Backend, train, order, steps: int, warm: int, clock, on
         if step == warm:
             backend.synchronize()
             warm_end = clock()
+        if step in traced:
+            backend.synchronize()
+            began = clock()
+            measure(step)
+            paused["timed" if step >= warm else "warmup"] += clock() - began
         stats.append(backend.train_step(train, order, step))
         if step == 0 and warm > 0:  # inside the warm-up: its own figure (compilation, first-call setup)
             backend.synchronize()
-            first_step = clock() - start
+            first_step = clock() - start - paused["warmup"]
         if on_step:
             on_step(step + 1)
     backend.synchronize()
-    return stats, start, warm_end, clock(), first_step
+    return stats, start, warm_end, clock(), first_step, paused
 
 
-def train_epoch(backend: Backend, train, config: RunConfig, epoch: int, ntrain: int, clock, progress=None) -> tuple:
+def train_epoch(
+    backend: Backend, train, config: RunConfig, epoch: int, ntrain: int, clock, progress=None, tracer=None
+) -> tuple:
     """One epoch's SGD steps, timed: ({the epoch record's training fields}, None), or, when the epoch diverged,
-    (None, {the run_end record's fields saying where})."""
+    (None, {the run_end record's fields saying where}). tracer: a common.trace.Tracer (--trace-every)."""
     batch = config.batch_size
     order = batch_order(config.seed, epoch, ntrain, batch)
     steps = len(order)
     warm = min(config.warmup_steps, steps - 1)
     on_step = progress and (lambda step: progress(epoch, step, steps))
-    stats, start, warm_end, end, first_step = timed_epoch(
-        backend, train, backend.put_order(order), steps, warm, clock, on_step
+    noise = norms.draw_noise(config.model, config.seed, epoch, steps, config.dtype)  # {} without --norm-noise
+    if noise:
+        backend.put_noise(noise)
+    trace = tracer and (tracer.due(epoch, steps), lambda step: tracer.measure(epoch, step, order, noise))
+    stats, start, warm_end, end, first_step, paused = timed_epoch(
+        backend, train, backend.put_order(order), steps, warm, clock, on_step, trace
     )
     loss_sum, correct = backend.reduce_stats(stats)
     if not np.isfinite(loss_sum):  # a result, not an error: the run ends here, diverged
@@ -106,18 +121,21 @@ def train_epoch(backend: Backend, train, config: RunConfig, epoch: int, ntrain: 
         message = divergence_message(config, epoch, step, steps)
         return None, {"diverged_epoch": epoch, "diverged_step": step, "message": message}
     timed = steps - warm
+    warm_seconds = warm_end - start - paused["warmup"]
+    traced = tracer.take() if tracer else {}
     return {
         "train_loss": loss_sum / (steps * batch),
         "train_acc": correct / (steps * batch),
-        "train_examples_per_s": timed * batch / (end - warm_end),
-        "train_seconds": end - start,
+        "train_examples_per_s": timed * batch / (end - warm_end - paused["timed"]),
+        "train_seconds": end - start - paused["warmup"] - paused["timed"],
         "timed_steps": timed,
-        "warmup_examples_per_s": (warm * batch / (warm_end - start)) if warm else None,
-        "warmup_seconds": warm_end - start,
+        "warmup_examples_per_s": (warm * batch / warm_seconds) if warm else None,
+        "warmup_seconds": warm_seconds,
         "warmup_steps": warm,
         "first_step_seconds": first_step,
         # per-step losses for step-by-step parity checks; read after the timed region
         "step_losses": [float(backend.reduce_stats([s])[0]) / batch for s in stats[: config.trace_steps]],
+        **traced,
     }, None
 
 
@@ -210,8 +228,13 @@ def run(
         if config.population_size and config.model.has_running_stats
         else None
     )
+    tracer = (
+        trace.Tracer(backend, config, dataset.train_images, dataset.train_labels, probe_set[0], clock)
+        if config.trace_every
+        else None
+    )
     for epoch in range(1, config.epochs + 1):
-        trained, diverged = train_epoch(backend, train, config, epoch, ntrain, clock, progress)
+        trained, diverged = train_epoch(backend, train, config, epoch, ntrain, clock, progress, tracer)
         if diverged:
             emit(records.make("run_end", **ident, status="diverged", epochs_done=epoch - 1, **diverged))
             return

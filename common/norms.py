@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import RUNNING_NORMS, ModelSpec
 from .errors import BackendUnavailable
-from .init import layer_shapes
+from .init import NORM_NAMES, layer_shapes
 
 # NormLayer.kind: the project's own layers (scratch), one per transform, and the framework's built-in ones
 SCRATCH_KINDS = {"batch": "batch", "renorm": "renorm", "layer": "group", "group": "group", "instance": "group"}
@@ -133,3 +133,29 @@ def no_builtin(framework: str, norm: str, has: str) -> BackendUnavailable:
         f"{framework} has no built-in layer that fits the spec of --norm {norm} (its built-in normalisations: {has}); "
         f"run --variants scratch for the project's own {norm} layer"
     )
+
+
+def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = "float32") -> dict:
+    """Noisy BN (--norm-noise; Santurkar et al. 2018, their Figure 2): {canonical norm name: (scales, shifts)},
+    each (steps, channels) in `dtype`, for one epoch's training steps: s ~ U(1, noise_scale) and
+    m ~ U(-noise_shift, noise_shift) per step and channel, applied after the layer as h * s + m in training
+    steps only (never in eval mode, the probes or the population pass). Drawn here, from one seeded stream, so
+    every framework gets the same numbers; {} without --norm-noise. With a = 1 and b = 0 every scale is 1 and
+    every shift 0 exactly, so the run is plain BN bit for bit."""
+    if not spec.norm_noise:
+        return {}
+    rng = np.random.RandomState([seed, epoch, 5])  # RandomState: the same stream on numpy 1.23 and 2.x
+    shapes = layer_shapes(spec)
+    out = {}
+    for pos, name in NORM_NAMES.items():
+        if spec.norm_at(pos):
+            channels = shapes[pos][0]
+            scales = rng.uniform(1.0, spec.noise_scale, size=(steps, channels))
+            shifts = rng.uniform(-spec.noise_shift, spec.noise_shift, size=(steps, channels))
+            out[name] = (scales.astype(dtype), shifts.astype(dtype))
+    return out
+
+
+def noise_at(noise: dict, step: int) -> dict:
+    """One step's row of draw_noise's arrays: {name: (scales (C,), shifts (C,))}; None without noise."""
+    return {name: (s[step], m[step]) for name, (s, m) in noise.items()} or None

@@ -30,6 +30,7 @@ from .execution import choose
 from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
 from .reporting import files, tables, tracking
+from .reporting.plots import save, trace_figures
 from .run import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
 from .studies import analysis, answers, render, spec
 
@@ -267,6 +268,8 @@ def build(study_dir: Path, study=None) -> list:
     answer, frames = answers.analyse(t["runs"], study)
     written = tables.write_tables({**t, **frames}, study_dir)
     plots = render.plot(frames["study"], study, study_dir)
+    if "trace_steps" in t:  # --trace-every: the percentile bands, ICS and landscape, the arms side by side
+        plots += save(trace_figures(t["trace_layers"], t["trace_steps"]), study_dir)
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.init import is_trainable
 from common.interface import Backend, ProbeResult
 
 
@@ -29,6 +30,7 @@ class Script:
     # (batch index) -> {BN name: (mean, var)} of population batch i; None: the Backend default (probe per batch)
     population_stats: callable = None
     bn_epsilon: float | None = None
+    gradient_seconds: float = 0.0  # host time of one Backend.gradient call (common.trace)
     now: float = 0.0  # the device clock
     queued: float = 0.0  # work queued and not yet waited for
     calls: list = field(default_factory=list)
@@ -78,6 +80,15 @@ def scripted_backend(script: Script):
 
         def train_mode_forward(self, images, capture):
             raise NotImplementedError
+
+        def loss_and_gradient(self, images, labels, capture, noise=None):
+            script.calls.append(("gradient", self.epoch, len(images)))
+            script.now += script.gradient_seconds
+            trainable = {n: np.ones_like(v) for n, v in self.params.items() if is_trainable(n, self.config.model)}
+            return 1.0, trainable, {}
+
+        def put_noise(self, noise):
+            script.calls.append(("put_noise", self.epoch, sorted(noise)))
 
         def set_params(self, params):
             self.params = dict(params)

@@ -51,6 +51,8 @@ def run_dir(tmp_path_factory):
             "64",
             "--trace-steps",
             str(STEPS),
+            "--trace-every",
+            "10",
             "--no-progress",
         ]
     )
@@ -75,6 +77,34 @@ def test_first_steps_give_the_same_losses(run_dir, variant):
         np.testing.assert_allclose(
             got, reference, rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, {variant}: per-step losses"
         )
+
+
+def _flat(value, path=""):
+    """{path: number} of every number in a nested trace record (seconds left out: time is no parity figure)."""
+    if isinstance(value, dict):
+        return {
+            k: v for key, item in value.items() if key != "seconds" for k, v in _flat(item, f"{path}/{key}").items()
+        }
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{path}/{i}").items()}
+    return {path: value}
+
+
+@pytest.mark.parametrize("variant", ["scratch", "builtin"])
+def test_trace_measures_agree(run_dir, variant):
+    """--trace-every 10: the activation percentiles, ICS and landscape figures of every traced step agree in all
+    four frameworks to 1e-8 relative (float64; common.trace computes them once from each framework's gradient)."""
+    traces = {}
+    for r in _epochs(run_dir):
+        if r["variant"] == variant:
+            traces.setdefault(r["framework"], []).extend(r["trace"])
+    reference = _flat(traces["torch"])
+    assert len(traces["torch"]) == 4 and len(reference) > 100  # steps 0, 10, 20, 30 of 32
+    for framework, got in traces.items():
+        got = _flat(got)
+        assert sorted(got) == sorted(reference), framework
+        for key, value in reference.items():
+            assert got[key] == pytest.approx(value, rel=1e-8, abs=1e-12), f"{framework} vs torch, {variant}: {key}"
 
 
 def test_parameters_stay_together_and_drift_is_reported(run_dir):
@@ -127,13 +157,16 @@ NORM_ARGS = {
     "group": ["--groups", "2"],
     "instance": ["--norm-positions", "conv1,conv2"],
     "renorm": ["--renorm-warmup", "4"],
+    # noisy BN: the same draws in every framework (common.norms.draw_noise), and traced with them
+    "batch-noise": ["--norm-noise", "--trace-every", "7"],
 }
 
 
 @pytest.mark.parametrize("norm", list(NORM_ARGS))
 def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
     """Each scratch normalisation: same initial weights and batches in float64, the same per-step losses in
-    every framework (renorm with a short warm-up, so r and d act within the traced steps)."""
+    every framework (renorm with a short warm-up, so r and d act within the traced steps; noisy BN with its
+    traces, which agree too)."""
     data = make_idx_dir(tmp_path / "data", 512, 128)
     code = run_main(
         [
@@ -152,7 +185,7 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
             "--device",
             "cpu",
             "--norm",
-            norm,
+            norm.removesuffix("-noise"),
             *NORM_ARGS[norm],
             "--data-dir",
             str(data),
@@ -178,8 +211,14 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
         np.testing.assert_allclose(
             got, losses["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, --norm {norm}: per-step losses"
         )
-    for r in epochs:  # only renorm keeps running statistics, so only it can differ between train and eval mode
-        assert (r["probe_logit_mad"] > 0) == (norm == "renorm"), (r["framework"], r["probe_logit_mad"])
+    for r in epochs:  # only batch and renorm keep running statistics, so only they differ between the modes
+        assert (r["probe_logit_mad"] > 0) == (norm in ("renorm", "batch-noise")), (r["framework"], r["probe_logit_mad"])
+    if norm == "batch-noise":
+        traces = {r["framework"]: _flat(r["trace"]) for r in epochs}
+        assert len(epochs[0]["trace"]) == 3  # steps 0, 7, 14 of 16
+        for framework, got in traces.items():
+            for key, value in traces["torch"].items():
+                assert got[key] == pytest.approx(value, rel=1e-8, abs=1e-12), f"{framework} vs torch, noisy BN: {key}"
 
 
 # Bound on how far the frameworks' mixed-precision per-step losses may part from PyTorch's over the traced

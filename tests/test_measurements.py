@@ -57,7 +57,15 @@ def step_stats(epoch, step):
     return (step + 1.0, 2.0 if epoch == 1 else 3.0)  # (loss_sum, correct) of a batch of 4
 
 
-def scripted_run(warmup_steps=3, epochs=2, trace_steps=3, population_size=2048, population_stats=None):
+def scripted_run(
+    warmup_steps=3,
+    epochs=2,
+    trace_steps=3,
+    population_size=2048,
+    population_stats=None,
+    trace_every=0,
+    gradient_seconds=0.0,
+):
     script = Script(
         step_seconds=step_seconds,
         step_stats=step_stats,
@@ -66,6 +74,7 @@ def scripted_run(warmup_steps=3, epochs=2, trace_steps=3, population_size=2048, 
         probe=ProbeResult(LOGITS_EVAL, LOGITS_TRAIN, BN),
         bn_epsilon=1.0,
         population_stats=population_stats,
+        gradient_seconds=gradient_seconds,
     )
     data = Dataset(
         np.zeros((40, 1, 28, 28), np.float32),
@@ -84,6 +93,7 @@ def scripted_run(warmup_steps=3, epochs=2, trace_steps=3, population_size=2048, 
         trace_steps=trace_steps,
         device="cpu",
         population_size=population_size,
+        trace_every=trace_every,
     )
     out = []
     run_loop(
@@ -114,6 +124,25 @@ def test_throughput_counts_only_the_timed_steps():
     assert first["eval_examples_per_s"] == pytest.approx(10.0) and first["eval_seconds"] == pytest.approx(0.5), (
         "eval_examples_per_s"
     )
+
+
+def test_traces_are_timed_apart_from_training():
+    """--trace-every 3 with 0.1 s per gradient (11 a trace): steps 0, 3, 6, 9 of epoch 1 (step 0 in the warm-up)
+    and 12, 15, 18 of the run in epoch 2 are traced, and every training figure is the untraced run's; had the
+    traces' 1.1 s each entered the timed region, the throughput would be 28 examples in 4.05 s, not 1.75 s."""
+    plain, _, _ = scripted_run()
+    (first, second), _, script = scripted_run(trace_every=3, gradient_seconds=0.1)
+    for key in (
+        "train_examples_per_s",
+        "warmup_examples_per_s",
+        "warmup_seconds",
+        "first_step_seconds",
+        "train_seconds",
+    ):
+        assert first[key] == pytest.approx(plain[0][key]) and second[key] == pytest.approx(plain[1][key]), key
+    assert [t["step"] for t in first["trace"]] == [0, 3, 6, 9] and [t["step"] for t in second["trace"]] == [12, 15, 18]
+    assert first["trace_seconds"] == pytest.approx(4 * 11 * 0.1) and second["trace_seconds"] == pytest.approx(3.3)
+    assert [c for c in script.calls if c[0] == "gradient"][:2] == [("gradient", 1, 4), ("gradient", 1, 4)]
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ SHIPPED = [
     "population-stats",
     "precision",
     "renorm",
+    "why-bn",
 ]
 
 LR_STUDY = """\
@@ -77,7 +78,12 @@ def test_shipped_studies_load_and_expand():
         study = spec.load(spec.find(name))
         assert study.name == name and study.question.endswith("?")
         configs, coords = study.cells()
-        assert len(configs) == math.prod(len(v) for v in study.grid.values()) * len(study.variants) * len(study.seeds)
+        cells = math.prod(len(v) for v in study.grid.values()) * len(study.variants)
+        if name == "why-bn":  # no noise without a normalisation: 2 activations x (2 x 2 - 1) arms
+            assert study.exclude == ({"variant": "none", "norm_noise": True},)
+            assert not any(c.model.variant == "none" and c.model.norm_noise for c in configs)
+            cells -= 2
+        assert len(configs) == cells * len(study.seeds)
         assert len({c.config_id for c in configs}) == len(configs)  # every cell is a different run
         assert all(set(coords[c.config_id]) == set(study.axes) for c in configs)
         quick, _ = study.cells(quick=True, seeds=(0,))
@@ -1067,3 +1073,19 @@ def test_a_further_metric_without_values_says_so_not_that_no_seed_is_shared(tmp_
         "value of it." in answer
     ), answer
     assert not any("share no seed" in sentence for sentence in answer), answer
+
+
+def test_exclude_leaves_out_the_cells_it_names_and_checks_them(tmp_path):
+    base = LR_STUDY.replace("seeds = [0, 1]", 'seeds = [0, 1]\nexclude = [{ variant = "none", lr = 1.0 }]')
+    study = spec.load(write(tmp_path, base))
+    configs, _ = study.cells()
+    assert len(configs) == (2 * 2 * 2 - 2) * 2 and not any(c.model.variant == "none" and c.lr == 1.0 for c in configs)
+    for rule, message in (
+        ("{ dropout = 0.5 }", "'dropout' is neither 'variant' nor a \\[grid\\] field"),
+        ('{ variant = "builtin" }', "variant = 'builtin' is not among"),
+        ("{ lr = 7.0 }", "lr = 7.0 is not among"),
+    ):
+        with pytest.raises(spec.StudyError, match=message):
+            spec.load(write(tmp_path, LR_STUDY.replace("seeds = [0, 1]", f"seeds = [0, 1]\nexclude = [{rule}]")))
+    with pytest.raises(spec.StudyError, match="exclude: must be a list of tables"):
+        spec.load(write(tmp_path, LR_STUDY.replace("seeds = [0, 1]", 'seeds = [0, 1]\nexclude = "none"')))

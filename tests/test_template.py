@@ -40,7 +40,13 @@ class NumpyBackend(Backend):
         self.params = {k: v + 1.0 if k.endswith("running_var") else v for k, v in self.params.items()}  # a side effect
         return logits, {name: (x, 1) for name, x in inputs.items()} if capture else {}
 
+    def loss_and_gradient(self, images, labels, capture, noise=None):
+        raise NotImplementedError("the reference has no backward; the template's tests trace nothing")
+
     # primitives
+    def put_noise(self, noise):
+        raise NotImplementedError("the template's tests add no noise")
+
     def set_params(self, params):
         self.params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
 

@@ -298,6 +298,48 @@ def plateau_sentences(summary: pd.DataFrame) -> list:
     return out
 
 
+TRACE_COLUMNS = [
+    "mean_ics_rel_diff",
+    "mean_ics_cos",
+    "mean_loss_variation",
+    "mean_grad_predictiveness",
+    "mean_beta_smoothness",
+    "mean_grad_norm",
+]
+
+
+def trace_section(t: dict) -> list:
+    """report.md's section on the --trace-every measures ([] when the run traced nothing)."""
+    if "trace_steps" not in t:
+        return []
+    runs = t["runs"].dropna(subset=["mean_grad_norm"])
+    keys = by_run(runs) + [c for c in ("activation", "norm") if c in runs and runs[c].nunique() > 1]
+    means = runs.groupby(keys, sort=False)[[*TRACE_COLUMNS, "final_train_loss"]].mean().reset_index()
+    steps = t["trace_steps"]
+    cost = steps.groupby("framework", sort=False).trace_seconds.agg(["median", "count"])
+    plateau = [
+        f"{' '.join(str(row[k]) for k in keys)}: still on its initial plateau (final training loss "
+        f"{row.final_train_loss:.3f}, ln 10 = 2.303): it is not moving, so its small ICS and flat landscape say "
+        f"nothing about smoothness."
+        for _, row in means.iterrows()
+        if on_plateau(row.final_train_loss)
+    ]
+    return [
+        "## Why BN helps: internal covariate shift and the loss landscape (--trace-every)\n",
+        "Every traced step, before the run takes it, on its batch (common.trace; docs/why-bn.md): "
+        "`ics_rel_diff` ||G - G'|| / ||G|| and `ics_cos` cos(G, G') of each layer's gradient before and after "
+        "the earlier layers' SGD step (layers conv2 ... fc3); along the step's gradient at lr x 0.25 ... 4, "
+        "`loss_variation` (max - min of the loss), `grad_predictiveness` (largest gradient change) and "
+        "`beta_smoothness` (largest gradient change per distance moved); the gradient's norm. Each is the "
+        "mean over the traced steps (and the ICS over the layers), then over seeds; the plots show them over "
+        "the steps. None of it is timed as training: each trace took "
+        + ", ".join(f"{fw} {row['median']:.2f} s" for fw, row in cost.iterrows())
+        + " (median).\n",
+        markdown_table(means, keys + TRACE_COLUMNS),
+        *[sentence + "\n" for sentence in plateau],
+    ]
+
+
 def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
     s = t["summary"]
     parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
@@ -362,6 +404,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     ]
     parts += mixed_precision_section(t)
     parts += population_section(t)
+    parts += trace_section(t)
     gap = t["bn_gap"]
     if not gap.empty:
         last = final_epoch_gaps(gap)

@@ -51,6 +51,16 @@ class Metric:
         return f"{value:.4g}"
 
 
+REGISTRY_LABELS = {
+    "ics_rel_diff": "internal covariate shift ||G - G'|| / ||G||",
+    "ics_cos": "internal covariate shift cos(G, G')",
+    "loss_variation": "loss variation along the gradient",
+    "grad_predictiveness": "gradient change along the gradient",
+    "beta_smoothness": "effective beta-smoothness",
+    "grad_norm": "gradient norm",
+}
+
+
 def _entries():
     F, D, N, C, R = "fraction", "difference", "nonnegative", "count", "real"
     hi, lo = "higher", "lower"
@@ -110,6 +120,33 @@ def _entries():
         Metric("probe_logit_max_abs", "largest probe logit difference", N, lo),
         Metric("probe_pred_agreement", "probe prediction agreement", F, hi),
         Metric("speed_ratio", "training examples/s, mixed over float32", N, hi),
+        # --trace-every (common.trace): per traced step and layer (trace_layers table), per traced step
+        # (trace_steps table), and per run, their mean over every traced step (runs table)
+        Metric("p15", "15th percentile of the activation's input (all units)", R),
+        Metric("p50", "median of the activation's input (all units)", R),
+        Metric("p85", "85th percentile of the activation's input (all units)", R),
+        Metric("unit_p15", "15th percentile of one unit's activation input", R),
+        Metric("unit_p50", "median of one unit's activation input", R),
+        Metric("unit_p85", "85th percentile of one unit's activation input", R),
+        Metric("ics_rel_diff", "internal covariate shift: ||G - G'|| / ||G||", N, None),
+        Metric("ics_cos", "internal covariate shift: cos(G, G')", R, None),
+        Metric("loss", "loss on the step's batch", N, lo),
+        Metric("grad_norm", "gradient norm", N),
+        Metric("loss_variation", "loss variation along the gradient", N, None),
+        Metric("grad_predictiveness", "gradient change along the gradient", N, None),
+        Metric("beta_smoothness", "effective beta-smoothness", N, None),
+        Metric("trace_seconds", "time of the traced measures (s)", N, lo),
+        *(
+            Metric(f"mean_{name}", f"{REGISTRY_LABELS[name]}, mean over traced steps", kind)
+            for name, kind in (
+                ("ics_rel_diff", N),
+                ("ics_cos", R),
+                ("loss_variation", N),
+                ("grad_predictiveness", N),
+                ("beta_smoothness", N),
+                ("grad_norm", N),
+            )
+        ),
         # summary rows: a run's counts and what it ran
         Metric("best_epoch", "the epoch of the best mean test accuracy", C),
         Metric("final_param_rel_l2", "final relative L2 distance of the parameters from the reference", N, lo),
@@ -142,6 +179,20 @@ RUN_METRICS = {
         "final_pop_gain",
         "final_pop_probe_disagreement",
         "final_running_stats_drift",
+    )
+}
+
+
+# the runs table's columns of a run with --trace-every (common.trace): a study can answer with them too
+TRACE_METRICS = {
+    name: REGISTRY[name]
+    for name in (
+        "mean_ics_rel_diff",
+        "mean_ics_cos",
+        "mean_loss_variation",
+        "mean_grad_predictiveness",
+        "mean_beta_smoothness",
+        "mean_grad_norm",
     )
 }
 

@@ -1,4 +1,5 @@
-"""The report's PNG plots: training curves, train/eval divergence, drift and throughput."""
+"""The report's PNG plots: training curves, train/eval divergence, drift, throughput and, for runs with
+--trace-every, the activation percentile bands, the internal covariate shift and the loss landscape."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from .files import atomic
 
 def draw(t: dict, run_dir: Path) -> list:
     """Every plot of a run folder from its tables (see figures); returns the file names written."""
+    return save(figures(t), run_dir)
+
+
+def save(figs: dict, out_dir: Path) -> list:
+    """Write {file name: figure} as PNGs in out_dir (each whole or not at all) and close them; the names written."""
     import matplotlib.pyplot as plt
 
     made = []
-    for name, fig in figures(t).items():
-        atomic(run_dir / name, lambda p: fig.savefig(p, dpi=110, format="png"))
+    for name, fig in figs.items():
+        atomic(Path(out_dir) / name, lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
         made.append(name)
     return made
@@ -114,6 +120,8 @@ def figures(t: dict) -> dict:
             frame=drift,
             ylabels=["param rel. L2", "max |logit diff|"],
         )
+    if "trace_steps" in t:
+        made.update(trace_figures(t["trace_layers"], t["trace_steps"]))
     summary = panels(t["summary"])
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(variants)), 3.4))
     frameworks = list(dict.fromkeys(summary.framework))
@@ -128,4 +136,101 @@ def figures(t: dict) -> dict:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     made["throughput.png"] = fig
+    return made
+
+
+TRACE_INDEX = ("framework", "variant", "seed", "config_id", "epoch", "step", "layer", "status", "precision")
+
+
+def arms(frame):
+    """frame with an "arm" column: the variant, plus the grid coordinates that differ between its runs (a study's
+    arms side by side); the mean over seeds is taken per arm."""
+    coords = [
+        c
+        for c in frame.columns
+        if c not in TRACE_INDEX and registry.get(c) is None and frame[c].nunique(dropna=False) > 1
+    ]
+    label = frame.variant.astype(str)
+    for c in coords:
+        label = label + f", {c} " + frame[c].astype(str)
+    return frame.assign(arm=label)
+
+
+def trace_figures(layers, steps) -> dict:
+    """{file name: figure} of the --trace-every tables (common.trace): activations.png (the 15th-85th percentile
+    band and the median of each activation's input over the steps, a row per position), ics.png (the ICS
+    ||G - G'|| / ||G|| per layer) and landscape.png (loss variation, gradient predictiveness, effective
+    beta-smoothness), a column per arm, one line (or band) per framework, the mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, steps = arms(layers), arms(steps)
+    names = list(dict.fromkeys(steps.arm))
+    made = {}
+
+    def grid(rows, title, ylabels):
+        fig, axes = plt.subplots(
+            len(rows),
+            len(names),
+            figsize=(3.6 * len(names), 2.4 * len(rows)),
+            squeeze=False,
+            sharex=True,
+            sharey="row",
+        )
+        for i, label in enumerate(ylabels):
+            axes[i][0].set_ylabel(label)
+        for j, name in enumerate(names):
+            axes[0][j].set_title(name, fontsize=9)
+            axes[-1][j].set_xlabel("step")
+        for ax in axes.flat:
+            ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=10)
+        return fig, axes
+
+    def mean(frame, by):
+        return frame.groupby(["arm", "framework", *by], sort=False).mean(numeric_only=True).reset_index()
+
+    pct = mean(layers.dropna(subset=["p50"]), ["layer", "step"])
+    if not pct.empty:
+        positions = list(dict.fromkeys(pct.layer))
+        fig, axes = grid(
+            positions,
+            "Each activation's input on the probe batch (train mode):\nmedian and 15th-85th percentile band",
+            [f"{p} input" for p in positions],
+        )
+        for i, pos in enumerate(positions):
+            for j, name in enumerate(names):
+                for fw, g in pct[(pct.layer == pos) & (pct.arm == name)].groupby("framework", sort=False):
+                    (line,) = axes[i][j].plot(g.step, g.p50, lw=1.2, label=fw)
+                    axes[i][j].fill_between(g.step, g.p15, g.p85, alpha=0.2, color=line.get_color())
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        made["activations.png"] = fig
+    ics = mean(layers.dropna(subset=["ics_rel_diff"]), ["layer", "step"])
+    if not ics.empty:
+        weights = list(dict.fromkeys(ics.layer))
+        fig, axes = grid(
+            weights,
+            "Internal covariate shift ||G - G'|| / ||G||:\nG' after the earlier layers' SGD step",
+            [f"{w} ICS" for w in weights],
+        )
+        for i, w in enumerate(weights):
+            for j, name in enumerate(names):
+                for fw, g in ics[(ics.layer == w) & (ics.arm == name)].groupby("framework", sort=False):
+                    axes[i][j].plot(g.step, g.ics_rel_diff, marker="o", ms=2, lw=1, label=fw)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        made["ics.png"] = fig
+    land = mean(steps, ["step"])
+    rows = ["loss_variation", "grad_predictiveness", "beta_smoothness"]
+    fig, axes = grid(rows, "Along the step's gradient\n(step sizes lr x 0.25 ... 4)", rows)
+    for i, metric in enumerate(rows):
+        for j, name in enumerate(names):
+            for fw, g in land[land.arm == name].groupby("framework", sort=False):
+                axes[i][j].plot(g.step, g[metric], marker="o", ms=2, lw=1, label=fw)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    made["landscape.png"] = fig
     return made

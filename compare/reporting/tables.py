@@ -19,7 +19,7 @@ from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
 from .files import NO_END, atomic, read_environment, read_records
-from .metrics import RUN_METRICS
+from .metrics import RUN_METRICS, TRACE_METRICS
 from .stats import seed_stats
 
 RUN_INDEX = ["framework", "variant", "seed", "config_id"]
@@ -177,6 +177,53 @@ def _population(g: pd.DataFrame) -> dict:
     }
 
 
+def trace_tables(epochs: pd.DataFrame) -> tuple:
+    """(trace_layers, trace_steps) from the epoch records' "trace" lists (--trace-every, common.trace): per traced
+    step and layer, the activation input's percentiles (conv1 ... fc2) and the ICS (conv2 ... fc3); per traced
+    step, the loss, gradient norm and landscape figures. Both empty without traces."""
+    layer_rows, step_rows = [], []
+    if "trace" not in epochs:
+        return pd.DataFrame(), pd.DataFrame()
+    for _, row in epochs.iterrows():
+        for t in row["trace"] if isinstance(row["trace"], list) else []:
+            ident = {**{k: row[k] for k in RUN_INDEX}, "epoch": t["epoch"], "step": t["step"]}
+            land = t["landscape"]
+            step_rows.append(
+                {
+                    **ident,
+                    "loss": t["loss"],
+                    "grad_norm": t["grad_norm"],
+                    **{k: land[k] for k in ("loss_variation", "grad_predictiveness", "beta_smoothness")},
+                    "trace_seconds": t["seconds"],
+                }
+            )
+            layers = dict.fromkeys([*t["percentiles"], *t["ics"]])
+            for layer in layers:
+                pct, ics = t["percentiles"].get(layer), t["ics"].get(layer, {})
+                layer_rows.append(
+                    {
+                        **ident,
+                        "layer": layer,
+                        **({} if pct is None else dict(zip(("p15", "p50", "p85"), pct["all"]))),
+                        **({} if pct is None else dict(zip(("unit_p15", "unit_p50", "unit_p85"), pct["unit"]))),
+                        "ics_rel_diff": ics.get("rel_diff"),
+                        "ics_cos": ics.get("cos"),
+                    }
+                )
+    return pd.DataFrame(layer_rows), pd.DataFrame(step_rows)
+
+
+def _trace_metrics(layers: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the mean of each trace figure over its traced steps (and, for the ICS, its layers)."""
+    if steps.empty:
+        return pd.DataFrame(columns=["framework", "config_id"])
+    by = ["framework", "config_id"]
+    step_means = steps.groupby(by)[["loss_variation", "grad_predictiveness", "beta_smoothness", "grad_norm"]].mean()
+    layer_means = layers.groupby(by)[["ics_rel_diff", "ics_cos"]].mean()
+    both = step_means.join(layer_means).add_prefix("mean_").reset_index()
+    return both.reindex(columns=[*by, *TRACE_METRICS])
+
+
 def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
     if epochs.empty:
         return pd.DataFrame(columns=["framework", "config_id", *RUN_METRICS])
@@ -310,6 +357,10 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
                 gap_rows.append({**{k: row[k] for k in RUN_INDEX + ["epoch"]}, **gap})
         epochs = epochs.drop(columns=["bn_gap", "kind", "schema", "step_losses"], errors="ignore")
     bn_gap = pd.DataFrame(gap_rows)
+    trace_layers, trace_steps = trace_tables(epochs)
+    epochs = epochs.drop(columns=["trace"], errors="ignore")
+    if not trace_steps.empty and not runs.empty:
+        runs = runs.merge(_trace_metrics(trace_layers, trace_steps), on=["framework", "config_id"], how="left")
     if reference is None:
         frameworks = [f for f in FRAMEWORKS if not epochs.empty and f in set(epochs.framework)]
         reference = frameworks[0] if frameworks else None
@@ -320,11 +371,15 @@ def tables(records: list, run_dir: Path, reference: str | None = None) -> dict:
         drift_of = {(r.framework, r.float32_config_id): 0.0 for r in final.itertuples()}
         drift_of.update({(r.framework, r.config_id): r.running_stats_rel_l2 for r in final.itertuples()})
         runs["final_running_stats_drift"] = [drift_of.get(key, np.nan) for key in zip(runs.framework, runs.config_id)]
-    epochs, bn_gap, drift = (_with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift))
+    epochs, bn_gap, drift, trace_layers, trace_steps = (
+        _with_run_columns(t, runs, coords) for t in (epochs, bn_gap, drift, trace_layers, trace_steps)
+    )
     summary = _summary(epochs, runs, drift, coordinate_names(coords))
     frames = dict(epochs=epochs, bn_gap=bn_gap, drift=drift, summary=summary, runs=runs, errors=errors)
     if not mixed.empty:
         frames["mixed_precision"] = mixed
+    if not trace_steps.empty:
+        frames.update(trace_layers=trace_layers, trace_steps=trace_steps)
     return {name: _fw_order(frame) for name, frame in frames.items()}
 
 

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from ..reporting.markdown import fmt, interval_text
+from ..reporting.markdown import fmt, interval_text, on_plateau
 from ..reporting.stats import clipped, difference_bounds, metric_bounds
 from .analysis import (
     NO_PAIR,
@@ -196,7 +196,8 @@ def _compare_answer(table: pd.DataFrame, cell_table: pd.DataFrame, study: Study,
     else:
         of = f" of {label}" if metric != study.answer["metric"] else ""  # a further metric (`also`) says which
         lead = (
-            f"{len(beyond)} of {len(measured)} comparisons{of} differ beyond seed noise ({better} is better)."
+            f"{len(beyond)} of {len(measured)} comparisons{of} differ beyond seed noise"
+            + (f" ({better} is better)." if better else ".")
             if len(measured) > 1
             else ""
         )
@@ -306,4 +307,21 @@ def analyse(runs: pd.DataFrame, study: Study) -> tuple:
             answer = _best_answer(extra["against_best"], runs, study) + answer
     else:
         answer = _trend_answer(cell_table, study)
-    return answer, {"study": cell_table, **extra}
+    return answer + _plateau_sentences(runs, study), {"study": cell_table, **extra}
+
+
+def _plateau_sentences(runs: pd.DataFrame, study: Study) -> list:
+    """A sentence per cell whose complete runs are, on average, still on the initial plateau (training loss
+    within 10% of ln 10): what is measured of it describes a network that has not started learning."""
+    done = runs[runs.status == "complete"].dropna(subset=["final_train_loss"])
+    keys = ["framework", "variant", *[a for a in study.axes if a in done]]
+    out = []
+    for values, group in done.groupby(keys, sort=False):
+        loss = group.final_train_loss.mean()
+        if on_plateau(loss):
+            cell = ", ".join(f"{k} {num(v)}" if k in study.axes else str(v) for k, v in zip(keys, values))
+            out.append(
+                f"{cell}: still on its initial plateau (mean final training loss {loss:.3f}, ln 10 = 2.303): it has "
+                f"not started learning, so its comparisons describe a network that is not moving."
+            )
+    return out

@@ -5,6 +5,7 @@
     frameworks = ["torch", "mxnet", "tensorflow", "jax"]   # default: all
     variants = ["scratch", "none"]                  # default: ["scratch"]
     seeds = [0, 1, 2]                               # default: [0, 1, 2]
+    exclude = [{ variant = "none", norm_noise = true }]   # optional: cells left out (variant and grid values)
 
     [base]      # fixed in every cell: any RunConfig / ModelSpec field
     activation = "relu"
@@ -49,7 +50,7 @@ from common.config import VARIANTS, ModelSpec, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
-from ..reporting.metrics import RUN_METRICS
+from ..reporting.metrics import RUN_METRICS, TRACE_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STUDIES_DIR = ROOT / "studies"
@@ -59,7 +60,7 @@ MODEL_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.name != "variant")
 FIELDS = RUN_FIELDS + MODEL_FIELDS
 
 # Per-run metrics a study can answer with (the runs table's columns), and which way is better.
-METRICS = RUN_METRICS
+METRICS = {**RUN_METRICS, **TRACE_METRICS}
 ANSWERS = ("largest-stable", "compare", "trend")
 SCALE_RULES = {"linear": lambda r: r, "sqrt": math.sqrt}
 TOP_KEYS = (
@@ -68,6 +69,7 @@ TOP_KEYS = (
     "frameworks",
     "variants",
     "seeds",
+    "exclude",
     "base",
     "grid",
     "scale",
@@ -121,6 +123,7 @@ class Study:
     failure: dict | None
     answer: dict
     plot: dict = field(default_factory=dict)
+    exclude: tuple = ()  # of {variant or grid field: value}: a cell matching every item of one is left out
 
     @property
     def axes(self) -> tuple:
@@ -139,6 +142,9 @@ class Study:
             values = dict(zip(grid, point))
             scaled = {name: _scaled(rule, base, values) for name, rule in self.scale.items()}
             for variant in self.variants:
+                cell = {"variant": variant, **{k: coord_value(v) for k, v in values.items()}}
+                if any(all(cell.get(k) == v for k, v in rule.items()) for rule in self.exclude):
+                    continue
                 for seed in seeds or self.seeds:
                     config = build_config({**base, **values, **scaled}, variant, seed)
                     configs.append(config)
@@ -371,6 +377,17 @@ def load(path, name: str | None = None) -> Study:
                     raise r.error("answer", "baseline", f"{key} = {value!r} is not among {list(options[key])}")
             answer["baseline"] = {k: coord_value(baseline[k]) for k in axis}
 
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        raise r.error(None, "exclude", 'must be a list of tables, e.g. [{ variant = "none", norm_noise = true }]')
+    options = {"variant": variants, **{k: tuple(coord_value(v) for v in grid[k]) for k in grid}}
+    for rule in exclude:
+        for key, value in rule.items():
+            if key not in options:
+                raise r.error(None, "exclude", f"{key!r} is neither 'variant' nor a [grid] field")
+            if coord_value(value) not in options[key]:
+                raise r.error(None, "exclude", f"{key} = {value!r} is not among {list(options[key])}")
+
     plot = dict(tables["plot"])
     _known(r, "plot", plot, ("x", "log_x", "metrics"))
     plot.setdefault("x", answer.get("x") or (answer.get("axis") or (None,))[0])
@@ -399,4 +416,5 @@ def load(path, name: str | None = None) -> Study:
         failure=failure,
         answer=answer,
         plot=plot,
+        exclude=tuple({k: coord_value(v) for k, v in rule.items()} for rule in exclude),
     )

@@ -26,7 +26,7 @@ import numpy as np
 from flax import serialization
 
 from common.errors import BackendUnavailable
-from common.init import check_params, init_params, is_trainable, norm_features
+from common.init import NORM_NAMES, check_params, init_params, is_trainable, norm_features
 from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 from common.norms import norm_after
@@ -92,37 +92,46 @@ class JaxBackend(Backend):
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
         self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
         self.steps_done = 0  # folded into the dropout key: a new mask every step
+        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
         self.set_params(init_params(config.model, config.seed, config.dtype))
         step = self.make_step()
         if self.compiled:
             # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
             self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
-            self._forward, self._probe, self._logits = (
-                jax.jit(f) for f in (self._forward_impl, self._probe_impl, self._logits_impl)
+            self._forward, self._probe, self._logits, self._gradient = (
+                jax.jit(f) for f in (self._forward_impl, self._probe_impl, self._logits_impl, self._gradient_impl)
             )
         else:
-            self._step, self._forward, self._probe, self._logits = (
+            self._step, self._forward, self._probe, self._logits, self._gradient = (
                 step,
                 self._forward_impl,
                 self._probe_impl,
                 self._logits_impl,
+                self._gradient_impl,
             )
 
     def make_step(self):
-        """The whole training step as one pure function of (variables, images, labels, order, step, count)."""
+        """The whole training step as one pure function of (variables, images, labels, order, step, count, the
+        epoch's noisy-BN draws or None)."""
         model, lr, mask = self.model, self.config.lr, self.trainable_mask()
         dropout = self.spec.dropout > 0
         base_key = self.dropout_key
 
-        def step(variables, images, labels, order, index, count):
+        def step(variables, images, labels, order, index, count, noise):
             batch = order[index]
+            step_noise = None if noise is None else {n: (s[index], m[index]) for n, (s, m) in noise.items()}
             x, y = jnp.take(images, batch, axis=0), jnp.take(labels, batch, axis=0)
             rngs = {"dropout": jax.random.fold_in(base_key, count)} if dropout else {}
             stats = variables.get("batch_stats", {})
 
             def loss_fn(params):
                 logits, updates = model.apply(
-                    {"params": params, "batch_stats": stats}, x, training=True, mutable=["batch_stats"], rngs=rngs
+                    {"params": params, "batch_stats": stats},
+                    x,
+                    training=True,
+                    mutable=["batch_stats"],
+                    rngs=rngs,
+                    noise=step_noise,
                 )
                 losses, correct = loss_and_correct(logits, y)
                 return jnp.mean(losses), (updates.get("batch_stats", {}), jnp.sum(losses), correct)
@@ -179,6 +188,42 @@ class JaxBackend(Backend):
             for name in (norm_features(self.spec) if capture else ())
         }
 
+    def loss_and_gradient(self, images, labels, capture, noise=None):
+        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
+        y = jax.device_put(np.asarray(labels, dtype=np.int32), self.device)
+        loss, grads, inputs = self._gradient(self.variables, x, y, self._device_noise(noise))
+        wide = np.float64 if self.dtype == "float64" else np.float32
+        return (
+            float(loss),
+            {
+                name: from_channels_last(name, np.asarray(grads[module][leaf]), self.spec)
+                for name, (collection, module, leaf) in self.paths.items()
+                if collection == "params" and is_trainable(name, self.spec)
+            },
+            {
+                pos: (np.asarray(inputs[f"{pos}_input"][0]).astype(wide), -1)  # channels last
+                for pos in (NORM_NAMES if capture else ())
+            },
+        )
+
+    def _gradient_impl(self, variables, x, y, noise):
+        """The mean loss, its gradient over "params" and the sown activation inputs; train-mode normalisation,
+        dropout off. The new running statistics it computes are dropped."""
+
+        def loss_fn(params):
+            logits, state = self.model.apply(
+                {**variables, "params": params},
+                x,
+                training=False,
+                bn_training=True,
+                mutable=["batch_stats", "activations"],
+                noise=noise,
+            )
+            return jnp.mean(cross_entropy(logits, y)), state.get("activations", {})
+
+        (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        return loss, grads, inputs
+
     # parameters ---------------------------------------------------------------
     def set_params(self, params):
         check_params(params, self.spec)
@@ -216,9 +261,20 @@ class JaxBackend(Backend):
     def put_order(self, order):
         return jax.device_put(np.asarray(order, dtype=np.int32), self.device)
 
+    def put_noise(self, noise):
+        self.noise = self._device_noise(noise)
+
+    def _device_noise(self, noise):
+        """{name: (scales, shifts)} of numpy arrays on the device in the run's dtype; None for none."""
+        if not noise:
+            return None
+        return {
+            n: tuple(jax.device_put(np.asarray(a, dtype=self.dtype), self.device) for a in p) for n, p in noise.items()
+        }
+
     # work ---------------------------------------------------------------------
     def train_step(self, data, order, step):
-        self.variables, stats = self._step(self.variables, data[0], data[1], order, step, self.steps_done)
+        self.variables, stats = self._step(self.variables, data[0], data[1], order, step, self.steps_done, self.noise)
         self.steps_done += 1
         return stats
 

@@ -16,8 +16,10 @@ nn.GroupNorm, nn.LayerNorm (reduction over every non-batch axis, gamma per chann
 and nn.InstanceNorm, with use_fast_variance=False; no built-in renorm.
 `model.apply(variables, x, training=..., bn_training=None)`: bn_training
 defaults to training (dropout follows `training`); the probe uses training=False,
-bn_training=True. Each BN layer's input is sown into the "intermediates" collection
-(a no-op unless the caller makes that collection mutable, as the probe does).
+bn_training=True. Each BN layer's input is sown into the "intermediates" collection and each activation's
+input into "activations" (a no-op unless the caller makes the collection mutable: the probe
+asks for the first, the gradient of common.trace for the second; an output the probe does not
+ask for would change how XLA fuses it).
 """
 
 from flax import linen as nn
@@ -102,7 +104,8 @@ class BNLeNet(nn.Module):
     precision: str = "float32"  # common.precision: flax_dtypes gives the computation's and the parameters' dtype
 
     @nn.compact
-    def __call__(self, x, *, training, bn_training=None):
+    def __call__(self, x, *, training, bn_training=None, noise=None):
+        """noise: None, or one step's {norm name: (scales, shifts)} (--norm-noise), added after each norm."""
         spec = self.spec
         dtype, param_dtype = flax_dtypes(self.precision)
         bn_training = training if bn_training is None else bn_training
@@ -125,16 +128,26 @@ class BNLeNet(nn.Module):
                 h = nn.Dense(
                     shapes[layer][0], use_bias=has_bias(spec, layer), dtype=dtype, param_dtype=param_dtype, name=layer
                 )(h)
-            if layer not in NORM_NAMES or not spec.norm_at(layer):
-                return h if layer not in NORM_NAMES else act(h)
+            if layer not in NORM_NAMES:
+                return h
+
+            def activation(h):  # its input sown into a collection of its own, which only the gradient asks for
+                self.sow("activations", f"{layer}_input", h)
+                return act(h)
+
+            if not spec.norm_at(layer):
+                return activation(h)
             name = NORM_NAMES[layer]
             bn = make_norm(norm_after(spec, layer), self.precision, name=name)
             before = spec.bn_placement == "before_activation"
             if not before:
-                h = act(h)
+                h = activation(h)
             self.sow("intermediates", f"{name}_input", h)
             h = bn(h, **mode_kwargs(bn, bn_training))
-            return act(h) if before else h
+            if noise is not None:  # noisy BN: per channel, channels last (common.norms.draw_noise)
+                scale, shift = noise[name]
+                h = h * scale + shift
+            return activation(h) if before else h
 
         h = pool(block("conv1", x), (2, 2), strides=(2, 2))
         h = pool(block("conv2", h), (2, 2), strides=(2, 2))

@@ -22,7 +22,7 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 
 from common.errors import BackendUnavailable
-from common.init import check_params, parameter_shapes
+from common.init import check_params, is_trainable, parameter_shapes
 from common.interface import Backend, resolve_execution
 from common.norms import norm_after
 
@@ -67,6 +67,7 @@ class MXNetBackend(Backend):
         trainable = [p for p in self.net.collect_params().values() if p.grad_req != "null"]
         self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr})
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
+        self.noise = None  # the epoch's noisy-BN draws on the context (put_noise), or None
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -105,6 +106,28 @@ class MXNetBackend(Backend):
                 self.net.hybridize(static_alloc=True, static_shape=True)
         return logits, {name: (h.asnumpy(), 1) for name, h in inputs.items()}
 
+    def loss_and_gradient(self, images, labels, capture, noise=None):
+        x = nd.array(images, ctx=self.ctx, dtype=self.dtype)
+        y = nd.array(labels, ctx=self.ctx, dtype=self.dtype)
+        names = [n for n in parameter_shapes(self.spec) if is_trainable(n, self.spec)]
+        activations = {} if capture else None
+        nd.waitall()  # see the module docstring
+        self.net.activation_inputs = activations
+        try:
+            # BN on batch statistics, the flags keep dropout off; imperative past the training graph (net.imperative)
+            with autograd.record(train_mode=True):
+                loss = self.loss(self.net.imperative(x, False, True, self._device_noise(noise))[0], y).mean()
+            loss.backward()
+            result = (
+                float(loss.asscalar()),
+                {n: _param(self.net, n).grad(self.ctx).asnumpy() for n in names},
+                {pos: (h.asnumpy(), 1) for pos, h in (activations or {}).items()},
+            )
+        finally:
+            self.net.activation_inputs = None
+        nd.waitall()  # the built-in BatchNorm's backward writes running statistics: done before they are restored
+        return result
+
     def set_params(self, params):
         check_params(params, self.spec)
         for name, value in params.items():
@@ -129,11 +152,21 @@ class MXNetBackend(Backend):
     def put_order(self, order):
         return nd.array(order, ctx=self.ctx, dtype="int32")
 
+    def put_noise(self, noise):
+        self.noise = self._device_noise(noise)
+
+    def _device_noise(self, noise):
+        """{name: (scales, shifts)} of numpy arrays on the context in the run's dtype; None for none."""
+        if not noise:
+            return None
+        return {n: tuple(nd.array(a, ctx=self.ctx, dtype=self.dtype) for a in pair) for n, pair in noise.items()}
+
     def train_step(self, data, order, step):
         index = order[step]
         x, y = nd.take(data[0], index), nd.take(data[1], index)
+        noise = self.noise and {n: (a[step], b[step]) for n, (a, b) in self.noise.items()}
         with autograd.record(train_mode=True):
-            logits, *new_stats = self.net(x)
+            logits, *new_stats = self.net(x, None, None, noise)  # Block.__call__ passes no keywords
             loss = self.loss(logits, y)
         loss.backward()
         self.trainer.step(x.shape[0])  # the loss is per example: step(n) makes it the batch mean

@@ -97,6 +97,8 @@ class BNLeNet(HybridBlock):
         # the scratch layers with running statistics take the mode and return their new state
         self.scratch = spec.variant == "scratch" and spec.has_running_stats
         self.norm_names = list(norm_features(spec))
+        self.activation_inputs = None  # a dict while the backend captures each activation's input
+        self.skip_dropout = False  # set by imperative() for a forward that is not training
         with self.name_scope():
             for layer, shape in layer_shapes(spec).items():
                 bias = has_bias(spec, layer)
@@ -114,48 +116,80 @@ class BNLeNet(HybridBlock):
     def norm_modules(self):
         return {name: getattr(self, name) for name in self.norm_names}
 
-    def forward(self, x, training=None, bn_training=None):
+    def forward(self, x, training=None, bn_training=None, noise=None):
+        """noise: None, or one step's {norm name: (scales, shifts)} (--norm-noise), added after each norm."""
+        return super().forward(x, *self.inputs(x, training, bn_training, noise))
+
+    def imperative(self, x, training, bn_training, noise=None):
+        """The forward as NDArray operations past this block's cached graph (its children keep theirs), so each
+        activation's input can be captured without clearing the hybridized training graph (common.trace)."""
+        # no dropout op at all when not training: Gluon's draws from the global stream even when it keeps every
+        # value (tests/conventions.py EVAL_DRAWS_DROPOUT), and the trace must leave the run's masks alone
+        self.skip_dropout = not training
+        try:
+            return self.hybrid_forward(nd, x, *self.inputs(x, training, bn_training, noise))
+        finally:
+            self.skip_dropout = False
+
+    def inputs(self, x, training, bn_training, noise):
+        """The graph's inputs after x: the mode flags, and with --norm-noise the noise arrays, on every call (a
+        hybridized graph keeps one set of inputs): scale 1 and shift 0 where none is given (eval mode, probes)."""
         training = autograd.is_training() if training is None else training
         bn_training = training if bn_training is None else bn_training
         if bn_training and self.spec.has_norm and x.shape[0] < 2:
             raise ValueError(f"training-mode BN needs a batch of at least 2, got {x.shape[0]}")
         flags = nd.array([float(bn_training), float(training)], ctx=x.context, dtype=x.dtype)
-        return super().forward(x, flags)
+        arrays = []
+        for name, features in norm_features(self.spec).items() if self.spec.norm_noise else ():
+            if noise is None:
+                ones, zeros = (f(features, ctx=x.context, dtype=x.dtype) for f in (nd.ones, nd.zeros))
+                arrays += [ones, zeros]
+            else:
+                arrays += list(noise[name])
+        return [flags, *arrays]
 
-    def _block(self, F, layer, h, bn_mode, new_stats):
+    def _block(self, F, layer, h, bn_mode, new_stats, noise):
         bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
 
         def norm(h):
             if not self.scratch:
-                return bn(h)
-            y, *state = bn(h, bn_mode)
-            new_stats.extend(state)
-            return y
+                y = bn(h)
+            else:
+                y, *state = bn(h, bn_mode)
+                new_stats.extend(state)
+            if not noise:
+                return y
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel (common.norms.draw_noise)
+            shape = (1, -1, 1, 1) if layer.startswith("conv") else (1, -1)
+            return F.broadcast_add(F.broadcast_mul(y, F.reshape(scale, shape=shape)), F.reshape(shift, shape=shape))
 
         before = self.spec.bn_placement == "before_activation"
         if bn is not None and before:
             h = norm(h)
+        if self.activation_inputs is not None:  # imperative calls only: the backend's gradient (common.trace)
+            self.activation_inputs[layer] = h
         h = F.Activation(h, act_type=self.spec.activation)
         if bn is not None and not before:
             h = norm(h)
         return h
 
     def _dropout(self, F, h, training):
-        if self.spec.dropout == 0:
+        if self.spec.dropout == 0 or self.skip_dropout:
             return h
         # mode="always" plus `where`: dropout follows the `training` input, not the trace-time flag
         dropped = F.Dropout(h, p=self.spec.dropout, mode="always")
         return F.where(F.broadcast_like(F.reshape(training, shape=(1, 1)), h), dropped, h)
 
-    def hybrid_forward(self, F, x, flags):
+    def hybrid_forward(self, F, x, flags, *arrays):
         bn_mode = F.slice_axis(flags, axis=0, begin=0, end=1)
         training = F.slice_axis(flags, axis=0, begin=1, end=2)
         pool = dict(kernel=(2, 2), stride=(2, 2), pool_type=self.spec.pooling)
         new_stats = []
-        h = F.Pooling(self._block(F, "conv1", self.conv1(x), bn_mode, new_stats), **pool)
-        h = F.Pooling(self._block(F, "conv2", self.conv2(h), bn_mode, new_stats), **pool)
-        h = self._dropout(F, self._block(F, "fc1", self.fc1(h), bn_mode, new_stats), training)
-        h = self._dropout(F, self._block(F, "fc2", self.fc2(h), bn_mode, new_stats), training)
+        noise = {name: arrays[2 * i : 2 * i + 2] for i, name in enumerate(self.norm_names)} if arrays else {}
+        h = F.Pooling(self._block(F, "conv1", self.conv1(x), bn_mode, new_stats, noise), **pool)
+        h = F.Pooling(self._block(F, "conv2", self.conv2(h), bn_mode, new_stats, noise), **pool)
+        h = self._dropout(F, self._block(F, "fc1", self.fc1(h), bn_mode, new_stats, noise), training)
+        h = self._dropout(F, self._block(F, "fc2", self.fc2(h), bn_mode, new_stats, noise), training)
         return (self.fc3(h),) + tuple(new_stats)
 
     def store_running(self, new_stats):

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.errors import BackendUnavailable
-from common.init import check_params, parameter_shapes
+from common.init import check_params, is_trainable, parameter_shapes
 from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 from common.norms import norm_after
@@ -63,13 +63,14 @@ class TensorFlowBackend(Backend):
             self.model = BNLeNet(config.model, config.precision)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
+        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
         self.lr = tf.constant(config.lr, dtype=config.dtype)
         self.execution = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla"))
         if self.execution == "xla":
             # the batch gather stays outside the XLA computation: inside it, XLA on the CPU ran the
             # step at ~110 examples/s (docs/benchmark.md, "Execution modes")
             gather, update = tf.function(self._gather_impl), tf.function(self._update_impl, jit_compile=True)
-            self._step = lambda images, labels, order, step: update(*gather(images, labels, order, step))
+            self._step = lambda images, labels, order, step, noise: update(*gather(images, labels, order, step, noise))
             self._forward = tf.function(self._forward_impl, jit_compile=True)
         else:
             wrap = tf.function if self.execution == "compiled" else (lambda f: f)
@@ -113,6 +114,26 @@ class TensorFlowBackend(Backend):
                 layer.call = originals[name]
         return logits, inputs
 
+    def loss_and_gradient(self, images, labels, capture, noise=None):
+        x = tf.constant(nchw_to_nhwc(images).astype(self.dtype))
+        y = tf.constant(labels, dtype=tf.int32)
+        names = [n for n in parameter_shapes(self.spec) if is_trainable(n, self.spec)]
+        variables = [variable(self.model, n) for n in names]
+        activations = {} if capture else None
+        object.__setattr__(self.model, "activation_inputs", activations)  # past Keras' attribute tracking
+        try:
+            with tf.device(self.device), tf.GradientTape() as tape:
+                logits = self.model(x, training=False, bn_training=True, noise=self._device_noise(noise))
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            grads = tape.gradient(loss, variables)
+        finally:
+            object.__setattr__(self.model, "activation_inputs", None)
+        return (
+            float(loss),
+            {n: from_channels_last(n, g.numpy(), self.spec) for n, g in zip(names, grads)},
+            {pos: (tf.cast(h, tf.float64).numpy(), -1) for pos, h in (activations or {}).items()},
+        )
+
     def set_params(self, params):
         check_params(params, self.spec)
         for name, value in params.items():
@@ -138,16 +159,27 @@ class TensorFlowBackend(Backend):
         with tf.device(self.device):
             return tf.constant(order, dtype=tf.int32)
 
-    def _gather_impl(self, images, labels, order, step):
+    def put_noise(self, noise):
+        self.noise = self._device_noise(noise)
+
+    def _device_noise(self, noise):
+        """{name: (scales, shifts)} of numpy arrays as constants on the device in the run's dtype; None for none."""
+        if not noise:
+            return None
+        with tf.device(self.device):
+            return {n: tuple(tf.constant(np.asarray(a, dtype=self.dtype)) for a in pair) for n, pair in noise.items()}
+
+    def _gather_impl(self, images, labels, order, step, noise=None):
         index = order[step]
-        return tf.gather(images, index), tf.gather(labels, index)
+        rows = None if noise is None else {n: (tf.gather(a, step), tf.gather(b, step)) for n, (a, b) in noise.items()}
+        return tf.gather(images, index), tf.gather(labels, index), rows
 
-    def _step_impl(self, images, labels, order, step):
-        return self._update_impl(*self._gather_impl(images, labels, order, step))
+    def _step_impl(self, images, labels, order, step, noise=None):
+        return self._update_impl(*self._gather_impl(images, labels, order, step, noise))
 
-    def _update_impl(self, x, y):
+    def _update_impl(self, x, y, noise=None):
         with tf.GradientTape() as tape:
-            logits = self.model(x, training=True)
+            logits = self.model(x, training=True, noise=noise)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             loss = tf.reduce_mean(losses)
         grads = tape.gradient(loss, self.trainable)
@@ -158,7 +190,7 @@ class TensorFlowBackend(Backend):
 
     def train_step(self, data, order, step):
         with tf.device(self.device):
-            return self._step(data[0], data[1], order, tf.constant(step, dtype=tf.int32))
+            return self._step(data[0], data[1], order, tf.constant(step, dtype=tf.int32), self.noise)
 
     def reduce_stats(self, stats):
         return tf.add_n(stats).numpy().astype(np.float64)

@@ -93,27 +93,39 @@ class BNLeNet(keras.Model):
         self.drop1 = keras.layers.Dropout(spec.dropout, dtype=dtype) if spec.dropout else None
         self.drop2 = keras.layers.Dropout(spec.dropout, dtype=dtype) if spec.dropout else None
         self.act = keras.activations.sigmoid if spec.activation == "sigmoid" else keras.activations.relu
+        self.activation_inputs = None  # a dict while the backend captures each activation's input
 
     def norm_modules(self):
         return {name: getattr(self, name) for name in self.norm_names}
 
-    def _block(self, layer, h, bn_training):
+    def _block(self, layer, h, bn_training, noise):
         bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
         before = self.spec.bn_placement == "before_activation"
-        if bn is not None and before:
+
+        def norm(h):
             h = bn(h, training=bn_training)
+            if noise is None:
+                return h
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel, channels last (common.norms)
+            return h * keras.ops.cast(scale, h.dtype) + keras.ops.cast(shift, h.dtype)
+
+        if bn is not None and before:
+            h = norm(h)
+        if self.activation_inputs is not None:  # eager calls only: the backend's gradient (common.trace)
+            self.activation_inputs[layer] = h
         h = self.act(h)
         if bn is not None and not before:
-            h = bn(h, training=bn_training)
+            h = norm(h)
         return h
 
-    def call(self, x, training=False, bn_training=None):
+    def call(self, x, training=False, bn_training=None, noise=None):
+        """noise: None, or one step's {norm name: (scales, shifts)} (--norm-noise), added after each norm."""
         bn_training = training if bn_training is None else bn_training
-        h = self.pool1(self._block("conv1", self.conv1(x), bn_training))
-        h = self.pool2(self._block("conv2", self.conv2(h), bn_training))
-        h = self._block("fc1", self.fc1(self.flatten(h)), bn_training)
+        h = self.pool1(self._block("conv1", self.conv1(x), bn_training, noise))
+        h = self.pool2(self._block("conv2", self.conv2(h), bn_training, noise))
+        h = self._block("fc1", self.fc1(self.flatten(h)), bn_training, noise)
         h = self.drop1(h, training=training) if self.drop1 else h
-        h = self._block("fc2", self.fc2(h), bn_training)
+        h = self._block("fc2", self.fc2(h), bn_training, noise)
         h = self.drop2(h, training=training) if self.drop2 else h
         # logits (and so the loss) in the variables' dtype: float32 under mixed_bfloat16 (common.precision)
         return keras.ops.cast(self.fc3(h), self.dtype_policy.variable_dtype)

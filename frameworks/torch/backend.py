@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
-from common.init import check_params, parameter_shapes
+from common.init import check_params, is_trainable, parameter_shapes
 from common.interface import Backend, resolve_execution
 from common.norms import norm_after
 
@@ -82,6 +82,7 @@ class TorchBackend(Backend):
         self.spec = config.model
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
+        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -132,13 +133,42 @@ class TorchBackend(Backend):
             self.model.eval()
         return logits, inputs
 
-    def _forward(self, module, x):
-        """module(x) under autocast when the run is mixed precision; the logits (and so the loss) in the
+    def loss_and_gradient(self, images, labels, capture, noise=None):
+        x = torch.as_tensor(images).to(self.device, self.dtype)
+        y = torch.as_tensor(labels).to(self.device, torch.int64)
+        names = [n for n in parameter_shapes(self.spec) if is_trainable(n, self.spec)]
+        state = dict(self.model.named_parameters())
+        tensors = [state[canonical_to_torch(n, self.spec)] for n in names]
+        activations = {} if capture else None
+        self._mode(False)  # dropout off
+        self.model.activation_inputs = activations
+        try:
+            for module in self.model.norm_modules().values():
+                module.train()  # the normalisation layers only
+            loss = F.cross_entropy(self._forward(self.model, x, self._tensors(noise)), y)
+            grads = torch.autograd.grad(loss, tensors)  # leaves every .grad as it was
+        finally:
+            self.model.activation_inputs = None
+            self.model.eval()
+        return (
+            float(loss.detach()),
+            {n: g.double().cpu().numpy() for n, g in zip(names, grads)},
+            {pos: (h.detach().double().cpu().numpy(), 1) for pos, h in (activations or {}).items()},
+        )
+
+    def _forward(self, module, x, noise=None):
+        """module(x, noise) under autocast when the run is mixed precision; the logits (and so the loss) in the
         parameters' dtype, float32 there (common.precision)."""
         if not self.mixed:
-            return module(x)
+            return module(x, noise)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            return module(x).to(self.dtype)
+            return module(x, noise).to(self.dtype)
+
+    def _tensors(self, noise):
+        """{name: (scales, shifts)} of numpy arrays as tensors on the device (None stays None)."""
+        if noise is None:
+            return None
+        return {n: tuple(torch.as_tensor(a).to(self.device, self.dtype) for a in pair) for n, pair in noise.items()}
 
     def _mode(self, training):
         if self._training is not training:
@@ -177,12 +207,16 @@ class TorchBackend(Backend):
     def put_order(self, order):
         return torch.as_tensor(order).to(self.device)
 
+    def put_noise(self, noise):
+        self.noise = self._tensors(noise) or None
+
     # work ---------------------------------------------------------------------
     def train_step(self, data, order, step):
         self._mode(True)
         index = order[step]
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)
-        logits = self._forward(self.train_forward, x)
+        noise = self.noise and {n: (s[step], m[step]) for n, (s, m) in self.noise.items()}
+        logits = self._forward(self.train_forward, x, noise)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

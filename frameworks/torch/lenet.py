@@ -79,25 +79,38 @@ class BNLeNet(nn.Module):
         self.activation = torch.sigmoid if spec.activation == "sigmoid" else F.relu
         self.pool = F.avg_pool2d if spec.pooling == "avg" else F.max_pool2d
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.activation_inputs = None  # a dict while the backend captures each activation's input (common.trace)
 
     def norm_modules(self):
         return {NORM_NAMES[layer]: getattr(self, NORM_NAMES[layer]) for layer in NORM_NAMES if self.spec.norm_at(layer)}
 
-    def _block(self, layer, h):
+    def _block(self, layer, h, noise):
         bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
         before = self.spec.bn_placement == "before_activation"
-        if bn is not None and before:
+
+        def norm(h):
             h = bn(h)
+            if noise is None:
+                return h
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel (common.norms.draw_noise)
+            shape = (1, -1) + (1,) * (h.dim() - 2)
+            return h * scale.view(shape) + shift.view(shape)
+
+        if bn is not None and before:
+            h = norm(h)
+        if self.activation_inputs is not None:
+            self.activation_inputs[layer] = h
         h = self.activation(h)
         if bn is not None and not before:
-            h = bn(h)
+            h = norm(h)
         return h
 
-    def forward(self, x):
-        h = self.pool(self._block("conv1", self.conv1(x)), 2)
-        h = self.pool(self._block("conv2", self.conv2(h)), 2)
-        h = self.dropout(self._block("fc1", self.fc1(h.flatten(1))))
-        h = self.dropout(self._block("fc2", self.fc2(h)))
+    def forward(self, x, noise=None):
+        """noise: None, or one step's {norm name: (scales, shifts)} (--norm-noise), added after each norm."""
+        h = self.pool(self._block("conv1", self.conv1(x), noise), 2)
+        h = self.pool(self._block("conv2", self.conv2(h), noise), 2)
+        h = self.dropout(self._block("fc1", self.fc1(h.flatten(1)), noise))
+        h = self.dropout(self._block("fc2", self.fc2(h), noise))
         return self.fc3(h)
 
 
