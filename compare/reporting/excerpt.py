@@ -185,7 +185,19 @@ def study_excerpt(folder: Path) -> str:
     answer, frames = answers.analyse(t["runs"], study)
     lines = [f"{_measured_with(env, 'study')}; the answer:", ""] + [f"- {line}" for line in answer]
     lines += ["", "Per cell, over seeds (complete runs):", "", render.evidence(frames["study"], study)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _trace_cost(t)) + "\n"
+
+
+def _trace_cost(t: dict) -> list:
+    """For traced runs (--trace-every): per framework, the median time of one trace (11 forward-backward passes,
+    common.trace) against the median time of one training step."""
+    if "trace_steps" not in t:
+        return []
+    epochs = t["epochs"]
+    step = (epochs.train_seconds / (epochs.timed_steps + epochs.warmup_steps)).groupby(epochs.framework).median()
+    trace = t["trace_steps"].groupby("framework", sort=False).trace_seconds.median()
+    parts = [f"{fw} {seconds:.2f} s ({seconds / step[fw]:.0f} training steps)" for fw, seconds in trace.items()]
+    return ["", "One trace, median per framework: " + "; ".join(parts) + "."]
 
 
 def excerpt(folder: Path) -> str:
