@@ -89,6 +89,7 @@ class Backend(ABC):
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
 
     # hooks ------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -118,7 +119,7 @@ class Backend(ABC):
     @abstractmethod
     def loss_and_gradient(self, images: np.ndarray, labels: np.ndarray, capture: bool, noise=None) -> tuple:
         """With the current parameters: a forward of numpy images with every normalisation layer in train mode
-        (followed by noise, one step's {norm name: (scales, shifts)} of common.norms.draw_noise, where given)
+        (followed by noise, one step's {norm name: (scales, shifts)} as device_noise made them, where given)
         and dropout off, the mean cross-entropy against labels and its gradient. Returns (loss as a float,
         {canonical name: gradient as numpy, canonical layout} for every trainable parameter (common.init
         .is_trainable), {position: (the input of its activation as numpy, its channel axis)} for conv1, conv2,
@@ -190,7 +191,8 @@ class Backend(ABC):
         current, saved = self.get_params(), self.save_state()
         try:
             self.set_params(params)
-            loss, grads, activations = self.loss_and_gradient(images, labels, capture, noise)
+            device = self.device_noise(noise) if noise else None
+            loss, grads, activations = self.loss_and_gradient(images, labels, capture, device)
         finally:
             self.set_params(current)
             self.restore_state(saved)
@@ -227,10 +229,15 @@ class Backend(ABC):
         """Move one epoch's (steps, batch_size) index matrix to the device."""
 
     @abstractmethod
+    def device_noise(self, noise: dict):
+        """Noisy-BN draws ({norm name: (scales, shifts)} of numpy arrays, not empty) as the framework's arrays on
+        the device in the run's dtype, in the same dict."""
+
     def put_noise(self, noise: dict) -> None:
         """Move one epoch's noisy-BN draws (common.norms.draw_noise: {norm name: (scales, shifts)}, each
-        (steps, channels); {} = none) to the device: train_step(..., step) then adds row `step` after each
-        normalisation layer."""
+        (steps, channels); {} = none) to the device as self.noise: train_step(..., step) then adds row `step`
+        after each normalisation layer."""
+        self.noise = self.device_noise(noise) if noise else None
 
     @abstractmethod
     def train_step(self, data, order, step: int):

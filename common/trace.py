@@ -44,9 +44,9 @@ def layer_of(name: str) -> str:
     return POSITION_OF.get(prefix, prefix)
 
 
-def norm(grads: dict, names=None) -> float:
-    """The L2 norm of the concatenated arrays of grads (of `names`, default all)."""
-    return float(np.sqrt(sum(np.sum(np.square(grads[n])) for n in (grads if names is None else names))))
+def norm(arrays: dict) -> float:
+    """The L2 norm of the concatenated arrays."""
+    return float(np.sqrt(sum(np.sum(np.square(a)) for a in arrays.values())))
 
 
 def moved(params: dict, grads: dict, step: float, names) -> dict:
@@ -97,7 +97,7 @@ def landscape(gradient, params: dict, loss: float, grads: dict, lr: float, scale
     losses, changes, ratios = [], [], []
     for s in scales:
         there, there_grads = gradient(moved(params, grads, lr * s, list(grads)))
-        change = float(np.sqrt(sum(np.sum(np.square(grads[n] - there_grads[n])) for n in grads)))
+        change = norm({n: grads[n] - there_grads[n] for n in grads})
         losses.append(float(there))
         changes.append(change)
         ratios.append(change / (lr * s * size) if size > 0 else None)

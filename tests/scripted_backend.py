@@ -87,8 +87,9 @@ def scripted_backend(script: Script):
             trainable = {n: np.ones_like(v) for n, v in self.params.items() if is_trainable(n, self.config.model)}
             return 1.0, trainable, {}
 
-        def put_noise(self, noise):
-            script.calls.append(("put_noise", self.epoch, sorted(noise)))
+        def device_noise(self, noise):
+            script.calls.append(("device_noise", self.epoch, sorted(noise)))
+            return noise
 
         def set_params(self, params):
             self.params = dict(params)

@@ -44,7 +44,7 @@ class NumpyBackend(Backend):
         raise NotImplementedError("the reference has no backward; the template's tests trace nothing")
 
     # primitives
-    def put_noise(self, noise):
+    def device_noise(self, noise):
         raise NotImplementedError("the template's tests add no noise")
 
     def set_params(self, params):

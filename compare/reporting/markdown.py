@@ -298,14 +298,7 @@ def plateau_sentences(summary: pd.DataFrame) -> list:
     return out
 
 
-TRACE_COLUMNS = [
-    "mean_ics_rel_diff",
-    "mean_ics_cos",
-    "mean_loss_variation",
-    "mean_grad_predictiveness",
-    "mean_beta_smoothness",
-    "mean_grad_norm",
-]
+TRACE_COLUMNS = list(metrics.TRACE_METRICS)  # the runs table's means of a traced run
 
 
 def trace_section(t: dict) -> list:

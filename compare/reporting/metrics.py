@@ -51,16 +51,6 @@ class Metric:
         return f"{value:.4g}"
 
 
-REGISTRY_LABELS = {
-    "ics_rel_diff": "internal covariate shift ||G - G'|| / ||G||",
-    "ics_cos": "internal covariate shift cos(G, G')",
-    "loss_variation": "loss variation along the gradient",
-    "grad_predictiveness": "gradient change along the gradient",
-    "beta_smoothness": "effective beta-smoothness",
-    "grad_norm": "gradient norm",
-}
-
-
 def _entries():
     F, D, N, C, R = "fraction", "difference", "nonnegative", "count", "real"
     hi, lo = "higher", "lower"
@@ -128,25 +118,8 @@ def _entries():
         Metric("unit_p15", "15th percentile of one unit's activation input", R),
         Metric("unit_p50", "median of one unit's activation input", R),
         Metric("unit_p85", "85th percentile of one unit's activation input", R),
-        Metric("ics_rel_diff", "internal covariate shift: ||G - G'|| / ||G||", N, None),
-        Metric("ics_cos", "internal covariate shift: cos(G, G')", R, None),
         Metric("loss", "loss on the step's batch", N, lo),
-        Metric("grad_norm", "gradient norm", N),
-        Metric("loss_variation", "loss variation along the gradient", N, None),
-        Metric("grad_predictiveness", "gradient change along the gradient", N, None),
-        Metric("beta_smoothness", "effective beta-smoothness", N, None),
         Metric("trace_seconds", "time of the traced measures (s)", N, lo),
-        *(
-            Metric(f"mean_{name}", f"{REGISTRY_LABELS[name]}, mean over traced steps", kind)
-            for name, kind in (
-                ("ics_rel_diff", N),
-                ("ics_cos", R),
-                ("loss_variation", N),
-                ("grad_predictiveness", N),
-                ("beta_smoothness", N),
-                ("grad_norm", N),
-            )
-        ),
         # summary rows: a run's counts and what it ran
         Metric("best_epoch", "the epoch of the best mean test accuracy", C),
         Metric("final_param_rel_l2", "final relative L2 distance of the parameters from the reference", N, lo),
@@ -154,6 +127,16 @@ def _entries():
         Metric("bn_decay", "the decay the normalisation layers used", R),
         Metric("bn_epsilon", "the epsilon the normalisation layers used", R),
     ]
+    for name, label, kind in (  # per traced step (and layer), and per run their mean over the steps (TRACE_METRICS)
+        ("ics_rel_diff", "internal covariate shift ||G - G'|| / ||G||", N),
+        ("ics_cos", "internal covariate shift cos(G, G')", R),
+        ("loss_variation", "loss variation along the gradient", N),
+        ("grad_predictiveness", "gradient change along the gradient", N),
+        ("beta_smoothness", "effective beta-smoothness", N),
+        ("grad_norm", "gradient norm", N),
+    ):
+        yield Metric(name, label, kind)
+        yield Metric(f"mean_{name}", f"{label}, mean over traced steps", kind)
     for precision in ("mixed", "float32"):  # mixed_precision table: each mixed run beside its float32 twin
         yield Metric(f"test_acc_{precision}", f"test accuracy ({precision})", F, hi)
         yield Metric(f"probe_disagreement_{precision}", f"train/eval prediction disagreement ({precision})", F, lo)

@@ -92,7 +92,6 @@ class JaxBackend(Backend):
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"
         self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
         self.steps_done = 0  # folded into the dropout key: a new mask every step
-        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
         self.set_params(init_params(config.model, config.seed, config.dtype))
         step = self.make_step()
         if self.compiled:
@@ -191,7 +190,7 @@ class JaxBackend(Backend):
     def loss_and_gradient(self, images, labels, capture, noise=None):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
         y = jax.device_put(np.asarray(labels, dtype=np.int32), self.device)
-        loss, grads, inputs = self._gradient(self.variables, x, y, self._device_noise(noise))
+        loss, grads, inputs = self._gradient(self.variables, x, y, noise)
         wide = np.float64 if self.dtype == "float64" else np.float32
         return (
             float(loss),
@@ -261,13 +260,7 @@ class JaxBackend(Backend):
     def put_order(self, order):
         return jax.device_put(np.asarray(order, dtype=np.int32), self.device)
 
-    def put_noise(self, noise):
-        self.noise = self._device_noise(noise)
-
-    def _device_noise(self, noise):
-        """{name: (scales, shifts)} of numpy arrays on the device in the run's dtype; None for none."""
-        if not noise:
-            return None
+    def device_noise(self, noise):
         return {
             n: tuple(jax.device_put(np.asarray(a, dtype=self.dtype), self.device) for a in p) for n, p in noise.items()
         }

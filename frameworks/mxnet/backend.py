@@ -67,7 +67,6 @@ class MXNetBackend(Backend):
         trainable = [p for p in self.net.collect_params().values() if p.grad_req != "null"]
         self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr})
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
-        self.noise = None  # the epoch's noisy-BN draws on the context (put_noise), or None
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -116,7 +115,7 @@ class MXNetBackend(Backend):
         try:
             # BN on batch statistics, the flags keep dropout off; imperative past the training graph (net.imperative)
             with autograd.record(train_mode=True):
-                loss = self.loss(self.net.imperative(x, False, True, self._device_noise(noise))[0], y).mean()
+                loss = self.loss(self.net.imperative(x, False, True, noise)[0], y).mean()
             loss.backward()
             result = (
                 float(loss.asscalar()),
@@ -152,13 +151,7 @@ class MXNetBackend(Backend):
     def put_order(self, order):
         return nd.array(order, ctx=self.ctx, dtype="int32")
 
-    def put_noise(self, noise):
-        self.noise = self._device_noise(noise)
-
-    def _device_noise(self, noise):
-        """{name: (scales, shifts)} of numpy arrays on the context in the run's dtype; None for none."""
-        if not noise:
-            return None
+    def device_noise(self, noise):
         return {n: tuple(nd.array(a, ctx=self.ctx, dtype=self.dtype) for a in pair) for n, pair in noise.items()}
 
     def train_step(self, data, order, step):

@@ -63,7 +63,6 @@ class TensorFlowBackend(Backend):
             self.model = BNLeNet(config.model, config.precision)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
-        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
         self.lr = tf.constant(config.lr, dtype=config.dtype)
         self.execution = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla"))
         if self.execution == "xla":
@@ -123,7 +122,7 @@ class TensorFlowBackend(Backend):
         object.__setattr__(self.model, "activation_inputs", activations)  # past Keras' attribute tracking
         try:
             with tf.device(self.device), tf.GradientTape() as tape:
-                logits = self.model(x, training=False, bn_training=True, noise=self._device_noise(noise))
+                logits = self.model(x, training=False, bn_training=True, noise=noise)
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
             grads = tape.gradient(loss, variables)
         finally:
@@ -159,13 +158,7 @@ class TensorFlowBackend(Backend):
         with tf.device(self.device):
             return tf.constant(order, dtype=tf.int32)
 
-    def put_noise(self, noise):
-        self.noise = self._device_noise(noise)
-
-    def _device_noise(self, noise):
-        """{name: (scales, shifts)} of numpy arrays as constants on the device in the run's dtype; None for none."""
-        if not noise:
-            return None
+    def device_noise(self, noise):
         with tf.device(self.device):
             return {n: tuple(tf.constant(np.asarray(a, dtype=self.dtype)) for a in pair) for n, pair in noise.items()}
 

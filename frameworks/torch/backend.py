@@ -82,7 +82,6 @@ class TorchBackend(Backend):
         self.spec = config.model
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
-        self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -145,7 +144,7 @@ class TorchBackend(Backend):
         try:
             for module in self.model.norm_modules().values():
                 module.train()  # the normalisation layers only
-            loss = F.cross_entropy(self._forward(self.model, x, self._tensors(noise)), y)
+            loss = F.cross_entropy(self._forward(self.model, x, noise), y)
             grads = torch.autograd.grad(loss, tensors)  # leaves every .grad as it was
         finally:
             self.model.activation_inputs = None
@@ -164,10 +163,7 @@ class TorchBackend(Backend):
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             return module(x, noise).to(self.dtype)
 
-    def _tensors(self, noise):
-        """{name: (scales, shifts)} of numpy arrays as tensors on the device (None stays None)."""
-        if noise is None:
-            return None
+    def device_noise(self, noise):
         return {n: tuple(torch.as_tensor(a).to(self.device, self.dtype) for a in pair) for n, pair in noise.items()}
 
     def _mode(self, training):
@@ -206,9 +202,6 @@ class TorchBackend(Backend):
 
     def put_order(self, order):
         return torch.as_tensor(order).to(self.device)
-
-    def put_noise(self, noise):
-        self.noise = self._tensors(noise) or None
 
     # work ---------------------------------------------------------------------
     def train_step(self, data, order, step):
