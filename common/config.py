@@ -29,6 +29,9 @@ DTYPES = ("float32", "float64")
 # the compute dtype of the framework's mixed-precision mechanism (common.precision); "off": none
 MIXED_DTYPES = ("off", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
+# --bn-sync under --replicas K: each replica's own batch statistics (local, every framework's default) or the
+# global batch's (global: synchronised BN); docs/data-parallel.md
+BN_SYNCS = ("local", "global")
 # default = the framework's own choice (docs/benchmark.md "Execution modes" gives the measurements behind each);
 # compiled = torch.compile / hybridized Gluon / tf.function / jax.jit; eager = op by op everywhere;
 # xla = compiled by XLA: TensorFlow's tf.function(jit_compile=True), JAX's jax.jit (what compiled is there);
@@ -112,6 +115,13 @@ class ModelSpec:
     )
     noise_scale: float = option(2.0, "--norm-noise: the largest scale a")
     noise_shift: float = option(1.0, "--norm-noise: the largest shift b")
+    # ghost batches (Hoffer et al. 2017): in training mode BN normalises each G-image slice of the batch with that
+    # slice's statistics; what each replica does under data parallelism with local statistics (docs/data-parallel.md)
+    ghost_batch: int = option(
+        0,
+        "--norm batch, scratch: in training mode, BN statistics over each slice of G images of the batch (ghost "
+        "batches: what local sync over B/G replicas computes, docs/data-parallel.md); 0 = the whole batch",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
@@ -182,6 +192,21 @@ class ModelSpec:
             and self.renorm_warmup >= 0,
             f"renorm_warmup (--renorm-warmup) must be an integer >= 0, got {self.renorm_warmup!r}",
         )
+        _check(
+            isinstance(self.ghost_batch, int) and not isinstance(self.ghost_batch, bool) and self.ghost_batch >= 0,
+            f"ghost_batch (--ghost-batch) must be an integer >= 0 (0 = off), got {self.ghost_batch!r}",
+        )
+        if self.ghost_batch:
+            _check(
+                self.ghost_batch >= 2,
+                "ghost_batch (--ghost-batch) must be at least 2: a slice of one image has no batch variance",
+            )
+            _check(
+                self.norm == "batch" and self.variant in ("scratch", "none"),
+                f"--ghost-batch slices the batch statistics of the project's BN layer: it needs --norm batch and "
+                f"--variants scratch (got --norm {self.norm}, variant {self.variant}; no framework's built-in "
+                f"layer normalises slices of a batch)",
+            )
         if self.variant != "none" and self.norm == "group":
             for pos in self.bn_positions:
                 _check(
@@ -230,7 +255,15 @@ class ModelSpec:
 
 
 # fields added after results were stored, with their defaults (config_id); model fields as "model.NAME"
-LATE_FIELDS = {"trace_every": 0, "model.norm_noise": False, "model.noise_scale": 2.0, "model.noise_shift": 1.0}
+LATE_FIELDS = {
+    "trace_every": 0,
+    "model.norm_noise": False,
+    "model.noise_scale": 2.0,
+    "model.noise_shift": 1.0,
+    "model.ghost_batch": 0,
+    "replicas": 1,
+    "bn_sync": "local",
+}
 
 
 @dataclass(frozen=True)
@@ -265,6 +298,17 @@ class RunConfig:
         "every K SGD steps, before the step: activation percentiles, internal covariate shift and the loss "
         "landscape (common.trace, docs/why-bn.md), timed apart; 0 = off",
     )
+    replicas: int = option(
+        1,
+        "train data-parallel on K replicas, each on its own contiguous B/K slice of every batch, gradients "
+        "averaged over the whole batch, on the framework's own distributed engine (docs/data-parallel.md)",
+    )
+    bn_sync: str = option(
+        "local",
+        "with --replicas: local = each replica's BN uses its own slice's statistics (every framework's "
+        "default), global = the whole batch's (synchronised BN)",
+        choices=BN_SYNCS,
+    )
     population_size: int = option(
         2048,
         "after each epoch, also evaluate with BN population statistics from this many training images "
@@ -293,6 +337,7 @@ class RunConfig:
             ("trace_steps", 0),
             ("trace_every", 0),
             ("population_size", 0),
+            ("replicas", 1),
         ):
             value = getattr(self, name)
             _check(
@@ -310,6 +355,7 @@ class RunConfig:
             not self.recalibrate or self.population_size > 0,
             "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0",
         )
+        self._check_slices()
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(
             self.mixed in MIXED_DTYPES,
@@ -324,6 +370,59 @@ class RunConfig:
             self.execution in EXECUTIONS, f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}"
         )
         _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+    def _check_slices(self) -> None:
+        """--replicas, --bn-sync and --ghost-batch against the batch and the normalisation."""
+        spec = self.model
+        _check(self.bn_sync in BN_SYNCS, f"unknown bn_sync {self.bn_sync!r}; choose from {', '.join(BN_SYNCS)}")
+        _check(
+            self.batch_size % self.replicas == 0,
+            f"--replicas {self.replicas} does not divide --batch-size {self.batch_size}: every replica takes an equal "
+            f"contiguous slice of each batch; choose a divisor of {self.batch_size}",
+        )
+        _check(
+            self.replicas == 1 or self.batch_size // self.replicas >= 2 or not spec.has_running_stats,
+            f"--replicas {self.replicas} leaves {self.batch_size // self.replicas} image per replica, and BN needs "
+            "at least 2 for a batch variance; use fewer replicas or a larger --batch-size",
+        )
+        _check(
+            not (self.replicas > 1 and spec.ghost_batch),
+            "--ghost-batch and --replicas together are not supported: local sync over K replicas already gives "
+            "each replica's slice its own statistics (--ghost-batch B/K is its one-process equivalent)",
+        )
+        _check(
+            not (self.replicas > 1 and spec.has_norm and spec.norm == "renorm"),
+            "--replicas with --norm renorm is not supported yet: batch renormalisation's data-parallel form is not "
+            "specified (docs/data-parallel.md); use --norm batch",
+        )
+        _check(
+            not (self.replicas > 1 and self.bn_sync == "global" and spec.has_norm and not spec.has_running_stats),
+            f"--bn-sync global synchronises batch statistics, and --norm {spec.norm} normalises each example on its "
+            "own: there is nothing to synchronise; drop --bn-sync global (or use --norm batch)",
+        )
+        ghost = self.layer_spec.ghost_batch
+        what = f"--ghost-batch {ghost}" if spec.ghost_batch else f"local sync's slice of {ghost} images"
+        for option_name, size in (("--batch-size", self.batch_size), ("--probe-size", self.probe_size)):
+            _check(
+                not ghost or size % ghost == 0,
+                f"{what} does not divide {option_name} {size}: every train-mode batch (the probe's included) is "
+                f"cut into whole slices; choose sizes that divide {size}",
+            )
+
+    @property
+    def layer_spec(self) -> ModelSpec:
+        """The ModelSpec the normalisation layers are built from: the model's, with local sync over K replicas
+        given its one-process meaning for the project's layer, ghost batches of B/K (what a forward outside the
+        data-parallel step, a probe or the population pass, then computes on one process); a built-in layer has
+        no ghost batches and normalises those forwards over all their images."""
+        if (
+            self.replicas > 1
+            and self.bn_sync == "local"
+            and self.model.has_running_stats
+            and self.model.variant == "scratch"
+        ):
+            return replace(self.model, ghost_batch=self.batch_size // self.replicas)
+        return self.model
 
     @property
     def precision(self) -> str:

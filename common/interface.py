@@ -86,10 +86,18 @@ class Backend(ABC):
     restore_state."""
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
+    data_parallel: bool = False  # whether --replicas K > 1 runs (docs/data-parallel.md)
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
+        if config.replicas > 1 and not self.data_parallel:
+            raise BackendUnavailable(
+                f"--replicas {config.replicas}: data-parallel training runs in PyTorch so far (torch.distributed); "
+                f"this framework has no data-parallel path in the suite yet (docs/data-parallel.md): run it with "
+                f"--replicas 1, or --ghost-batch {config.batch_size // config.replicas} for local sync's statistics "
+                f"in one process"
+            )
 
     # hooks ------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -126,6 +134,13 @@ class Backend(ABC):
         fc1 and fc2 where capture, else {}). It may change state (running statistics, gradient buffers);
         gradient() restores it."""
 
+    def replica_statistics(self) -> str:
+        """Under --replicas K > 1: which running statistics eval mode uses (the replicas' mean, replica 0's, ...)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend started (data-parallel replicas); the loop calls it once, at the end."""
+
     def save_state(self):
         """Everything a train-mode forward could change, for restore_state (default: the canonical arrays,
         running statistics and renorm's step counts included)."""
@@ -161,6 +176,7 @@ class Backend(ABC):
             "bn_decay": decay,
             "bn_epsilon": epsilon,
             "dtype": self.config.dtype,
+            **({"replica_statistics": self.replica_statistics()} if self.config.replicas > 1 else {}),
         }
 
     def probe(self, images: np.ndarray) -> ProbeResult:

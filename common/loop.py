@@ -201,6 +201,13 @@ def run(
     check_finite("training images", dataset.train_images)
     check_finite("test images", dataset.test_images)
     backend = backend_cls(config)
+    try:
+        _run(backend, config, dataset, emit, progress, clock)
+    finally:
+        backend.close()
+
+
+def _run(backend: Backend, config: RunConfig, dataset: Dataset, emit, progress, clock) -> None:
     ident = dict(framework=backend.name, variant=config.model.variant, seed=config.seed, config_id=config.config_id)
     described = backend.describe()
     ntrain, ntest = len(dataset.train_labels), len(dataset.test_labels)

@@ -20,6 +20,16 @@ channel / feature, as BN's; epsilon sits inside the square root; variances are b
   first `renorm_warmup` training steps (`renorm_limits`); the running statistics update and eval mode
   are BN's. With rmax = 1 and dmax = 0 (its first step) it is BN exactly.
 
+Ghost batches (--ghost-batch G, batch only): in training mode the batch of N = S * G examples is cut into S
+contiguous slices of G; each slice is normalised with its own mean and biased variance, and the running
+statistics blend the mean over the slices of their means and of their variances:
+    running = decay * running + (1 - decay) * mean_s(stat_s)
+which is, by the blend's linearity, the mean of S replicas' running statistics, each replica blending its own
+(the "replicas' mean" that local sync keeps, docs/data-parallel.md). G = N is BN. `ghost_fold` / `ghost_unfold`
+are how every framework computes it: the slices become channels, (N, C, ...) -> (G, S * C, ...), so BN's own
+function normalises each (slice, channel) pair, with gamma, beta and the running statistics tiled S times and the
+new running statistics averaged back over the slices.
+
 Only batch and renorm differ between train and eval mode; for the others the harness's divergence
 figures are exactly 0, which every run checks by measuring them like BN's.
 """
@@ -57,6 +67,7 @@ class NormLayer:
     epsilon: float | None = None
     groups: int | None = None
     renorm: tuple | None = None
+    ghost: int = 0  # batch only: in training mode, statistics per slice of this many examples (0: the whole batch)
 
     @property
     def norm(self) -> str:
@@ -88,6 +99,7 @@ def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
         epsilon=spec.epsilon if constants else None,
         groups=None if running else groups_of(spec, features),
         renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if spec.norm == "renorm" else None,
+        ghost=spec.ghost_batch if spec.norm == "batch" else 0,
     )
 
 

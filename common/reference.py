@@ -123,6 +123,8 @@ def norm_forward(
     dec = spec.decay if decay is None else decay
     x = np.asarray(x, dtype=np.float64)
     new = dict(state)
+    if spec.norm == "batch" and training and spec.ghost_batch and len(x) != spec.ghost_batch:
+        return ghost_batch_norm_forward(spec, x, state, epsilon=eps, decay=dec)
     if spec.norm in ("batch", "renorm"):
         renorm = (
             renorm_limits(
@@ -149,7 +151,34 @@ def norm_forward(
     return y, new, cache, "group"
 
 
+def ghost_batch_norm_forward(spec: ModelSpec, x, state: dict, *, epsilon: float, decay: float):
+    """BN's training mode over ghost batches (common.norms): each slice of spec.ghost_batch examples normalised
+    on its own, the running statistics blending the mean over the slices of their mean and biased variance.
+    Returns norm_forward's (y, new state, cache, "ghost")."""
+    ghost = spec.ghost_batch
+    if len(x) % ghost:
+        raise ValueError(f"ghost batches of {ghost} do not divide the batch of {len(x)}")
+    ys, means, variances, caches = [], [], [], []
+    for start in range(0, len(x), ghost):
+        y, mean, var, cache = batch_norm_forward(
+            x[start : start + ghost], state["gamma"], state["beta"], 0.0, 0.0, training=True, decay=0.0, epsilon=epsilon
+        )
+        ys.append(y)
+        means.append(mean)
+        variances.append(var)
+        caches.append(cache)
+    new = dict(state)
+    new["running_mean"] = decay * np.asarray(state["running_mean"], np.float64) + (1 - decay) * np.mean(means, axis=0)
+    new["running_var"] = decay * np.asarray(state["running_var"], np.float64) + (1 - decay) * np.mean(variances, axis=0)
+    return np.concatenate(ys), new, (ghost, caches), "ghost"
+
+
 def norm_backward(dy, cache, kind: str):
+    if kind == "ghost":  # each slice's backward, gamma's and beta's gradients summed over the slices
+        ghost, caches = cache
+        parts = [batch_norm_backward(dy[i * ghost : (i + 1) * ghost], c) for i, c in enumerate(caches)]
+        dx, dgamma, dbeta = zip(*parts)
+        return np.concatenate(dx), np.sum(dgamma, axis=0), np.sum(dbeta, axis=0)
     return (batch_norm_backward if kind == "batch" else group_norm_backward)(dy, cache)
 
 

@@ -155,3 +155,9 @@ MIXED_BUILTIN = {
         "statistics": "float32 E[x^2]-E[x]^2",
     },
 }
+
+# --replicas K --bn-sync local: which running statistics eval mode uses (asserted by
+# tests/test_data_parallel.py::test_local_sync_running_statistics_follow_the_framework_convention). The scratch
+# layer's are the project's spec; the built-in layer's are the framework's data-parallel default:
+# PyTorch's DDP broadcasts replica 0's buffers before every forward (broadcast_buffers / forward_sync_buffers).
+REPLICA_RUNNING_STATS = {"torch": {"scratch": "replicas' mean", "builtin": "replica 0's"}}

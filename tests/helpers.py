@@ -43,3 +43,21 @@ def random_bn_params(spec, seed=3, dtype="float64"):
         elif suffix == "running_var":
             params[name] = rng.uniform(0.5, 2.0, shape).astype(dtype)
     return params
+
+
+def tiny_config(**changes):
+    """A run small enough for a unit test: float64 on the CPU, 2 epochs of batch 32 at lr 0.5, a 16-image probe,
+    each epoch's first 6 step losses recorded; `changes` override any field."""
+    from common.config import RunConfig
+
+    base = dict(epochs=2, batch_size=32, lr=0.5, dtype="float64", device="cpu", probe_size=16, trace_steps=6)
+    return RunConfig(**{**base, **changes})
+
+
+def epochs_of(backend_cls, config, dataset, progress=None) -> list:
+    """The (epoch record, its arrays) pairs of one run through the loop (common.loop.run)."""
+    from common.loop import run
+
+    got = []
+    run(backend_cls, config, dataset, lambda record, arrays=None: got.append((record, arrays)), progress)
+    return [(r, a) for r, a in got if r["kind"] == "epoch"]

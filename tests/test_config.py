@@ -154,3 +154,20 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
     )
     with pytest.raises(ConfigError, match="unknown norm position \\['fc3'\\]"):  # named as the option is now
         configs_from_args(parser.parse_args(["--norm-positions", "fc3"]))
+
+
+def test_committed_records_keep_their_config_ids():
+    """Every configuration in the committed records (docs/measured), written before later fields existed, still
+    hashes to the id it was stored under: resuming and comparing old results depends on it (LATE_FIELDS)."""
+    import json
+    from pathlib import Path
+
+    seen = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "docs" / "measured").glob("*/records.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if isinstance(record.get("config"), dict):
+                got = RunConfig.from_dict(record["config"]).config_id
+                assert got == record["config_id"], f"{path.parent.name}: {record['config']}"
+                seen += 1
+    assert seen > 100

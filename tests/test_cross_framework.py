@@ -159,6 +159,8 @@ NORM_ARGS = {
     "renorm": ["--renorm-warmup", "4"],
     # noisy BN: the same draws in every framework (common.norms.draw_noise), and traced with them
     "batch-noise": ["--norm-noise", "--trace-every", "7"],
+    # ghost batches (docs/data-parallel.md): BN's statistics per 8-image slice of the 32-image batch
+    "batch-ghost": ["--ghost-batch", "8"],
 }
 
 
@@ -185,7 +187,7 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
             "--device",
             "cpu",
             "--norm",
-            norm.removesuffix("-noise"),
+            norm.split("-")[0],
             *NORM_ARGS[norm],
             "--data-dir",
             str(data),
@@ -212,7 +214,8 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
             got, losses["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, --norm {norm}: per-step losses"
         )
     for r in epochs:  # only batch and renorm keep running statistics, so only they differ between the modes
-        assert (r["probe_logit_mad"] > 0) == (norm in ("renorm", "batch-noise")), (r["framework"], r["probe_logit_mad"])
+        running = norm in ("renorm", "batch-noise", "batch-ghost")
+        assert (r["probe_logit_mad"] > 0) == running, (r["framework"], r["probe_logit_mad"])
     if norm == "batch-noise":
         traces = {r["framework"]: _flat(r["trace"]) for r in epochs}
         assert len(epochs[0]["trace"]) == 3  # steps 0, 7, 14 of 16

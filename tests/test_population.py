@@ -8,10 +8,9 @@ from common import population
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import ConfigError, DataError
-from common.loop import run as run_loop
 from common.reference import lenet_forward
 from tests.conventions import EVAL_DRAWS_DROPOUT
-from tests.helpers import make_idx_dir, random_bn_params
+from tests.helpers import epochs_of, make_idx_dir, random_bn_params, tiny_config
 
 
 # The spec, framework-free ---------------------------------------------------------------------------
@@ -134,21 +133,7 @@ def tiny(tmp_path):
 
 
 def _run(fw, dataset, dropout=0.3, **kw):
-    config = RunConfig(
-        model=ModelSpec(dropout=dropout),
-        epochs=2,
-        batch_size=32,
-        lr=0.5,
-        dtype="float64",
-        device="cpu",
-        probe_size=16,
-        trace_steps=6,
-        eval_batch_size=48,
-        **kw,
-    )
-    got = []
-    run_loop(fw.BACKEND, config, dataset, lambda record, arrays=None: got.append((record, arrays)))
-    return [(r, a) for r, a in got if r["kind"] == "epoch"]
+    return epochs_of(fw.BACKEND, tiny_config(model=ModelSpec(dropout=dropout), eval_batch_size=48, **kw), dataset)
 
 
 TRAINING = (

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from common import norms, trace
-from common.config import ModelSpec, RunConfig
+from common.config import LATE_FIELDS, ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import ConfigError
 from common.init import init_params, is_trainable, parameter_shapes
-from common.loop import run as run_loop
-from tests.helpers import make_idx_dir, random_bn_params
+from tests.helpers import epochs_of, make_idx_dir, random_bn_params, tiny_config
 
 
 # hand-worked, framework-free ---------------------------------------------------------------------------
@@ -109,10 +108,10 @@ def test_trace_every_is_checked_and_leaves_earlier_ids_alone():
     import hashlib
     import json
 
-    before = {k: v for k, v in off.to_dict().items() if k != "trace_every"}
-    before["model"] = {
-        k: v for k, v in before["model"].items() if k not in ("norm_noise", "noise_scale", "noise_shift")
-    }
+    late = {name.removeprefix("model.") for name in LATE_FIELDS}  # this field and those added after it
+    before = {k: v for k, v in off.to_dict().items() if k not in late}
+    before["model"] = {k: v for k, v in before["model"].items() if k not in late}
+    assert {"trace_every", "norm_noise"} <= late
     assert off.config_id == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     assert RunConfig(model=ModelSpec(norm_noise=True)).config_id != off.config_id
 
@@ -226,22 +225,8 @@ def tiny(tmp_path):
 
 
 def _run(fw, dataset, model=None, **kw):
-    config = RunConfig(
-        model=model or ModelSpec(dropout=0.3),
-        epochs=2,
-        batch_size=32,
-        lr=0.5,
-        dtype="float64",
-        device="cpu",
-        probe_size=16,
-        trace_steps=6,
-        eval_batch_size=48,
-        population_size=0,
-        **kw,
-    )
-    got = []
-    run_loop(fw.BACKEND, config, dataset, lambda record, arrays=None: got.append((record, arrays)))
-    return [(r, a) for r, a in got if r["kind"] == "epoch"]
+    config = tiny_config(model=model or ModelSpec(dropout=0.3), eval_batch_size=48, population_size=0, **kw)
+    return epochs_of(fw.BACKEND, config, dataset)
 
 
 def test_a_traced_run_trains_bit_for_bit_as_an_untraced_one(fw, framework, tiny):

@@ -82,7 +82,16 @@ DIVERGENCE_COLUMNS = [
     "final_probe_disagreement",
     "final_probe_logit_mad",
 ]
-CONVENTION_COLUMNS = ["framework", "variant", "norm", "version", "bn_decay", "bn_epsilon"]
+CONVENTION_COLUMNS = [
+    "framework",
+    "variant",
+    "norm",
+    "data_parallel",
+    "replica_statistics",
+    "version",
+    "bn_decay",
+    "bn_epsilon",
+]
 UNFINISHED_COLUMNS = ["framework", "variant", "seed", "status", "epochs_done", "epochs", "detail"]
 
 
@@ -443,7 +452,9 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
     parts += [
         "## Normalisation conventions in effect\n",
         "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
-        "(builtin-defaults shows each framework's own; no decay: no running statistics).\n",
+        "(builtin-defaults shows each framework's own; no decay: no running statistics); under --replicas or "
+        "--ghost-batch, how the batch statistics were split and which running statistics eval mode used "
+        "(docs/data-parallel.md).\n",
         markdown_table(s, CONVENTION_COLUMNS),
     ]
     if not t["errors"].empty:

@@ -252,10 +252,14 @@ def config_labels(config: dict) -> dict:
     """The normalisation (none for the variant without one), the activation and the precision of a run, from
     its configuration (records from before --norm and --precision ran BN, in their dtype)."""
     mixed, model = config.get("mixed", "off"), config.get("model", {})
+    replicas, ghost = config.get("replicas", 1), model.get("ghost_batch", 0)
     return {
         "norm": "none" if model.get("variant") == "none" else model.get("norm", "batch"),
         "activation": model.get("activation", "sigmoid"),
         "precision": config.get("dtype") if mixed == "off" else f"mixed-{mixed}",
+        # how the batch statistics are split (docs/data-parallel.md); absent for the one-process whole batch
+        **({"data_parallel": f"{replicas} replicas, {config.get('bn_sync', 'local')} sync"} if replicas > 1 else {}),
+        **({"data_parallel": f"ghost batches of {ghost}"} if ghost else {}),
     }
 
 
@@ -465,6 +469,14 @@ def _summary(epochs, runs, drift, by=()) -> pd.DataFrame:
                 bn_decay=info.backend_bn_decay.iloc[0],
                 bn_epsilon=info.backend_bn_epsilon.iloc[0],
                 norm=info.norm.iloc[0] if "norm" in info else "batch",
+                **{
+                    key: info[column].iloc[0]
+                    for key, column in (
+                        ("data_parallel", "data_parallel"),
+                        ("replica_statistics", "backend_replica_statistics"),
+                    )
+                    if column in info and info[column].notna().any()
+                },
                 activation=info.activation.iloc[0] if "activation" in info else "sigmoid",
             )
         if "precision" not in row and "precision" in group and group.precision.notna().any():

@@ -86,7 +86,7 @@ class JaxBackend(Backend):
             # a normalisation without a fitting Flax module fails here
             make_norm(norm_after(config.model, config.model.bn_positions[0]), config.precision)
         # mixed precision: Flax's own way, modules computing in bfloat16 with float32 parameters
-        self.model = BNLeNet(config.model, config.precision)
+        self.model = BNLeNet(config.layer_spec, config.precision)
         self.paths = variable_paths(config.model)
         # XLA is JAX's only compiler: --execution xla is the jitted step too
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla")) != "eager"

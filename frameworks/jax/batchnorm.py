@@ -66,6 +66,22 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     return (y * gamma + beta).astype(out_dtype), new_mean, new_var
 
 
+def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwargs):
+    """batch_norm in training mode with statistics per contiguous slice of `ghost` examples (ghost batches,
+    common.norms): the slices become channels, (N, ..., C) -> (G, ..., S * C), gamma, beta and the running
+    statistics are tiled S times, and the new running statistics are averaged back over the slices."""
+    n, c, rest = x.shape[0], x.shape[-1], x.shape[1:-1]
+    if n % ghost:
+        raise ValueError(f"ghost batches of {ghost} do not divide the batch of {n} (input shape {tuple(x.shape)})")
+    s = n // ghost
+    folded = jnp.moveaxis(x.reshape((s, ghost, *rest, c)), 0, -2).reshape((ghost, *rest, s * c))
+    y, mean, var = batch_norm(
+        folded, *(jnp.tile(v, s) for v in (gamma, beta, running_mean, running_var)), training=True, **kwargs
+    )
+    y = jnp.moveaxis(y.reshape((ghost, *rest, s, c)), -2, 0).reshape(x.shape)
+    return y, mean.reshape(s, c).mean(axis=0), var.reshape(s, c).mean(axis=0)
+
+
 def in_float32(x):
     """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
     return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
@@ -93,6 +109,7 @@ class BatchNorm(nn.Module):
     decay: float = 0.9
     epsilon: float = 1e-5
     dtype: str = "float32"
+    ghost: int = 0  # ghost batches (common.norms): training-mode statistics per slice of this many examples
 
     @nn.compact
     def __call__(self, x, *, training):
@@ -101,17 +118,12 @@ class BatchNorm(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, shape, self.dtype)
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, shape, self.dtype)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
-        y, new_mean, new_var = batch_norm(
-            x,
-            gamma,
-            beta,
-            running_mean.value,
-            running_var.value,
-            training=training,
-            decay=self.decay,
-            epsilon=self.epsilon,
-            renorm=self.limits(training),
-        )
+        state = (x, gamma, beta, running_mean.value, running_var.value)
+        constants = dict(decay=self.decay, epsilon=self.epsilon)
+        if training and self.ghost and x.shape[0] != self.ghost:
+            y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
+        else:
+            y, new_mean, new_var = batch_norm(*state, training=training, renorm=self.limits(training), **constants)
         if training and not self.is_initializing():
             running_mean.value, running_var.value = new_mean, new_var
         return y

@@ -64,7 +64,7 @@ def builtin(module, **options):
 # our layers keep their parameters in param_dtype and compute in it (common.precision)
 CONSTRUCTORS = {
     "batch": lambda layer, dtype, param_dtype, name: BatchNorm(
-        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, ghost=layer.ghost
     ),
     "renorm": lambda layer, dtype, param_dtype, name: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.renorm_kwargs()

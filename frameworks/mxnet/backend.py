@@ -58,7 +58,7 @@ class MXNetBackend(Backend):
         self.spec = config.model
         mx.random.seed(config.seed)  # dropout masks only; weights come from common
         check_dtype(config.model, config.precision)
-        self.net = BNLeNet(config.model)
+        self.net = BNLeNet(config.layer_spec)
         self.net.initialize(ctx=self.ctx)
         self.net.cast(self.dtype)
         self.hybridized = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"

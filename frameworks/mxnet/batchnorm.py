@@ -78,6 +78,38 @@ def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, eps
     return F.reshape_like(y, x), new_mean, new_var
 
 
+def ghost_batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, ghost, num_dims, channels, **kwargs):
+    """batch_norm with training-mode statistics per contiguous slice of `ghost` examples (ghost batches,
+    common.norms): the slices become channels, (N, C, ...) -> (G, S * C, ...), gamma, beta and the running
+    statistics are tiled S times and the new running statistics averaged back over the slices. A graph cannot
+    branch on `mode`, so the running-statistics forward is computed beside it and `where` picks one."""
+    spatial = (-2,) if num_dims == 4 else ()
+    axes = (1, 0, 2, 3, 4) if num_dims == 4 else (1, 0, 2)
+    sliced = F.reshape(x, shape=(-4, -1, ghost, -2))  # (S, G, C, ...)
+    folded = F.reshape(F.transpose(sliced, axes=axes), shape=(0, -3, *spatial))  # (G, S * C, ...)
+    per_slice = sliced
+    for axis in range(num_dims, 0, -1):  # (S, C): the shape to tile the per-channel arrays to
+        per_slice = F.slice_axis(per_slice, axis=axis, begin=0, end=1) if axis != 2 else per_slice
+    per_slice = F.reshape(per_slice, shape=(0, -1))
+
+    def tile(v):
+        return F.reshape(F.broadcast_like(F.reshape(v, shape=(1, -1)), per_slice), shape=(-1,))
+
+    one = F.ones_like(mode)
+    y, new_mean, new_var = batch_norm(
+        F, folded, *(tile(v) for v in (gamma, beta, running_mean, running_var)), one, **kwargs
+    )
+    y = F.reshape(F.transpose(F.reshape(y, shape=(0, -4, -1, channels, *spatial)), axes=axes), shape=(-3, -2))
+    y_eval, _, _ = batch_norm(F, x, gamma, beta, running_mean, running_var, mode, **kwargs)
+    train = F.broadcast_like(F.reshape(mode, shape=(1,) * num_dims), x)
+    use_batch = F.broadcast_like(mode, running_mean)
+    return (
+        F.where(train, y, y_eval),
+        F.where(use_batch, F.mean(F.reshape(new_mean, shape=(-1, channels)), axis=0), running_mean),
+        F.where(use_batch, F.mean(F.reshape(new_var, shape=(-1, channels)), axis=0), running_var),
+    )
+
+
 def group_norm(F, x, gamma, beta, *, groups, num_dims, epsilon):
     """Per example, over each of `groups` groups of consecutive channels (with H x W for 4-D input)."""
     g = F.reshape(x, shape=(0, groups, -1))
@@ -111,11 +143,12 @@ class BatchNorm(HybridBlock):
 
     state = ("running_mean", "running_var")  # what a training forward returns after y, for store()
 
-    def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, **kwargs):
+    def __init__(self, num_features, num_dims, *, decay=0.9, epsilon=1e-5, ghost=0, **kwargs):
         super().__init__(**kwargs)
         if num_dims not in (2, 4):
             raise ValueError(f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input, got num_dims={num_dims}")
         self.num_features, self.num_dims, self.decay, self.epsilon = num_features, num_dims, decay, epsilon
+        self.ghost = ghost  # ghost batches (common.norms): training-mode statistics per slice of this many examples
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
             self.beta = self.params.get("beta", shape=(num_features,), init=mx.init.Zero())
@@ -133,6 +166,8 @@ class BatchNorm(HybridBlock):
                     f"batch_norm expects 2-D (N, C) or 4-D (N, C, H, W) input matching num_dims="
                     f"{self.num_dims}, got shape {x.shape}; flatten or reshape before the BN layer"
                 )
+            if self.ghost and x.shape[0] % self.ghost:
+                raise ValueError(f"ghost batches of {self.ghost} do not divide the batch of {x.shape[0]}")
             if x.size // x.shape[1] < 2 and mode.asscalar() == 1:  # only synchronises in this corner
                 raise ValueError(
                     f"training-mode batch_norm needs more than one value per channel, got input "
@@ -141,7 +176,13 @@ class BatchNorm(HybridBlock):
         return super().forward(x, mode)
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var):
-        return batch_norm(F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay, epsilon=self.epsilon)
+        state = (F, x, gamma, beta, running_mean, running_var, mode)
+        constants = dict(decay=self.decay, epsilon=self.epsilon)
+        if self.ghost:
+            return ghost_batch_norm(
+                *state, ghost=self.ghost, num_dims=self.num_dims, channels=self.num_features, **constants
+            )
+        return batch_norm(*state, **constants)
 
     def store(self, *new_state):
         """Write the state (self.state) a training forward returned (asynchronous, no sync)."""

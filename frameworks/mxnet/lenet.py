@@ -40,7 +40,9 @@ def builtin_layer(layer):
 
 
 CONSTRUCTORS = {
-    "batch": lambda layer: BatchNorm(layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon),
+    "batch": lambda layer: BatchNorm(
+        layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost
+    ),
     "renorm": lambda layer: BatchRenorm(
         layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
     ),

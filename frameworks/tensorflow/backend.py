@@ -60,7 +60,7 @@ class TensorFlowBackend(Backend):
         size = config.model.input_size
         with tf.device(self.device):
             # mixed precision: Keras' own mechanism, the mixed_bfloat16 dtype policy on every layer
-            self.model = BNLeNet(config.model, config.precision)
+            self.model = BNLeNet(config.layer_spec, config.precision)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)

@@ -62,6 +62,24 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     return tf.cast(y * gamma + beta, out_dtype), new_mean, new_var
 
 
+def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwargs):
+    """batch_norm in training mode with statistics per contiguous slice of `ghost` examples (ghost batches,
+    common.norms): the slices become channels, (N, ..., C) -> (G, ..., S * C), gamma, beta and the running
+    statistics are tiled S times, and the new running statistics are averaged back over the slices."""
+    n, c, rest = x.shape[0], x.shape[-1], list(x.shape[1:-1])
+    if n is not None and n % ghost:
+        raise ValueError(f"ghost batches of {ghost} do not divide the batch of {n} (input shape {tuple(x.shape)})")
+    s = tf.shape(x)[0] // ghost  # the batch may be unknown while a tf.function traces
+    order = [1, *range(2, len(rest) + 2), 0, len(rest) + 2]  # (S, G, ..., C) -> (G, ..., S, C)
+    folded = tf.reshape(tf.transpose(tf.reshape(x, [s, ghost, *rest, c]), order), [ghost, *rest, s * c])
+    y, mean, var = batch_norm(
+        folded, *(tf.tile(v, [s]) for v in (gamma, beta, running_mean, running_var)), training=True, **kwargs
+    )
+    back = [len(rest) + 1, 0, *range(1, len(rest) + 1), len(rest) + 2]  # (G, ..., S, C) -> (S, G, ..., C)
+    y = tf.reshape(tf.transpose(tf.reshape(y, [ghost, *rest, s, c]), back), tf.shape(x))
+    return y, tf.reduce_mean(tf.reshape(mean, [s, c]), axis=0), tf.reduce_mean(tf.reshape(var, [s, c]), axis=0)
+
+
 def in_float32(x):
     """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
     return tf.cast(x, tf.float32) if x.dtype in (tf.bfloat16, tf.float16) else x
@@ -87,9 +105,9 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
 class BatchNorm(keras.layers.Layer):
     """gamma, beta (trainable) and running_mean, running_var (non-trainable weights)."""
 
-    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, **kwargs):
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, **kwargs):
         super().__init__(**kwargs)
-        self.num_features, self.decay, self.epsilon = num_features, decay, epsilon
+        self.num_features, self.decay, self.epsilon, self.ghost = num_features, decay, epsilon, ghost
 
     def build(self, input_shape):
         shape = (self.num_features,)
@@ -107,17 +125,12 @@ class BatchNorm(keras.layers.Layer):
         return None
 
     def call(self, x, training=False):
-        y, new_mean, new_var = batch_norm(
-            x,
-            self.gamma,
-            self.beta,
-            self.running_mean,
-            self.running_var,
-            training=bool(training),
-            decay=self.decay,
-            epsilon=self.epsilon,
-            renorm=self.limits(),
-        )
+        state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
+        constants = dict(decay=self.decay, epsilon=self.epsilon)
+        if training and self.ghost and x.shape[0] != self.ghost:
+            y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
+        else:
+            y, new_mean, new_var = batch_norm(*state, training=bool(training), renorm=self.limits(), **constants)
         if training:
             self.running_mean.assign(new_mean)
             self.running_var.assign(new_var)

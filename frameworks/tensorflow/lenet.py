@@ -44,7 +44,9 @@ def builtin_group(layer, **kw):
 
 
 CONSTRUCTORS = {
-    "batch": lambda layer, **kw: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon, **kw),
+    "batch": lambda layer, **kw: BatchNorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost, **kw
+    ),
     "renorm": lambda layer, **kw: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs(), **kw
     ),

@@ -24,6 +24,7 @@ from common.interface import Backend, resolve_execution
 from common.norms import norm_after
 
 from .lenet import BNLeNet, canonical_to_torch, make_norm
+from .replicas import STEP, Group, refuse_unless_cpu
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -62,8 +63,11 @@ def resolve_device(requested):
 
 class TorchBackend(Backend):
     name = "torch"
+    data_parallel = True  # --replicas: frameworks/torch/replicas.py
 
-    def __init__(self, config):
+    def __init__(self, config, rank=0, port=None):
+        """rank, port: a follower replica of a data-parallel run (frameworks/torch/replicas.py) and where replica 0
+        listens; the loop builds replica 0."""
         super().__init__(config)
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
@@ -73,15 +77,45 @@ class TorchBackend(Backend):
             # the same seed must repeat exactly on a GPU too: no non-deterministic cuDNN algorithms
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        self.model = BNLeNet(config.model).to(device=self.device, dtype=self.dtype)
+        self.model = BNLeNet(config.layer_spec).to(device=self.device, dtype=self.dtype)
         self.compiled = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
         if self.compiled and self.device.type == "cpu":
             check_compiler()
         # what train_step calls: the compiled module shares self.model's parameters and buffers
         self.train_forward = torch.compile(self.model) if self.compiled else self.model
         self.spec = config.model
+        self.group = self._data_parallel(config, rank, port) if config.replicas > 1 else None
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
+
+    def _data_parallel(self, config, rank, port):
+        """Join (replica 0: start) the K replicas and wrap the model in DDP, whose forward train_step then calls."""
+        refuse_unless_cpu(self.device)
+        if self.compiled:
+            raise BackendUnavailable("--replicas runs eager only so far: use --execution eager (or default)")
+        builtin = config.model.variant.startswith("builtin") and config.model.has_norm
+        if builtin and config.bn_sync == "global":
+            raise BackendUnavailable(
+                "--bn-sync global with PyTorch's built-in layer would be nn.SyncBatchNorm, which synchronises in "
+                "every train-mode forward, the one-process probes included; not supported yet: use --variants "
+                "scratch (the project's BN synchronises through the same torch.distributed all_reduce)"
+            )
+        if rank == 0:
+            torch.set_num_threads(max(1, torch.get_num_threads() // config.replicas))
+        group = Group(config, rank, port)
+        # scratch layers keep their running statistics equal on every replica themselves; the built-in layer
+        # under local sync gets DDP's default, replica 0's buffers broadcast before every forward
+        self.train_forward = torch.nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=builtin)
+        return group
+
+    def replica_statistics(self):
+        builtin = self.spec.variant.startswith("builtin")
+        return "replica 0's (DDP broadcasts its buffers)" if builtin else "the replicas' mean"
+
+    def close(self):
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -107,6 +141,12 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, buffer in self.model.named_buffers():
                 buffer.copy_(saved[name])
+        self._changed("state")
+
+    def _changed(self, what):
+        """Replica 0 of a data-parallel run: the followers need `what` again before the next step."""
+        if self.group is not None:
+            self.group.stale.add(what)
 
     @torch.no_grad()
     def train_mode_forward(self, images, capture):
@@ -166,6 +206,10 @@ class TorchBackend(Backend):
     def device_noise(self, noise):
         return {n: tuple(torch.as_tensor(a).to(self.device, self.dtype) for a in pair) for n, pair in noise.items()}
 
+    def put_noise(self, noise):
+        super().put_noise(noise)
+        self._changed("noise")
+
     def _mode(self, training):
         if self._training is not training:
             self.model.train(training)
@@ -178,6 +222,7 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, value in params.items():
                 state[canonical_to_torch(name, self.spec)].copy_(torch.as_tensor(np.asarray(value)))
+        self._changed("state")
 
     def get_params(self):
         state = self.model.state_dict()
@@ -192,6 +237,7 @@ class TorchBackend(Backend):
 
     def load(self, path):
         self.model.load_state_dict(torch.load(path, map_location=self.device))
+        self._changed("state")
 
     # data ---------------------------------------------------------------------
     def put(self, images, labels):
@@ -207,16 +253,36 @@ class TorchBackend(Backend):
     def train_step(self, data, order, step):
         self._mode(True)
         index = order[step]
+        if self.group is not None:  # data parallel: this replica's slice (replica 0 first commands the step)
+            if self.group.rank == 0:
+                self.group.check_alive()
+                self.group.before_step(self, data, order)
+                self.group.command(STEP, step)
+            index = self.group.slice(index)
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)
         noise = self.noise and {n: (s[step], m[step]) for n, (s, m) in self.noise.items()}
-        logits = self._forward(self.train_forward, x, noise)
-        loss = F.cross_entropy(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._synchronised(True)
+        try:
+            logits = self._forward(self.train_forward, x, noise)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP: the gradients averaged over the replicas
+        finally:
+            self._synchronised(False)
         self.optimizer.step()
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == y).sum().to(loss.dtype)
-            return torch.stack([loss.detach() * len(index), correct])
+            stats = torch.stack([loss.detach() * len(index), correct])
+            if self.group is not None:  # the whole batch's [loss_sum, correct] on every replica
+                torch.distributed.all_reduce(stats)
+            return stats
+
+    def _synchronised(self, on):
+        """Data parallel: the scratch BN layers see the other replicas (replicas.Replicas) during a step only."""
+        if self.group is not None:
+            for module in self.model.norm_modules().values():
+                if hasattr(module, "replicas"):
+                    module.replicas = self.group.replicas if on else None
 
     def reduce_stats(self, stats):
         return torch.stack(stats).sum(dim=0).double().cpu().numpy()

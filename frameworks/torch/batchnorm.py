@@ -57,6 +57,46 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     return (gamma.view(shape) * y + beta.view(shape)).to(out_dtype), new_mean, new_var
 
 
+def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwargs):
+    """batch_norm in training mode with statistics per contiguous slice of `ghost` examples (ghost batches,
+    common.norms): the slices become channels, (N, C, ...) -> (G, S * C, ...), gamma, beta and the running
+    statistics are tiled S times, and the new running statistics are averaged back over the slices."""
+    n, c, rest = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    if n % ghost:
+        raise ValueError(f"ghost batches of {ghost} do not divide the batch of {n} (input shape {tuple(x.shape)})")
+    s = n // ghost
+    folded = x.reshape(s, ghost, c, *rest).transpose(0, 1).reshape(ghost, s * c, *rest)
+    y, mean, var = batch_norm(
+        folded, gamma.repeat(s), beta.repeat(s), running_mean.repeat(s), running_var.repeat(s), training=True, **kwargs
+    )
+    y = y.reshape(ghost, s, c, *rest).transpose(0, 1).reshape(x.shape)
+    return y, mean.view(s, c).mean(dim=0), var.view(s, c).mean(dim=0)
+
+
+def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, replicas, decay, epsilon):
+    """batch_norm's training mode inside a data-parallel step (frameworks/torch/replicas.py; x is this replica's
+    slice). replicas.mean averages a tensor over the replicas through torch.distributed, differentiably.
+    Global sync (replicas.pooled): the whole batch's mean and biased variance, two passes (the replicas' mean of
+    their slice means, then of their slices' mean squared deviations from it: the slices are equal, so these are
+    the global batch's; averaging the replicas' variances instead would drop the spread of their means). Local
+    sync: the slice's own. Either way the running statistics blend the replicas' mean of the statistics used, so
+    they are the same on every replica (local: the mean of S ghost batches' statistics, common.norms)."""
+    out_dtype, x = x.dtype, in_float32(x)
+    axes = (0,) if x.dim() == 2 else (0, 2, 3)
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    if replicas.pooled:
+        mean = replicas.mean(x.mean(dim=axes))
+        var = replicas.mean(torch.square(x - mean.view(shape)).mean(dim=axes))
+        used_mean, used_var = mean.detach(), var.detach()
+    else:
+        var, mean = torch.var_mean(x, dim=axes, correction=0)
+        used_mean, used_var = replicas.mean(torch.stack([mean.detach(), var.detach()]), differentiable=False)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + epsilon)
+    new_mean = decay * running_mean + (1.0 - decay) * used_mean
+    new_var = decay * running_var + (1.0 - decay) * used_var
+    return (gamma.view(shape) * y + beta.view(shape)).to(out_dtype), new_mean, new_var
+
+
 def in_float32(x):
     """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
@@ -81,9 +121,10 @@ class BatchNorm(nn.Module):
     """Holds gamma, beta (parameters) and the running statistics (buffers, so they are
     saved in state_dict and moved by .to())."""
 
-    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5):
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0):
         super().__init__()
-        self.num_features, self.decay, self.epsilon = num_features, decay, epsilon
+        self.num_features, self.decay, self.epsilon, self.ghost = num_features, decay, epsilon, ghost
+        self.replicas = None  # frameworks/torch/replicas.Replicas while a data-parallel step runs
         self.gamma = nn.Parameter(torch.ones(num_features))
         self.beta = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -94,17 +135,14 @@ class BatchNorm(nn.Module):
         return None
 
     def forward(self, x):
-        y, new_mean, new_var = batch_norm(
-            x,
-            self.gamma,
-            self.beta,
-            self.running_mean,
-            self.running_var,
-            training=self.training,
-            decay=self.decay,
-            epsilon=self.epsilon,
-            renorm=self.limits(),
-        )
+        state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
+        constants = dict(decay=self.decay, epsilon=self.epsilon)
+        if self.training and self.replicas is not None:
+            y, new_mean, new_var = synced_batch_norm(*state, replicas=self.replicas, **constants)
+        elif self.training and self.ghost and x.shape[0] != self.ghost:
+            y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
+        else:
+            y, new_mean, new_var = batch_norm(*state, training=self.training, renorm=self.limits(), **constants)
         if self.training:
             with torch.no_grad():
                 self.running_mean.copy_(new_mean)
@@ -116,7 +154,8 @@ class BatchNorm(nn.Module):
         pass
 
     def extra_repr(self):
-        return f"{self.num_features}, decay={self.decay}, epsilon={self.epsilon}"
+        ghost = f", ghost={self.ghost}" if self.ghost else ""
+        return f"{self.num_features}, decay={self.decay}, epsilon={self.epsilon}{ghost}"
 
 
 class BatchRenorm(BatchNorm):

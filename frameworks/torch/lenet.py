@@ -41,7 +41,7 @@ def builtin_group(layer):
 
 
 CONSTRUCTORS = {
-    "batch": lambda layer: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon),
+    "batch": lambda layer: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost),
     "renorm": lambda layer: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
     ),

@@ -1,0 +1,201 @@
+"""Data-parallel BN (--replicas K, --bn-sync) and ghost batches (--ghost-batch G): docs/data-parallel.md.
+
+Every framework: the scratch layer's ghost batches against the float64 reference (forward, backward, running
+statistics), and --replicas refused with a clear error where the framework has no data-parallel path. PyTorch
+(torch.distributed over gloo, K processes on 127.0.0.1): global sync over K replicas takes the one-process
+batch-B run's steps, local sync the one-process --ghost-batch B/K run's, in float64; the built-in layer's
+running statistics under local sync are replica 0's (tests/conventions.py); a replica that dies mid-run ends
+the run with its error, quickly. Small runs: 2 replicas, a few steps.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.config import ModelSpec, RunConfig
+from common.data import batch_order, load_fashion_mnist
+from common.errors import BackendUnavailable, ConfigError
+from common.init import init_params
+from common.loop import run as run_loop
+from common.reference import conv2d, norm_backward, norm_forward
+from tests.conventions import REPLICA_RUNNING_STATS
+from tests.helpers import epochs_of, make_idx_dir, tiny_config
+
+EXAMPLES = settings(
+    max_examples=12, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+
+
+@EXAMPLES
+@given(
+    dims=st.sampled_from([2, 4]),
+    ghost=st.integers(2, 4),
+    slices=st.integers(1, 3),
+    channels=st.integers(1, 4),
+    dtype=st.sampled_from(["float64", "float32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ghost_batches_match_the_reference(harness, framework, dims, ghost, slices, channels, dtype, seed):
+    """Each G-image slice normalised with its own statistics; the running statistics blend the mean over the
+    slices of their means and variances; gradients through every slice."""
+    rng = np.random.RandomState(seed)
+    shape = (ghost * slices, channels) + ((2, 3) if dims == 4 else ())
+    spec = ModelSpec(ghost_batch=ghost)
+    x = (1.5 + rng.normal(0, 2, shape)).astype(dtype)
+    dy = rng.normal(0, 1, shape).astype(dtype)
+    state = {
+        "gamma": rng.uniform(0.5, 1.5, channels),
+        "beta": rng.normal(0, 0.5, channels),
+        "running_mean": rng.normal(0, 1, channels),
+        "running_var": rng.uniform(0.3, 3, channels),
+    }
+    state = {k: v.astype(dtype) for k, v in state.items()}
+    got = harness.run_norm(spec, x, state, dy, training=True, dtype=dtype)
+    y, new, cache, kind = norm_forward(spec, x, state, training=True)
+    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
+    tol = {"rtol": 0, "atol": 1e-12 if dtype == "float64" else 2e-4}
+    for name, want in (("y", y), ("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta)):
+        np.testing.assert_allclose(
+            got[name], want, err_msg=f"{framework} ghost {ghost}x{slices} {dtype}: {name}", **tol
+        )
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(got["state"][name], new[name], err_msg=f"{framework}: {name}", **tol)
+    if slices > 1:  # and the slices are not the batch: BN over the whole batch gives other outputs
+        whole, _, _, _ = norm_forward(ModelSpec(), x, state, training=True)
+        assert np.max(np.abs(whole - y)) > 1e-3
+
+
+def test_bad_data_parallel_options_are_clear_errors():
+    for kwargs, message in (
+        (dict(replicas=3), "--replicas 3 does not divide --batch-size 256"),
+        (dict(replicas=2, batch_size=2), "leaves 1 image per replica"),
+        (dict(replicas=0), "replicas must be an integer >= 1"),
+        (dict(replicas=2, bn_sync="global", model=ModelSpec(norm="layer")), "nothing to synchronise"),
+        (dict(replicas=2, model=ModelSpec(norm="renorm")), "--replicas with --norm renorm"),
+        (dict(replicas=2, model=ModelSpec(ghost_batch=64)), "--ghost-batch and --replicas together"),
+        (dict(model=ModelSpec(ghost_batch=48)), "--ghost-batch 48 does not divide --batch-size 256"),
+        (dict(batch_size=96, model=ModelSpec(ghost_batch=48)), "does not divide --probe-size 512"),
+        (dict(batch_size=96, replicas=2), "local sync's slice of 48 images does not divide --probe-size 512"),
+        (dict(bn_sync="all"), "unknown bn_sync 'all'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            RunConfig(**kwargs)
+    for kwargs, message in (
+        (dict(ghost_batch=1), "must be at least 2"),
+        (dict(ghost_batch=32, variant="builtin"), "needs --norm batch and --variants scratch"),
+        (dict(ghost_batch=32, norm="group"), "needs --norm batch"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            ModelSpec(**kwargs)
+    # what the layers are built from: local sync's one-process meaning, ghost batches of B/K
+    assert RunConfig(replicas=4).layer_spec.ghost_batch == 64
+    assert RunConfig(replicas=4, bn_sync="global").layer_spec.ghost_batch == 0
+    # the new options at their defaults leave every earlier configuration's id as it was
+    assert RunConfig(replicas=1, bn_sync="local", model=ModelSpec(ghost_batch=0)).config_id == RunConfig().config_id
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_idx_dir(tmp_path_factory.mktemp("idx"), 128, 64)
+    return load_fashion_mnist(path, verify=False, dtype="float64")
+
+
+def small(**changes):
+    return tiny_config(**{"probe_size": 32, "trace_steps": 4, "population_size": 64, "warmup_steps": 1, **changes})
+
+
+def run(fw, config, data, progress=None):
+    """(epoch records, their arrays) of one run through the loop, which completes."""
+    epochs = epochs_of(fw.BACKEND, config, data, progress)
+    assert len(epochs) == config.epochs
+    return epochs
+
+
+def assert_same_steps(got, want, what):
+    """Per-step losses and every canonical array (running statistics included) at each epoch's end, to 1e-10."""
+    for (r, arrays), (w, want_arrays) in zip(got, want, strict=True):
+        np.testing.assert_allclose(r["step_losses"], w["step_losses"], rtol=1e-10, atol=0, err_msg=what)
+        for name, value in want_arrays.items():
+            if name.startswith("param/"):
+                np.testing.assert_allclose(arrays[name], value, rtol=0, atol=1e-10, err_msg=f"{what}: {name}")
+
+
+def test_replicas_are_refused_clearly_where_the_framework_has_no_data_parallel_path(fw, framework):
+    if fw.BACKEND.data_parallel:
+        pytest.skip(f"{framework} trains data-parallel: the tests below run it")
+    with pytest.raises(BackendUnavailable, match="--replicas 2: data-parallel training runs in PyTorch so far"):
+        fw.BACKEND(small(replicas=2))
+
+
+def data_parallel(fw, framework):
+    if not fw.BACKEND.data_parallel:
+        pytest.skip(f"{framework} has no data-parallel path yet (the test above checks its refusal)")
+
+
+@pytest.mark.parametrize("sync", ["global", "local"])
+def test_replicas_take_the_one_process_steps(fw, framework, tiny, sync):
+    """Global sync over 2 replicas is the batch-B run; local sync the --ghost-batch B/2 run (float64, 1e-10):
+    per-step losses, parameters and running statistics. The ghost run differs from the batch-B run, so the
+    comparison can tell the two syncs apart."""
+    data_parallel(fw, framework)
+    one_process = {"global": small(), "local": small(model=ModelSpec(ghost_batch=16))}
+    want = run(fw, one_process[sync], tiny)
+    got = run(fw, small(replicas=2, bn_sync=sync), tiny)
+    assert_same_steps(got, want, f"{framework} --replicas 2 --bn-sync {sync}")
+    other = run(fw, one_process["local" if sync == "global" else "global"], tiny)
+    assert np.max(np.abs(np.subtract(other[0][0]["step_losses"], want[0][0]["step_losses"]))) > 1e-6
+
+
+def test_local_sync_running_statistics_follow_the_framework_convention(fw, framework, tiny):
+    """After one step from the initial weights, bn1's running statistics under local sync over 2 replicas: the
+    scratch layer blends the replicas' mean of their slices' mean and biased variance; the built-in layer keeps
+    what tests/conventions.py says (PyTorch: replica 0's slice's, DDP broadcasting its buffers)."""
+    data_parallel(fw, framework)
+    ntrain, batch = 32, 32
+    order = batch_order(0, 1, ntrain, batch)[0]
+    for variant in ("scratch", "builtin"):
+        spec = ModelSpec(variant=variant)
+        config = small(model=spec, replicas=2, epochs=1, train_limit=ntrain, population_size=0, warmup_steps=0)
+        params = init_params(spec, 0, "float64")
+        h = conv2d(tiny.train_images[order], params["conv1.weight"], params["conv1.bias"])
+        slices = [h[:16], h[16:]]
+        means = np.array([s.mean(axis=(0, 2, 3)) for s in slices])
+        biased = np.array([s.var(axis=(0, 2, 3)) for s in slices])
+        unbiased = np.array([s.var(axis=(0, 2, 3), ddof=1) for s in slices])
+        convention = REPLICA_RUNNING_STATS[framework][variant]
+        if convention == "replicas' mean":
+            want_mean, want_var = means.mean(axis=0), biased.mean(axis=0)
+        else:  # replica 0's, with the layer's own variance (PyTorch's built-in: unbiased)
+            want_mean, want_var = means[0], unbiased[0]
+        arrays = run(fw, config, tiny)[0][1]
+        np.testing.assert_allclose(arrays["param/bn1.running_mean"], 0.1 * want_mean, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(arrays["param/bn1.running_var"], 0.9 + 0.1 * want_var, rtol=0, atol=1e-12)
+
+
+def test_a_replica_that_dies_ends_the_run_with_its_error(fw, framework, tiny):
+    """Replica 1 killed after the third step: the run raises an error naming the replica within seconds (no
+    collective waits for it), and no replica process is left behind."""
+    data_parallel(fw, framework)
+    config = small(replicas=2, epochs=3)
+    backends, followers = [], []
+
+    class Watched(fw.BACKEND):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            backends.append(self)
+            followers.extend(self.group.processes)
+
+    def progress(epoch, step, steps):
+        if epoch == 1 and step == 3:
+            followers[0].kill()
+            followers[0].wait()
+
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="replica 1 of 2 exited \\(code -9\\)"):
+        run_loop(Watched, config, tiny, lambda record, arrays=None: None, progress)
+    assert time.monotonic() - began < 60
+    assert followers and all(process.poll() is not None for process in followers)
+    assert backends[0].group is None  # closed: the process group is gone, a next run can start its own
