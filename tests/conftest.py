@@ -31,9 +31,30 @@ def pytest_configure(config):
     name = config.getoption("--framework")
     if name and name not in FRAMEWORKS:
         raise pytest.UsageError(f"--framework {name!r} is unknown; choose from {', '.join(FRAMEWORKS)}")
+    prepare(name)
     config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
     config.addinivalue_line("markers", "ray: starts a Ray cluster (run with --ray; tox -e ray)")
     config.addinivalue_line("markers", "tracking: MLflow, embedded and a server (run with --tracking; tox -e tracking)")
+
+
+# the most data-parallel replicas a test starts (tests/test_data_parallel.py)
+TEST_REPLICAS = 2
+
+
+def prepare(name):
+    """Before any test runs the framework: the process-wide settings the worker makes before a framework starts
+    (the backend module's `prepare`: JAX's host device count), for the tests' largest data-parallel run. A
+    framework that does not import is left to the `fw` fixture, which fails its tests with the error."""
+    if not name:
+        return
+    from common.config import RunConfig
+
+    try:
+        module = load_backend_module(name)
+    except Exception:  # noqa: BLE001 - reported by the fw fixture, test by test
+        return
+    if hasattr(module, "prepare"):
+        module.prepare([RunConfig(replicas=TEST_REPLICAS)])
 
 
 def pytest_report_header(config):

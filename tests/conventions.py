@@ -156,8 +156,16 @@ MIXED_BUILTIN = {
     },
 }
 
+# The frameworks that train with --replicas K > 1 (the others refuse it); asserted against each backend's
+# data_parallel by tests/test_data_parallel.py
+DATA_PARALLEL = ("torch", "jax")
+
 # --replicas K --bn-sync local: which running statistics eval mode uses (asserted by
 # tests/test_data_parallel.py::test_local_sync_running_statistics_follow_the_framework_convention). The scratch
 # layer's are the project's spec; the built-in layer's are the framework's data-parallel default:
 # PyTorch's DDP broadcasts replica 0's buffers before every forward (broadcast_buffers / forward_sync_buffers).
-REPLICA_RUNNING_STATS = {"torch": {"scratch": "replicas' mean", "builtin": "replica 0's"}}
+# Flax's built-in layer without axis_name keeps one copy per device; the step's output is replica 0's.
+REPLICA_RUNNING_STATS = {
+    "torch": {"scratch": "replicas' mean", "builtin": "replica 0's"},
+    "jax": {"scratch": "replicas' mean", "builtin": "replica 0's"},
+}

@@ -14,6 +14,7 @@ import pytest
 
 from common.registry import FRAMEWORKS
 from compare.run import main as run_main
+from tests.conventions import DATA_PARALLEL
 from tests.helpers import make_idx_dir
 
 pytestmark = pytest.mark.cross
@@ -295,3 +296,57 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
         np.max(np.abs(got / losses[("torch", v, m)] - 1)) for (f, v, m), got in losses.items() if m != "off"
     )
     print(f"largest mixed-precision per-step loss gap from PyTorch: {mixed_gap:.2e}")
+
+
+def _step_losses(tmp_path, run_id, frameworks, *args):
+    data = make_idx_dir(tmp_path / "data", 256, 64)
+    code = run_main(
+        [
+            "--frameworks",
+            ",".join(frameworks),
+            "--variants",
+            "scratch",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--dtype",
+            "float64",
+            "--device",
+            "cpu",
+            *args,
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            run_id,
+            "--probe-size",
+            "32",
+            "--population-size",
+            "64",
+            "--trace-steps",
+            str(STEPS),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, "a framework failed: see the errors table of the run"
+    return {r["framework"]: np.array(r["step_losses"]) for r in _epochs(tmp_path / run_id)}
+
+
+@pytest.mark.parametrize("sync", ["global", "local"])
+def test_data_parallel_runs_agree_with_their_one_process_equivalent(tmp_path, sync):
+    """--replicas 2 through the real runner in the frameworks that train data-parallel (PyTorch's processes, JAX's
+    devices, set up by the worker), against the one-process equivalent in every framework: the batch-B run for
+    global sync, --ghost-batch B/2 for local; the same per-step losses to 1e-10 in float64."""
+    parallel = [f for f in FRAMEWORKS if f in DATA_PARALLEL]
+    got = _step_losses(tmp_path, "replicas", parallel, "--replicas", "2", "--bn-sync", sync)
+    want = _step_losses(tmp_path, "one", FRAMEWORKS, *(["--ghost-batch", "16"] if sync == "local" else []))
+    assert sorted(got) == sorted(parallel) and sorted(want) == sorted(FRAMEWORKS)
+    for framework, losses in {**got, **want}.items():
+        np.testing.assert_allclose(
+            losses, want["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs one-process torch, {sync} sync"
+        )

@@ -21,7 +21,7 @@ from common.errors import BackendUnavailable, ConfigError
 from common.init import init_params
 from common.loop import run as run_loop
 from common.reference import conv2d, norm_backward, norm_forward
-from tests.conventions import REPLICA_RUNNING_STATS
+from tests.conventions import BUILTIN, DATA_PARALLEL, REPLICA_RUNNING_STATS
 from tests.helpers import epochs_of, make_idx_dir, tiny_config
 
 EXAMPLES = settings(
@@ -124,9 +124,10 @@ def assert_same_steps(got, want, what):
 
 
 def test_replicas_are_refused_clearly_where_the_framework_has_no_data_parallel_path(fw, framework):
+    assert bool(fw.BACKEND.data_parallel) == (framework in DATA_PARALLEL)
     if fw.BACKEND.data_parallel:
         pytest.skip(f"{framework} trains data-parallel: the tests below run it")
-    with pytest.raises(BackendUnavailable, match="--replicas 2: data-parallel training runs in PyTorch so far"):
+    with pytest.raises(BackendUnavailable, match="--replicas 2: data-parallel training runs in PyTorch and JAX so"):
         fw.BACKEND(small(replicas=2))
 
 
@@ -169,7 +170,8 @@ def test_local_sync_running_statistics_follow_the_framework_convention(fw, frame
         if convention == "replicas' mean":
             want_mean, want_var = means.mean(axis=0), biased.mean(axis=0)
         else:  # replica 0's, with the layer's own variance (PyTorch's built-in: unbiased)
-            want_mean, want_var = means[0], unbiased[0]
+            own = unbiased if BUILTIN[framework]["running_var"] == "unbiased" else biased
+            want_mean, want_var = means[0], own[0]
         arrays = run(fw, config, tiny)[0][1]
         np.testing.assert_allclose(arrays["param/bn1.running_mean"], 0.1 * want_mean, rtol=0, atol=1e-12)
         np.testing.assert_allclose(arrays["param/bn1.running_var"], 0.9 + 0.1 * want_var, rtol=0, atol=1e-12)
@@ -179,6 +181,8 @@ def test_a_replica_that_dies_ends_the_run_with_its_error(fw, framework, tiny):
     """Replica 1 killed after the third step: the run raises an error naming the replica within seconds (no
     collective waits for it), and no replica process is left behind."""
     data_parallel(fw, framework)
+    if fw.BACKEND.data_parallel != "processes":
+        pytest.skip(f"{framework}'s replicas are devices of one process: none can die alone")
     config = small(replicas=2, epochs=3)
     backends, followers = [], []
 

@@ -180,6 +180,8 @@ def run_job(job: dict) -> int:
     configs = [RunConfig.from_dict(c) for c in job["configs"]]
     try:
         module = load_backend_module(framework)
+        if hasattr(module, "prepare"):  # process-wide settings that must precede the framework's start (JAX)
+            module.prepare(configs)
         info = framework_info(framework)
         send(
             records.make(

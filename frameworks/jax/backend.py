@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from common.errors import BackendUnavailable
 from common.init import NORM_NAMES, check_params, init_params, is_trainable, norm_features
@@ -62,6 +65,17 @@ def resolve_device(requested):
     return gpus[0] if requested in ("gpu", "auto") and gpus else jax.devices("cpu")[0]
 
 
+AXIS = "replicas"  # the mesh axis of a data-parallel run (--replicas K)
+
+
+def prepare(configs) -> None:
+    """Before this process's first JAX computation: as many host CPU devices as the job's largest --replicas
+    (JAX fixes the count when its backend starts; compare.execution.worker calls this once per worker)."""
+    most = max((c.replicas for c in configs), default=1)
+    if most > 1:
+        jax.config.update("jax_num_cpu_devices", most)
+
+
 def cross_entropy(logits, labels):
     """Per-example softmax cross-entropy with integer labels."""
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
@@ -75,6 +89,7 @@ def loss_and_correct(logits, labels):
 
 class JaxBackend(Backend):
     name = "jax"
+    data_parallel = "devices"  # --replicas K: shard_map over K host CPU devices (prepare)
 
     def __init__(self, config):
         super().__init__(config)
@@ -93,7 +108,16 @@ class JaxBackend(Backend):
         self.dropout_key = jax.random.key(config.seed)  # dropout masks only; weights come from common
         self.steps_done = 0  # folded into the dropout key: a new mask every step
         self.set_params(init_params(config.model, config.seed, config.dtype))
-        step = self.make_step()
+        step = self.make_step(self.model)
+        self.mesh = self._data_parallel(config) if config.replicas > 1 else None
+        if self.mesh is not None:
+            model = BNLeNet(config.layer_spec, config.precision, replicas=(AXIS, config.bn_sync == "global"))
+            body = self.make_step(model, axis=AXIS)
+            # check_vma off: each replica's gradient is its own contribution (the pooled statistics' psum sends
+            # every replica's part back to it), averaged explicitly, as DDP does
+            step = jax.shard_map(body, mesh=self.mesh, in_specs=P(), out_specs=P(), check_vma=False)
+            self.replicated = NamedSharding(self.mesh, P())
+            self._shared = {}  # slot -> (the single-device input, its copy on every replica)
         if self.compiled:
             # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
             self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
@@ -109,18 +133,45 @@ class JaxBackend(Backend):
                 self._gradient_impl,
             )
 
-    def make_step(self):
+    def _data_parallel(self, config):
+        """The mesh of K host CPU devices a data-parallel step runs over, or the reason it cannot run."""
+        if self.device.platform != "cpu":
+            raise BackendUnavailable("--replicas runs on the host CPU's devices here: use --device cpu")
+        if not self.compiled:
+            raise BackendUnavailable("--replicas runs the jitted step only: use --execution compiled (or default)")
+        if config.model.variant.startswith("builtin") and config.bn_sync == "global" and config.model.has_norm:
+            raise BackendUnavailable(
+                "--bn-sync global with Flax's built-in layer would be nn.BatchNorm(axis_name=...); not supported yet: "
+                "use --variants scratch (the project's BN synchronises through lax.pmean)"
+            )
+        devices = jax.devices("cpu")
+        if len(devices) < config.replicas:
+            raise BackendUnavailable(
+                f"--replicas {config.replicas} needs {config.replicas} host CPU devices and this process has "
+                f"{len(devices)}: JAX fixes the count when it starts. compare.run sets it for its workers; in your "
+                f"own process call jax.config.update('jax_num_cpu_devices', {config.replicas}) before any JAX work"
+            )
+        return Mesh(np.array(devices[: config.replicas]), (AXIS,))
+
+    def make_step(self, model, axis=None):
         """The whole training step as one pure function of (variables, images, labels, order, step, count, the
-        epoch's noisy-BN draws or None)."""
-        model, lr, mask = self.model, self.config.lr, self.trainable_mask()
+        epoch's noisy-BN draws or None). axis: inside shard_map over that mesh axis, this replica's contiguous
+        slice of the batch, the gradients averaged and [loss_sum, correct] summed over the replicas."""
+        lr, mask = self.config.lr, self.trainable_mask()
         dropout = self.spec.dropout > 0
         base_key = self.dropout_key
+        share = self.config.batch_size // self.config.replicas
 
         def step(variables, images, labels, order, index, count, noise):
             batch = order[index]
+            if axis is not None:
+                batch = lax.dynamic_slice_in_dim(batch, lax.axis_index(axis) * share, share)
             step_noise = None if noise is None else {n: (s[index], m[index]) for n, (s, m) in noise.items()}
             x, y = jnp.take(images, batch, axis=0), jnp.take(labels, batch, axis=0)
-            rngs = {"dropout": jax.random.fold_in(base_key, count)} if dropout else {}
+            key = jax.random.fold_in(base_key, count)
+            rngs = (
+                {"dropout": key if axis is None else jax.random.fold_in(key, lax.axis_index(axis))} if dropout else {}
+            )
             stats = variables.get("batch_stats", {})
 
             def loss_fn(params):
@@ -136,6 +187,9 @@ class JaxBackend(Backend):
                 return jnp.mean(losses), (updates.get("batch_stats", {}), jnp.sum(losses), correct)
 
             grads, (new_stats, loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+            if axis is not None:
+                grads = lax.pmean(grads, axis)
+                loss_sum, correct = lax.psum(loss_sum, axis), lax.psum(correct, axis)
             params = {
                 module: {
                     leaf: value - lr * grads[module][leaf] if mask[module][leaf] else value
@@ -267,9 +321,33 @@ class JaxBackend(Backend):
 
     # work ---------------------------------------------------------------------
     def train_step(self, data, order, step):
-        self.variables, stats = self._step(self.variables, data[0], data[1], order, step, self.steps_done, self.noise)
+        if self.mesh is None:
+            self.variables, stats = self._step(
+                self.variables, data[0], data[1], order, step, self.steps_done, self.noise
+            )
+        else:  # every input on every replica (the split once); the new variables back on the one device
+            images, labels, order, noise = (
+                self._on_replicas(slot, value)
+                for slot, value in zip(("images", "labels", "order", "noise"), (data[0], data[1], order, self.noise))
+            )
+            variables = jax.device_put(self.variables, self.replicated)
+            new, stats = self._step(variables, images, labels, order, step, self.steps_done, noise)
+            self.variables = jax.device_put(new, self.device)
         self.steps_done += 1
         return stats
+
+    def _on_replicas(self, slot, value):
+        """A copy of a single-device input on every replica, made again only when the input in `slot` changes."""
+        if value is None:
+            return None
+        held = self._shared.get(slot)
+        if held is None or held[0] is not value:
+            held = self._shared[slot] = (value, jax.device_put(value, self.replicated))
+        return held[1]
+
+    def replica_statistics(self):
+        builtin = self.spec.variant.startswith("builtin")
+        return "replica 0's (Flax keeps one copy per device)" if builtin else "the replicas' mean"
 
     def reduce_stats(self, stats):
         return np.asarray(jnp.sum(jnp.stack(stats), axis=0), dtype=np.float64)

@@ -82,6 +82,28 @@ def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwar
     return y, mean.reshape(s, c).mean(axis=0), var.reshape(s, c).mean(axis=0)
 
 
+def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, axis_name, pooled, decay, epsilon):
+    """batch_norm's training mode inside a data-parallel step (shard_map over `axis_name`; x is this replica's
+    slice). pooled (global sync): the whole batch's mean and biased variance, two passes (the replicas' mean of
+    their slice means, then of their slices' mean squared deviations from it: the slices are equal, so these are
+    the global batch's); else (local sync) the slice's own. Either way the running statistics blend the replicas'
+    mean of the statistics used, so every replica holds the same ones."""
+    out_dtype, x = x.dtype, in_float32(x)
+    axes = (0,) if x.ndim == 2 else (0, 1, 2)
+    if pooled:
+        mean = lax.pmean(jnp.mean(x, axis=axes), axis_name)
+        var = lax.pmean(jnp.mean(jnp.square(x - mean), axis=axes), axis_name)
+        used_mean, used_var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    else:
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - lax.stop_gradient(mean)), axis=axes)
+        used_mean, used_var = (lax.pmean(lax.stop_gradient(v), axis_name) for v in (mean, var))
+    y = (x - mean) * lax.rsqrt(var + epsilon)
+    new_mean = decay * running_mean + (1.0 - decay) * used_mean
+    new_var = decay * running_var + (1.0 - decay) * used_var
+    return (y * gamma + beta).astype(out_dtype), new_mean, new_var
+
+
 def in_float32(x):
     """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
     return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
@@ -110,6 +132,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: str = "float32"
     ghost: int = 0  # ghost batches (common.norms): training-mode statistics per slice of this many examples
+    replicas: tuple | None = None  # (axis name, pooled) inside a data-parallel step (backend.JaxBackend)
 
     @nn.compact
     def __call__(self, x, *, training):
@@ -120,7 +143,10 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
         state = (x, gamma, beta, running_mean.value, running_var.value)
         constants = dict(decay=self.decay, epsilon=self.epsilon)
-        if training and self.ghost and x.shape[0] != self.ghost:
+        if training and self.replicas is not None:
+            axis_name, pooled = self.replicas
+            y, new_mean, new_var = synced_batch_norm(*state, axis_name=axis_name, pooled=pooled, **constants)
+        elif training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:
             y, new_mean, new_var = batch_norm(*state, training=training, renorm=self.limits(training), **constants)

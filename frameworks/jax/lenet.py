@@ -63,8 +63,14 @@ def builtin(module, **options):
 
 # our layers keep their parameters in param_dtype and compute in it (common.precision)
 CONSTRUCTORS = {
-    "batch": lambda layer, dtype, param_dtype, name: BatchNorm(
-        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, ghost=layer.ghost
+    "batch": lambda layer, dtype, param_dtype, name, replicas=None: BatchNorm(
+        layer.features,
+        decay=layer.decay,
+        epsilon=layer.epsilon,
+        dtype=param_dtype,
+        name=name,
+        ghost=layer.ghost,
+        replicas=replicas,
     ),
     "renorm": lambda layer, dtype, param_dtype, name: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.renorm_kwargs()
@@ -85,10 +91,11 @@ CONSTRUCTORS = {
 }
 
 
-def make_norm(layer, precision="float32", name=None):
-    """Flax's module for a common.norms.NormLayer in a precision (flax_dtypes), named `name` in the model."""
+def make_norm(layer, precision="float32", name=None, **synced):
+    """Flax's module for a common.norms.NormLayer in a precision (flax_dtypes), named `name` in the model; synced:
+    replicas=(axis name, pooled) for the scratch BN layer inside a data-parallel step."""
     dtype, param_dtype = flax_dtypes(precision)
-    return build(layer, CONSTRUCTORS, "Flax", FLAX_NORMS, dtype=dtype, param_dtype=param_dtype, name=name)
+    return build(layer, CONSTRUCTORS, "Flax", FLAX_NORMS, dtype=dtype, param_dtype=param_dtype, name=name, **synced)
 
 
 def mode_kwargs(layer, training):
@@ -102,6 +109,7 @@ def mode_kwargs(layer, training):
 class BNLeNet(nn.Module):
     spec: ModelSpec
     precision: str = "float32"  # common.precision: flax_dtypes gives the computation's and the parameters' dtype
+    replicas: tuple | None = None  # (axis name, pooled): the scratch BN layers inside a data-parallel step
 
     @nn.compact
     def __call__(self, x, *, training, bn_training=None, noise=None):
@@ -138,7 +146,9 @@ class BNLeNet(nn.Module):
             if not spec.norm_at(layer):
                 return activation(h)
             name = NORM_NAMES[layer]
-            bn = make_norm(norm_after(spec, layer), self.precision, name=name)
+            norm = norm_after(spec, layer)
+            synced = {"replicas": self.replicas} if self.replicas is not None and norm.kind == "batch" else {}
+            bn = make_norm(norm, self.precision, name=name, **synced)
             before = spec.bn_placement == "before_activation"
             if not before:
                 h = activation(h)

@@ -63,7 +63,7 @@ def resolve_device(requested):
 
 class TorchBackend(Backend):
     name = "torch"
-    data_parallel = True  # --replicas: frameworks/torch/replicas.py
+    data_parallel = "processes"  # --replicas: frameworks/torch/replicas.py
 
     def __init__(self, config, rank=0, port=None):
         """rank, port: a follower replica of a data-parallel run (frameworks/torch/replicas.py) and where replica 0
