@@ -153,6 +153,47 @@ def test_population_statistics_agree(run_dir, variant):
             )
 
 
+def scratch_epochs(tmp_path, run_id, frameworks, *args) -> list:
+    """The epoch records of one float64 run of the scratch variant (one epoch of 512 images, batch 32) through the
+    real runner, with `args` added; every framework must complete."""
+    data = make_idx_dir(tmp_path / "data", 512, 128)
+    code = run_main(
+        [
+            "--frameworks",
+            ",".join(frameworks),
+            "--variants",
+            "scratch",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--dtype",
+            "float64",
+            "--device",
+            "cpu",
+            *args,
+            "--data-dir",
+            str(data),
+            "--no-verify-data",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            run_id,
+            "--probe-size",
+            "32",
+            "--population-size",
+            "64",
+            "--trace-steps",
+            str(STEPS),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, "a framework failed: see the errors table of the run"
+    return _epochs(tmp_path / run_id)
+
+
 NORM_ARGS = {
     "layer": [],
     "group": ["--groups", "2"],
@@ -170,44 +211,7 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
     """Each scratch normalisation: same initial weights and batches in float64, the same per-step losses in
     every framework (renorm with a short warm-up, so r and d act within the traced steps; noisy BN with its
     traces, which agree too)."""
-    data = make_idx_dir(tmp_path / "data", 512, 128)
-    code = run_main(
-        [
-            "--frameworks",
-            ",".join(FRAMEWORKS),
-            "--variants",
-            "scratch",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--lr",
-            "0.5",
-            "--dtype",
-            "float64",
-            "--device",
-            "cpu",
-            "--norm",
-            norm.split("-")[0],
-            *NORM_ARGS[norm],
-            "--data-dir",
-            str(data),
-            "--no-verify-data",
-            "--out",
-            str(tmp_path),
-            "--run-id",
-            norm,
-            "--probe-size",
-            "32",
-            "--population-size",
-            "64",
-            "--trace-steps",
-            str(STEPS),
-            "--no-progress",
-        ]
-    )
-    assert code == 0, "a framework failed: see the errors table of the run"
-    epochs = _epochs(tmp_path / norm)
+    epochs = scratch_epochs(tmp_path, norm, FRAMEWORKS, "--norm", norm.split("-")[0], *NORM_ARGS[norm])
     losses = {r["framework"]: np.array(r["step_losses"]) for r in epochs}
     assert sorted(losses) == sorted(FRAMEWORKS)
     for framework, got in losses.items():
@@ -298,53 +302,19 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
     print(f"largest mixed-precision per-step loss gap from PyTorch: {mixed_gap:.2e}")
 
 
-def _step_losses(tmp_path, run_id, frameworks, *args):
-    data = make_idx_dir(tmp_path / "data", 256, 64)
-    code = run_main(
-        [
-            "--frameworks",
-            ",".join(frameworks),
-            "--variants",
-            "scratch",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--lr",
-            "0.5",
-            "--dtype",
-            "float64",
-            "--device",
-            "cpu",
-            *args,
-            "--data-dir",
-            str(data),
-            "--no-verify-data",
-            "--out",
-            str(tmp_path),
-            "--run-id",
-            run_id,
-            "--probe-size",
-            "32",
-            "--population-size",
-            "64",
-            "--trace-steps",
-            str(STEPS),
-            "--no-progress",
-        ]
-    )
-    assert code == 0, "a framework failed: see the errors table of the run"
-    return {r["framework"]: np.array(r["step_losses"]) for r in _epochs(tmp_path / run_id)}
-
-
 @pytest.mark.parametrize("sync", ["global", "local"])
 def test_data_parallel_runs_agree_with_their_one_process_equivalent(tmp_path, sync):
     """--replicas 2 through the real runner in the frameworks that train data-parallel (PyTorch's processes, JAX's
     devices, set up by the worker), against the one-process equivalent in every framework: the batch-B run for
     global sync, --ghost-batch B/2 for local; the same per-step losses to 1e-10 in float64."""
     parallel = [f for f in FRAMEWORKS if f in DATA_PARALLEL]
-    got = _step_losses(tmp_path, "replicas", parallel, "--replicas", "2", "--bn-sync", sync)
-    want = _step_losses(tmp_path, "one", FRAMEWORKS, *(["--ghost-batch", "16"] if sync == "local" else []))
+    got, want = (
+        {r["framework"]: np.array(r["step_losses"]) for r in scratch_epochs(tmp_path, *run)}
+        for run in (
+            ("replicas", parallel, "--replicas", "2", "--bn-sync", sync),
+            ("one", FRAMEWORKS, *(["--ghost-batch", "16"] if sync == "local" else [])),
+        )
+    )
     assert sorted(got) == sorted(parallel) and sorted(want) == sorted(FRAMEWORKS)
     for framework, losses in {**got, **want}.items():
         np.testing.assert_allclose(
