@@ -36,6 +36,7 @@ SHIPPED = [
     "population-stats",
     "precision",
     "renorm",
+    "replicas",
     "why-bn",
 ]
 
@@ -83,6 +84,9 @@ def test_shipped_studies_load_and_expand():
             assert study.exclude == ({"variant": "none", "norm_noise": True},)
             assert not any(c.model.variant == "none" and c.model.norm_noise for c in configs)
             cells -= 2
+        if name == "replicas":  # one process: the whole batch and ghost batches of 128, 64, 32; 2, 4, 8 x 2 syncs
+            assert not any(c.replicas > 1 and c.model.ghost_batch for c in configs)
+            cells = 4 + 3 * 2
         assert len(configs) == cells * len(study.seeds)
         assert len({c.config_id for c in configs}) == len(configs)  # every cell is a different run
         assert all(set(coords[c.config_id]) == set(study.axes) for c in configs)
