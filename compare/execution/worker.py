@@ -200,7 +200,7 @@ def run_job(job: dict) -> int:
             send(error_record(framework, config, exc, "failed"))
         return 1
     status = 0
-    datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
+    datasets = {}  # (dtype, input_size, image_size) -> Dataset, read once per worker
     final_only = job.get("snapshots", "all") == "final"  # a study keeps the last epoch's snapshot only
     for config in configs:
 
@@ -240,13 +240,14 @@ def run_job(job: dict) -> int:
             flush=True,
         )
         try:
-            key = (config.dtype, config.model.input_size)
+            key = (config.dtype, config.model.input_size, config.model.image_size)
             if key not in datasets:
                 datasets[key] = load_fashion_mnist(
                     job.get("data_dir"),
                     verify=job.get("verify", True),
                     dtype=config.dtype,
                     input_size=config.model.input_size,
+                    image_size=config.model.image_size,
                 )
             run_loop(module.BACKEND, config, datasets[key], emit, progress)
         except Exception as exc:
