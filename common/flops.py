@@ -15,6 +15,8 @@ from __future__ import annotations
 from .config import ModelSpec
 from .init import layer_shapes
 
+PEAK_MATMUL = 2048  # the side of the square matrix product whose speed compare.bench reports as the peak
+
 
 def layer_macs(spec: ModelSpec) -> dict:
     """Multiply-adds per image of each convolution and dense layer's forward, in network order."""

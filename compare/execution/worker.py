@@ -26,6 +26,7 @@ from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import BackendUnavailable, BNCompareError
+from common.flops import PEAK_MATMUL
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
 
@@ -77,10 +78,17 @@ def bench(job: dict) -> int:
     module = load_backend_module(framework)
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
     datasets = {}
+    image_size = job.get("image_size", 28)
+    # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
+    size = PEAK_MATMUL
+    peak = 2 * size**3 / loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size) / 1e9
     for cell in job["cells"]:
         norm = cell.get("norm", "batch")
         model = ModelSpec(
-            variant=cell["variant"], norm=norm, **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {})
+            variant=cell["variant"],
+            norm=norm,
+            image_size=image_size,
+            **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
         )
         label = "" if norm == "batch" else f" --norm {norm}"
         config = RunConfig(
@@ -95,7 +103,9 @@ def bench(job: dict) -> int:
             population_size=0,
         )
         if config.dtype not in datasets:
-            datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
+            datasets[config.dtype] = load_fashion_mnist(
+                job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=image_size
+            )
         dataset, described, first_steps = datasets[config.dtype], {}, []
 
         def suite():
@@ -150,6 +160,9 @@ def bench(job: dict) -> int:
                 "execution": config.execution,
                 "execution_name": described.get("execution"),
                 "batch_size": config.batch_size,
+                "image_size": image_size,
+                "peak_gflops_per_s": peak,
+                "peak_matmul": size,
                 "device_name": described.get("device_name"),
                 **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
                 **{f"{name}_all": figures[name] for name in LOOPS},
