@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 
 VARIANTS = ("scratch", "builtin", "builtin-defaults", "none")
+# the smallest input side BN-LeNet has a feature map for: 16 -> conv 12 -> pool 6 -> conv 2 -> pool 1
+MIN_IMAGE_SIZE = 16
 # The four places BN-LeNet can have a BN (or other normalisation) layer, in network order.
 BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
 # Channels (features) of each position's layer: what a normalisation there normalises.
@@ -91,6 +93,12 @@ class ModelSpec:
     decay: float = option(0.9, "running = decay*running + (1-decay)*batch (PyTorch's momentum m is 1 - m)")
     epsilon: float = option(1e-5, "added to the variance inside the square root")
     input_size: int = 28  # images are zero-padded (centred) to this size
+    image_size: int = option(
+        28,
+        "resize the 28x28 images to S x S before training (bilinear on the 8-bit image, as the textbook's 96x96 "
+        "version does with torchvision's Resize, by Pillow, cached on disk); the first dense layer follows from S, "
+        "a multiple of 4 of at least 16",
+    )
     norm: str = option(
         "batch",
         "the normalisation at --norm-positions (common/norms.py has each one's spec); instance needs "
@@ -157,6 +165,20 @@ class ModelSpec:
             and self.input_size >= 28
             and self.input_size % 4 == 0,
             f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}",
+        )
+        _check(
+            isinstance(self.image_size, int)
+            and not isinstance(self.image_size, bool)
+            and self.image_size >= MIN_IMAGE_SIZE
+            and self.image_size % 4 == 0,
+            f"image_size (--image-size) must be a multiple of 4 and at least {MIN_IMAGE_SIZE}, got "
+            f"{self.image_size!r}: two 5x5 convolutions and two 2x2 poolings leave no feature map below "
+            f"{MIN_IMAGE_SIZE} (16 -> 12 -> 6 -> 2 -> 1), and a multiple of 4 keeps every pooling exact",
+        )
+        _check(
+            self.image_size == 28 or self.input_size == 28,
+            f"image_size {self.image_size} (resize) and input_size {self.input_size} (zero-padding) both change the "
+            "input's side: set one",
         )
         _check(self.norm in NORMS, f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMS)}")
         _check(
@@ -239,9 +261,14 @@ class ModelSpec:
         return self.has_norm and self.norm in RUNNING_NORMS
 
     @property
+    def side(self) -> int:
+        """Height (= width) of the network's input: the resized images' (image_size) or the padded ones'."""
+        return self.image_size if self.image_size != 28 else self.input_size
+
+    @property
     def flat_side(self) -> int:
         """Height (= width) of the 16 feature maps after the second pooling."""
-        return ((self.input_size - 4) // 2 - 4) // 2
+        return ((self.side - 4) // 2 - 4) // 2
 
     @property
     def flat_size(self) -> int:
@@ -261,6 +288,7 @@ LATE_FIELDS = {
     "model.noise_scale": 2.0,
     "model.noise_shift": 1.0,
     "model.ghost_batch": 0,
+    "model.image_size": 28,
     "replicas": 1,
     "bn_sync": "local",
 }

@@ -157,18 +157,26 @@ def _download(cache: Path) -> None:
 
 
 def load_fashion_mnist(
-    data_dir: str | os.PathLike | None = None, *, verify: bool = True, dtype: str = "float32", input_size: int = 28
+    data_dir: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    dtype: str = "float32",
+    input_size: int = 28,
+    image_size: int = 28,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Dataset:
-    """Read the four files, check their checksums and shapes, scale to [0, 1]."""
+    """Read the four files, check their checksums and shapes, resize the images to image_size (resized, cached in
+    cache_dir, default cache_root()) where it is not 28, scale to [0, 1] (zero-padded to input_size)."""
     directory = find_data_dir(data_dir)
-    arrays = {}
+    arrays, digests = {}, {}
     for part, (stem, digest, count) in FILES.items():
         path = _file_for(directory, stem)
         if path is None:
             raise DataError(f"{directory} has no {stem}.gz (nor {stem}); {INSTALL_HINT}")
         raw = read_idx_bytes(path)
+        if verify or image_size != 28:
+            actual = digests[part] = hashlib.sha256(raw).hexdigest()
         if verify:
-            actual = hashlib.sha256(raw).hexdigest()
             if actual != digest:
                 raise DataError(
                     f"checksum mismatch for {path}: expected SHA-256 {digest} of the decompressed "
@@ -185,6 +193,10 @@ def load_fashion_mnist(
             raise DataError(f"{split} images {images.shape} and labels {labels.shape} do not match")
         if labels.size and labels.max() >= len(CLASSES):
             raise DataError(f"{split} labels hold {int(labels.max())}; Fashion-MNIST has 10 classes")
+    if image_size != 28:
+        for part in ("train_images", "test_images"):
+            arrays[part] = resized(arrays[part], image_size, digests[part], cache_dir)
+        input_size = image_size
     return Dataset(
         train_images=to_model_input(arrays["train_images"], dtype, input_size),
         train_labels=arrays["train_labels"].astype(np.int64),
@@ -193,6 +205,50 @@ def load_fashion_mnist(
         source=str(directory),
         verified=verify,
     )
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W) -> uint8 (N, size, size): each image resized by Pillow's bilinear filter on the 8-bit image,
+    what the textbook's torchvision.transforms.Resize does to a PIL image (it calls Image.resize with
+    Image.BILINEAR), before ToTensor scales it to [0, 1]."""
+    from PIL import Image
+
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image, mode="L").resize((size, size), Image.BILINEAR))
+    return out
+
+
+def cache_root() -> Path:
+    """Where resized images are cached: $XDG_CACHE_HOME (or ~/.cache) / bn-compare / resized."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bn-compare" / "resized"
+
+
+def resized(images: np.ndarray, size: int, source_digest: str, cache_dir=None) -> np.ndarray:
+    """resize(images, size), read from the disk cache when it holds them for this source and size. The cache file
+    is keyed by the source IDX file's SHA-256 (other or changed files get their own), holds the SHA-256 of its
+    images beside them, and is used only when that checks out: a corrupted or half-written file is rebuilt, never
+    used. Written atomically (a temporary file, then a rename)."""
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    path = folder / f"{source_digest[:32]}-{size}x{size}.npz"
+    try:
+        with np.load(path) as stored:
+            cached, digest = stored["images"], str(stored["sha256"])
+        if cached.dtype == np.uint8 and cached.shape == (len(images), size, size):
+            if hashlib.sha256(cached.tobytes()).hexdigest() == digest:
+                return cached
+    except Exception:  # noqa: BLE001 - absent, unreadable, truncated or not ours (any reader error): build it again
+        pass
+    out = resize(images, size)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=out, sha256=np.array(hashlib.sha256(out.tobytes()).hexdigest()))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache costs the resize next time, nothing else
+        pass
+    return out
 
 
 def to_model_input(images: np.ndarray, dtype: str, input_size: int) -> np.ndarray:

@@ -27,9 +27,10 @@ import pandas as pd
 from scipy.stats import binom as _binom
 
 from common import records
-from common.config import EXECUTIONS, NORMS, VARIANTS
+from common.config import EXECUTIONS, NORMS, VARIANTS, ModelSpec
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
+from common.flops import PEAK_MATMUL, training_flops
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter
@@ -47,6 +48,10 @@ COLUMNS = [
     "execution",
     "execution_name",
     "batch_size",
+    "image_size",
+    "suite_gflops_per_s",
+    "peak_gflops_per_s",
+    "suite_of_peak",
     "first_step_seconds",
     "first_step_seconds_later",
     "suite_examples_per_s",
@@ -108,6 +113,7 @@ def row(result: dict) -> dict:
         k: result.get(k) for k in ("framework", "variant", "execution", "execution_name", "batch_size", "device_name")
     }
     out["norm"] = result.get("norm", "batch")
+    out["image_size"] = result.get("image_size", 28)  # records from before --image-size ran 28x28
     for loop in LOOPS:
         figures = result[f"{loop}_all"]
         out[f"{loop}_examples_per_s"] = float(np.median(figures))
@@ -116,6 +122,12 @@ def row(result: dict) -> dict:
         ratio = paired_ratio(result["suite_all"], result[f"{other}_all"])
         out.update({f"suite_over_{other}{key}": value for key, value in ratio.items()})
     out["repeats"] = len(result["suite_all"])
+    # what the suite's throughput is in arithmetic (common.flops), against the framework's own matrix product
+    out["suite_gflops_per_s"] = (
+        out["suite_examples_per_s"] * training_flops(ModelSpec(image_size=out["image_size"])) / 1e9
+    )
+    out["peak_gflops_per_s"] = result.get("peak_gflops_per_s", math.nan)  # none measured before
+    out["suite_of_peak"] = out["suite_gflops_per_s"] / out["peak_gflops_per_s"]
     # the suite's first step, timed apart from the throughput: the first repeat's holds a compiled mode's
     # compilation from cold caches; the later repeats' (median) what a new run in a warm process pays
     first = result["suite_first_step_seconds"]
@@ -150,6 +162,11 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
         shown[f"suite/{other}"] = [_ratio(r, other) for _, r in frame.iterrows()]
     shown["execution"] = [n or e for n, e in zip(frame["execution_name"], frame["execution"])]
     shown["batch"] = frame["batch_size"].astype(str)
+    shown["image"] = [f"{s}x{s}" for s in frame["image_size"]]
+    shown["GFLOP/s"] = [f"{g:,.2f}" for g in frame["suite_gflops_per_s"]]
+    shown["of peak"] = [
+        "" if pd.isna(f) else f"{f:.1%} of {p:,.0f}" for f, p in zip(frame["suite_of_peak"], frame["peak_gflops_per_s"])
+    ]
     shown["first step s"] = [
         f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
         for a, b in zip(frame["first_step_seconds"], frame["first_step_seconds_later"])
@@ -162,11 +179,14 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
             "variant",
             "execution",
             "batch",
+            "image",
             "suite",
             "bare",
             "textbook",
             "suite/bare",
             "suite/textbook",
+            "GFLOP/s",
+            "of peak",
             "first step s",
         ],
     )
@@ -183,7 +203,12 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
         "machine's drift between repeats cancels), with its distribution-free 95% interval in "
         "parentheses (order statistics; from 6 repeats). "
         "first step s: the suite's first training step, never part of the throughput: in the first "
-        "repeat (compilation from cold caches, for a compiled mode) / the median of the later repeats.\n",
+        "repeat (compilation from cold caches, for a compiled mode) / the median of the later repeats. "
+        "GFLOP/s: the suite's examples/s times a training step's FLOPs per image (common.flops: the "
+        "convolutions' and dense layers' multiply-adds, forward and backward); of peak: that against the "
+        f"framework's own product of two {PEAK_MATMUL} x {PEAK_MATMUL} matrices in the run's dtype on the same "
+        "device, measured in "
+        "the same worker before the cells (the median of 5), the machine's limit for this arithmetic.\n",
         table,
         "## Loops\n",
         "".join(
@@ -280,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0 = all 60,000)")
     p.add_argument(
+        "--image-size",
+        type=int,
+        default=28,
+        help="the images resized to S x S (compare.run --image-size; 96 is the textbook's second configuration)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         choices=("cpu", "gpu", "auto"),
@@ -314,6 +345,7 @@ def main(argv=None) -> int:
                 f"--train-limit {args.train_limit} leaves no timed step at batch size {max(batch_sizes)}; "
                 f"raise it to at least 6 x the largest batch size, or use 0 (all)"
             )
+        ModelSpec(image_size=args.image_size)  # a size without a feature map is refused here, naming the smallest
         explicit = parse_pythons(args.python)
         data_dir = str(find_data_dir(args.data_dir))
     except BNCompareError as exc:
@@ -359,6 +391,7 @@ def main(argv=None) -> int:
             "cells": cells,
             "repeats": args.repeats,
             "train_limit": args.train_limit,
+            "image_size": args.image_size,
             "device": args.device,
             "data_dir": data_dir,
             "verify": not args.no_verify_data,

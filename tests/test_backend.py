@@ -202,6 +202,8 @@ SPECS = {
         bn_placement="after_activation",
         input_size=32,
     ),
+    # the textbook's second configuration's input (--image-size 96): fc1 takes 16 x 21 x 21 = 7,056 inputs
+    "96x96": ModelSpec(image_size=96, variant="builtin"),
 }
 
 
@@ -215,7 +217,7 @@ def test_lenet_logits_match_reference(fw, framework, name):
     params = random_bn_params(spec)
     backend = backend_for(fw, spec)
     backend.set_params(params)
-    x = np.random.RandomState(5).uniform(size=(24, 1, spec.input_size, spec.input_size))
+    x = np.random.RandomState(5).uniform(size=(24, 1, spec.side, spec.side))
     want_eval, _ = lenet_forward(params, spec, x, training=False)
     want_train, stats = lenet_forward(params, spec, x, training=True)
     np.testing.assert_allclose(

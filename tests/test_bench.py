@@ -17,6 +17,7 @@ import pytest
 from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
+from common.flops import training_flops
 from common.loop import run as run_loop
 from common.registry import load_backend_module
 from compare.bench import COLUMNS, median_interval, paired_ratio, row
@@ -67,6 +68,12 @@ def test_row_keeps_each_loops_median_and_spread():
     assert r["suite_over_bare"] == 1.0 and r["suite_over_textbook"] == 2.0
     assert r["repeats"] == 3
     assert (r["first_step_seconds"], r["first_step_seconds_later"]) == (9.0, 0.375)  # the first; median of the rest
+    # a record from before the peak was measured: the arithmetic rate, and no fraction of a peak
+    assert r["image_size"] == 28 and r["suite_gflops_per_s"] == 20.0 * training_flops(ModelSpec()) / 1e9
+    assert np.isnan(r["peak_gflops_per_s"]) and np.isnan(r["suite_of_peak"])
+    r = row({**record, "image_size": 96, "peak_gflops_per_s": 50.0})
+    assert r["suite_gflops_per_s"] == 20.0 * training_flops(ModelSpec(image_size=96)) / 1e9
+    assert r["suite_of_peak"] == r["suite_gflops_per_s"] / 50.0
 
 
 @pytest.mark.parametrize(
@@ -136,11 +143,17 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
         for loop in ("suite", "bare", "textbook"):
             assert r[f"{loop}_examples_per_s"] > 0
         assert r["repeats"] == 2 and r["suite_over_bare"] > 0 and r["suite_over_bare_low"] is None  # < 6 repeats
+        # the peak: the framework's own matrix product, positive and finite, one figure for all of its cells
+        assert (
+            0 < r["peak_gflops_per_s"] < float("inf")
+            and r["peak_gflops_per_s"] == saved["rows"][0]["peak_gflops_per_s"]
+        )
+        assert r["suite_of_peak"] == pytest.approx(r["suite_gflops_per_s"] / r["peak_gflops_per_s"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "bench.md").read_text()
     assert (
-        "| framework | norm | variant | execution | batch | suite | bare | textbook | suite/bare | suite/textbook "
-        "| first step s |" in text
+        "| framework | norm | variant | execution | batch | image | suite | bare | textbook | suite/bare "
+        "| suite/textbook | GFLOP/s | of peak | first step s |" in text
     )
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} batch    none" in captured.out

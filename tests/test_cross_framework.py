@@ -320,3 +320,20 @@ def test_data_parallel_runs_agree_with_their_one_process_equivalent(tmp_path, sy
         np.testing.assert_allclose(
             losses, want["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs one-process torch, {sync} sync"
         )
+
+
+def test_the_96x96_configuration_takes_the_same_steps_everywhere(tmp_path, monkeypatch):
+    """--image-size 96 (the textbook's second configuration; its batch 32): every framework resizes nothing itself
+    (common.data does, once) and its first dense layer follows from the size; scratch and built-in BN give the
+    same per-step losses in float64 on a few images."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the workers' resize cache, kept here
+    args = ("--image-size", "96", "--variants", "scratch,builtin", "--train-limit", "128", "--test-limit", "64")
+    epochs = scratch_epochs(tmp_path, "96", FRAMEWORKS, *args)
+    assert list((tmp_path / "cache" / "bn-compare" / "resized").glob("*-96x96.npz"))
+    for variant in ("scratch", "builtin"):
+        losses = {r["framework"]: np.array(r["step_losses"]) for r in epochs if r["variant"] == variant}
+        assert sorted(losses) == sorted(FRAMEWORKS) and len(losses["torch"]) == 4
+        for framework, got in losses.items():
+            np.testing.assert_allclose(
+                got, losses["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs torch, 96x96, {variant}"
+            )

@@ -129,3 +129,74 @@ def test_probe_indices_pin():
     assert full[:8].tolist() == [27, 104, 144, 150, 180, 184, 185, 223] and full[-3:].tolist() == [9945, 9973, 9986], (
         STREAM.format(what="the default probe set", got=full[:8].tolist())
     )
+
+
+def test_resized_images_are_pillows_bilinear_bytes_and_cached(tmp_path):
+    """--image-size: each image through Pillow's bilinear filter on the 8-bit image (torchvision's Resize on a PIL
+    image), exactly; read back from the disk cache the second time; in [0, 1] as the 28x28 images are."""
+    from PIL import Image
+
+    images = np.random.RandomState(3).randint(0, 256, size=(7, 28, 28)).astype(np.uint8)
+    want = np.stack([np.asarray(Image.fromarray(im).resize((96, 96), Image.BILINEAR)) for im in images])
+    got = data.resized(images, 96, "ab" * 32, tmp_path)
+    np.testing.assert_array_equal(got, want)
+    (cached,) = tmp_path.glob("*.npz")
+    stamp = cached.stat().st_mtime_ns
+    np.testing.assert_array_equal(data.resized(images, 96, "ab" * 32, tmp_path), want)
+    assert cached.stat().st_mtime_ns == stamp  # read, not rebuilt
+    make_idx_dir(tmp_path / "idx", 100, 40)
+    ds = load_fashion_mnist(tmp_path / "idx", verify=False, dtype="float64", image_size=32, cache_dir=tmp_path)
+    assert ds.train_images.shape == (100, 1, 32, 32) and ds.test_images.shape == (40, 1, 32, 32)
+    plain = load_fashion_mnist(tmp_path / "idx", verify=False, dtype="float64")
+    first = (plain.train_images[0, 0] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(
+        ds.train_images[0, 0], np.asarray(Image.fromarray(first).resize((32, 32), Image.BILINEAR)) / 255.0
+    )
+
+
+def test_the_resize_cache_follows_the_source_and_never_uses_a_bad_file(tmp_path):
+    images = np.random.RandomState(4).randint(0, 256, size=(5, 28, 28)).astype(np.uint8)
+    want = data.resize(images, 32)
+    data.resized(images, 32, "cd" * 32, tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    # changed source files have another checksum, so another cache file: the old one is never read for them
+    other = images[::-1].copy()
+    np.testing.assert_array_equal(data.resized(other, 32, "ef" * 32, tmp_path), data.resize(other, 32))
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    # a corrupted file (its bytes changed, or cut short) is rebuilt, never used
+    stored = dict(np.load(path))
+    stored["images"] = stored["images"].copy()
+    stored["images"][0, 0, 0] ^= 1
+    np.savez(path, **stored)
+    np.testing.assert_array_equal(data.resized(images, 32, "cd" * 32, tmp_path), want)
+    path.write_bytes(path.read_bytes()[:100])
+    np.testing.assert_array_equal(data.resized(images, 32, "cd" * 32, tmp_path), want)
+    with np.load(path) as repaired:
+        np.testing.assert_array_equal(repaired["images"], want)
+
+
+def test_real_fashion_mnist_resizes_as_pillow_does(tmp_path):
+    """The real data's first images at 96x96 (the textbook's second configuration), byte for byte Pillow's. (The
+    whole split goes through the same function; resizing and caching all 70,000 here would cost CI a minute.)"""
+    from PIL import Image
+
+    real = load_fashion_mnist(data.DEBIAN_DIR, dtype="float64")
+    first = (real.test_images[:8, 0] * 255).round().astype(np.uint8)
+    got = data.resized(first, 96, "real" * 16, tmp_path)
+    for image, resized in zip(first, got):
+        np.testing.assert_array_equal(resized, np.asarray(Image.fromarray(image).resize((96, 96), Image.BILINEAR)))
+    assert got.std() > 0  # real content, not a blank
+
+
+def test_image_sizes_without_a_feature_map_are_a_clear_error():
+    from common.config import ModelSpec
+    from common.errors import ConfigError
+
+    for size in (12, 14, 15):
+        with pytest.raises(ConfigError, match="at least 16"):
+            ModelSpec(image_size=size)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        ModelSpec(image_size=30)
+    with pytest.raises(ConfigError, match="set one"):
+        ModelSpec(image_size=32, input_size=32)
+    assert ModelSpec(image_size=96).flat_size == 16 * 21 * 21 and ModelSpec(image_size=16).flat_size == 16

@@ -26,6 +26,7 @@ from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import BackendUnavailable, BNCompareError
+from common.flops import PEAK_MATMUL
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
 
@@ -77,10 +78,17 @@ def bench(job: dict) -> int:
     module = load_backend_module(framework)
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
     datasets = {}
+    image_size = job.get("image_size", 28)
+    # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
+    size = PEAK_MATMUL
+    peak = 2 * size**3 / loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size) / 1e9
     for cell in job["cells"]:
         norm = cell.get("norm", "batch")
         model = ModelSpec(
-            variant=cell["variant"], norm=norm, **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {})
+            variant=cell["variant"],
+            norm=norm,
+            image_size=image_size,
+            **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
         )
         label = "" if norm == "batch" else f" --norm {norm}"
         config = RunConfig(
@@ -95,7 +103,9 @@ def bench(job: dict) -> int:
             population_size=0,
         )
         if config.dtype not in datasets:
-            datasets[config.dtype] = load_fashion_mnist(job["data_dir"], verify=job["verify"], dtype=config.dtype)
+            datasets[config.dtype] = load_fashion_mnist(
+                job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=image_size
+            )
         dataset, described, first_steps = datasets[config.dtype], {}, []
 
         def suite():
@@ -150,6 +160,9 @@ def bench(job: dict) -> int:
                 "execution": config.execution,
                 "execution_name": described.get("execution"),
                 "batch_size": config.batch_size,
+                "image_size": image_size,
+                "peak_gflops_per_s": peak,
+                "peak_matmul": size,
                 "device_name": described.get("device_name"),
                 **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
                 **{f"{name}_all": figures[name] for name in LOOPS},
@@ -200,7 +213,7 @@ def run_job(job: dict) -> int:
             send(error_record(framework, config, exc, "failed"))
         return 1
     status = 0
-    datasets = {}  # (dtype, input_size) -> Dataset, read once per worker
+    datasets = {}  # (dtype, input_size, image_size) -> Dataset, read once per worker
     final_only = job.get("snapshots", "all") == "final"  # a study keeps the last epoch's snapshot only
     for config in configs:
 
@@ -240,13 +253,14 @@ def run_job(job: dict) -> int:
             flush=True,
         )
         try:
-            key = (config.dtype, config.model.input_size)
+            key = (config.dtype, config.model.input_size, config.model.image_size)
             if key not in datasets:
                 datasets[key] = load_fashion_mnist(
                     job.get("data_dir"),
                     verify=job.get("verify", True),
                     dtype=config.dtype,
                     input_size=config.model.input_size,
+                    image_size=config.model.image_size,
                 )
             run_loop(module.BACKEND, config, datasets[key], emit, progress)
         except Exception as exc:

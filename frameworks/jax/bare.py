@@ -19,7 +19,7 @@ import optax
 from common.data import batch_order
 from common.layout import nchw_to_nhwc
 
-from .backend import JaxBackend
+from .backend import JaxBackend, enable_float64, resolve_device
 
 DESCRIPTION = (
     "bare loop: one jitted step (eager for eager runs) with optax SGD, arrays on the device, gather per "
@@ -84,3 +84,21 @@ def epoch(config, dataset, warmup_steps=5):
     params, batch_stats = carry[:2]
     backend.variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
     return (steps - warm) * config.batch_size / seconds, backend
+
+
+def matmul_seconds(config, n):
+    """Seconds one n x n matrix product takes on the run's device in its dtype (the median of 5, after a warm-up):
+    the machine's peak for compare.bench."""
+    enable_float64(config.dtype)
+    a = jax.device_put(
+        np.random.RandomState(0).standard_normal((n, n)).astype(config.dtype), resolve_device(config.device)
+    )
+    product = jax.jit(jnp.dot)
+
+    def once():
+        began = time.perf_counter()
+        product(a, a).block_until_ready()
+        return time.perf_counter() - began
+
+    once()
+    return float(np.median([once() for _ in range(5)]))

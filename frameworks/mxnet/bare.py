@@ -10,12 +10,13 @@ inside the epoch. Nothing of the suite's interface in between.
 
 import time
 
+import numpy as np
 from mxnet import autograd, nd
 
 from common.data import batch_order
 from common.init import init_params
 
-from .backend import MXNetBackend
+from .backend import MXNetBackend, resolve_context
 
 DESCRIPTION = "bare loop: NDArrays in the context, take per batch, metrics summed as NDArrays, read once"
 
@@ -49,3 +50,18 @@ def epoch(config, dataset, warmup_steps=5):
         correct = correct + (logits.argmax(axis=1) == y).sum()
     nd.concat(loss_sum, correct, dim=0).asnumpy()  # the one read of the epoch
     return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend
+
+
+def matmul_seconds(config, n):
+    """Seconds one n x n matrix product takes on the run's device in its dtype (the median of 5, after a warm-up):
+    the machine's peak for compare.bench."""
+    ctx = resolve_context(config.device)
+    a = nd.array(np.random.RandomState(0).standard_normal((n, n)), ctx=ctx, dtype=config.dtype)
+
+    def once():
+        began = time.perf_counter()
+        nd.dot(a, a).wait_to_read()
+        return time.perf_counter() - began
+
+    once()
+    return float(np.median([once() for _ in range(5)]))

@@ -57,7 +57,7 @@ class TensorFlowBackend(Backend):
         # Python's `random` when built: tf.random.set_seed alone left a run's masks depending on what the
         # worker ran before it; set_random_seed seeds Python, NumPy, TF and Keras' global generator.
         keras.utils.set_random_seed(config.seed)
-        size = config.model.input_size
+        size = config.model.side
         with tf.device(self.device):
             # mixed precision: Keras' own mechanism, the mixed_bfloat16 dtype policy on every layer
             self.model = BNLeNet(config.layer_spec, config.precision)

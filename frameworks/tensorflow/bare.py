@@ -13,13 +13,14 @@ synchronisation inside the epoch. Nothing of the suite's interface in between.
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from common.data import batch_order
 from common.init import init_params
 from common.layout import nchw_to_nhwc
 
-from .backend import TensorFlowBackend
+from .backend import TensorFlowBackend, resolve_device
 
 DESCRIPTION = (
     "bare loop: the step under tf.function (XLA: jit_compile; eager runs: plain eager), Keras SGD, tensors on the "
@@ -72,3 +73,19 @@ def epoch(config, dataset, warmup_steps=5):
             step(tf.constant(i))
         totals.numpy()  # the one read of the epoch
     return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend
+
+
+def matmul_seconds(config, n):
+    """Seconds one n x n matrix product takes on the run's device in its dtype (the median of 5, after a warm-up):
+    the machine's peak for compare.bench."""
+    with tf.device(resolve_device(config.device)):
+        a = tf.constant(np.random.RandomState(0).standard_normal((n, n)), dtype=config.dtype)
+        product = tf.function(lambda m: tf.reduce_sum(tf.linalg.matmul(m, m)))
+
+        def once():
+            began = time.perf_counter()
+            product(a).numpy()  # .numpy(): waits for the device; the sum is n^2 of the 2 n^3 operations
+            return time.perf_counter() - began
+
+        once()
+        return float(np.median([once() for _ in range(5)]))

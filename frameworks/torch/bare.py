@@ -10,13 +10,14 @@ batch size as the suite; nothing of the suite's interface in between.
 
 import time
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from common.data import batch_order
 from common.init import init_params
 
-from .backend import TorchBackend
+from .backend import DTYPES, TorchBackend, resolve_device
 
 DESCRIPTION = "bare loop: tensors on the device, index per batch, metrics summed on the device, read once"
 
@@ -51,3 +52,18 @@ def epoch(config, dataset, warmup_steps=5):
             totals[1] += (logits.argmax(dim=1) == y).sum()
     totals.tolist()  # the one read of the epoch
     return (len(order) - warm) * config.batch_size / (time.perf_counter() - start), backend
+
+
+def matmul_seconds(config, n):
+    """Seconds one n x n matrix product takes on the run's device in its dtype (the median of 5, after a warm-up):
+    the machine's peak for compare.bench."""
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+
+    def once():
+        began = time.perf_counter()
+        (a @ a).sum().item()  # .item(): waits for the device; the sum is n^2 of the 2 n^3 operations
+        return time.perf_counter() - began
+
+    once()
+    return float(np.median([once() for _ in range(5)]))
