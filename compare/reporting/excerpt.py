@@ -243,7 +243,33 @@ def excerpt(folder: Path) -> str:
         ]
         lines += _cost_and_steadiness(t["epochs"])
     lines += _mixed_against_float32(t)
+    lines += _time(t)
     return "\n".join(lines) + "\n"
+
+
+def _time(t) -> list:
+    """A table of each run's time: its execution mode, training examples/s and seconds of training per epoch (the
+    medians over its epochs; the first step and the evaluation apart)."""
+    s, epochs = t["summary"], t["epochs"]
+    if epochs.empty:
+        return []
+    keys = [k for k in ("framework", "variant", "precision") if k in epochs and k in s]
+    seconds = epochs.groupby(keys).train_seconds.median()
+    lines = [
+        "",
+        "Time (the median over epochs):",
+        "",
+        "| " + " | ".join(keys) + " | execution | training examples/s | training seconds per epoch |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for _, row in s.iterrows():
+        key = tuple(row[k] for k in keys)
+        if key in seconds:
+            lines.append(
+                "| " + " | ".join(map(str, key)) + f" | {row.execution} | "
+                f"{fmt(row.train_examples_per_s, 'train_examples_per_s')} | {seconds[key]:.1f} |"
+            )
+    return lines
 
 
 def main(argv=None) -> int:
