@@ -35,7 +35,7 @@ def _percent(value: float) -> str:
 
 def _span(values: list, digits: int, unit: str = "") -> str:
     low, high = (f"{v:.{digits}f}" for v in (min(values), max(values)))
-    return f"{low}{unit}" if low == high else f"{low}-{high}{unit}"
+    return f"{low}{unit}" if low == high else f"{low}{' to ' if min(values) < 0 else '-'}{high}{unit}"
 
 
 def _cost_and_steadiness(epochs) -> list:
@@ -52,13 +52,18 @@ def _cost_and_steadiness(epochs) -> list:
         late = run[run.epoch > run.epoch.max() // 2]
         ema_jumps.append(100 * late.test_acc.diff().abs().max())
         pop_jumps.append(100 * late.pop_test_acc.diff().abs().max())
-    first = int(epochs.epoch.max()) // 2 + 1
+    first, last = int(epochs.epoch.max()) // 2 + 1, int(epochs.epoch.max())
+    cost = (
+        f"Computing them took {_span(seconds, 1, ' s')} per epoch (the median of each run), "
+        f"{_span(shares, 0, '%')} of an epoch's training time."
+    )
+    if last - first < 1:  # one late epoch: nothing moves between consecutive ones
+        return ["", cost]
     return [
         "",
-        f"Computing them took {_span(seconds, 1, ' s')} per epoch (the median of each run), "
-        f"{_span(shares, 0, '%')} of an epoch's training time. Over epochs {first}-{int(epochs.epoch.max())}, test "
-        f"accuracy with the running average moves by up to {_span(ema_jumps, 1)} points between consecutive epochs, "
-        f"with population statistics by up to {_span(pop_jumps, 1)}.",
+        f"{cost} Over epochs {first}-{last}, test accuracy with the running average moves by up to "
+        f"{_span(ema_jumps, 1)} points between consecutive epochs, with population statistics by up to "
+        f"{_span(pop_jumps, 1)}.",
     ]
 
 
@@ -260,7 +265,7 @@ def _time(t) -> list:
         "Time (the median over epochs):",
         "",
         "| " + " | ".join(keys) + " | execution | training examples/s | training seconds per epoch |",
-        "|---|---|" + "---|" * len(keys),
+        "|" + "---|" * (len(keys) + 3),
     ]
     for _, row in s.iterrows():
         key = tuple(row[k] for k in keys)
