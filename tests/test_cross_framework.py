@@ -305,18 +305,19 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
 @pytest.mark.parametrize("sync", ["global", "local"])
 def test_data_parallel_runs_agree_with_their_one_process_equivalent(tmp_path, sync):
     """--replicas 2 through the real runner in the frameworks that train data-parallel (PyTorch's processes, JAX's
-    devices, set up by the worker), against the one-process equivalent in every framework: the batch-B run for
-    global sync, --ghost-batch B/2 for local; the same per-step losses to 1e-10 in float64."""
+    devices, set up by the worker), against PyTorch's one-process equivalent: the batch-B run for global sync,
+    --ghost-batch B/2 for local; the same per-step losses to 1e-10 in float64. (That the four frameworks' one-process
+    ghost-batch runs agree is test_every_norm_gives_the_same_losses_step_by_step's batch-ghost case.)"""
     parallel = [f for f in FRAMEWORKS if f in DATA_PARALLEL]
     got, want = (
         {r["framework"]: np.array(r["step_losses"]) for r in scratch_epochs(tmp_path, *run)}
         for run in (
             ("replicas", parallel, "--replicas", "2", "--bn-sync", sync),
-            ("one", FRAMEWORKS, *(["--ghost-batch", "16"] if sync == "local" else [])),
+            ("one", ["torch"], *(["--ghost-batch", "16"] if sync == "local" else [])),
         )
     )
-    assert sorted(got) == sorted(parallel) and sorted(want) == sorted(FRAMEWORKS)
-    for framework, losses in {**got, **want}.items():
+    assert sorted(got) == sorted(parallel) and list(want) == ["torch"]
+    for framework, losses in got.items():
         np.testing.assert_allclose(
             losses, want["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} vs one-process torch, {sync} sync"
         )
