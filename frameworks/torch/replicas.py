@@ -12,11 +12,12 @@ population pass, traces, checkpoints) runs on replica 0 alone, with the layers' 
 In a step replica r takes the contiguous slice r * B/K ... (r + 1) * B/K - 1 of the batch; DDP averages the
 gradients of the slices' mean losses over the K replicas, which is the gradient of the batch's mean loss, so
 the update is the one-process one. The scratch BN layers normalise with their slice's statistics (local) or,
-through `Replicas.mean` (torch.distributed.nn's differentiable all_reduce), the whole batch's (global), and
+through `Replicas.mean` (an all_reduce whose backward all-reduces the gradients), the whole batch's (global), and
 blend the replicas' mean into the running statistics, so every replica holds the same ones
 (frameworks/torch/batchnorm.synced_batch_norm). The built-in layer under local sync is nn.BatchNorm with DDP's
-default broadcast of replica 0's buffers (the running statistics are replica 0's slice's: tests/conventions.py),
-and under global sync nn.SyncBatchNorm.
+default broadcast of replica 0's buffers (the running statistics are replica 0's slice's: tests/conventions.py);
+under global sync it would be nn.SyncBatchNorm, which the backend refuses (it would synchronise in the one-process
+probes too).
 
 Every collective has a timeout (TIMEOUT_S): a replica that dies or hangs makes replica 0's next collective
 fail with the error instead of waiting forever, and a follower exits when replica 0's connection closes.
@@ -204,12 +205,13 @@ class Group:
     def share(self, backend, mask: int) -> None:
         """Replica 0 sends, a follower receives, the parts of SHARED in `mask`."""
         sending = self.rank == 0
+        # replica 0 keeps its own arrays (before_step compares them by identity); a follower takes the copies
         if mask & 1:
-            self.data = tuple(
-                broadcast_array(t if sending else None).to(backend.device) for t in (self.data or (None, None))
-            )
+            data = tuple(broadcast_array(t).to(backend.device) for t in (self.data if sending else (None, None)))
+            self.data = self.data if sending else data
         if mask & 2:
-            self.order = broadcast_array(self.order if sending else None).to(backend.device)
+            order = broadcast_array(self.order if sending else None).to(backend.device)
+            self.order = self.order if sending else order
         if mask & 4 and backend.spec.norm_noise:  # every replica knows the layers: only the draws travel
             names = sorted(backend.model.norm_modules())
             backend.noise = {
