@@ -62,14 +62,21 @@ def resolve_execution(config: RunConfig, default: str, supported=("compiled", "e
     return mode
 
 
+def moments(values, channel_axis: int) -> tuple:
+    """The per-channel mean and biased variance of values over every axis but channel_axis, in float64
+    (two passes: the mean, then the mean squared deviation from it)."""
+    h = np.asarray(values, dtype=np.float64)
+    axes = tuple(a for a in range(h.ndim) if a != channel_axis % h.ndim)
+    return h.mean(axis=axes), h.var(axis=axes)
+
+
 def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:
     """One entry of ProbeResult.norms: the per-channel batch mean and biased variance of the
     BN layer's input (computed in float64) beside its running statistics."""
-    h = np.asarray(bn_input, dtype=np.float64)
-    axes = tuple(a for a in range(h.ndim) if a != channel_axis % h.ndim)
+    mean, var = moments(bn_input, channel_axis)
     return {
-        "batch_mean": h.mean(axis=axes),
-        "batch_var": h.var(axis=axes),
+        "batch_mean": mean,
+        "batch_var": var,
         "running_mean": np.asarray(running_mean, dtype=np.float64),
         "running_var": np.asarray(running_var, dtype=np.float64),
     }
@@ -284,12 +291,21 @@ class Backend(ABC):
         """For each batch of numpy images: a forward with every BN layer in train mode (normalising with
         that batch's own statistics, nothing updated, dropout off), and per BN layer the batch mean and
         biased variance of its input, float64: [{canonical BN name: (mean, var)}, ...]. Changes no
-        state (common.population builds the population statistics from it). This default runs
-        probe() per batch; a backend may do it in one pass."""
-        return [
-            {name: (s["batch_mean"], s["batch_var"]) for name, s in self.probe(images).norms.items()}
-            for images in batches
-        ]
+        state (common.population builds the population statistics from it); each batch's forward sees the
+        state as it was (renorm's train-mode forward reads the running statistics)."""
+        return [self.norm_moments(images) for images in batches]
+
+    def norm_moments(self, images: np.ndarray) -> dict:
+        """{canonical BN name: (batch mean, biased batch variance)} of each BN layer's input in a train-mode
+        forward of numpy images, as numpy. Changes no state. This default takes train_mode_forward's inputs
+        to the host and restores the state after it; a backend overrides it with one pass on the device
+        that returns the moments only (its time is most of the population pass's)."""
+        saved = self.save_state()
+        try:
+            _, inputs = self.train_mode_forward(images, True)
+        finally:
+            self.restore_state(saved)
+        return {name: moments(x, axis) for name, (x, axis) in inputs.items()}
 
     @abstractmethod
     def synchronize(self) -> None:

@@ -153,7 +153,13 @@ def figures(
     backend.set_params(with_running(saved, stats))
     try:
         loss, correct = backend.evaluate(test, config.eval_batch_size)
-        probe = divergence(backend.probe(probe_images), probe_labels, epsilon)
+        # train mode's logits are the epoch's probe's: the population statistics change eval mode only (renorm's
+        # train mode reads running statistics too, and the model trains with the running averages)
+        logits_eval = backend.predict(probe_images)
+        train_logits = ema_probe.logits_train
+        probe = divergence(
+            ProbeResult(logits_eval=logits_eval, logits_train=train_logits, norms={}), probe_labels, epsilon
+        )
     finally:
         if not keep:
             backend.set_params(saved)

@@ -125,12 +125,17 @@ def scripted_backend(script: Script):
             script.now += script.eval_seconds
             return np.array(script.eval_stats, dtype=np.float64)
 
-        def predict(self, images):
-            raise NotImplementedError
+        def predict(self, images):  # the population pass's eval-mode probe
+            script.calls.append(("predict", self.epoch, len(images)))
+            return script.probe.logits_eval
 
         def probe(self, images):
             script.calls.append(("probe", self.epoch, len(images)))
             return script.probe
+
+        def norm_moments(self, images):  # the template's population pass, batch by batch: the probe's statistics
+            script.calls.append(("norm_moments", self.epoch, len(images)))
+            return {name: (s["batch_mean"], s["batch_var"]) for name, s in script.probe.norms.items()}
 
         def batch_statistics(self, batches):
             if script.population_stats is None:

@@ -196,9 +196,9 @@ def test_divergence_figures():
 def test_the_probe_and_evaluation_come_after_the_timed_steps():
     _, _, script = scripted_run(epochs=1)
     kinds = [c[0] for c in script.calls]
-    # then the population statistics (on by default): a train-mode probe of each of the 40 / 4 = 10 batches,
-    # then eval mode with them (evaluate, probe), all after the timed steps
-    assert kinds == ["train_step"] * 10 + ["evaluate", "probe"] + ["probe"] * 10 + ["evaluate", "probe"], kinds
+    # then the population statistics (on by default): the train-mode moments of each of the 40 / 4 = 10 batches,
+    # then eval mode with them (evaluate, and the probe's eval-mode logits), all after the timed steps
+    assert kinds == ["train_step"] * 10 + ["evaluate", "probe"] + ["norm_moments"] * 10 + ["evaluate", "predict"], kinds
 
 
 def population_batch(i):

@@ -73,9 +73,10 @@ def reference_population(params, spec, images, batches):
     return out
 
 
-@pytest.mark.parametrize("variant", ["scratch", "builtin"])
-def test_population_statistics_follow_the_spec(fw, framework, variant):
-    spec = ModelSpec(variant=variant)
+@pytest.mark.parametrize("variant, norm", [("scratch", "batch"), ("builtin", "batch"), ("scratch", "renorm")])
+def test_population_statistics_follow_the_spec(fw, framework, variant, norm):
+    """Renorm's train-mode forward reads the running statistics: each batch must see them as they were."""
+    spec = ModelSpec(variant=variant, norm=norm)
     params = random_bn_params(spec)
     backend = fw.BACKEND(RunConfig(model=spec, dtype="float64", device="cpu", batch_size=32))
     backend.set_params(params)

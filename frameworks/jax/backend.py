@@ -121,14 +121,14 @@ class JaxBackend(Backend):
         if self.compiled:
             # donation reuses the old variables' buffers for the new ones (XLA on the CPU does not, and warns)
             self._step = jax.jit(step, donate_argnums=(0,) if self.device.platform != "cpu" else ())
-            self._forward, self._probe, self._logits, self._gradient = (
-                jax.jit(f) for f in (self._forward_impl, self._probe_impl, self._logits_impl, self._gradient_impl)
-            )
+            impls = (self._forward_impl, self._probe_impl, self._moments_impl, self._logits_impl, self._gradient_impl)
+            self._forward, self._probe, self._moments, self._logits, self._gradient = (jax.jit(f) for f in impls)
         else:
-            self._step, self._forward, self._probe, self._logits, self._gradient = (
+            self._step, self._forward, self._probe, self._moments, self._logits, self._gradient = (
                 step,
                 self._forward_impl,
                 self._probe_impl,
+                self._moments_impl,
                 self._logits_impl,
                 self._gradient_impl,
             )
@@ -240,6 +240,24 @@ class JaxBackend(Backend):
             name: (np.asarray(inputs[f"{name}_input"][0].astype(wide)), -1)  # channels last
             for name in (norm_features(self.spec) if capture else ())
         }
+
+    def norm_moments(self, images):
+        x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
+        return {
+            name: (np.asarray(m, np.float64), np.asarray(v, np.float64))
+            for name, (m, v) in self._moments(self.variables, x).items()
+        }
+
+    def _moments_impl(self, variables, x):
+        """Each BN input's per-channel mean and biased variance from the probe's train-mode forward, on the
+        device, in the run's dtype (float32 runs have no 64-bit JAX arrays): only the moments travel."""
+        _, inputs = self._probe_impl(variables, x)
+        out = {}
+        for name in norm_features(self.spec):
+            h = inputs[f"{name}_input"][0]
+            axes = tuple(range(h.ndim - 1))  # channels last
+            out[name] = (jnp.mean(h, axis=axes), jnp.var(h, axis=axes))
+        return out
 
     def loss_and_gradient(self, images, labels, capture, noise=None):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)

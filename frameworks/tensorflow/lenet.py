@@ -96,6 +96,7 @@ class BNLeNet(keras.Model):
         self.drop2 = keras.layers.Dropout(spec.dropout, dtype=dtype) if spec.dropout else None
         self.act = keras.activations.sigmoid if spec.activation == "sigmoid" else keras.activations.relu
         self.activation_inputs = None  # a dict while the backend captures each activation's input
+        self.norm_inputs = None  # a dict while the backend captures each normalisation layer's input
 
     def norm_modules(self):
         return {name: getattr(self, name) for name in self.norm_names}
@@ -105,6 +106,8 @@ class BNLeNet(keras.Model):
         before = self.spec.bn_placement == "before_activation"
 
         def norm(h):
+            if self.norm_inputs is not None:  # the probe's and the population pass's (also while tracing)
+                self.norm_inputs[NORM_NAMES[layer]] = h
             h = bn(h, training=bn_training)
             if noise is None:
                 return h

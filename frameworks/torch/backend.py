@@ -150,27 +150,44 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def train_mode_forward(self, images, capture):
+        inputs = {}
+
+        def record(name, h):  # NCHW / NC: channels on axis 1
+            inputs[name] = (h.double().cpu().numpy(), 1)
+
+        return self._norm_forward(images, record if capture else None).cpu().numpy(), inputs
+
+    def norm_moments(self, images):
+        found, saved = {}, self.save_state()
+
+        def record(name, h):  # on the device, in float64; only the moments travel
+            h = h.double()
+            axes = [0, *range(2, h.dim())]
+            found[name] = (h.mean(dim=axes), h.var(dim=axes, unbiased=False))
+
+        try:
+            self._norm_forward(images, record)
+        finally:
+            self.restore_state(saved)
+        return {name: (mean.cpu().numpy(), var.cpu().numpy()) for name, (mean, var) in found.items()}
+
+    def _norm_forward(self, images, record):
+        """The logits of numpy images with the normalisation layers in train mode (dropout off), without
+        autograd; record(name, input) sees each normalisation layer's input where given."""
         x = torch.as_tensor(images).to(self.device, self.dtype)
-        inputs, hooks = {}, []
-
-        def record(name):
-            def hook(module, args):  # NCHW / NC: channels on axis 1
-                inputs[name] = (args[0].double().cpu().numpy(), 1)
-
-            return hook
-
+        hooks = []
         self._mode(False)  # dropout off
         try:
             for name, module in self.model.norm_modules().items():
-                if capture:
-                    hooks.append(module.register_forward_pre_hook(record(name)))
+                if record is not None:
+                    hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: record(name, args[0])))
                 module.train()  # the normalisation layers only
-            logits = self._forward(self.model, x).cpu().numpy()
+            with torch.no_grad():
+                return self._forward(self.model, x)
         finally:
             for hook in hooks:
                 hook.remove()
             self.model.eval()
-        return logits, inputs
 
     def loss_and_gradient(self, images, labels, capture, noise=None):
         x = torch.as_tensor(images).to(self.device, self.dtype)
