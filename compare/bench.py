@@ -54,6 +54,16 @@ COLUMNS = [
     "suite_of_peak",
     "first_step_seconds",
     "first_step_seconds_later",
+    "population_size",
+    "population_first_seconds",
+    "population_seconds",
+    "epoch_seconds",
+    "population_share",
+    "population_share_low",
+    "population_share_high",
+    "population_over_suite",
+    "population_over_suite_low",
+    "population_over_suite_high",
     "suite_examples_per_s",
     "bare_examples_per_s",
     "textbook_examples_per_s",
@@ -133,6 +143,19 @@ def row(result: dict) -> dict:
     first = result["suite_first_step_seconds"]
     out["first_step_seconds"] = first[0]
     out["first_step_seconds_later"] = float(np.median(first[1:])) if len(first) > 1 else None
+    # the population pass (--population-size): each two-epoch run's second epoch, the pass's time against the
+    # same epoch's training and evaluation; its first epoch's time (compilation included) apart; and that
+    # epoch's training examples/s against the suite's without the pass (1 = the pass leaves training alone)
+    nan = {"": math.nan, "_low": math.nan, "_high": math.nan}
+    runs, epochs = result.get("population_seconds", []), result.get("population_epoch_seconds", [])
+    out["population_size"] = result.get("population_size", 0)
+    out["population_first_seconds"] = float(np.median([r[0] for r in runs])) if runs else math.nan
+    out["population_seconds"] = float(np.median([r[-1] for r in runs])) if runs else math.nan
+    out["epoch_seconds"] = float(np.median([e[-1] for e in epochs])) if epochs else math.nan
+    share = paired_ratio([r[-1] for r in runs], [e[-1] for e in epochs]) if runs else nan
+    out.update({f"population_share{key}": value for key, value in share.items()})
+    trained = paired_ratio(result["population_all"], result["suite_all"]) if runs else nan
+    out.update({f"population_over_suite{key}": value for key, value in trained.items()})
     return out
 
 
@@ -146,10 +169,15 @@ def line(r: dict) -> str:
     )
 
 
-def _ratio(r, other: str) -> str:
-    low, high = r[f"suite_over_{other}_low"], r[f"suite_over_{other}_high"]
+def _ratio(r, other: str, prefix: str = "suite_over_") -> str:
+    low, high = r[f"{prefix}{other}_low"], r[f"{prefix}{other}_high"]
     interval = "" if pd.isna(low) else f" ({low:.3f}-{high:.3f})"
-    return f"{r[f'suite_over_{other}']:.3f}{interval}"
+    return f"{r[f'{prefix}{other}']:.3f}{interval}"
+
+
+def _share(r) -> str:
+    low, high = r["population_share_low"], r["population_share_high"]
+    return f"{r['population_share']:.1%}" + ("" if pd.isna(low) else f" ({low:.1%}-{high:.1%})")
 
 
 def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
@@ -166,6 +194,15 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
     shown["GFLOP/s"] = [f"{g:,.2f}" for g in frame["suite_gflops_per_s"]]
     shown["of peak"] = [
         "" if pd.isna(f) else f"{f:.1%} of {p:,.0f}" for f, p in zip(frame["suite_of_peak"], frame["peak_gflops_per_s"])
+    ]
+    shown["population"] = [
+        "" if pd.isna(r["population_share"]) else f"{r['population_seconds']:.2f} s, {_share(r)}"
+        for _, r in frame.iterrows()
+    ]
+    shown["population first"] = ["" if pd.isna(s) else f"{s:.2f} s" for s in frame["population_first_seconds"]]
+    shown["training with it"] = [
+        "" if pd.isna(r["population_over_suite"]) else _ratio(r, "suite", "population_over_")
+        for _, r in frame.iterrows()
     ]
     shown["first step s"] = [
         f"{a:.2f}" + ("" if pd.isna(b) else f" / {b:.2f}")
@@ -188,7 +225,8 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
             "GFLOP/s",
             "of peak",
             "first step s",
-        ],
+        ]
+        + (["population", "population first", "training with it"] if frame["population_share"].notna().any() else []),
     )
     parts = [
         "# Throughput: suite, bare and textbook loops\n",
@@ -208,7 +246,20 @@ def render(frame: pd.DataFrame, machine: dict, loops: dict, args) -> str:
         "convolutions' and dense layers' multiply-adds, forward and backward); of peak: that against the "
         f"framework's own product of two {PEAK_MATMUL} x {PEAK_MATMUL} matrices in the run's dtype on the same "
         "device, measured in "
-        "the same worker before the cells (the median of 5), the machine's limit for this arithmetic.\n",
+        "the same worker before the cells (the median of 5), the machine's limit for this arithmetic."
+        + (
+            f" population: with --population-size {args.population_size}, a fourth loop per repeat is a two-epoch "
+            "run of the suite with the population pass on, as a run has it (common.population: the statistics "
+            "over that many training images, then the whole test set and the probe in eval mode with them); "
+            "population: the pass's seconds in the second epoch and their share of that epoch without it "
+            "(training, warm-up included, and the test evaluation), the median of the repeats' own ratios with "
+            "its 95% interval; population first: the first epoch's pass (compilation included); training with "
+            "it: the second epoch's training examples/s against the suite's without the pass (1 = the pass "
+            "leaves training alone)."
+            if args.population_size
+            else ""
+        )
+        + "\n",
         table,
         "## Loops\n",
         "".join(
@@ -311,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the images resized to S x S (compare.run --image-size; 96 is the textbook's second configuration)",
     )
     p.add_argument(
+        "--population-size",
+        type=int,
+        default=0,
+        help="also measure the population pass (compare.run --population-size; runs default to 2048) in a "
+        "fourth loop per repeat, against an epoch without it; 0 = not measured",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         choices=("cpu", "gpu", "auto"),
@@ -344,6 +402,11 @@ def main(argv=None) -> int:
             raise ConfigError(
                 f"--train-limit {args.train_limit} leaves no timed step at batch size {max(batch_sizes)}; "
                 f"raise it to at least 6 x the largest batch size, or use 0 (all)"
+            )
+        if args.population_size < 0 or 0 < args.population_size < max(batch_sizes):
+            raise ConfigError(
+                f"--population-size {args.population_size} holds no batch of {max(batch_sizes)} images: give at "
+                "least the largest batch size, or 0 (not measured)"
             )
         ModelSpec(image_size=args.image_size)  # a size without a feature map is refused here, naming the smallest
         explicit = parse_pythons(args.python)
@@ -392,6 +455,7 @@ def main(argv=None) -> int:
             "repeats": args.repeats,
             "train_limit": args.train_limit,
             "image_size": args.image_size,
+            "population_size": args.population_size,
             "device": args.device,
             "data_dir": data_dir,
             "verify": not args.no_verify_data,

@@ -74,6 +74,19 @@ def test_row_keeps_each_loops_median_and_spread():
     r = row({**record, "image_size": 96, "peak_gflops_per_s": 50.0})
     assert r["suite_gflops_per_s"] == 20.0 * training_flops(ModelSpec(image_size=96)) / 1e9
     assert r["suite_of_peak"] == r["suite_gflops_per_s"] / 50.0
+    assert np.isnan(r["population_share"]) and r["population_size"] == 0  # not measured
+    # the population pass: each run's second epoch against that epoch; the median of the ratios 0.1, 0.25, 0.2
+    r = row(
+        {
+            **record,
+            "population_size": 512,
+            "population_seconds": [[9.0, 0.4], [9.0, 0.5], [9.0, 0.2]],
+            "population_epoch_seconds": [[5.0, 4.0], [5.0, 2.0], [5.0, 1.0]],
+            "population_all": [5.0, 30.0, 40.0],  # against suite_all: 0.5, 1.0, 2.0
+        }
+    )
+    assert (r["population_first_seconds"], r["population_seconds"], r["epoch_seconds"]) == (9.0, 0.4, 2.0)
+    assert (r["population_share"], r["population_over_suite"]) == (0.2, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +99,8 @@ def test_row_keeps_each_loops_median_and_spread():
         ("--batch-sizes", "64,x", "--batch-sizes takes integers"),
         ("--train-limit", "1000", "leaves no timed step at batch size 256"),
         ("--repeats", "0", "--repeats must be at least 1"),
+        ("--population-size", "100", "--population-size 100 holds no batch of 256 images"),
+        ("--population-size", "-1", "--population-size -1 holds no batch"),
     ],
 )
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, option, value, message):
@@ -113,6 +128,8 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
             "64",
             "--train-limit",
             "640",
+            "--population-size",
+            "128",
             "--device",
             "cpu",
             "--data-dir",
@@ -149,11 +166,16 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
             and r["peak_gflops_per_s"] == saved["rows"][0]["peak_gflops_per_s"]
         )
         assert r["suite_of_peak"] == pytest.approx(r["suite_gflops_per_s"] / r["peak_gflops_per_s"])
+        # the population pass: measured where the model keeps running statistics, against an epoch without it
+        if r["variant"] == "none":
+            assert r["population_share"] is None and r["population_seconds"] is None
+        else:
+            assert 0 < r["population_seconds"] and 0 < r["population_share"] < 10
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "bench.md").read_text()
     assert (
         "| framework | norm | variant | execution | batch | image | suite | bare | textbook | suite/bare "
-        "| suite/textbook | GFLOP/s | of peak | first step s |" in text
+        "| suite/textbook | GFLOP/s | of peak | first step s | population |" in text
     )
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} batch    none" in captured.out

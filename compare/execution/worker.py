@@ -79,6 +79,7 @@ def bench(job: dict) -> int:
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
     datasets = {}
     image_size = job.get("image_size", 28)
+    population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the population pass
     # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
     size = PEAK_MATMUL
     peak = 2 * size**3 / loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size) / 1e9
@@ -106,27 +107,35 @@ def bench(job: dict) -> int:
             datasets[config.dtype] = load_fashion_mnist(
                 job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=image_size
             )
-        dataset, described, first_steps = datasets[config.dtype], {}, []
+        dataset, described = datasets[config.dtype], {}
+        epochs = {"suite": [], "population": []}  # each suite run's epoch records
+        # the population pass as a run has it: two epochs (the second's figures are without the first's
+        # compilation), the whole test set and the run's probe
+        defaults = RunConfig()
+        with_population = config.replace(
+            population_size=population_size, epochs=2, test_limit=defaults.test_limit, probe_size=defaults.probe_size
+        )
 
-        def suite():
-            epochs = []
+        def suite(config=config, kept=epochs["suite"]):
+            got = []
             run_loop(
                 module.BACKEND,
                 config,
                 dataset,
                 lambda record, arrays=None: (
-                    epochs.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
+                    got.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
                 ),
             )
-            first_steps.append(epochs[0]["first_step_seconds"])
-            return epochs[0]["train_examples_per_s"]
+            kept.append(got)
+            return got[-1]["train_examples_per_s"]
 
         measure = {
             "suite": suite,
             "bare": lambda: loops["bare"].epoch(config, dataset)[0],
             "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
+            "population": lambda: suite(with_population, epochs["population"]),
         }
-        figures = {name: [] for name in LOOPS}
+        figures = {name: [] for name in measure}
         try:
             module.BACKEND(config)  # a mode this framework lacks (or cannot run here) skips the cell, not the rest
         except BackendUnavailable as exc:
@@ -138,8 +147,10 @@ def bench(job: dict) -> int:
                 }
             )
             continue
+        # a model without running statistics has no population pass (common.population)
+        names = LOOPS + (("population",) if population_size and model.has_running_stats else ())
         for r in range(job["repeats"]):
-            for name in LOOPS[r % 3 :] + LOOPS[: r % 3]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
                 figures[name].append(measure[name]())
             send(
@@ -147,7 +158,7 @@ def bench(job: dict) -> int:
                     "kind": "bench_repeat",
                     "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
                     f"{config.batch_size} repeat {r + 1}: "
-                    + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in LOOPS)
+                    + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in names)
                     + " ex/s",
                 }
             )
@@ -166,7 +177,15 @@ def bench(job: dict) -> int:
                 "device_name": described.get("device_name"),
                 **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
                 **{f"{name}_all": figures[name] for name in LOOPS},
-                "suite_first_step_seconds": first_steps,
+                "suite_first_step_seconds": [run[0]["first_step_seconds"] for run in epochs["suite"]],
+                # with --population-size: each two-epoch run's population pass (its own time, per epoch) and
+                # its epochs' time without it (training, warm-up included, and the test evaluation)
+                "population_size": population_size,
+                "population_seconds": [[e["population_seconds"] for e in run] for run in epochs["population"]],
+                "population_epoch_seconds": [
+                    [e["train_seconds"] + e["eval_seconds"] for e in run] for run in epochs["population"]
+                ],
+                "population_all": figures.get("population", []),  # the second epochs' training examples/s
                 "bare": loops["bare"].DESCRIPTION,
                 "textbook": loops["textbook"].DESCRIPTION,
             }
