@@ -187,8 +187,9 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
 
 
 def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, capsys):
-    """--executions eager,xla: a framework without XLA (PyTorch, MXNet) says so for the xla cell and still
-    benchmarks eager; one with it benchmarks both."""
+    """--executions eager,xla,default: a framework without XLA (PyTorch, MXNet) says so for the xla cell and still
+    benchmarks eager; one with it benchmarks both; default, another name for a mode measured already (every
+    framework's default is eager or XLA except MXNet's, hybridized), is skipped saying which."""
     data = make_idx_dir(tmp_path / "data", 384, 100)
     out = tmp_path / "bench"
     code = bench_main(
@@ -198,7 +199,7 @@ def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, ca
             "--variants",
             "none",
             "--executions",
-            "eager,xla",
+            "eager,xla,default",
             "--repeats",
             "1",
             "--batch-sizes",
@@ -219,11 +220,20 @@ def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, ca
     captured = capsys.readouterr()
     assert code == 0, captured.err
     executions = list(pd.read_csv(out / "bench.csv")["execution"])
-    if EXECUTION_NAMES[framework]["xla"] is None:
-        assert executions == ["eager"]
+    names = EXECUTION_NAMES[framework]
+    default = [] if names["default"] in (names["eager"], names["xla"]) else ["default"]
+    if names["xla"] is None:
+        assert executions == ["eager", *default]
         assert f"{framework} none xla batch 64 skipped: --execution xla is not a mode of this framework" in captured.err
     else:
-        assert executions == ["eager", "xla"] and "skipped" not in captured.err
+        assert executions == ["eager", "xla", *default]
+    if not default:
+        same = "eager" if names["default"] == names["eager"] else "xla"
+        assert (
+            f"{framework} none default batch 64 skipped: it runs {names['default']}, measured above as "
+            in (captured.err)
+            and f"--execution {same}" in captured.err
+        )
 
 
 @pytest.mark.parametrize("variant, norm", [("scratch", "batch"), ("builtin", "batch"), ("scratch", "renorm")])

@@ -83,6 +83,7 @@ def bench(job: dict) -> int:
     # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
     size = PEAK_MATMUL
     peak = 2 * size**3 / loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size) / 1e9
+    done = {}  # (norm, variant, batch size, execution name) -> the --execution that measured it
     for cell in job["cells"]:
         norm = cell.get("norm", "batch")
         model = ModelSpec(
@@ -137,7 +138,13 @@ def bench(job: dict) -> int:
         }
         figures = {name: [] for name in measure}
         try:
-            module.BACKEND(config)  # a mode this framework lacks (or cannot run here) skips the cell, not the rest
+            # a mode this framework lacks (or cannot run here) skips the cell, not the rest; so does one that is
+            # another name for a mode already measured (JAX's xla is its jit, MXNet's default its hybridized)
+            mode = module.BACKEND(config).execution_name()
+            same = done.get((norm, config.model.variant, config.batch_size, mode))
+            if same is not None:
+                raise BackendUnavailable(f"it runs {mode}, measured above as --execution {same}")
+            done[(norm, config.model.variant, config.batch_size, mode)] = config.execution
         except BackendUnavailable as exc:
             send(
                 {
