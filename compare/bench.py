@@ -447,7 +447,8 @@ def main(argv=None) -> int:
             print(f"[{framework}] skipped: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(f"[{framework}] {len(cells)} cell(s) x 3 loops x {args.repeats} repeats", file=sys.stderr, flush=True)
+        each = "4 loops (the fourth with the population pass)" if args.population_size else "3 loops"
+        print(f"[{framework}] {len(cells)} cell(s) x {each} x {args.repeats} repeats", file=sys.stderr, flush=True)
         job = {
             "mode": "bench",
             "framework": framework,

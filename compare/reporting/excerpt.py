@@ -135,7 +135,66 @@ def bench_excerpt(folder: Path) -> str:
         f"suite/bare {_span(list(rows.suite_over_bare), 3)} in all {len(rows)} cells{within}; suite/textbook: "
         f"{textbook}.",
     ]
-    return "\n".join(lines + _execution_modes(rows)) + "\n"
+    return "\n".join(lines + _execution_modes(rows) + _of_peak(rows) + _population(rows)) + "\n"
+
+
+def _of_peak(rows: pd.DataFrame) -> list:
+    """For a benchmark that measured the peak: each cell's arithmetic rate against its framework's matrix product."""
+    rows = rows[rows.peak_gflops_per_s.notna()]
+    if rows.empty:
+        return []
+    lines = [
+        "",
+        "Against the machine's limit (GFLOP/s: suite examples/s x a training step's FLOPs per image, common.flops; "
+        "peak: the framework's own 2048 x 2048 matrix product, measured by the same worker):",
+        "",
+        "| framework | variant | execution | image | batch | suite examples/s | training s per 60,000 images | "
+        "GFLOP/s | peak GFLOP/s | of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.itertuples():
+        lines.append(
+            f"| {r.framework} | {r.variant} | {r.execution_name or r.execution} | {r.image_size}x{r.image_size} | "
+            f"{r.batch_size} | {r.suite_examples_per_s:,.0f} | {60000 / r.suite_examples_per_s:,.0f} | "
+            f"{r.suite_gflops_per_s:,.2f} | {r.peak_gflops_per_s:,.1f} | {_percent(r.suite_of_peak)} |"
+        )
+    spans = "; ".join(
+        f"{fw} {_span([100 * f for f in g.suite_of_peak], 1, '%')} of {g.peak_gflops_per_s.iloc[0]:,.1f}"
+        for fw, g in rows.groupby("framework", sort=False)
+    )
+    return lines + ["", f"Fraction of peak per framework: {spans}."]
+
+
+def _population(rows: pd.DataFrame) -> list:
+    """For a benchmark with --population-size: the population pass against an epoch without it."""
+    rows = rows[rows.population_share.notna()]
+    if rows.empty:
+        return []
+    lines = [
+        "",
+        f"The population pass (--population-size {rows.population_size.iloc[0]}; each two-epoch run's second "
+        "epoch: the pass's seconds against that epoch's training and test evaluation, the median of the repeats' "
+        "own ratios with its 95% interval; the first epoch's pass, compilation included, apart; and the second "
+        "epoch's training examples/s against the suite's without the pass):",
+        "",
+        "| framework | variant | execution | epoch s | population s | share of the epoch | first epoch's s | "
+        "training with it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in rows.iterrows():
+        low, high = r.population_share_low, r.population_share_high
+        interval = "" if pd.isna(low) else f" [{_percent(low)}, {_percent(high)}]"
+        lines.append(
+            f"| {r.framework} | {r.variant} | {r.execution_name or r.execution} | {r.epoch_seconds:.2f} | "
+            f"{r.population_seconds:.2f} | {_percent(r.population_share)}{interval} | "
+            f"{r.population_first_seconds:.2f} | {_ratio(r, 'suite', 'population_over_')} |"
+        )
+    top = rows.loc[rows.population_share.idxmax()]
+    return lines + [
+        "",
+        f"Share of an epoch: {_span([100 * f for f in rows.population_share], 1, '%')} in all {len(rows)} cells, "
+        f"the largest {top.framework} {top.variant}.",
+    ]
 
 
 def _execution_modes(rows: pd.DataFrame) -> list:
@@ -175,10 +234,10 @@ def _execution_modes(rows: pd.DataFrame) -> list:
     return lines
 
 
-def _ratio(r, other: str) -> str:
-    low, high = r[f"suite_over_{other}_low"], r[f"suite_over_{other}_high"]
+def _ratio(r, other: str, prefix: str = "suite_over_") -> str:
+    low, high = r[f"{prefix}{other}_low"], r[f"{prefix}{other}_high"]
     interval = "" if pd.isna(low) else f" [{low:.3f}, {high:.3f}]"
-    return f"{r[f'suite_over_{other}']:.3f}{interval}"
+    return f"{r[f'{prefix}{other}']:.3f}{interval}"
 
 
 def study_excerpt(folder: Path) -> str:
