@@ -4,6 +4,10 @@ Each tox env runs the whole suite for its own framework. An unknown name is a
 usage error; a framework that fails to import in its own env fails its tests
 (the backend fixture raises), it is never skipped. Without --framework, the
 framework tests are skipped with that reason, and the framework-free ones run.
+The framework-free tests run in the torch env (numpy 2) and the mxnet env
+(numpy 1.23), the two numpy lines `common` must run on; the tensorflow and jax
+envs skip them, saying where they run, except a module marked `every_env`
+(what a framework's own env can break: that common imports no framework).
 """
 
 import importlib
@@ -35,7 +39,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
     config.addinivalue_line("markers", "ray: starts a Ray cluster (run with --ray; tox -e ray)")
     config.addinivalue_line("markers", "tracking: MLflow, embedded and a server (run with --tracking; tox -e tracking)")
+    config.addinivalue_line("markers", "every_env: a framework-free test that runs in every framework's env")
 
+
+# the envs that run the framework-free tests: numpy 2 and numpy 1.23 (see the docstring)
+FREE_ENVS = ("torch", "mxnet")
+# a test that uses one of these is a framework test
+FRAMEWORK_FIXTURES = {"framework", "fw", "harness", "native"}
 
 # the most data-parallel replicas a test starts (tests/test_data_parallel.py)
 TEST_REPLICAS = 2
@@ -71,6 +81,12 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if marker in item.keywords:
                     item.add_marker(pytest.mark.skip(reason=reason))
+    name = config.getoption("--framework")
+    if name and name not in FREE_ENVS:
+        reason = "framework-free: runs in tox -e torch (numpy 2) and tox -e mxnet (numpy 1.23)"
+        for item in items:
+            if not FRAMEWORK_FIXTURES & set(item.fixturenames) and "every_env" not in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.registry import FRAMEWORKS
+
+pytestmark = pytest.mark.every_env  # the framework installed in each env is what these check against
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = [
