@@ -30,6 +30,24 @@ are how every framework computes it: the slices become channels, (N, C, ...) -> 
 function normalises each (slice, channel) pair, with gamma, beta and the running statistics tiled S times and the
 new running statistics averaged back over the slices.
 
+The research exercise's transforms (float64 reference in common.reference; no framework layer yet, so no --norm):
+
+- whiten (Decorrelated BN by IterNorm, Huang et al. 2019): the channels form groups of g consecutive ones
+  (`whiten_groups`; a last group of C mod g channels is whitened on its own, as a smaller group). In training
+  mode, per group, the values are centred per channel over the batch (and positions), their g x g covariance
+  Sigma (biased, 1/m over the m values per channel) plus eps I is trace-normalised, Sigma_N = (Sigma + eps I) /
+  tr(Sigma + eps I), and T Newton-Schulz iterations from P_0 = I, P_k = (3 P_(k-1) - P_(k-1)^3 Sigma_N) / 2,
+  approximate its inverse square root: W = P_T / sqrt(tr(Sigma + eps I)); then x_hat = W (x - mu) and
+  y = gamma * x_hat + beta per channel. The running statistics are the mean and the covariance (not the
+  whitening matrix: at g = 1 the covariance is BN's running variance), blended as BN's; eval mode whitens with
+  them by the same T iterations. At g = 1, Sigma_N = 1 and every P_k = 1, so W = 1 / sqrt(var + eps): BN.
+- pit (the Gaussian probability integral transform): y = gamma * Phi(x_hat) + beta with BN's x_hat, so before
+  gamma and beta each value lies in (0, 1); BN's running statistics and eval mode.
+- pit-rank (the empirical one): in training mode each value is replaced by its mid-rank within its channel over
+  the batch (and positions), (rank - 1/2) / m with tied values sharing the mean of their ranks; the rank has no
+  useful derivative, so the backward is pit's (a straight-through surrogate). Running statistics and eval mode
+  are pit's.
+
 Only batch and renorm differ between train and eval mode; for the others the harness's divergence
 figures are exactly 0, which every run checks by measuring them like BN's.
 """
@@ -43,6 +61,15 @@ import numpy as np
 from .config import RUNNING_NORMS, ModelSpec
 from .errors import BackendUnavailable
 from .init import NORM_NAMES, layer_shapes
+
+
+def whiten_groups(channels: int, group: int) -> list:
+    """The whitening groups of `channels` channels in groups of `group` consecutive ones, as (start, stop): the
+    last holds what is left (C mod g channels) when g does not divide C."""
+    if group < 1:
+        raise ValueError(f"a whitening group holds at least 1 channel, got {group}")
+    return [(start, min(start + group, channels)) for start in range(0, channels, group)]
+
 
 # NormLayer.kind: the project's own layers (scratch), one per transform, and the framework's built-in ones
 SCRATCH_KINDS = {"batch": "batch", "renorm": "renorm", "layer": "group", "group": "group", "instance": "group"}

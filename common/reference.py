@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import ModelSpec
 from .init import NORM_NAMES, has_bias
-from .norms import groups_of, renorm_limits
+from .norms import groups_of, renorm_limits, whiten_groups
 
 
 def _axes(x: np.ndarray) -> tuple:
@@ -78,6 +78,132 @@ def batch_norm_backward(dy, cache):
         n * dx_hat - dx_hat.sum(axis=axes, keepdims=True) - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True)
     )
     return dx, dgamma, dbeta
+
+
+# The research exercise's transforms (common.norms: whiten, pit, pit-rank) ----------------------------------------
+def newton_schulz_inverse_sqrt(cov, iterations: int):
+    """IterNorm's approximation of cov^(-1/2) for a symmetric positive definite g x g matrix: T Newton-Schulz
+    iterations on the trace-normalised matrix, P_k = (3 P_(k-1) - P_(k-1)^3 cov / tr(cov)) / 2 from P_0 = I, then
+    P_T / sqrt(tr(cov)). Works in whatever dtype cov has (complex for a complex-step derivative)."""
+    if iterations < 1:
+        raise ValueError(f"Newton-Schulz needs at least 1 iteration, got {iterations}")
+    trace = np.trace(cov)
+    normalised = cov / trace
+    p = np.eye(len(cov), dtype=normalised.dtype)
+    for _ in range(iterations):
+        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
+    return p / np.sqrt(trace)
+
+
+def exact_inverse_sqrt(cov):
+    """cov^(-1/2) by eigendecomposition (ZCA's whitening matrix), float64."""
+    values, vectors = np.linalg.eigh(np.asarray(cov, np.float64))
+    return (vectors / np.sqrt(values)) @ vectors.T
+
+
+def whiten_forward(
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_cov,
+    *,
+    training: bool,
+    group: int,
+    iterations: int = 5,
+    decay: float = 0.9,
+    epsilon: float = 1e-5,
+    exact: bool = False,
+):
+    """Group whitening (common.norms, whiten) of (N, C, H, W) or (N, C) input. running_cov: (C, C), used and
+    updated only within each group's block. exact: the exact inverse square root (ZCA) in place of Newton-Schulz.
+    Returns (y, new running mean, new running covariance, x_hat). Stays in x's dtype when it is complex (the
+    complex-step derivative, `complex_step_gradient`), else float64."""
+    x = np.asarray(x) if np.iscomplexobj(x) else np.asarray(x, np.float64)
+    axes, shape = _axes(x), _shape(x)
+    channels = x.shape[1]
+    new_mean = np.array(running_mean, dtype=np.result_type(x, np.float64))
+    new_cov = np.array(running_cov, dtype=np.result_type(x, np.float64))
+    if training:
+        mean = x.mean(axis=axes)  # as BN's, so that g = 1 is BN bit for bit
+        centred = x - mean.reshape(shape)
+        # column j of the covariance: each channel's values times channel j's, averaged as BN averages its squares
+        cov = np.stack([(centred * centred[:, j : j + 1]).mean(axis=axes) for j in range(channels)], axis=1)
+        new_mean = decay * new_mean + (1 - decay) * mean
+    else:
+        mean = np.asarray(running_mean)
+        centred = x - mean.reshape(shape)
+        cov = np.asarray(running_cov)
+    x_hat = np.zeros_like(centred)
+    for start, stop in whiten_groups(channels, group):
+        block = cov[start:stop, start:stop] + epsilon * np.eye(stop - start)
+        w = exact_inverse_sqrt(block) if exact else newton_schulz_inverse_sqrt(block, iterations)
+        # x_hat's channel i: sum_j w[i, j] * centred channel j, in j's order (one term at g = 1: BN's product)
+        for i in range(stop - start):
+            x_hat[:, start + i] = sum(w[i, j] * centred[:, start + j] for j in range(stop - start))
+        if training:
+            new_cov[start:stop, start:stop] = (
+                decay * new_cov[start:stop, start:stop] + (1 - decay) * cov[start:stop, start:stop]
+            )
+    y = np.asarray(gamma).reshape(shape) * x_hat + np.asarray(beta).reshape(shape)
+    return y, new_mean, new_cov, x_hat
+
+
+def pit_forward(x, gamma, beta, running_mean, running_var, *, training: bool, decay=0.9, epsilon=1e-5, rank=False):
+    """pit (rank=False) or pit-rank (common.norms): returns (y, new running mean, new running variance, u, cache)
+    with u the transform's values in (0, 1) before gamma and beta; cache is BN's, for `pit_backward`."""
+    from scipy.special import ndtr
+
+    x = np.asarray(x, np.float64)
+    _, new_mean, new_var, cache = batch_norm_forward(
+        x,
+        np.ones(x.shape[1]),
+        np.zeros(x.shape[1]),
+        running_mean,
+        running_var,
+        training=training,
+        decay=decay,
+        epsilon=epsilon,
+    )
+    x_hat = cache[0]
+    u = mid_ranks(x) if rank and training else ndtr(x_hat)
+    shape = _shape(x)
+    y = np.asarray(gamma, np.float64).reshape(shape) * u + np.asarray(beta, np.float64).reshape(shape)
+    return y, new_mean, new_var, u, (cache, np.asarray(gamma, np.float64), u)
+
+
+def pit_backward(dy, cache):
+    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for pit, and pit-rank's surrogate: the Gaussian PIT's
+    derivative phi(x_hat) through BN's backward (dgamma from the values the forward used)."""
+    bn_cache, gamma, u = cache
+    x_hat, axes, shape = bn_cache[0], bn_cache[3], bn_cache[4]
+    dy = np.asarray(dy, np.float64)
+    density = np.exp(-0.5 * x_hat**2) / np.sqrt(2 * np.pi)
+    dx, _, _ = batch_norm_backward(dy * gamma.reshape(shape) * density, bn_cache)  # bn_cache's gamma is 1
+    return dx, (dy * u).sum(axis=axes), dy.sum(axis=axes)
+
+
+def mid_ranks(x):
+    """Each value's mid-rank within its channel over the batch (and positions), (rank - 1/2) / m, ties sharing
+    the mean of their ranks."""
+    from scipy.stats import rankdata
+
+    x = np.asarray(x, np.float64)
+    moved = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])  # (m, C)
+    ranks = (rankdata(moved, axis=0) - 0.5) / len(moved)
+    return np.moveaxis(ranks.reshape(np.moveaxis(x, 1, -1).shape), -1, 1)
+
+
+def complex_step_gradient(f, x, h: float = 1e-30):
+    """The gradient of a real scalar function f at x by the complex step, Im f(x + i h e_k) / h per element:
+    exact to rounding (no cancellation, unlike a finite difference), for f written in complex-safe operations."""
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for k in np.ndindex(x.shape):
+        z = x.astype(np.complex128)
+        z[k] += 1j * h
+        grad[k] = np.imag(f(z)) / h
+    return grad
 
 
 def group_norm_forward(x, gamma, beta, *, groups: int, epsilon: float = 1e-5):
