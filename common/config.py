@@ -22,8 +22,10 @@ BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
 CHANNELS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
 # The normalisations (common.norms has the spec of each); only those in RUNNING_NORMS keep running
 # statistics and differ between train and eval mode.
-NORMS = ("batch", "renorm", "layer", "group", "instance")
-RUNNING_NORMS = ("batch", "renorm")
+NORMS = ("batch", "renorm", "layer", "group", "instance", "whiten", "pit", "pit-rank")
+RUNNING_NORMS = ("batch", "renorm", "whiten", "pit", "pit-rank")
+# the research exercise's transforms: no framework ships a layer for them (scratch only)
+RESEARCH_NORMS = ("whiten", "pit", "pit-rank")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
@@ -106,6 +108,12 @@ class ModelSpec:
         choices=NORMS,
     )
     groups: int = option(2, "--norm group: groups of channels per example")
+    whiten_group: int = option(
+        4,
+        "--norm whiten: channels whitened together, in groups of g consecutive ones (a last group takes what is "
+        "left; g at or above a layer's channels whitens them all together; 1 is BN)",
+    )
+    whiten_iterations: int = option(5, "--norm whiten: Newton-Schulz iterations for the inverse square root")
     # batch renormalisation (Ioffe, 2017): r is clipped to [1/rmax, rmax], d to [-dmax, dmax]; the limits
     # grow linearly from 1 and 0 over the first renorm_warmup training steps (0 = the limits from the start)
     renorm_rmax: float = option(3.0, "--norm renorm: r in [1/rmax, rmax]")
@@ -185,6 +193,18 @@ class ModelSpec:
             isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
             f"groups (--groups) must be an integer >= 1, got {self.groups!r}",
         )
+        _check(
+            isinstance(self.whiten_group, int) and not isinstance(self.whiten_group, bool) and self.whiten_group >= 1,
+            f"whiten_group (--whiten-group) must be an integer >= 1 (channels whitened together), got "
+            f"{self.whiten_group!r}",
+        )
+        _check(
+            isinstance(self.whiten_iterations, int)
+            and not isinstance(self.whiten_iterations, bool)
+            and self.whiten_iterations >= 1,
+            f"whiten_iterations (--whiten-iterations) must be an integer >= 1 (Newton-Schulz needs at least one "
+            f"iteration; 5 is IterNorm's), got {self.whiten_iterations!r}",
+        )
         _check(isinstance(self.norm_noise, bool), "norm_noise must be true or false")
         _check(
             _is_number(self.noise_scale) and self.noise_scale >= 1,
@@ -256,9 +276,15 @@ class ModelSpec:
 
     @property
     def has_running_stats(self) -> bool:
-        """Whether the normalisation layers keep running statistics (batch, renorm): only then do train and
-        eval mode differ, and only then are there population statistics."""
+        """Whether the normalisation layers keep running statistics (batch, renorm, whiten, pit, pit-rank): only
+        then do train and eval mode differ."""
         return self.has_norm and self.norm in RUNNING_NORMS
+
+    @property
+    def has_population(self) -> bool:
+        """Whether the population pass (common.population) applies: running means and variances (whiten keeps a
+        covariance, whose population form the spec leaves open, so its runs skip the pass)."""
+        return self.has_running_stats and self.norm != "whiten"
 
     @property
     def side(self) -> int:
@@ -291,6 +317,8 @@ LATE_FIELDS = {
     "model.image_size": 28,
     "replicas": 1,
     "bn_sync": "local",
+    "model.whiten_group": 4,
+    "model.whiten_iterations": 5,
 }
 
 
@@ -340,7 +368,8 @@ class RunConfig:
     population_size: int = option(
         2048,
         "after each epoch, also evaluate with BN population statistics from this many training images "
-        "(train-mode batches of --batch-size, weights fixed, timed apart: common.population); 0 = off",
+        "(train-mode batches of --batch-size, weights fixed, timed apart: common.population); 0 = off; not for "
+        "--norm whiten, whose running covariance has no population form in the spec (its runs skip the pass)",
     )
     recalibrate: bool = option(
         False,
@@ -383,6 +412,11 @@ class RunConfig:
             not self.recalibrate or self.population_size > 0,
             "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0",
         )
+        _check(
+            not self.recalibrate or not self.model.has_norm or self.model.has_population,
+            f"recalibrate (--recalibrate) keeps population statistics, and --norm {self.model.norm} has none "
+            "(whiten's running covariance has no population form in the spec); drop --recalibrate",
+        )
         self._check_slices()
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(
@@ -419,9 +453,9 @@ class RunConfig:
             "each replica's slice its own statistics (--ghost-batch B/K is its one-process equivalent)",
         )
         _check(
-            not (self.replicas > 1 and spec.has_norm and spec.norm == "renorm"),
-            "--replicas with --norm renorm is not supported yet: batch renormalisation's data-parallel form is not "
-            "specified (docs/data-parallel.md); use --norm batch",
+            not (self.replicas > 1 and spec.has_norm and spec.norm in ("renorm",) + RESEARCH_NORMS),
+            f"--replicas with --norm {spec.norm} is not supported yet: its data-parallel form is not specified "
+            "(docs/data-parallel.md); use --norm batch",
         )
         _check(
             not (self.replicas > 1 and self.bn_sync == "global" and spec.has_norm and not spec.has_running_stats),

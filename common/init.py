@@ -4,9 +4,10 @@ The canonical layout is PyTorch's: conv weight (out, in, kh, kw), dense weight
 (out, in), flatten order (C, H, W). BN layers are named bn1..bn4 after the
 layer they follow (whatever the normalisation, --norm) and hold gamma and beta (per
 channel / feature), plus running_mean and running_var for the normalisations that
-keep running statistics (batch, renorm) and, for renorm, `steps`: the training steps
-it has taken, which set its clipping limits. Every backend converts to its own layout
-on load and back on export.
+keep running statistics (batch, renorm, pit, pit-rank) and, for renorm, `steps`: the training steps
+it has taken, which set its clipping limits. whiten keeps running_mean and running_cov, a (C, C)
+covariance used only within its whitening groups' diagonal blocks (zero elsewhere), initially I.
+Every backend converts to its own layout on load and back on export.
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ from .config import CHANNELS, ModelSpec
 NORM_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
 BN_STATS = ("running_mean", "running_var")
 # the state of a normalisation layer that training changes besides gamma and beta
-NORM_STATE = BN_STATS + ("steps",)
+NORM_STATE = BN_STATS + ("steps", "running_cov")
 
 
 def norm_suffixes(spec: ModelSpec) -> tuple:
     """The canonical arrays of one normalisation layer of spec.norm."""
     if spec.norm == "renorm":
-        return ("gamma", "beta") + NORM_STATE
-    return ("gamma", "beta") + (BN_STATS if spec.norm == "batch" else ())
+        return ("gamma", "beta") + BN_STATS + ("steps",)
+    if spec.norm == "whiten":
+        return ("gamma", "beta", "running_mean", "running_cov")
+    return ("gamma", "beta") + (BN_STATS if spec.norm in ("batch", "pit", "pit-rank") else ())
+
+
+def norm_state_shape(suffix: str, features: int) -> tuple:
+    """The shape of one normalisation array of a layer of `features` channels (features)."""
+    return {"steps": (1,), "running_cov": (features, features)}.get(suffix, (features,))
 
 
 def layer_shapes(spec: ModelSpec) -> dict:
@@ -61,7 +69,7 @@ def parameter_shapes(spec: ModelSpec) -> dict:
         if layer in NORM_NAMES and spec.norm_at(layer):
             bn = NORM_NAMES[layer]
             for suffix in norm_suffixes(spec):
-                out[f"{bn}.{suffix}"] = (1,) if suffix == "steps" else (shape[0],)
+                out[f"{bn}.{suffix}"] = norm_state_shape(suffix, shape[0])
     return out
 
 
@@ -75,7 +83,7 @@ def is_trainable(name: str, spec: ModelSpec) -> bool:
 
 
 def init_params(spec: ModelSpec, seed: int, dtype: str = "float32") -> dict:
-    """Glorot-uniform weights, zero biases, gamma 1, beta 0, running mean 0, running var 1, steps 0."""
+    """Glorot-uniform weights, zero biases, gamma 1, beta 0, running mean 0, running var 1, running cov I, steps 0."""
     rng = np.random.RandomState([seed, 0, 2])  # RandomState: the same stream on numpy 1.23 and 2.x
     params = {}
     for name, shape in parameter_shapes(spec).items():
@@ -87,6 +95,8 @@ def init_params(spec: ModelSpec, seed: int, dtype: str = "float32") -> dict:
             value = rng.uniform(-limit, limit, size=shape)
         elif suffix in ("gamma", "running_var"):
             value = np.ones(shape)
+        elif suffix == "running_cov":
+            value = np.eye(shape[0])
         else:  # bias, beta, running_mean, steps
             value = np.zeros(shape)
         params[name] = value.astype(dtype)

@@ -70,6 +70,14 @@ def moments(values, channel_axis: int) -> tuple:
     return h.mean(axis=axes), h.var(axis=axes)
 
 
+def running_variance(params: dict, name: str) -> np.ndarray:
+    """A normalisation layer's running variance per channel: running_var, or whiten's running covariance's
+    diagonal."""
+    if f"{name}.running_var" in params:
+        return params[f"{name}.running_var"]
+    return np.diagonal(params[f"{name}.running_cov"])
+
+
 def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, running_var) -> dict:
     """One entry of ProbeResult.norms: the per-channel batch mean and biased variance of the
     BN layer's input (computed in float64) beside its running statistics."""
@@ -206,7 +214,7 @@ class Backend(ABC):
         finally:
             self.restore_state(saved)
         stats = {
-            name: bn_probe_stats(x, axis, params[f"{name}.running_mean"], params[f"{name}.running_var"])
+            name: bn_probe_stats(x, axis, params[f"{name}.running_mean"], running_variance(params, name))
             for name, (x, axis) in inputs.items()
         }
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), norms=stats)

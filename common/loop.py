@@ -232,7 +232,7 @@ def _run(backend: Backend, config: RunConfig, dataset: Dataset, emit, progress, 
     # the same images every epoch (and in every framework); none without running statistics (common.norms)
     pop_batches = (
         population.population_batches(config.seed, ntrain, config.population_size, config.batch_size)
-        if config.population_size and config.model.has_running_stats
+        if config.population_size and config.model.has_population
         else None
     )
     tracer = (

@@ -30,7 +30,8 @@ are how every framework computes it: the slices become channels, (N, C, ...) -> 
 function normalises each (slice, channel) pair, with gamma, beta and the running statistics tiled S times and the
 new running statistics averaged back over the slices.
 
-The research exercise's transforms (float64 reference in common.reference; no framework layer yet, so no --norm):
+The research exercise's transforms (--norm whiten, pit, pit-rank; float64 reference in common.reference; scratch
+only, no framework ships a layer for them):
 
 - whiten (Decorrelated BN by IterNorm, Huang et al. 2019): the channels form groups of g consecutive ones
   (`whiten_groups`; a last group of C mod g channels is whitened on its own, as a smaller group). In training
@@ -41,14 +42,21 @@ The research exercise's transforms (float64 reference in common.reference; no fr
   y = gamma * x_hat + beta per channel. The running statistics are the mean and the covariance (not the
   whitening matrix: at g = 1 the covariance is BN's running variance), blended as BN's; eval mode whitens with
   them by the same T iterations. At g = 1, Sigma_N = 1 and every P_k = 1, so W = 1 / sqrt(var + eps): BN.
+  Every framework computes all groups at once on (C, C) matrices: the covariance masked to its groups' diagonal
+  blocks (`whiten_mask`), each row divided by its group's trace; matrix products keep the blocks apart, so this is
+  the per-group computation, with the zero blocks' products adding exact zeros. The running covariance is
+  updated only within the blocks (`mask * blend + (1 - mask) * running`), as the reference does.
 - pit (the Gaussian probability integral transform): y = gamma * Phi(x_hat) + beta with BN's x_hat, so before
   gamma and beta each value lies in (0, 1); BN's running statistics and eval mode.
 - pit-rank (the empirical one): in training mode each value is replaced by its mid-rank within its channel over
   the batch (and positions), (rank - 1/2) / m with tied values sharing the mean of their ranks; the rank has no
-  useful derivative, so the backward is pit's (a straight-through surrogate). Running statistics and eval mode
-  are pit's.
+  useful derivative, so the backward is pit's (a straight-through surrogate: u = Phi(x_hat) + stop_gradient(rank
+  - Phi(x_hat)), which equals the rank to rounding). Running statistics and eval mode are pit's. The mid-rank of
+  a value is (#smaller + #smaller-or-equal) / (2m): two binary searches in the sorted channel (PyTorch,
+  TensorFlow, JAX), or from the sorted channel's tie blocks (MXNet, which has no binary search).
 
-Only batch and renorm differ between train and eval mode; for the others the harness's divergence
+Only the normalisations with running statistics (batch, renorm, whiten, pit, pit-rank) differ between train and
+eval mode; for the others the harness's divergence
 figures are exactly 0, which every run checks by measuring them like BN's.
 """
 
@@ -71,8 +79,25 @@ def whiten_groups(channels: int, group: int) -> list:
     return [(start, min(start + group, channels)) for start in range(0, channels, group)]
 
 
+def whiten_mask(channels: int, group: int) -> np.ndarray:
+    """(C, C) float64: 1 where both channels are in the same whitening group (its diagonal blocks), else 0."""
+    mask = np.zeros((channels, channels))
+    for start, stop in whiten_groups(channels, group):
+        mask[start:stop, start:stop] = 1.0
+    return mask
+
+
 # NormLayer.kind: the project's own layers (scratch), one per transform, and the framework's built-in ones
-SCRATCH_KINDS = {"batch": "batch", "renorm": "renorm", "layer": "group", "group": "group", "instance": "group"}
+SCRATCH_KINDS = {
+    "batch": "batch",
+    "renorm": "renorm",
+    "layer": "group",
+    "group": "group",
+    "instance": "group",
+    "whiten": "whiten",
+    "pit": "pit",
+    "pit-rank": "pit-rank",
+}
 BUILTIN_KINDS = {norm: f"builtin-{norm}" for norm in SCRATCH_KINDS}
 
 
@@ -82,10 +107,12 @@ class NormLayer:
     every framework. Each framework's `lenet.make_norm(layer, precision="float32", name=None)` looks `kind` up in
     its table of constructors (`build`), so a framework knows nothing of variants.
 
-    kind: "batch", "renorm" or "group" (the project's layers; layer, group and instance normalisation are group
-    normalisation with `groups` groups), or "builtin-" and the spec.norm (the framework's own layer).
+    kind: "batch", "renorm", "group" (the project's layers; layer, group and instance normalisation are group
+    normalisation with `groups` groups), "whiten", "pit" or "pit-rank", or "builtin-" and the spec.norm (the
+    framework's own layer).
     decay, epsilon: None where the framework's own default applies (builtin-defaults); decay None too where the
-    layer keeps no running statistics. groups: the group kinds only. renorm: (rmax, dmax, warmup), renorm only."""
+    layer keeps no running statistics. groups: the group kinds only. renorm: (rmax, dmax, warmup), renorm only.
+    whiten: (g, T), whiten only."""
 
     kind: str
     features: int  # channels (after a convolution) or features (after a dense layer)
@@ -95,6 +122,11 @@ class NormLayer:
     groups: int | None = None
     renorm: tuple | None = None
     ghost: int = 0  # batch only: in training mode, statistics per slice of this many examples (0: the whole batch)
+    whiten: tuple | None = None
+
+    def whiten_kwargs(self) -> dict:
+        """group and iterations as keyword arguments of a Whiten layer."""
+        return dict(zip(("group", "iterations"), self.whiten))
 
     @property
     def norm(self) -> str:
@@ -127,6 +159,7 @@ def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
         groups=None if running else groups_of(spec, features),
         renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if spec.norm == "renorm" else None,
         ghost=spec.ghost_batch if spec.norm == "batch" else 0,
+        whiten=(spec.whiten_group, spec.whiten_iterations) if spec.norm == "whiten" else None,
     )
 
 

@@ -273,8 +273,61 @@ def norm_forward(
         if renorm is not None:
             new["steps"] = np.asarray(state["steps"], np.float64) + 1
         return y, new, cache, "batch"
+    if spec.norm == "whiten":
+        y, new["running_mean"], new["running_cov"], x_hat = whiten_forward(
+            x,
+            state["gamma"],
+            state["beta"],
+            state["running_mean"],
+            state["running_cov"],
+            training=training,
+            group=spec.whiten_group,
+            iterations=spec.whiten_iterations,
+            decay=dec,
+            epsilon=eps,
+        )
+
+        def transform(z):  # x -> x_hat with the state fixed, complex-safe (the complex-step derivative)
+            return whiten_forward(
+                z,
+                np.ones(x.shape[1]),
+                np.zeros(x.shape[1]),
+                state["running_mean"],
+                state["running_cov"],
+                training=training,
+                group=spec.whiten_group,
+                iterations=spec.whiten_iterations,
+                decay=dec,
+                epsilon=eps,
+            )[0]
+
+        return y, new, (x, np.asarray(state["gamma"], np.float64), x_hat, transform), "whiten"
+    if spec.norm in ("pit", "pit-rank"):
+        y, new["running_mean"], new["running_var"], _, cache = pit_forward(
+            x,
+            state["gamma"],
+            state["beta"],
+            state["running_mean"],
+            state["running_var"],
+            training=training,
+            decay=dec,
+            epsilon=eps,
+            rank=spec.norm == "pit-rank",
+        )
+        return y, new, cache, "pit"
     y, cache = group_norm_forward(x, state["gamma"], state["beta"], groups=groups_of(spec, x.shape[1]), epsilon=eps)
     return y, new, cache, "group"
+
+
+def whiten_backward(dy, cache):
+    """Gradients (dx, dgamma, dbeta) of sum(dy * y) for whiten: dx by the complex step through the whole transform
+    (exact to rounding; small inputs only, one forward per element), dgamma and dbeta as for any affine step."""
+    x, gamma, x_hat, transform = cache
+    dy = np.asarray(dy, np.float64)
+    axes, shape = _axes(x), _shape(x)
+    weighted = dy * gamma.reshape(shape)
+    dx = complex_step_gradient(lambda z: np.sum(weighted * transform(z)), x)
+    return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
 
 
 def ghost_batch_norm_forward(spec: ModelSpec, x, state: dict, *, epsilon: float, decay: float):
@@ -305,7 +358,9 @@ def norm_backward(dy, cache, kind: str):
         parts = [batch_norm_backward(dy[i * ghost : (i + 1) * ghost], c) for i, c in enumerate(caches)]
         dx, dgamma, dbeta = zip(*parts)
         return np.concatenate(dx), np.sum(dgamma, axis=0), np.sum(dbeta, axis=0)
-    return (batch_norm_backward if kind == "batch" else group_norm_backward)(dy, cache)
+    return {"batch": batch_norm_backward, "group": group_norm_backward, "whiten": whiten_backward, "pit": pit_backward}[
+        kind
+    ](dy, cache)
 
 
 def conv2d(x, weight, bias=None):

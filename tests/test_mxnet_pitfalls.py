@@ -143,3 +143,42 @@ def test_amp_init_rewrites_the_operators_of_the_whole_process(mx):
     replaced, dtype = out.stdout.strip().splitlines()[-1].split("|")
     assert replaced == "False"  # the module attribute itself was replaced
     assert "bfloat16" in dtype, dtype  # a float32 call now computes in, and returns, bfloat16
+
+
+def test_erf_gradient_is_float32_accurate_even_in_float64(mx):
+    """erf's backward multiplies by 2 / sqrt(pi) rounded to float32: a relative error of 3.0e-8 in float64, which
+    breaks float64 parity; the scratch PIT writes the normal density out (frameworks/mxnet/batchnorm.py)."""
+    from mxnet import autograd, nd
+
+    x = nd.array([0.5, -1.0, 2.0], dtype="float64")
+    x.attach_grad()
+    with autograd.record():
+        y = nd.erf(x)
+    y.backward()
+    exact = 2 / np.sqrt(np.pi) * np.exp(-(x.asnumpy() ** 2))
+    relative = x.grad.asnumpy() / exact - 1
+    assert np.ptp(relative) < 1e-14  # one constant factor, the same at every x...
+    assert 1e-8 < np.abs(relative[0]) < 2.0**-24  # ...off by a float32 rounding (float64's would be ~1e-16)
+
+
+def test_where_inside_stop_gradient_crashes_the_backward(mx):
+    """A `where` of arrays that carry gradients, inside stop_gradient: the backward is a segmentation fault (MXNet
+    1.9.1, CPU). The scratch pit-rank multiplies by its 0/1 mode instead. Run in a subprocess, which it ends."""
+    import subprocess
+    import sys
+
+    def run(body):
+        code = (
+            "import mxnet as mx\nfrom mxnet import nd, autograd\n"
+            "x = nd.array([[0.3], [-1.2]], dtype='float64'); x.attach_grad()\n"
+            "train = nd.ones((2, 1), dtype='float64')\n"
+            f"with autograd.record():\n    u = nd.sigmoid(x)\n    y = ({body}).sum()\n"
+            "y.backward()\nprint(x.grad.asnumpy().sum())\n"
+        )
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    crashed = run("u + nd.stop_gradient(nd.where(train, x * 2, u) - u)")
+    # MXNet's own handler reports the signal and exits 255
+    assert crashed.returncode != 0 and "Segmentation fault" in crashed.stderr, (crashed.returncode, crashed.stderr)
+    product = run("u + nd.stop_gradient((x * 2 - u) * train)")
+    assert product.returncode == 0, product.stderr[-500:]

@@ -1,13 +1,17 @@
 """The research exercise's transforms (common.norms: whiten, pit, pit-rank): the float64 reference against exact
-ZCA, BN and their definitions. Framework-free; the framework layers do not exist yet."""
+ZCA, BN and their definitions (framework-free), and every framework's scratch layer against the reference,
+forward, backward and running statistics, over Hypothesis-drawn shapes, groups, iterations and dtypes."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.special import ndtr
 
-from common.norms import whiten_groups
+from common.config import ModelSpec
+from common.errors import BackendUnavailable, ConfigError
+from common.init import norm_suffixes
+from common.norms import whiten_groups, whiten_mask
 from common.reference import (
     batch_norm_backward,
     batch_norm_forward,
@@ -15,6 +19,8 @@ from common.reference import (
     exact_inverse_sqrt,
     mid_ranks,
     newton_schulz_inverse_sqrt,
+    norm_backward,
+    norm_forward,
     pit_backward,
     pit_forward,
     whiten_forward,
@@ -186,3 +192,187 @@ def test_pit_rank_is_a_permutation_of_the_mid_rank_grid_with_ties_sharing_their_
     # eval mode is pit's: the running statistics through the normal CDF
     _, _, _, u_eval, _ = pit_forward(x, np.ones(c), np.zeros(c), np.zeros(c), np.ones(c), training=False, rank=True)
     np.testing.assert_allclose(u_eval, ndtr(x / np.sqrt(1 + 1e-5)), rtol=1e-14)
+
+
+# ---- every framework's scratch layer against the reference -----------------------------------------------------
+
+LAYER_EXAMPLES = settings(
+    max_examples=20, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24}
+
+
+def research_inputs(shape, spec, seed, offset=0.0, scale=1.0):
+    """x (correlated channels, so whitening has work to do), dy and the layer's state: a running covariance that
+    is symmetric positive definite within each whitening group and zero outside them."""
+    rng = np.random.RandomState(seed)
+    c = shape[1]
+    mixing = rng.randn(c, c)
+    cov = (mixing @ mixing.T / c + np.diag(rng.uniform(0.3, 1.5, c))) * whiten_mask(c, spec.whiten_group)
+    state = {
+        "gamma": rng.uniform(0.5, 1.5, c),
+        "beta": rng.normal(0, 0.5, c),
+        "running_mean": offset + rng.normal(0, scale, c),
+        "running_var": scale**2 * rng.uniform(0.3, 3, c),
+        "running_cov": scale**2 * cov,
+    }
+    state = {k: v for k, v in state.items() if k in norm_suffixes(spec)}
+    return offset + scale * correlated(shape, seed + 1), rng.normal(0, 1, shape), state
+
+
+def reference_result(spec, x, state, dy, training):
+    y, new, cache, kind = norm_forward(spec, x, state, training=training)
+    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
+    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "state": new}
+
+
+def check_layer(got, want, atol, what):
+    for key in ("y", "dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol(want[key]), err_msg=f"{what}: {key}")
+    assert sorted(got["state"]) == sorted(want["state"])
+    for key, value in want["state"].items():
+        np.testing.assert_allclose(got["state"][key], value, rtol=0, atol=atol(value), err_msg=f"{what}: {key}")
+
+
+@st.composite
+def research_cases(draw):
+    norm = draw(st.sampled_from(["whiten", "pit", "pit-rank"]))
+    dims = draw(st.sampled_from([2, 4]))
+    channels = draw(st.integers(1, 7))
+    spatial = (draw(st.integers(1, 3)), draw(st.integers(1, 3))) if dims == 4 else ()
+    spec = ModelSpec(
+        norm=norm,
+        bn_positions=("conv1",),
+        whiten_group=draw(st.integers(1, 8)),  # up to above the channels: one group of them all
+        whiten_iterations=draw(st.integers(1, 7)),
+        epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        decay=draw(st.sampled_from([0.9, 0.5])),
+    )
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    offset = scale * draw(st.sampled_from([0.0, 3.0, -30.0]))
+    batch = draw(st.integers(2, 6))
+    return spec, (batch, channels) + spatial, draw(st.booleans()), dtype, offset, scale, draw(st.integers(0, 2**16))
+
+
+def conditioning(spec, x, state, training):
+    """The largest condition number of a whitening group's covariance plus eps I (the batch's in training, the
+    running one in eval): how much an inverse square root amplifies the round-off of its input."""
+    flat = np.moveaxis(np.asarray(x, np.float64), 1, -1).reshape(-1, x.shape[1])
+    cov = np.cov(flat.T, bias=True).reshape(x.shape[1], x.shape[1]) if training else state["running_cov"]
+    worst = 1.0
+    for start, stop in whiten_groups(x.shape[1], spec.whiten_group):
+        values = np.linalg.eigvalsh(
+            np.asarray(cov, np.float64)[start:stop, start:stop] + spec.epsilon * np.eye(stop - start)
+        )
+        worst = max(worst, values[-1] / values[0])
+    return worst
+
+
+@LAYER_EXAMPLES
+@given(case=research_cases())
+def test_scratch_research_norm_matches_reference(fw, harness, framework, case):
+    """Forward, dx (whiten's by the complex step through Newton-Schulz, pit-rank's the Gaussian PIT's surrogate),
+    dgamma, dbeta and the running statistics. The bound: a few hundred unit roundoffs, times the input's size
+    relative to its spread (what centring leaves), times for whiten the groups' condition number (an inverse
+    square root amplifies its input's round-off by it: a batch of 4 whitened in groups of 3 is near singular),
+    times the result's size. Derived, not fitted: the largest error seen over 150 cases was 8 of these units."""
+    spec, shape, training, dtype, offset, scale, seed = case
+    x, dy, state = research_inputs(shape, spec, seed, offset, scale)
+    cast = {k: v.astype(dtype) for k, v in state.items()}
+    x, dy = x.astype(dtype), dy.astype(dtype)
+    got = harness.run_norm(spec, x, cast, dy, training=training, dtype=dtype)
+    want = reference_result(spec, x, cast, dy, training)
+    check_layer(
+        got,
+        want,
+        bound(spec, x, cast, training, dtype, offset, scale),
+        f"{framework} {spec.norm} {shape} "
+        f"{dtype} training={training} offset={offset} g={spec.whiten_group} T={spec.whiten_iterations}",
+    )
+
+
+def bound(spec, x, state, training, dtype, offset=0.0, scale=1.0):
+    magnitude = (abs(offset) + scale) / scale
+    if spec.norm == "whiten":
+        magnitude *= conditioning(spec, x, state, training)
+
+    def atol(value):
+        return 256 * UNIT_ROUNDOFF[dtype] * magnitude * (1 + np.max(np.abs(value)))
+
+    return atol
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 3, 2)], ids=["2d", "4d"])
+def test_scratch_whiten_groups_each_normalise_by_their_own_trace(fw, harness, framework, shape, training):
+    """Groups of 2 over 5 channels (the last holds 1) and 2 iterations, far from converged, so that a trace taken
+    over all channels, a mask that lets the groups mix or a block updated outside its group shows."""
+    spec = ModelSpec(norm="whiten", whiten_group=2, whiten_iterations=2, bn_positions=("conv1",))
+    x, dy, state = research_inputs(shape, spec, seed=11, offset=1.0)
+    got = harness.run_norm(spec, x, state, dy, training=training, dtype="float64")
+    check_layer(
+        got,
+        reference_result(spec, x, state, dy, training),
+        bound(spec, x, state, training, "float64", 1.0),
+        f"{framework} whiten {shape}",
+    )
+    assert np.all(got["state"]["running_cov"][whiten_mask(5, 2) == 0] == 0)
+
+
+@pytest.mark.parametrize("dims", [2, 4])
+def test_scratch_whiten_with_groups_of_one_is_the_scratch_bn(fw, harness, framework, dims):
+    """g = 1: each channel its own group, the covariance its variance, every Newton-Schulz iterate 1: BN, to the
+    last bits (1 / sqrt against BN's reciprocal square root may differ by one rounding)."""
+    shape = (6, 3, 2, 2) if dims == 4 else (6, 3)
+    whiten = ModelSpec(norm="whiten", whiten_group=1, whiten_iterations=3)
+    x, dy, state = research_inputs(shape, whiten, seed=5, offset=2.0)
+    for training in (True, False):
+        got = harness.run_norm(whiten, x, state, dy, training=training, dtype="float64")
+        bn_state = {**state, "running_var": np.diag(state["running_cov"]).copy()}
+        del bn_state["running_cov"]
+        bn = harness.run_norm(ModelSpec(), x, bn_state, dy, training=training, dtype="float64")
+        for key in ("y", "dx", "dgamma", "dbeta"):
+            np.testing.assert_allclose(got[key], bn[key], rtol=0, atol=1e-13, err_msg=f"{framework} {key}")
+        np.testing.assert_allclose(np.diag(got["state"]["running_cov"]), bn["state"]["running_var"], atol=1e-15)
+
+
+def test_scratch_pit_rank_outputs_the_mid_rank_grid_with_ties(fw, harness, framework):
+    """Before gamma and beta, pit-rank's training output per channel is the mid-rank grid, ties (the zeros of a
+    ReLU) sharing their mean rank, to the rounding of its straight-through sum; eval mode is pit's."""
+    spec = ModelSpec(norm="pit-rank")
+    rng = np.random.RandomState(3)
+    x = np.maximum(rng.normal(size=(16, 3, 3, 3)), 0.0)  # about half of the values tie at zero
+    state = {"gamma": np.ones(3), "beta": np.zeros(3), "running_mean": np.zeros(3), "running_var": np.ones(3)}
+    got = harness.run_norm(spec, x, state, np.ones_like(x), training=True, dtype="float64")
+    np.testing.assert_allclose(got["y"], mid_ranks(x), rtol=0, atol=1e-15)
+    for c in range(3):  # the ties really tie, in each channel
+        zeros = got["y"][:, c][x[:, c] == 0]
+        assert len(zeros) > 20 and np.ptp(zeros) < 1e-15
+    evaluated = harness.run_norm(spec, x, state, np.ones_like(x), training=False, dtype="float64")
+    pit = harness.run_norm(ModelSpec(norm="pit"), x, state, np.ones_like(x), training=False, dtype="float64")
+    np.testing.assert_array_equal(evaluated["y"], pit["y"])
+
+
+@pytest.mark.parametrize("norm", ["whiten", "pit", "pit-rank"])
+def test_no_framework_ships_a_research_norm(fw, harness, framework, norm):
+    spec = ModelSpec(norm=norm, variant="builtin")
+    x, dy, state = research_inputs((4, 3), spec, seed=1)
+    with pytest.raises(BackendUnavailable, match=f"no built-in layer that fits the spec of --norm {norm}.*scratch"):
+        harness.run_norm(spec, x, state, dy, training=True, dtype="float64")
+
+
+def test_bad_research_norm_settings_are_clear_errors():
+    from common.config import RunConfig
+
+    for kwargs, message in (
+        (dict(norm="whiten", whiten_group=0), "whiten_group \\(--whiten-group\\) must be an integer >= 1"),
+        (dict(norm="whiten", whiten_iterations=0), "Newton-Schulz needs at least one iteration"),
+        (dict(norm="whiten", whiten_iterations=2.5), "whiten_iterations"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            ModelSpec(**kwargs)
+    assert not ModelSpec(norm="whiten").has_population  # its running covariance: the pass is skipped
+    with pytest.raises(ConfigError, match="--replicas with --norm pit is not supported"):
+        RunConfig(model=ModelSpec(norm="pit"), replicas=2)
+    assert ModelSpec(norm="pit").has_population and ModelSpec(norm="pit-rank").has_population

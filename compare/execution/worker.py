@@ -155,7 +155,7 @@ def bench(job: dict) -> int:
             )
             continue
         # a model without running statistics has no population pass (common.population)
-        names = LOOPS + (("population",) if population_size and model.has_running_stats else ())
+        names = LOOPS + (("population",) if population_size and model.has_population else ())
         for r in range(job["repeats"]):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it

@@ -1,5 +1,6 @@
-"""Scratch batch normalization, batch renormalisation and group normalisation for JAX / Flax
-(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
+"""Scratch batch normalization, batch renormalisation, group normalisation, group whitening and the probability
+integral transforms for JAX / Flax (layer and instance normalisation are group normalisation with 1 and C groups;
+common.norms has the spec).
 
 `batch_norm` is a pure function: the running statistics go in and the new ones
 come out, nothing is mutated, and the mode is a required keyword (there is no
@@ -19,11 +20,14 @@ running statistics), the statistics and the running blend included, and the
 result returned in the input's dtype.
 """
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from common.norms import renorm_limits
+from common.norms import renorm_limits, whiten_mask
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
@@ -189,3 +193,119 @@ class GroupNorm(nn.Module):
         gamma = self.param("gamma", nn.initializers.ones, (self.num_features,), self.dtype)
         beta = self.param("beta", nn.initializers.zeros, (self.num_features,), self.dtype)
         return group_norm(x, gamma, beta, groups=self.groups, epsilon=self.epsilon)
+
+
+def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, epsilon, iterations):
+    """Group whitening (common.norms) of channel-last x: returns (y, new_running_mean, new_running_cov). mask:
+    whiten_mask's (C, C) block indicator. Training: the batch's mean and covariance within the blocks, blended into
+    the running ones (within the blocks only); eval: the running ones."""
+    out_dtype, x = x.dtype, in_float32(x)
+    values = x.reshape(-1, x.shape[-1])  # (m, C): channel-last, each row one position of one example
+    if training:
+        mean = jnp.mean(values, axis=0)
+        centred = values - mean
+        cov = (centred.T @ centred) / values.shape[0] * mask
+        new_mean = decay * running_mean + (1.0 - decay) * lax.stop_gradient(mean)
+        blend = decay * running_cov + (1.0 - decay) * lax.stop_gradient(cov)
+        new_cov = mask * blend + (1.0 - mask) * running_cov
+    else:
+        mean, cov = running_mean, running_cov * mask
+        centred = values - mean
+        new_mean, new_cov = running_mean, running_cov
+    eye = jnp.eye(mask.shape[0], dtype=x.dtype)
+    sigma = cov + epsilon * eye
+    trace = mask @ jnp.diagonal(sigma)  # each channel's group's trace
+    normalised = sigma / trace[:, None]
+    p = eye
+    for _ in range(iterations):
+        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
+    x_hat = (centred @ (p / jnp.sqrt(trace)[:, None]).T).reshape(x.shape)
+    return (x_hat * gamma + beta).astype(out_dtype), new_mean, new_cov
+
+
+def mid_ranks(x):
+    """Each value's mid-rank within its channel over the batch (and positions), (rank - 1/2) / m with ties sharing
+    their mean rank: (#smaller + #smaller-or-equal) / (2m), by binary search in the sorted channel."""
+    rows = x.reshape(-1, x.shape[-1]).T  # (C, m)
+    ordered = jnp.sort(rows, axis=1)
+    left = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(ordered, rows)
+    right = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="right"))(ordered, rows)
+    return ((left + right).astype(x.dtype) / (2 * rows.shape[1])).T.reshape(x.shape)
+
+
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+    """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
+    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    out_dtype, x = x.dtype, in_float32(x)
+    ones = jnp.ones_like(gamma, dtype=x.dtype)
+    x_hat, new_mean, new_var = batch_norm(
+        x, ones, jnp.zeros_like(ones), running_mean, running_var, training=training, decay=decay, epsilon=epsilon
+    )
+    u = 0.5 * (1.0 + jax.scipy.special.erf(x_hat / math.sqrt(2.0)))
+    if rank and training:
+        u = u + lax.stop_gradient(mid_ranks(x) - u)
+    return (u * gamma + beta).astype(out_dtype), new_mean, new_var
+
+
+class Whiten(nn.Module):
+    """Our whiten as a Flax layer: gamma and beta in "params", running_mean and running_cov in "batch_stats";
+    `training` is a required argument of every call."""
+
+    num_features: int
+    group: int = 4
+    iterations: int = 5
+    decay: float = 0.9
+    epsilon: float = 1e-5
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, *, training):
+        c = self.num_features
+        gamma = self.param("gamma", nn.initializers.ones, (c,), self.dtype)
+        beta = self.param("beta", nn.initializers.zeros, (c,), self.dtype)
+        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), self.dtype)
+        running_cov = self.variable("batch_stats", "running_cov", lambda: jnp.eye(c, dtype=self.dtype))
+        mask = jnp.asarray(whiten_mask(c, self.group), dtype=self.dtype)
+        y, new_mean, new_cov = whiten(
+            x,
+            gamma,
+            beta,
+            running_mean.value,
+            running_cov.value,
+            mask,
+            training=training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            iterations=self.iterations,
+        )
+        if training and not self.is_initializing():
+            running_mean.value, running_cov.value = new_mean, new_cov
+        return y
+
+
+class PIT(BatchNorm):
+    """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
+
+    rank: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, training):
+        shape = (self.num_features,)
+        gamma = self.param("gamma", nn.initializers.ones, shape, self.dtype)
+        beta = self.param("beta", nn.initializers.zeros, shape, self.dtype)
+        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, shape, self.dtype)
+        running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
+        y, new_mean, new_var = pit(
+            x,
+            gamma,
+            beta,
+            running_mean.value,
+            running_var.value,
+            training=training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            rank=self.rank,
+        )
+        if training and not self.is_initializing():
+            running_mean.value, running_var.value = new_mean, new_var
+        return y

@@ -29,7 +29,7 @@ from common.init import NORM_NAMES, has_bias, layer_shapes, parameter_shapes
 from common.norms import build, given, norm_after
 from common.precision import dtype_and_mixed
 
-from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
+from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 
 # canonical BN suffix -> (collection, leaf) for our layer and for Flax's
 SCRATCH_LEAVES = {
@@ -38,6 +38,7 @@ SCRATCH_LEAVES = {
     "running_mean": ("batch_stats", "running_mean"),
     "running_var": ("batch_stats", "running_var"),
     "steps": ("batch_stats", "steps"),
+    "running_cov": ("batch_stats", "running_cov"),
 }
 FLAX_LEAVES = {
     "gamma": ("params", "scale"),
@@ -78,6 +79,15 @@ CONSTRUCTORS = {
     "group": lambda layer, dtype, param_dtype, name: GroupNorm(
         layer.features, layer.groups, epsilon=layer.epsilon, dtype=param_dtype, name=name
     ),
+    "whiten": lambda layer, dtype, param_dtype, name: Whiten(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.whiten_kwargs()
+    ),
+    "pit": lambda layer, dtype, param_dtype, name: PIT(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+    ),
+    "pit-rank": lambda layer, dtype, param_dtype, name: PIT(
+        layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+    ),
     # Flax's momentum weights the old running value, like our decay
     "builtin-batch": lambda layer, dtype, param_dtype, **kw: nn.BatchNorm(
         **given(momentum=layer.decay, epsilon=layer.epsilon), dtype=dtype, param_dtype=param_dtype, **kw
@@ -101,7 +111,7 @@ def make_norm(layer, precision="float32", name=None, **synced):
 def mode_kwargs(layer, training):
     """Our BN layers take `training`; Flax's BatchNorm takes `use_running_average`, its inverse; the other
     normalisations have no mode."""
-    if isinstance(layer, BatchNorm):
+    if isinstance(layer, (BatchNorm, Whiten)):
         return {"training": training}
     return {"use_running_average": not training} if isinstance(layer, nn.BatchNorm) else {}
 

@@ -1,6 +1,6 @@
-"""Scratch batch normalization, batch renormalisation and group normalisation for MXNet Gluon,
-written with NDArray/Symbol ops (layer and instance normalisation are group normalisation with 1 and
-C groups; common.norms has the spec).
+"""Scratch batch normalization, batch renormalisation, group normalisation, group whitening and the probability
+integral transforms for MXNet Gluon, written with NDArray/Symbol ops (layer and instance normalisation are group
+normalisation with 1 and C groups; common.norms has the spec).
 
 Layout: NCHW (4-D) or NC (2-D). A hybridized graph freezes any Python branch
 on `autograd.is_training()` at trace time and cannot assign to parameters, so:
@@ -14,11 +14,14 @@ loaded and moved with the model. The raw `BatchNorm` operator is not used
 here (its defaults, fix_gamma=True and eps 1e-3, are a classic trap).
 """
 
+import math
+
 import mxnet as mx
+import numpy as np
 from mxnet import nd
 from mxnet.gluon import HybridBlock
 
-from common.norms import renorm_limits
+from common.norms import renorm_limits, whiten_mask
 
 
 def batch_norm(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, renorm=None):
@@ -209,3 +212,165 @@ class BatchRenorm(BatchNorm):
             F, x, gamma, beta, running_mean, running_var, mode, decay=self.decay, epsilon=self.epsilon, renorm=limits
         )
         return y, new_mean, new_var, steps + mode
+
+
+def channel_rows(F, x, num_dims):
+    """(N, C) or (N, C, H, W) -> (C, m): each channel's m values in a row."""
+    return F.transpose(x) if num_dims == 2 else F.reshape(F.transpose(x, axes=(1, 0, 2, 3)), shape=(0, -1))
+
+
+def rows_back(F, rows, x, num_dims):
+    """channel_rows' inverse, shaped like x."""
+    if num_dims == 2:
+        return F.transpose(rows)
+    return F.transpose(F.reshape_like(rows, F.transpose(x, axes=(1, 0, 2, 3))), axes=(1, 0, 2, 3))
+
+
+def whiten(F, x, gamma, beta, running_mean, running_cov, mask, mode, *, decay, epsilon, iterations, num_dims):
+    """Group whitening (common.norms): returns (y, new_running_mean, new_running_cov). mask: whiten_mask's (C, C)
+    block indicator; mode as batch_norm's (1: the batch's mean and covariance within the blocks, blended into the
+    running ones within the blocks only; 0: the running ones)."""
+    rows = channel_rows(F, x, num_dims)  # (C, m)
+    count = F.sum(F.ones_like(F.slice_axis(rows, axis=0, begin=0, end=1)))  # (1,): m
+    mean = F.mean(rows, axis=1)
+    centred_batch = F.broadcast_sub(rows, F.reshape(mean, shape=(-1, 1)))
+    cov = F.broadcast_div(F.dot(centred_batch, centred_batch, transpose_b=True), count) * mask
+    use_batch = F.broadcast_like(mode, running_mean)
+    use_batch_cov = F.broadcast_like(F.reshape(mode, shape=(1, 1)), running_cov)
+    mean_used = F.where(use_batch, mean, running_mean)
+    cov_used = F.where(use_batch_cov, cov, running_cov * mask)
+    new_mean = F.where(use_batch, decay * running_mean + (1.0 - decay) * F.stop_gradient(mean), running_mean)
+    blend = mask * (decay * running_cov + (1.0 - decay) * F.stop_gradient(cov)) + (1.0 - mask) * running_cov
+    new_cov = F.where(use_batch_cov, blend, running_cov)
+    centred = F.broadcast_sub(rows, F.reshape(mean_used, shape=(-1, 1)))
+    eye = F.diag(F.diag(mask))  # the mask's diagonal is all ones
+    sigma = cov_used + epsilon * eye
+    trace = F.dot(mask, F.diag(sigma))  # each channel's group's trace
+    normalised = F.broadcast_div(sigma, F.reshape(trace, shape=(-1, 1)))
+    p = eye
+    for _ in range(iterations):
+        p = 0.5 * (3.0 * p - F.dot(F.dot(F.dot(p, p), p), normalised))
+    w = F.broadcast_div(p, F.reshape(F.sqrt(trace), shape=(-1, 1)))
+    x_hat = rows_back(F, F.dot(w, centred), x, num_dims)
+    per_channel = (1, -1) if num_dims == 2 else (1, -1, 1, 1)
+    y = F.broadcast_add(F.broadcast_mul(x_hat, F.reshape(gamma, shape=per_channel)), F.reshape(beta, shape=per_channel))
+    return y, new_mean, new_cov
+
+
+def mid_ranks(F, x, num_dims, dtype):
+    """Each value's mid-rank within its channel over the batch (and positions), (rank - 1/2) / m with ties sharing
+    their mean rank. MXNet has no binary search and its argsort is not stable, so from the sorted channel's tie
+    blocks: a value's block starts at a (#smaller) and ends at b (#smaller-or-equal - 1), and (a + b + 1) / (2m) is
+    its mid-rank's grid value. The blocks' starts, sorted after the non-starts (-1), sit at positions m - blocks ..
+    m - 1; their ends, sorted before the non-ends (2m), at 0 .. blocks - 1; a value's block is the count of starts
+    up to it. Every value of a block gets the same number, so the order argsort gives ties does not matter."""
+    rows = channel_rows(F, x, num_dims)  # (C, m)
+    ordered = F.sort(rows, axis=1)
+    one = F.ones_like(F.slice_axis(ordered, axis=1, begin=0, end=1))  # (C, 1)
+    same = F.slice_axis(ordered, axis=1, begin=1, end=None) == F.slice_axis(ordered, axis=1, begin=0, end=-1)
+    starts, ends = F.concat(one, 1 - same, dim=1), F.concat(1 - same, one, dim=1)  # (C, m) of 0/1
+    position = F.broadcast_like(F.reshape(F.contrib.arange_like(rows, axis=1), shape=(1, -1)), rows)
+    count = F.sum(F.ones_like(F.slice_axis(rows, axis=0, begin=0, end=1)))  # (1,): m
+    block = F.cumsum(starts, axis=1) - 1  # each sorted value's block, from 0
+    blocks = F.sum(starts, axis=1, keepdims=True)
+    row = F.broadcast_like(F.reshape(F.contrib.arange_like(rows, axis=0), shape=(-1, 1)), rows)
+    m = F.broadcast_like(F.reshape(count, shape=(1, 1)), rows)
+    first = F.sort(F.where(starts, position, -F.ones_like(position)), axis=1)
+    last = F.sort(F.where(ends, position, 2 * m), axis=1)
+    a = F.take(F.reshape(first, shape=(-1,)), row * m + F.broadcast_sub(m, blocks) + block)
+    b = F.take(F.reshape(last, shape=(-1,)), row * m + block)
+    grid = (a + b + 1) / (2 * m)  # in sorted order
+    inverse = F.argsort(F.argsort(rows, axis=1, dtype=dtype), axis=1, dtype=dtype)  # each value's sorted place
+    return rows_back(F, F.take(F.reshape(grid, shape=(-1,)), row * m + inverse), x, num_dims)
+
+
+def pit(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, num_dims, rank=False, dtype="float32"):
+    """The Gaussian probability integral transform of BN's x_hat, or (rank) where mode is 1 the mid-ranks with its
+    gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm. dtype: x's name
+    (MXNet's argsort returns its indices in a dtype it is told)."""
+    ones = F.ones_like(gamma)
+    x_hat, new_mean, new_var = batch_norm(
+        F, x, ones, F.zeros_like(ones), running_mean, running_var, mode, decay=decay, epsilon=epsilon
+    )
+    # MXNet's erf gradient multiplies by 2 / sqrt(pi) rounded to float32, even in float64 (relative error 3.0e-8,
+    # tests/test_mxnet_pitfalls.py): the value is erf's, the gradient phi(x_hat) written out, by a straight-through
+    # sum whose derivative is that of stop_gradient(phi) * x_hat
+    density = F.stop_gradient(F.exp(-0.5 * F.square(x_hat)) / math.sqrt(2.0 * math.pi))
+    linear = density * x_hat
+    u = F.stop_gradient(0.5 * (1.0 + F.erf(x_hat / math.sqrt(2.0))) - linear) + linear
+    if rank:
+        train = F.broadcast_like(F.reshape(mode, shape=(1,) * num_dims), x)
+        # a product with the 0/1 mode, not `where`: MXNet 1.9's backward crashes (a segmentation fault) on a `where`
+        # inside stop_gradient whose inputs carry gradients (tests/test_mxnet_pitfalls.py)
+        u = u + F.stop_gradient((mid_ranks(F, x, num_dims, dtype) - u) * train)
+    per_channel = (1, -1) if num_dims == 2 else (1, -1, 1, 1)
+    y = F.broadcast_add(F.broadcast_mul(u, F.reshape(gamma, shape=per_channel)), F.reshape(beta, shape=per_channel))
+    return y, new_mean, new_var
+
+
+class PIT(BatchNorm):
+    """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
+
+    def __init__(self, num_features, num_dims, *, rank=False, decay=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(num_features, num_dims, decay=decay, epsilon=epsilon, **kwargs)
+        self.rank = rank
+
+    def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var):
+        return pit(
+            F,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            mode,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            num_dims=self.num_dims,
+            rank=self.rank,
+            dtype=np.dtype(self.gamma.dtype).name,
+        )
+
+
+class Whiten(BatchNorm):
+    """gamma, beta (trainable), running_mean and running_cov (grad_req='null'), and the groups' block mask (a
+    constant); whitening groups of `group` channels with `iterations` Newton-Schulz iterations."""
+
+    state = ("running_mean", "running_cov")
+
+    def __init__(self, num_features, num_dims, *, group=4, iterations=5, decay=0.9, epsilon=1e-5, **kwargs):
+        HybridBlock.__init__(self, **kwargs)
+        if num_dims not in (2, 4):
+            raise ValueError(f"whiten expects 2-D (N, C) or 4-D (N, C, H, W) input, got num_dims={num_dims}")
+        self.num_features, self.num_dims, self.decay, self.epsilon = num_features, num_dims, decay, epsilon
+        self.group, self.iterations, self.ghost = group, iterations, 0
+        with self.name_scope():
+            self.gamma = self.params.get("gamma", shape=(num_features,), init=mx.init.One())
+            self.beta = self.params.get("beta", shape=(num_features,), init=mx.init.Zero())
+            self.running_mean = self.params.get(
+                "running_mean", shape=(num_features,), init=mx.init.Zero(), grad_req="null", differentiable=False
+            )
+            self.running_cov = self.params.get(
+                "running_cov",
+                shape=(num_features, num_features),
+                init=mx.init.Constant(nd.eye(num_features)),
+                grad_req="null",
+                differentiable=False,
+            )
+            self.mask = self.params.get_constant("mask", nd.array(whiten_mask(num_features, group)))
+
+    def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_cov, mask):
+        return whiten(
+            F,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_cov,
+            mask,
+            mode,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            iterations=self.iterations,
+            num_dims=self.num_dims,
+        )

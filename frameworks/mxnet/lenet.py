@@ -22,7 +22,7 @@ from common.errors import BackendUnavailable
 from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
 from common.norms import build, given, norm_after
 
-from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
+from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 
 # Gluon's own normalisation layers (MXNet 1.9.1), and why most cannot be set to the spec
 GLUON_NORMS = (
@@ -47,6 +47,11 @@ CONSTRUCTORS = {
         layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
     ),
     "group": lambda layer: GroupNorm(layer.features, layer.dims, layer.groups, epsilon=layer.epsilon),
+    "whiten": lambda layer: Whiten(
+        layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs()
+    ),
+    "pit": lambda layer: PIT(layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon),
+    "pit-rank": lambda layer: PIT(layer.features, layer.dims, rank=True, decay=layer.decay, epsilon=layer.epsilon),
     # Gluon's momentum weights the old running value, like our decay
     "builtin-batch": lambda layer: nn.BatchNorm(
         in_channels=layer.features, **given(momentum=layer.decay, epsilon=layer.epsilon)

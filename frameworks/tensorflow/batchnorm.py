@@ -1,5 +1,6 @@
-"""Scratch batch normalization, batch renormalisation and group normalisation for TensorFlow / Keras 3
-(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
+"""Scratch batch normalization, batch renormalisation, group normalisation, group whitening and the probability
+integral transforms for TensorFlow / Keras 3 (layer and instance normalisation are group normalisation with 1 and C
+groups; common.norms has the spec).
 
 Layout: NHWC (4-D, normalised over batch and spatial axes per channel) or NC
 (2-D). Training mode is the `training` argument, passed explicitly at every
@@ -15,10 +16,12 @@ read in float32, and a bfloat16 input is normalised in float32, the statistics
 and the running blend included; the result is returned in the input's dtype.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
-from common.norms import renorm_limits
+from common.norms import renorm_limits, whiten_mask
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
@@ -172,3 +175,127 @@ class GroupNorm(keras.layers.Layer):
 
     def call(self, x, training=False):
         return group_norm(x, self.gamma, self.beta, groups=self.groups, epsilon=self.epsilon)
+
+
+def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, epsilon, iterations):
+    """Group whitening (common.norms) of channel-last x: returns (y, new_running_mean, new_running_cov). mask:
+    whiten_mask's (C, C) block indicator. Training: the batch's mean and covariance within the blocks, blended into
+    the running ones (within the blocks only); eval: the running ones."""
+    out_dtype, x = x.dtype, in_float32(x)
+    channels = mask.shape[0]
+    values = tf.reshape(x, [-1, channels])  # (m, C): channel-last, each row one position of one example
+    if training:
+        mean = tf.reduce_mean(values, axis=0)
+        centred = values - mean
+        count = tf.cast(tf.shape(values)[0], x.dtype)
+        cov = tf.matmul(centred, centred, transpose_a=True) / count * mask
+        new_mean = decay * running_mean + (1.0 - decay) * tf.stop_gradient(mean)
+        blend = decay * running_cov + (1.0 - decay) * tf.stop_gradient(cov)
+        new_cov = mask * blend + (1.0 - mask) * running_cov
+    else:
+        mean, cov = running_mean, running_cov * mask
+        centred = values - mean
+        new_mean, new_cov = running_mean, running_cov
+    eye = tf.eye(channels, dtype=x.dtype)
+    sigma = cov + epsilon * eye
+    trace = tf.linalg.matvec(mask, tf.linalg.diag_part(sigma))  # each channel's group's trace
+    normalised = sigma / trace[:, None]
+    p = eye
+    for _ in range(iterations):
+        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
+    x_hat = tf.reshape(tf.matmul(centred, p / tf.sqrt(trace)[:, None], transpose_b=True), tf.shape(x))
+    return tf.cast(x_hat * gamma + beta, out_dtype), new_mean, new_cov
+
+
+def mid_ranks(x):
+    """Each value's mid-rank within its channel over the batch (and positions), (rank - 1/2) / m with ties sharing
+    their mean rank, by two stable sorts (XLA lowers tf.searchsorted to an m x m comparison: 1 TB for conv1 at
+    batch 256). A block of ties at sorted places a..b keeps its order in the ascending sort of x and in that of -x,
+    so its k-th value is at a + k in the first and at m - 1 - b + k in the second: a + b = first - second + m - 1,
+    and (a + b + 1) / (2m) is the mid-rank's grid value."""
+    rows = tf.transpose(tf.reshape(x, [-1, x.shape[-1]]))  # (C, m)
+
+    def places(values):  # each value's place in the stable ascending sort of its row
+        return tf.argsort(tf.argsort(values, axis=1, stable=True), axis=1, stable=True)
+
+    count = tf.cast(tf.shape(rows)[1], x.dtype)
+    grid = (tf.cast(places(rows) - places(-rows), x.dtype) + count) / (2.0 * count)
+    return tf.reshape(tf.transpose(grid), tf.shape(x))
+
+
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+    """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
+    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    out_dtype, x = x.dtype, in_float32(x)
+    ones = tf.ones_like(gamma, dtype=x.dtype)
+    x_hat, new_mean, new_var = batch_norm(
+        x, ones, tf.zeros_like(ones), running_mean, running_var, training=training, decay=decay, epsilon=epsilon
+    )
+    u = 0.5 * (1.0 + tf.math.erf(x_hat / math.sqrt(2.0)))
+    if rank and training:
+        u = u + tf.stop_gradient(mid_ranks(x) - u)
+    return tf.cast(u * gamma + beta, out_dtype), new_mean, new_var
+
+
+class Whiten(keras.layers.Layer):
+    """gamma, beta (trainable), running_mean and running_cov (non-trainable weights); whitening groups of `group`
+    channels with `iterations` Newton-Schulz iterations."""
+
+    def __init__(self, num_features, *, group=4, iterations=5, decay=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_features, self.group, self.iterations = num_features, group, iterations
+        self.decay, self.epsilon = decay, epsilon
+
+    def build(self, input_shape):
+        c = self.num_features
+        self.gamma = self.add_weight(shape=(c,), initializer="ones", name="gamma", autocast=False)
+        self.beta = self.add_weight(shape=(c,), initializer="zeros", name="beta", autocast=False)
+        self.running_mean = self.add_weight(
+            shape=(c,), initializer="zeros", trainable=False, name="running_mean", autocast=False
+        )
+        self.running_cov = self.add_weight(
+            shape=(c, c), initializer="identity", trainable=False, name="running_cov", autocast=False
+        )
+
+    def call(self, x, training=False):
+        y, new_mean, new_cov = whiten(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_cov,
+            tf.constant(whiten_mask(self.num_features, self.group), dtype=self.running_cov.dtype),
+            training=bool(training),
+            decay=self.decay,
+            epsilon=self.epsilon,
+            iterations=self.iterations,
+        )
+        if training:
+            self.running_mean.assign(new_mean)
+            self.running_cov.assign(new_cov)
+        return y
+
+
+class PIT(BatchNorm):
+    """BatchNorm's weights; the Gaussian (rank False) or empirical (rank True) probability integral transform."""
+
+    def __init__(self, num_features, *, rank=False, decay=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(num_features, decay=decay, epsilon=epsilon, **kwargs)
+        self.rank = rank
+
+    def call(self, x, training=False):
+        y, new_mean, new_var = pit(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            training=bool(training),
+            decay=self.decay,
+            epsilon=self.epsilon,
+            rank=self.rank,
+        )
+        if training:
+            self.running_mean.assign(new_mean)
+            self.running_var.assign(new_var)
+        return y

@@ -21,7 +21,7 @@ import keras
 from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
 from common.norms import build, given, norm_after
 
-from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
+from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 
 BUILTIN_NAMES = {"running_mean": "moving_mean", "running_var": "moving_variance"}
 KERAS_NORMS = (
@@ -51,6 +51,11 @@ CONSTRUCTORS = {
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs(), **kw
     ),
     "group": lambda layer, **kw: GroupNorm(layer.features, layer.groups, epsilon=layer.epsilon, **kw),
+    "whiten": lambda layer, **kw: Whiten(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs(), **kw
+    ),
+    "pit": lambda layer, **kw: PIT(layer.features, decay=layer.decay, epsilon=layer.epsilon, **kw),
+    "pit-rank": lambda layer, **kw: PIT(layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon, **kw),
     # Keras's momentum weights the old running value, like our decay
     "builtin-batch": lambda layer, **kw: keras.layers.BatchNormalization(
         **given(momentum=layer.decay, epsilon=layer.epsilon), **kw

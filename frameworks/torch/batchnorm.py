@@ -1,5 +1,6 @@
-"""Scratch batch normalization, batch renormalisation and group normalisation for PyTorch
-(layer and instance normalisation are group normalisation with 1 and C groups; common.norms has the spec).
+"""Scratch batch normalization, batch renormalisation, group normalisation, group whitening and the probability
+integral transforms for PyTorch (layer and instance normalisation are group normalisation with 1 and C groups;
+common.norms has the spec).
 
 Layout: NCHW (4-D) or NC (2-D). Training mode comes from the module's own
 `self.training` flag (`model.train()` / `model.eval()`), never from
@@ -11,10 +12,12 @@ convolution output) is normalised in float32, the statistics and the running
 blend included, and the result returned in the input's dtype.
 """
 
+import math
+
 import torch
 from torch import nn
 
-from common.norms import renorm_limits
+from common.norms import renorm_limits, whiten_mask
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
@@ -197,3 +200,134 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self):
         return f"{self.num_features}, groups={self.groups}, epsilon={self.epsilon}"
+
+
+def channels_rows(x):
+    """(N, C) or (N, C, H, W) -> (C, m): each channel's m values in a row."""
+    return x.t() if x.dim() == 2 else x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def rows_back(rows, like):
+    """channels_rows' inverse, into `like`'s shape."""
+    if like.dim() == 2:
+        return rows.t()
+    n, c, h, w = like.shape
+    return rows.reshape(c, n, h, w).transpose(0, 1)
+
+
+def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, epsilon, iterations):
+    """Group whitening (common.norms): returns (y, new_running_mean, new_running_cov). mask: whiten_mask's (C, C)
+    block indicator in x's dtype. Training: the batch's mean and covariance within the blocks, blended into the
+    running ones (within the blocks only); eval: the running ones."""
+    out_dtype, x = x.dtype, in_float32(x)
+    rows = channels_rows(x)
+    if training:
+        mean = rows.mean(dim=1)
+        centred = rows - mean[:, None]
+        cov = (centred @ centred.t()) / rows.shape[1] * mask
+        new_mean = decay * running_mean + (1.0 - decay) * mean.detach()
+        new_cov = mask * (decay * running_cov + (1.0 - decay) * cov.detach()) + (1.0 - mask) * running_cov
+    else:
+        mean, cov = running_mean, running_cov * mask
+        centred = rows - mean[:, None]
+        new_mean, new_cov = running_mean, running_cov
+    eye = torch.eye(len(mask), dtype=x.dtype, device=x.device)
+    sigma = cov + epsilon * eye
+    trace = mask @ torch.diagonal(sigma)  # each channel's group's trace
+    normalised = sigma / trace[:, None]
+    p = eye
+    for _ in range(iterations):
+        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
+    x_hat = rows_back((p / torch.sqrt(trace)[:, None]) @ centred, x)
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    return (gamma.view(shape) * x_hat + beta.view(shape)).to(out_dtype), new_mean, new_cov
+
+
+def mid_ranks(x):
+    """Each value's mid-rank within its channel over the batch (and positions), (rank - 1/2) / m with ties sharing
+    their mean rank: (#smaller + #smaller-or-equal) / (2m), by binary search in the sorted channel."""
+    rows = channels_rows(x).contiguous()
+    ordered = torch.sort(rows, dim=1).values
+    below = torch.searchsorted(ordered, rows, right=False) + torch.searchsorted(ordered, rows, right=True)
+    return rows_back(below.to(x.dtype) / (2 * rows.shape[1]), x)
+
+
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+    """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
+    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    out_dtype, x = x.dtype, in_float32(x)
+    ones = torch.ones_like(gamma, dtype=x.dtype)
+    x_hat, new_mean, new_var = batch_norm(
+        x, ones, torch.zeros_like(ones), running_mean, running_var, training=training, decay=decay, epsilon=epsilon
+    )
+    u = 0.5 * (1.0 + torch.erf(x_hat / math.sqrt(2.0)))
+    if rank and training:
+        u = u + (mid_ranks(x.detach()) - u).detach()
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    return (gamma.view(shape) * u + beta.view(shape)).to(out_dtype), new_mean, new_var
+
+
+class Whiten(nn.Module):
+    """gamma, beta (parameters), the running mean and covariance (buffers); whitening groups of `group` channels
+    with `iterations` Newton-Schulz iterations."""
+
+    def __init__(self, num_features, *, group=4, iterations=5, decay=0.9, epsilon=1e-5):
+        super().__init__()
+        self.num_features, self.group, self.iterations = num_features, group, iterations
+        self.decay, self.epsilon = decay, epsilon
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_cov", torch.eye(num_features))
+        self.register_buffer("mask", torch.as_tensor(whiten_mask(num_features, group), dtype=torch.float32), False)
+
+    def forward(self, x):
+        y, new_mean, new_cov = whiten(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_cov,
+            self.mask.to(self.running_cov.dtype),
+            training=self.training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            iterations=self.iterations,
+        )
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.copy_(new_mean)
+                self.running_cov.copy_(new_cov)
+        return y
+
+    def extra_repr(self):
+        return f"{self.num_features}, group={self.group}, iterations={self.iterations}, decay={self.decay}"
+
+
+class PIT(BatchNorm):
+    """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
+
+    def __init__(self, num_features, *, rank=False, decay=0.9, epsilon=1e-5):
+        super().__init__(num_features, decay=decay, epsilon=epsilon)
+        self.rank = rank
+
+    def forward(self, x):
+        y, new_mean, new_var = pit(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            decay=self.decay,
+            epsilon=self.epsilon,
+            rank=self.rank,
+        )
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+        return y
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rank={self.rank}"

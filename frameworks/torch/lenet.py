@@ -16,7 +16,7 @@ from common.init import NORM_NAMES, has_bias, layer_shapes
 from common.norms import build, given, norm_after
 from common.precision import dtype_and_mixed
 
-from .batchnorm import BatchNorm, BatchRenorm, GroupNorm
+from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 
 # canonical BN suffix -> attribute of the built-in layer (others keep their name)
 BUILTIN_NAMES = {"gamma": "weight", "beta": "bias"}
@@ -46,6 +46,9 @@ CONSTRUCTORS = {
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
     ),
     "group": lambda layer: GroupNorm(layer.features, layer.groups, epsilon=layer.epsilon),
+    "whiten": lambda layer: Whiten(layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs()),
+    "pit": lambda layer: PIT(layer.features, decay=layer.decay, epsilon=layer.epsilon),
+    "pit-rank": lambda layer: PIT(layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon),
     "builtin-batch": builtin_batch,
     "builtin-layer": builtin_group,
     "builtin-group": builtin_group,
