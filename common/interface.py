@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import BackendUnavailable
+from .reference import output_departure
 
 
 @dataclass
@@ -25,8 +26,9 @@ class ProbeResult:
 
     logits_eval: np.ndarray  # (N, 10), running statistics
     logits_train: np.ndarray  # (N, 10), batch statistics of these N images
-    # canonical BN name -> dict(batch_mean, batch_var, running_mean, running_var),
-    # batch_var biased; the batch statistics are those the train-mode forward used
+    # canonical BN name -> dict(batch_mean, batch_var, running_mean, running_var), batch_var biased; the batch
+    # statistics are those the train-mode forward used; and for the research transforms their output's departure
+    # from white or uniform (common.reference.output_departure: whiteness or ks_uniform, a float)
     norms: dict
 
 
@@ -213,8 +215,12 @@ class Backend(ABC):
             logits_train, inputs = self.train_mode_forward(images, capture)
         finally:
             self.restore_state(saved)
+        _, epsilon = self.effective_norm()
         stats = {
-            name: bn_probe_stats(x, axis, params[f"{name}.running_mean"], running_variance(params, name))
+            name: {
+                **bn_probe_stats(x, axis, params[f"{name}.running_mean"], running_variance(params, name)),
+                **output_departure(self.config.model, channels_first(x, axis), epsilon),
+            }
             for name, (x, axis) in inputs.items()
         }
         return ProbeResult(logits_eval=np.asarray(logits_eval), logits_train=np.asarray(logits_train), norms=stats)

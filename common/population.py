@@ -35,6 +35,8 @@ from .config import RunConfig
 from .errors import DataError
 from .interface import Backend, ProbeResult
 
+# the probe's per-layer departure of a research transform's output from its aim (common.reference.output_departure)
+DEPARTURES = ("whiteness", "ks_uniform")
 STREAM = 2  # the permutation's stream: RandomState([seed, 0, STREAM]) (batch_order uses [seed, epoch, 1])
 
 
@@ -120,8 +122,11 @@ def divergence(probe: ProbeResult, labels: np.ndarray, epsilon: float) -> dict:
         # |batch mean - running mean| in units of the running std, and |log((batch var + eps) / (running
         # var + eps))|, each averaged over features
         mean_gap, var_log_ratio = gap(s["batch_mean"], s["batch_var"], s["running_mean"], s["running_var"], epsilon)
-        gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio})
+        departure = {key: s[key] for key in DEPARTURES if key in s}  # the research transforms' (whiten, the PITs)
+        gaps.append({"layer": layer, "mean_gap": mean_gap, "var_log_ratio": var_log_ratio, **departure})
+    layers = {key: [g[key] for g in gaps if key in g] for key in DEPARTURES}
     return {
+        **{key: float(np.mean(values)) for key, values in layers.items() if values},  # mean over the layers
         "probe_acc_eval": float(np.mean(pred_eval == labels)),
         "probe_acc_train": float(np.mean(pred_train == labels)),
         "probe_logit_mad": float(

@@ -40,7 +40,7 @@ EPOCH_KEYS = RUN_KEYS + (
     "probe_acc_train",
     "probe_logit_mad",
     "probe_disagreement",
-    "bn_gap",  # list of {layer, mean_gap, var_log_ratio}
+    "bn_gap",  # list of {layer, mean_gap, var_log_ratio; whiteness or ks_uniform for whiten and the PITs}
     "snapshot",  # file (relative to the run dir) holding parameters and probe logits
     "step_losses",  # losses of the first config.trace_steps steps (empty unless asked for)
 )

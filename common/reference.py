@@ -194,6 +194,58 @@ def mid_ranks(x):
     return np.moveaxis(ranks.reshape(np.moveaxis(x, 1, -1).shape), -1, 1)
 
 
+def output_departure(spec: ModelSpec, x, epsilon: float) -> dict:
+    """How far a research transform's training-mode output (before gamma and beta) on the values x (NCHW / NC,
+    one layer's input) is from what it aims at: {"whiteness": the relative Frobenius distance of each whitening
+    group's covariance of x_hat from I, ||Cov - I||_F / ||I||_F, mean over the groups} for whiten, {"ks_uniform":
+    the Kolmogorov-Smirnov distance of each channel's values from U(0, 1), mean over the channels} for pit and
+    pit-rank, {} for the other norms. What the epoch probe reports per layer (common.population.divergence)."""
+    x = np.asarray(x, np.float64)
+    channels = x.shape[1]
+    if spec.norm == "whiten":
+        identity = np.eye(channels)
+        _, _, _, x_hat = whiten_forward(
+            x,
+            np.ones(channels),
+            np.zeros(channels),
+            np.zeros(channels),
+            identity,
+            training=True,
+            group=spec.whiten_group,
+            iterations=spec.whiten_iterations,
+            epsilon=epsilon,
+        )
+        flat = np.moveaxis(x_hat, 1, -1).reshape(-1, channels)
+        cov = flat.T @ flat / len(flat)  # x_hat is centred: its mean is 0 to rounding
+        return {
+            "whiteness": float(
+                np.mean(
+                    [
+                        np.linalg.norm(cov[a:b, a:b] - identity[a:b, a:b]) / np.sqrt(b - a)
+                        for a, b in whiten_groups(channels, spec.whiten_group)
+                    ]
+                )
+            )
+        }
+    if spec.norm in ("pit", "pit-rank"):
+        state = {"running_mean": np.zeros(channels), "running_var": np.ones(channels)}
+        u = pit_forward(
+            x,
+            np.ones(channels),
+            np.zeros(channels),
+            **state,
+            training=True,
+            epsilon=epsilon,
+            rank=spec.norm == "pit-rank",
+        )[3]
+        ordered = np.sort(np.moveaxis(u, 1, 0).reshape(channels, -1), axis=1)
+        m = ordered.shape[1]
+        grid = np.arange(1, m + 1) / m
+        distance = np.maximum(grid - ordered, ordered - (grid - 1 / m)).max(axis=1)
+        return {"ks_uniform": float(distance.mean())}
+    return {}
+
+
 def complex_step_gradient(f, x, h: float = 1e-30):
     """The gradient of a real scalar function f at x by the complex step, Im f(x + i h e_k) / h per element:
     exact to rounding (no cancellation, unlike a finite difference), for f written in complex-safe operations."""

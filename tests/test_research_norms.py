@@ -376,3 +376,67 @@ def test_bad_research_norm_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="--replicas with --norm pit is not supported"):
         RunConfig(model=ModelSpec(norm="pit"), replicas=2)
     assert ModelSpec(norm="pit").has_population and ModelSpec(norm="pit-rank").has_population
+
+
+def test_output_departure_measures_whiteness_and_uniformity():
+    """The probe's measure (common.reference.output_departure): whitening's distance from white falls with the
+    Newton-Schulz iterations (to what eps leaves at convergence); the Gaussian PIT of Gaussian values is uniform to KS's
+    sampling error and of skewed values is not; the mid-rank PIT sits at 1/(2m) without ties, further with them."""
+    from common.reference import output_departure
+
+    x = correlated((64, 4, 3, 3), seed=2)
+    far = [
+        output_departure(ModelSpec(norm="whiten", whiten_group=4, whiten_iterations=t), x, 1e-5)["whiteness"]
+        for t in (1, 3, 12)
+    ]
+    assert far[0] > far[1] > far[2] and far[2] < 1e-4, far  # what eps leaves: Sigma (Sigma + eps I)^-1 is not I
+    rng = np.random.RandomState(0)
+    gaussian = rng.normal(2.0, 3.0, (512, 3))
+    m = len(gaussian)
+    ks = output_departure(ModelSpec(norm="pit"), gaussian, 1e-5)["ks_uniform"]
+    assert ks < 1.63 / np.sqrt(m)  # below KS's 1% critical value
+    skewed = output_departure(ModelSpec(norm="pit"), rng.exponential(1.0, (512, 3)), 1e-5)["ks_uniform"]
+    assert skewed > 3 * ks
+    assert output_departure(ModelSpec(norm="pit-rank"), gaussian, 1e-5)["ks_uniform"] == pytest.approx(0.5 / m)
+    tied = np.maximum(gaussian - 2.0, 0.0)  # half of each channel ties at zero
+    assert output_departure(ModelSpec(norm="pit-rank"), tied, 1e-5)["ks_uniform"] > 0.2
+    assert output_departure(ModelSpec(norm="batch"), gaussian, 1e-5) == {}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from common.data import load_fashion_mnist
+    from tests.helpers import make_idx_dir
+
+    return load_fashion_mnist(make_idx_dir(tmp_path_factory.mktemp("idx"), 128, 64), verify=False, dtype="float64")
+
+
+@pytest.mark.parametrize("norm", ["whiten", "pit-rank"])
+def test_a_run_reports_the_output_departure_per_layer_and_epoch(fw, framework, tiny, norm):
+    """Through the loop: each epoch's bn_gap rows carry whiten's whiteness or the PIT's ks_uniform, and the epoch
+    their mean over the layers; train and eval mode differ (running statistics); whiten skips the population
+    pass, pit-rank has one."""
+    from common.config import RunConfig
+    from common.loop import run as run_loop
+
+    key = "whiteness" if norm == "whiten" else "ks_uniform"
+    config = RunConfig(
+        model=ModelSpec(norm=norm, whiten_group=4),
+        epochs=1,
+        batch_size=32,
+        lr=0.5,
+        dtype="float64",
+        device="cpu",
+        probe_size=32,
+        population_size=64,
+    )
+    got = []
+    run_loop(fw.BACKEND, config, tiny, lambda record, arrays=None: got.append(record))
+    assert got[-1]["status"] == "complete", got[-1]
+    epoch = next(r for r in got if r["kind"] == "epoch")
+    values = [g[key] for g in epoch["bn_gap"]]
+    assert [g["layer"] for g in epoch["bn_gap"]] == ["bn1", "bn2", "bn3", "bn4"]
+    assert all(0 < v < 1 for v in values), values
+    assert epoch[key] == pytest.approx(np.mean(values))
+    assert epoch["probe_logit_mad"] > 0
+    assert ("pop_test_acc" in epoch) == (norm != "whiten")

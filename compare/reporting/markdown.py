@@ -416,6 +416,17 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             "|log(batch var / running var)|; both averaged over features.\n",
             markdown_table(last, ["framework", "variant", "layer", "mean_gap", "var_log_ratio"]),
         ]
+        shape = [c for c in ("whiteness", "ks_uniform") if c in last and last[c].notna().any()]
+        if shape:
+            parts += [
+                "### How white or uniform the research transforms' output is (final epoch)\n",
+                "On the probe images in train mode, before gamma and beta (common.reference.output_departure). "
+                "`whiteness`: whiten's output covariance's relative Frobenius distance from I per whitening group "
+                "(0: white; Newton-Schulz's few iterations leave some); `ks_uniform`: the PITs' Kolmogorov-"
+                "Smirnov distance from U(0, 1) per channel (pit: 0 only where the layer's input is Gaussian; "
+                "pit-rank: 1/(2m) by construction, more with ties).\n",
+                markdown_table(last.dropna(subset=shape, how="all"), ["framework", "variant", "layer", *shape]),
+            ]
     drift = t["drift"]
     if not drift.empty:
         last = drift[drift.epoch == drift.epoch.max()]

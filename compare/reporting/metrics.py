@@ -80,6 +80,10 @@ def _entries():
         Metric("pop_probe_disagreement", "train/eval prediction disagreement with population statistics", F, lo),
         Metric("population_images", "training images the population statistics come from", C),
         Metric("population_seconds", "time to compute and evaluate with population statistics (s)", N, lo),
+        # the research transforms' output on the probe, per layer (bn_gap table) and their mean over the layers
+        # (epochs table): how white whiten's is, how uniform the PITs' (common.reference.output_departure)
+        Metric("whiteness", "whitened output: ||Cov - I||_F / ||I||_F per group, mean over groups", N, lo),
+        Metric("ks_uniform", "PIT output: Kolmogorov-Smirnov distance from U(0, 1), mean over channels", N, lo),
         # per normalisation layer (bn_gap table)
         Metric("mean_gap", "|batch mean - running mean| in running standard deviations", N, lo),
         Metric("var_log_ratio", "|log(batch variance / running variance)|", N, lo),
@@ -103,6 +107,8 @@ def _entries():
         # mixed precision: the final running statistics' relative L2 distance from the float32 twin's (0 for the
         # twin itself, so a paired difference is the drift); NaN for a run with no twin
         Metric("final_running_stats_drift", "running-statistics drift from the float32 run", N, lo),
+        Metric("final_whiteness", "whitened output's distance from white, final epoch, mean over layers", N, lo),
+        Metric("final_ks_uniform", "PIT output's KS distance from uniform, final epoch, mean over layers", N, lo),
         # drift between frameworks, and a mixed run from its float32 twin (drift and mixed_precision tables)
         Metric("param_rel_l2", "relative L2 distance of the trainable parameters", N, lo),
         Metric("running_stats_rel_l2", "relative L2 distance of the running statistics", N, lo),
@@ -162,6 +168,8 @@ RUN_METRICS = {
         "final_pop_gain",
         "final_pop_probe_disagreement",
         "final_running_stats_drift",
+        "final_whiteness",
+        "final_ks_uniform",
     )
 }
 

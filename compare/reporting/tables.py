@@ -243,6 +243,7 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
                 },
                 "train_examples_per_s": g.train_examples_per_s.median(),
                 **_population(g),
+                **{f"final_{k}": last[k] for k in ("whiteness", "ks_uniform") if k in g and pd.notna(last[k])},
             }
         )
     return pd.DataFrame(rows).reindex(columns=["framework", "config_id", *RUN_METRICS])
