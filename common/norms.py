@@ -18,7 +18,11 @@ channel / feature, as BN's; epsilon sits inside the square root; variances are b
       y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
   with no gradient through r and d. rmax and dmax grow linearly from 1 and 0 to their limits over the
   first `renorm_warmup` training steps (`renorm_limits`); the running statistics update and eval mode
-  are BN's. With rmax = 1 and dmax = 0 (its first step) it is BN exactly.
+  are BN's. With rmax = 1 and dmax = 0 (its first step) it is BN exactly. Ioffe's Algorithm 1 keeps a moving
+  average of sigma_B itself, where this spec keeps BN's running variance (sigma = sqrt(running_var + eps)):
+  the two part by Jensen's gap, sqrt(average var) >= average sqrt(var), by about half the batches' squared
+  coefficient of variation of sigma_B; every renorm run with population statistics measures it on the pass's
+  batches (common.population.sigma_average_gap, the bn_gap table's sigma_average_gap).
 
 Ghost batches (--ghost-batch G, batch only): in training mode the batch of N = S * G examples is cut into S
 contiguous slices of G; each slice is normalised with its own mean and biased variance, and the running

@@ -98,9 +98,27 @@ def lag_and_noise(probe_bn: dict, stats: dict, epsilon: float) -> list:
     return out
 
 
-def statistics(backend, images: np.ndarray, batches: np.ndarray) -> dict:
-    """The population statistics of backend's BN layers over images[batches[i]] (see the spec above)."""
-    return combine(backend.batch_statistics([images[index] for index in batches]))
+def statistics(backend, images: np.ndarray, batches: np.ndarray) -> tuple:
+    """The population statistics of backend's BN layers over images[batches[i]] (see the spec above), and each
+    batch's {BN name: (mean, var)} in the pass's order."""
+    per_batch = backend.batch_statistics([images[index] for index in batches])
+    return combine(per_batch), per_batch
+
+
+def sigma_average_gap(per_batch: list, decay: float, epsilon: float) -> dict:
+    """Batch renormalisation's running scale two ways, over the same batches in order (each average started at
+    the first batch's value): the suite's spec, sqrt(average of var_B + eps) (BN's running variance), against Ioffe
+    2017's Algorithm 1, the average of sigma_B = sqrt(var_B + eps). {BN name: mean over channels of |the first /
+    the second - 1|}: how far eval mode's scale parts between the two (Jensen: the first is the larger)."""
+    out = {}
+    for name in per_batch[0]:
+        variances = [np.asarray(b[name][1], np.float64) + epsilon for b in per_batch]
+        var_average, sigma_average = variances[0], np.sqrt(variances[0])
+        for var in variances[1:]:
+            var_average = decay * var_average + (1 - decay) * var
+            sigma_average = decay * sigma_average + (1 - decay) * np.sqrt(var)
+        out[name] = float(np.mean(np.abs(np.sqrt(var_average) / sigma_average - 1)))
+    return out
 
 
 def with_running(params: dict, population: dict) -> dict:
@@ -194,9 +212,13 @@ def measure(
     """An epoch's population pass, timed on its own: the statistics over images[batches], then figures().
     Returns (the epoch record's fields, the per-layer lag and noise, the snapshot's population/* arrays)."""
     start = clock()
-    stats = statistics(backend, train_images, batches)
+    stats, per_batch = statistics(backend, train_images, batches)
     fields = figures(backend, stats, ema_probe, test, ntest, probe_images, probe_labels, config, epsilon, keep)
     lag_noise = fields.pop("lag_noise")
+    if config.model.norm == "renorm":  # the running sigma of Ioffe's Algorithm 1 against the spec's variance
+        decay, _ = backend.effective_norm()
+        gaps = sigma_average_gap(per_batch, decay, epsilon)
+        lag_noise = [{**row, "sigma_average_gap": gaps[name]} for row, name in zip(lag_noise, ema_probe.norms)]
     fields.update(population_images=int(batches.size), population_seconds=clock() - start, recalibrated=keep)
     arrays = {}
     for name, (mean, var) in stats.items():

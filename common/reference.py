@@ -326,24 +326,12 @@ def norm_forward(
             new["steps"] = np.asarray(state["steps"], np.float64) + 1
         return y, new, cache, "batch"
     if spec.norm == "whiten":
-        y, new["running_mean"], new["running_cov"], x_hat = whiten_forward(
-            x,
-            state["gamma"],
-            state["beta"],
-            state["running_mean"],
-            state["running_cov"],
-            training=training,
-            group=spec.whiten_group,
-            iterations=spec.whiten_iterations,
-            decay=dec,
-            epsilon=eps,
-        )
 
-        def transform(z):  # x -> x_hat with the state fixed, complex-safe (the complex-step derivative)
+        def whiten(z, gamma, beta):  # complex-safe in z: whiten_backward's complex step runs it with gamma 1, beta 0
             return whiten_forward(
                 z,
-                np.ones(x.shape[1]),
-                np.zeros(x.shape[1]),
+                gamma,
+                beta,
                 state["running_mean"],
                 state["running_cov"],
                 training=training,
@@ -351,8 +339,11 @@ def norm_forward(
                 iterations=spec.whiten_iterations,
                 decay=dec,
                 epsilon=eps,
-            )[0]
+            )
 
+        y, new["running_mean"], new["running_cov"], x_hat = whiten(x, state["gamma"], state["beta"])
+        ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+        transform = lambda z: whiten(z, ones, zeros)[0]  # noqa: E731 (x -> x_hat, the state fixed)
         return y, new, (x, np.asarray(state["gamma"], np.float64), x_hat, transform), "whiten"
     if spec.norm in ("pit", "pit-rank"):
         y, new["running_mean"], new["running_var"], _, cache = pit_forward(

@@ -243,6 +243,7 @@ def test_norm_runs_train_the_same_in_every_mode_and_only_renorm_diverges(fw, fra
         if norm == "renorm":
             assert default["probe_logit_mad"] > 0 and "pop_test_acc" in default
             assert arrays["param/bn1.steps"][0] == 4 * default["epoch"]  # 4 steps an epoch, none from the probe
+            assert all(0 < g["sigma_average_gap"] < 1 for g in default["bn_gap"])  # Ioffe's running sigma beside
         else:
             assert default["probe_logit_mad"] == 0 and default["probe_disagreement"] == 0
             assert default["bn_gap"] == [] and "pop_test_acc" not in default
@@ -296,3 +297,23 @@ def test_every_framework_builds_only_the_kinds_common_decides(fw, framework):
     assert set(constructors) <= kinds, sorted(set(constructors) - kinds)
     assert set(SCRATCH_KINDS.values()) <= set(constructors)
     assert "builtin-batch" in constructors
+
+
+def test_renorm_running_sigma_two_ways_part_by_jensens_gap():
+    """The spec keeps BN's running variance, Ioffe 2017's Algorithm 1 a running sigma
+    (common.population.sigma_average_gap): equal when every batch has the same variance, and otherwise
+    sqrt(average var) above average sqrt(var), by the batches' spread of sigma (Jensen)."""
+    from common.population import sigma_average_gap
+
+    steady = [{"bn1": (np.zeros(2), np.full(2, 4.0))} for _ in range(50)]
+    assert sigma_average_gap(steady, 0.9, 1e-5) == {"bn1": 0.0}
+    rng = np.random.RandomState(0)
+    spread = [{"bn1": (np.zeros(3), rng.uniform(0.5, 1.5, 3) ** 2 * [1, 10, 100])} for _ in range(400)]
+    got = sigma_average_gap(spread, 0.9, 1e-5)["bn1"]
+    var = np.array([b["bn1"][1] for b in spread]) + 1e-5
+    weights = 0.1 * 0.9 ** np.arange(len(var) - 2, -1, -1)  # the average's weights, the first batch's apart
+    first = 0.9 ** (len(var) - 1)
+    want_var = first * var[0] + weights @ var[1:]
+    want_sigma = first * np.sqrt(var[0]) + weights @ np.sqrt(var[1:])
+    assert got == pytest.approx(np.mean(np.sqrt(want_var) / want_sigma - 1), rel=1e-10)
+    assert 1e-3 < got < 0.1  # sigma spread by +-50%: a gap of about a percent

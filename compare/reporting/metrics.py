@@ -91,6 +91,11 @@ def _entries():
         Metric("lag_var_log_ratio", "the running average's lag: variance log-ratio from the population's", N, lo),
         Metric("noise_mean_gap", "batch noise: the batch's mean gap from the population statistics", N, lo),
         Metric("noise_var_log_ratio", "batch noise: the batch's variance log-ratio from the population's", N, lo),
+        Metric(
+            "sigma_average_gap",
+            "renorm: sqrt(running variance) over Ioffe's running sigma, |ratio - 1|, on the population's batches",
+            N,
+        ),
         # per run (runs table): what a study answers with
         Metric("best_test_acc", "best test accuracy", F, hi),
         Metric("final_test_acc", "final test accuracy", F, hi),

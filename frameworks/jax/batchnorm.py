@@ -153,7 +153,7 @@ class BatchNorm(nn.Module):
         elif training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:
-            y, new_mean, new_var = batch_norm(*state, training=training, renorm=self.limits(training), **constants)
+            y, new_mean, new_var = self.normalise(*state, training=training, **constants)
         if training and not self.is_initializing():
             running_mean.value, running_var.value = new_mean, new_var
         return y
@@ -161,6 +161,10 @@ class BatchNorm(nn.Module):
     def limits(self, training):
         """(rmax, dmax) of batch renormalisation; None: plain BN."""
         return None
+
+    def normalise(self, *state, training, **constants):
+        """(y, new running mean, new running variance) of one call outside the ghost and replica cases."""
+        return batch_norm(*state, training=training, renorm=self.limits(training), **constants)
 
 
 class BatchRenorm(BatchNorm):
@@ -288,24 +292,5 @@ class PIT(BatchNorm):
 
     rank: bool = False
 
-    @nn.compact
-    def __call__(self, x, *, training):
-        shape = (self.num_features,)
-        gamma = self.param("gamma", nn.initializers.ones, shape, self.dtype)
-        beta = self.param("beta", nn.initializers.zeros, shape, self.dtype)
-        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, shape, self.dtype)
-        running_var = self.variable("batch_stats", "running_var", jnp.ones, shape, self.dtype)
-        y, new_mean, new_var = pit(
-            x,
-            gamma,
-            beta,
-            running_mean.value,
-            running_var.value,
-            training=training,
-            decay=self.decay,
-            epsilon=self.epsilon,
-            rank=self.rank,
-        )
-        if training and not self.is_initializing():
-            running_mean.value, running_var.value = new_mean, new_var
-        return y
+    def normalise(self, *state, training, **constants):
+        return pit(*state, training=training, rank=self.rank, **constants)

@@ -127,13 +127,17 @@ class BatchNorm(keras.layers.Layer):
         """(rmax, dmax) of batch renormalisation; None: plain BN."""
         return None
 
+    def normalise(self, *state, training, **constants):
+        """(y, new running mean, new running variance) of one call outside the ghost batches."""
+        return batch_norm(*state, training=training, renorm=self.limits(), **constants)
+
     def call(self, x, training=False):
         state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
         constants = dict(decay=self.decay, epsilon=self.epsilon)
         if training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:
-            y, new_mean, new_var = batch_norm(*state, training=bool(training), renorm=self.limits(), **constants)
+            y, new_mean, new_var = self.normalise(*state, training=bool(training), **constants)
         if training:
             self.running_mean.assign(new_mean)
             self.running_var.assign(new_var)
@@ -283,19 +287,5 @@ class PIT(BatchNorm):
         super().__init__(num_features, decay=decay, epsilon=epsilon, **kwargs)
         self.rank = rank
 
-    def call(self, x, training=False):
-        y, new_mean, new_var = pit(
-            x,
-            self.gamma,
-            self.beta,
-            self.running_mean,
-            self.running_var,
-            training=bool(training),
-            decay=self.decay,
-            epsilon=self.epsilon,
-            rank=self.rank,
-        )
-        if training:
-            self.running_mean.assign(new_mean)
-            self.running_var.assign(new_var)
-        return y
+    def normalise(self, *state, training, **constants):
+        return pit(*state, training=training, rank=self.rank, **constants)

@@ -137,6 +137,10 @@ class BatchNorm(nn.Module):
         """(rmax, dmax) of batch renormalisation; None: plain BN."""
         return None
 
+    def normalise(self, *state, **constants):
+        """(y, new running mean, new running variance) of one forward outside the ghost and replica cases."""
+        return batch_norm(*state, training=self.training, renorm=self.limits(), **constants)
+
     def forward(self, x):
         state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
         constants = dict(decay=self.decay, epsilon=self.epsilon)
@@ -145,7 +149,7 @@ class BatchNorm(nn.Module):
         elif self.training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:
-            y, new_mean, new_var = batch_norm(*state, training=self.training, renorm=self.limits(), **constants)
+            y, new_mean, new_var = self.normalise(*state, **constants)
         if self.training:
             with torch.no_grad():
                 self.running_mean.copy_(new_mean)
@@ -311,23 +315,8 @@ class PIT(BatchNorm):
         super().__init__(num_features, decay=decay, epsilon=epsilon)
         self.rank = rank
 
-    def forward(self, x):
-        y, new_mean, new_var = pit(
-            x,
-            self.gamma,
-            self.beta,
-            self.running_mean,
-            self.running_var,
-            training=self.training,
-            decay=self.decay,
-            epsilon=self.epsilon,
-            rank=self.rank,
-        )
-        if self.training:
-            with torch.no_grad():
-                self.running_mean.copy_(new_mean)
-                self.running_var.copy_(new_var)
-        return y
+    def normalise(self, *state, **constants):
+        return pit(*state, training=self.training, rank=self.rank, **constants)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rank={self.rank}"
