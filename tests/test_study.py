@@ -37,6 +37,7 @@ SHIPPED = [
     "precision",
     "renorm",
     "replicas",
+    "research-norms",
     "why-bn",
 ]
 
@@ -87,6 +88,9 @@ def test_shipped_studies_load_and_expand():
         if name == "replicas":  # one process: the whole batch and ghost batches of 128, 64, 32; 2, 4, 8 x 2 syncs
             assert not any(c.replicas > 1 and c.model.ghost_batch for c in configs)
             cells = 4 + 3 * 2
+        if name == "research-norms":  # per batch size: BN, whiten in 3 group sizes, pit, pit-rank, and none
+            assert not any(c.model.norm != "whiten" and c.model.whiten_group != 2 for c in configs)
+            cells = 2 * (1 + 3 + 1 + 1 + 1)
         assert len(configs) == cells * len(study.seeds)
         assert len({c.config_id for c in configs}) == len(configs)  # every cell is a different run
         assert all(set(coords[c.config_id]) == set(study.axes) for c in configs)
