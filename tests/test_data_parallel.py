@@ -150,6 +150,23 @@ def test_replicas_take_the_one_process_steps(fw, framework, tiny, sync):
     assert np.max(np.abs(np.subtract(other[0][0]["step_losses"], want[0][0]["step_losses"]))) > 1e-6
 
 
+def test_the_builtin_layer_under_global_sync_is_the_frameworks_sync_layer_or_its_refusal(fw, framework, tiny):
+    """Flax's nn.BatchNorm(axis_name=...) over 2 replicas takes the built-in one-process batch-B run's steps
+    (float64, 1e-10); PyTorch's nn.SyncBatchNorm refuses the CPU (tests/test_torch_pitfalls.py), so the run
+    says so before training."""
+    data_parallel(fw, framework)
+    builtin = ModelSpec(variant="builtin")
+    if framework == "torch":
+        with pytest.raises(BackendUnavailable, match="nn.SyncBatchNorm, which refuses the CPU"):
+            run(fw, small(model=builtin, replicas=2, bn_sync="global"), tiny)
+        return
+    want = run(fw, small(model=builtin), tiny)
+    got = run(fw, small(model=builtin, replicas=2, bn_sync="global"), tiny)
+    assert_same_steps(got, want, f"{framework} built-in --replicas 2 --bn-sync global")
+    local = run(fw, small(model=builtin, replicas=2, bn_sync="local"), tiny)
+    assert np.max(np.abs(np.subtract(local[0][0]["step_losses"], want[0][0]["step_losses"]))) > 1e-6
+
+
 def test_local_sync_running_statistics_follow_the_framework_convention(fw, framework, tiny):
     """After one step from the initial weights, bn1's running statistics under local sync over 2 replicas: the
     scratch layer blends the replicas' mean of their slices' mean and biased variance; the built-in layer keeps

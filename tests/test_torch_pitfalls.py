@@ -95,3 +95,20 @@ def test_instance_norm_has_no_affine_by_default(torch):
     layer = torch.nn.InstanceNorm2d(6)
     assert layer.weight is None and layer.bias is None and layer.running_mean is None
     assert torch.nn.InstanceNorm2d(6, affine=True).weight.shape == (6,)
+
+
+def test_sync_batch_norm_refuses_the_cpu_once_a_process_group_exists(torch, tmp_path):
+    """nn.SyncBatchNorm in training mode: without a process group it is plain BN; inside one (gloo, here a
+    one-process group over a file store, no network) it refuses a CPU tensor, so --bn-sync global has no built-in
+    layer on the CPU (frameworks/torch/backend.py says so) and its GPU path waits for a device."""
+    import torch.distributed as dist
+
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    plain = torch.nn.SyncBatchNorm(3)(x)
+    np.testing.assert_allclose(plain.detach().numpy(), torch.nn.BatchNorm2d(3)(x).detach().numpy(), atol=1e-6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            torch.nn.SyncBatchNorm(3)(x)
+    finally:
+        dist.destroy_process_group()

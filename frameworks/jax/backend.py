@@ -139,11 +139,6 @@ class JaxBackend(Backend):
             raise BackendUnavailable("--replicas runs on the host CPU's devices here: use --device cpu")
         if not self.compiled:
             raise BackendUnavailable("--replicas runs the jitted step only: use --execution compiled (or default)")
-        if config.model.variant.startswith("builtin") and config.bn_sync == "global" and config.model.has_norm:
-            raise BackendUnavailable(
-                "--bn-sync global with Flax's built-in layer would be nn.BatchNorm(axis_name=...); not supported yet: "
-                "use --variants scratch (the project's BN synchronises through lax.pmean)"
-            )
         devices = jax.devices("cpu")
         if len(devices) < config.replicas:
             raise BackendUnavailable(
@@ -364,8 +359,11 @@ class JaxBackend(Backend):
         return held[1]
 
     def replica_statistics(self):
-        builtin = self.spec.variant.startswith("builtin")
-        return "replica 0's (Flax keeps one copy per device)" if builtin else "the replicas' mean"
+        if not self.spec.variant.startswith("builtin"):
+            return "the replicas' mean"
+        if self.config.bn_sync == "global":
+            return "replica 0's, the same on every replica (nn.BatchNorm(axis_name=...) pools them)"
+        return "replica 0's (Flax keeps one copy per device)"
 
     def reduce_stats(self, stats):
         return np.asarray(jnp.sum(jnp.stack(stats), axis=0), dtype=np.float64)

@@ -119,7 +119,9 @@ def mode_kwargs(layer, training):
 class BNLeNet(nn.Module):
     spec: ModelSpec
     precision: str = "float32"  # common.precision: flax_dtypes gives the computation's and the parameters' dtype
-    replicas: tuple | None = None  # (axis name, pooled): the scratch BN layers inside a data-parallel step
+    # (axis name, pooled) inside a data-parallel step: the scratch BN layers take both; Flax's built-in one takes
+    # axis_name where pooled (global sync), and nothing where not (local: its statistics per device)
+    replicas: tuple | None = None
 
     @nn.compact
     def __call__(self, x, *, training, bn_training=None, noise=None):
@@ -157,7 +159,11 @@ class BNLeNet(nn.Module):
                 return activation(h)
             name = NORM_NAMES[layer]
             norm = norm_after(spec, layer)
-            synced = {"replicas": self.replicas} if self.replicas is not None and norm.kind == "batch" else {}
+            synced = {}
+            if self.replicas is not None and norm.kind == "batch":
+                synced = {"replicas": self.replicas}
+            elif self.replicas is not None and norm.kind == "builtin-batch" and self.replicas[1]:
+                synced = {"axis_name": self.replicas[0]}  # Flax's own synchronised BN: global sync
             bn = make_norm(norm, self.precision, name=name, **synced)
             before = spec.bn_placement == "before_activation"
             if not before:

@@ -96,9 +96,10 @@ class TorchBackend(Backend):
         builtin = config.model.variant.startswith("builtin") and config.model.has_norm
         if builtin and config.bn_sync == "global":
             raise BackendUnavailable(
-                "--bn-sync global with PyTorch's built-in layer would be nn.SyncBatchNorm, which synchronises in "
-                "every train-mode forward, the one-process probes included; not supported yet: use --variants "
-                "scratch (the project's BN synchronises through the same torch.distributed all_reduce)"
+                "--bn-sync global with PyTorch's built-in layer is nn.SyncBatchNorm, which refuses the CPU in a "
+                "process group ('SyncBatchNorm expected input tensor to be on GPU or XPU or privateuseone', "
+                "tests/test_torch_pitfalls.py), and --replicas runs on the CPU; use --variants scratch (the "
+                "project's BN synchronises through the same torch.distributed all_reduce)"
             )
         if rank == 0:
             torch.set_num_threads(max(1, torch.get_num_threads() // config.replicas))
