@@ -3,7 +3,9 @@
 Counted: the multiply-adds of the convolutions and dense layers, 2 FLOPs each (what a matrix unit does, and what
 a peak matrix-product figure measures). Not counted: bias additions, normalisation, activations, pooling, the
 loss and the SGD update: elementwise, a few operations per value against the 25 to 150 multiply-adds behind each
-output of a convolution; so a fraction of peak computed from this count slightly understates the work done.
+output of a convolution; so a fraction of peak computed from this count slightly understates the work done. Not
+counted either, and not elementwise: --norm whiten's covariances, Newton-Schulz products and whitening products
+(common.norms), so a whiten run's fraction of peak understates its work by more.
 
 Training, per image: the forward, and in the backward each layer's weight gradient (as many multiply-adds as its
 forward) and its input gradient (as many again), except the first convolution's, whose input is the image and
