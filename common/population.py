@@ -98,11 +98,14 @@ def lag_and_noise(probe_bn: dict, stats: dict, epsilon: float) -> list:
     return out
 
 
-def statistics(backend, images: np.ndarray, batches: np.ndarray) -> tuple:
-    """The population statistics of backend's BN layers over images[batches[i]] (see the spec above), and each
-    batch's {BN name: (mean, var)} in the pass's order."""
-    per_batch = backend.batch_statistics([images[index] for index in batches])
-    return combine(per_batch), per_batch
+def statistics(backend, images: np.ndarray, batches: np.ndarray) -> dict:
+    """The population statistics of backend's BN layers over images[batches[i]] (see the spec above)."""
+    return combine(batch_statistics(backend, images, batches))
+
+
+def batch_statistics(backend, images: np.ndarray, batches: np.ndarray) -> list:
+    """Each batch's {BN name: (mean, var)} of images[batches[i]], in the pass's order."""
+    return backend.batch_statistics([images[index] for index in batches])
 
 
 def sigma_average_gap(per_batch: list, decay: float, epsilon: float) -> dict:
@@ -212,7 +215,8 @@ def measure(
     """An epoch's population pass, timed on its own: the statistics over images[batches], then figures().
     Returns (the epoch record's fields, the per-layer lag and noise, the snapshot's population/* arrays)."""
     start = clock()
-    stats, per_batch = statistics(backend, train_images, batches)
+    per_batch = batch_statistics(backend, train_images, batches)
+    stats = combine(per_batch)
     fields = figures(backend, stats, ema_probe, test, ntest, probe_images, probe_labels, config, epsilon, keep)
     lag_noise = fields.pop("lag_noise")
     if config.model.norm == "renorm":  # the running sigma of Ioffe's Algorithm 1 against the spec's variance
