@@ -61,3 +61,23 @@ def epochs_of(backend_cls, config, dataset, progress=None) -> list:
     got = []
     run(backend_cls, config, dataset, lambda record, arrays=None: got.append((record, arrays)), progress)
     return [(r, a) for r, a in got if r["kind"] == "epoch"]
+
+
+def expected_norm(spec, x, state, dy, training):
+    """One normalisation layer's forward and backward (of sum(dy * y)) by the float64 reference, in the harness's
+    keys: y, dx, dgamma, dbeta and the state after the step."""
+    from common.reference import norm_backward, norm_forward
+
+    y, new, cache, kind = norm_forward(spec, x, state, training=training)
+    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
+    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "state": new}
+
+
+def check_norm(got, want, tol, what):
+    """A harness's result against expected_norm's, each array within tol(its expected value) (assert_allclose's
+    keyword arguments), and the same state arrays."""
+    for key in ("y", "dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(got[key], want[key], err_msg=f"{what}: {key}", **tol(want[key]))
+    assert sorted(got["state"]) == sorted(want["state"])
+    for key, value in want["state"].items():
+        np.testing.assert_allclose(got["state"][key], value, err_msg=f"{what}: {key} after the step", **tol(value))

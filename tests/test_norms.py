@@ -19,8 +19,9 @@ from common.errors import BackendUnavailable, ConfigError
 from common.init import norm_suffixes
 from common.loop import run as run_loop
 from common.norms import BUILTIN_KINDS, SCRATCH_KINDS, norm_after
-from common.reference import norm_backward, norm_forward
 from tests.conventions import NORM_BUILTIN_ATOL, NORM_BUILTIN_DTYPES_MISSING, NORM_BUILTIN_EPSILON
+from tests.helpers import check_norm as check
+from tests.helpers import expected_norm as expected
 from tests.helpers import make_idx_dir
 
 EXAMPLES = settings(
@@ -42,20 +43,6 @@ def layer_inputs(shape, spec, seed, offset=0.0, scale=1.0, steps=0):
     }
     state = {k: v for k, v in state.items() if k in norm_suffixes(spec)}
     return offset + scale * rng.normal(0, 1, shape), rng.normal(0, 1, shape), state
-
-
-def expected(spec, x, state, dy, training):
-    y, new, cache, kind = norm_forward(spec, x, state, training=training)
-    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
-    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "state": new}
-
-
-def check(got, want, tol, what):
-    for key in ("y", "dx", "dgamma", "dbeta"):
-        np.testing.assert_allclose(got[key], want[key], err_msg=f"{what}: {key}", **tol(want[key]))
-    assert sorted(got["state"]) == sorted(want["state"])
-    for key, value in want["state"].items():
-        np.testing.assert_allclose(got["state"][key], value, err_msg=f"{what}: {key} after the step", **tol(value))
 
 
 def bound(dtype, offset, scale, values):

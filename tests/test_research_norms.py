@@ -19,12 +19,11 @@ from common.reference import (
     exact_inverse_sqrt,
     mid_ranks,
     newton_schulz_inverse_sqrt,
-    norm_backward,
-    norm_forward,
     pit_backward,
     pit_forward,
     whiten_forward,
 )
+from tests.helpers import check_norm, expected_norm
 
 
 def correlated(shape, seed):
@@ -220,20 +219,6 @@ def research_inputs(shape, spec, seed, offset=0.0, scale=1.0):
     return offset + scale * correlated(shape, seed + 1), rng.normal(0, 1, shape), state
 
 
-def reference_result(spec, x, state, dy, training):
-    y, new, cache, kind = norm_forward(spec, x, state, training=training)
-    dx, dgamma, dbeta = norm_backward(dy, cache, kind)
-    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "state": new}
-
-
-def check_layer(got, want, atol, what):
-    for key in ("y", "dx", "dgamma", "dbeta"):
-        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol(want[key]), err_msg=f"{what}: {key}")
-    assert sorted(got["state"]) == sorted(want["state"])
-    for key, value in want["state"].items():
-        np.testing.assert_allclose(got["state"][key], value, rtol=0, atol=atol(value), err_msg=f"{what}: {key}")
-
-
 @st.composite
 def research_cases(draw):
     norm = draw(st.sampled_from(["whiten", "pit", "pit-rank"]))
@@ -282,8 +267,8 @@ def test_scratch_research_norm_matches_reference(fw, harness, framework, case):
     cast = {k: v.astype(dtype) for k, v in state.items()}
     x, dy = x.astype(dtype), dy.astype(dtype)
     got = harness.run_norm(spec, x, cast, dy, training=training, dtype=dtype)
-    want = reference_result(spec, x, cast, dy, training)
-    check_layer(
+    want = expected_norm(spec, x, cast, dy, training)
+    check_norm(
         got,
         want,
         bound(spec, x, cast, training, dtype, offset, scale),
@@ -297,10 +282,10 @@ def bound(spec, x, state, training, dtype, offset=0.0, scale=1.0):
     if spec.norm == "whiten":
         magnitude *= conditioning(spec, x, state, training)
 
-    def atol(value):
-        return 256 * UNIT_ROUNDOFF[dtype] * magnitude * (1 + np.max(np.abs(value)))
+    def tol(value):
+        return {"rtol": 0, "atol": 256 * UNIT_ROUNDOFF[dtype] * magnitude * (1 + np.max(np.abs(value)))}
 
-    return atol
+    return tol
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -311,9 +296,9 @@ def test_scratch_whiten_groups_each_normalise_by_their_own_trace(fw, harness, fr
     spec = ModelSpec(norm="whiten", whiten_group=2, whiten_iterations=2, bn_positions=("conv1",))
     x, dy, state = research_inputs(shape, spec, seed=11, offset=1.0)
     got = harness.run_norm(spec, x, state, dy, training=training, dtype="float64")
-    check_layer(
+    check_norm(
         got,
-        reference_result(spec, x, state, dy, training),
+        expected_norm(spec, x, state, dy, training),
         bound(spec, x, state, training, "float64", 1.0),
         f"{framework} whiten {shape}",
     )
