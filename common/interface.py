@@ -103,21 +103,13 @@ class Backend(ABC):
     restore_state."""
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
-    # how --replicas K > 1 runs (docs/data-parallel.md): "processes" (one per replica), "devices" (one process),
-    # or "" where it does not
+    # how --replicas K > 1 runs (docs/data-parallel.md): "processes" (one per replica), "devices" (one process's
+    # devices) or "contexts" (MXNet's)
     data_parallel: str = ""
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.noise = None  # the epoch's noisy-BN draws on the device (put_noise), or None
-        if config.replicas > 1 and not self.data_parallel:
-            raise BackendUnavailable(
-                f"--replicas {config.replicas}: data-parallel training runs in PyTorch and JAX so far "
-                f"(torch.distributed, shard_map); this framework has no data-parallel path in the suite yet "
-                f"(docs/data-parallel.md): run it with "
-                f"--replicas 1, or --ghost-batch {config.batch_size // config.replicas} for local sync's statistics "
-                f"in one process"
-            )
 
     # hooks ------------------------------------------------------------------------------------------------
     @abstractmethod

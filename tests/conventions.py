@@ -158,14 +158,19 @@ MIXED_BUILTIN = {
 
 # The frameworks that train with --replicas K > 1 (the others refuse it); asserted against each backend's
 # data_parallel by tests/test_data_parallel.py
-DATA_PARALLEL = ("torch", "jax")
+DATA_PARALLEL = ("torch", "jax", "tensorflow", "mxnet")
 
 # --replicas K --bn-sync local: which running statistics eval mode uses (asserted by
 # tests/test_data_parallel.py::test_local_sync_running_statistics_follow_the_framework_convention). The scratch
 # layer's are the project's spec; the built-in layer's are the framework's data-parallel default:
 # PyTorch's DDP broadcasts replica 0's buffers before every forward (broadcast_buffers / forward_sync_buffers).
-# Flax's built-in layer without axis_name keeps one copy per device; the step's output is replica 0's.
+# Flax's built-in layer without axis_name keeps one copy per device; the step's output is replica 0's. Keras'
+# BatchNormalization under MirroredStrategy likewise: its moving statistics are variables that aggregate nothing, so
+# each replica assigns its own copy, and a read outside the step (eval mode) sees replica 0's. Gluon's nn.BatchNorm
+# over K contexts: each context's copy is written by its own slice's backward; the run reads context 0's.
 REPLICA_RUNNING_STATS = {
     "torch": {"scratch": "replicas' mean", "builtin": "replica 0's"},
     "jax": {"scratch": "replicas' mean", "builtin": "replica 0's"},
+    "tensorflow": {"scratch": "replicas' mean", "builtin": "replica 0's"},
+    "mxnet": {"scratch": "replicas' mean", "builtin": "replica 0's"},
 }

@@ -8,6 +8,18 @@ statistics, dropout off), without recording, and restores the running
 statistics afterwards (built-in BN on GPU updates them in the forward).
 Execution: hybridized (static graph) unless the run asks for eager.
 
+Data parallel (--replicas K, docs/data-parallel.md): Gluon's own way, the parameters initialised on K CPU
+contexts, each step's batch cut into K contiguous slices (gluon.utils.split_and_load), a forward and backward per
+context, and the Trainer's kvstore summing the gradients over the contexts before the one update (step(B): the
+batch's mean gradient). The scratch BN layers normalise with their slice's statistics (local sync) and the running
+statistics stored on every context are the replicas' mean of what the slices returned; the built-in layer is
+nn.BatchNorm (each context keeps its own running statistics; replica 0's are read). Global sync is refused for
+both: Gluon calls each context's forward from Python one after another, and its one collective, the kvstore, is
+outside autograd, so a layer written from its operators cannot pool the statistics in the middle of a forward;
+Gluon's SyncBatchNorm does it inside one operator whose calls wait for each other at a barrier, but it fails in
+float64 and a float32 BN-LeNet step over two CPU contexts hung there (measured). Everything else (evaluation,
+probes, the population pass) runs on context 0.
+
 Every read of the running statistics (export, save, evaluate, predict, probe)
 first waits for all queued work: the built-in BatchNorm on CPU writes them
 inside its backward, and a save right after a step was seen to write the old
@@ -50,6 +62,7 @@ def _param(net, name):
 
 class MXNetBackend(Backend):
     name = "mxnet"
+    data_parallel = "contexts"  # --replicas K: K CPU contexts and the kvstore (module docstring)
 
     def __init__(self, config):
         super().__init__(config)
@@ -58,15 +71,42 @@ class MXNetBackend(Backend):
         self.spec = config.model
         mx.random.seed(config.seed)  # dropout masks only; weights come from common
         check_dtype(config.model, config.precision)
+        self.contexts = self._data_parallel(config) if config.replicas > 1 else [self.ctx]
         self.net = BNLeNet(config.layer_spec)
-        self.net.initialize(ctx=self.ctx)
+        self.net.initialize(ctx=self.contexts)
         self.net.cast(self.dtype)
         self.hybridized = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
         if self.hybridized:
             self.net.hybridize(static_alloc=True, static_shape=True)
         trainable = [p for p in self.net.collect_params().values() if p.grad_req != "null"]
-        self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr})
+        # the kvstore sums each parameter's gradients over the contexts (data parallel; one context: nothing to sum)
+        self.trainer = gluon.Trainer(trainable, "sgd", {"learning_rate": config.lr}, kvstore="local")
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def _data_parallel(self, config):
+        """The K CPU contexts of a data-parallel run, or the reason it cannot run (the module docstring)."""
+        if self.ctx.device_type != "cpu":
+            raise BackendUnavailable("--replicas runs on K CPU contexts here: use --device cpu")
+        if config.bn_sync == "global" and config.model.variant == "scratch" and config.model.has_running_stats:
+            raise BackendUnavailable(
+                "--bn-sync global with MXNet's scratch BN: Gluon runs each context's forward from Python one after "
+                "another and its collective (the kvstore) is outside autograd, so a layer made of its operators "
+                "cannot pool the slices' statistics mid-forward; use --variants builtin (Gluon's SyncBatchNorm, "
+                "which pools them inside its operator), --bn-sync local, or --replicas 1"
+            )
+        if config.bn_sync == "global" and config.model.variant != "scratch" and config.model.has_running_stats:
+            raise BackendUnavailable(
+                "--bn-sync global with MXNet's built-in BN: Gluon's SyncBatchNorm (contrib) fails in float64 (its "
+                "operator: 'data type do not match ... Expected: double v.s. given float') and, in float32, a "
+                "two-context BN-LeNet training step on the CPU hung at its barrier (MXNet 1.9.1); use --bn-sync local "
+                "or --replicas 1"
+            )
+        return [mx.cpu(i) for i in range(config.replicas)]
+
+    def replica_statistics(self):
+        if self.spec.variant == "scratch":
+            return "the replicas' mean"
+        return "context 0's (Gluon keeps one copy per context)"
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -154,7 +194,7 @@ class MXNetBackend(Backend):
         self.net.save_parameters(path)
 
     def load(self, path):
-        self.net.load_parameters(path, ctx=self.ctx)
+        self.net.load_parameters(path, ctx=self.contexts)
 
     def put(self, images, labels):
         return (nd.array(images, ctx=self.ctx, dtype=self.dtype), nd.array(labels, ctx=self.ctx, dtype=self.dtype))
@@ -169,6 +209,8 @@ class MXNetBackend(Backend):
         index = order[step]
         x, y = nd.take(data[0], index), nd.take(data[1], index)
         noise = self.noise and {n: (a[step], b[step]) for n, (a, b) in self.noise.items()}
+        if len(self.contexts) > 1:
+            return self._replicated_step(x, y, noise)
         with autograd.record(train_mode=True):
             logits, *new_stats = self.net(x, None, None, noise)  # Block.__call__ passes no keywords
             loss = self.loss(logits, y)
@@ -177,6 +219,32 @@ class MXNetBackend(Backend):
         self.net.store_running(new_stats)
         correct = (logits.argmax(axis=1) == y).sum()
         return nd.concat(loss.sum(), correct, dim=0)
+
+    def _replicated_step(self, x, y, noise):
+        """The data-parallel step: slice r of the batch on context r, the gradients summed over the contexts by
+        the kvstore, the scratch layers' new running statistics averaged over the replicas; [loss_sum, correct]
+        of the whole batch on context 0."""
+        xs, ys = (gluon.utils.split_and_load(t, self.contexts, even_split=True) for t in (x, y))
+        noises = [
+            noise and {n: tuple(a.as_in_context(c) for a in pair) for n, pair in noise.items()} for c in self.contexts
+        ]
+        with autograd.record(train_mode=True):
+            outputs = [self.net(xr, None, None, nr) for xr, nr in zip(xs, noises)]
+            losses = [self.loss(out[0], yr) for out, yr in zip(outputs, ys)]
+        autograd.backward(losses)
+        self.trainer.step(x.shape[0])
+        home = self.ctx
+        self.net.store_running(
+            [
+                nd.add_n(*(out[i].as_in_context(home) for out in outputs)) / len(outputs)
+                for i in range(1, len(outputs[0]))
+            ]
+        )
+        totals = [
+            nd.concat(loss.sum(), (out[0].argmax(axis=1) == yr).sum(), dim=0).as_in_context(home)
+            for loss, out, yr in zip(losses, outputs, ys)
+        ]
+        return nd.add_n(*totals)
 
     def reduce_stats(self, stats):
         return (

@@ -188,9 +188,11 @@ class BatchNorm(HybridBlock):
         return batch_norm(*state, **constants)
 
     def store(self, *new_state):
-        """Write the state (self.state) a training forward returned (asynchronous, no sync)."""
+        """Write the state (self.state) a training forward returned (asynchronous, no sync), into the copy on every
+        context the layer lives on (data parallel: all of them hold the same)."""
         for name, value in zip(self.state, new_state):
-            getattr(self, name).data()[:] = value
+            for copy in getattr(self, name).list_data():
+                copy[:] = value
 
 
 class BatchRenorm(BatchNorm):

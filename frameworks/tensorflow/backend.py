@@ -8,6 +8,16 @@ once, when they are put on the device. Execution: xla (the default) compiles
 the update step and the eval forward with XLA (`tf.function(jit_compile=True)`),
 the batch gathered by a plain tf.function before it; compiled = tf.function
 for the whole step; eager = neither.
+
+Data parallel (--replicas K, docs/data-parallel.md): tf.distribute.MirroredStrategy over K logical CPU devices of
+this process (`prepare` makes them before TensorFlow starts), the model's variables mirrored on each. A step gathers
+the batch once, and strategy.run gives replica r its contiguous slice r * B/K ... (r + 1) * B/K - 1; each replica
+averages its gradients with the others' through the replica context's all_reduce (whose gradient is an all_reduce
+too) and applies them to its own copy of the variables, so the copies stay equal. The scratch BN layers normalise
+with the slice's statistics (local) or the whole batch's (global, batchnorm.synced_batch_norm); the built-in layer
+is keras.layers.BatchNormalization, with synchronized=True under global sync. Everything else (evaluation, probes,
+the population pass) runs outside the strategy on replica 0's copy, and assigns every copy. The step runs as a
+tf.function: XLA refuses it (a jit_compile'd step may not touch the other devices' variables).
 """
 
 import platform
@@ -45,8 +55,18 @@ def resolve_device(requested):
     return "/GPU:0" if requested in ("gpu", "auto") and gpus else "/CPU:0"
 
 
+def prepare(configs) -> None:
+    """Before TensorFlow starts its runtime: as many logical CPU devices as the job's largest --replicas
+    (TensorFlow fixes them when it starts; compare.execution.worker calls this once per worker)."""
+    most = max((c.replicas for c in configs), default=1)
+    if most > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * most)
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
+    data_parallel = "devices"  # --replicas K: MirroredStrategy over K logical CPU devices (prepare)
 
     def __init__(self, config):
         super().__init__(config)
@@ -58,14 +78,23 @@ class TensorFlowBackend(Backend):
         # worker ran before it; set_random_seed seeds Python, NumPy, TF and Keras' global generator.
         keras.utils.set_random_seed(config.seed)
         size = config.model.side
-        with tf.device(self.device):
+        # under --replicas the step is a tf.function: XLA cannot compile MirroredStrategy's step (docstring)
+        default = "compiled" if config.replicas > 1 else DEFAULT_EXECUTION
+        self.execution = resolve_execution(config, default, ("compiled", "eager", "xla"))
+        self.strategy = self._data_parallel(config) if config.replicas > 1 else None
+        # the strategy's scope mirrors every variable created in it on each replica's device
+        with self.strategy.scope() if self.strategy else tf.device(self.device):
             # mixed precision: Keras' own mechanism, the mixed_bfloat16 dtype policy on every layer
-            self.model = BNLeNet(config.layer_spec, config.precision)
+            sync = config.bn_sync if self.strategy else None
+            self.model = BNLeNet(config.layer_spec, config.precision, sync=sync)
             self.model(tf.zeros((2, size, size, 1), dtype=config.dtype))  # build every variable
         self.trainable = trainable_variables(self.model)
         self.lr = tf.constant(config.lr, dtype=config.dtype)
-        self.execution = resolve_execution(config, DEFAULT_EXECUTION, ("compiled", "eager", "xla"))
-        if self.execution == "xla":
+        if self.strategy is not None:
+            self._step = tf.function(self._replicated_step_impl)
+            self._forward = tf.function(self._forward_impl)
+            self._moments = tf.function(self._moments_impl)
+        elif self.execution == "xla":
             # the batch gather stays outside the XLA computation: inside it, XLA on the CPU ran the
             # step at ~110 examples/s (docs/benchmark.md, "Execution modes")
             gather, update = tf.function(self._gather_impl), tf.function(self._update_impl, jit_compile=True)
@@ -79,6 +108,38 @@ class TensorFlowBackend(Backend):
             self._step = wrap(self._step_impl)
             self._forward = wrap(self._forward_impl)
             self._moments = wrap(self._moments_impl)
+
+    def _data_parallel(self, config):
+        """The MirroredStrategy over K logical CPU devices a data-parallel step runs on, or the reason it cannot
+        run."""
+        if self.device != "/CPU:0":
+            raise BackendUnavailable("--replicas runs on the host CPU's logical devices here: use --device cpu")
+        if self.execution != "compiled":
+            raise BackendUnavailable(
+                f"--replicas runs its step as a tf.function only: XLA (--execution xla) refuses MirroredStrategy's "
+                f"step (a jit_compile'd function may not touch the variables on the other devices), and eager runs "
+                f"the replicas one by one; use --execution compiled (or default), not {self.execution}"
+            )
+        devices = tf.config.list_logical_devices("CPU")
+        if len(devices) < config.replicas:
+            raise BackendUnavailable(
+                f"--replicas {config.replicas} needs {config.replicas} logical CPU devices and this process has "
+                f"{len(devices)}: TensorFlow fixes them when it starts. compare.run makes them for its workers; in "
+                "your own process call frameworks.tensorflow.backend.prepare([config]) before any TensorFlow work"
+            )
+        # reducing through one device, in merge_call: with the default on these devices, collective all-reduces,
+        # steps failed now and then with "Shape mismatch in the collective instance 100" (the replicas' collectives
+        # paired out of order: the gradients' with a BN layer's)
+        return tf.distribute.MirroredStrategy(
+            [d.name for d in devices[: config.replicas]], cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+
+    def replica_statistics(self):
+        if self.spec.variant == "scratch":
+            return "the replicas' mean"
+        if self.config.bn_sync == "global":
+            return "replica 0's, the same on every replica (BatchNormalization(synchronized=True) pools them)"
+        return "replica 0's (Keras keeps one copy per replica)"
 
     # hooks of the Backend template (common.interface) -------------------------------------------------------
     def framework_version(self):
@@ -192,15 +253,31 @@ class TensorFlowBackend(Backend):
         return self._update_impl(*self._gather_impl(images, labels, order, step, noise))
 
     def _update_impl(self, x, y, noise=None):
+        """One SGD step on the batch (x, y); [loss_sum, correct]. Inside strategy.run (data parallel): on this
+        replica's slice of it, the gradients averaged and [loss_sum, correct] summed over the replicas."""
+        context = tf.distribute.get_replica_context()
+        replicated = context is not None and context.num_replicas_in_sync > 1
+        if replicated:
+            share = self.config.batch_size // self.config.replicas
+            mine = context.replica_id_in_sync_group * share + tf.range(share)
+            x, y = tf.gather(x, mine), tf.gather(y, mine)
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True, noise=noise)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             loss = tf.reduce_mean(losses)
         grads = tape.gradient(loss, self.trainable)
+        if replicated:
+            grads = context.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
         for var, grad in zip(self.trainable, grads):
-            var.assign_sub(self.lr * grad)
+            var.assign_sub(self.lr * grad)  # in a replica: its own copy (the variables aggregate nothing)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y), loss.dtype))
-        return tf.stack([tf.reduce_sum(losses), correct])
+        stats = tf.stack([tf.reduce_sum(losses), correct])
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, stats) if replicated else stats
+
+    def _replicated_step_impl(self, images, labels, order, step, noise=None):
+        """The data-parallel step: the whole batch gathered once, each replica's update on its slice."""
+        per_replica = self.strategy.run(self._update_impl, args=self._gather_impl(images, labels, order, step, noise))
+        return self.strategy.experimental_local_results(per_replica)[0]
 
     def train_step(self, data, order, step):
         with tf.device(self.device):

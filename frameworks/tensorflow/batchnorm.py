@@ -83,6 +83,40 @@ def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwar
     return y, tf.reduce_mean(tf.reshape(mean, [s, c]), axis=0), tf.reduce_mean(tf.reshape(var, [s, c]), axis=0)
 
 
+def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, context, pooled, decay, epsilon):
+    """batch_norm's training mode inside a data-parallel step (strategy.run; x is this replica's slice, context
+    the replica context, whose all_reduce has an all_reduce for its gradient). pooled (global sync): the whole
+    batch's mean and biased variance, two passes (the replicas' mean of their slice means, then of their slices'
+    mean squared deviations from it: the slices are equal, so these are the global batch's; averaging the
+    replicas' variances instead would drop the spread of their means); else (local sync) the slice's own. Either
+    way the running statistics blend the replicas' mean of the statistics used, so every replica holds the same
+    ones."""
+    out_dtype, x = x.dtype, in_float32(x)
+    axes = [0] if x.shape.rank == 2 else [0, 1, 2]
+
+    def replicas_mean(value):
+        return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+
+    if pooled:
+        mean = replicas_mean(tf.reduce_mean(x, axis=axes))
+        var = replicas_mean(tf.reduce_mean(tf.square(x - mean), axis=axes))
+        used_mean, used_var = tf.stop_gradient(mean), tf.stop_gradient(var)
+    else:
+        mean = tf.reduce_mean(x, axis=axes)
+        var = tf.reduce_mean(tf.square(x - tf.stop_gradient(mean)), axis=axes)
+        used_mean, used_var = replicas_mean([tf.stop_gradient(mean), tf.stop_gradient(var)])
+    y = (x - mean) * tf.math.rsqrt(var + epsilon)
+    new_mean = decay * running_mean + (1.0 - decay) * used_mean
+    new_var = decay * running_var + (1.0 - decay) * used_var
+    return tf.cast(y * gamma + beta, out_dtype), new_mean, new_var
+
+
+def replica_context():
+    """The replica context of a data-parallel step (inside strategy.run over more than one replica), else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
 def in_float32(x):
     """A reduced-precision input (mixed precision) in float32; float32 and float64 unchanged."""
     return tf.cast(x, tf.float32) if x.dtype in (tf.bfloat16, tf.float16) else x
@@ -108,9 +142,10 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
 class BatchNorm(keras.layers.Layer):
     """gamma, beta (trainable) and running_mean, running_var (non-trainable weights)."""
 
-    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, **kwargs):
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, pooled=False, **kwargs):
         super().__init__(**kwargs)
         self.num_features, self.decay, self.epsilon, self.ghost = num_features, decay, epsilon, ghost
+        self.pooled = pooled  # inside a data-parallel step: global sync (synced_batch_norm)
 
     def build(self, input_shape):
         shape = (self.num_features,)
@@ -134,7 +169,10 @@ class BatchNorm(keras.layers.Layer):
     def call(self, x, training=False):
         state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
         constants = dict(decay=self.decay, epsilon=self.epsilon)
-        if training and self.ghost and x.shape[0] != self.ghost:
+        context = replica_context() if training and type(self) is BatchNorm else None
+        if context is not None:
+            y, new_mean, new_var = synced_batch_norm(*state, context=context, pooled=self.pooled, **constants)
+        elif training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:
             y, new_mean, new_var = self.normalise(*state, training=bool(training), **constants)
