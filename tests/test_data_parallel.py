@@ -225,3 +225,13 @@ def test_a_replica_that_dies_ends_the_run_with_its_error(fw, framework, tiny):
     assert time.monotonic() - began < 60
     assert followers and all(process.poll() is not None for process in followers)
     assert backends[0].group is None  # closed: the process group is gone, a next run can start its own
+
+
+def test_ghost_batches_evaluate_any_eval_batch(fw, framework, tiny):
+    """Eval mode ignores ghost batches, so a ghost run evaluates batches its G does not divide (the test set's last
+    one; MXNet's graph folds every batch, and pads such a batch): the same test loss and accuracy as with one eval
+    batch of the whole test set, in float64."""
+    ghost = ModelSpec(ghost_batch=16)
+    whole, ragged = (run(fw, small(model=ghost, epochs=1, eval_batch_size=size), tiny)[0][0] for size in (64, 24))
+    assert ragged["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-10, abs=0)
+    assert ragged["test_acc"] == whole["test_acc"]

@@ -257,13 +257,26 @@ class MXNetBackend(Backend):
         total = []
         for start in range(0, labels.shape[0], batch_size):
             x, y = images[start : start + batch_size], labels[start : start + batch_size]
-            logits = self.net(x, False)[0]
+            logits = self._eval_logits(x)
             total.append(nd.concat(self.loss(logits, y).sum(), (logits.argmax(axis=1) == y).sum(), dim=0))
         return self.reduce_stats(total)
 
     def predict(self, images):
         nd.waitall()  # see the module docstring
-        return self.net(nd.array(images, ctx=self.ctx, dtype=self.dtype), False)[0].asnumpy()
+        return self._eval_logits(nd.array(images, ctx=self.ctx, dtype=self.dtype)).asnumpy()
+
+    def _eval_logits(self, x):
+        """The eval-mode logits of x. Under ghost batches of G (--ghost-batch, or local sync's B/K) the scratch
+        layer's graph computes its training branch beside the eval one and folds the batch into slices of G, which
+        fails on a batch G does not divide (the last of the test set): such a batch is padded with zero images to
+        whole slices, and their rows dropped; eval mode normalises every image on its own, so the others' logits
+        are unchanged."""
+        n, ghost = x.shape[0], self.config.layer_spec.ghost_batch
+        pad = -n % ghost if ghost else 0
+        if pad:
+            x = nd.concat(x, nd.zeros((pad, *x.shape[1:]), ctx=x.context, dtype=x.dtype), dim=0)
+        logits = self.net(x, False)[0]
+        return logits[:n] if pad else logits
 
     def synchronize(self):
         nd.waitall()
