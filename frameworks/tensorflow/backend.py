@@ -32,6 +32,7 @@ from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 from common.norms import norm_after
 
+from .batchnorm import replica_context
 from .lenet import (
     BNLeNet,
     make_norm,
@@ -116,9 +117,9 @@ class TensorFlowBackend(Backend):
             raise BackendUnavailable("--replicas runs on the host CPU's logical devices here: use --device cpu")
         if self.execution != "compiled":
             raise BackendUnavailable(
-                f"--replicas runs its step as a tf.function only: XLA (--execution xla) refuses MirroredStrategy's "
-                f"step (a jit_compile'd function may not touch the variables on the other devices), and eager runs "
-                f"the replicas one by one; use --execution compiled (or default), not {self.execution}"
+                f"--replicas runs its step as a tf.function only (XLA, --execution xla, refuses MirroredStrategy's "
+                f"step: a jit_compile'd function may not touch the variables on the other devices); use --execution "
+                f"compiled (or default), not {self.execution}"
             )
         devices = tf.config.list_logical_devices("CPU")
         if len(devices) < config.replicas:
@@ -255,8 +256,8 @@ class TensorFlowBackend(Backend):
     def _update_impl(self, x, y, noise=None):
         """One SGD step on the batch (x, y); [loss_sum, correct]. Inside strategy.run (data parallel): on this
         replica's slice of it, the gradients averaged and [loss_sum, correct] summed over the replicas."""
-        context = tf.distribute.get_replica_context()
-        replicated = context is not None and context.num_replicas_in_sync > 1
+        context = replica_context()
+        replicated = context is not None
         if replicated:
             share = self.config.batch_size // self.config.replicas
             mine = context.replica_id_in_sync_group * share + tf.range(share)
