@@ -307,6 +307,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, run_dir)
+        choose.replica_nodes(args, frameworks, configs)
         runner = choose.make(
             args, explicit, len(configs) * len(frameworks), gpu=any(c.device == "gpu" for c in configs)
         )

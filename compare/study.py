@@ -174,6 +174,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, study_dir)
+        choose.replica_nodes(args, settings["frameworks"], configs)
         runner = choose.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -164,13 +164,43 @@ def test_report_exit_status(tmp_path, capsys):
         (["--variants", "scratch,scratch"], "variant scratch listed twice"),
         (["--run-id", "a/b"], "--run-id 'a/b' must be a plain folder name"),
         (["--run-id", ".."], "must be a plain folder name"),
+        # PyTorch's replicas over several machines (docs/clusters.md)
+        (["--replica-nodes", "2"], "--replica-nodes 2 needs --replica-address HOST:PORT"),
+        (["--replica-nodes", "0", "--replica-address", "h:1"], "--replica-nodes must be at least 1, got 0"),
+        (["--replica-address", "10.0.0.1:29500"], "--replica-address is for --replica-nodes 2 or more"),
+        (["--replica-nodes", "2", "--replica-address", "10.0.0.1"], "--replica-address must be HOST:PORT"),
+        (["--replica-nodes", "2", "--replica-address", "h:99999"], "--replica-address must be HOST:PORT"),
+        (
+            ["--replica-nodes", "2", "--replica-address", "h:1", "--replicas", "2", "--frameworks", "torch,jax"],
+            "--replica-nodes spreads PyTorch's replicas only; jax run(s) theirs on one machine",
+        ),
+        (
+            [
+                "--replica-nodes",
+                "2",
+                "--replica-address",
+                "h:1",
+                "--frameworks",
+                "torch",
+                "--replicas",
+                "3",
+                "--batch-size",
+                "6",
+            ],
+            "--replicas 3 over --replica-nodes 2: every machine runs an equal share",
+        ),
+        (
+            ["--replica-nodes", "2", "--replica-address", "h:1", "--executor", "ray"],
+            "--replica-nodes runs with the local executor",
+        ),
     ],
 )
 def test_bad_run_options(argv, message, tmp_path, capsys):
     data = make_idx_dir(tmp_path / "data", 20, 20)
     out = tmp_path / "out"
     assert run_main(argv + ["--data-dir", str(data), "--out", str(out)]) == 2
-    assert "error: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err
     assert not out.exists()
 
 

@@ -6,6 +6,9 @@ module knows them both (Ray is imported only when --executor ray asks for it).
 
 from __future__ import annotations
 
+import os
+
+from common.config import REPLICA_ADDRESS_ENV, REPLICA_NODES_ENV, parse_address
 from common.errors import ConfigError
 
 from .executor import LocalExecutor
@@ -33,11 +36,58 @@ def add_arguments(group, default_jobs: int) -> None:
     )
     group.add_argument("--threads", type=int, default=1, help="ray: CPUs (and compute threads) per worker task")
     group.add_argument(
+        "--replica-nodes",
+        type=int,
+        default=1,
+        help="PyTorch's --replicas K over N machines, K/N on each: this one runs replica 0 and listens at "
+        "--replica-address; each other runs `python -m frameworks.torch.replicas serve --address HOST:PORT` "
+        "(docs/clusters.md). One run at a time",
+    )
+    group.add_argument(
+        "--replica-address",
+        default=None,
+        help="with --replica-nodes: HOST:PORT where replica 0 listens, HOST this machine's address on the network "
+        "the other machines reach",
+    )
+    group.add_argument(
         "--retries",
         type=int,
         default=2,
         help="ray: how many times the runs of a lost worker or node are tried again elsewhere",
     )
+
+
+def replica_nodes(args, frameworks, configs) -> None:
+    """Check --replica-nodes and --replica-address against the runs and hand them to the workers (through this
+    process's environment, which every local worker and its replicas inherit); a ConfigError names what is wrong."""
+    os.environ.pop(REPLICA_NODES_ENV, None)
+    os.environ.pop(REPLICA_ADDRESS_ENV, None)
+    if args.replica_nodes == 1 and args.replica_address is None:
+        return
+    nodes = args.replica_nodes
+    if nodes < 1:
+        raise ConfigError(f"--replica-nodes must be at least 1, got {nodes}")
+    if nodes == 1:
+        raise ConfigError("--replica-address is for --replica-nodes 2 or more (one machine picks its own port)")
+    if args.replica_address is None:
+        raise ConfigError(f"--replica-nodes {nodes} needs --replica-address HOST:PORT, where replica 0 listens")
+    parse_address(args.replica_address)
+    if args.executor != "local":
+        raise ConfigError("--replica-nodes runs with the local executor: the other machines serve the replicas")
+    spread = [c for c in configs if c.replicas > 1]
+    others = sorted(set(frameworks) - {"torch"})
+    if spread and others:
+        raise ConfigError(
+            f"--replica-nodes spreads PyTorch's replicas only; {', '.join(others)} run(s) theirs on one machine: "
+            "use --frameworks torch"
+        )
+    uneven = sorted({c.replicas for c in spread if c.replicas % nodes})
+    if uneven:
+        raise ConfigError(
+            f"--replicas {', '.join(map(str, uneven))} over --replica-nodes {nodes}: every machine runs an equal "
+            f"share; use a multiple of {nodes} replicas"
+        )
+    os.environ[REPLICA_NODES_ENV], os.environ[REPLICA_ADDRESS_ENV] = str(nodes), args.replica_address
 
 
 def make(args, explicit: dict, cells: int, gpu: bool = False):
@@ -47,6 +97,8 @@ def make(args, explicit: dict, cells: int, gpu: bool = False):
     if args.executor == "local":
         if args.address:
             raise ConfigError("--address is for --executor ray")
+        if args.replica_nodes > 1:  # replica 0 of every run listens at the one --replica-address
+            return LocalExecutor(1)
         return LocalExecutor(min(args.jobs, max(1, cells)))
     from .rayexec import RayExecutor
 

@@ -65,9 +65,9 @@ class TorchBackend(Backend):
     name = "torch"
     data_parallel = "processes"  # --replicas: frameworks/torch/replicas.py
 
-    def __init__(self, config, rank=0, port=None):
-        """rank, port: a follower replica of a data-parallel run (frameworks/torch/replicas.py) and where replica 0
-        listens; the loop builds replica 0."""
+    def __init__(self, config, rank=0, store=None):
+        """rank, store: a follower replica of a data-parallel run (frameworks/torch/replicas.py) and its connection
+        to the process group's store; the loop builds replica 0."""
         super().__init__(config)
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
@@ -84,11 +84,11 @@ class TorchBackend(Backend):
         # what train_step calls: the compiled module shares self.model's parameters and buffers
         self.train_forward = torch.compile(self.model) if self.compiled else self.model
         self.spec = config.model
-        self.group = self._data_parallel(config, rank, port) if config.replicas > 1 else None
+        self.group = self._data_parallel(config, rank, store) if config.replicas > 1 else None
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self._training = None
 
-    def _data_parallel(self, config, rank, port):
+    def _data_parallel(self, config, rank, store):
         """Join (replica 0: start) the K replicas and wrap the model in DDP, whose forward train_step then calls."""
         refuse_unless_cpu(self.device)
         if self.compiled:
@@ -103,7 +103,7 @@ class TorchBackend(Backend):
             )
         if rank == 0:
             torch.set_num_threads(max(1, torch.get_num_threads() // config.replicas))
-        group = Group(config, rank, port)
+        group = Group(config, rank, store)
         # scratch layers keep their running statistics equal on every replica themselves; the built-in layer
         # under local sync gets DDP's default, replica 0's buffers broadcast before every forward
         self.train_forward = torch.nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=builtin)

@@ -21,23 +21,35 @@ probes too).
 
 Every collective has a timeout (TIMEOUT_S): a replica that dies or hangs makes replica 0's next collective
 fail with the error instead of waiting forever, and a follower exits when replica 0's connection closes.
+
+Across N machines (--replica-nodes N --replica-address HOST:PORT, docs/clusters.md) replica 0 listens at HOST:PORT
+and starts the first K/N replicas itself; on each other machine `python -m frameworks.torch.replicas serve
+--address HOST:PORT` waits for a run, takes the next node's K/N ranks and starts those followers. What a follower
+needs to know (the run's configuration, the node count, the threads) is the plan replica 0 puts in the process
+group's store before anyone joins, and takes out once all K have joined, so an agent never joins a run already
+going; the steps are the one-machine steps (tests/test_two_nodes.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import BackendUnavailable
+from common.config import REPLICA_ADDRESS_ENV, REPLICA_NODES_ENV, parse_address
+from common.errors import BackendUnavailable, ConfigError
 
 TIMEOUT_S = 120  # bounds every collective, so also what replica 0 may spend between two steps (evaluation, traces)
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where a follower imports from
@@ -81,51 +93,87 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(rank: int, world: int, port: int) -> None:
-    """This process into the K replicas' process group (gloo, loopback, every collective bounded by TIMEOUT_S)."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+# keys of the store: the run that is forming (beside the runs' prefixes); in a run's prefix, the nodes that have
+# taken their share and the followers that have left
+PLAN, NODE_COUNTER, LEFT = "bn_compare/plan", "nodes", "left"
+
+
+def node_plan(world: int) -> tuple[int, str, int]:
+    """Replica 0: how many machines the K replicas span and where replica 0 listens (one machine: 127.0.0.1 and
+    the port this process already serves, or a free one)."""
+    nodes = int(os.environ.get(REPLICA_NODES_ENV, "1"))
+    if nodes == 1:
+        return 1, "127.0.0.1", _SERVED[0][1] if _SERVED and _SERVED[0][0] == "127.0.0.1" else free_port()
+    if world % nodes:
+        raise BackendUnavailable(
+            f"--replicas {world} over --replica-nodes {nodes}: every machine runs an equal share of the replicas; "
+            f"use a multiple of {nodes} replicas"
+        )
+    return (nodes, *parse_address(os.environ.get(REPLICA_ADDRESS_ENV)))
+
+
+def open_store(host: str, port: int, master: bool, timeout_s: float = TIMEOUT_S):
+    """A store at HOST:PORT: replica 0 serves it (every interface), the others connect."""
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=master,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
     )
 
 
-def start_followers(config, port: int) -> list:
-    """Start replicas 1 .. K-1 of config, each a fresh interpreter running this module (`follow`), with replica
-    0's threads; their stdout is the worker's stderr (the worker's stdout carries records only)."""
+_SERVED = []  # replica 0: the (host, port, store) this process serves, for every run it starts
+
+
+def served_store(host: str, port: int):
+    """Replica 0: the store this process serves at HOST:PORT, started by its first run and kept for the next ones
+    (a finished run's process group keeps a reference to its store, so a new server there would find the address
+    in use); each run works under a prefix of its own."""
+    if not _SERVED or _SERVED[0][:2] != (host, port):
+        _SERVED[:] = [(host, port, open_store(host, port, master=True))]
+    return _SERVED[0][2]
+
+
+def run_store(base, run: str):
+    """A run's view of the store: its keys under its own prefix."""
+    return dist.PrefixStore(f"bn_compare/{run}/", base)
+
+
+def join(store, rank: int, world: int) -> None:
+    """This process into the K replicas' process group (gloo, every collective bounded by TIMEOUT_S)."""
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+    )
+
+
+def start_followers(ranks, host: str, port: int) -> list:
+    """Start the given replicas, each a fresh interpreter running this module (`follow`: it reads the run from the
+    plan in the store); their stdout is this process's stderr (the worker's stdout carries records only)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    threads = str(torch.get_num_threads())
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "frameworks.torch.replicas",
-                json.dumps(config.to_dict()),
-                str(rank),
-                str(port),
-                threads,
-            ],
+            [sys.executable, "-m", "frameworks.torch.replicas", "follow", host, str(port), str(rank)],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=sys.stderr,
         )
-        for rank in range(1, config.replicas)
+        for rank in ranks
     ]
 
 
-def follow(config: dict, rank: int, port: int, threads: int) -> None:
-    """A follower replica: build the model, then take the steps replica 0 commands until it says stop (or its
-    connection closes, which ends this process with the error)."""
-    torch.set_num_threads(threads)
+def follow(host: str, port: int, rank: int) -> None:
+    """A follower replica: read the run from the store's plan, build the model, then take the steps replica 0
+    commands until it says stop (or its connection closes, which ends this process with the error)."""
+    plan = json.loads(open_store(host, port, master=False).get(PLAN))
+    store = run_store(open_store(host, port, master=False), plan["run"])
+    torch.set_num_threads(plan["threads"])
     from common.config import RunConfig
 
     from .backend import TorchBackend
 
-    backend = TorchBackend(RunConfig.from_dict(config), rank=rank, port=port)
+    backend = TorchBackend(RunConfig.from_dict(plan["config"]), rank=rank, store=store)
     try:
         while True:
             command, argument = backend.group.receive()
@@ -137,6 +185,38 @@ def follow(config: dict, rank: int, port: int, threads: int) -> None:
                 backend.train_step(backend.group.data, backend.group.order, argument)
     finally:
         dist.destroy_process_group()
+        store.add(LEFT, 1)  # replica 0 serves the store until every follower has left (Group.close)
+        del backend, store
+        gc.collect()
+
+
+def serve(address: str, runs: int = 0, poll_s: float = 2.0) -> int:
+    """Another machine's agent: wait for a run at ADDRESS, take the next node's share of its replicas, start them,
+    wait for them, and again (`runs` runs, 0 = until stopped). Returns the number of runs whose followers failed."""
+    host, port = parse_address(address, "--address")
+    served = failed = 0
+    print(f"replicas: serving runs of {address}", file=sys.stderr, flush=True)
+    while not runs or served < runs:
+        try:  # no run is forming while nothing listens there or its plan is gone: ask again
+            socket.create_connection((host, port), timeout=poll_s).close()  # quietly, before the store's client
+            plan = json.loads(open_store(host, port, master=False, timeout_s=poll_s).get(PLAN))
+            store = run_store(open_store(host, port, master=False), plan["run"])
+        except (OSError, RuntimeError):  # torch.distributed's DistError is a RuntimeError
+            time.sleep(poll_s / 4)
+            continue
+        world, nodes = plan["config"]["replicas"], plan["nodes"]
+        node = store.add(NODE_COUNTER, 1)
+        if node >= nodes:  # every other node of this run has an agent already
+            time.sleep(poll_s)
+            continue
+        share = world // nodes
+        processes = start_followers(range(node * share, (node + 1) * share), host, port)
+        codes = [process.wait() for process in processes]
+        served, failed = served + 1, failed + any(codes)
+        print(
+            f"replicas: run {served}: replicas {node * share}..{(node + 1) * share - 1} exited {codes}", file=sys.stderr
+        )
+    return failed
 
 
 def broadcast_array(array: np.ndarray | torch.Tensor | None) -> torch.Tensor:
@@ -162,17 +242,30 @@ class Group:
     """Replica 0's handle on the K replicas (or a follower's on replica 0): the commands, the shared inputs of a
     step, and the process group's shutdown."""
 
-    def __init__(self, config, rank: int, port: int | None):
+    def __init__(self, config, rank: int, store=None):
         self.world, self.rank = config.replicas, rank
-        self.processes = []
-        if rank == 0:
-            port = free_port()
-            self.processes = start_followers(config, port)
+        self.processes, nodes = [], 1
+        if rank == 0:  # replica 0 serves the store, puts the plan in it and starts this machine's followers
+            nodes, host, port = node_plan(self.world)
+            base, run = served_store(host, port), uuid.uuid4().hex
+            store = run_store(base, run)
+            store.set(NODE_COUNTER, "0")
+            plan = {"run": run, "config": config.to_dict(), "nodes": nodes, "threads": torch.get_num_threads()}
+            base.set(PLAN, json.dumps(plan))
+            self.processes = start_followers(range(1, self.world // nodes), host, port)
         try:
-            join(rank, self.world, port)
-        except Exception:
+            join(store, rank, self.world)
+        except Exception as exc:
             self.check_alive()  # a replica that failed to start is the error to report
+            if rank == 0 and nodes > 1:
+                raise RuntimeError(
+                    f"the replicas of the other {nodes - 1} machine(s) did not join at {host}:{port} ({exc}): run "
+                    f"`python -m frameworks.torch.replicas serve --address {host}:{port}` on each (docs/clusters.md)"
+                ) from exc
             raise
+        if rank == 0:
+            base.delete_key(PLAN)  # all K have joined: an agent arriving now waits for the next run
+        self.store = store
         self.data = self.order = None
         self.stale = set(SHARED)  # replica 0: what changed since the followers last received it
         self.replicas = Replicas(self.world, pooled=config.bn_sync == "global")
@@ -240,12 +333,17 @@ class Group:
                 stopped = True
             except Exception as exc:  # noqa: BLE001 - the run's error is the one to report
                 print(f"replicas: could not stop the followers ({exc}); ending them", file=sys.stderr)
-        for process in self.processes:
+        for rank, process in enumerate(self.processes, start=1):
             try:
-                process.wait(timeout=30 if stopped else 0.1)
+                code = process.wait(timeout=30 if stopped else 0.1)
+                if stopped and code:
+                    print(f"replicas: replica {rank} exited with code {code} after the run", file=sys.stderr)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        deadline = time.monotonic() + 30
+        while stopped and self.store.add(LEFT, 0) < self.world - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the other machines' followers are leaving: keep the store until they have
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -268,5 +366,30 @@ def refuse_unless_cpu(device) -> None:
         )
 
 
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m frameworks.torch.replicas",
+        description="PyTorch's data-parallel replicas on another machine (docs/clusters.md)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    agent = commands.add_parser("serve", help="serve this machine's share of the replicas of every run at ADDRESS")
+    agent.add_argument("--address", required=True, help="HOST:PORT, the --replica-address of the runs")
+    agent.add_argument("--runs", type=int, default=0, help="stop after this many runs (default: serve until stopped)")
+    replica = commands.add_parser("follow", help="one replica (started by replica 0 or by serve)")
+    replica.add_argument("host")
+    replica.add_argument("port", type=int)
+    replica.add_argument("rank", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "follow":
+        follow(args.host, args.port, args.rank)
+        return 0
+    try:
+        return 1 if serve(args.address, args.runs) else 0
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        return 0
+
+
 if __name__ == "__main__":
-    follow(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    sys.exit(main())
