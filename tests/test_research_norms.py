@@ -196,7 +196,7 @@ def test_pit_rank_is_a_permutation_of_the_mid_rank_grid_with_ties_sharing_their_
 # ---- every framework's scratch layer against the reference -----------------------------------------------------
 
 LAYER_EXAMPLES = settings(
-    max_examples=20, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    max_examples=12, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
 )
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24}
 

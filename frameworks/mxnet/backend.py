@@ -91,8 +91,8 @@ class MXNetBackend(Backend):
             raise BackendUnavailable(
                 "--bn-sync global with MXNet's scratch BN: Gluon runs each context's forward from Python one after "
                 "another and its collective (the kvstore) is outside autograd, so a layer made of its operators "
-                "cannot pool the slices' statistics mid-forward; use --variants builtin (Gluon's SyncBatchNorm, "
-                "which pools them inside its operator), --bn-sync local, or --replicas 1"
+                "cannot pool the slices' statistics mid-forward (and Gluon's own SyncBatchNorm is refused too: "
+                "--variants builtin says why); use --bn-sync local or --replicas 1"
             )
         if config.bn_sync == "global" and config.model.variant != "scratch" and config.model.has_running_stats:
             raise BackendUnavailable(

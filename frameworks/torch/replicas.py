@@ -33,6 +33,7 @@ going; the steps are the one-machine steps (tests/test_two_nodes.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -166,8 +167,9 @@ def start_followers(ranks, host: str, port: int) -> list:
 def follow(host: str, port: int, rank: int) -> None:
     """A follower replica: read the run from the store's plan, build the model, then take the steps replica 0
     commands until it says stop (or its connection closes, which ends this process with the error)."""
-    plan = json.loads(open_store(host, port, master=False).get(PLAN))
-    store = run_store(open_store(host, port, master=False), plan["run"])
+    base = open_store(host, port, master=False)
+    plan = json.loads(base.get(PLAN))
+    store = run_store(base, plan["run"])
     torch.set_num_threads(plan["threads"])
     from common.config import RunConfig
 
@@ -185,8 +187,11 @@ def follow(host: str, port: int, rank: int) -> None:
                 backend.train_step(backend.group.data, backend.group.order, argument)
     finally:
         dist.destroy_process_group()
-        store.add(LEFT, 1)  # replica 0 serves the store until every follower has left (Group.close)
-        del backend, store
+        with contextlib.suppress(RuntimeError):  # replica 0 has gone: its error, not this one, is the run's
+            store.add(LEFT, 1)  # replica 0 serves the store until every follower has left (Group.close)
+        # release the group's objects now: left to the interpreter's teardown, one in 18 followers aborted
+        # ("terminate called without an active exception")
+        del backend, store, base
         gc.collect()
 
 
@@ -199,8 +204,9 @@ def serve(address: str, runs: int = 0, poll_s: float = 2.0) -> int:
     while not runs or served < runs:
         try:  # no run is forming while nothing listens there or its plan is gone: ask again
             socket.create_connection((host, port), timeout=poll_s).close()  # quietly, before the store's client
-            plan = json.loads(open_store(host, port, master=False, timeout_s=poll_s).get(PLAN))
-            store = run_store(open_store(host, port, master=False), plan["run"])
+            base = open_store(host, port, master=False, timeout_s=poll_s)
+            plan = json.loads(base.get(PLAN))
+            store = run_store(base, plan["run"])
         except (OSError, RuntimeError):  # torch.distributed's DistError is a RuntimeError
             time.sleep(poll_s / 4)
             continue
@@ -342,8 +348,9 @@ class Group:
                 process.kill()
                 process.wait()
         deadline = time.monotonic() + 30
-        while stopped and self.store.add(LEFT, 0) < self.world - 1 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the other machines' followers are leaving: keep the store until they have
+        with contextlib.suppress(RuntimeError):  # the store is replica 0's own; its error would hide the run's
+            while stopped and self.store.add(LEFT, 0) < self.world - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the other machines' followers are leaving: keep the store until they have
         if dist.is_initialized():
             dist.destroy_process_group()
 
