@@ -111,9 +111,9 @@ def harness(framework):
 
 @pytest.fixture(scope="module")
 def native(request, framework):
-    """For a module of one framework's own pitfalls (it sets FRAMEWORK = name): that framework's
-    module in its own env; elsewhere the module is skipped, saying where it runs."""
+    """For a module of one framework's own (its pitfalls, PyTorch's two machines; it sets FRAMEWORK = name): that
+    framework's module in its own env; elsewhere the module is skipped, saying where it runs."""
     wanted = request.module.FRAMEWORK
     if framework != wanted:
-        pytest.skip(f"{framework_info(wanted).label}-specific pitfalls: run in tox -e {wanted}")
+        pytest.skip(f"{framework_info(wanted).label}-specific: run in tox -e {wanted}")
     return importlib.import_module(framework_info(wanted).import_name)

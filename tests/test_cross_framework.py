@@ -236,10 +236,15 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
 
 
 # Bound on how far the frameworks' mixed-precision per-step losses may part from PyTorch's over the traced
-# steps: measured at most 1.4e-2 (12 steps, scratch and builtin; float32 runs: within 1e-5). Every framework
-# computes the convolutions and dense layers in bfloat16, but each rounds at its own places (activations,
-# pooling, where the casts sit), about 2^-8 relative each time.
+# steps: measured at most 1.4e-2 (12 steps, scratch and builtin). Every framework computes the convolutions and
+# dense layers in bfloat16, but each rounds at its own places (activations, pooling, where the casts sit),
+# about 2^-8 relative each time.
 MIXED_RTOL = 2e-2
+# The float32 runs beside them: each framework's kernels sum in their own order, chosen by the CPU (oneDNN, XLA
+# and Eigen pick by instruction set), and training amplifies that round-off from step to step. Measured: within
+# 1e-5 on one EPYC, 1.03e-5 (JAX's builtin, third step) on an AVX-512 one. 1e-4 still sits 200 times below
+# MIXED_RTOL, so a float32 run that computed in bfloat16 fails it.
+FLOAT32_RTOL = 1e-4
 
 
 def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
@@ -298,14 +303,17 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
         np.testing.assert_allclose(
             got,
             want,
-            rtol=1e-5 if mixed == "off" else MIXED_RTOL,
+            rtol=FLOAT32_RTOL if mixed == "off" else MIXED_RTOL,
             atol=0,
             err_msg=f"{framework} vs torch, {variant}, mixed={mixed}: per-step losses",
         )
-    mixed_gap = max(
-        np.max(np.abs(got / losses[("torch", v, m)] - 1)) for (f, v, m), got in losses.items() if m != "off"
-    )
-    print(f"largest mixed-precision per-step loss gap from PyTorch: {mixed_gap:.2e}")
+    for label, is_mixed in (("mixed-precision", True), ("float32", False)):
+        gap = max(
+            np.max(np.abs(got / losses[("torch", v, m)] - 1))
+            for (f, v, m), got in losses.items()
+            if (m != "off") == is_mixed
+        )
+        print(f"largest {label} per-step loss gap from PyTorch: {gap:.2e}")
 
 
 @pytest.mark.parametrize("sync", ["global", "local"])
