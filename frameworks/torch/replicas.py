@@ -99,17 +99,12 @@ def free_port() -> int:
 PLAN, NODE_COUNTER, LEFT = "bn_compare/plan", "nodes", "left"
 
 
-def node_plan(world: int) -> tuple[int, str, int]:
-    """Replica 0: how many machines the K replicas span and where replica 0 listens (one machine: 127.0.0.1 and
-    the port this process already serves, or a free one)."""
+def node_plan() -> tuple[int, str, int | None]:
+    """Replica 0: how many machines the K replicas span and where replica 0 listens (one machine: 127.0.0.1, any
+    port). compare.execution.choose checked both before any run started."""
     nodes = int(os.environ.get(REPLICA_NODES_ENV, "1"))
     if nodes == 1:
-        return 1, "127.0.0.1", _SERVED[0][1] if _SERVED and _SERVED[0][0] == "127.0.0.1" else free_port()
-    if world % nodes:
-        raise BackendUnavailable(
-            f"--replicas {world} over --replica-nodes {nodes}: every machine runs an equal share of the replicas; "
-            f"use a multiple of {nodes} replicas"
-        )
+        return 1, "127.0.0.1", None
     return (nodes, *parse_address(os.environ.get(REPLICA_ADDRESS_ENV)))
 
 
@@ -124,16 +119,19 @@ def open_store(host: str, port: int, master: bool, timeout_s: float = TIMEOUT_S)
     )
 
 
-_SERVED = []  # replica 0: the (host, port, store) this process serves, for every run it starts
+_SERVED = {}  # replica 0: host -> (port, store) this process serves, for every run it starts
 
 
-def served_store(host: str, port: int):
-    """Replica 0: the store this process serves at HOST:PORT, started by its first run and kept for the next ones
-    (a finished run's process group keeps a reference to its store, so a new server there would find the address
-    in use); each run works under a prefix of its own."""
-    if not _SERVED or _SERVED[0][:2] != (host, port):
-        _SERVED[:] = [(host, port, open_store(host, port, master=True))]
-    return _SERVED[0][2]
+def served_store(host: str, port: int | None) -> tuple[int, object]:
+    """Replica 0: the port and store this process serves at HOST (at PORT; None: the one it serves there already,
+    or a free one), started by its first run and kept for the next ones (a finished run's process group keeps a
+    reference to its store, so a new server there would find the address in use); each run works under a prefix
+    of its own."""
+    served = _SERVED.get(host)
+    if served is None or port not in (None, served[0]):
+        port = port or free_port()
+        served = _SERVED[host] = (port, open_store(host, port, master=True))
+    return served
 
 
 def run_store(base, run: str):
@@ -252,8 +250,8 @@ class Group:
         self.world, self.rank = config.replicas, rank
         self.processes, nodes = [], 1
         if rank == 0:  # replica 0 serves the store, puts the plan in it and starts this machine's followers
-            nodes, host, port = node_plan(self.world)
-            base, run = served_store(host, port), uuid.uuid4().hex
+            nodes, host, port = node_plan()
+            (port, base), run = served_store(host, port), uuid.uuid4().hex
             store = run_store(base, run)
             store.set(NODE_COUNTER, "0")
             plan = {"run": run, "config": config.to_dict(), "nodes": nodes, "threads": torch.get_num_threads()}
