@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelSpec
-from .init import NORM_NAMES, has_bias
-from .norms import groups_of, renorm_limits, whiten_groups
+from .init import has_bias
+from .norms import NORM_NAMES, groups_of, renorm_limits, whiten_groups
 
 
 def _axes(x: np.ndarray) -> tuple:
@@ -82,17 +82,22 @@ def batch_norm_backward(dy, cache):
 
 # The research exercise's transforms (common.norms: whiten, pit, pit-rank) ----------------------------------------
 def newton_schulz_inverse_sqrt(cov, iterations: int):
-    """IterNorm's approximation of cov^(-1/2) for a symmetric positive definite g x g matrix: T Newton-Schulz
-    iterations on the trace-normalised matrix, P_k = (3 P_(k-1) - P_(k-1)^3 cov / tr(cov)) / 2 from P_0 = I, then
-    P_T / sqrt(tr(cov)). Works in whatever dtype cov has (complex for a complex-step derivative)."""
+    """cov^(-1/2) for a symmetric positive definite g x g matrix by T coupled Newton-Schulz iterations (common.norms,
+    whiten) on the trace-normalised matrix A = cov / tr(cov): Y_0 = A, Z_0 = I, T_k = (3 I - Z_(k-1) Y_(k-1)) / 2,
+    Y_k = Y_(k-1) T_k, Z_k = T_k Z_(k-1); then Z_T / sqrt(tr(cov)). In exact arithmetic Z_k is IterNorm's P_k, so T
+    sets how white the output is as in IterNorm; the coupled form stays at the limit once there, where IterNorm's
+    P_k = (3 P - P^3 A) / 2 amplifies its rounding. Works in whatever dtype cov has (complex for a complex-step
+    derivative)."""
     if iterations < 1:
         raise ValueError(f"Newton-Schulz needs at least 1 iteration, got {iterations}")
     trace = np.trace(cov)
-    normalised = cov / trace
-    p = np.eye(len(cov), dtype=normalised.dtype)
+    y = cov / trace
+    identity = np.eye(len(cov), dtype=y.dtype)
+    z = identity
     for _ in range(iterations):
-        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
-    return p / np.sqrt(trace)
+        t = 0.5 * (3.0 * identity - z @ y)
+        y, z = y @ t, t @ z
+    return z / np.sqrt(trace)
 
 
 def exact_inverse_sqrt(cov):

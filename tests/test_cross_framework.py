@@ -206,6 +206,8 @@ NORM_ARGS = {
     # the research exercise's transforms: whitening in groups of 4 (conv1's 6 channels: 4 and a last group of 2)
     # with 3 Newton-Schulz iterations; the empirical PIT after a ReLU, so that its ranks have ties (the zeros)
     "whiten": ["--whiten-group", "4", "--whiten-iterations", "3"],
+    # and converged: 30 iterations of the coupled form, which IterNorm's uncoupled form did not survive
+    "whiten-converged": ["--norm", "whiten", "--whiten-group", "6", "--whiten-iterations", "30"],
     "pit": [],
     "pit-rank": ["--activation", "relu", "--norm-placement", "after_activation"],
 }
@@ -217,7 +219,8 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
     every framework (renorm with a short warm-up, so r and d act within the traced steps; noisy BN with its
     traces, which agree too)."""
     name = norm.removesuffix("-noise").removesuffix("-ghost")
-    epochs = scratch_epochs(tmp_path, norm, FRAMEWORKS, "--norm", name, *NORM_ARGS[norm])
+    args = NORM_ARGS[norm] if "--norm" in NORM_ARGS[norm] else ["--norm", name, *NORM_ARGS[norm]]
+    epochs = scratch_epochs(tmp_path, norm, FRAMEWORKS, *args)
     losses = {r["framework"]: np.array(r["step_losses"]) for r in epochs}
     assert sorted(losses) == sorted(FRAMEWORKS)
     for framework, got in losses.items():

@@ -220,10 +220,11 @@ def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, 
     sigma = cov + epsilon * eye
     trace = mask @ jnp.diagonal(sigma)  # each channel's group's trace
     normalised = sigma / trace[:, None]
-    p = eye
+    y_k, z_k = normalised, eye  # coupled Newton-Schulz (common.norms): z_k -> normalised^(-1/2)
     for _ in range(iterations):
-        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
-    x_hat = (centred @ (p / jnp.sqrt(trace)[:, None]).T).reshape(x.shape)
+        t_k = 0.5 * (3.0 * eye - z_k @ y_k)
+        y_k, z_k = y_k @ t_k, t_k @ z_k
+    x_hat = (centred @ (z_k / jnp.sqrt(trace)[:, None]).T).reshape(x.shape)
     return (x_hat * gamma + beta).astype(out_dtype), new_mean, new_cov
 
 

@@ -249,10 +249,11 @@ def whiten(F, x, gamma, beta, running_mean, running_cov, mask, mode, *, decay, e
     sigma = cov_used + epsilon * eye
     trace = F.dot(mask, F.diag(sigma))  # each channel's group's trace
     normalised = F.broadcast_div(sigma, F.reshape(trace, shape=(-1, 1)))
-    p = eye
+    y_k, z_k = normalised, eye  # coupled Newton-Schulz (common.norms): z_k -> normalised^(-1/2)
     for _ in range(iterations):
-        p = 0.5 * (3.0 * p - F.dot(F.dot(F.dot(p, p), p), normalised))
-    w = F.broadcast_div(p, F.reshape(F.sqrt(trace), shape=(-1, 1)))
+        t_k = 0.5 * (3.0 * eye - F.dot(z_k, y_k))
+        y_k, z_k = F.dot(y_k, t_k), F.dot(t_k, z_k)
+    w = F.broadcast_div(z_k, F.reshape(F.sqrt(trace), shape=(-1, 1)))
     x_hat = rows_back(F, F.dot(w, centred), x, num_dims)
     per_channel = (1, -1) if num_dims == 2 else (1, -1, 1, 1)
     y = F.broadcast_add(F.broadcast_mul(x_hat, F.reshape(gamma, shape=per_channel)), F.reshape(beta, shape=per_channel))

@@ -242,10 +242,11 @@ def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, 
     sigma = cov + epsilon * eye
     trace = tf.linalg.matvec(mask, tf.linalg.diag_part(sigma))  # each channel's group's trace
     normalised = sigma / trace[:, None]
-    p = eye
+    y_k, z_k = normalised, eye  # coupled Newton-Schulz (common.norms): z_k -> normalised^(-1/2)
     for _ in range(iterations):
-        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
-    x_hat = tf.reshape(tf.matmul(centred, p / tf.sqrt(trace)[:, None], transpose_b=True), tf.shape(x))
+        t_k = 0.5 * (3.0 * eye - z_k @ y_k)
+        y_k, z_k = y_k @ t_k, t_k @ z_k
+    x_hat = tf.reshape(tf.matmul(centred, z_k / tf.sqrt(trace)[:, None], transpose_b=True), tf.shape(x))
     return tf.cast(x_hat * gamma + beta, out_dtype), new_mean, new_cov
 
 

@@ -239,10 +239,11 @@ def whiten(x, gamma, beta, running_mean, running_cov, mask, *, training, decay, 
     sigma = cov + epsilon * eye
     trace = mask @ torch.diagonal(sigma)  # each channel's group's trace
     normalised = sigma / trace[:, None]
-    p = eye
+    y_k, z_k = normalised, eye  # coupled Newton-Schulz (common.norms): z_k -> normalised^(-1/2)
     for _ in range(iterations):
-        p = 0.5 * (3.0 * p - p @ p @ p @ normalised)
-    x_hat = rows_back((p / torch.sqrt(trace)[:, None]) @ centred, x)
+        t_k = 0.5 * (3.0 * eye - z_k @ y_k)
+        y_k, z_k = y_k @ t_k, t_k @ z_k
+    x_hat = rows_back((z_k / torch.sqrt(trace)[:, None]) @ centred, x)
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
     return (gamma.view(shape) * x_hat + beta.view(shape)).to(out_dtype), new_mean, new_cov
 
