@@ -12,20 +12,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
+from .norms import BN_POSITIONS, CHANNELS, NORMALISATIONS, NORMS
 
 VARIANTS = ("scratch", "builtin", "builtin-defaults", "none")
 # the smallest input side BN-LeNet has a feature map for: 16 -> conv 12 -> pool 6 -> conv 2 -> pool 1
 MIN_IMAGE_SIZE = 16
-# The four places BN-LeNet can have a BN (or other normalisation) layer, in network order.
-BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
-# Channels (features) of each position's layer: what a normalisation there normalises.
-CHANNELS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
-# The normalisations (common.norms has the spec of each); only those in RUNNING_NORMS keep running
-# statistics and differ between train and eval mode.
-NORMS = ("batch", "renorm", "layer", "group", "instance", "whiten", "pit", "pit-rank")
-RUNNING_NORMS = ("batch", "renorm", "whiten", "pit", "pit-rank")
-# the research exercise's transforms: no framework ships a layer for them (scratch only)
-RESEARCH_NORMS = ("whiten", "pit", "pit-rank")
 ACTIVATIONS = ("sigmoid", "relu")
 POOLINGS = ("avg", "max")
 PLACEMENTS = ("before_activation", "after_activation")
@@ -258,12 +249,12 @@ class ModelSpec:
                 "ghost_batch (--ghost-batch) must be at least 2: a slice of one image has no batch variance",
             )
             _check(
-                self.norm == "batch" and self.variant in ("scratch", "none"),
+                self.row.ghost and self.variant in ("scratch", "none"),
                 f"--ghost-batch slices the batch statistics of the project's BN layer: it needs --norm batch and "
                 f"--variants scratch (got --norm {self.norm}, variant {self.variant}; no framework's built-in "
                 f"layer normalises slices of a batch)",
             )
-        if self.variant != "none" and self.norm == "group":
+        if self.variant != "none" and self.row.groups == "option":
             for pos in self.bn_positions:
                 _check(
                     CHANNELS[pos] % self.groups == 0,
@@ -271,14 +262,19 @@ class ModelSpec:
                     f"normalisation was asked for; choose a divisor of "
                     f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.bn_positions)} (2 divides them all)",
                 )
-        if self.variant != "none" and self.norm == "instance":
+        if self.variant != "none" and not self.row.dense:
             dense = [pos for pos in self.bn_positions if pos.startswith("fc")]
             _check(
                 not dense,
-                f"instance normalisation normalises each channel over its H x W values, and a dense layer "
+                f"{self.norm} normalisation normalises each channel over its H x W values, and a dense layer "
                 f"({', '.join(dense)}) has one value per feature; put it after the convolutions only: "
                 f"--norm-positions conv1,conv2",
             )
+
+    @property
+    def row(self):
+        """spec.norm's row of common.norms.NORMALISATIONS: what the suite knows about it."""
+        return NORMALISATIONS[self.norm]
 
     @property
     def has_norm(self) -> bool:
@@ -292,13 +288,13 @@ class ModelSpec:
     def has_running_stats(self) -> bool:
         """Whether the normalisation layers keep running statistics (batch, renorm, whiten, pit, pit-rank): only
         then do train and eval mode differ."""
-        return self.has_norm and self.norm in RUNNING_NORMS
+        return self.has_norm and self.row.running
 
     @property
     def has_population(self) -> bool:
         """Whether the population pass (common.population) applies: running means and variances (whiten keeps a
         covariance, whose population form the spec leaves open, so its runs skip the pass)."""
-        return self.has_running_stats and self.norm != "whiten"
+        return self.has_running_stats and self.row.population
 
     @property
     def side(self) -> int:
@@ -429,7 +425,7 @@ class RunConfig:
         _check(
             not self.recalibrate or not self.model.has_norm or self.model.has_population,
             f"recalibrate (--recalibrate) keeps population statistics, and --norm {self.model.norm} has none "
-            "(whiten's running covariance has no population form in the spec); drop --recalibrate",
+            f"({self.model.row.why_not or 'it keeps no running statistics'}); drop --recalibrate",
         )
         self._check_slices()
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -467,12 +463,12 @@ class RunConfig:
             "each replica's slice its own statistics (--ghost-batch B/K is its one-process equivalent)",
         )
         _check(
-            not (self.replicas > 1 and spec.has_norm and spec.norm in ("renorm",) + RESEARCH_NORMS),
+            not (self.replicas > 1 and spec.has_norm and not spec.row.syncs),
             f"--replicas with --norm {spec.norm} is not supported yet: its data-parallel form is not specified "
             "(docs/data-parallel.md); use --norm batch",
         )
         _check(
-            not (self.replicas > 1 and self.bn_sync == "global" and spec.has_norm and not spec.has_running_stats),
+            not (self.replicas > 1 and spec.has_norm and self.bn_sync not in spec.row.syncs),
             f"--bn-sync global synchronises batch statistics, and --norm {spec.norm} normalises each example on its "
             "own: there is nothing to synchronise; drop --bn-sync global (or use --norm batch)",
         )

@@ -3,9 +3,9 @@
 The canonical layout is PyTorch's: conv weight (out, in, kh, kw), dense weight
 (out, in), flatten order (C, H, W). BN layers are named bn1..bn4 after the
 layer they follow (whatever the normalisation, --norm) and hold gamma and beta (per
-channel / feature), plus running_mean and running_var for the normalisations that
-keep running statistics (batch, renorm, pit, pit-rank) and, for renorm, `steps`: the training steps
-it has taken, which set its clipping limits. whiten keeps running_mean and running_cov, a (C, C)
+channel / feature), plus the state of its row of common.norms.NORMALISATIONS: running_mean and
+running_var for batch, renorm, pit and pit-rank, and for renorm `steps`, the training steps it has
+taken, which set its clipping limits; whiten keeps running_mean and running_cov, a (C, C)
 covariance used only within its whitening groups' diagonal blocks (zero elsewhere), initially I.
 Every backend converts to its own layout on load and back on export.
 """
@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import CHANNELS, ModelSpec
-
-# BN position -> the canonical name of its BN layer
-NORM_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
-BN_STATS = ("running_mean", "running_var")
-# the state of a normalisation layer that training changes besides gamma and beta
-NORM_STATE = BN_STATS + ("steps", "running_cov")
+from .config import ModelSpec
+from .norms import CHANNELS, NORM_NAMES, NORM_STATE
 
 
 def norm_suffixes(spec: ModelSpec) -> tuple:
-    """The canonical arrays of one normalisation layer of spec.norm."""
-    if spec.norm == "renorm":
-        return ("gamma", "beta") + BN_STATS + ("steps",)
-    if spec.norm == "whiten":
-        return ("gamma", "beta", "running_mean", "running_cov")
-    return ("gamma", "beta") + (BN_STATS if spec.norm in ("batch", "pit", "pit-rank") else ())
+    """The canonical arrays of one normalisation layer of spec.norm (common.norms.NORMALISATIONS: its state)."""
+    return ("gamma", "beta") + spec.row.state
 
 
 def norm_state_shape(suffix: str, features: int) -> tuple:
@@ -75,7 +66,7 @@ def parameter_shapes(spec: ModelSpec) -> dict:
 
 def is_trainable(name: str, spec: ModelSpec) -> bool:
     suffix = name.split(".")[1]
-    if suffix in NORM_STATE:
+    if suffix in NORM_STATE:  # running statistics and counters (common.norms.array_role)
         return False
     if suffix in ("gamma", "beta"):
         return not spec.freeze_gamma_beta

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import norms, population, records, trace
-from .config import BN_POSITIONS, RunConfig
+from .config import RunConfig
 from .data import Dataset, batch_order, probe_indices
 from .errors import NonFiniteError
 from .init import init_params
@@ -36,7 +36,7 @@ def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> 
             "which keeps the activations in range at larger learning rates"
         )
     hint = f"; lower --lr (this variant already has BN after {','.join(spec.bn_positions)}"
-    if len(spec.bn_positions) < len(BN_POSITIONS):
+    if len(spec.bn_positions) < len(norms.BN_POSITIONS):
         hint += "; BN after more layers, --norm-positions, may also help"
     if spec.freeze_gamma_beta:
         hint += "; gamma and beta are frozen, so BN cannot rescale what it normalises"

@@ -29,10 +29,10 @@ contiguous slices of G; each slice is normalised with its own mean and biased va
 statistics blend the mean over the slices of their means and of their variances:
     running = decay * running + (1 - decay) * mean_s(stat_s)
 which is, by the blend's linearity, the mean of S replicas' running statistics, each replica blending its own
-(the "replicas' mean" that local sync keeps, docs/data-parallel.md). G = N is BN. `ghost_fold` / `ghost_unfold`
-are how every framework computes it: the slices become channels, (N, C, ...) -> (G, S * C, ...), so BN's own
-function normalises each (slice, channel) pair, with gamma, beta and the running statistics tiled S times and the
-new running statistics averaged back over the slices.
+(the "replicas' mean" that local sync keeps, docs/data-parallel.md). G = N is BN. Every framework's
+`ghost_batch_norm` (frameworks/<fw>/batchnorm.py) computes it the same way: the slices become channels,
+(N, C, ...) -> (G, S * C, ...), so BN's own function normalises each (slice, channel) pair, with gamma, beta and the
+running statistics tiled S times and the new running statistics averaged back over the slices.
 
 The research exercise's transforms (--norm whiten, pit, pit-rank; float64 reference in common.reference; scratch
 only, no framework ships a layer for them):
@@ -41,11 +41,15 @@ only, no framework ships a layer for them):
   (`whiten_groups`; a last group of C mod g channels is whitened on its own, as a smaller group). In training
   mode, per group, the values are centred per channel over the batch (and positions), their g x g covariance
   Sigma (biased, 1/m over the m values per channel) plus eps I is trace-normalised, Sigma_N = (Sigma + eps I) /
-  tr(Sigma + eps I), and T Newton-Schulz iterations from P_0 = I, P_k = (3 P_(k-1) - P_(k-1)^3 Sigma_N) / 2,
-  approximate its inverse square root: W = P_T / sqrt(tr(Sigma + eps I)); then x_hat = W (x - mu) and
-  y = gamma * x_hat + beta per channel. The running statistics are the mean and the covariance (not the
+  tr(Sigma + eps I), and T coupled Newton-Schulz iterations approximate its inverse square root: Y_0 = Sigma_N,
+  Z_0 = I, T_k = (3 I - Z_(k-1) Y_(k-1)) / 2, Y_k = Y_(k-1) T_k, Z_k = T_k Z_(k-1), and W = Z_T /
+  sqrt(tr(Sigma + eps I)); then x_hat = W (x - mu) and y = gamma * x_hat + beta per channel. In exact arithmetic
+  Z_k is IterNorm's P_k = (3 P_(k-1) - P_(k-1)^3 Sigma_N) / 2 from P_0 = I, so T means what it means in IterNorm;
+  in floating point IterNorm's uncoupled form amplifies its rounding once it nears convergence (not finite past
+  T = 20-30 in float64, 10-20 in float32), where the coupled form stays at the limit for every T
+  (docs/normalisations.md gives the measurement). The running statistics are the mean and the covariance (not the
   whitening matrix: at g = 1 the covariance is BN's running variance), blended as BN's; eval mode whitens with
-  them by the same T iterations. At g = 1, Sigma_N = 1 and every P_k = 1, so W = 1 / sqrt(var + eps): BN.
+  them by the same T iterations. At g = 1, Sigma_N = 1 and every T_k, Y_k, Z_k = 1, so W = 1 / sqrt(var + eps): BN.
   Every framework computes all groups at once on (C, C) matrices: the covariance masked to its groups' diagonal
   blocks (`whiten_mask`), each row divided by its group's trace; matrix products keep the blocks apart, so this is
   the per-group computation, with the zero blocks' products adding exact zeros. The running covariance is
@@ -67,12 +71,94 @@ figures are exactly 0, which every run checks by measuring them like BN's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import RUNNING_NORMS, ModelSpec
 from .errors import BackendUnavailable
-from .init import NORM_NAMES, layer_shapes
+
+if TYPE_CHECKING:  # the spec's fields are read, never imported: common.config builds on this table
+    from .config import ModelSpec
+
+# The four places BN-LeNet can have a normalisation layer, in network order; the channels (features) of each
+# position's layer, what a normalisation there normalises; and the canonical name of the layer after each
+# (bn1 ... bn4, whatever the normalisation).
+BN_POSITIONS = ("conv1", "conv2", "fc1", "fc2")
+CHANNELS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+NORM_NAMES = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """What the suite decides about one --norm, in one row of NORMALISATIONS: everything that asks about a norm
+    (the config's checks, the canonical arrays, the layer each framework builds, the population pass, data
+    parallelism, drift, the reports) reads it here. Its math is in common.reference and in each
+    frameworks/<fw>/batchnorm.py.
+
+    kind: the project's layer that computes it (each framework's CONSTRUCTORS key; layer, group and instance
+    normalisation are one transform, "group"). statistics: the running statistics its layers keep besides gamma
+    and beta (canonical suffixes; only a norm with some differs between train and eval mode); counters: other
+    state that training changes (renorm's steps). groups: for a per-example norm, its groups of channels ("one",
+    "option": --groups, "channels"). population: whether the population pass applies (why_not: the reason where
+    it does not). ghost: whether --ghost-batch applies. syncs: the --bn-sync values it trains under with
+    --replicas above 1 (none: its data-parallel form is not specified). builtin: whether a framework ships a
+    layer that fits its spec (the research exercise's transforms are scratch only). dense: whether it may follow
+    a dense layer (instance normalisation needs H x W values per channel)."""
+
+    kind: str
+    statistics: tuple = ()
+    counters: tuple = ()
+    groups: str | None = None
+    population: bool = False
+    why_not: str = ""
+    ghost: bool = False
+    syncs: tuple = ()
+    builtin: bool = True
+    dense: bool = True
+
+    @property
+    def running(self) -> bool:
+        """Keeps running statistics: train mode (batch statistics) and eval mode (running ones) differ."""
+        return bool(self.statistics)
+
+    @property
+    def state(self) -> tuple:
+        """Every array of the layer that training changes besides gamma and beta."""
+        return self.statistics + self.counters
+
+
+BN_STATS = ("running_mean", "running_var")
+NORMALISATIONS = {
+    "batch": Normalisation("batch", BN_STATS, population=True, ghost=True, syncs=("local", "global")),
+    "renorm": Normalisation("renorm", BN_STATS, counters=("steps",), population=True),
+    "layer": Normalisation("group", groups="one", syncs=("local",)),
+    "group": Normalisation("group", groups="option", syncs=("local",)),
+    "instance": Normalisation("group", groups="channels", syncs=("local",), dense=False),
+    "whiten": Normalisation(
+        "whiten",
+        ("running_mean", "running_cov"),
+        why_not="its running covariance has no population form in the spec",
+        builtin=False,
+    ),
+    "pit": Normalisation("pit", BN_STATS, population=True, builtin=False),
+    "pit-rank": Normalisation("pit-rank", BN_STATS, population=True, builtin=False),
+}
+NORMS = tuple(NORMALISATIONS)
+# every state array any normalisation keeps (canonical suffixes): never trained
+STATISTICS = tuple(dict.fromkeys(s for n in NORMALISATIONS.values() for s in n.statistics))
+NORM_STATE = STATISTICS + tuple(dict.fromkeys(c for n in NORMALISATIONS.values() for c in n.counters))
+
+
+def normalisation(name: str) -> Normalisation:
+    """The row of --norm `name`."""
+    return NORMALISATIONS[name]
+
+
+def array_role(name: str) -> str:
+    """What a canonical array ("bn1.running_cov", "conv1.weight") is: "statistic" (a running statistic),
+    "counter" (other state training changes) or "parameter" (what the gradient trains, frozen or not)."""
+    suffix = name.rpartition(".")[2]
+    return "statistic" if suffix in STATISTICS else "counter" if suffix in NORM_STATE else "parameter"
 
 
 def whiten_groups(channels: int, group: int) -> list:
@@ -92,17 +178,8 @@ def whiten_mask(channels: int, group: int) -> np.ndarray:
 
 
 # NormLayer.kind: the project's own layers (scratch), one per transform, and the framework's built-in ones
-SCRATCH_KINDS = {
-    "batch": "batch",
-    "renorm": "renorm",
-    "layer": "group",
-    "group": "group",
-    "instance": "group",
-    "whiten": "whiten",
-    "pit": "pit",
-    "pit-rank": "pit-rank",
-}
-BUILTIN_KINDS = {norm: f"builtin-{norm}" for norm in SCRATCH_KINDS}
+SCRATCH_KINDS = {name: row.kind for name, row in NORMALISATIONS.items()}
+BUILTIN_KINDS = {name: f"builtin-{name}" for name in NORMALISATIONS}
 
 
 @dataclass(frozen=True)
@@ -153,24 +230,23 @@ def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
         raise ValueError("variant none has no normalisation layer")
     builtin = spec.variant != "scratch"
     constants = spec.variant != "builtin-defaults"
-    running = spec.norm in RUNNING_NORMS
+    row = NORMALISATIONS[spec.norm]
     return NormLayer(
         kind=(BUILTIN_KINDS if builtin else SCRATCH_KINDS)[spec.norm],
         features=features,
         dims=dims,
-        decay=spec.decay if constants and running else None,
+        decay=spec.decay if constants and row.running else None,
         epsilon=spec.epsilon if constants else None,
-        groups=None if running else groups_of(spec, features),
-        renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if spec.norm == "renorm" else None,
-        ghost=spec.ghost_batch if spec.norm == "batch" else 0,
-        whiten=(spec.whiten_group, spec.whiten_iterations) if spec.norm == "whiten" else None,
+        groups=groups_of(spec, features) if row.groups else None,
+        renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if row.kind == "renorm" else None,
+        ghost=spec.ghost_batch if row.ghost else 0,
+        whiten=(spec.whiten_group, spec.whiten_iterations) if row.kind == "whiten" else None,
     )
 
 
 def norm_after(spec: ModelSpec, position: str) -> NormLayer:
     """The NormLayer that follows BN-LeNet's layer `position` (conv1 ... fc2)."""
-    features = layer_shapes(spec)[position][0]
-    return norm_layer(spec, features, 4 if position.startswith("conv") else 2)
+    return norm_layer(spec, CHANNELS[position], 4 if position.startswith("conv") else 2)
 
 
 def given(**kwargs) -> dict:
@@ -192,7 +268,7 @@ def build(layer: NormLayer, constructors: dict, framework: str, has: str, **kwar
 
 def groups_of(spec: ModelSpec, channels: int) -> int:
     """The groups a layer/group/instance normalisation of `channels` channels splits them into."""
-    return {"layer": 1, "group": spec.groups, "instance": channels}[spec.norm]
+    return {"one": 1, "option": spec.groups, "channels": channels}[NORMALISATIONS[spec.norm].groups]
 
 
 def renorm_limits(steps, rmax: float, dmax: float, warmup: int, minimum=np.minimum, ones_like=np.ones_like) -> tuple:
@@ -221,11 +297,10 @@ def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = 
     if not spec.norm_noise:
         return {}
     rng = np.random.RandomState([seed, epoch, 5])  # RandomState: the same stream on numpy 1.23 and 2.x
-    shapes = layer_shapes(spec)
     out = {}
     for pos, name in NORM_NAMES.items():
         if spec.norm_at(pos):
-            channels = shapes[pos][0]
+            channels = CHANNELS[pos]
             scales = rng.uniform(1.0, spec.noise_scale, size=(steps, channels))
             shifts = rng.uniform(-spec.noise_shift, spec.noise_shift, size=(steps, channels))
             out[name] = (scales.astype(dtype), shifts.astype(dtype))

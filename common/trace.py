@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from . import norms
-from .init import NORM_NAMES
+from .norms import NORM_NAMES
 
 PERCENTILES = (15, 50, 85)
 STEP_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)

@@ -27,10 +27,11 @@ import pandas as pd
 from scipy.stats import binom as _binom
 
 from common import records
-from common.config import EXECUTIONS, NORMS, VARIANTS, ModelSpec
+from common.config import EXECUTIONS, VARIANTS, ModelSpec
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.flops import PEAK_MATMUL, training_flops
+from common.norms import NORMS
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter

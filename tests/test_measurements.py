@@ -363,6 +363,38 @@ def test_drift_from_made_up_snapshots(tmp_path):
     assert row.probe_pred_agreement == 0.5, "probe_pred_agreement"
 
 
+def test_a_whitening_runs_running_covariance_is_drift_of_its_running_statistics(tmp_path):
+    """whiten's running_cov (and running_mean) are running statistics, renorm's steps a counter in neither figure:
+    the table of normalisations (common.norms) decides, not the arrays' names."""
+    arrays = {
+        "torch": {
+            "param/conv1.weight": np.array([3.0, 4.0]),
+            "param/bn1.gamma": np.array([1.0, 1.0]),
+            "param/bn1.running_mean": np.array([0.0, 0.0]),
+            "param/bn1.running_cov": np.array([[1.0, 0.0], [0.0, 1.0]]),
+            "param/bn1.steps": np.array([10.0]),
+        },
+        "jax": {
+            "param/conv1.weight": np.array([3.0, 4.0]),
+            "param/bn1.gamma": np.array([1.0, 1.0]),
+            "param/bn1.running_mean": np.array([0.0, 0.0]),
+            "param/bn1.running_cov": np.array([[1.0, 0.0], [1.0, 1.0]]),
+            "param/bn1.steps": np.array([99.0]),
+        },
+    }
+    run = []
+    for framework, params in arrays.items():
+        record = epoch_record(framework)
+        write_snapshot(tmp_path, record, **params, **{"probe/logits_eval": np.array([[1.0, 0.0]])})
+        run.append(record)
+    row = tables.tables(run, tmp_path)["drift"].iloc[0]
+    assert row.framework == "jax"
+    # parameters (conv1.weight, gamma) agree; the running statistics are off by 1 in the covariance's corner:
+    # |(0, 0, 0, 1, 0, 0)| / |(0, 0, 1, 0, 0, 1)| = 1 / sqrt(2)
+    assert row.param_rel_l2 == 0.0 and row.param_max_abs == 0.0, "running_cov counted as a trained parameter"
+    assert row.running_stats_rel_l2 == pytest.approx(1 / math.sqrt(2)), "running_cov left out of the statistics"
+
+
 def test_reference_changes_the_drift_table(tmp_path):
     run = drift_run(tmp_path)
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run))

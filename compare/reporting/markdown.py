@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.config import RUNNING_NORMS
+from common.norms import NORMALISATIONS
 
 from . import metrics
 from .stats import clipped, metric_bounds
@@ -390,7 +390,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             markdown_table(unfinished, UNFINISHED_COLUMNS),
         ]
     norms = sorted(set(s.norm.dropna())) if "norm" in s else []
-    stateless = [n for n in norms if n not in RUNNING_NORMS and n != "none"]  # none: no normalisation at all
+    stateless = [n for n in norms if n in NORMALISATIONS and not NORMALISATIONS[n].running]  # none: not a norm
     parts += [
         "## Train/eval-mode divergence (final epoch)\n",
         "The same probe images through the network in train mode (batch statistics, nothing updated) and "

@@ -16,6 +16,7 @@ import pandas as pd
 from common import records as records_schema
 from common.config import VARIANTS, RunConfig
 from common.errors import ConfigError
+from common.norms import array_role
 from common.registry import FRAMEWORKS
 
 from .files import NO_END, atomic, read_environment, read_records
@@ -38,11 +39,14 @@ def _fw_order(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def snapshot_distance(mine: Path, ref: Path) -> dict:
-    """How far one snapshot's parameters, running statistics and probe logits are from another's."""
+    """How far one snapshot's parameters, running statistics and probe logits are from another's: which array is
+    which is common.norms.array_role's (the normalisations' table), so whitening's running covariance counts as a
+    running statistic; counters (renorm's steps) count in neither."""
     with np.load(mine) as a, np.load(ref) as b:
         a, b = dict(a), dict(b)
-    trainable = [k for k in b if k.startswith("param/") and not k.endswith(("running_mean", "running_var", "steps"))]
-    running = [k for k in b if k.startswith("param/") and k.endswith(("running_mean", "running_var"))]
+    params = [k for k in b if k.startswith("param/")]
+    trainable = [k for k in params if array_role(k) == "parameter"]
+    running = [k for k in params if array_role(k) == "statistic"]
 
     def rel(keys):
         if not keys:

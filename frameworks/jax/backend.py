@@ -29,10 +29,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from common.errors import BackendUnavailable
-from common.init import NORM_NAMES, check_params, init_params, is_trainable, norm_features
+from common.init import check_params, init_params, is_trainable, norm_features
 from common.interface import Backend, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
-from common.norms import norm_after
+from common.norms import NORM_NAMES, norm_after
 
 from .lenet import BNLeNet, make_norm, variable_paths
 

@@ -25,8 +25,8 @@ ask for would change how XLA fuses it).
 from flax import linen as nn
 
 from common.config import ModelSpec
-from common.init import NORM_NAMES, has_bias, layer_shapes, parameter_shapes
-from common.norms import build, given, norm_after
+from common.init import has_bias, layer_shapes, parameter_shapes
+from common.norms import NORM_NAMES, build, given, norm_after
 from common.precision import dtype_and_mixed
 
 from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten

@@ -19,8 +19,8 @@ from mxnet import autograd, nd
 from mxnet.gluon import HybridBlock, nn
 
 from common.errors import BackendUnavailable
-from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
-from common.norms import build, given, norm_after
+from common.init import has_bias, layer_shapes, norm_features
+from common.norms import NORM_NAMES, build, given, norm_after
 
 from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 

@@ -18,8 +18,8 @@ training=False (no dropout) with bn_training=True.
 
 import keras
 
-from common.init import NORM_NAMES, has_bias, layer_shapes, norm_features
-from common.norms import build, given, norm_after
+from common.init import has_bias, layer_shapes, norm_features
+from common.norms import NORM_NAMES, build, given, norm_after
 
 from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.init import NORM_NAMES, has_bias, layer_shapes
-from common.norms import build, given, norm_after
+from common.init import has_bias, layer_shapes
+from common.norms import NORM_NAMES, build, given, norm_after
 from common.precision import dtype_and_mixed
 
 from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
