@@ -29,7 +29,7 @@ from common.precision import MIXED_PRECISIONS, PRECISIONS, dtype_and_mixed
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter, options
-from .execution import choose, envs
+from .execution import choose, envs, extras
 from .execution.executor import Interrupted, RecordWriter, Signals, split_into_tasks
 from .execution.progress import Progress
 from .reporting import tracking
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run_id = args.run_id if args.run_id is not None else datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     try:
+        extras.require_reporting()
         frameworks = parse_frameworks(args.frameworks)
         configs = configs_from_args(args)
         explicit = parse_pythons(args.python)

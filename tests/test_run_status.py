@@ -214,6 +214,26 @@ def test_out_that_is_a_file(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_a_python_without_the_report_packages_fails_before_any_worker_starts(tmp_path):
+    """python -m compare.run from a Python that cannot import pandas (here: sys.modules["pandas"] = None, which
+    makes every import of it raise as a missing package does) exits 2 within seconds with the line that installs
+    requirements/compare.txt, before any worker starts or anything is written, instead of after the training."""
+    data = make_idx_dir(tmp_path / "data", 20, 20)
+    out = tmp_path / "out"
+    code = (
+        "import runpy, sys; sys.modules['pandas'] = None; "
+        f"sys.argv = ['compare.run', '--frameworks', 'torch', '--quick', '--data-dir', {str(data)!r}, "
+        f"'--out', {str(out)!r}]; runpy.run_module('compare.run', run_name='__main__')"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 20, "the check came late"
+    assert "cannot import pandas" in proc.stderr and "-m pip install -r" in proc.stderr, proc.stderr
+    assert "requirements/compare.txt" in proc.stderr, proc.stderr
+    assert not out.exists(), "something was written before the check"
+
+
 # Divergence through the real loop ------------------------------------------------
 def test_divergence_is_a_result_with_its_epoch_and_step():
     nan_from = (2, 3)  # epoch 2, step index 3 (the 4th step)

@@ -1,4 +1,5 @@
-"""The orchestrator's optional packages: Ray (for --executor ray) and MLflow (for --mlflow).
+"""The orchestrator's packages: the ones every report needs (checked before a run starts), and the optional
+ones, Ray (for --executor ray) and MLflow (for --mlflow).
 
 A first run installs only what every run uses (requirements/compare.txt). Each
 optional package is pinned in requirements/<name>.txt and installed the first
@@ -22,6 +23,30 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # import name -> (what needs it, requirements file)
 EXTRAS = {"ray": ("--executor ray", "requirements/ray.txt"), "mlflow": ("--mlflow", "requirements/tracking.txt")}
+
+
+# what writing a report takes (requirements/compare.txt): tables, Parquet, plots, intervals, progress bars
+REPORTING = ("pandas", "pyarrow", "matplotlib", "scipy", "tqdm")
+
+
+def require_reporting(command: str = "compare.run") -> None:
+    """Import what a report needs, before anything runs: a Python without it fails here, in a second, with the
+    line that installs it, instead of after the training."""
+    missing = []
+    for module in REPORTING:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(module)
+        except Exception as exc:  # noqa: BLE001 - installed, but breaks while importing (a numpy it was not built for)
+            missing.append(f"{module} ({type(exc).__name__}: {exc})")
+    if missing:
+        raise ConfigError(
+            f"python -m {command} writes its report with {', '.join(REPORTING)}, and this Python "
+            f"({sys.executable}) cannot import {', '.join(missing)}: install them with "
+            f"`{sys.executable} -m pip install -r {ROOT / 'requirements' / 'compare.txt'}`, or run through tox "
+            f"(`tox -e run -- ...`), which does"
+        )
 
 
 def in_own_tox_env(prefix: str | None = None) -> bool:

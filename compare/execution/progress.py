@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 import time
 
-from tqdm import tqdm
-
 PROBLEMS = ("diverged", "interrupted", "crashed", "failed")
 
 
@@ -38,8 +36,12 @@ class Progress:
         self._started = time.monotonic()
         self._bars = {}
         self._overall = None
+        if live:  # imported here: a command checks its report packages, tqdm among them, before anything runs
+            from tqdm import tqdm  # (compare.execution.extras.require_reporting), so importing it must not fail
+
+            self._tqdm = tqdm
         if live and total:
-            self._overall = tqdm(
+            self._overall = self._tqdm(
                 total=total, desc="all", unit=unit, file=stream, position=0, dynamic_ncols=True, leave=True
             )
 
@@ -58,7 +60,7 @@ class Progress:
         if self.muted:
             return
         if self.live:
-            tqdm.write(text, file=self.stream)
+            self._tqdm.write(text, file=self.stream)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -73,7 +75,7 @@ class Progress:
         if bar is None or bar.total != event["steps"]:
             if bar is not None:
                 bar.close()
-            bar = self._bars[key] = tqdm(
+            bar = self._bars[key] = self._tqdm(
                 total=event["steps"], desc=desc, unit="step", file=self.stream, leave=False, dynamic_ncols=True
             )
         elif bar.desc != desc:
