@@ -20,6 +20,12 @@ from .init import layer_shapes
 PEAK_MATMUL = 2048  # the side of the square matrix product whose speed compare.bench reports as the peak
 
 
+def matmul_gflops_per_s(size: int, seconds: float) -> float:
+    """The rate of an n x n by n x n matrix product that took `seconds`: n^3 multiply-adds, 2 FLOPs each, per
+    second, in GFLOP/s (the peak compare.bench divides by)."""
+    return 2 * size**3 / seconds / 1e9
+
+
 def layer_macs(spec: ModelSpec) -> dict:
     """Multiply-adds per image of each convolution and dense layer's forward, in network order."""
     shapes = layer_shapes(spec)

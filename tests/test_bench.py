@@ -58,14 +58,14 @@ def test_row_keeps_each_loops_median_and_spread():
         "device_name": "CPU",
         "suite_all": [10.0, 30.0, 20.0],
         "suite_first_step_seconds": [9.0, 0.5, 0.25],
-        "bare_all": [10.0, 30.0, 20.0],
+        "bare_all": [20.0, 60.0, 40.0],  # twice the suite's: every figure below must be the suite's own
         "textbook_all": [5.0, 15.0, 10.0],
     }
     r = row(record)
     assert set(r) == set(COLUMNS)
     assert (r["suite_examples_per_s"], r["textbook_examples_per_s"]) == (20.0, 10.0)
     assert r["suite_spread"] == pytest.approx(1.0)  # (30 - 10) / 20
-    assert r["suite_over_bare"] == 1.0 and r["suite_over_textbook"] == 2.0
+    assert r["suite_over_bare"] == 0.5 and r["suite_over_textbook"] == 2.0
     assert r["repeats"] == 3
     assert (r["first_step_seconds"], r["first_step_seconds_later"]) == (9.0, 0.375)  # the first; median of the rest
     # a record from before the peak was measured: the arithmetic rate, and no fraction of a peak
@@ -83,11 +83,13 @@ def test_row_keeps_each_loops_median_and_spread():
             "population_size": 512,
             "population_seconds": [[9.0, 0.4], [9.0, 0.5], [9.0, 0.3]],
             "population_epoch_seconds": [[5.0, 4.0], [5.0, 2.0], [5.0, 1.0]],
-            "population_all": [5.0, 30.0, 40.0],  # against suite_all: 0.5, 1.0, 2.0
+            "population_all": [5.0, 15.0, 60.0],  # against suite_all: 0.5, 0.5, 3.0 (the other way: 2, 2, 1/3)
         }
     )
     assert (r["population_first_seconds"], r["population_seconds"], r["epoch_seconds"]) == (9.0, 0.4, 2.0)
-    assert (r["population_share"], r["population_over_suite"]) == (0.25, 1.0)
+    # the pass's seconds over the epoch's (not the epoch's over the pass's: 4.0), training with the pass over
+    # training without it (not the other way: 2.0)
+    assert (r["population_share"], r["population_over_suite"]) == (0.25, 0.5)
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,14 @@ a PyTorch replica that dies mid-run ends the run with its error, quickly. Small 
 """
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common import norms
 from common.config import ModelSpec, RunConfig
 from common.data import batch_order, load_fashion_mnist
 from common.errors import BackendUnavailable, ConfigError
@@ -148,6 +150,18 @@ def test_replicas_take_the_one_process_steps(fw, framework, tiny, sync):
     assert_same_steps(got, want, f"{framework} --replicas 2 --bn-sync {sync}")
     other = run(fw, one_process["local" if sync == "global" else "global"], tiny)
     assert np.max(np.abs(np.subtract(other[0][0]["step_losses"], want[0][0]["step_losses"]))) > 1e-6
+
+
+def test_noisy_replicas_take_the_one_process_noisy_steps(fw, framework, tiny):
+    """Noisy BN over 2 replicas (local sync) is the one-process noisy --ghost-batch B/2 run, in both epochs: each
+    epoch's new noise reaches every replica (a replica still on epoch 1's draws parts from it in epoch 2)."""
+    data_parallel(fw, framework)
+    noisy = ModelSpec(norm_noise=True)
+    want = run(fw, small(model=replace(noisy, ghost_batch=16)), tiny)
+    got = run(fw, small(model=noisy, replicas=2), tiny)
+    assert_same_steps(got, want, f"{framework} --replicas 2 --norm-noise")
+    drawn = [norms.draw_noise(noisy, 0, epoch, 4)["bn1"][0] for epoch in (1, 2)]
+    assert np.max(np.abs(drawn[0] - drawn[1])) > 0.1  # the two epochs' draws differ, so a stale one shows
 
 
 def test_the_builtin_layer_under_global_sync_is_the_frameworks_sync_layer_or_its_refusal(fw, framework, tiny):

@@ -265,7 +265,10 @@ def test_quoted_figures_come_from_generated_excerpts():
     assert measured, "docs/measured holds at least the quick start's records"
     for folder in measured:
         assert (folder / "excerpt.md").read_text() == excerpt(folder), (
-            f"{folder.name}/excerpt.md is not what its records give: regenerate it with "
+            f"{folder.name}/excerpt.md is not what its committed records give. The records did not change, so the "
+            "code that turns records into figures or sentences did: a changed figure is a change of behaviour. "
+            "Find which change moved it and say why it is right (in the commit and, where a guide quotes it, the "
+            "guide) before regenerating, or the regeneration writes a bug into the docs: "
             f"`python -m compare.reporting.excerpt docs/measured/{folder.name}`"
         )
     passages = [(path.name, name, text) for path in DOCS for name, text in MEASURED.findall(path.read_text())]

@@ -1,7 +1,9 @@
-"""The FLOP count (common.flops) against a count by hand, at the textbook's two input sizes."""
+"""The FLOP count (common.flops) against a count by hand, at the textbook's two input sizes, and the peak's."""
+
+import pytest
 
 from common.config import ModelSpec
-from common.flops import forward_flops, layer_macs, training_flops
+from common.flops import forward_flops, layer_macs, matmul_gflops_per_s, training_flops
 
 
 def test_lenet_multiply_adds_by_hand():
@@ -23,3 +25,10 @@ def test_training_is_three_forwards_less_the_images_gradient():
         assert forward_flops(spec) == 2 * sum(macs.values())
         assert training_flops(spec) == 3 * forward_flops(spec) - 2 * macs["conv1"]
     assert training_flops(ModelSpec()) == 2 * (3 * 281_640 - 86_400)
+
+
+def test_the_peak_counts_two_flops_per_multiply_add():
+    """A 2048 x 2048 product is 2048^3 = 8,589,934,592 multiply-adds, 17,179,869,184 FLOPs: in 0.5 s,
+    34.359738368 GFLOP/s."""
+    assert matmul_gflops_per_s(2048, 0.5) == pytest.approx(34.359738368, rel=1e-12)
+    assert matmul_gflops_per_s(10, 1e-6) == pytest.approx(2.0, rel=1e-12)  # 2,000 FLOPs in 1 us: 2e9 per second

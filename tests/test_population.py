@@ -8,6 +8,7 @@ from common import population
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import ConfigError, DataError
+from common.interface import ProbeResult
 from common.reference import lenet_forward
 from tests.conventions import EVAL_DRAWS_DROPOUT
 from tests.helpers import epochs_of, make_idx_dir, random_bn_params, tiny_config
@@ -44,6 +45,60 @@ def test_population_batches_are_seeded_and_drop_the_partial_batch():
     assert population.population_batches(3, 200, 5000, 64).shape == (3, 64)  # no more than the split holds
     with pytest.raises(DataError, match="at least one batch: 40 image"):
         population.population_batches(3, 40, 5000, 64)
+
+
+class FixedBackend:
+    """What population.figures asks of a backend, with fixed answers: eval mode's logits and test figures, and
+    the parameters it was given."""
+
+    def __init__(self, logits_eval, test_loss, test_correct):
+        self.logits_eval, self.test = logits_eval, (test_loss, test_correct)
+        self.params = {"bn1.running_mean": np.zeros(2), "bn1.running_var": np.ones(2)}
+
+    def get_params(self):
+        return dict(self.params)
+
+    def set_params(self, params):
+        self.params = dict(params)
+
+    def evaluate(self, test, batch_size):
+        return self.test
+
+    def predict(self, images):
+        return self.logits_eval
+
+
+def test_population_figures_set_eval_mode_with_population_statistics_against_the_probes_train_mode():
+    """Four probe images, by hand. Train mode's logits are the epoch's probe's (the population statistics change
+    eval mode only); eval mode's come from the backend with the population statistics in place. Predictions: train
+    0, 1, 1, 0; population eval 0, 1, 0, 0; labels 0, 1, 0, 1: population eval accuracy 3/4, disagreement 1/4, and
+    |logit differences| 0, 0, 2, 0 and 0, 0, 2, 0 per class -> mean 0.5. The EMA's eval logits (predictions 1, 1,
+    1, 1) enter none of these."""
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    ema_eval = np.array([[0.0, 1.0]] * 4)
+    pop_eval = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0], [1.0, 0.0]])
+    backend = FixedBackend(pop_eval, test_loss=30.0, test_correct=7)
+    stats = {"bn1": (np.array([1.0, 2.0]), np.array([4.0, 9.0]))}
+    ema_probe = ProbeResult(
+        logits_eval=ema_eval,
+        logits_train=train,
+        norms={
+            "bn1": {
+                "running_mean": np.zeros(2),
+                "running_var": np.ones(2),
+                "batch_mean": np.ones(2),
+                "batch_var": np.ones(2),
+            }
+        },
+    )
+    got = population.figures(
+        backend, stats, ema_probe, None, 10, np.zeros((4, 1)), np.array([0, 1, 0, 1]), RunConfig(), 0.0, keep=False
+    )
+    assert got["pop_test_loss"] == 3.0 and got["pop_test_acc"] == 0.7
+    assert got["pop_probe_acc_eval"] == 0.75
+    assert got["pop_probe_disagreement"] == 0.25, "train mode's predictions: the probe's, not eval mode's"
+    assert got["pop_probe_logit_mad"] == 0.5
+    assert backend.params["bn1.running_var"].tolist() == [1.0, 1.0]  # the EMA put back (keep=False)
 
 
 def test_population_options_are_checked_before_anything_runs():

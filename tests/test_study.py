@@ -1103,3 +1103,58 @@ def test_exclude_leaves_out_the_cells_it_names_and_checks_them(tmp_path):
             spec.load(write(tmp_path, LR_STUDY.replace("seeds = [0, 1]", f"seeds = [0, 1]\nexclude = [{rule}]")))
     with pytest.raises(spec.StudyError, match="exclude: must be a list of tables"):
         spec.load(write(tmp_path, LR_STUDY.replace("seeds = [0, 1]", 'seeds = [0, 1]\nexclude = "none"')))
+
+
+def test_exclude_on_a_list_field_leaves_out_the_cells_it_names(tmp_path):
+    """A rule on a list field (bn_positions) compares as the cell's coordinate ('conv1,conv2'), so the cells it
+    names (one per seed) are left out and the others kept."""
+    text = """\
+question = "Which positions?"
+frameworks = ["torch"]
+variants = ["scratch"]
+seeds = [0, 1]
+exclude = [{ bn_positions = ["conv1", "conv2"] }]
+
+[grid]
+bn_positions = [["conv1"], ["conv1", "conv2"], ["fc1"]]
+
+[answer]
+kind = "compare"
+axis = "bn_positions"
+baseline = ["conv1"]
+metric = "best_test_acc"
+"""
+    configs, coords = spec.load(write(tmp_path, text)).cells()
+    kept = sorted(coords[c.config_id]["bn_positions"] for c in configs)
+    assert kept == ["conv1", "conv1", "fc1", "fc1"], kept
+
+
+def test_the_plateau_rule_takes_each_cells_mean_over_its_seeds():
+    """Cell lr 0.1 (batch 32): final training losses 2.30, 2.30, 1.90, mean 2.1667, within 10% of ln 10 (2.0723 and
+    up): on the plateau, though one seed left it (its minimum, 1.90, is not). Cell lr 1.0: 0.5 each, learning. The
+    two share framework and variant, so the rule must tell them apart by the grid's axes (pooled, their mean would be
+    1.3333, off the plateau); an unfinished run counts in neither."""
+    study = spec.load(spec.STUDIES_DIR / "lr-sweep.toml")
+    axis = study.axes[0]
+    rows = [(0.1, s, loss, "complete") for s, loss in enumerate([2.30, 2.30, 1.90])]
+    rows += [(1.0, s, 0.5, "complete") for s in range(3)] + [(1.0, 3, 2.30, "diverged")]
+    runs = pd.DataFrame(
+        [
+            {
+                "framework": "torch",
+                "variant": "scratch",
+                axis: value,
+                "seed": seed,
+                "final_train_loss": loss,
+                "status": status,
+                **{a: 32 for a in study.axes[1:]},
+            }
+            for value, seed, loss, status in rows
+        ]
+    )
+    assert answers._plateau_sentences(runs, study) == [
+        f"torch, scratch, {axis} 0.1"
+        + "".join(f", {a} 32" for a in study.axes[1:])
+        + ": still on its initial plateau (mean final training loss 2.167, ln 10 = 2.303): it has not started "
+        "learning, so its comparisons describe a network that is not moving."
+    ]

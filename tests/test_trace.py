@@ -75,6 +75,53 @@ def test_landscape_of_a_quadratic():
     assert params["fc3.weight"][0] == 1.0 and params["bn4.running_mean"][0] == 5.0  # a copy moved, not these
 
 
+def test_gradient_predictiveness_is_the_largest_change_not_the_last():
+    """loss = -cos(w) at w = pi/2 (g = sin(w) = 1), lr 1, scales pi/2, pi, 2 pi: at w - s the gradient is cos(s),
+    so it changes by |1 - cos(s)| = 1, 2, 0 (the last step comes round to the same slope); the gradient
+    predictiveness is the largest, 2, the loss variation 0 - (-1) = 1 (losses -sin(s): -1, 0, 0, and 0 at w), and
+    the effective beta-smoothness max(1 / (pi/2), 2 / pi, 0) = 2 / pi."""
+
+    def gradient(p):
+        w = float(p["fc3.weight"][0])
+        return -math.cos(w), {"fc3.weight": np.array([math.sin(w)])}
+
+    params = {"fc3.weight": np.array([math.pi / 2])}
+    loss, grads = gradient(params)
+    got = trace.landscape(gradient, params, loss, grads, lr=1.0, scales=(math.pi / 2, math.pi, 2 * math.pi))
+    assert got["grad_changes"] == pytest.approx([1.0, 2.0, 0.0], abs=1e-12)
+    assert got["grad_predictiveness"] == pytest.approx(2.0, abs=1e-12)
+    assert got["loss_variation"] == pytest.approx(1.0, abs=1e-12)
+    assert got["beta_smoothness"] == pytest.approx(2 / math.pi, abs=1e-12)
+
+
+class RecordingBackend:
+    """Backend.gradient with every call's noise recorded: activations and grads that say nothing, the noise that
+    came with each call in `calls`."""
+
+    def __init__(self):
+        self.calls = []
+
+    def gradient(self, params, images, labels, capture=False, noise=None):
+        from common.interface import Gradient
+
+        self.calls.append((capture, noise))
+        grads = {n: np.ones_like(v) for n, v in params.items()}
+        activations = {"conv1": np.zeros((len(images), 2, 2, 2))} if capture else {}
+        return Gradient(loss=1.0, grads=grads, activations=activations)
+
+
+def test_every_forward_of_a_traced_step_carries_that_steps_noise():
+    """A noisy run's trace is of the step the run takes, noise included: the percentiles' forward too, not only
+    the gradients (a traced step's activations without its noise would show plain BN's)."""
+    backend = RecordingBackend()
+    params = {"conv1.weight": np.ones(2), "conv2.weight": np.ones(3)}
+    step_noise = {"bn1": (np.array([1.5, 1.2]), np.array([0.1, -0.3]))}
+    trace.measure(backend, params, (np.zeros((4, 1)), np.zeros(4)), np.zeros((3, 1)), 0.1, step_noise)
+    assert [capture for capture, _ in backend.calls].count(True) == 1  # the percentiles' forward
+    assert len(backend.calls) == 2 + 1 + len(trace.STEP_SCALES)  # probe, G, conv2's G', one per scale
+    assert all(noise is step_noise for _, noise in backend.calls), [n for _, n in backend.calls]
+
+
 def test_landscape_at_a_stationary_point_has_no_smoothness_figure():
     def gradient(p):
         return 1.0, {"fc3.weight": np.zeros(1)}
@@ -83,11 +130,14 @@ def test_landscape_at_a_stationary_point_has_no_smoothness_figure():
     assert got["loss_variation"] == 0 and got["grad_predictiveness"] == 0 and got["beta_smoothness"] is None
 
 
-def test_percentiles_pool_every_unit_and_follow_one():
-    """(N, C, H, W) = (101, 2, 3, 3): channel 0 at the centre holds 0 ... 100, so its percentiles are 15, 50, 85;
-    everything else is 1000, so over all units they are those of the pooled values."""
-    h = np.full((101, 2, 3, 3), 1000.0)
-    h[:, 0, 1, 1] = np.arange(101)
+@pytest.mark.parametrize("side", [3, 4], ids=["odd", "even"])
+def test_percentiles_pool_every_unit_and_follow_one(side):
+    """(N, C, H, W) = (101, 2, side, side): channel 0 at the unit (side // 2, side // 2), the centre of an odd map
+    and the first past it on an even one (BN-LeNet's maps are even: 24 x 24 and 8 x 8 at 28 x 28), holds
+    0 ... 100, so its percentiles are 15, 50, 85; everything else is 1000, so over all units they are those of the
+    pooled values."""
+    h = np.full((101, 2, side, side), 1000.0)
+    h[:, 0, side // 2, side // 2] = np.arange(101)
     got = trace.percentiles({"conv1": h, "fc1": np.arange(20.0).reshape(10, 2)})
     assert got["conv1"]["unit"] == [15.0, 50.0, 85.0]
     assert got["conv1"]["all"] == [float(v) for v in np.percentile(h, [15, 50, 85])]
@@ -183,20 +233,36 @@ def test_gradient_matches_finite_differences(fw, framework, name):
             )
 
 
-def test_gradient_changes_no_state_and_captures_each_activation_input(fw, framework):
-    """The model's arrays bit-identical after gradient() at other parameters, and the next training step the
-    same as a twin's that never called it. With BN before the activation and gamma 1, beta 0, each captured
+def flat_state(saved, prefix="") -> dict:
+    """A backend's save_state() (framework tensors, numpy arrays, nested dicts) as {path: numpy array}."""
+    if isinstance(saved, dict):
+        return {k: v for key, value in saved.items() for k, v in flat_state(value, f"{prefix}{key}/").items()}
+    return {prefix: np.asarray(saved)}
+
+
+@pytest.mark.parametrize("variant", ["scratch", "builtin"])
+def test_gradient_changes_no_state_and_captures_each_activation_input(fw, framework, variant):
+    """The model's arrays bit-identical after gradient() at other parameters, every state a forward can touch
+    (save_state: PyTorch's num_batches_tracked of its built-in layer, which no canonical array holds and
+    checkpoints do) as the twin's that never called it, eval mode's logits right after it as before it, and the
+    next training step the same as the twin's. With BN before the activation and gamma 1, beta 0, each captured
     activation input has per channel the batch mean 0 and variance var / (var + eps), just under 1."""
-    spec = ModelSpec()
+    spec = ModelSpec(variant=variant)
     config = RunConfig(model=spec, dtype="float64", device="cpu", lr=0.5, batch_size=8)
     backend, twin = fw.BACKEND(config), fw.BACKEND(config)
     start = random_bn_params(spec)
     for b in (backend, twin):
         b.set_params(start)
     images, labels = _batch(16)
+    before = backend.predict(images)
     got = backend.gradient(init_params(spec, 7, "float64"), images, labels, capture=True)
+    np.testing.assert_array_equal(backend.predict(images), before, err_msg=f"{framework}: eval mode after gradient()")
     for name, value in backend.get_params().items():
         np.testing.assert_array_equal(value, start[name], err_msg=f"{framework}: {name} changed by gradient()")
+    mine, theirs = flat_state(backend.save_state()), flat_state(twin.save_state())
+    assert sorted(mine) == sorted(theirs)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(mine[name], value, err_msg=f"{framework}: state {name} changed by gradient()")
     assert {k: v.shape for k, v in got.activations.items()} == {
         "conv1": (16, 6, 24, 24),
         "conv2": (16, 16, 8, 8),

@@ -26,7 +26,7 @@ from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import BackendUnavailable, BNCompareError
-from common.flops import PEAK_MATMUL
+from common.flops import PEAK_MATMUL, matmul_gflops_per_s
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
 
@@ -82,7 +82,7 @@ def bench(job: dict) -> int:
     population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the population pass
     # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
     size = PEAK_MATMUL
-    peak = 2 * size**3 / loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size) / 1e9
+    peak = matmul_gflops_per_s(size, loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size))
     done = {}  # (norm, variant, batch size, execution name) -> the --execution that measured it
     for cell in job["cells"]:
         norm = cell.get("norm", "batch")
