@@ -29,10 +29,10 @@ from . import HelpFormatter
 from .execution import choose
 from .execution.executor import RecordWriter, Signals, default_jobs
 from .execution.progress import Progress
+from .job import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
 from .reporting import files, tables, tracking
 from .reporting.plots import save, trace_figures
-from .run import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
-from .studies import analysis, answers, render, spec
+from .studies import analysis, answers, render, spec, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,12 +261,13 @@ def main(argv=None) -> int:
 
 def build(study_dir: Path, study=None) -> list:
     """(Re)build the tables, study.csv/.parquet, study.png and study.md of a study folder from its records;
-    returns the answer's sentences."""
+    returns the answer's sentences (compare.studies.summary: said once where frameworks and strata agree)."""
     study_dir = Path(study_dir)
     if study is None:
         study = spec.load(study_dir / "study.toml", name=json.loads((study_dir / "study.json").read_text())["study"])
     t, env, problems, _ = tables.load(study_dir)
     answer, frames = answers.analyse(t["runs"], study)
+    said = summary.summarise(t["runs"], study, frames)
     written = tables.write_tables({**t, **frames}, study_dir)
     plots = render.plot(frames["study"], study, study_dir)
     if "trace_steps" in t:  # --trace-every: the percentile bands, ICS and landscape, the arms side by side
@@ -275,10 +276,10 @@ def build(study_dir: Path, study=None) -> list:
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     retried = runs[runs.attempts > 1] if "attempts" in runs else runs.iloc[:0]
     text = render.render(
-        study, answer, {**frames, "runs_retried": retried}, env, plots, written + plots, unfinished, problems
+        study, said, answer, {**frames, "runs_retried": retried}, env, plots, written + plots, unfinished, problems
     )
     files.atomic(study_dir / "study.md", lambda p: p.write_text(text))
-    return answer
+    return said.sentences
 
 
 if __name__ == "__main__":

@@ -81,3 +81,29 @@ def check_norm(got, want, tol, what):
     assert sorted(got["state"]) == sorted(want["state"])
     for key, value in want["state"].items():
         np.testing.assert_allclose(got["state"][key], value, err_msg=f"{what}: {key} after the step", **tol(value))
+
+
+def write(tmp_path, text, name="s.toml"):
+    """A study file of `text` in tmp_path."""
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def runs_frame(rows):
+    """A runs table as compare.report makes it: one row per run with status, coordinates and metrics (torch,
+    scratch, seed 0, complete unless a row says otherwise; every study metric a column)."""
+    import pandas as pd
+
+    from compare.studies import spec
+
+    out = []
+    for i, r in enumerate(rows):
+        r = {"framework": "torch", "variant": "scratch", "seed": 0, "status": "complete", **r}
+        r.setdefault("config_id", f"c{i}")
+        out.append(r)
+    frame = pd.DataFrame(out)
+    for metric in spec.METRICS:
+        if metric not in frame:
+            frame[metric] = np.nan
+    return frame

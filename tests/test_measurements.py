@@ -522,6 +522,28 @@ def test_a_network_still_on_its_plateau_is_named_with_the_reason(tmp_path):
     assert not markdown.on_plateau(0.9 * math.log(10) - 1e-9) and markdown.on_plateau(0.9 * math.log(10))
 
 
+def test_rows_that_say_the_same_thing_are_said_once():
+    """Two frameworks' none rows on the plateau: one sentence naming both, their losses as a range, the reason
+    once; population sentences that say the same thing: one, naming both rows."""
+    summary = pd.DataFrame(
+        [
+            {"framework": fw, "variant": "none", "final_train_loss": loss, "best_test_acc": 0.1}
+            for fw, loss in (("torch", 2.2900), ("mxnet", 2.2950))
+        ]
+        + [{"framework": "torch", "variant": "scratch", "final_train_loss": 0.5, "best_test_acc": 0.8}]
+    )
+    sentences = markdown.plateau_sentences(summary)
+    assert len(sentences) == 1 and sentences[0].startswith(
+        "torch none and mxnet none: still on their initial plateau (final training loss 2.2900-2.2950, against ln "
+        "10 = 2.3026 for a uniform guess over the 10 classes; best test accuracy 0.1000): they have not learnt yet"
+    )
+    assert sentences[0].count("each sigmoid scales the gradient") == 1
+    assert markdown.said_once([("torch scratch", "a"), ("mxnet scratch", "a"), ("torch builtin", "b")]) == [
+        "torch scratch and mxnet scratch: a",
+        "torch builtin: b",
+    ]
+
+
 def test_plots_compare_at_a_glance():
     """curves.png and divergence.png from two variants over three epochs: integer epoch ticks only, one y range
     per row across the variants' columns, accuracies and disagreement on [0, 1]; no promise of dashed

@@ -9,15 +9,17 @@ import pytest
 
 from common import records
 from common.config import ModelSpec, RunConfig
+from common.registry import FRAMEWORKS
 from compare import report
 from compare.reporting import markdown, metrics, stats, tables, tracking
-from compare.studies import answers, render, spec
+from compare.studies import answers, render, spec, summary
+from tests.helpers import runs_frame, write
 from tests.test_measurements import drift_run, epoch_record, summary_records, write_snapshot
 from tests.test_population import population_records
-from tests.test_study import BASE_LR, runs_frame, write
+from tests.test_study import BASE_LR
 
 # Columns a report or study prints that are not metrics: identities, counts of runs, labels, coordinates.
-NOT_METRICS = {
+NOT_METRICS = {framework.label for framework in FRAMEWORKS.values()} | {
     "framework",
     "variant",
     "status",
@@ -133,7 +135,17 @@ def test_every_metric_a_study_prints_is_in_the_registry(tmp_path, kind):
         ]
     )
     sentences, frames = answers.analyse(runs, study)
-    text = render.render(study, sentences, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
+    text = render.render(
+        study,
+        summary.summarise(runs, study, frames),
+        sentences,
+        frames,
+        {"seeds": [0, 1, 2]},
+        [],
+        [],
+        runs.iloc[:0],
+        [],
+    )
     printed = {c for c in headers(text) if not c.startswith(("largest_stable_", "smallest_failing_"))}
     unknown = sorted(c for c in printed - NOT_METRICS if metrics.get(c) is None)
     assert not unknown, f"printed but not in the registry: {unknown}"

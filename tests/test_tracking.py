@@ -24,8 +24,8 @@ from compare.reporting import tracking
 from compare.reporting.tables import latest_attempts
 from compare.run import main as run_main
 from compare.study import main as study_main
-from tests.helpers import make_idx_dir
-from tests.test_study import TINY, write
+from tests.helpers import make_idx_dir, write
+from tests.test_study import TINY
 
 pytestmark = pytest.mark.tracking
 ROOT = Path(__file__).resolve().parent.parent

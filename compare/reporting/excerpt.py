@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .. import bench
-from ..studies import answers, render, spec
+from ..studies import answers, render, spec, summary
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -255,7 +255,9 @@ def study_excerpt(folder: Path) -> str:
     study = spec.load(folder / "study.toml", name=name)
     t, env, _, _ = load(folder)
     answer, frames = answers.analyse(t["runs"], study)
-    lines = [f"{_measured_with(env, 'study')}; the answer:", ""] + [f"- {line}" for line in answer]
+    said = summary.summarise(t["runs"], study, frames)
+    lines = [f"{_measured_with(env, 'study')}; the answer:", "", said.markdown(), "Every comparison:", ""]
+    lines += [f"- {line}" for line in answer]
     lines += ["", "Per cell, over seeds (complete runs):", "", render.evidence(frames["study"], study)]
     return "\n".join(lines + _trace_cost(t)) + "\n"
 

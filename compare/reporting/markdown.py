@@ -135,13 +135,25 @@ def who(row, frame: pd.DataFrame) -> str:
     return " ".join(str(row[k]) for k in by_run(frame))
 
 
+def said_once(pairs: list) -> list:
+    """[(who, what)] as one sentence per distinct `what`, naming every row that says it ('torch scratch and mxnet
+    scratch: ...'), in the order the rows came: a report says a thing once, however many rows share it."""
+    whos = {}
+    for who_, what in pairs:
+        whos.setdefault(what, []).append(who_)
+    return [
+        (", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]) + f": {what}"
+        for what, names in whos.items()
+    ]
+
+
 def population_answer(summary: pd.DataFrame) -> list:
     """Per framework and variant with population statistics, in sentences made from the final epoch's
     numbers: how many points the running average (EMA) costs, and how much of the train/eval
     disagreement remains with population statistics."""
     if summary.empty or "final_pop_test_acc" not in summary:
         return []
-    sentences = []
+    pairs = []
     for _, row in summary.dropna(subset=["final_pop_test_acc"]).iterrows():
         gain = row.final_pop_gain * 100
         cost = (
@@ -152,7 +164,7 @@ def population_answer(summary: pd.DataFrame) -> list:
             else "the two are equal"
         )
         text = (
-            f"{who(row, summary)}: final test accuracy {row.final_test_acc:.4f} with the running "
+            f"final test accuracy {row.final_test_acc:.4f} with the running "
             f"average (EMA), {row.final_pop_test_acc:.4f} with population statistics from "
             f"{int(row.population_images):,} training images: {cost}"
         )
@@ -173,8 +185,8 @@ def population_answer(summary: pd.DataFrame) -> list:
             text += (
                 f". Train and eval mode agree on every probe image with the EMA ({pop:.1%} with population statistics)."
             )
-        sentences.append(text)
-    return sentences
+        pairs.append((who(row, summary), text))
+    return said_once(pairs)
 
 
 def population_section(t: dict) -> list:
@@ -284,27 +296,36 @@ def on_plateau(final_train_loss) -> bool:
 
 
 def plateau_sentences(summary: pd.DataFrame) -> list:
-    """A sentence for each row still on its initial plateau, saying so, and why where the reason is the
+    """One sentence naming every row still on its initial plateau, and, once, why where the reason is the
     textbook's (sigmoid without a normalisation)."""
-    out = []
-    for _, row in summary.iterrows() if "final_train_loss" in summary else []:
-        if not on_plateau(row.final_train_loss):
-            continue
-        text = (
-            f"{row.framework} {row.variant}: still on its initial plateau (final training loss "
-            f"{row.final_train_loss:.4f}, against ln 10 = {CHANCE_LOSS:.4f} for a uniform guess over the 10 "
-            f"classes; best test accuracy {fmt(row.get('best_test_acc'), 'best_test_acc')}): it has not "
-            f"learnt yet, so its other figures say little."
+    if "final_train_loss" not in summary:
+        return []
+    stuck = summary[[on_plateau(loss) for loss in summary.final_train_loss]]
+    if stuck.empty:
+        return []
+    names = [who(row, summary) for _, row in stuck.iterrows()]
+    losses = sorted(f"{loss:.4f}" for loss in stuck.final_train_loss)
+    accs = sorted(fmt(a, "best_test_acc") for a in stuck.get("best_test_acc", pd.Series(dtype=float)).dropna())
+    loss = losses[0] if losses[0] == losses[-1] else f"{losses[0]}-{losses[-1]}"
+    acc = "" if not accs else accs[0] if accs[0] == accs[-1] else f"{accs[0]}-{accs[-1]}"
+    one = len(names) == 1
+    text = (
+        (", ".join(names[:-1]) + f" and {names[-1]}" if not one else names[0])
+        + f": still on {'its' if one else 'their'} initial plateau (final training loss {loss}, against ln 10 = "
+        f"{CHANCE_LOSS:.4f} for a uniform guess over the 10 classes"
+        + (f"; best test accuracy {acc}" if acc else "")
+        + f"): {'it has' if one else 'they have'} not learnt yet, so {'its' if one else 'their'} other figures "
+        "say little."
+    )
+    sigmoid = stuck[(stuck.variant == "none") & (stuck.get("activation", "sigmoid") == "sigmoid")]
+    if not sigmoid.empty:
+        text += (
+            " Without a normalisation, each sigmoid scales the gradient by its slope (at most 1/4), so "
+            "at this learning rate the first layers barely move; a normalisation keeps each sigmoid's "
+            "input near its steep middle. That is the textbook's point of BN-LeNet; `--activation relu` "
+            "shows the network without BN training."
         )
-        if row.variant == "none" and row.get("activation", "sigmoid") == "sigmoid":
-            text += (
-                " Without a normalisation, each sigmoid scales the gradient by its slope (at most 1/4), so "
-                "at this learning rate the first layers barely move; a normalisation keeps each sigmoid's "
-                "input near its steep middle. That is the textbook's point of BN-LeNet; `--activation relu` "
-                "shows the network without BN training."
-            )
-        out.append(text + "\n")
-    return out
+    return [text + "\n"]
 
 
 TRACE_COLUMNS = list(metrics.TRACE_METRICS)  # the runs table's means of a traced run

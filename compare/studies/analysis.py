@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..reporting.stats import seed_stats
-from .spec import METRICS, Study
+from .spec import METRICS, Study, arm_label, num
 
 DONE = ("complete", "diverged")  # a result; the other statuses mean the run is missing
 
@@ -89,14 +89,6 @@ def cells(runs: pd.DataFrame, study: Study) -> pd.DataFrame:
             )
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def num(value) -> str:
-    return (
-        f"{value:g}"
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        else str(value)
-    )
 
 
 def stability(cell_table: pd.DataFrame, study: Study) -> pd.DataFrame:
@@ -197,10 +189,6 @@ def comparisons(
             "verdict",
         ],
     )
-
-
-def arm_label(axis, values) -> str:
-    return ", ".join(f"{a}={num(v)}" if a not in ("framework", "variant") else str(v) for a, v in zip(axis, values))
 
 
 def shown_metrics(study: Study) -> list:

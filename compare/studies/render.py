@@ -116,6 +116,7 @@ def evidence(cell_table: pd.DataFrame, study: Study) -> str:
 
 def render(
     study: Study,
+    summary,
     answer: list,
     frames: dict,
     env: dict,
@@ -129,7 +130,7 @@ def render(
     parts = [f"# Study: {study.name}\n", f"**Question.** {study.question}\n"]
     if study.about:
         parts.append(study.about + "\n")
-    parts += ["## Answer (measured)\n"] + [f"- {s}" for s in answer] + [""]
+    parts += ["## Answer (measured)\n", summary.markdown()]
     if env.get("interrupted"):
         parts.append(
             f"**This study was interrupted ({env.get('signal')}).** Start it again with the same "
@@ -238,6 +239,12 @@ def render(
         ]
     if plots:
         parts += ["## Plots\n"] + [f"![{p}]({p})\n" for p in plots]
+    parts += [
+        "## Appendix: every comparison\n",
+        "The answer above says once what the frameworks and strata share; here is each one's own sentence.\n",
+        *[f"- {s}" for s in answer],
+        "",
+    ]
     parts += ["## Files\n", ", ".join(f"`{w}`" for w in written) + "\n"]
     return "\n".join(parts)
 

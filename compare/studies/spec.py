@@ -46,6 +46,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from common.config import VARIANTS, ModelSpec, RunConfig
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
@@ -98,6 +100,20 @@ def find(name_or_path: str) -> Path:
     if candidate.is_file() and "/" not in name_or_path:
         return candidate
     raise StudyError(f"no study {name_or_path!r}: pass a study file or one of: {', '.join(shipped())}")
+
+
+def num(value) -> str:
+    """A coordinate or a figure as text: numbers by %g, the rest as they are."""
+    return (
+        f"{value:g}"
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        else str(value)
+    )
+
+
+def arm_label(axis, values) -> str:
+    """An arm of a comparison: its values on the answer's axis, 'scratch, norm_noise=True'."""
+    return ", ".join(f"{a}={num(v)}" if a not in ("framework", "variant") else str(v) for a, v in zip(axis, values))
 
 
 def coord_value(value):
@@ -325,7 +341,16 @@ def load(path, name: str | None = None) -> Study:
             raise r.error("failure", "min_best_test_acc", "must be a number in [0, 1]")
 
     answer = dict(tables["answer"])
-    _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best", "also"))
+    _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best", "also", "names"))
+    names = answer.get("names", {})
+    if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
+        raise r.error(
+            "answer",
+            "names",
+            'is a table of words for arms and coordinates, e.g. { "variant=none" = "no BN", "activation=relu" = '
+            '"ReLU" }',
+        )
+    answer["names"] = dict(names)
     also = answer.get("also", [])
     if "also" in answer and (
         answer.get("kind") != "compare" or not isinstance(also, list) or any(m not in METRICS for m in also)
@@ -387,6 +412,17 @@ def load(path, name: str | None = None) -> Study:
                 raise r.error(None, "exclude", f"{key!r} is neither 'variant' nor a [grid] field")
             if coord_value(value) not in options[key]:
                 raise r.error(None, "exclude", f"{key} = {value!r} is not among {list(options[key])}")
+
+    known = {f"{k}={num(coord_value(v))}" for k in grid for v in grid[k]}
+    known |= {f"variant={v}" for v in variants}
+    if answer["kind"] == "compare":
+        values = [variants if a == "variant" else frameworks if a == "framework" else grid.get(a, ()) for a in axis]
+        known |= {arm_label(axis, [coord_value(v) for v in combo]) for combo in itertools.product(*values)}
+    unknown = sorted(set(answer["names"]) - known)
+    if unknown:
+        raise r.error(
+            "answer", "names", f"{', '.join(map(repr, unknown))} names no arm or coordinate; they are: {sorted(known)}"
+        )
 
     plot = dict(tables["plot"])
     _known(r, "plot", plot, ("x", "log_x", "metrics"))

@@ -1,0 +1,212 @@
+"""A study's summary (compare.studies.summary): hand-made runs whose answer is known, checked word for word for
+each answer kind, with frameworks that agree and that do not, within seed noise, one seed and no complete run; and
+the appendix (compare.studies.answers) keeping every stratum's own sentence."""
+
+import pandas as pd
+
+from compare.studies import answers, spec, summary
+from tests.helpers import runs_frame, write
+
+FOUR = ("torch", "mxnet", "tensorflow", "jax")
+STUDY = """\
+question = "Does a larger learning rate help?"
+frameworks = ["torch", "mxnet", "tensorflow", "jax"]
+variants = ["scratch"]
+seeds = [0, 1, 2]
+
+[grid]
+lr = [0.1, 1.0]
+activation = ["relu", "sigmoid"]
+
+[answer]
+kind = "compare"
+axis = "lr"
+baseline = 0.1
+names = { "lr=1" = "lr 1", "lr=0.1" = "lr 0.1", "activation=relu" = "ReLU" }
+"""
+
+
+def study(tmp_path, text=STUDY, name="s.toml"):
+    return spec.load(write(tmp_path, text, name))
+
+
+def compare_runs(gain, noisy=(), seeds=(0, 1, 2), activations=("relu", "sigmoid")):
+    """lr 0.1 reaches 0.80 + seed / 100; lr 1 `gain` more in every seed (a difference told from seed noise), except
+    in the frameworks of `noisy`, where the gains are -0.05, 0, +0.05 + gain (within seed noise)."""
+    rows = []
+    for framework in FOUR:
+        for activation in activations:
+            for seed in seeds:
+                base = 0.80 + seed / 100
+                step = (-0.05, 0.0, 0.05)[seed] + gain if framework in noisy else gain
+                rows.append(dict(framework=framework, lr=0.1, activation=activation, seed=seed, best_test_acc=base))
+                rows.append(
+                    dict(framework=framework, lr=1.0, activation=activation, seed=seed, best_test_acc=base + step)
+                )
+    return runs_frame(rows)
+
+
+def summarised(runs, s):
+    _, frames = answers.analyse(runs, s)
+    return summary.summarise(runs, s, frames)
+
+
+def test_frameworks_and_strata_that_agree_are_said_once(tmp_path):
+    """Every framework and both activations: +0.05 in each of three seeds, higher beyond seed noise; one sentence,
+    the two strata's figures apart; the table a row per arm and activation, a column per framework."""
+    s = study(tmp_path)
+    got = summarised(compare_runs(0.05), s)
+    assert got.sentences == [
+        "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in all four frameworks (ReLU: 0.8600 "
+        "against 0.8100; activation sigmoid: 0.8600 against 0.8100)."
+    ]
+    assert list(got.table.columns) == [
+        "activation",
+        "arm",
+        "PyTorch",
+        "MXNet Gluon",
+        "TensorFlow/Keras",
+        "JAX/Flax",
+        "verdict",
+    ]
+    assert got.table.arm.tolist() == ["lr 0.1", "lr 1", "lr 0.1", "lr 1"]  # the baseline first in each stratum
+    assert got.table.activation.tolist() == ["ReLU", "ReLU", "sigmoid", "sigmoid"]
+    assert got.table.verdict.tolist() == ["baseline", "higher in 4 of 4", "baseline", "higher in 4 of 4"]
+    # 0.81 +- t(0.975, 2) * 0.01 / sqrt(3) = 0.81 +- 0.0248
+    assert got.table.PyTorch.tolist()[0] == "0.8100 [0.7852, 0.8348]"
+
+
+def test_a_framework_that_differs_is_named(tmp_path):
+    """MXNet's gains are -0.04, +0.01, +0.06 (mean +0.01): within seed noise there, higher in the other three."""
+    s = study(tmp_path)
+    got = summarised(compare_runs(0.01, noisy=("mxnet",), activations=("relu",)), s)
+    assert got.sentences == [
+        "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in 3 of 4 frameworks (0.8200 against "
+        "0.8100), within seed noise in MXNet Gluon (0.8200 against 0.8100)."
+    ]
+    assert got.table.verdict.tolist() == ["baseline", "higher in 3 of 4; within noise: MXNet Gluon"]
+
+
+def test_strata_that_differ_are_said_apart(tmp_path):
+    """Higher beyond seed noise with ReLU, within seed noise with sigmoid (every framework noisy there)."""
+    s = study(tmp_path)
+    relu = compare_runs(0.05, activations=("relu",))
+    sigmoid = compare_runs(0.0, noisy=FOUR, activations=("sigmoid",))
+    got = summarised(pd.concat([relu, sigmoid], ignore_index=True), s)
+    assert got.sentences == [
+        "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in all four frameworks (0.8600 against "
+        "0.8100) (ReLU); within seed noise in all four frameworks (0.8100 against 0.8100) (activation sigmoid)."
+    ]
+
+
+def test_one_seed_and_no_complete_run(tmp_path):
+    s = study(tmp_path)
+    got = summarised(compare_runs(0.05, seeds=(0,), activations=("relu",)), s)
+    assert got.sentences == [
+        "lr 1 against lr 0.1: best test accuracy not told apart (one seed) in all four frameworks (0.8500 against "
+        "0.8000).",
+        "Every cell rests on one seed: no difference can be told from seed noise.",
+    ]
+    assert got.table.PyTorch.tolist() == ["0.8000", "0.8500"]  # no interval from one seed
+    failed = compare_runs(0.05, activations=("relu",)).assign(status="crashed")
+    got = summarised(failed, s)
+    assert got.sentences == ["No run completed: nothing to answer yet."] and got.table.empty
+
+
+def test_a_framework_without_complete_runs_is_said(tmp_path):
+    s = study(tmp_path)
+    runs = compare_runs(0.05, activations=("relu",))
+    runs.loc[runs.framework == "jax", "status"] = "failed"
+    assert summarised(runs, s).sentences == [
+        "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in 3 of 4 frameworks (0.8600 against "
+        "0.8100); no complete runs to compare in JAX/Flax."
+    ]
+
+
+STABLE = """\
+question = "How large can the learning rate go?"
+frameworks = ["torch", "mxnet", "tensorflow", "jax"]
+variants = ["scratch", "none"]
+seeds = [0, 1]
+
+[grid]
+lr = [0.1, 1.0, 10.0]
+
+[failure]
+min_best_test_acc = 0.5
+
+[answer]
+kind = "largest-stable"
+x = "lr"
+names = { "variant=scratch" = "BN", "variant=none" = "no BN" }
+"""
+
+
+def test_largest_stable_and_what_bn_does_to_it(tmp_path):
+    """BN stable to lr 10 in every framework but TensorFlow (1); no BN to 0.1 everywhere."""
+    s = study(tmp_path, STABLE)
+    rows = []
+    for framework in FOUR:
+        for variant, limit in (("scratch", 1.0 if framework == "tensorflow" else 10.0), ("none", 0.1)):
+            for lr in (0.1, 1.0, 10.0):
+                for seed in (0, 1):
+                    acc = 0.8 if lr <= limit else 0.1
+                    rows.append(dict(framework=framework, variant=variant, lr=lr, seed=seed, best_test_acc=acc))
+    got = summarised(runs_frame(rows), s)
+    assert got.sentences == [
+        "The largest stable lr: BN: 10 in 3 of 4 frameworks; 1 in TensorFlow/Keras; no BN: 0.1 in all four frameworks.",
+        "BN against no BN: the largest stable lr went from 0.1 to 10 (100x) in 3 of 4 frameworks; from 0.1 to 1 "
+        "(10x) in TensorFlow/Keras.",
+    ]
+    assert got.table.to_dict("records") == [
+        {"variant": "BN", "PyTorch": "10", "MXNet Gluon": "10", "TensorFlow/Keras": "1", "JAX/Flax": "10"},
+        {"variant": "no BN", "PyTorch": "0.1", "MXNet Gluon": "0.1", "TensorFlow/Keras": "0.1", "JAX/Flax": "0.1"},
+    ]
+
+
+TREND = """\
+question = "Does the disagreement fall with the batch?"
+frameworks = ["torch", "mxnet", "tensorflow", "jax"]
+variants = ["scratch"]
+seeds = [0, 1]
+
+[grid]
+batch_size = [16, 64, 256]
+
+[answer]
+kind = "trend"
+x = "batch_size"
+metric = "final_probe_disagreement"
+"""
+
+
+def test_a_trend_said_once_where_the_frameworks_agree(tmp_path):
+    """Disagreement 0.3, 0.2, 0.1 at batch 16, 64, 256 in three frameworks; JAX's 0.3, 0.1, 0.2 is not monotone."""
+    s = study(tmp_path, TREND)
+    rows = []
+    for framework in FOUR:
+        values = (0.3, 0.1, 0.2) if framework == "jax" else (0.3, 0.2, 0.1)
+        for batch, value in zip((16, 64, 256), values):
+            for seed in (0, 1):
+                rows.append(
+                    dict(framework=framework, batch_size=batch, seed=seed, final_probe_disagreement=value + seed / 100)
+                )
+    got = summarised(runs_frame(rows), s)
+    assert got.sentences == [
+        "train/eval prediction disagreement falls as batch_size grows in 3 of 4 frameworks, from 0.3050 at "
+        "batch_size 16 to 0.1050 at 256; is not monotone in batch_size in JAX/Flax, from 0.3050 at batch_size 16 "
+        "to 0.2050 at 256."
+    ]
+    assert got.table.batch_size.tolist() == ["16", "64", "256"]
+
+
+def test_the_appendix_keeps_every_strata_sentence(tmp_path):
+    """The summary says the eight comparisons (four frameworks x two activations) in one sentence; the appendix
+    (answers.analyse) keeps one sentence for each."""
+    s = study(tmp_path)
+    runs = compare_runs(0.05)
+    appendix, frames = answers.analyse(runs, s)
+    assert len(frames["comparisons"]) == 8
+    pairs = [line for line in appendix if " vs " in line]
+    assert len(pairs) == 8 and len({p.split(":")[0] for p in pairs}) == 8
+    assert len(summary.summarise(runs, s, frames).sentences) == 1
