@@ -17,20 +17,22 @@ import pytest
 
 from common import records
 from compare.reporting import tables
-from compare.studies import analysis, answers, render, spec
+from compare.studies import analysis, answers, render, spec, summary
 from compare.study import main as study_main
-from tests.helpers import make_idx_dir
+from tests.helpers import make_idx_dir, runs_frame, write
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [
     "batch-size",
     "bias-before-bn",
     "bn-placement",
+    "bn-positions",
     "decay",
     "dropout-vs-bn",
     "framework-agreement",
     "frozen-gamma-beta",
     "lr-sweep",
+    "noisy-bn",
     "normalizers",
     "population-size",
     "population-stats",
@@ -67,12 +69,6 @@ x = "lr"
 """
 
 
-def write(tmp_path, text, name="s.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 # The file ------------------------------------------------------------------------------------
 def test_shipped_studies_load_and_expand():
     assert spec.shipped() == SHIPPED
@@ -88,9 +84,14 @@ def test_shipped_studies_load_and_expand():
         if name == "replicas":  # one process: the whole batch and ghost batches of 128, 64, 32; 2, 4, 8 x 2 syncs
             assert not any(c.replicas > 1 and c.model.ghost_batch for c in configs)
             cells = 4 + 3 * 2
-        if name == "research-norms":  # per batch size: BN, whiten in 3 group sizes, pit, pit-rank, and none
+        if name == "noisy-bn":  # BN once; noisy BN in two forms, each evaluated two ways
+            cells = 1 + 2 * 2
+        if name == "bn-positions":  # BN at seven sets of positions, and no BN once (it has no positions)
+            assert sum(c.model.variant == "none" for c in configs) == len(study.seeds)
+            cells = 7 + 1
+        if name == "research-norms":  # per batch size: BN, whiten in 3 group sizes, the 2 PITs at 2 scales, none
             assert not any(c.model.norm != "whiten" and c.model.whiten_group != 2 for c in configs)
-            cells = 2 * (1 + 3 + 1 + 1 + 1)
+            cells = 2 * (1 + 3 + 2 + 2 + 1)
         assert len(configs) == cells * len(study.seeds)
         assert len({c.config_id for c in configs}) == len(configs)  # every cell is a different run
         assert all(set(coords[c.config_id]) == set(study.axes) for c in configs)
@@ -171,20 +172,6 @@ def test_an_unknown_study_lists_the_shipped_ones(capsys):
 
 
 # Statistics and answers, against numbers worked by hand -------------------------------------
-def runs_frame(rows):
-    """A runs table as compare.report makes it: one row per run with status, coordinates and metrics."""
-    out = []
-    for i, r in enumerate(rows):
-        r = {"framework": "torch", "variant": "scratch", "seed": 0, "status": "complete", **r}
-        r.setdefault("config_id", f"c{i}")
-        out.append(r)
-    frame = pd.DataFrame(out)
-    for metric in spec.METRICS:
-        if metric not in frame:
-            frame[metric] = np.nan
-    return frame
-
-
 def lr_study(tmp_path):
     return spec.load(
         write(
@@ -462,7 +449,9 @@ def test_printed_intervals_stay_inside_what_the_metric_can_be(tmp_path):
     cell = frames["study"].set_index("lr").loc[0.1]
     # mean 0.35, sd 0.353553, half-width 12.706205 x 0.353553 / sqrt(2) = 3.176551
     assert cell.best_test_acc_ci_low == pytest.approx(0.35 - 3.176551, abs=1e-6)  # unclipped in the table
-    text = render.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], [])
+    text = render.render(
+        study, summary.summarise(runs, study, frames), answer, frames, {"seeds": [0, 1]}, [], [], runs.iloc[:0], []
+    )
     assert "0.3500 [0.0000, 1.0000] (n=2)" in text
     assert "rest on two seeds" in text
     # the paired difference of two accuracies lies in [-1, 1]: differences 0.02, 0.30, mean 0.16, half-width
@@ -674,7 +663,17 @@ def test_every_answer_kind_says_what_is_missing(tmp_path, kind, subset):
     answer, frames = answers.analyse(runs, study)
     assert MISSING[kind, subset] in answer, answer
     assert not any("nan" in sentence for sentence in answer), answer
-    text = render.render(study, answer, frames, {"seeds": [0, 1]}, [], [], runs[runs.status != "complete"], [])
+    text = render.render(
+        study,
+        summary.summarise(runs, study, frames),
+        answer,
+        frames,
+        {"seeds": [0, 1]},
+        [],
+        [],
+        runs[runs.status != "complete"],
+        [],
+    )
     assert ("**No run has a complete result**" in text) == (subset in ("no complete run", "every run diverged"))
     assert render.plot(frames["study"], study, tmp_path) == ["study.png"]
 
@@ -684,7 +683,9 @@ def test_a_study_without_any_run_recorded_still_answers(tmp_path):
     runs = tables.tables([], tmp_path)["runs"]
     answer, frames = answers.analyse(runs, study)
     assert answer == ["No run was recorded: nothing to answer."]
-    assert "**No run has a complete result**" in render.render(study, answer, frames, {}, [], [], runs, [])
+    assert "**No run has a complete result**" in render.render(
+        study, summary.summarise(runs, study, frames), answer, frames, {}, [], [], runs, []
+    )
 
 
 def test_best_keeps_arms_measured_on_one_seed_apart(tmp_path):
@@ -787,7 +788,9 @@ def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
     answer, frames = answers.analyse(runs, study)
     cell = frames["study"].set_index("lr").final_probe_disagreement
     assert cell[1.0] == pytest.approx(0.11) and cell[0.1] == pytest.approx(0.16 / 3)
-    text = render.render(study, answer, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], [])
+    text = render.render(
+        study, summary.summarise(runs, study, frames), answer, frames, {"seeds": [0, 1, 2]}, [], [], runs.iloc[:0], []
+    )
     header = next(line for line in text.splitlines() if line.startswith("| framework | variant | lr |"))
     assert "final_probe_disagreement" in header and "best_test_acc" in header
     fig = render.figure(frames["study"], study)
