@@ -24,6 +24,11 @@ DTYPES = ("float32", "float64")
 # the compute dtype of the framework's mixed-precision mechanism (common.precision); "off": none
 MIXED_DTYPES = ("off", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
+# noisy BN (--norm-noise): how the noise is drawn, and what eval mode does with it (common.norms)
+NOISE_FORMS = ("channel", "example")
+NOISE_EVALS = ("expectation", "none")
+# the PITs' output scale (--pit-scale): (0, 1) as the exercise asks, or standardised to BN's mean and variance
+PIT_SCALES = ("unit", "standard")
 # --bn-sync under --replicas K: each replica's own batch statistics (local, every framework's default) or the
 # global batch's (global: synchronised BN); docs/data-parallel.md
 BN_SYNCS = ("local", "global")
@@ -119,6 +124,13 @@ class ModelSpec:
         "left; g at or above a layer's channels whitens them all together; 1 is BN)",
     )
     whiten_iterations: int = option(5, "--norm whiten: Newton-Schulz iterations for the inverse square root")
+    pit_scale: str = option(
+        "unit",
+        "--norm pit, pit-rank: unit = the transform's values in (0, 1), as the exercise asks; standard = "
+        "sqrt(12) (u - 1/2), the same values at BN's scale (mean 0, variance 1 for a uniform u), so that with "
+        "gamma 1 and beta 0 the layer starts where BN does",
+        choices=PIT_SCALES,
+    )
     # batch renormalisation (Ioffe, 2017): r is clipped to [1/rmax, rmax], d to [-dmax, dmax]; the limits
     # grow linearly from 1 and 0 over the first renorm_warmup training steps (0 = the limits from the start)
     renorm_rmax: float = option(3.0, "--norm renorm: r in [1/rmax, rmax]")
@@ -136,6 +148,20 @@ class ModelSpec:
     )
     noise_scale: float = option(2.0, "--norm-noise: the largest scale a")
     noise_shift: float = option(1.0, "--norm-noise: the largest shift b")
+    noise_form: str = option(
+        "channel",
+        "--norm-noise: channel = one s and m per step and channel, the same for every example; example = the "
+        "paper's form, each example and channel its own s and m, i.i.d. around a centre and with a spread "
+        "drawn anew every step (common.norms.draw_noise)",
+        choices=NOISE_FORMS,
+    )
+    noise_eval: str = option(
+        "expectation",
+        "--norm-noise: eval mode (and the probe and the population pass) with the noise's expectation folded "
+        "in, every channel scaled by E[s] = (1 + a) / 2 and shifted by E[m] = 0, as dropout keeps its mean; "
+        "none = without the noise, the train/eval mismatch of the noise itself (docs/why-bn.md)",
+        choices=NOISE_EVALS,
+    )
     # ghost batches (Hoffer et al. 2017): in training mode BN normalises each G-image slice of the batch with that
     # slice's statistics; what each replica does under data parallelism with local statistics (docs/data-parallel.md)
     ghost_batch: int = option(
@@ -219,6 +245,23 @@ class ModelSpec:
             _is_number(self.noise_shift) and self.noise_shift >= 0,
             f"noise_shift (--noise-shift) must be a number >= 0, got {self.noise_shift!r}",
         )
+        _check(
+            self.noise_form in NOISE_FORMS,
+            f"unknown noise_form {self.noise_form!r} (--noise-form); choose from {', '.join(NOISE_FORMS)}",
+        )
+        _check(
+            self.noise_eval in NOISE_EVALS,
+            f"unknown noise_eval {self.noise_eval!r} (--noise-eval); choose from {', '.join(NOISE_EVALS)}",
+        )
+        _check(
+            self.pit_scale in PIT_SCALES,
+            f"unknown pit_scale {self.pit_scale!r} (--pit-scale); choose from {', '.join(PIT_SCALES)}",
+        )
+        if self.row.kind not in ("pit", "pit-rank"):  # the PITs' option only: one configuration, one id elsewhere
+            object.__setattr__(self, "pit_scale", "unit")
+        if not self.norm_noise:  # without noise there is nothing to draw or fold: one configuration, one id
+            object.__setattr__(self, "noise_form", "channel")
+            object.__setattr__(self, "noise_eval", "none")
         _check(
             not self.norm_noise or self.has_norm,
             "norm_noise (--norm-noise) adds noise after each normalisation layer, and this model has none "
@@ -317,18 +360,24 @@ class ModelSpec:
         return data
 
 
-# fields added after results were stored, with their defaults (config_id); model fields as "model.NAME"
+# fields added after results were stored, with the value those results had (config_id leaves a field at it out,
+# and from_dict fills it in where a stored configuration lacks the field); model fields as "model.NAME". It is the
+# field's default but for noise_eval: noisy runs from before it evaluated without the noise, new ones with its mean.
 LATE_FIELDS = {
     "trace_every": 0,
     "model.norm_noise": False,
     "model.noise_scale": 2.0,
     "model.noise_shift": 1.0,
+    # noisy runs recorded before noise_eval existed evaluated without the noise
+    "model.noise_eval": "none",
+    "model.noise_form": "channel",
     "model.ghost_batch": 0,
     "model.image_size": 28,
     "replicas": 1,
     "bn_sync": "local",
     "model.whiten_group": 4,
     "model.whiten_iterations": 5,
+    "model.pit_scale": "unit",
 }
 
 
@@ -428,6 +477,18 @@ class RunConfig:
             f"({self.model.row.why_not or 'it keeps no running statistics'}); drop --recalibrate",
         )
         self._check_slices()
+        example = self.model.norm_noise and self.model.noise_form == "example"
+        _check(
+            not (example and self.trace_every),
+            "--noise-form example draws noise per example of the training batch, and --trace-every's activation "
+            "percentiles take a probe batch of other images, which that noise does not fit: trace with --noise-form "
+            "channel, or drop --trace-every",
+        )
+        _check(
+            not (example and self.replicas > 1),
+            "--noise-form example with --replicas is not supported: each replica would need its slice of the "
+            "batch's noise; use --noise-form channel (the same noise for every example) or one process",
+        )
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(
             self.mixed in MIXED_DTYPES,
@@ -514,7 +575,12 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         _check(not unknown, f"unknown config keys: {sorted(unknown)}")
-        model = data.get("model", {})
+        data = dict(data)
+        model = dict(data["model"]) if isinstance(data.get("model"), dict) else data.get("model", {})
+        for name, value in LATE_FIELDS.items():  # what a configuration stored before the field existed meant
+            holder, key = (model, name[6:]) if name.startswith("model.") else (data, name)
+            if isinstance(holder, dict):
+                holder.setdefault(key, value)
         if isinstance(model, dict):
             known_model = {f.name for f in fields(ModelSpec)}
             bad = set(model) - known_model

@@ -108,7 +108,7 @@ def train_epoch(
     steps = len(order)
     warm = min(config.warmup_steps, steps - 1)
     on_step = progress and (lambda step: progress(epoch, step, steps))
-    noise = norms.draw_noise(config.model, config.seed, epoch, steps, config.dtype)  # {} without --norm-noise
+    noise = norms.draw_noise(config.model, config.seed, epoch, steps, config.dtype, batch)  # {} without noise
     if noise:
         backend.put_noise(noise)
     trace = tracer and (tracer.due(epoch, steps), lambda step: tracer.measure(epoch, step, order, noise))
@@ -141,7 +141,25 @@ def train_epoch(
 
 def evaluate_epoch(backend: Backend, test, dataset: Dataset, probe_set, pop_batches, config, epoch, epsilon, clock):
     """After an epoch: test loss and accuracy (timed), the train/eval probe and, with population statistics, the
-    population pass. ({the epoch record's evaluation fields}, {the arrays to store})."""
+    population pass. ({the epoch record's evaluation fields}, {the arrays to store}). A noisy run with
+    --noise-eval expectation is evaluated with the noise's expectation folded into gamma and beta
+    (common.norms.noise_folded), and its trained parameters put back after (the running statistics as the
+    evaluation left them: --recalibrate's population statistics)."""
+    spec = config.model
+    if not (spec.norm_noise and spec.noise_eval == "expectation"):
+        return _evaluate(backend, test, dataset, probe_set, pop_batches, config, epoch, epsilon, clock)
+    trained = backend.get_params()
+    backend.set_params(norms.noise_folded(trained, spec))
+    try:
+        fields, arrays = _evaluate(backend, test, dataset, probe_set, pop_batches, config, epoch, epsilon, clock)
+    finally:
+        evaluated = backend.get_params()
+        backend.set_params({k: evaluated[k] if norms.array_role(k) == "statistic" else v for k, v in trained.items()})
+    arrays.update({f"param/{k}": v for k, v in backend.get_params().items()})  # the trained ones, not the folded
+    return fields, arrays
+
+
+def _evaluate(backend: Backend, test, dataset: Dataset, probe_set, pop_batches, config, epoch, epsilon, clock):
     ntest = len(dataset.test_labels)
     eval_start = clock()
     test_loss, test_correct = backend.evaluate(test, config.eval_batch_size)

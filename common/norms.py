@@ -55,7 +55,10 @@ only, no framework ships a layer for them):
   the per-group computation, with the zero blocks' products adding exact zeros. The running covariance is
   updated only within the blocks (`mask * blend + (1 - mask) * running`), as the reference does.
 - pit (the Gaussian probability integral transform): y = gamma * Phi(x_hat) + beta with BN's x_hat, so before
-  gamma and beta each value lies in (0, 1); BN's running statistics and eval mode.
+  gamma and beta each value lies in (0, 1); BN's running statistics and eval mode. With --pit-scale standard
+  (both PITs) the values are standardised to BN's scale, sqrt(12) (u - 1/2): a uniform u then has mean 0 and
+  variance 1, so with gamma 1 and beta 0 the layer's output starts where BN's does (mean 1/2 and standard
+  deviation 0.29 otherwise).
 - pit-rank (the empirical one): in training mode each value is replaced by its mid-rank within its channel over
   the batch (and positions), (rank - 1/2) / m with tied values sharing the mean of their ranks; the rank has no
   useful derivative, so the backward is pit's (a straight-through surrogate: u = Phi(x_hat) + stop_gradient(rank
@@ -204,6 +207,11 @@ class NormLayer:
     renorm: tuple | None = None
     ghost: int = 0  # batch only: in training mode, statistics per slice of this many examples (0: the whole batch)
     whiten: tuple | None = None
+    standard: bool = False  # the PITs only: sqrt(12) (u - 1/2) in place of u (--pit-scale standard)
+
+    def pit_kwargs(self) -> dict:
+        """rank (the empirical PIT) and standard as keyword arguments of a PIT layer."""
+        return {"rank": self.norm == "pit-rank", "standard": self.standard}
 
     def whiten_kwargs(self) -> dict:
         """group and iterations as keyword arguments of a Whiten layer."""
@@ -241,6 +249,7 @@ def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
         renorm=(spec.renorm_rmax, spec.renorm_dmax, spec.renorm_warmup) if row.kind == "renorm" else None,
         ghost=spec.ghost_batch if row.ghost else 0,
         whiten=(spec.whiten_group, spec.whiten_iterations) if row.kind == "whiten" else None,
+        standard=row.kind in ("pit", "pit-rank") and spec.pit_scale == "standard",
     )
 
 
@@ -287,13 +296,20 @@ def no_builtin(framework: str, norm: str, has: str) -> BackendUnavailable:
     )
 
 
-def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = "float32") -> dict:
-    """Noisy BN (--norm-noise; Santurkar et al. 2018, their Figure 2): {canonical norm name: (scales, shifts)},
-    each (steps, channels) in `dtype`, for one epoch's training steps: s ~ U(1, noise_scale) and
-    m ~ U(-noise_shift, noise_shift) per step and channel, applied after the layer as h * s + m in training
-    steps only (never in eval mode, the probes or the population pass). Drawn here, from one seeded stream, so
-    every framework gets the same numbers; {} without --norm-noise. With a = 1 and b = 0 every scale is 1 and
-    every shift 0 exactly, so the run is plain BN bit for bit."""
+def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = "float32", batch: int = 0) -> dict:
+    """Noisy BN (--norm-noise; Santurkar et al. 2018): {canonical norm name: (scales, shifts)} for one epoch's
+    training steps, applied after the layer as h * s + m in training steps only (eval mode, the probes and the
+    population pass get the noise's expectation folded in, `noise_folded`, or nothing with --noise-eval none).
+    Drawn here, from one seeded stream, so every framework gets the same numbers; {} without --norm-noise.
+
+    channel form: (steps, channels) each, s ~ U(1, a) and m ~ U(-b, b) per step and channel (a = noise_scale,
+    b = noise_shift), the same for every example and position. example form (the paper's: i.i.d. per example,
+    from a distribution whose centre and spread change every step): (steps, batch, channels) each; per step and
+    channel a centre s0 ~ U(1, a), m0 ~ U(-b, b) as in the channel form, per step a spread w ~ U(0, 1/2), and per
+    example s = 1 + (s0 - 1) u with u ~ U(1 - w, 1 + w) and m = m0 + v with v ~ U(-w b, w b): so s >= 1,
+    E[s] = (1 + a) / 2 and E[m] = 0 in both forms. (Per example and channel: the same over a feature map's
+    positions, since drawing per position would be 147,456 values per image at conv1.) With a = 1 and b = 0 every
+    scale is 1 and every shift 0 exactly, so the run is plain BN bit for bit."""
     if not spec.norm_noise:
         return {}
     rng = np.random.RandomState([seed, epoch, 5])  # RandomState: the same stream on numpy 1.23 and 2.x
@@ -303,7 +319,31 @@ def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = 
             channels = CHANNELS[pos]
             scales = rng.uniform(1.0, spec.noise_scale, size=(steps, channels))
             shifts = rng.uniform(-spec.noise_shift, spec.noise_shift, size=(steps, channels))
+            if spec.noise_form == "example":
+                spread = rng.uniform(0.0, 0.5, size=(steps, 1, 1))
+                unit = rng.uniform(-1.0, 1.0, size=(2, steps, batch, channels)) * spread
+                scales = 1.0 + (scales[:, None, :] - 1.0) * (1.0 + unit[0])
+                shifts = shifts[:, None, :] + unit[1] * spec.noise_shift
             out[name] = (scales.astype(dtype), shifts.astype(dtype))
+    return out
+
+
+def noise_expectation(spec: ModelSpec) -> tuple:
+    """(E[s], E[m]) of noisy BN's scale and shift, the same in both forms: ((1 + a) / 2, 0)."""
+    return (1.0 + spec.noise_scale) / 2.0, 0.0
+
+
+def noise_folded(params: dict, spec: ModelSpec) -> dict:
+    """Canonical parameters with the noise's expectation folded into every normalisation layer's gamma and beta:
+    (gamma x_hat + beta) E[s] + E[m] = (gamma E[s]) x_hat + (beta E[s] + E[m]). What eval mode computes for a
+    noisy run with --noise-eval expectation (common.loop), so that it sees on average what training saw."""
+    scale, shift = noise_expectation(spec)
+    out = dict(params)
+    for name in NORM_NAMES.values():
+        if f"{name}.gamma" in params:
+            gamma, beta = np.asarray(params[f"{name}.gamma"]), np.asarray(params[f"{name}.beta"])
+            out[f"{name}.gamma"] = (gamma * scale).astype(gamma.dtype)
+            out[f"{name}.beta"] = (beta * scale + shift).astype(beta.dtype)
     return out
 
 

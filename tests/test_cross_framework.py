@@ -201,6 +201,8 @@ NORM_ARGS = {
     "renorm": ["--renorm-warmup", "4"],
     # noisy BN: the same draws in every framework (common.norms.draw_noise), and traced with them
     "batch-noise": ["--norm-noise", "--trace-every", "7"],
+    # the paper's form: each example its own draw
+    "batch-noise-example": ["--norm", "batch", "--norm-noise", "--noise-form", "example"],
     # ghost batches (docs/data-parallel.md): BN's statistics per 8-image slice of the 32-image batch
     "batch-ghost": ["--ghost-batch", "8"],
     # the research exercise's transforms: whitening in groups of 4 (conv1's 6 channels: 4 and a last group of 2)
@@ -209,6 +211,8 @@ NORM_ARGS = {
     # and converged: 30 iterations of the coupled form, which IterNorm's uncoupled form did not survive
     "whiten-converged": ["--norm", "whiten", "--whiten-group", "6", "--whiten-iterations", "30"],
     "pit": [],
+    # the PIT standardised to BN's scale, sqrt(12) (u - 1/2)
+    "pit-standard": ["--norm", "pit", "--pit-scale", "standard"],
     "pit-rank": ["--activation", "relu", "--norm-placement", "after_activation"],
 }
 

@@ -182,6 +182,64 @@ def test_noise_draws_are_seeded_bounded_and_exact_at_one_and_zero():
     assert norms.draw_noise(ModelSpec(), 0, 1, 4) == {} and norms.noise_at({}, 0) is None
 
 
+def test_the_papers_form_draws_per_example_around_a_centre_and_spread_that_move():
+    """--noise-form example: (steps, batch, channels); per step and channel a centre as the channel form's, per
+    step a spread w in [0, 1/2], per example s = 1 + (s0 - 1) U(1 - w, 1 + w) and m = m0 + U(-w b, w b). Over 200
+    steps of 64 examples and 16 channels the means are E[s] = (1 + a) / 2 = 2 and E[m] = 0 (within 5 standard errors
+    of the centres, 0.0102 each: the centres, 3,200 of them, carry the variance); a = 1, b = 0 is exact."""
+    spec = ModelSpec(norm_noise=True, noise_form="example", noise_scale=3.0, noise_shift=1.0, bn_positions=("conv2",))
+    scales, shifts = norms.draw_noise(spec, seed=1, epoch=1, steps=200, dtype="float64", batch=64)["bn2"]
+    assert scales.shape == shifts.shape == (200, 64, 16)
+    assert abs(scales.mean() - 2.0) < 0.05 and abs(shifts.mean()) < 0.05
+    assert 1 <= scales.min() and scales.max() <= 4 and np.abs(shifts).max() <= 1.5
+    spread = ((scales.max(axis=1) - 1) / (scales.min(axis=1) - 1)).mean(axis=1)  # per step: (1 + w) / (1 - w)
+    assert spread.min() < 1.2 and spread.max() > 2.0  # the spread changes from step to step
+    assert np.all(scales.std(axis=1) > 0)  # every example its own draw
+    flat = ModelSpec(norm_noise=True, noise_form="example", noise_scale=1.0, noise_shift=0.0)
+    assert all(np.all(s == 1) and np.all(m == 0) for s, m in norms.draw_noise(flat, 0, 1, 3, batch=4).values())
+
+
+def test_eval_mode_folds_the_noise_expectation_into_gamma_and_beta():
+    """a = 3, b = 0.5: E[s] = 2, E[m] = 0; gamma (2, 0.5) -> (4, 1), beta (1, -1) -> (2, -2); the weights, the
+    running statistics and the layers without noise stay as they are; a = 1, b = 0 is the identity, bit for bit."""
+    spec = ModelSpec(norm_noise=True, noise_scale=3.0, noise_shift=0.5, bn_positions=("conv1",))
+    params = {
+        "conv1.weight": np.ones(2),
+        "bn1.gamma": np.array([2.0, 0.5]),
+        "bn1.beta": np.array([1.0, -1.0]),
+        "bn1.running_var": np.array([3.0, 4.0]),
+    }
+    folded = norms.noise_folded(params, spec)
+    assert folded["bn1.gamma"].tolist() == [4.0, 1.0] and folded["bn1.beta"].tolist() == [2.0, -2.0]
+    assert folded["conv1.weight"] is params["conv1.weight"] and folded["bn1.running_var"] is params["bn1.running_var"]
+    flat = norms.noise_folded(params, ModelSpec(norm_noise=True, noise_scale=1.0, noise_shift=0.0))
+    assert all(np.array_equal(flat[k], v) for k, v in params.items())
+    # without noise the evaluation option means nothing, so it leaves every earlier id as it was
+    assert ModelSpec(noise_eval="expectation") == ModelSpec(noise_eval="none") == ModelSpec()
+    # a noisy configuration stored before the option existed evaluated without the noise, and reads back so
+    stored = RunConfig(model=ModelSpec(norm_noise=True, noise_eval="none")).to_dict()
+    del stored["model"]["noise_eval"], stored["model"]["noise_form"]
+    assert RunConfig.from_dict(stored).model.noise_eval == "none"
+    assert (
+        RunConfig.from_dict(stored).config_id
+        == RunConfig(model=ModelSpec(norm_noise=True, noise_eval="none")).config_id
+    )
+    assert (
+        RunConfig(model=ModelSpec(norm_noise=True)).config_id
+        != RunConfig(model=ModelSpec(norm_noise=True, noise_eval="none")).config_id
+    )
+
+
+def test_the_papers_form_refuses_what_its_per_example_noise_cannot_fit():
+    example = ModelSpec(norm_noise=True, noise_form="example")
+    with pytest.raises(ConfigError, match="--noise-form example draws noise per example of the training batch"):
+        RunConfig(model=example, trace_every=5)
+    with pytest.raises(ConfigError, match="--noise-form example with --replicas is not supported"):
+        RunConfig(model=example, replicas=2)
+    with pytest.raises(ConfigError, match="unknown noise_form 'pixel'"):
+        ModelSpec(norm_noise=True, noise_form="pixel")
+
+
 def test_noise_needs_a_normalisation_and_sane_bounds():
     with pytest.raises(ConfigError, match="adds noise after each normalisation layer, and this model has none"):
         ModelSpec(variant="none", norm_noise=True)
@@ -341,22 +399,45 @@ def test_noise_of_one_and_zero_is_plain_bn_and_real_noise_changes_training(fw, f
     assert all(x != y for pl, no in steps for x, y in zip(pl, no)), f"{framework}: noise left a step's loss alone"
 
 
-def test_a_noisy_step_is_the_reference_step(fw, framework):
+@pytest.mark.parametrize("form", ["channel", "example"])
+def test_a_noisy_step_is_the_reference_step(fw, framework, form):
     """One float64 SGD step with noise: the parameters after it equal gradient() at the same parameters with the
-    step's noise, followed by the SGD update in numpy (the noise is where the spec puts it, in both)."""
-    spec = ModelSpec(norm_noise=True, bn_placement="after_activation")
+    step's noise, followed by the SGD update in numpy (the noise is where the spec puts it, in both); per channel,
+    and per example and channel (the paper's form)."""
+    spec = ModelSpec(norm_noise=True, bn_placement="after_activation", noise_form=form)
     config = RunConfig(model=spec, dtype="float64", device="cpu", lr=0.5, batch_size=8)
     backend = fw.BACKEND(config)
     start = random_bn_params(spec)
     backend.set_params(start)
     images, labels = _batch(8)
-    noise = norms.draw_noise(spec, 0, 1, 1, "float64")
+    noise = norms.draw_noise(spec, 0, 1, 1, "float64", batch=8)
     expected = backend.gradient(start, images, labels, noise=norms.noise_at(noise, 0))
     backend.put_noise(noise)
     backend.reduce_stats([backend.train_step(backend.put(images, labels), backend.put_order(np.arange(8)[None]), 0)])
     after = backend.get_params()
     for name, grad in expected.grads.items():
         np.testing.assert_allclose(after[name], start[name] - 0.5 * grad, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("form", ["channel", "example"])
+def test_a_noisy_run_is_evaluated_with_the_noise_expectation(fw, framework, tiny, form):
+    """a = 3, b = 0.5 (E[s] = 2): the probe's eval-mode logits are the float64 reference's eval forward of the
+    snapshot's parameters with gamma and beta scaled by 2 (--noise-eval expectation, the default), and of the
+    snapshot's own parameters with --noise-eval none; the snapshot holds the trained gamma either way."""
+    from common.data import probe_indices
+    from common.reference import lenet_forward
+
+    for noise_eval in ("expectation", "none"):
+        spec = ModelSpec(norm_noise=True, noise_scale=3.0, noise_shift=0.5, noise_form=form, noise_eval=noise_eval)
+        record, arrays = _run(fw, tiny, model=spec, epochs=1)[-1]
+        params = {k.removeprefix("param/"): v for k, v in arrays.items() if k.startswith("param/")}
+        used = norms.noise_folded(params, spec) if noise_eval == "expectation" else params
+        probe = tiny.test_images[probe_indices(len(tiny.test_labels), 16)]
+        want, _ = lenet_forward(used, spec, probe, training=False)
+        np.testing.assert_allclose(
+            arrays["probe/logits_eval"], want, rtol=1e-9, atol=1e-9, err_msg=f"{framework} {form} {noise_eval}"
+        )
+        assert np.max(np.abs(params["bn1.gamma"] - 1)) < 0.5  # trained from 1, not doubled
 
 
 # the report's tables and plots, framework-free ------------------------------------------------------------

@@ -100,6 +100,8 @@ def _entries():
         Metric("best_test_acc", "best test accuracy", F, hi),
         Metric("final_test_acc", "final test accuracy", F, hi),
         Metric("final_train_loss", "final training loss", N, lo),
+        # the final epoch's training accuracy, as the steps saw it: train mode, and a noisy run's noise
+        Metric("final_train_acc", "final training accuracy (train mode, as trained)", F, hi),
         Metric("final_probe_disagreement", "train/eval prediction disagreement", F, lo),
         Metric("final_probe_logit_mad", "train/eval mean |logit difference|", N, lo),
         Metric("final_probe_acc_eval", "probe accuracy in eval mode", F, hi),
@@ -163,6 +165,7 @@ RUN_METRICS = {
         "best_test_acc",
         "final_test_acc",
         "final_train_loss",
+        "final_train_acc",
         "final_probe_disagreement",
         "final_probe_logit_mad",
         "final_probe_acc_eval",

@@ -241,6 +241,7 @@ def _run_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
                 "best_test_acc": g.test_acc.max(),
                 "final_test_acc": last.test_acc,
                 "final_train_loss": last.train_loss,
+                "final_train_acc": last.train_acc,
                 **{
                     f"final_{k}": last[k]
                     for k in ("probe_acc_eval", "probe_acc_train", "probe_disagreement", "probe_logit_mad")

@@ -83,10 +83,10 @@ CONSTRUCTORS = {
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.whiten_kwargs()
     ),
     "pit": lambda layer, dtype, param_dtype, name: PIT(
-        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.pit_kwargs()
     ),
     "pit-rank": lambda layer, dtype, param_dtype, name: PIT(
-        layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.pit_kwargs()
     ),
     # Flax's momentum weights the old running value, like our decay
     "builtin-batch": lambda layer, dtype, param_dtype, **kw: nn.BatchNorm(
@@ -170,9 +170,10 @@ class BNLeNet(nn.Module):
                 h = activation(h)
             self.sow("intermediates", f"{name}_input", h)
             h = bn(h, **mode_kwargs(bn, bn_training))
-            if noise is not None:  # noisy BN: per channel, channels last (common.norms.draw_noise)
+            if noise is not None:  # noisy BN: (C,) or per example (N, C), channels last (common.norms.draw_noise)
                 scale, shift = noise[name]
-                h = h * scale + shift
+                shape = (-1,) + (1,) * (h.ndim - 2) + (h.shape[-1],)
+                h = h * scale.reshape(shape) + shift.reshape(shape)
             return activation(h) if before else h
 
         h = pool(block("conv1", x), (2, 2), strides=(2, 2))

@@ -20,7 +20,7 @@ from mxnet.gluon import HybridBlock, nn
 
 from common.errors import BackendUnavailable
 from common.init import has_bias, layer_shapes, norm_features
-from common.norms import NORM_NAMES, build, given, norm_after
+from common.norms import CHANNELS, NORM_NAMES, build, given, norm_after
 
 from .batchnorm import PIT, BatchNorm, BatchRenorm, GroupNorm, Whiten
 
@@ -50,8 +50,12 @@ CONSTRUCTORS = {
     "whiten": lambda layer: Whiten(
         layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs()
     ),
-    "pit": lambda layer: PIT(layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon),
-    "pit-rank": lambda layer: PIT(layer.features, layer.dims, rank=True, decay=layer.decay, epsilon=layer.epsilon),
+    "pit": lambda layer: PIT(
+        layer.features, layer.dims, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon
+    ),
+    "pit-rank": lambda layer: PIT(
+        layer.features, layer.dims, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon
+    ),
     # Gluon's momentum weights the old running value, like our decay
     "builtin-batch": lambda layer: nn.BatchNorm(
         in_channels=layer.features, **given(momentum=layer.decay, epsilon=layer.epsilon)
@@ -148,8 +152,9 @@ class BNLeNet(HybridBlock):
         flags = nd.array([float(bn_training), float(training)], ctx=x.context, dtype=x.dtype)
         arrays = []
         for name, features in norm_features(self.spec).items() if self.spec.norm_noise else ():
-            if noise is None:
-                ones, zeros = (f(features, ctx=x.context, dtype=x.dtype) for f in (nd.ones, nd.zeros))
+            if noise is None:  # the shapes the graph was made with: per example in the paper's form
+                shape = (x.shape[0], features) if self.spec.noise_form == "example" else (features,)
+                ones, zeros = (f(shape, ctx=x.context, dtype=x.dtype) for f in (nd.ones, nd.zeros))
                 arrays += [ones, zeros]
             else:
                 arrays += list(noise[name])
@@ -166,8 +171,9 @@ class BNLeNet(HybridBlock):
                 new_stats.extend(state)
             if not noise:
                 return y
-            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel (common.norms.draw_noise)
-            shape = (1, -1, 1, 1) if layer.startswith("conv") else (1, -1)
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: (C,) or per example (N, C) (common.norms.draw_noise)
+            features = CHANNELS[layer]
+            shape = (-1, features, 1, 1) if layer.startswith("conv") else (-1, features)
             return F.broadcast_add(F.broadcast_mul(y, F.reshape(scale, shape=shape)), F.reshape(shift, shape=shape))
 
         before = self.spec.bn_placement == "before_activation"

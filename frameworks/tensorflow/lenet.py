@@ -54,8 +54,12 @@ CONSTRUCTORS = {
     "whiten": lambda layer, **kw: Whiten(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs(), **kw
     ),
-    "pit": lambda layer, **kw: PIT(layer.features, decay=layer.decay, epsilon=layer.epsilon, **kw),
-    "pit-rank": lambda layer, **kw: PIT(layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon, **kw),
+    "pit": lambda layer, **kw: PIT(
+        layer.features, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon, **kw
+    ),
+    "pit-rank": lambda layer, **kw: PIT(
+        layer.features, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon, **kw
+    ),
     # Keras's momentum weights the old running value, like our decay
     # under --replicas with global sync, Keras' own synchronised BN
     "builtin-batch": lambda layer, sync=None, **kw: keras.layers.BatchNormalization(
@@ -122,8 +126,11 @@ class BNLeNet(keras.Model):
             h = bn(h, training=bn_training)
             if noise is None:
                 return h
-            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel, channels last (common.norms)
-            return h * keras.ops.cast(scale, h.dtype) + keras.ops.cast(shift, h.dtype)
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: (C,) or per example (N, C) (common.norms)
+            shape = (-1,) + (1,) * (len(h.shape) - 2) + (h.shape[-1],)  # channels last
+            return h * keras.ops.reshape(keras.ops.cast(scale, h.dtype), shape) + keras.ops.reshape(
+                keras.ops.cast(shift, h.dtype), shape
+            )
 
         if bn is not None and before:
             h = norm(h)

@@ -47,8 +47,8 @@ CONSTRUCTORS = {
     ),
     "group": lambda layer: GroupNorm(layer.features, layer.groups, epsilon=layer.epsilon),
     "whiten": lambda layer: Whiten(layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.whiten_kwargs()),
-    "pit": lambda layer: PIT(layer.features, decay=layer.decay, epsilon=layer.epsilon),
-    "pit-rank": lambda layer: PIT(layer.features, rank=True, decay=layer.decay, epsilon=layer.epsilon),
+    "pit": lambda layer: PIT(layer.features, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon),
+    "pit-rank": lambda layer: PIT(layer.features, **layer.pit_kwargs(), decay=layer.decay, epsilon=layer.epsilon),
     "builtin-batch": builtin_batch,
     "builtin-layer": builtin_group,
     "builtin-group": builtin_group,
@@ -95,8 +95,8 @@ class BNLeNet(nn.Module):
             h = bn(h)
             if noise is None:
                 return h
-            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: per channel (common.norms.draw_noise)
-            shape = (1, -1) + (1,) * (h.dim() - 2)
+            scale, shift = noise[NORM_NAMES[layer]]  # noisy BN: (C,) or per example (N, C) (common.norms.draw_noise)
+            shape = (-1, h.shape[1]) + (1,) * (h.dim() - 2)
             return h * scale.view(shape) + shift.view(shape)
 
         if bn is not None and before:
