@@ -154,9 +154,12 @@ def whiten_forward(
     return y, new_mean, new_cov, x_hat
 
 
-def pit_forward(x, gamma, beta, running_mean, running_var, *, training: bool, decay=0.9, epsilon=1e-5, rank=False):
+def pit_forward(
+    x, gamma, beta, running_mean, running_var, *, training: bool, decay=0.9, epsilon=1e-5, rank=False, standard=False
+):
     """pit (rank=False) or pit-rank (common.norms): returns (y, new running mean, new running variance, u, cache)
-    with u the transform's values in (0, 1) before gamma and beta; cache is BN's, for `pit_backward`."""
+    with u the transform's values in (0, 1); y = gamma * u + beta, or with `standard` (--pit-scale standard)
+    gamma * sqrt(12) (u - 1/2) + beta. cache is BN's, for `pit_backward`."""
     from scipy.special import ndtr
 
     x = np.asarray(x, np.float64)
@@ -172,18 +175,21 @@ def pit_forward(x, gamma, beta, running_mean, running_var, *, training: bool, de
     )
     x_hat = cache[0]
     u = mid_ranks(x) if rank and training else ndtr(x_hat)
+    factor = np.sqrt(12.0) if standard else 1.0
+    out = factor * (u - 0.5) if standard else u
     shape = _shape(x)
-    y = np.asarray(gamma, np.float64).reshape(shape) * u + np.asarray(beta, np.float64).reshape(shape)
-    return y, new_mean, new_var, u, (cache, np.asarray(gamma, np.float64), u)
+    y = np.asarray(gamma, np.float64).reshape(shape) * out + np.asarray(beta, np.float64).reshape(shape)
+    return y, new_mean, new_var, u, (cache, np.asarray(gamma, np.float64), out, factor)
 
 
 def pit_backward(dy, cache):
     """Gradients (dx, dgamma, dbeta) of sum(dy * y) for pit, and pit-rank's surrogate: the Gaussian PIT's
-    derivative phi(x_hat) through BN's backward (dgamma from the values the forward used)."""
-    bn_cache, gamma, u = cache
+    derivative phi(x_hat) (times sqrt(12) when standardised) through BN's backward (dgamma from the values the
+    forward used)."""
+    bn_cache, gamma, u, factor = cache
     x_hat, axes, shape = bn_cache[0], bn_cache[3], bn_cache[4]
     dy = np.asarray(dy, np.float64)
-    density = np.exp(-0.5 * x_hat**2) / np.sqrt(2 * np.pi)
+    density = factor * np.exp(-0.5 * x_hat**2) / np.sqrt(2 * np.pi)
     dx, _, _ = batch_norm_backward(dy * gamma.reshape(shape) * density, bn_cache)  # bn_cache's gamma is 1
     return dx, (dy * u).sum(axis=axes), dy.sum(axis=axes)
 
@@ -361,6 +367,7 @@ def norm_forward(
             decay=dec,
             epsilon=eps,
             rank=spec.norm == "pit-rank",
+            standard=spec.pit_scale == "standard",
         )
         return y, new, cache, "pit"
     y, cache = group_norm_forward(x, state["gamma"], state["beta"], groups=groups_of(spec, x.shape[1]), epsilon=eps)

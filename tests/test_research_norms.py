@@ -291,6 +291,7 @@ def research_cases(draw):
         whiten_iterations=draw(st.integers(1, 7)),
         epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
         decay=draw(st.sampled_from([0.9, 0.5])),
+        pit_scale=draw(st.sampled_from(["unit", "standard"])),
     )
     dtype = draw(st.sampled_from(["float64", "float32"]))
     scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
@@ -449,6 +450,23 @@ def test_scratch_pit_rank_outputs_the_mid_rank_grid_with_ties(fw, harness, frame
     evaluated = harness.run_norm(spec, x, state, np.ones_like(x), training=False, dtype="float64")
     pit = harness.run_norm(ModelSpec(norm="pit"), x, state, np.ones_like(x), training=False, dtype="float64")
     np.testing.assert_array_equal(evaluated["y"], pit["y"])
+
+
+@pytest.mark.parametrize("norm", ["pit", "pit-rank"])
+def test_scratch_pit_standard_is_the_unit_pit_at_bns_scale(fw, harness, framework, norm):
+    """--pit-scale standard: with gamma 1 and beta 0 the output is sqrt(12) (u - 1/2) of the unit PIT's u, its dx
+    sqrt(12) times the unit PIT's, and the running statistics the same (float64, training mode)."""
+    unit = ModelSpec(norm=norm, bn_positions=("conv1",))
+    standard = ModelSpec(norm=norm, bn_positions=("conv1",), pit_scale="standard")
+    x, dy, state = research_inputs((6, 3, 2, 2), unit, seed=4, ties=norm == "pit-rank")
+    state = {**state, "gamma": np.ones(3), "beta": np.zeros(3)}
+    a = harness.run_norm(unit, x, state, dy, training=True, dtype="float64")
+    b = harness.run_norm(standard, x, state, dy, training=True, dtype="float64")
+    np.testing.assert_allclose(b["y"], np.sqrt(12) * (a["y"] - 0.5), rtol=0, atol=1e-12, err_msg=framework)
+    np.testing.assert_allclose(b["dx"], np.sqrt(12) * a["dx"], rtol=1e-10, atol=1e-12, err_msg=framework)
+    for key, value in a["state"].items():
+        np.testing.assert_array_equal(b["state"][key], value, err_msg=f"{framework} {key}")
+    assert abs(b["y"].mean()) < 0.2 and 0.7 < b["y"].std() < 1.3  # BN's scale; the unit PIT's is 1/2 and 0.29
 
 
 @pytest.mark.parametrize("norm", ["whiten", "pit", "pit-rank"])

@@ -238,9 +238,10 @@ def mid_ranks(x):
     return ((left + right).astype(x.dtype) / (2 * rows.shape[1])).T.reshape(x.shape)
 
 
-def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False, standard=False):
     """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
-    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    its gradient (straight through), standardised to sqrt(12) (u - 1/2) where `standard`; returns (y,
+    new_running_mean, new_running_var) as batch_norm."""
     out_dtype, x = x.dtype, in_float32(x)
     ones = jnp.ones_like(gamma, dtype=x.dtype)
     x_hat, new_mean, new_var = batch_norm(
@@ -249,6 +250,8 @@ def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, 
     u = 0.5 * (1.0 + jax.scipy.special.erf(x_hat / math.sqrt(2.0)))
     if rank and training:
         u = u + lax.stop_gradient(mid_ranks(x) - u)
+    if standard:
+        u = math.sqrt(12.0) * (u - 0.5)
     return (u * gamma + beta).astype(out_dtype), new_mean, new_var
 
 
@@ -292,6 +295,7 @@ class PIT(BatchNorm):
     """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
 
     rank: bool = False
+    standard: bool = False
 
     def normalise(self, *state, training, **constants):
-        return pit(*state, training=training, rank=self.rank, **constants)
+        return pit(*state, training=training, rank=self.rank, standard=self.standard, **constants)

@@ -287,10 +287,25 @@ def mid_ranks(F, x, num_dims, dtype):
     return rows_back(F, F.take(F.reshape(grid, shape=(-1,)), row * m + inverse), x, num_dims)
 
 
-def pit(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, num_dims, rank=False, dtype="float32"):
+def pit(
+    F,
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    mode,
+    *,
+    decay,
+    epsilon,
+    num_dims,
+    rank=False,
+    standard=False,
+    dtype="float32",
+):
     """The Gaussian probability integral transform of BN's x_hat, or (rank) where mode is 1 the mid-ranks with its
-    gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm. dtype: x's name
-    (MXNet's argsort returns its indices in a dtype it is told)."""
+    gradient (straight through), standardised to sqrt(12) (u - 1/2) where `standard`; returns (y, new_running_mean,
+    new_running_var) as batch_norm. dtype: x's name (MXNet's argsort returns its indices in a dtype it is told)."""
     ones = F.ones_like(gamma)
     x_hat, new_mean, new_var = batch_norm(
         F, x, ones, F.zeros_like(ones), running_mean, running_var, mode, decay=decay, epsilon=epsilon
@@ -306,6 +321,8 @@ def pit(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, n
         # a product with the 0/1 mode, not `where`: MXNet 1.9's backward crashes (a segmentation fault) on a `where`
         # inside stop_gradient whose inputs carry gradients (tests/test_mxnet_pitfalls.py)
         u = u + F.stop_gradient((mid_ranks(F, x, num_dims, dtype) - u) * train)
+    if standard:
+        u = math.sqrt(12.0) * (u - 0.5)
     per_channel = (1, -1) if num_dims == 2 else (1, -1, 1, 1)
     y = F.broadcast_add(F.broadcast_mul(u, F.reshape(gamma, shape=per_channel)), F.reshape(beta, shape=per_channel))
     return y, new_mean, new_var
@@ -314,9 +331,9 @@ def pit(F, x, gamma, beta, running_mean, running_var, mode, *, decay, epsilon, n
 class PIT(BatchNorm):
     """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
 
-    def __init__(self, num_features, num_dims, *, rank=False, decay=0.9, epsilon=1e-5, **kwargs):
+    def __init__(self, num_features, num_dims, *, rank=False, standard=False, decay=0.9, epsilon=1e-5, **kwargs):
         super().__init__(num_features, num_dims, decay=decay, epsilon=epsilon, **kwargs)
-        self.rank = rank
+        self.rank, self.standard = rank, standard
 
     def hybrid_forward(self, F, x, mode, gamma, beta, running_mean, running_var):
         return pit(
@@ -331,6 +348,7 @@ class PIT(BatchNorm):
             epsilon=self.epsilon,
             num_dims=self.num_dims,
             rank=self.rank,
+            standard=self.standard,
             dtype=np.dtype(self.gamma.dtype).name,
         )
 

@@ -266,9 +266,10 @@ def mid_ranks(x):
     return tf.reshape(tf.transpose(grid), tf.shape(x))
 
 
-def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False, standard=False):
     """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
-    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    its gradient (straight through), standardised to sqrt(12) (u - 1/2) where `standard`; returns (y,
+    new_running_mean, new_running_var) as batch_norm."""
     out_dtype, x = x.dtype, in_float32(x)
     ones = tf.ones_like(gamma, dtype=x.dtype)
     x_hat, new_mean, new_var = batch_norm(
@@ -277,6 +278,8 @@ def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, 
     u = 0.5 * (1.0 + tf.math.erf(x_hat / math.sqrt(2.0)))
     if rank and training:
         u = u + tf.stop_gradient(mid_ranks(x) - u)
+    if standard:
+        u = math.sqrt(12.0) * (u - 0.5)
     return tf.cast(u * gamma + beta, out_dtype), new_mean, new_var
 
 
@@ -322,9 +325,9 @@ class Whiten(keras.layers.Layer):
 class PIT(BatchNorm):
     """BatchNorm's weights; the Gaussian (rank False) or empirical (rank True) probability integral transform."""
 
-    def __init__(self, num_features, *, rank=False, decay=0.9, epsilon=1e-5, **kwargs):
+    def __init__(self, num_features, *, rank=False, standard=False, decay=0.9, epsilon=1e-5, **kwargs):
         super().__init__(num_features, decay=decay, epsilon=epsilon, **kwargs)
-        self.rank = rank
+        self.rank, self.standard = rank, standard
 
     def normalise(self, *state, training, **constants):
-        return pit(*state, training=training, rank=self.rank, **constants)
+        return pit(*state, training=training, rank=self.rank, standard=self.standard, **constants)

@@ -257,9 +257,10 @@ def mid_ranks(x):
     return rows_back(below.to(x.dtype) / (2 * rows.shape[1]), x)
 
 
-def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False):
+def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, rank=False, standard=False):
     """The Gaussian probability integral transform of BN's x_hat, or (rank) in training mode the mid-ranks with
-    its gradient (straight through); returns (y, new_running_mean, new_running_var) as batch_norm."""
+    its gradient (straight through), standardised to sqrt(12) (u - 1/2) where `standard`; returns (y,
+    new_running_mean, new_running_var) as batch_norm."""
     out_dtype, x = x.dtype, in_float32(x)
     ones = torch.ones_like(gamma, dtype=x.dtype)
     x_hat, new_mean, new_var = batch_norm(
@@ -268,6 +269,8 @@ def pit(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, 
     u = 0.5 * (1.0 + torch.erf(x_hat / math.sqrt(2.0)))
     if rank and training:
         u = u + (mid_ranks(x.detach()) - u).detach()
+    if standard:
+        u = math.sqrt(12.0) * (u - 0.5)
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
     return (gamma.view(shape) * u + beta.view(shape)).to(out_dtype), new_mean, new_var
 
@@ -312,12 +315,12 @@ class Whiten(nn.Module):
 class PIT(BatchNorm):
     """BatchNorm's parameters and running statistics; the Gaussian (rank False) or empirical (rank True) PIT."""
 
-    def __init__(self, num_features, *, rank=False, decay=0.9, epsilon=1e-5):
+    def __init__(self, num_features, *, rank=False, standard=False, decay=0.9, epsilon=1e-5):
         super().__init__(num_features, decay=decay, epsilon=epsilon)
-        self.rank = rank
+        self.rank, self.standard = rank, standard
 
     def normalise(self, *state, **constants):
-        return pit(*state, training=self.training, rank=self.rank, **constants)
+        return pit(*state, training=self.training, rank=self.rank, standard=self.standard, **constants)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, rank={self.rank}"
+        return f"{super().extra_repr()}, rank={self.rank}, standard={self.standard}"
