@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binom as _binom
 
 from common import records
 from common.config import EXECUTIONS, VARIANTS, ModelSpec
@@ -37,9 +36,10 @@ from common.registry import FRAMEWORKS, parse_frameworks
 from . import HelpFormatter
 from .execution import envs
 from .execution.executor import start_worker, worker_records
+from .job import cpu_name, parse_list, parse_pythons
 from .reporting.files import atomic, write_json
 from .reporting.markdown import markdown_table
-from .run import cpu_name, parse_list, parse_pythons
+from .reporting.stats import paired_ratio
 
 LOOPS = ("suite", "bare", "textbook")
 COLUMNS = [
@@ -90,31 +90,6 @@ def _batch_sizes(text: str) -> list:
     if not sizes or any(b < 2 for b in sizes):
         raise ConfigError(f"--batch-sizes takes integers >= 2 separated by commas (e.g. 64,256,1024), got {text!r}")
     return list(dict.fromkeys(sizes))
-
-
-def median_interval(n: int, confidence: float = 0.95):
-    """(k, coverage): the distribution-free interval for a median from n values is (x_(k), x_(n+1-k)) of the
-    sorted values, with the largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least `confidence`;
-    None when even (min, max) covers less (n < 6 at 95%)."""
-    best = None
-    for k in range(1, n // 2 + 1):
-        coverage = 1 - 2 * float(_binom.cdf(k - 1, n, 0.5))
-        if coverage >= confidence:
-            best = (k, coverage)
-    return best
-
-
-def paired_ratio(numerator, denominator) -> dict:
-    """The median of the per-repeat ratios numerator[i] / denominator[i], with its distribution-free 95%
-    interval (median_interval; NaN below 6 repeats).
-
-    The loops of one repeat run next to each other, so a ratio within a repeat cancels the machine's
-    slow drift (on a shared 2-core machine one epoch's figure moves by 10-30% from repeat to repeat);
-    the median, unlike a mean, is not dragged by the odd epoch that a neighbour's burst slowed down."""
-    ratios = sorted(a / b for a, b in zip(numerator, denominator))
-    found = median_interval(len(ratios))
-    low, high = (ratios[found[0] - 1], ratios[-found[0]]) if found else (math.nan, math.nan)
-    return {"": float(np.median(ratios)), "_low": low, "_high": high}
 
 
 def row(result: dict) -> dict:

@@ -8,15 +8,12 @@ they arrive, then the reports are built from them (compare.report).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import signal
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import records
 from common.config import (
     DTYPES,
     VARIANTS,
@@ -29,58 +26,14 @@ from common.precision import MIXED_PRECISIONS, PRECISIONS, dtype_and_mixed
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter, options
-from .execution import choose, envs, extras
-from .execution.executor import Interrupted, RecordWriter, Signals, split_into_tasks
+from .execution import choose, extras
+from .execution.executor import RecordWriter, Signals
 from .execution.progress import Progress
+from .job import check_run_dir, environment_record, execute, parse_list, parse_pythons, parse_seeds, plan_records
 from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}
-
-
-def _no_repeats(items: tuple, what: str, text: str) -> tuple:
-    repeated = sorted({str(i) for i in items if items.count(i) > 1})
-    if repeated:
-        raise ConfigError(f"{what} {', '.join(repeated)} listed twice in {text!r}; list each once")
-    return items
-
-
-def parse_list(text: str, kind: str, choices) -> tuple:
-    """A comma-separated list of known names, each once (--variants, --norm-positions, compare.bench's lists)."""
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in items if s not in choices]
-    if bad or not items:
-        raise ConfigError(f"unknown {kind} {bad or text!r}; choose from {', '.join(choices)}")
-    return _no_repeats(items, kind, text)
-
-
-def parse_seeds(text: str) -> tuple:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ConfigError("--seeds is empty")
-    return _no_repeats(seeds, "seed", text)
-
-
-def check_run_dir(out: str, run_id: str) -> Path:
-    """The run's folder, checked before anything is written: a clear error, never a traceback."""
-    if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id or "\0" in run_id:
-        raise ConfigError(f"--run-id {run_id!r} must be a plain folder name (no '/'), e.g. lr-sweep-1")
-    run_dir = Path(out) / run_id
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass a folder (it is created if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"--out {out}: cannot write in {existing} (permission denied); pass a folder you can write to"
-        )
-    if (run_dir / "records.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pick another --run-id or --out")
-    return run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,117 +130,6 @@ def configs_from_args(args) -> list:
             dtype, mixed = dtype_and_mixed(precision)
             out.append(RunConfig(model=spec, seed=seed, dtype=dtype, mixed=mixed, **run))
     return out
-
-
-def parse_pythons(items) -> dict:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--python takes FW=PATH, got {item!r}")
-        parse_frameworks(name)
-        out[name] = path
-    return out
-
-
-def cpu_name() -> str:
-    """The processor's model name (/proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment_record(args, argv, frameworks, pythons, data_dir, started: float) -> dict:
-    """The machine, interpreters and command of a run that began at `started` (time.time())."""
-    import numpy
-    import pandas
-
-    return {
-        "command": " ".join(["python -m compare.run"] + list(argv)),
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "numpy": numpy.__version__,
-        "pandas": pandas.__version__,
-        "frameworks": list(frameworks),
-        "interpreters": pythons,
-        "data_dir": data_dir,
-        "data_verified": not args.no_verify_data,
-        "args": vars(args),
-    }
-
-
-def plan_records(writer: RecordWriter, frameworks, configs, coords: dict | None = None) -> None:
-    """One plan record per framework x configuration, written first: what "unfinished" is measured
-    against. coords: config_id -> a study's grid coordinates."""
-    for framework in frameworks:
-        for config in configs:
-            extra = {"coords": coords[config.config_id]} if coords else {}
-            writer.write(
-                records.make(
-                    "plan",
-                    framework=framework,
-                    variant=config.model.variant,
-                    seed=config.seed,
-                    config_id=config.config_id,
-                    epochs=config.epochs,
-                    config=config.to_dict(),
-                    **extra,
-                )
-            )
-
-
-def resolve_envs(work: dict, explicit, writer) -> dict:
-    """framework -> interpreter; a framework without one has its runs recorded as failed."""
-    pythons = {}
-    for framework, configs in work.items():
-        try:
-            pythons[framework] = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
-        except BNCompareError as exc:
-            print(f"[{framework}] skipped: {exc}", file=sys.stderr)
-            writer.end_unfinished(framework, configs, "failed", error_type=type(exc).__name__, message=str(exc))
-            continue
-        print(f"[{framework}] {pythons[framework]}", file=sys.stderr)
-    return pythons
-
-
-def execute(
-    runner, work: dict, explicit, run_dir, data_dir, verify, writer, signals, options: dict | None = None
-) -> dict:
-    """Resolve each framework's interpreter and run its configurations (work: framework -> configs) on the
-    executor; after a signal, every unfinished run is recorded as interrupted. Returns framework ->
-    interpreter."""
-    pythons = {}
-    try:
-        if runner.resolves_on_nodes:
-            pythons.update({fw: None for fw in work})
-        else:
-            pythons.update(resolve_envs({fw: configs for fw, configs in work.items() if configs}, explicit, writer))
-        tasks = [
-            task
-            for fw, configs in work.items()
-            if fw in pythons
-            for task in split_into_tasks(fw, pythons[fw], configs, runner.jobs, options)
-        ]
-        runner.run(tasks, run_dir, data_dir, verify, writer, signals)
-        if signals.signum is not None:
-            raise Interrupted(signals.signum)
-    except Interrupted as exc:
-        signals.ignore()
-        writer.progress.mute()  # the records and the report first: nothing may wait on the terminal now
-        name = signal.Signals(exc.signum).name
-        for framework, configs in work.items():
-            writer.end_unfinished(framework, configs, "interrupted", message=f"stopped by {name}")
-    finally:
-        signals.ignore()
-        writer.close()
-    return pythons
 
 
 def main(argv=None) -> int:

@@ -200,6 +200,72 @@ def bench(job: dict) -> int:
     return 0
 
 
+def port(job: dict) -> int:
+    """compare.port's evaluations, in this framework: for each task, canonical parameters (an npz of param/*
+    arrays) loaded into the model its configuration describes, eval mode over the test set. One "port" record per
+    task (its test accuracy, and its logits written to out/logits/FRAMEWORK_NAME.npz), then, for the tasks marked
+    "time", `repeats` rounds of a timed eval-mode pass over the test set each, alternating (the order rotating each
+    round, a garbage collection, untimed, before each): one "port_time" record per task with its examples/s per
+    round. A task that fails is recorded with its error; the others go on."""
+    framework, out = job["framework"], Path(job["out"])
+    module = load_backend_module(framework)
+    datasets, timed = {}, []
+    for task in job["tasks"]:
+        config = RunConfig.from_dict(task["config"])
+        try:
+            key = (config.dtype, config.model.input_size, config.model.image_size)
+            if key not in datasets:
+                datasets[key] = load_fashion_mnist(
+                    job.get("data_dir"),
+                    verify=job.get("verify", True),
+                    dtype=config.dtype,
+                    input_size=config.model.input_size,
+                    image_size=config.model.image_size,
+                )
+            data = datasets[key]
+            images, labels = (
+                data.test_images[: config.test_limit or None],
+                data.test_labels[: config.test_limit or None],
+            )
+            backend = module.BACKEND(config)
+            with np.load(task["params"]) as arrays:
+                backend.set_params({k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")})
+            size = config.eval_batch_size
+            logits = np.concatenate([backend.predict(images[i : i + size]) for i in range(0, len(labels), size)])
+            path = Path("logits") / f"{framework}_{task['name']}.npz"
+            save_npz(out / path, {"logits": logits})
+            send(
+                {
+                    "kind": "port",
+                    "framework": framework,
+                    "name": task["name"],
+                    "test_acc": float(np.mean(logits.argmax(axis=1) == labels)),
+                    "logits": str(path),
+                    "execution": backend.execution_name(),
+                }
+            )
+            if task.get("time"):
+                test = backend.put(images, labels)
+                backend.evaluate(test, size)  # a compiled mode compiles here, untimed
+                timed.append((task["name"], backend, test, len(labels), size))
+        except Exception as exc:  # this task's evaluation only
+            send(
+                {"kind": "port", "framework": framework, "name": task["name"], "error": f"{type(exc).__name__}: {exc}"}
+            )
+    rounds = {name: [] for name, *_ in timed}
+    for r in range(job.get("repeats", 0) if timed else 0):
+        for name, backend, test, count, size in timed[r % len(timed) :] + timed[: r % len(timed)]:
+            gc.collect()
+            backend.synchronize()
+            start = time.perf_counter()
+            backend.evaluate(test, size)
+            backend.synchronize()
+            rounds[name].append(count / (time.perf_counter() - start))
+    for name, figures in rounds.items():
+        send({"kind": "port_time", "framework": framework, "name": name, "examples_per_s": figures})
+    return 0
+
+
 def main() -> int:
     # Everything a framework prints goes to stderr, so stdout carries records only.
     sys.stdout = sys.stderr
@@ -215,6 +281,8 @@ def main() -> int:
 def run_job(job: dict) -> int:
     if job.get("mode") == "bench":
         return bench(job)
+    if job.get("mode") == "port":
+        return port(job)
     framework, out = job["framework"], Path(job["out"])
     configs = [RunConfig.from_dict(c) for c in job["configs"]]
     try:
