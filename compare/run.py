@@ -34,6 +34,13 @@ from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}
+# the chapter's settings by edition (docs/running.md, "Which edition"): classic is the defaults, the MXNet original
+# of the chapter and its earlier PyTorch port (lr 1.0, batch 256, 10 epochs); online is the chapter on d2l.ai today
+# (PyTorch: BNLeNetScratch(lr=0.1), batch 128, 10 epochs). Both: sigmoid, plain SGD, BN after every layer.
+PRESETS = {
+    "classic": {"lr": 1.0, "batch_size": 256, "epochs": 10},
+    "online": {"lr": 0.1, "batch_size": 128, "epochs": 10},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"smoke run: {QUICK['epochs']} epochs on {QUICK['train_limit']} training and "
         f"{QUICK['test_limit']} test images (explicit options still win)",
     )
+    g.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="classic",
+        help="the chapter's edition: classic = lr 1.0, batch 256 (the MXNet original and its PyTorch port, the "
+        "defaults); online = lr 0.1, batch 128 (the chapter on d2l.ai today); 10 epochs each; --quick and explicit "
+        "options still win",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--dtype", choices=DTYPES, default=None, help=f"the same as --precision {'/'.join(DTYPES)} (default {d.dtype})"
@@ -70,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "framework's own mixed-precision mechanism, and brings float32 runs of the same seeds "
         "beside it for the report's comparison",
     )
-    options.add_options(g, RunConfig, later={k: f"{v} with --quick" for k, v in QUICK.items()})
+    later = {k: f"{v} with --quick" for k, v in QUICK.items()}
+    defaults = RunConfig()
+    for key, value in PRESETS["online"].items():  # where the edition changes the default
+        if value != getattr(defaults, key):
+            later[key] = f"{later[key] + ', ' if key in later else ''}{value} with --preset online"
+    options.add_options(g, RunConfig, later=later)
     options.add_options(p.add_argument_group("model (BN-LeNet)"), ModelSpec)
     g = p.add_argument_group("data, environments, output")
     g.add_argument(
@@ -117,12 +137,12 @@ def precisions_from_args(args) -> list:
 
 
 def configs_from_args(args) -> list:
-    """One RunConfig per variant, precision and seed; every other field from its option (compare.options),
-    epochs and the limits from --quick where not given."""
+    """One RunConfig per variant, precision and seed; every other field from its option (compare.options), the
+    learning rate, batch and epochs from --preset, epochs and the limits from --quick, where not given."""
     variants = parse_list(args.variants, "variant", VARIANTS)
     precisions = precisions_from_args(args)
     model = options.values(args, ModelSpec, parse_list)
-    run = {**(QUICK if args.quick else {}), **options.values(args, RunConfig, parse_list)}
+    run = {**PRESETS[args.preset], **(QUICK if args.quick else {}), **options.values(args, RunConfig, parse_list)}
     out = []
     for variant in variants:
         spec = ModelSpec(variant=variant, **model)

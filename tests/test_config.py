@@ -156,6 +156,21 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
         configs_from_args(parser.parse_args(["--norm-positions", "fc3"]))
 
 
+def test_the_editions_preset_sets_the_chapters_settings_and_explicit_options_win():
+    """--preset online is the chapter on d2l.ai today (lr 0.1, batch 128, 10 epochs), classic the defaults; --quick
+    and explicit options win over it."""
+    from compare.run import build_parser, configs_from_args
+
+    parser = build_parser()
+    [online] = configs_from_args(parser.parse_args(["--variants", "scratch", "--preset", "online"]))
+    assert (online.lr, online.batch_size, online.epochs) == (0.1, 128, 10)
+    [classic] = configs_from_args(parser.parse_args(["--variants", "scratch", "--preset", "classic"]))
+    assert classic == RunConfig()
+    args = ["--variants", "scratch", "--preset", "online", "--quick", "--batch-size", "64"]
+    [mixed] = configs_from_args(parser.parse_args(args))
+    assert (mixed.lr, mixed.batch_size, mixed.epochs, mixed.train_limit) == (0.1, 64, 2, 6000)
+
+
 def test_committed_records_keep_their_config_ids():
     """Every configuration in the committed records (docs/measured), written before later fields existed, still
     hashes to the id it was stored under: resuming and comparing old results depends on it (LATE_FIELDS)."""
