@@ -103,6 +103,10 @@ def environment_record(args, argv, frameworks, pythons, data_dir, started: float
         "pandas": pandas.__version__,
         "frameworks": list(frameworks),
         "interpreters": pythons,
+        # this Python's own framework, whatever its version, or the pinned tox env's (envs.resolve logs which)
+        "interpreter_sources": {fw: envs.source(fw, path, parse_pythons(args.python)) for fw, path in pythons.items()}
+        if pythons
+        else {},
         "data_dir": data_dir,
         "data_verified": not args.no_verify_data,
         "args": vars(args),

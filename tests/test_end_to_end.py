@@ -153,3 +153,18 @@ def test_bad_command_lines(argv, message, capsys, tmp_path):
     assert run_main(argv + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing may be written for a rejected command line"
+
+
+def test_a_framework_from_this_python_is_named_with_its_version(fw, framework, tmp_path, capsys):
+    """Without --python, a framework this Python imports runs here (not in its tox env): the log says so with its
+    version, and the report names it as from this Python (its version in the conventions table)."""
+    data = make_idx_dir(tmp_path / "data", 64, 32)
+    args = ["--frameworks", framework, "--variants", "scratch", "--epochs", "1", "--batch-size", "32"]
+    args += ["--data-dir", str(data), "--no-verify-data", "--out", str(tmp_path), "--run-id", "here", "--no-progress"]
+    assert run_main(args) == 0
+    err = capsys.readouterr().err
+    assert f"[{framework}] this Python ({sys.executable}) has " in err and "not in the pinned tox env" in err, err
+    env = json.loads((tmp_path / "here" / "environment.json").read_text())
+    assert env["interpreter_sources"] == {framework: "this Python"}
+    report_text = (tmp_path / "here" / "report.md").read_text()
+    assert f"- {framework}: from the Python that ran the command, whatever its version" in report_text

@@ -32,6 +32,25 @@ def can_import(python: str, module: str) -> tuple:
     return False, lines[-1] if lines else f"exit status {proc.returncode}"
 
 
+def version(python: str, module: str) -> str:
+    """module.__version__ as `python` imports it (in a subprocess: the orchestrator imports no framework)."""
+    code = f"import {module}; print(getattr({module}, '__version__', '?'))"
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else "?"
+
+
+def source(framework: str, python: str, explicit: dict) -> str:
+    """Where a framework's interpreter came from: --python, this Python, or its tox env."""
+    if framework in explicit:
+        return "--python"
+    if python is None:
+        return "the cluster's nodes"
+    return "this Python" if Path(python) == Path(sys.executable) else "its tox env"
+
+
 def tox_python(env: str, root: Path = ROOT) -> Path:
     work = Path(os.environ.get("TOX_WORK_DIR", root / ".tox"))
     return work / env / "bin" / "python"
@@ -57,6 +76,11 @@ def resolve(framework: str, explicit: dict, *, create: bool = True, log=print) -
             raise BackendUnavailable(f"--python {framework}={given} cannot import {info.import_name}: {why}")
         return python
     if can_import(sys.executable, info.import_name)[0]:
+        found = version(sys.executable, info.import_name)
+        log(
+            f"[{framework}] this Python ({sys.executable}) has {info.label} {found}: running it here, not in the "
+            f"pinned tox env '{info.tox_env}' (--python {framework}=PATH chooses another)"
+        )
         return sys.executable
     python = tox_python(info.tox_env)
     if python.is_file():

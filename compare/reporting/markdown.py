@@ -379,6 +379,13 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
         + ")",
         f"- drift reference: {env.get('reference', '?')}; wall time {env.get('seconds', '?')} s\n",
     ]
+    here = sorted(fw for fw, where in (env.get("interpreter_sources") or {}).items() if where == "this Python")
+    if here:  # the conventions table below gives each one's version
+        parts.insert(
+            -1,
+            f"- {', '.join(here)}: from the Python that ran the command, whatever its version (the table of "
+            "conventions gives it), not the pinned tox env",
+        )
     if problems:
         parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
     parts += [
