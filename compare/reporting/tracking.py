@@ -63,8 +63,8 @@ STATUS = {
 }
 DRIFT_METRICS = ("param_rel_l2", "running_stats_rel_l2", "probe_logit_max_abs", "probe_pred_agreement")
 REPORT_FILES = ("report.md", "study.md", "environment.json", "study.toml")
-# The epoch metrics a reader looks for first, logged under names that sort before every other metric in
-# MLflow's runs table (which orders metric columns by name: the per-layer gaps would come first): "1 test_acc".
+# The epoch metrics a reader looks for first: logged under the records' own names, as every metric, and picked as
+# the runs table's columns in the UI (docs/tracking.md says how; the UI keeps the choice per experiment)
 HEADLINE = ("test_acc", "train_loss", "probe_disagreement", "pop_test_acc", "train_examples_per_s")
 SKIP_EPOCH_FIELDS = (
     "kind",
@@ -128,11 +128,10 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def epoch_metrics(record: dict) -> dict:
-    """Every finite number of an epoch record (the HEADLINE ones as "1 test_acc", ...), and per BN layer its
-    gaps (bn1.mean_gap, ...)."""
-    rank = {name: f"{i} {name}" for i, name in enumerate(HEADLINE, 1)}
+    """Every finite number of an epoch record under its own name (test_acc, ...: the names of the records, the
+    tables and the docs), and per BN layer its gaps (bn1.mean_gap, ...)."""
     out = {
-        rank.get(k, k): float(v)
+        k: float(v)
         for k, v in record.items()
         if k not in SKIP_EPOCH_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
