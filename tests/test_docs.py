@@ -20,13 +20,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
-COMMANDS = {"run": "compare.run", "study": "compare.study", "bench": "compare.bench", "report": "compare.report"}
+COMMANDS = {
+    "run": "compare.run",
+    "study": "compare.study",
+    "bench": "compare.bench",
+    "report": "compare.report",
+    "port": "compare.port",
+}
 # other tools' commands: an option on the same line as one of these is that tool's, not ours
 OTHER_TOOLS = ("ray start", "mlflow ", "--notest", "pip install", "apt-get")
 # options of other tools named on their own in prose, each with what it is
 EXTERNAL = {"--xla_gpu_deterministic_ops": "an XLA flag, set through XLA_FLAGS"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
-COMMAND = re.compile(r"(?:python3? -m compare\.(run|study|bench|report)|tox -e (run|study|bench) --)(?![\w.])")
+COMMAND = re.compile(
+    r"(?:python3? -m compare\.(run|study|bench|report|port)|tox -e (run|study|bench|port) --)(?![\w.])"
+)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +285,48 @@ def test_quoted_figures_come_from_generated_excerpts():
         quoted = (ROOT / "docs" / "measured" / name / "excerpt.md").read_text()
         missing = [n for n in NUMBER.findall(" ".join(text.split())) if n not in quoted]
         assert not missing, f"{doc}: numbers quoted from {name} that its excerpt does not hold: {missing}"
+
+
+ANSWER = re.compile(r"<!-- answer: ([\w-]+) -->\n(.*?)<!-- /answer -->", re.S)
+
+
+def test_the_answers_page_is_what_its_records_give():
+    """Every `<!-- answer: NAME -->` block of docs/answers.md is exactly what docs/measured/NAME's committed records
+    give (compare.reporting.excerpt.answer_block): no number on the page is typed."""
+    from compare.reporting.excerpt import answer_block
+
+    blocks = ANSWER.findall((ROOT / "docs" / "answers.md").read_text())
+    assert len(blocks) >= 10, "the chapter's questions each have a measured answer"
+    for name, text in blocks:
+        assert text == answer_block(ROOT / "docs" / "measured" / name), (
+            f"docs/answers.md's {name} block is not what its records give: a changed figure is a change of "
+            "behaviour to explain first; then `python -m compare.reporting.excerpt --answers docs/answers.md`"
+        )
+
+
+def png_size(path: Path) -> tuple:
+    """(width, height) in pixels, from a PNG's header."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_every_image_is_drawn_from_committed_records_by_todays_code():
+    """Each image a guide shows is in docs/images/manifest.json, made by `python -m compare.reporting.images` from a
+    docs/measured folder whose records hash as they did then, by plotting code that hashes as it does now; at most
+    1,600 px wide (100 dpi) and six panels."""
+    from compare.reporting import images
+
+    manifest = __import__("json").loads((ROOT / "docs" / "images" / "manifest.json").read_text())
+    shown = {Path(m).name for path in DOCS for m in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", path.read_text())}
+    assert shown, "the guides show images"
+    code = images.code_digest()
+    for name in sorted(shown):
+        assert name in manifest, f"{name} is shown but no command in the manifest made it"
+        made = manifest[name]
+        source = ROOT / made["source"]
+        assert source.is_dir(), f"{name}: its records ({made['source']}) are not committed"
+        assert made["inputs"] == images.inputs_digest(source), f"{name}: its records changed since it was drawn"
+        assert made["code"] == code, f"{name}: the plotting code changed since it was drawn; `{made['command']}`"
+        width, _ = png_size(ROOT / "docs" / "images" / name)
+        assert width <= 1600 and made.get("panels", 1) <= 6, (name, width, made.get("panels"))

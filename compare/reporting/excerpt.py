@@ -24,6 +24,7 @@ import pandas as pd
 
 from .. import bench
 from ..studies import answers, render, spec, summary
+from . import ports
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -274,6 +275,35 @@ def _trace_cost(t: dict) -> list:
     return ["", "One trace, median per framework: " + "; ".join(parts) + "."]
 
 
+def answer_block(folder: Path) -> str:
+    """The generated part of a docs/answers.md section: a study's summary (its sentences, compact table and
+    caption) or a port's fold table, and how and where it was measured, from the folder's committed records."""
+    folder = Path(folder)
+    if (folder / "port.json").exists():
+        data = ports.load(folder)
+        lines = ports.fold_markdown(ports.fold_table(data["fold"]), data.get("dtype", "float32"))
+        return "\n".join(lines) + f"\n\n*{_measured_with(data['machine'], 'port')}.*\n"
+    name = json.loads((folder / "study.json").read_text())["study"]
+    study = spec.load(folder / "study.toml", name=name)
+    t, env, _, _ = load(folder)
+    _, frames = answers.analyse(t["runs"], study)
+    said = summary.summarise(t["runs"], study, frames)
+    minutes = f"; {env['seconds'] / 60:.0f} min" if env.get("seconds") else ""
+    return (
+        said.markdown()
+        + f"\n*{_measured_with(env, 'study')}: {env.get('budget', '?')}, seeds "
+        + f"{', '.join(map(str, env.get('seeds', [])))}{minutes}.*\n"
+    )
+
+
+ANSWER = re.compile(r"(<!-- answer: ([\w-]+) -->\n)(.*?)(<!-- /answer -->)", re.S)
+
+
+def answer_blocks(page: Path, measured: Path) -> str:
+    """page's text with every `<!-- answer: NAME -->` block made again from measured/NAME."""
+    return ANSWER.sub(lambda m: m.group(1) + answer_block(measured / m.group(2)) + m.group(4), page.read_text())
+
+
 def excerpt(folder: Path) -> str:
     """excerpt.md of a measured folder: its command, a table of the final epoch per framework and variant
     (accuracy and train/eval disagreement with the running average and with population statistics), and the
@@ -347,7 +377,15 @@ def _time(t) -> list:
 
 
 def main(argv=None) -> int:
+    """python -m compare.reporting.excerpt FOLDER ...: each folder's excerpt.md; --answers PAGE: the page's answer
+    blocks, from docs/measured beside it."""
     folders = sys.argv[1:] if argv is None else argv
+    if folders[:1] == ["--answers"]:
+        for page in map(Path, folders[1:]):
+            text = answer_blocks(page, page.parent / "measured")
+            atomic(page, lambda p: p.write_text(text))
+            print(f"{page}: answer blocks made again")
+        return 0
     for folder in folders:
         text = excerpt(Path(folder))
         atomic(Path(folder) / "excerpt.md", lambda p: p.write_text(text))

@@ -1,0 +1,163 @@
+"""The guides' figures, drawn from committed records (docs/measured) so that they read at a glance: the arms a
+question compares in one panel, the frameworks as thin marks around their mean, titles and legends in words, at
+most six panels and 1,600 px at 100 dpi.
+
+    python -m compare.reporting.images      # every image in docs/images, and its manifest (what made it)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from common.registry import FRAMEWORKS
+
+from ..studies.analysis import arm_label, cell_keys, groups, num, strata_of
+from ..studies.spec import METRICS, Study
+from ..studies.summary import coordinate, name, shown
+from .stats import metric_bounds
+
+DPI = 100
+WIDTH = 16.0  # inches: 1,600 px at DPI
+MARKERS = {"torch": "o", "mxnet": "s", "tensorflow": "^", "jax": "D"}
+
+
+def _figure(panels: int, height: float = 3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if panels > 6:
+        raise ValueError(f"{panels} panels: a figure holds at most six; split it by question")
+    width = min(WIDTH, 4.6 * panels + 0.6)
+    fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _framework_marks(ax, positions, rows: dict, metric: str, spread: float) -> None:
+    """Each framework's mean and 95% interval as a small mark beside `positions`, the same mark in every panel."""
+    low, high = metric_bounds(metric)
+    for i, (framework, frame) in enumerate(rows.items()):
+        offset = (i - (len(rows) - 1) / 2) * spread
+        values = frame[metric].to_numpy(dtype=float)
+        lo = np.clip(frame[f"{metric}_ci_low"].to_numpy(dtype=float), low, high)
+        hi = np.clip(frame[f"{metric}_ci_high"].to_numpy(dtype=float), low, high)
+        ax.errorbar(
+            np.asarray(positions) + offset,
+            values,
+            yerr=[np.nan_to_num(values - lo), np.nan_to_num(hi - values)],
+            fmt=MARKERS.get(framework, "o"),
+            ms=4,
+            lw=0.8,
+            capsize=2,
+            color="0.35",
+            mfc="white",
+            label=FRAMEWORKS[framework].label if framework in FRAMEWORKS else framework,
+        )
+
+
+def compare_figure(cell_table: pd.DataFrame, study: Study, metric: str | None = None):
+    """A compare study's answer: a panel per stratum (activation, batch size, ...), each arm a bar at the mean
+    over frameworks, each framework's mean and 95% interval a small mark on it."""
+    metric = metric or study.answer["metric"]
+    axis = list(study.answer["axis"])
+    strata = shown(study, cell_table, [k for k in strata_of(study, cell_table) if k != "framework"])
+    found = groups(cell_table, strata)
+    fig, axes = _figure(len(found))
+    for ax, (values, group) in zip(axes, found):
+        arms = list(dict.fromkeys(arm_label(axis, a) for a in group[axis].itertuples(index=False)))
+        baseline = study.answer.get("baseline")
+        if baseline is not None:
+            first = arm_label(axis, tuple(baseline[a] for a in axis))
+            arms = [first] + [a for a in arms if a != first] if first in arms else arms
+        labels = [arm_label(axis, a) for a in group[axis].itertuples(index=False)]
+        group = group.assign(arm=labels)
+        means = group.groupby("arm")[metric].mean().reindex(arms)
+        positions = np.arange(len(arms))
+        colours = ["0.55" if i == 0 and baseline is not None else "C0" for i in range(len(arms))]
+        ax.bar(positions, means.to_numpy(), width=0.7, color=colours, alpha=0.35, label="mean over frameworks")
+        rows = {
+            fw: frame.set_index("arm").reindex(arms).reset_index()
+            for fw, frame in group.groupby("framework", sort=False)
+        }
+        _framework_marks(ax, positions, rows, metric, spread=0.12)
+        ax.set_xticks(positions, [_wrap(name(study, a)) for a in arms], fontsize=8)
+        ax.set_title(", ".join(coordinate(study, k, v) for k, v in zip(strata, values)), fontsize=10)
+        _y(ax, metric)
+    axes[0].legend(fontsize=7, loc="best", title="marks: mean, 95% interval", title_fontsize=7)
+    fig.suptitle(METRICS[metric].label, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def line_figure(cell_table: pd.DataFrame, study: Study, metric: str | None = None):
+    """A largest-stable or trend study's answer: the metric against the grid's x, a thick line per arm (the mean
+    over frameworks) and each framework a thin one, a panel per stratum; the failure threshold dashed. x on a log
+    axis where the study plots one, else its values evenly spaced (decay 0.5, 0.9, 0.99, 0.999)."""
+    x = study.answer["x"]
+    metric = metric or study.answer["metric"]
+    keys = [k for k in cell_keys(study, cell_table) if k not in ("framework", x) and k not in study.scale]
+    series = ["variant"] if "variant" in shown(study, cell_table, ["variant"]) else []
+    strata = shown(study, cell_table, [k for k in keys if k not in series])
+    found = groups(cell_table, strata)
+    grid = sorted({float(v) for v in cell_table[x]})
+    log = bool(study.plot.get("log_x")) and grid[0] > 0
+
+    def place(values):
+        return np.asarray(values, float) if log else np.array([grid.index(float(v)) for v in values])
+
+    fig, axes = _figure(len(found))
+    for ax, (values, group) in zip(axes, found):
+        for i, (arm, frame) in enumerate(groups(group, series)):
+            colour = f"C{i}"
+            what = f"{coordinate(study, 'variant', arm[0])}, " if series else ""
+            for fw, one in frame.groupby("framework", sort=False):
+                one = one.sort_values(x)
+                ax.plot(place(one[x]), one[metric], color=colour, lw=0.7, alpha=0.6, marker=MARKERS.get(fw, "o"))
+            mean = frame.groupby(x)[metric].mean().sort_index()
+            ax.plot(place(mean.index), mean.to_numpy(), color=colour, lw=2.2, label=f"{what}mean over frameworks")
+        if metric == "best_test_acc" and study.failure:
+            ax.axhline(study.failure["min_best_test_acc"], color="0.4", ls="--", lw=1, label="failure threshold")
+        if log:
+            ax.set_xscale("log")
+        ax.set_xticks(place(grid), [num(v) for v in grid])
+        ax.minorticks_off()
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_title(", ".join(coordinate(study, k, v) for k, v in zip(strata, values)), fontsize=10)
+        _y(ax, metric)
+    for line in (ln for ax in axes for ln in ax.get_lines()):
+        line.set_markersize(3)
+        line.set_markerfacecolor("white")
+    for fw, marker in MARKERS.items():  # the thin lines' marks, once
+        if fw in set(cell_table.framework):
+            axes[-1].plot([], [], color="0.4", lw=0.7, marker=marker, ms=3, mfc="white", label=FRAMEWORKS[fw].label)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(METRICS[metric].label, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def answer_figure(cell_table: pd.DataFrame, study: Study):
+    """The figure of a study's answer in docs/answers.md."""
+    if study.answer["kind"] == "compare":
+        return compare_figure(cell_table, study)
+    return line_figure(cell_table, study)
+
+
+def _y(ax, metric: str) -> None:
+    ax.set_ylabel(METRICS[metric].label if len(METRICS[metric].label) < 40 else metric.replace("_", " "), fontsize=8)
+    if METRICS[metric].kind == "fraction":
+        ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _wrap(text: str, width: int = 16) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
