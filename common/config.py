@@ -32,10 +32,6 @@ PIT_SCALES = ("unit", "standard")
 # --bn-sync under --replicas K: each replica's own batch statistics (local, every framework's default) or the
 # global batch's (global: synchronised BN); docs/data-parallel.md
 BN_SYNCS = ("local", "global")
-# --replica-nodes N / --replica-address HOST:PORT (PyTorch's replicas over N machines, docs/clusters.md): an
-# execution setting, not part of a run's configuration (the steps are one machine's), handed to the workers in
-# their environment by compare.execution.choose and read by frameworks/torch/replicas.py
-REPLICA_NODES_ENV, REPLICA_ADDRESS_ENV = "BN_REPLICA_NODES", "BN_REPLICA_ADDRESS"
 # default = the framework's own choice (docs/benchmark.md "Execution modes" gives the measurements behind each);
 # compiled = torch.compile / hybridized Gluon / tf.function / jax.jit; eager = op by op everywhere;
 # xla = compiled by XLA: TensorFlow's tf.function(jit_compile=True), JAX's jax.jit (what compiled is there);
@@ -53,16 +49,6 @@ def option(default, help: str, *, choices=None, flag: str | None = None, aliases
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def parse_address(address: str | None, flag: str = "--replica-address") -> tuple[str, int]:
-    """HOST:PORT -> (HOST, PORT); a ConfigError naming `flag` otherwise."""
-    host, _, port = (address or "").rpartition(":")
-    _check(
-        bool(host) and port.isdigit() and 0 < int(port) < 65536,
-        f"{flag} must be HOST:PORT (e.g. 10.0.0.1:29500), got {address!r}",
-    )
-    return host, int(port)
 
 
 def _is_number(value) -> bool:
@@ -219,7 +205,10 @@ class ModelSpec:
             f"image_size {self.image_size} (resize) and input_size {self.input_size} (zero-padding) both change the "
             "input's side: set one",
         )
-        _check(self.norm in NORMS, f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMS)}")
+        _check(
+            self.norm in NORMALISATIONS,
+            f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMALISATIONS)}",
+        )
         _check(
             isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
             f"groups (--groups) must be an integer >= 1, got {self.groups!r}",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelSpec
-from .norms import CHANNELS, NORM_NAMES, NORM_STATE
+from .norms import CHANNELS, NORM_NAMES, array_role
 
 
 def norm_suffixes(spec: ModelSpec) -> tuple:
@@ -66,7 +66,7 @@ def parameter_shapes(spec: ModelSpec) -> dict:
 
 def is_trainable(name: str, spec: ModelSpec) -> bool:
     suffix = name.split(".")[1]
-    if suffix in NORM_STATE:  # running statistics and counters (common.norms.array_role)
+    if array_role(name) != "parameter":  # running statistics and counters (the normalisations' table)
         return False
     if suffix in ("gamma", "beta"):
         return not spec.freeze_gamma_beta

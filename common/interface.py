@@ -11,7 +11,7 @@ inferred from grad mode or autograd recording.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -92,6 +92,27 @@ def bn_probe_stats(bn_input: np.ndarray, channel_axis: int, running_mean, runnin
     }
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """What a framework's data-parallel engine supports (--replicas K > 1, docs/data-parallel.md), declared once
+    as data on its backend; Backend.check_replicas refuses everything else, one message per kind of refusal.
+
+    engine: how the replicas run, "processes" (one per replica), "devices" (one process's devices) or "contexts"
+    (MXNet's). where: the hardware they run on, in words. executions: the execution names (execution_name) the
+    replicated step runs in, and why_executions: why only those. global_sync: the variants whose layer pools the
+    replicas' statistics under --bn-sync global, and why_not_global: {variant: the measured reason} for those
+    whose does not. devices: how a process gets K devices, where the engine needs them made before it starts
+    (said when a process has too few)."""
+
+    engine: str
+    where: str
+    executions: tuple
+    why_executions: str = ""
+    global_sync: tuple = ("scratch",)
+    why_not_global: dict = field(default_factory=dict)
+    devices: str = ""
+
+
 class Backend(ABC):
     """One framework's BN-LeNet on one device, built from a RunConfig.
 
@@ -103,9 +124,34 @@ class Backend(ABC):
     restore_state."""
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
-    # how --replicas K > 1 runs (docs/data-parallel.md): "processes" (one per replica), "devices" (one process's
-    # devices) or "contexts" (MXNet's)
-    data_parallel: str = ""
+    data_parallel: DataParallel | None = None  # what --replicas K > 1 runs on, where the framework has an engine
+
+    def check_replicas(self, config: RunConfig, device_type: str, execution: str, available: int | None = None):
+        """Refuse a data-parallel run this framework's engine (data_parallel) does not support, before anything
+        is built: the device, the execution mode, the number of devices a process has (available: None where the
+        engine makes its replicas itself) and global sync with the run's variant."""
+        engine, spec = self.data_parallel, config.model
+        if engine is None:
+            raise BackendUnavailable(f"{self.name} has no data-parallel engine in this suite: use --replicas 1")
+        if device_type != "cpu":
+            raise BackendUnavailable(f"--replicas runs on {engine.where} here: use --device cpu")
+        if execution not in engine.executions:
+            raise BackendUnavailable(
+                f"--replicas runs {self.name}'s step {' or '.join(engine.executions)} only"
+                + (f" ({engine.why_executions})" if engine.why_executions else "")
+                + f", not {execution}: use --execution default"
+            )
+        if available is not None and available < config.replicas:
+            raise BackendUnavailable(
+                f"--replicas {config.replicas} needs {config.replicas} devices and this process has {available}: "
+                f"{engine.devices}"
+            )
+        if config.bn_sync == "global" and spec.has_running_stats and spec.variant not in engine.global_sync:
+            why = engine.why_not_global.get(spec.variant, f"{self.name}'s {spec.variant} layer does not pool them")
+            raise BackendUnavailable(
+                f"--bn-sync global with {self.name}'s {spec.variant} layer: {why}; use --bn-sync local"
+                + (f" or --variants {','.join(engine.global_sync)}" if engine.global_sync else " or --replicas 1")
+            )
 
     def __init__(self, config: RunConfig):
         self.config = config

@@ -146,22 +146,18 @@ NORMALISATIONS = {
     "pit": Normalisation("pit", BN_STATS, population=True, builtin=False),
     "pit-rank": Normalisation("pit-rank", BN_STATS, population=True, builtin=False),
 }
-NORMS = tuple(NORMALISATIONS)
-# every state array any normalisation keeps (canonical suffixes): never trained
-STATISTICS = tuple(dict.fromkeys(s for n in NORMALISATIONS.values() for s in n.statistics))
-NORM_STATE = STATISTICS + tuple(dict.fromkeys(c for n in NORMALISATIONS.values() for c in n.counters))
-
-
-def normalisation(name: str) -> Normalisation:
-    """The row of --norm `name`."""
-    return NORMALISATIONS[name]
+NORMS = tuple(NORMALISATIONS)  # --norm's choices
 
 
 def array_role(name: str) -> str:
-    """What a canonical array ("bn1.running_cov", "conv1.weight") is: "statistic" (a running statistic),
-    "counter" (other state training changes) or "parameter" (what the gradient trains, frozen or not)."""
+    """What a canonical array ("bn1.running_cov", "conv1.weight") is, by the table's rows: "statistic" (a running
+    statistic), "counter" (other state training changes) or "parameter" (what the gradient trains, frozen or
+    not)."""
     suffix = name.rpartition(".")[2]
-    return "statistic" if suffix in STATISTICS else "counter" if suffix in NORM_STATE else "parameter"
+    rows = NORMALISATIONS.values()
+    if any(suffix in row.statistics for row in rows):
+        return "statistic"
+    return "counter" if any(suffix in row.counters for row in rows) else "parameter"
 
 
 def whiten_groups(channels: int, group: int) -> list:
@@ -208,6 +204,9 @@ class NormLayer:
     ghost: int = 0  # batch only: in training mode, statistics per slice of this many examples (0: the whole batch)
     whiten: tuple | None = None
     standard: bool = False  # the PITs only: sqrt(12) (u - 1/2) in place of u (--pit-scale standard)
+    # BN inside a data-parallel step (--replicas): "local" (each replica's slice) or "global" (the whole batch,
+    # synchronised), for the layer that pools; None in one process, where the layer needs no replicas
+    sync: str | None = None
 
     def pit_kwargs(self) -> dict:
         """rank (the empirical PIT) and standard as keyword arguments of a PIT layer."""
@@ -231,9 +230,10 @@ class NormLayer:
         return "after a convolution" if self.dims == 4 else "after a dense layer"
 
 
-def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
+def norm_layer(spec: ModelSpec, features: int, dims: int, sync: str | None = None) -> NormLayer:
     """The NormLayer of spec.norm and spec.variant after a layer of `features` channels (dims 4) or features
-    (dims 2). builtin-defaults leaves decay and epsilon to the framework."""
+    (dims 2). builtin-defaults leaves decay and epsilon to the framework. sync: --bn-sync where the layer is built
+    for a data-parallel step (kept only for a norm whose table row syncs)."""
     if spec.variant == "none":
         raise ValueError("variant none has no normalisation layer")
     builtin = spec.variant != "scratch"
@@ -250,12 +250,13 @@ def norm_layer(spec: ModelSpec, features: int, dims: int) -> NormLayer:
         ghost=spec.ghost_batch if row.ghost else 0,
         whiten=(spec.whiten_group, spec.whiten_iterations) if row.kind == "whiten" else None,
         standard=row.kind in ("pit", "pit-rank") and spec.pit_scale == "standard",
+        sync=sync if sync in row.syncs and row.running else None,
     )
 
 
-def norm_after(spec: ModelSpec, position: str) -> NormLayer:
-    """The NormLayer that follows BN-LeNet's layer `position` (conv1 ... fc2)."""
-    return norm_layer(spec, CHANNELS[position], 4 if position.startswith("conv") else 2)
+def norm_after(spec: ModelSpec, position: str, sync: str | None = None) -> NormLayer:
+    """The NormLayer that follows BN-LeNet's layer `position` (conv1 ... fc2); sync as norm_layer's."""
+    return norm_layer(spec, CHANNELS[position], 4 if position.startswith("conv") else 2, sync)
 
 
 def given(**kwargs) -> dict:

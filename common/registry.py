@@ -17,10 +17,11 @@ class FrameworkInfo:
     import_name: str  # the module whose import proves the framework is there
     tox_env: str  # the tox environment that holds it
     label: str  # how reports print it
+    nodes: bool = False  # whether its --replicas can span machines (--replica-nodes, docs/clusters.md)
 
 
 FRAMEWORKS = {
-    "torch": FrameworkInfo("torch", "torch", "torch", "PyTorch"),
+    "torch": FrameworkInfo("torch", "torch", "torch", "PyTorch", nodes=True),
     "mxnet": FrameworkInfo("mxnet", "mxnet", "mxnet", "MXNet Gluon"),
     "tensorflow": FrameworkInfo("tensorflow", "tensorflow", "tensorflow", "TensorFlow/Keras"),
     "jax": FrameworkInfo("jax", "flax", "jax", "JAX/Flax"),  # flax imports jax: one proves both

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, run_dir)
-        choose.replica_nodes(args, frameworks, configs)
+        placement = choose.replica_nodes(args, frameworks, configs)
         runner = choose.make(
             args, explicit, len(configs) * len(frameworks), gpu=any(c.device == "gpu" for c in configs)
         )
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
             not args.no_verify_data,
             writer,
             signals,
+            options=placement,
         )
         env_record = environment_record(args, argv, frameworks, pythons, data_dir, started)
         env_record.update(

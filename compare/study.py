@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             tracking.require_mlflow()
             tracking_uri = tracking.resolve_uri(args.mlflow, study_dir)
-        choose.replica_nodes(args, settings["frameworks"], configs)
+        placement = choose.replica_nodes(args, settings["frameworks"], configs)
         runner = choose.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             not args.no_verify_data,
             writer,
             signals,
-            options={"snapshots": "final"},
+            options={"snapshots": "final", **placement},
         )
         env = environment_record(args, argv, settings["frameworks"], pythons, data_dir, started)
         session = {

@@ -22,10 +22,12 @@ from common.config import ModelSpec, RunConfig
 from common.data import batch_order, load_fashion_mnist
 from common.errors import BackendUnavailable, ConfigError
 from common.init import init_params
+from common.interface import DataParallel
 from common.loop import run as run_loop
 from common.reference import conv2d, norm_backward, norm_forward
 from tests.conventions import BUILTIN, DATA_PARALLEL, REPLICA_RUNNING_STATS
 from tests.helpers import epochs_of, make_idx_dir, tiny_config
+from tests.scripted_backend import Script, scripted_backend
 
 EXAMPLES = settings(
     max_examples=12, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
@@ -98,6 +100,40 @@ def test_bad_data_parallel_options_are_clear_errors():
     assert RunConfig(replicas=4, bn_sync="global").layer_spec.ghost_batch == 0
     # the new options at their defaults leave every earlier configuration's id as it was
     assert RunConfig(replicas=1, bn_sync="local", model=ModelSpec(ghost_batch=0)).config_id == RunConfig().config_id
+
+
+def test_the_template_refuses_what_a_backend_does_not_declare():
+    """Data-parallel support is data on a backend (common.interface.DataParallel); Backend.check_replicas refuses
+    the rest with one message per kind of refusal: no engine, another device, another execution mode, too few
+    devices, global sync with a variant that does not pool."""
+    script = Script(step_seconds=lambda e, s: 0.0, step_stats=lambda e, s: (0.0, 0.0))
+    plain = scripted_backend(script)  # a test-only backend: it declares no data-parallel engine
+    config = RunConfig(replicas=2, device="cpu")
+    with pytest.raises(BackendUnavailable, match="has no data-parallel engine in this suite: use --replicas 1"):
+        plain(config).check_replicas(config, "cpu", "eager")
+
+    class Declared(plain):
+        data_parallel = DataParallel(
+            engine="devices",
+            where="the test's CPU devices",
+            executions=("eager",),
+            why_executions="the test runs no other",
+            global_sync=("scratch",),
+            why_not_global={"builtin": "its layer cannot"},
+            devices="make them first",
+        )
+
+    backend = Declared(config)
+    backend.check_replicas(config, "cpu", "eager", available=2)  # all supported: no error
+    global_builtin = RunConfig(replicas=2, bn_sync="global", model=ModelSpec(variant="builtin"), device="cpu")
+    for args, message in (
+        ((config, "gpu", "eager"), "--replicas runs on the test's CPU devices here: use --device cpu"),
+        ((config, "cpu", "jit"), "runs torch's step eager only \\(the test runs no other\\), not jit"),
+        ((config, "cpu", "eager", 1), "--replicas 2 needs 2 devices and this process has 1: make them first"),
+        ((global_builtin, "cpu", "eager"), "with torch's builtin layer: its layer cannot; use --bn-sync local or"),
+    ):
+        with pytest.raises(BackendUnavailable, match=message):
+            backend.check_replicas(*args)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +253,7 @@ def test_a_replica_that_dies_ends_the_run_with_its_error(fw, framework, tiny):
     """Replica 1 killed after the third step: the run raises an error naming the replica within seconds (no
     collective waits for it), and no replica process is left behind."""
     data_parallel(fw, framework)
-    if fw.BACKEND.data_parallel != "processes":
+    if fw.BACKEND.data_parallel.engine != "processes":
         pytest.skip(f"{framework}'s replicas are devices of one process: none can die alone")
     config = small(replicas=2, epochs=3)
     backends, followers = [], []

@@ -304,3 +304,27 @@ def test_renorm_running_sigma_two_ways_part_by_jensens_gap():
     want_sigma = first * np.sqrt(var[0]) + weights @ np.sqrt(var[1:])
     assert got == pytest.approx(np.mean(np.sqrt(want_var) / want_sigma - 1), rel=1e-10)
     assert 1e-3 < got < 0.1  # sigma spread by +-50%: a gap of about a percent
+
+
+def test_a_norm_added_to_the_table_reaches_every_decision(monkeypatch, tmp_path):
+    """One row in common.norms.NORMALISATIONS and nothing else: the config accepts the name, the canonical arrays
+    hold its state, drift counts its new statistic as a statistic and its counter as neither, the population pass and
+    the data-parallel checks follow its flags, and the report counts it among the norms with running statistics."""
+    from common import norms
+    from common.init import init_params, norm_suffixes
+    from compare.reporting import markdown
+
+    row = norms.Normalisation(
+        "batch", ("running_mean", "running_var", "running_peak"), counters=("seen",), population=False
+    )
+    monkeypatch.setitem(norms.NORMALISATIONS, "batch-peak", row)
+    spec = ModelSpec(norm="batch-peak")
+    assert spec.has_running_stats and not spec.has_population  # the population pass skips it
+    assert norm_suffixes(spec) == ("gamma", "beta", "running_mean", "running_var", "running_peak", "seen")
+    assert "bn1.running_peak" in init_params(spec, 0)
+    assert (norms.array_role("bn3.running_peak"), norms.array_role("bn3.seen")) == ("statistic", "counter")
+    with pytest.raises(ConfigError, match="--replicas with --norm batch-peak is not supported yet"):
+        RunConfig(model=spec, replicas=2)
+    with pytest.raises(ConfigError, match="--ghost-batch slices the batch statistics"):
+        ModelSpec(norm="batch-peak", ghost_batch=32)
+    assert markdown.stateless_norms(["batch-peak", "layer", "none"]) == ["layer"]  # the report's divergence note

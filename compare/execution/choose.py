@@ -6,10 +6,9 @@ module knows them both (Ray is imported only when --executor ray asks for it).
 
 from __future__ import annotations
 
-import os
-
-from common.config import REPLICA_ADDRESS_ENV, REPLICA_NODES_ENV, parse_address
 from common.errors import ConfigError
+from common.network import parse_address
+from common.registry import framework_info
 
 from .executor import LocalExecutor
 
@@ -57,13 +56,12 @@ def add_arguments(group, default_jobs: int) -> None:
     )
 
 
-def replica_nodes(args, frameworks, configs) -> None:
-    """Check --replica-nodes and --replica-address against the runs and hand them to the workers (through this
-    process's environment, which every local worker and its replicas inherit); a ConfigError names what is wrong."""
-    os.environ.pop(REPLICA_NODES_ENV, None)
-    os.environ.pop(REPLICA_ADDRESS_ENV, None)
+def replica_nodes(args, frameworks, configs) -> dict:
+    """Check --replica-nodes and --replica-address against the runs: the worker job's options that hand them to the
+    framework ({"replica_nodes", "replica_address"}: its backend module's prepare takes them), {} on one machine;
+    a ConfigError names what is wrong."""
     if args.replica_nodes == 1 and args.replica_address is None:
-        return
+        return {}
     nodes = args.replica_nodes
     if nodes < 1:
         raise ConfigError(f"--replica-nodes must be at least 1, got {nodes}")
@@ -75,11 +73,13 @@ def replica_nodes(args, frameworks, configs) -> None:
     if args.executor != "local":
         raise ConfigError("--replica-nodes runs with the local executor: the other machines serve the replicas")
     spread = [c for c in configs if c.replicas > 1]
-    others = sorted(set(frameworks) - {"torch"})
+    able = [f for f in frameworks if framework_info(f).nodes]
+    others = sorted(set(frameworks) - set(able))
     if spread and others:
+        who = " and ".join(framework_info(f).label for f in able) or "no framework"
         raise ConfigError(
-            f"--replica-nodes spreads PyTorch's replicas only; {', '.join(others)} run(s) theirs on one machine: "
-            "use --frameworks torch"
+            f"--replica-nodes spreads {who}'s replicas only; {', '.join(others)} run(s) theirs on one machine: "
+            f"use --frameworks {','.join(able)}"
         )
     uneven = sorted({c.replicas for c in spread if c.replicas % nodes})
     if uneven:
@@ -87,7 +87,7 @@ def replica_nodes(args, frameworks, configs) -> None:
             f"--replicas {', '.join(map(str, uneven))} over --replica-nodes {nodes}: every machine runs an equal "
             f"share; use a multiple of {nodes} replicas"
         )
-    os.environ[REPLICA_NODES_ENV], os.environ[REPLICA_ADDRESS_ENV] = str(nodes), args.replica_address
+    return {"replica_nodes": nodes, "replica_address": args.replica_address}
 
 
 def make(args, explicit: dict, cells: int, gpu: bool = False):

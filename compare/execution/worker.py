@@ -288,7 +288,7 @@ def run_job(job: dict) -> int:
     try:
         module = load_backend_module(framework)
         if hasattr(module, "prepare"):  # process-wide settings that must precede the framework's start (JAX)
-            module.prepare(configs)
+            module.prepare(configs, job)  # the job's options: where the replicas go (compare.execution.choose)
         info = framework_info(framework)
         send(
             records.make(

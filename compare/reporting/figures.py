@@ -161,3 +161,104 @@ def _wrap(text: str, width: int = 16) -> str:
         else:
             line = f"{line} {word}".strip()
     return "\n".join(lines + [line])
+
+
+TRACE_KINDS = {
+    # kind: (the table it comes from, its panels' metric or layers, the figure's title)
+    "landscape": ("trace_steps", ["loss_variation", "grad_predictiveness", "beta_smoothness"], "Along the gradient"),
+    "ics": ("trace_layers", ["conv2", "fc1", "fc2", "fc3"], "Internal covariate shift ||G - G'|| / ||G|| per layer"),
+    "activations": ("trace_layers", ["conv1", "conv2", "fc1", "fc2"], "Each activation's input on the probe batch"),
+}
+TRACE_LABELS = {
+    "loss_variation": "loss variation",
+    "grad_predictiveness": "gradient change (predictiveness)",
+    "beta_smoothness": "effective beta-smoothness",
+}
+
+
+def trace_figure(t: dict, study: Study, kind: str, activation: str):
+    """A why-BN figure of one activation (--trace-every, common.trace): a panel per measure (landscape) or per layer
+    (ics, activations), the steps along x, each arm of the study (BN, noisy BN, no BN) in every panel as a thick
+    line, the mean over frameworks and seeds, and each framework's mean over seeds as a thin one; activations
+    shows the median as the line and the 15th-85th percentile band shaded. A log y axis where the arms part by more
+    than 30 times."""
+    table, panels, title = TRACE_KINDS[kind]
+    frame = t[table]
+    frame = frame[frame.activation == activation] if "activation" in frame else frame
+    axis = list(study.answer["axis"])
+    frame = frame.assign(arm=[arm_label(axis, a) for a in frame[axis].itertuples(index=False)])
+    arms = list(dict.fromkeys(frame.arm))
+    fig, axes = _figure(len(panels), height=3.2)
+    for ax, panel in zip(axes, panels):
+        data = frame if kind == "landscape" else frame[frame.layer == panel]
+        metric = panel if kind == "landscape" else ("p50" if kind == "activations" else "ics_rel_diff")
+        data = data.dropna(subset=[metric])
+        tops = []
+        for i, arm in enumerate(arms):
+            mine = data[data.arm == arm]
+            if mine.empty:
+                continue
+            colour = f"C{i}"
+            for _, one in mine.groupby("framework", sort=False):
+                per = one.groupby("step")[metric].mean()
+                ax.plot(per.index, per.to_numpy(), color=colour, lw=0.6, alpha=0.5)
+            mean = mine.groupby("step")[[metric, *(["p15", "p85"] if kind == "activations" else [])]].mean()
+            ax.plot(mean.index, mean[metric].to_numpy(), color=colour, lw=2, label=name(study, arm))
+            if kind == "activations":  # the band's edges as lines: shaded bands of three arms blend into colours
+                for edge in ("p15", "p85"):  # no legend shows
+                    ax.plot(mean.index, mean[edge].to_numpy(), color=colour, lw=1, ls="--")
+            tops.append(mean[metric].abs().max())
+        positive = [v for v in tops if v > 0]
+        if kind != "activations" and positive and max(positive) / min(positive) > 30:
+            ax.set_yscale("log")
+        ax.set_title(TRACE_LABELS.get(panel, f"{panel} input" if kind == "activations" else panel), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    if kind == "activations":
+        axes[0].plot([], [], color="0.3", lw=1, ls="--", label="15th and 85th percentiles")
+    axes[0].legend(fontsize=7, loc="best", title="thick: mean; thin: each framework", title_fontsize=7)
+    middle = ": the median (lines) and the 15th and 85th percentiles (dashed)" if kind == "activations" else ""
+    fig.suptitle(f"{title}, {name(study, f'activation={activation}')}{middle}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def divergence_figure(epochs: pd.DataFrame):
+    """A run's train/eval divergence per epoch (README): a panel per variant, the probe's prediction disagreement
+    with the running average (solid) and with population statistics (dashed), thick the mean over frameworks and
+    thin each framework; integer epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    variants = [v for v in dict.fromkeys(epochs.variant) if v != "none"]
+    fig, axes = _figure(len(variants), height=3.4)
+    mean = epochs.groupby(["framework", "variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
+    for ax, variant in zip(axes, variants):
+        mine = mean[mean.variant == variant]
+        for column, style, what in (
+            ("probe_disagreement", "-", "running average"),
+            ("pop_probe_disagreement", "--", "population statistics"),
+        ):
+            if column not in mine or mine[column].isna().all():
+                continue
+            for _, one in mine.groupby("framework", sort=False):
+                ax.plot(one.epoch, one[column], color="C0" if style == "-" else "C1", lw=0.6, ls=style, alpha=0.6)
+            overall = mine.groupby("epoch")[column].mean()
+            ax.plot(
+                overall.index,
+                overall.to_numpy(),
+                color="C0" if style == "-" else "C1",
+                lw=2,
+                ls=style,
+                label=f"eval with the {what} (mean over frameworks)",
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train/eval prediction disagreement", fontsize=8)
+        ax.set_ylim(0, None)
+        ax.set_title(f"{variant} ({', '.join(FRAMEWORKS[f].label for f in dict.fromkeys(mine.framework))})", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].plot([], [], color="0.4", lw=0.6, label="each framework (thin)")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Train/eval divergence after each epoch", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -44,6 +44,14 @@ SOURCES = {
         "why-bn",
     )
 }
+SOURCES["divergence.png"] = ("population", "divergence")
+SOURCES.update(
+    {
+        f"why-bn-{kind}-{act}.png": ("why-bn", f"trace {kind} {act}")
+        for kind in ("landscape", "ics", "activations")
+        for act in ("relu", "sigmoid")
+    }
+)
 
 
 def digest(paths) -> str:
@@ -73,11 +81,17 @@ def draw(image: str):
 
     name, what = SOURCES[image]
     folder = MEASURED / name
-    if what == "answer":
+    if what == "answer" or what.startswith("trace "):
         study = spec.load(folder / "study.toml", name=json.loads((folder / "study.json").read_text())["study"])
         t, _, _, _ = load(folder)
+        if what.startswith("trace "):
+            _, kind, activation = what.split()
+            return figures.trace_figure(t, study, kind, activation)
         _, frames = answers.analyse(t["runs"], study)
         return figures.answer_figure(frames["study"], study)
+    if what == "divergence":
+        t, _, _, _ = load(folder)
+        return figures.divergence_figure(t["epochs"])
     raise ValueError(f"{image}: nothing draws {what!r}")
 
 

@@ -363,6 +363,12 @@ def trace_section(t: dict) -> list:
     ]
 
 
+def stateless_norms(norms) -> list:
+    """The normalisations among `norms` (a report's --norm values) that keep no running statistics, whose train and
+    eval mode are one computation (the normalisations' table; "none" is no normalisation at all)."""
+    return [n for n in norms if n in NORMALISATIONS and not NORMALISATIONS[n].running]
+
+
 def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
     s = t["summary"]
     parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
@@ -418,7 +424,7 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             markdown_table(unfinished, UNFINISHED_COLUMNS),
         ]
     norms = sorted(set(s.norm.dropna())) if "norm" in s else []
-    stateless = [n for n in norms if n in NORMALISATIONS and not NORMALISATIONS[n].running]  # none: not a norm
+    stateless = stateless_norms(norms)
     parts += [
         "## Train/eval-mode divergence (final epoch)\n",
         "The same probe images through the network in train mode (batch statistics, nothing updated) and "

@@ -30,11 +30,11 @@ from jax.sharding import PartitionSpec as P
 
 from common.errors import BackendUnavailable
 from common.init import check_params, init_params, is_trainable, norm_features
-from common.interface import Backend, resolve_execution
+from common.interface import Backend, DataParallel, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 from common.norms import NORM_NAMES, norm_after
 
-from .lenet import BNLeNet, make_norm, variable_paths
+from .lenet import AXIS, BNLeNet, make_norm, variable_paths
 
 # The jitted step by default: eager JAX dispatches every op from Python (docs/benchmark.md, "Execution modes").
 DEFAULT_EXECUTION = "compiled"
@@ -65,10 +65,7 @@ def resolve_device(requested):
     return gpus[0] if requested in ("gpu", "auto") and gpus else jax.devices("cpu")[0]
 
 
-AXIS = "replicas"  # the mesh axis of a data-parallel run (--replicas K)
-
-
-def prepare(configs) -> None:
+def prepare(configs, options: dict | None = None) -> None:
     """Before this process's first JAX computation: as many host CPU devices as the job's largest --replicas
     (JAX fixes the count when its backend starts; compare.execution.worker calls this once per worker)."""
     most = max((c.replicas for c in configs), default=1)
@@ -89,7 +86,15 @@ def loss_and_correct(logits, labels):
 
 class JaxBackend(Backend):
     name = "jax"
-    data_parallel = "devices"  # --replicas K: shard_map over K host CPU devices (prepare)
+    data_parallel = DataParallel(  # --replicas K: shard_map over K host CPU devices (prepare)
+        engine="devices",
+        where="the host CPU's devices",
+        executions=("jax.jit",),
+        why_executions="shard_map's step is jitted",
+        global_sync=("scratch", "builtin", "builtin-defaults"),
+        devices="JAX fixes the count when it starts. compare.run sets it for its workers; in your own process call "
+        "jax.config.update('jax_num_cpu_devices', K) before any JAX work",
+    )
 
     def __init__(self, config):
         super().__init__(config)
@@ -111,7 +116,7 @@ class JaxBackend(Backend):
         step = self.make_step(self.model)
         self.mesh = self._data_parallel(config) if config.replicas > 1 else None
         if self.mesh is not None:
-            model = BNLeNet(config.layer_spec, config.precision, replicas=(AXIS, config.bn_sync == "global"))
+            model = BNLeNet(config.layer_spec, config.precision, sync=config.bn_sync)
             body = self.make_step(model, axis=AXIS)
             # check_vma off: each replica's gradient is its own contribution (the pooled statistics' psum sends
             # every replica's part back to it), averaged explicitly, as DDP does
@@ -135,17 +140,8 @@ class JaxBackend(Backend):
 
     def _data_parallel(self, config):
         """The mesh of K host CPU devices a data-parallel step runs over, or the reason it cannot run."""
-        if self.device.platform != "cpu":
-            raise BackendUnavailable("--replicas runs on the host CPU's devices here: use --device cpu")
-        if not self.compiled:
-            raise BackendUnavailable("--replicas runs the jitted step only: use --execution compiled (or default)")
         devices = jax.devices("cpu")
-        if len(devices) < config.replicas:
-            raise BackendUnavailable(
-                f"--replicas {config.replicas} needs {config.replicas} host CPU devices and this process has "
-                f"{len(devices)}: JAX fixes the count when it starts. compare.run sets it for its workers; in your "
-                f"own process call jax.config.update('jax_num_cpu_devices', {config.replicas}) before any JAX work"
-            )
+        self.check_replicas(config, self.device.platform, self.execution_name(), len(devices))
         return Mesh(np.array(devices[: config.replicas]), (AXIS,))
 
     def make_step(self, model, axis=None):

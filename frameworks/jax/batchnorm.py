@@ -86,22 +86,33 @@ def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwar
     return y, mean.reshape(s, c).mean(axis=0), var.reshape(s, c).mean(axis=0)
 
 
-def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, axis_name, pooled, decay, epsilon):
-    """batch_norm's training mode inside a data-parallel step (shard_map over `axis_name`; x is this replica's
-    slice). pooled (global sync): the whole batch's mean and biased variance, two passes (the replicas' mean of
-    their slice means, then of their slices' mean squared deviations from it: the slices are equal, so these are
-    the global batch's); else (local sync) the slice's own. Either way the running statistics blend the replicas'
+class Replicas:
+    """This replica's view of a data-parallel step over a mesh axis: whether BN pools the whole batch's statistics
+    (pooled: global sync) and the mean of a value over the replicas (lax.pmean, differentiable)."""
+
+    def __init__(self, axis_name, pooled):
+        self.axis_name, self.pooled = axis_name, pooled
+
+    def mean(self, value, differentiable=True):
+        return lax.pmean(value, self.axis_name)
+
+
+def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, replicas, decay, epsilon):
+    """batch_norm's training mode inside a data-parallel step (shard_map; x is this replica's slice, replicas a
+    Replicas). Global sync (replicas.pooled): the whole batch's mean and biased variance, two passes (the replicas'
+    mean of their slice means, then of their slices' mean squared deviations from it: the slices are equal, so these
+    are the global batch's); local sync: the slice's own. Either way the running statistics blend the replicas'
     mean of the statistics used, so every replica holds the same ones."""
     out_dtype, x = x.dtype, in_float32(x)
     axes = (0,) if x.ndim == 2 else (0, 1, 2)
-    if pooled:
-        mean = lax.pmean(jnp.mean(x, axis=axes), axis_name)
-        var = lax.pmean(jnp.mean(jnp.square(x - mean), axis=axes), axis_name)
+    if replicas.pooled:
+        mean = replicas.mean(jnp.mean(x, axis=axes))
+        var = replicas.mean(jnp.mean(jnp.square(x - mean), axis=axes))
         used_mean, used_var = lax.stop_gradient(mean), lax.stop_gradient(var)
     else:
         mean = jnp.mean(x, axis=axes)
         var = jnp.mean(jnp.square(x - lax.stop_gradient(mean)), axis=axes)
-        used_mean, used_var = (lax.pmean(lax.stop_gradient(v), axis_name) for v in (mean, var))
+        used_mean, used_var = replicas.mean(lax.stop_gradient(jnp.stack([mean, var])), differentiable=False)
     y = (x - mean) * lax.rsqrt(var + epsilon)
     new_mean = decay * running_mean + (1.0 - decay) * used_mean
     new_var = decay * running_var + (1.0 - decay) * used_var
@@ -148,8 +159,7 @@ class BatchNorm(nn.Module):
         state = (x, gamma, beta, running_mean.value, running_var.value)
         constants = dict(decay=self.decay, epsilon=self.epsilon)
         if training and self.replicas is not None:
-            axis_name, pooled = self.replicas
-            y, new_mean, new_var = synced_batch_norm(*state, axis_name=axis_name, pooled=pooled, **constants)
+            y, new_mean, new_var = synced_batch_norm(*state, replicas=Replicas(*self.replicas), **constants)
         elif training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:

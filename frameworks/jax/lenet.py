@@ -62,16 +62,17 @@ def builtin(module, **options):
     return lambda layer, **kw: module(**options, **given(epsilon=layer.epsilon), use_fast_variance=False, **kw)
 
 
+AXIS = "replicas"  # the mesh axis of a data-parallel run (--replicas K)
 # our layers keep their parameters in param_dtype and compute in it (common.precision)
 CONSTRUCTORS = {
-    "batch": lambda layer, dtype, param_dtype, name, replicas=None: BatchNorm(
+    "batch": lambda layer, dtype, param_dtype, name: BatchNorm(
         layer.features,
         decay=layer.decay,
         epsilon=layer.epsilon,
         dtype=param_dtype,
         name=name,
         ghost=layer.ghost,
-        replicas=replicas,
+        replicas=(AXIS, layer.sync == "global") if layer.sync else None,
     ),
     "renorm": lambda layer, dtype, param_dtype, name: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.renorm_kwargs()
@@ -89,8 +90,12 @@ CONSTRUCTORS = {
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.pit_kwargs()
     ),
     # Flax's momentum weights the old running value, like our decay
+    # Flax's own synchronised BN under global sync: axis_name; under local sync, each device's statistics
     "builtin-batch": lambda layer, dtype, param_dtype, **kw: nn.BatchNorm(
-        **given(momentum=layer.decay, epsilon=layer.epsilon), dtype=dtype, param_dtype=param_dtype, **kw
+        **given(momentum=layer.decay, epsilon=layer.epsilon, axis_name=AXIS if layer.sync == "global" else None),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        **kw,
     ),
     # over every non-batch axis, gamma per channel (feature_axes=-1)
     "builtin-layer": lambda layer, **kw: builtin(
@@ -101,11 +106,11 @@ CONSTRUCTORS = {
 }
 
 
-def make_norm(layer, precision="float32", name=None, **synced):
-    """Flax's module for a common.norms.NormLayer in a precision (flax_dtypes), named `name` in the model; synced:
-    replicas=(axis name, pooled) for the scratch BN layer inside a data-parallel step."""
+def make_norm(layer, precision="float32", name=None):
+    """Flax's module for a common.norms.NormLayer in a precision (flax_dtypes), named `name` in the model
+    (layer.sync: --bn-sync inside a data-parallel step, over the mesh axis AXIS)."""
     dtype, param_dtype = flax_dtypes(precision)
-    return build(layer, CONSTRUCTORS, "Flax", FLAX_NORMS, dtype=dtype, param_dtype=param_dtype, name=name, **synced)
+    return build(layer, CONSTRUCTORS, "Flax", FLAX_NORMS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def mode_kwargs(layer, training):
@@ -119,9 +124,7 @@ def mode_kwargs(layer, training):
 class BNLeNet(nn.Module):
     spec: ModelSpec
     precision: str = "float32"  # common.precision: flax_dtypes gives the computation's and the parameters' dtype
-    # (axis name, pooled) inside a data-parallel step: the scratch BN layers take both; Flax's built-in one takes
-    # axis_name where pooled (global sync), and nothing where not (local: its statistics per device)
-    replicas: tuple | None = None
+    sync: str | None = None  # --bn-sync inside a data-parallel step (over the mesh axis AXIS), else None
 
     @nn.compact
     def __call__(self, x, *, training, bn_training=None, noise=None):
@@ -158,13 +161,7 @@ class BNLeNet(nn.Module):
             if not spec.norm_at(layer):
                 return activation(h)
             name = NORM_NAMES[layer]
-            norm = norm_after(spec, layer)
-            synced = {}
-            if self.replicas is not None and norm.kind == "batch":
-                synced = {"replicas": self.replicas}
-            elif self.replicas is not None and norm.kind == "builtin-batch" and self.replicas[1]:
-                synced = {"axis_name": self.replicas[0]}  # Flax's own synchronised BN: global sync
-            bn = make_norm(norm, self.precision, name=name, **synced)
+            bn = make_norm(norm_after(spec, layer, self.sync), self.precision, name=name)
             before = spec.bn_placement == "before_activation"
             if not before:
                 h = activation(h)

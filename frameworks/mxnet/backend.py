@@ -35,7 +35,7 @@ from mxnet import autograd, gluon, nd
 
 from common.errors import BackendUnavailable
 from common.init import check_params, is_trainable, parameter_shapes
-from common.interface import Backend, moments, resolve_execution
+from common.interface import Backend, DataParallel, moments, resolve_execution
 from common.norms import norm_after
 
 from .lenet import BNLeNet, check_dtype, make_norm
@@ -62,7 +62,23 @@ def _param(net, name):
 
 class MXNetBackend(Backend):
     name = "mxnet"
-    data_parallel = "contexts"  # --replicas K: K CPU contexts and the kvstore (module docstring)
+    data_parallel = DataParallel(  # --replicas K: K CPU contexts and the kvstore (module docstring)
+        engine="contexts",
+        where="K CPU contexts",
+        executions=("hybridized", "imperative"),
+        global_sync=(),
+        why_not_global={
+            "scratch": "Gluon runs each context's forward from Python one after another and its collective (the "
+            "kvstore) is outside autograd, so a layer made of its operators cannot pool the slices' statistics "
+            "mid-forward (and Gluon's own SyncBatchNorm is refused too: --variants builtin says why)",
+            **{
+                variant: "Gluon's SyncBatchNorm (contrib) fails in float64 (its operator: 'data type do not match "
+                "... Expected: double v.s. given float') and, in float32, a two-context BN-LeNet training step on the "
+                "CPU hung at its barrier (MXNet 1.9.1)"
+                for variant in ("builtin", "builtin-defaults")
+            },
+        },
+    )
 
     def __init__(self, config):
         super().__init__(config)
@@ -85,22 +101,8 @@ class MXNetBackend(Backend):
 
     def _data_parallel(self, config):
         """The K CPU contexts of a data-parallel run, or the reason it cannot run (the module docstring)."""
-        if self.ctx.device_type != "cpu":
-            raise BackendUnavailable("--replicas runs on K CPU contexts here: use --device cpu")
-        if config.bn_sync == "global" and config.model.variant == "scratch" and config.model.has_running_stats:
-            raise BackendUnavailable(
-                "--bn-sync global with MXNet's scratch BN: Gluon runs each context's forward from Python one after "
-                "another and its collective (the kvstore) is outside autograd, so a layer made of its operators "
-                "cannot pool the slices' statistics mid-forward (and Gluon's own SyncBatchNorm is refused too: "
-                "--variants builtin says why); use --bn-sync local or --replicas 1"
-            )
-        if config.bn_sync == "global" and config.model.variant != "scratch" and config.model.has_running_stats:
-            raise BackendUnavailable(
-                "--bn-sync global with MXNet's built-in BN: Gluon's SyncBatchNorm (contrib) fails in float64 (its "
-                "operator: 'data type do not match ... Expected: double v.s. given float') and, in float32, a "
-                "two-context BN-LeNet training step on the CPU hung at its barrier (MXNet 1.9.1); use --bn-sync local "
-                "or --replicas 1"
-            )
+        hybridized = resolve_execution(config, DEFAULT_EXECUTION) == "compiled"
+        self.check_replicas(config, self.ctx.device_type, "hybridized" if hybridized else "imperative")
         return [mx.cpu(i) for i in range(config.replicas)]
 
     def replica_statistics(self):

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from common.errors import BackendUnavailable
 from common.init import check_params, is_trainable, parameter_shapes
-from common.interface import Backend, resolve_execution
+from common.interface import Backend, DataParallel, resolve_execution
 from common.layout import from_channels_last, nchw_to_nhwc, to_channels_last
 from common.norms import norm_after
 
@@ -56,7 +56,7 @@ def resolve_device(requested):
     return "/GPU:0" if requested in ("gpu", "auto") and gpus else "/CPU:0"
 
 
-def prepare(configs) -> None:
+def prepare(configs, options: dict | None = None) -> None:
     """Before TensorFlow starts its runtime: as many logical CPU devices as the job's largest --replicas
     (TensorFlow fixes them when it starts; compare.execution.worker calls this once per worker)."""
     most = max((c.replicas for c in configs), default=1)
@@ -67,7 +67,16 @@ def prepare(configs) -> None:
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
-    data_parallel = "devices"  # --replicas K: MirroredStrategy over K logical CPU devices (prepare)
+    data_parallel = DataParallel(  # --replicas K: MirroredStrategy over K logical CPU devices (prepare)
+        engine="devices",
+        where="the host CPU's logical devices",
+        executions=(EXECUTION_NAMES["compiled"],),
+        why_executions="XLA, --execution xla, refuses MirroredStrategy's step: a jit_compile'd function may not touch "
+        "the variables on the other devices",
+        global_sync=("scratch", "builtin", "builtin-defaults"),
+        devices="TensorFlow fixes them when it starts. compare.run makes them for its workers; in your own process "
+        "call frameworks.tensorflow.backend.prepare([config]) before any TensorFlow work",
+    )
 
     def __init__(self, config):
         super().__init__(config)
@@ -113,21 +122,9 @@ class TensorFlowBackend(Backend):
     def _data_parallel(self, config):
         """The MirroredStrategy over K logical CPU devices a data-parallel step runs on, or the reason it cannot
         run."""
-        if self.device != "/CPU:0":
-            raise BackendUnavailable("--replicas runs on the host CPU's logical devices here: use --device cpu")
-        if self.execution != "compiled":
-            raise BackendUnavailable(
-                f"--replicas runs its step as a tf.function only (XLA, --execution xla, refuses MirroredStrategy's "
-                f"step: a jit_compile'd function may not touch the variables on the other devices); use --execution "
-                f"compiled (or default), not {self.execution}"
-            )
         devices = tf.config.list_logical_devices("CPU")
-        if len(devices) < config.replicas:
-            raise BackendUnavailable(
-                f"--replicas {config.replicas} needs {config.replicas} logical CPU devices and this process has "
-                f"{len(devices)}: TensorFlow fixes them when it starts. compare.run makes them for its workers; in "
-                "your own process call frameworks.tensorflow.backend.prepare([config]) before any TensorFlow work"
-            )
+        device = "cpu" if self.device == "/CPU:0" else "gpu"
+        self.check_replicas(config, device, EXECUTION_NAMES[self.execution], len(devices))
         # reducing through one device, in merge_call: with the default on these devices, collective all-reduces,
         # steps failed now and then with "Shape mismatch in the collective instance 100" (the replicas' collectives
         # paired out of order: the gradients' with a BN layer's)

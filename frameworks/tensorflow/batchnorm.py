@@ -83,28 +83,36 @@ def ghost_batch_norm(x, gamma, beta, running_mean, running_var, *, ghost, **kwar
     return y, tf.reduce_mean(tf.reshape(mean, [s, c]), axis=0), tf.reduce_mean(tf.reshape(var, [s, c]), axis=0)
 
 
-def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, context, pooled, decay, epsilon):
-    """batch_norm's training mode inside a data-parallel step (strategy.run; x is this replica's slice, context
-    the replica context, whose all_reduce has an all_reduce for its gradient). pooled (global sync): the whole
-    batch's mean and biased variance, two passes (the replicas' mean of their slice means, then of their slices'
-    mean squared deviations from it: the slices are equal, so these are the global batch's; averaging the
-    replicas' variances instead would drop the spread of their means); else (local sync) the slice's own. Either
-    way the running statistics blend the replicas' mean of the statistics used, so every replica holds the same
-    ones."""
+class Replicas:
+    """This replica's view of a data-parallel step (inside strategy.run): whether BN pools the whole batch's
+    statistics (pooled: global sync) and the mean of a value over the replicas (the replica context's all_reduce,
+    which has an all_reduce for its gradient)."""
+
+    def __init__(self, context, pooled):
+        self.context, self.pooled = context, pooled
+
+    def mean(self, value, differentiable=True):
+        return self.context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+
+
+def synced_batch_norm(x, gamma, beta, running_mean, running_var, *, replicas, decay, epsilon):
+    """batch_norm's training mode inside a data-parallel step (strategy.run; x is this replica's slice, replicas a
+    Replicas). Global sync (replicas.pooled): the whole batch's mean and biased variance, two passes (the replicas'
+    mean of their slice means, then of their slices' mean squared deviations from it: the slices are equal, so these
+    are the global batch's; averaging the replicas' variances instead would drop the spread of their means); local
+    sync: the slice's own. Either way the running statistics blend the replicas' mean of the statistics used, so
+    every replica holds the same ones."""
     out_dtype, x = x.dtype, in_float32(x)
     axes = [0] if x.shape.rank == 2 else [0, 1, 2]
-
-    def replicas_mean(value):
-        return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
-
-    if pooled:
-        mean = replicas_mean(tf.reduce_mean(x, axis=axes))
-        var = replicas_mean(tf.reduce_mean(tf.square(x - mean), axis=axes))
+    if replicas.pooled:
+        mean = replicas.mean(tf.reduce_mean(x, axis=axes))
+        var = replicas.mean(tf.reduce_mean(tf.square(x - mean), axis=axes))
         used_mean, used_var = tf.stop_gradient(mean), tf.stop_gradient(var)
     else:
         mean = tf.reduce_mean(x, axis=axes)
         var = tf.reduce_mean(tf.square(x - tf.stop_gradient(mean)), axis=axes)
-        used_mean, used_var = replicas_mean([tf.stop_gradient(mean), tf.stop_gradient(var)])
+        used = replicas.mean(tf.stop_gradient(tf.stack([mean, var])), differentiable=False)
+        used_mean, used_var = used[0], used[1]
     y = (x - mean) * tf.math.rsqrt(var + epsilon)
     new_mean = decay * running_mean + (1.0 - decay) * used_mean
     new_var = decay * running_var + (1.0 - decay) * used_var
@@ -171,7 +179,7 @@ class BatchNorm(keras.layers.Layer):
         constants = dict(decay=self.decay, epsilon=self.epsilon)
         context = replica_context() if training and type(self) is BatchNorm else None
         if context is not None:
-            y, new_mean, new_var = synced_batch_norm(*state, context=context, pooled=self.pooled, **constants)
+            y, new_mean, new_var = synced_batch_norm(*state, replicas=Replicas(context, self.pooled), **constants)
         elif training and self.ghost and x.shape[0] != self.ghost:
             y, new_mean, new_var = ghost_batch_norm(*state, ghost=self.ghost, **constants)
         else:

@@ -44,8 +44,8 @@ def builtin_group(layer, **kw):
 
 
 CONSTRUCTORS = {
-    "batch": lambda layer, sync=None, **kw: BatchNorm(
-        layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost, pooled=sync == "global", **kw
+    "batch": lambda layer, **kw: BatchNorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost, pooled=layer.sync == "global", **kw
     ),
     "renorm": lambda layer, **kw: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs(), **kw
@@ -62,9 +62,9 @@ CONSTRUCTORS = {
     ),
     # Keras's momentum weights the old running value, like our decay
     # under --replicas with global sync, Keras' own synchronised BN
-    "builtin-batch": lambda layer, sync=None, **kw: keras.layers.BatchNormalization(
+    "builtin-batch": lambda layer, **kw: keras.layers.BatchNormalization(
         **given(momentum=layer.decay, epsilon=layer.epsilon),
-        **({"synchronized": True} if sync == "global" else {}),
+        **({"synchronized": True} if layer.sync == "global" else {}),
         **kw,
     ),
     "builtin-layer": builtin_layer,
@@ -78,11 +78,10 @@ def keras_dtype(precision):
     return "mixed_bfloat16" if precision == "mixed-bfloat16" else precision
 
 
-def make_norm(layer, precision="float32", name=None, sync=None):
-    """Keras' layer for a common.norms.NormLayer under the precision's dtype policy; sync: --bn-sync inside a
-    data-parallel run (BN only), else None."""
-    extra = {"sync": sync} if sync and layer.kind in ("batch", "builtin-batch") else {}
-    return build(layer, CONSTRUCTORS, "Keras", KERAS_NORMS, dtype=keras_dtype(precision), **given(name=name), **extra)
+def make_norm(layer, precision="float32", name=None):
+    """Keras' layer for a common.norms.NormLayer under the precision's dtype policy (layer.sync: --bn-sync inside a
+    data-parallel run)."""
+    return build(layer, CONSTRUCTORS, "Keras", KERAS_NORMS, dtype=keras_dtype(precision), **given(name=name))
 
 
 class BNLeNet(keras.Model):
@@ -100,7 +99,7 @@ class BNLeNet(keras.Model):
                 block = keras.layers.Dense(shape[0], use_bias=bias, dtype=dtype, name=layer)
             setattr(self, layer, block)
             if layer in NORM_NAMES and spec.norm_at(layer):
-                bn = make_norm(norm_after(spec, layer), precision, sync=sync)
+                bn = make_norm(norm_after(spec, layer, sync), precision)
                 if spec.freeze_gamma_beta:
                     bn.frozen = True  # read by trainable_gamma_beta below
                 setattr(self, NORM_NAMES[layer], bn)

@@ -20,11 +20,12 @@ from torch.nn import functional as F
 
 from common.errors import BackendUnavailable
 from common.init import check_params, is_trainable, parameter_shapes
-from common.interface import Backend, resolve_execution
+from common.interface import Backend, DataParallel, resolve_execution
 from common.norms import norm_after
 
+from . import replicas
 from .lenet import BNLeNet, canonical_to_torch, make_norm
-from .replicas import STEP, Group, refuse_unless_cpu
+from .replicas import STEP, Group
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -61,9 +62,29 @@ def resolve_device(requested):
     return torch.device("cpu")
 
 
+def prepare(configs, options: dict | None = None) -> None:
+    """Before the job's runs: where a data-parallel run's replicas go (--replica-nodes, --replica-address: the job's
+    options, compare.execution.choose); one machine without them."""
+    options = options or {}
+    replicas.configure(options.get("replica_nodes", 1), options.get("replica_address"))
+
+
 class TorchBackend(Backend):
     name = "torch"
-    data_parallel = "processes"  # --replicas: frameworks/torch/replicas.py
+    data_parallel = DataParallel(  # --replicas: frameworks/torch/replicas.py
+        engine="processes",
+        where="this machine's CPU over gloo (a GPU run would need one GPU per replica and NCCL, which this suite "
+        "does not start yet)",
+        executions=("eager",),
+        why_executions="DDP's step is not compiled here so far",
+        global_sync=("scratch",),
+        why_not_global={
+            variant: "it is nn.SyncBatchNorm, which refuses the CPU in a process group ('SyncBatchNorm expected input "
+            "tensor to be on GPU or XPU or privateuseone', tests/test_torch_pitfalls.py), and --replicas runs on the "
+            "CPU (the project's BN, --variants scratch, synchronises through the same torch.distributed all_reduce)"
+            for variant in ("builtin", "builtin-defaults")
+        },
+    )
 
     def __init__(self, config, rank=0, store=None):
         """rank, store: a follower replica of a data-parallel run (frameworks/torch/replicas.py) and its connection
@@ -90,17 +111,8 @@ class TorchBackend(Backend):
 
     def _data_parallel(self, config, rank, store):
         """Join (replica 0: start) the K replicas and wrap the model in DDP, whose forward train_step then calls."""
-        refuse_unless_cpu(self.device)
-        if self.compiled:
-            raise BackendUnavailable("--replicas runs eager only so far: use --execution eager (or default)")
+        self.check_replicas(config, self.device.type, self.execution_name())
         builtin = config.model.variant.startswith("builtin") and config.model.has_norm
-        if builtin and config.bn_sync == "global":
-            raise BackendUnavailable(
-                "--bn-sync global with PyTorch's built-in layer is nn.SyncBatchNorm, which refuses the CPU in a "
-                "process group ('SyncBatchNorm expected input tensor to be on GPU or XPU or privateuseone', "
-                "tests/test_torch_pitfalls.py), and --replicas runs on the CPU; use --variants scratch (the "
-                "project's BN synchronises through the same torch.distributed all_reduce)"
-            )
         if rank == 0:
             torch.set_num_threads(max(1, torch.get_num_threads() // config.replicas))
         group = Group(config, rank, store)

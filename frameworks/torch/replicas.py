@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.config import REPLICA_ADDRESS_ENV, REPLICA_NODES_ENV, parse_address
-from common.errors import BackendUnavailable, ConfigError
+from common.errors import ConfigError
+from common.network import parse_address
 
 TIMEOUT_S = 120  # bounds every collective, so also what replica 0 may spend between two steps (evaluation, traces)
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where a follower imports from
@@ -99,13 +99,22 @@ def free_port() -> int:
 PLAN, NODE_COUNTER, LEFT = "bn_compare/plan", "nodes", "left"
 
 
+# where this process's replicas run (configure): the machines they span, and where replica 0 listens
+PLACEMENT = {"nodes": 1, "address": None}
+
+
+def configure(nodes: int = 1, address: str | None = None) -> None:
+    """Before a data-parallel run: the --replica-nodes and --replica-address of the job (the backend module's
+    prepare passes them from the worker's job; compare.execution.choose checked both before any run started)."""
+    PLACEMENT.update(nodes=nodes, address=address)
+
+
 def node_plan() -> tuple[int, str, int | None]:
     """Replica 0: how many machines the K replicas span and where replica 0 listens (one machine: 127.0.0.1, any
-    port). compare.execution.choose checked both before any run started."""
-    nodes = int(os.environ.get(REPLICA_NODES_ENV, "1"))
-    if nodes == 1:
+    port)."""
+    if PLACEMENT["nodes"] == 1:
         return 1, "127.0.0.1", None
-    return (nodes, *parse_address(os.environ.get(REPLICA_ADDRESS_ENV)))
+    return (PLACEMENT["nodes"], *parse_address(PLACEMENT["address"]))
 
 
 def open_store(host: str, port: int, master: bool, timeout_s: float = TIMEOUT_S):
@@ -361,14 +370,6 @@ class Group:
                     f"data-parallel replica {rank} of {self.world} exited (code {process.returncode}); its error is "
                     "in the worker's log"
                 )
-
-
-def refuse_unless_cpu(device) -> None:
-    if device.type != "cpu":
-        raise BackendUnavailable(
-            "--replicas runs its replicas on this machine's CPU over gloo; a GPU run would need one GPU per replica "
-            "and NCCL, which this suite does not start yet: use --device cpu"
-        )
 
 
 def main(argv=None) -> int:
