@@ -10,6 +10,7 @@ inferred from grad mode or autograd recording.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -113,6 +114,18 @@ class DataParallel:
     devices: str = ""
 
 
+def _then_changed(method, what: str):
+    """method, then self.changed(what) (Backend.CHANGES)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        self.changed(what)
+        return result
+
+    return wrapped
+
+
 class Backend(ABC):
     """One framework's BN-LeNet on one device, built from a RunConfig.
 
@@ -125,6 +138,19 @@ class Backend(ABC):
 
     name: str = ""  # the registry name: torch, mxnet, tensorflow, jax
     data_parallel: DataParallel | None = None  # what --replicas K > 1 runs on, where the framework has an engine
+    # the primitives that change what a training step reads, and what: after each, the template calls
+    # changed(what), so a framework whose other replicas keep copies (PyTorch's) can never miss one
+    CHANGES = {"set_params": "state", "load": "state", "restore_state": "state", "put_noise": "noise"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for method, what in Backend.CHANGES.items():
+            if method in cls.__dict__:
+                setattr(cls, method, _then_changed(cls.__dict__[method], what))
+
+    def changed(self, what: str) -> None:
+        """Called by the template after every call that changes the step's inputs: "state" (the parameters and
+        running statistics) or "noise" (the epoch's noisy-BN draws). Default: nothing (one process)."""
 
     def check_replicas(self, config: RunConfig, device_type: str, execution: str, available: int | None = None):
         """Refuse a data-parallel run this framework's engine (data_parallel) does not support, before anything
@@ -320,6 +346,7 @@ class Backend(ABC):
         (steps, channels); {} = none) to the device as self.noise: train_step(..., step) then adds row `step`
         after each normalisation layer."""
         self.noise = self.device_noise(noise) if noise else None
+        self.changed("noise")  # the template's own primitive: a framework's override is wrapped (CHANGES)
 
     @abstractmethod
     def train_step(self, data, order, step: int):

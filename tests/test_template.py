@@ -180,3 +180,26 @@ def test_the_gate_and_the_effective_constants_are_the_templates(tiny, variant, n
     backend.set_params(init_params(spec, 0, "float64"))
     assert backend.effective_norm() == want
     assert (backend.probe(tiny.test_images[:8]).norms == {}) == (not spec.has_running_stats)
+
+
+def test_the_template_marks_every_state_change_so_that_no_backend_can_forget():
+    """A backend that defines set_params, load and restore_state without a word about other replicas gets
+    changed("state") after each, and changed("noise") after put_noise (the template's own), in that order; a
+    framework whose replicas keep copies (PyTorch's) overrides changed() only."""
+    seen = []
+
+    class Watched(NumpyBackend):
+        def changed(self, what):
+            seen.append(what)
+
+        def load(self, path):
+            pass
+
+    backend = Watched(RunConfig(model=ModelSpec(), dtype="float64"))
+    seen.clear()  # what building it set
+    params = init_params(ModelSpec(), 0, "float64")
+    backend.set_params(params)
+    backend.load("nowhere")
+    backend.restore_state(backend.save_state())
+    backend.put_noise({})
+    assert seen == ["state", "state", "state", "noise"]  # restore_state's default is set_params: marked through it

@@ -1,6 +1,6 @@
 """PyTorch's data-parallel replicas over two machines (docs/clusters.md), as two network namespaces joined by a
 veth pair and nothing else (tests/loopback.two_hosts): host a runs the comparison with --replica-nodes 2 and two
-of the four replicas, host b `python -m frameworks.torch.replicas serve` and the other two. The run must take the
+of the four replicas, host b `python -m frameworks.torch.follower serve` and the other two. The run must take the
 one-machine run's steps: the same per-step losses and final parameters, in float64, under global sync (the BN
 statistics pooled across the machines as well as the gradients).
 
@@ -62,7 +62,7 @@ def test_two_machines_take_the_one_machine_steps(native, tmp_path):
             agent = subprocess.Popen(
                 # gloo picks the interface that reaches the other machine from GLOO_SOCKET_IFNAME (docs/clusters.md)
                 ["ip", "netns", "exec", b_ns, "env", f"GLOO_SOCKET_IFNAME={b_if}", sys.executable, "-m",
-                 "frameworks.torch.replicas", "serve", "--address", address, "--runs", "1"],
+                 "frameworks.torch.follower", "serve", "--address", address, "--runs", "1"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         stack.callback(_stop, agent)

@@ -39,7 +39,7 @@ def add_arguments(group, default_jobs: int) -> None:
         type=int,
         default=1,
         help="PyTorch's --replicas K over N machines, K/N on each: this one runs replica 0 and listens at "
-        "--replica-address; each other runs `python -m frameworks.torch.replicas serve --address HOST:PORT` "
+        "--replica-address; each other runs `python -m frameworks.torch.follower serve --address HOST:PORT` "
         "(docs/clusters.md). One run at a time",
     )
     group.add_argument(

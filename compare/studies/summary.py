@@ -432,6 +432,16 @@ def _trend_table(cell_table: pd.DataFrame, study: Study) -> pd.DataFrame:
 
 
 # on the plateau --------------------------------------------------------------------------------------------------
+def cell_words(study: Study, coords: dict) -> str:
+    """A cell in words: its arm's name where the study names it (a compare study's axis), then the other
+    coordinates ("no BN"; "Gaussian PIT in (0, 1), batch 256 (lr 1)")."""
+    axis = [a for a in study.answer.get("axis", ()) if a in coords] if study.answer["kind"] == "compare" else []
+    arm = arm_label(axis, [coords[a] for a in axis]) if axis else ""
+    named = name(study, arm) if arm else ""
+    rest = [coordinate(study, k, v) for k, v in coords.items() if not (named != arm and k in axis)]
+    return ", ".join(([named] if named != arm else []) + rest)
+
+
 def _plateau_sentences(runs: pd.DataFrame, study: Study) -> list:
     """The cells still on the initial plateau, said once for the frameworks where they are."""
     done = runs[runs.status == "complete"].dropna(subset=["final_train_loss"])
@@ -442,7 +452,7 @@ def _plateau_sentences(runs: pd.DataFrame, study: Study) -> list:
         losses = group.groupby("framework", sort=False).final_train_loss.mean()
         stuck = [f for f, loss in losses.items() if on_plateau(loss)]
         if stuck:
-            cell = ", ".join(coordinate(study, k, v) for k, v in zip(keys, values)) or "Every run"
+            cell = cell_words(study, dict(zip(keys, values))) or "Every run"
             out.append(
                 f"{cell}: still on its initial plateau in {frameworks_text(stuck, total)} (mean final training "
                 f"loss {span(losses[stuck], 'final_train_loss')}, ln 10 = 2.303): it has not started learning in "

@@ -154,12 +154,23 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, buffer in self.model.named_buffers():
                 buffer.copy_(saved[name])
-        self._changed("state")
 
-    def _changed(self, what):
-        """Replica 0 of a data-parallel run: the followers need `what` again before the next step."""
+    def changed(self, what):
+        """Replica 0 of a data-parallel run: the followers need `what` again before the next step (the template
+        calls this after every call that changes it)."""
         if self.group is not None:
             self.group.stale.add(what)
+
+    def receive_shared(self, mask):
+        """A follower: what replica 0 shares before a step (Group.share), its noise put on this device."""
+        names = sorted(self.model.norm_modules()) if self.spec.norm_noise else None
+        got = self.group.share(mask, noise=names, state=self.model.state_dict())
+        if "noise" in got:
+            self.noise = {n: tuple(t.to(self.device, self.dtype) for t in pair) for n, pair in got["noise"].items()}
+        if mask & 1:
+            self.group.data = tuple(t.to(self.device) for t in self.group.data)
+        if mask & 2:
+            self.group.order = self.group.order.to(self.device)
 
     @torch.no_grad()
     def train_mode_forward(self, images, capture):
@@ -236,10 +247,6 @@ class TorchBackend(Backend):
     def device_noise(self, noise):
         return {n: tuple(torch.as_tensor(a).to(self.device, self.dtype) for a in pair) for n, pair in noise.items()}
 
-    def put_noise(self, noise):
-        super().put_noise(noise)
-        self._changed("noise")
-
     def _mode(self, training):
         if self._training is not training:
             self.model.train(training)
@@ -252,7 +259,6 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, value in params.items():
                 state[canonical_to_torch(name, self.spec)].copy_(torch.as_tensor(np.asarray(value)))
-        self._changed("state")
 
     def get_params(self):
         state = self.model.state_dict()
@@ -267,7 +273,6 @@ class TorchBackend(Backend):
 
     def load(self, path):
         self.model.load_state_dict(torch.load(path, map_location=self.device))
-        self._changed("state")
 
     # data ---------------------------------------------------------------------
     def put(self, images, labels):
@@ -286,7 +291,7 @@ class TorchBackend(Backend):
         if self.group is not None:  # data parallel: this replica's slice (replica 0 first commands the step)
             if self.group.rank == 0:
                 self.group.check_alive()
-                self.group.before_step(self, data, order)
+                self.group.before_step(data, order, self.noise, self.model.state_dict())
                 self.group.command(STEP, step)
             index = self.group.slice(index)
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)

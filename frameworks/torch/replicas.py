@@ -23,7 +23,7 @@ Every collective has a timeout (TIMEOUT_S): a replica that dies or hangs makes r
 fail with the error instead of waiting forever, and a follower exits when replica 0's connection closes.
 
 Across N machines (--replica-nodes N --replica-address HOST:PORT, docs/clusters.md) replica 0 listens at HOST:PORT
-and starts the first K/N replicas itself; on each other machine `python -m frameworks.torch.replicas serve
+and starts the first K/N replicas itself; on each other machine `python -m frameworks.torch.follower serve
 --address HOST:PORT` waits for a run, takes the next node's K/N ranks and starts those followers. What a follower
 needs to know (the run's configuration, the node count, the threads) is the plan replica 0 puts in the process
 group's store before anyone joins, and takes out once all K have joined, so an agent never joins a run already
@@ -32,10 +32,8 @@ going; the steps are the one-machine steps (tests/test_two_nodes.py).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import socket
@@ -49,7 +47,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import ConfigError
 from common.network import parse_address
 
 TIMEOUT_S = 120  # bounds every collective, so also what replica 0 may spend between two steps (evaluation, traces)
@@ -156,12 +153,13 @@ def join(store, rank: int, world: int) -> None:
 
 
 def start_followers(ranks, host: str, port: int) -> list:
-    """Start the given replicas, each a fresh interpreter running this module (`follow`: it reads the run from the
-    plan in the store); their stdout is this process's stderr (the worker's stdout carries records only)."""
+    """Start the given replicas, each a fresh interpreter running frameworks.torch.follower (`follow`: it reads the
+    run from the plan in the store); their stdout is this process's stderr (the worker's stdout carries records
+    only)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "frameworks.torch.replicas", "follow", host, str(port), str(rank)],
+            [sys.executable, "-m", "frameworks.torch.follower", "follow", host, str(port), str(rank)],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -169,67 +167,6 @@ def start_followers(ranks, host: str, port: int) -> list:
         )
         for rank in ranks
     ]
-
-
-def follow(host: str, port: int, rank: int) -> None:
-    """A follower replica: read the run from the store's plan, build the model, then take the steps replica 0
-    commands until it says stop (or its connection closes, which ends this process with the error)."""
-    base = open_store(host, port, master=False)
-    plan = json.loads(base.get(PLAN))
-    store = run_store(base, plan["run"])
-    torch.set_num_threads(plan["threads"])
-    from common.config import RunConfig
-
-    from .backend import TorchBackend
-
-    backend = TorchBackend(RunConfig.from_dict(plan["config"]), rank=rank, store=store)
-    try:
-        while True:
-            command, argument = backend.group.receive()
-            if command == STOP:
-                return
-            if command == SHARE:
-                backend.group.share(backend, argument)
-            elif command == STEP:
-                backend.train_step(backend.group.data, backend.group.order, argument)
-    finally:
-        dist.destroy_process_group()
-        with contextlib.suppress(RuntimeError):  # replica 0 has gone: its error, not this one, is the run's
-            store.add(LEFT, 1)  # replica 0 serves the store until every follower has left (Group.close)
-        # release the group's objects now: left to the interpreter's teardown, one in 18 followers aborted
-        # ("terminate called without an active exception")
-        del backend, store, base
-        gc.collect()
-
-
-def serve(address: str, runs: int = 0, poll_s: float = 2.0) -> int:
-    """Another machine's agent: wait for a run at ADDRESS, take the next node's share of its replicas, start them,
-    wait for them, and again (`runs` runs, 0 = until stopped). Returns the number of runs whose followers failed."""
-    host, port = parse_address(address, "--address")
-    served = failed = 0
-    print(f"replicas: serving runs of {address}", file=sys.stderr, flush=True)
-    while not runs or served < runs:
-        try:  # no run is forming while nothing listens there or its plan is gone: ask again
-            socket.create_connection((host, port), timeout=poll_s).close()  # quietly, before the store's client
-            base = open_store(host, port, master=False, timeout_s=poll_s)
-            plan = json.loads(base.get(PLAN))
-            store = run_store(base, plan["run"])
-        except (OSError, RuntimeError):  # torch.distributed's DistError is a RuntimeError
-            time.sleep(poll_s / 4)
-            continue
-        world, nodes = plan["config"]["replicas"], plan["nodes"]
-        node = store.add(NODE_COUNTER, 1)
-        if node >= nodes:  # every other node of this run has an agent already
-            time.sleep(poll_s)
-            continue
-        share = world // nodes
-        processes = start_followers(range(node * share, (node + 1) * share), host, port)
-        codes = [process.wait() for process in processes]
-        served, failed = served + 1, failed + any(codes)
-        print(
-            f"replicas: run {served}: replicas {node * share}..{(node + 1) * share - 1} exited {codes}", file=sys.stderr
-        )
-    return failed
 
 
 def broadcast_array(array: np.ndarray | torch.Tensor | None) -> torch.Tensor:
@@ -273,7 +210,7 @@ class Group:
             if rank == 0 and nodes > 1:
                 raise RuntimeError(
                     f"the replicas of the other {nodes - 1} machine(s) did not join at {host}:{port} ({exc}): run "
-                    f"`python -m frameworks.torch.replicas serve --address {host}:{port}` on each (docs/clusters.md)"
+                    f"`python -m frameworks.torch.follower serve --address {host}:{port}` on each (docs/clusters.md)"
                 ) from exc
             raise
         if rank == 0:
@@ -296,8 +233,10 @@ class Group:
         dist.broadcast(message, src=0)
         return int(message[0]), int(message[1])
 
-    def before_step(self, backend, data, order) -> None:
-        """Replica 0, before commanding a step: send what changed since the followers last received it."""
+    def before_step(self, data, order, noise, state) -> None:
+        """Replica 0, before commanding a step: send what changed since the followers last received it (data and
+        order by identity; noise and state where marked stale: Backend.changed marks them after every call that
+        changes them). noise: {norm name: (scales, shifts)} or None; state: the model's state dict."""
         if data is not self.data:
             self.data, self.stale = data, self.stale | {"data"}
         if order is not self.order:
@@ -305,35 +244,35 @@ class Group:
         if self.stale:
             mask = sum(1 << i for i, what in enumerate(SHARED) if what in self.stale)
             self.command(SHARE, mask)
-            self.share(backend, mask)
+            self.share(mask, noise, state)
             self.stale = set()
 
-    def share(self, backend, mask: int) -> None:
-        """Replica 0 sends, a follower receives, the parts of SHARED in `mask`."""
-        sending = self.rank == 0
+    def share(self, mask: int, noise=None, state=None) -> dict:
+        """Replica 0 sends, a follower receives, the parts of SHARED in `mask`: the training split and the epoch's
+        order (kept here, self.data and self.order), the noisy-BN draws (replica 0's {name: (scales, shifts)}; a
+        follower passes the names, the same layers on every replica) and the state (replica 0's state dict; a
+        follower passes its own, written in place). Returns {"noise": what arrived, as CPU tensors} where noise
+        travelled (a follower puts it on its device)."""
+        sending, got = self.rank == 0, {}
         # replica 0 keeps its own arrays (before_step compares them by identity); a follower takes the copies
         if mask & 1:
-            data = tuple(broadcast_array(t).to(backend.device) for t in (self.data if sending else (None, None)))
+            data = tuple(broadcast_array(t) for t in (self.data if sending else (None, None)))
             self.data = self.data if sending else data
         if mask & 2:
-            order = broadcast_array(self.order if sending else None).to(backend.device)
+            order = broadcast_array(self.order if sending else None)
             self.order = self.order if sending else order
-        if mask & 4 and backend.spec.norm_noise:  # every replica knows the layers: only the draws travel
-            names = sorted(backend.model.norm_modules())
-            backend.noise = {
-                name: tuple(
-                    broadcast_array(backend.noise[name][i] if sending else None).to(backend.device, backend.dtype)
-                    for i in (0, 1)
-                )
-                for name in names
+        if mask & 4 and noise:  # noise only where the run has it: every replica knows that from the spec
+            got["noise"] = {
+                name: tuple(broadcast_array(noise[name][i] if sending else None) for i in (0, 1))
+                for name in sorted(noise)
             }
         if mask & 8:
-            state = backend.model.state_dict()
             for name in sorted(state):
                 received = broadcast_array(state[name] if sending else None)
                 if not sending:
                     with torch.no_grad():
                         state[name].copy_(received)
+        return got
 
     def close(self) -> None:
         """Replica 0: tell the followers to stop and wait for them (bounded); where that fails (a replica died),
@@ -370,32 +309,3 @@ class Group:
                     f"data-parallel replica {rank} of {self.world} exited (code {process.returncode}); its error is "
                     "in the worker's log"
                 )
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m frameworks.torch.replicas",
-        description="PyTorch's data-parallel replicas on another machine (docs/clusters.md)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    agent = commands.add_parser("serve", help="serve this machine's share of the replicas of every run at ADDRESS")
-    agent.add_argument("--address", required=True, help="HOST:PORT, the --replica-address of the runs")
-    agent.add_argument("--runs", type=int, default=0, help="stop after this many runs (default: serve until stopped)")
-    replica = commands.add_parser("follow", help="one replica (started by replica 0 or by serve)")
-    replica.add_argument("host")
-    replica.add_argument("port", type=int)
-    replica.add_argument("rank", type=int)
-    args = parser.parse_args(argv)
-    if args.command == "follow":
-        follow(args.host, args.port, args.rank)
-        return 0
-    try:
-        return 1 if serve(args.address, args.runs) else 0
-    except ConfigError as exc:
-        parser.error(str(exc))
-    except KeyboardInterrupt:
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
