@@ -74,14 +74,13 @@ figures are exactly 0, which every run checks by measuring them like BN's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BackendUnavailable
 
-if TYPE_CHECKING:  # the spec's fields are read, never imported: common.config builds on this table
-    from .config import ModelSpec
+# Below, `spec` is a common.config.ModelSpec: its fields are read, never imported (common.config builds on this
+# table, so this module may not import it).
 
 # The four places BN-LeNet can have a normalisation layer, in network order; the channels (features) of each
 # position's layer, what a normalisation there normalises; and the canonical name of the layer after each
@@ -230,7 +229,7 @@ class NormLayer:
         return "after a convolution" if self.dims == 4 else "after a dense layer"
 
 
-def norm_layer(spec: ModelSpec, features: int, dims: int, sync: str | None = None) -> NormLayer:
+def norm_layer(spec, features: int, dims: int, sync: str | None = None) -> NormLayer:
     """The NormLayer of spec.norm and spec.variant after a layer of `features` channels (dims 4) or features
     (dims 2). builtin-defaults leaves decay and epsilon to the framework. sync: --bn-sync where the layer is built
     for a data-parallel step (kept only for a norm whose table row syncs)."""
@@ -254,7 +253,7 @@ def norm_layer(spec: ModelSpec, features: int, dims: int, sync: str | None = Non
     )
 
 
-def norm_after(spec: ModelSpec, position: str, sync: str | None = None) -> NormLayer:
+def norm_after(spec, position: str, sync: str | None = None) -> NormLayer:
     """The NormLayer that follows BN-LeNet's layer `position` (conv1 ... fc2); sync as norm_layer's."""
     return norm_layer(spec, CHANNELS[position], 4 if position.startswith("conv") else 2, sync)
 
@@ -276,7 +275,7 @@ def build(layer: NormLayer, constructors: dict, framework: str, has: str, **kwar
     return made
 
 
-def groups_of(spec: ModelSpec, channels: int) -> int:
+def groups_of(spec, channels: int) -> int:
     """The groups a layer/group/instance normalisation of `channels` channels splits them into."""
     return {"one": 1, "option": spec.groups, "channels": channels}[NORMALISATIONS[spec.norm].groups]
 
@@ -297,7 +296,7 @@ def no_builtin(framework: str, norm: str, has: str) -> BackendUnavailable:
     )
 
 
-def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = "float32", batch: int = 0) -> dict:
+def draw_noise(spec, seed: int, epoch: int, steps: int, dtype: str = "float32", batch: int = 0) -> dict:
     """Noisy BN (--norm-noise; Santurkar et al. 2018): {canonical norm name: (scales, shifts)} for one epoch's
     training steps, applied after the layer as h * s + m in training steps only (eval mode, the probes and the
     population pass get the noise's expectation folded in, `noise_folded`, or nothing with --noise-eval none).
@@ -329,12 +328,12 @@ def draw_noise(spec: ModelSpec, seed: int, epoch: int, steps: int, dtype: str = 
     return out
 
 
-def noise_expectation(spec: ModelSpec) -> tuple:
+def noise_expectation(spec) -> tuple:
     """(E[s], E[m]) of noisy BN's scale and shift, the same in both forms: ((1 + a) / 2, 0)."""
     return (1.0 + spec.noise_scale) / 2.0, 0.0
 
 
-def noise_folded(params: dict, spec: ModelSpec) -> dict:
+def noise_folded(params: dict, spec) -> dict:
     """Canonical parameters with the noise's expectation folded into every normalisation layer's gamma and beta:
     (gamma x_hat + beta) E[s] + E[m] = (gamma E[s]) x_hat + (beta E[s] + E[m]). What eval mode computes for a
     noisy run with --noise-eval expectation (common.loop), so that it sees on average what training saw."""

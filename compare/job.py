@@ -178,3 +178,22 @@ def execute(
         signals.ignore()
         writer.close()
     return pythons
+
+
+def build(run_dir, reference: str | None = None) -> tuple:
+    """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
+    of usable records)."""
+    # imported here: a command checks its report packages before anything runs (extras.require_reporting), so
+    # importing a command must not need pandas or matplotlib first
+    from .reporting.files import atomic
+    from .reporting.markdown import SUMMARY_COLUMNS, markdown_table, render_markdown
+    from .reporting.plots import draw
+    from .reporting.tables import load, write_tables
+
+    run_dir = Path(run_dir)
+    t, env, problems, usable = load(run_dir, reference)
+    written = write_tables(t, run_dir)
+    plots = draw(t, run_dir)
+    text = render_markdown(t, env, plots, written + plots, problems)
+    atomic(run_dir / "report.md", lambda p: p.write_text(text))
+    return markdown_table(t["summary"], SUMMARY_COLUMNS), usable

@@ -12,22 +12,8 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
-from .reporting.files import atomic, read_environment
-from .reporting.markdown import SUMMARY_COLUMNS, markdown_table, render_markdown
-from .reporting.plots import draw
-from .reporting.tables import load, write_tables
-
-
-def build(run_dir, reference: str | None = None) -> tuple:
-    """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
-    of usable records)."""
-    run_dir = Path(run_dir)
-    t, env, problems, usable = load(run_dir, reference)
-    written = write_tables(t, run_dir)
-    plots = draw(t, run_dir)
-    text = render_markdown(t, env, plots, written + plots, problems)
-    atomic(run_dir / "report.md", lambda p: p.write_text(text))
-    return markdown_table(t["summary"], SUMMARY_COLUMNS), usable
+from .job import build
+from .reporting.files import read_environment
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from . import HelpFormatter, options
 from .execution import choose, extras
 from .execution.executor import RecordWriter, Signals
 from .execution.progress import Progress
-from .job import check_run_dir, environment_record, execute, parse_list, parse_pythons, parse_seeds, plan_records
+from .job import build, check_run_dir, environment_record, execute, parse_list, parse_pythons, parse_seeds, plan_records
 from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,9 +221,7 @@ def main(argv=None) -> int:
         from .reporting.files import write_json
 
         write_json(run_dir / "environment.json", env_record)
-        from . import report
-
-        summary, _ = report.build(run_dir)
+        summary, _ = build(run_dir)
     finally:
         signals.restore()
         runner.shutdown()

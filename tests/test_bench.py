@@ -20,8 +20,8 @@ from common.data import load_fashion_mnist
 from common.flops import training_flops
 from common.loop import run as run_loop
 from common.registry import load_backend_module
-from compare.bench import COLUMNS, row
 from compare.bench import main as bench_main
+from compare.reporting.benchmark import COLUMNS, row
 from compare.reporting.excerpt import excerpt
 from compare.reporting.stats import median_interval, paired_ratio
 from tests.conventions import EXECUTION_NAMES

@@ -30,6 +30,8 @@ from common.flops import PEAK_MATMUL, matmul_gflops_per_s
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
 
+from ..reporting.benchmark import LOOPS
+
 _stdout = sys.stdout
 
 
@@ -64,9 +66,6 @@ def error_record(framework, config: RunConfig, exc: BaseException, status: str) 
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the worker the way Ctrl-C does: between two operations
-
-
-LOOPS = ("suite", "bare", "textbook")
 
 
 def bench(job: dict) -> int:

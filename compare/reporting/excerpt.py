@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import bench
 from ..studies import answers, render, spec, summary
-from . import ports
+from . import benchmark, ports
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -113,7 +112,7 @@ def bench_excerpt(folder: Path) -> str:
     """excerpt.md of a measured benchmark folder (its bench.json): each cell's row computed again from the
     per-repeat figures the benchmark measured, and the ranges the guides quote."""
     data = json.loads((folder / "bench.json").read_text())
-    rows = pd.DataFrame([bench.row(result) for result in data["measured"]])  # the benchmark's own arithmetic
+    rows = pd.DataFrame([benchmark.row(result) for result in data["measured"]])  # the benchmark's own arithmetic
     lines = [
         f"{_measured_with(data['machine'], 'bench')}; suite/bare and suite/textbook are medians of the repeats' "
         f"own ratios, with their 95% intervals:",
@@ -124,7 +123,8 @@ def bench_excerpt(folder: Path) -> str:
     for _, r in rows.iterrows():
         lines.append(
             f"| {r.framework} | {_variant(r)} | {r.execution_name or r.execution} | {r.batch_size} | "
-            f"{r.suite_examples_per_s:,.0f} | {_ratio(r, 'bare')} | {_ratio(r, 'textbook')} |"
+            f"{r.suite_examples_per_s:,.0f} | {benchmark.ratio_text(r, 'bare')} | "
+            f"{benchmark.ratio_text(r, 'textbook')} |"
         )
     lows, highs = rows.suite_over_bare_low.dropna(), rows.suite_over_bare_high.dropna()
     within = f", every interval within {lows.min():.3f}-{highs.max():.3f}" if len(lows) else ""
@@ -196,7 +196,7 @@ def _population(rows: pd.DataFrame) -> list:
         lines.append(
             f"| {r.framework} | {r.variant} | {r.execution_name or r.execution} | {r.epoch_seconds:.2f} | "
             f"{r.population_seconds:.2f} | {_percent(r.population_share)}{interval} | "
-            f"{r.population_first_seconds:.2f} | {_ratio(r, 'suite', 'population_over_')} |"
+            f"{r.population_first_seconds:.2f} | {benchmark.ratio_text(r, 'suite', 'population_over_')} |"
         )
     top = rows.loc[rows.population_share.idxmax()]
     return lines + [
@@ -241,12 +241,6 @@ def _execution_modes(rows: pd.DataFrame) -> list:
     if pairs:
         lines += ["", "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + "."]
     return lines
-
-
-def _ratio(r, other: str, prefix: str = "suite_over_") -> str:
-    low, high = r[f"{prefix}{other}_low"], r[f"{prefix}{other}_high"]
-    interval = "" if pd.isna(low) else f" [{low:.3f}, {high:.3f}]"
-    return f"{r[f'{prefix}{other}']:.3f}{interval}"
 
 
 def study_excerpt(folder: Path) -> str:
