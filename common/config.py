@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
-from .norms import BN_POSITIONS, CHANNELS, NORMALISATIONS, NORMS
+from .norms import BN_POSITIONS, CHANNELS, NORMALISATIONS
 
 VARIANTS = ("scratch", "builtin", "builtin-defaults", "none")
 # the smallest input side BN-LeNet has a feature map for: 16 -> conv 12 -> pool 6 -> conv 2 -> pool 1
@@ -39,11 +39,78 @@ BN_SYNCS = ("local", "global")
 EXECUTIONS = ("default", "compiled", "eager", "xla")
 
 
-def option(default, help: str, *, choices=None, flag: str | None = None, aliases: tuple = ()):
-    """A field that is also an option of compare.run (compare/options.py makes it from this: `--field-name`, or
-    `flag`; a boolean default True is turned off by its option, so its flag reads --no-...), with its help text,
-    for a choice its choices, and older spellings of the flag that still work (aliases)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "aliases": aliases})
+def option(
+    default,
+    help: str | None = None,
+    *,
+    choices=None,
+    flag: str | None = None,
+    aliases: tuple = (),
+    minimum=None,
+    below=None,
+    positive: bool = False,
+    noun: str | None = None,
+    why: str = "",
+    since: str | None = None,
+    before=MISSING,
+):
+    """A configuration field declared once: its default, its help text (an option of compare.run: compare/options.py
+    makes `--field-name`, or `flag`, from it; a boolean default True is turned off by its option, so its flag reads
+    --no-...; without help the field is no option), its choices, older spellings of its flag (aliases), and its
+    bounds, which _check_declared enforces with one message per kind: minimum (an integer's, or a number's least
+    value), below (a number's bound it stays under), positive (a number above 0); noun names a choice in its error
+    and why adds a reason. since: the feature a field arrived with, after results were stored (it makes the field
+    one of LATE_FIELDS); before: what stored results without it meant (default: the field's default)."""
+    metadata = {
+        "choices": choices,
+        "flag": flag,
+        "aliases": aliases,
+        "minimum": minimum,
+        "below": below,
+        "positive": positive,
+        "noun": noun,
+        "why": why,
+        "since": since,
+        "before": default if before is MISSING else before,
+    }
+    if help is not None:
+        metadata["help"] = help
+    return field(default=default, metadata=metadata)
+
+
+def _check_declared(config) -> None:
+    """Every field's declared bounds (option): its choices, its type and its least and greatest values, each refused
+    with a message naming the field, its flag, what it must be and the value given."""
+    for f in fields(config):
+        meta, value = f.metadata, getattr(config, f.name)
+        if "choices" not in meta or isinstance(f.default, tuple) or f.default is MISSING:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        what = f"{f.name} ({flag})" if "help" in meta else f.name
+        why = f" ({meta['why']})" if meta["why"] else ""
+        if isinstance(f.default, bool):
+            _check(isinstance(value, bool), f"{what} must be true or false")
+        elif meta["choices"]:
+            shown = f" ({flag})" if "help" in meta else ""
+            _check(
+                value in meta["choices"],
+                f"unknown {meta['noun'] or f.name} {value!r}{shown}; choose from {', '.join(meta['choices'])}",
+            )
+        elif isinstance(f.default, int):
+            low = meta["minimum"] if meta["minimum"] is not None else 0
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{what} must be an integer >= {low}{why}, got {value!r}",
+            )
+        elif isinstance(f.default, float):
+            low, high = meta["minimum"], meta["below"]
+            if meta["positive"]:
+                rule, ok = "a positive number", _is_number(value) and value > 0
+            elif high is not None:
+                rule, ok = f"in [{low:g}, {high:g})", _is_number(value) and low <= value < high
+            else:
+                rule, ok = f"a number >= {low:g}", _is_number(value) and value >= low
+            _check(ok, f"{what} must be {rule}{why}, got {value!r}")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -59,7 +126,7 @@ def _is_number(value) -> bool:
 class ModelSpec:
     """What BN-LeNet looks like. All frameworks build the same network from it."""
 
-    variant: str = "scratch"  # scratch | builtin | builtin-defaults | none (compare.run --variants)
+    variant: str = option("scratch", choices=VARIANTS)  # compare.run --variants
     # bn_positions, bias_before_bn, bn_placement: any normalisation's, as their flags say; the field names are the
     # ones records and config ids were first written with, so results already on disk stay readable and resumable
     bn_positions: tuple = option(
@@ -86,43 +153,61 @@ class ModelSpec:
         flag="--norm-placement",
         aliases=("--bn-placement",),
     )
-    dropout: float = option(0.0, "after the fc1 and fc2 activations; 0 = no dropout layer")
+    dropout: float = option(0.0, "after the fc1 and fc2 activations; 0 = no dropout layer", minimum=0.0, below=1.0)
     freeze_gamma_beta: bool = option(False, "keep gamma=1, beta=0 (their initial values)")
-    decay: float = option(0.9, "running = decay*running + (1-decay)*batch (PyTorch's momentum m is 1 - m)")
-    epsilon: float = option(1e-5, "added to the variance inside the square root")
-    input_size: int = 28  # images are zero-padded (centred) to this size
+    decay: float = option(
+        0.9,
+        "running = decay*running + (1-decay)*batch (PyTorch's momentum m is 1 - m)",
+        minimum=0.0,
+        below=1.0,
+        why="PyTorch's momentum m is decay 1 - m",
+    )
+    epsilon: float = option(1e-5, "added to the variance inside the square root", positive=True)
+    input_size: int = option(28, minimum=28)  # images are zero-padded (centred) to this size
     image_size: int = option(
         28,
         "resize the 28x28 images to S x S before training (bilinear on the 8-bit image, as the textbook's 96x96 "
         "version does with torchvision's Resize, by Pillow, cached on disk); the first dense layer follows from S, "
         "a multiple of 4 of at least 16",
+        since="the 96x96 configuration",
     )
     norm: str = option(
         "batch",
         "the normalisation at --norm-positions (common/norms.py has each one's spec); instance needs "
         "--norm-positions conv1,conv2",
-        choices=NORMS,
+        choices=NORMALISATIONS,  # the table itself, so that a row added to it is a choice at once
+        noun="normalisation",
     )
-    groups: int = option(2, "--norm group: groups of channels per example")
+    groups: int = option(2, "--norm group: groups of channels per example", minimum=1)
     whiten_group: int = option(
         4,
         "--norm whiten: channels whitened together, in groups of g consecutive ones (a last group takes what is "
         "left; g at or above a layer's channels whitens them all together; 1 is BN)",
+        minimum=1,
+        why="channels whitened together",
+        since="the research exercise",
     )
-    whiten_iterations: int = option(5, "--norm whiten: Newton-Schulz iterations for the inverse square root")
+    whiten_iterations: int = option(
+        5,
+        "--norm whiten: Newton-Schulz iterations for the inverse square root",
+        minimum=1,
+        why="Newton-Schulz needs at least one iteration; 5 is IterNorm's",
+        since="the research exercise",
+    )
     pit_scale: str = option(
         "unit",
         "--norm pit, pit-rank: unit = the transform's values in (0, 1), as the exercise asks; standard = "
         "sqrt(12) (u - 1/2), the same values at BN's scale (mean 0, variance 1 for a uniform u), so that with "
         "gamma 1 and beta 0 the layer starts where BN does",
         choices=PIT_SCALES,
+        since="the standardised PIT",
     )
     # batch renormalisation (Ioffe, 2017): r is clipped to [1/rmax, rmax], d to [-dmax, dmax]; the limits
     # grow linearly from 1 and 0 over the first renorm_warmup training steps (0 = the limits from the start)
-    renorm_rmax: float = option(3.0, "--norm renorm: r in [1/rmax, rmax]")
-    renorm_dmax: float = option(5.0, "--norm renorm: d in [-dmax, dmax]")
+    renorm_rmax: float = option(3.0, "--norm renorm: r in [1/rmax, rmax]", minimum=1.0)
+    renorm_dmax: float = option(5.0, "--norm renorm: d in [-dmax, dmax]", minimum=0.0)
     renorm_warmup: int = option(
-        1000, "--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)"
+        1000, "--norm renorm: training steps over which rmax and dmax grow from 1 and 0 (0 = no warm-up)", minimum=0
     )
     # noisy BN (Santurkar et al. 2018): after each normalisation layer, in training steps only, h * s + m with
     # s ~ U(1, noise_scale) and m ~ U(-noise_shift, noise_shift) per step and channel (common.norms.draw_noise)
@@ -131,15 +216,17 @@ class ModelSpec:
         "after each normalisation, in training steps, a random scale s ~ U(1, --noise-scale) and shift "
         "m ~ U(-b, b), b = --noise-shift, per step and channel, the same in every framework (noisy BN: "
         "docs/why-bn.md)",
+        since="noisy BN",
     )
-    noise_scale: float = option(2.0, "--norm-noise: the largest scale a")
-    noise_shift: float = option(1.0, "--norm-noise: the largest shift b")
+    noise_scale: float = option(2.0, "--norm-noise: the largest scale a", minimum=1.0, since="noisy BN")
+    noise_shift: float = option(1.0, "--norm-noise: the largest shift b", minimum=0.0, since="noisy BN")
     noise_form: str = option(
         "channel",
         "--norm-noise: channel = one s and m per step and channel, the same for every example; example = the "
         "paper's form, each example and channel its own s and m, i.i.d. around a centre and with a spread "
         "drawn anew every step (common.norms.draw_noise)",
         choices=NOISE_FORMS,
+        since="the paper's noise",
     )
     noise_eval: str = option(
         "expectation",
@@ -147,6 +234,8 @@ class ModelSpec:
         "in, every channel scaled by E[s] = (1 + a) / 2 and shifted by E[m] = 0, as dropout keeps its mean; "
         "none = without the noise, the train/eval mismatch of the noise itself (docs/why-bn.md)",
         choices=NOISE_EVALS,
+        since="noisy BN's eval mode",
+        before="none",  # noisy runs recorded before it evaluated without the noise
     )
     # ghost batches (Hoffer et al. 2017): in training mode BN normalises each G-image slice of the batch with that
     # slice's statistics; what each replica does under data parallelism with local statistics (docs/data-parallel.md)
@@ -154,48 +243,18 @@ class ModelSpec:
         0,
         "--norm batch, scratch: in training mode, BN statistics over each slice of G images of the batch (ghost "
         "batches: what local sync over B/G replicas computes, docs/data-parallel.md); 0 = the whole batch",
+        minimum=0,
+        why="0 = off",
+        since="data-parallel BN",
     )
 
     def __post_init__(self):
-        object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
-        _check(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
-        for pos in self.bn_positions:
-            _check(pos in BN_POSITIONS, f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
-        _check(len(set(self.bn_positions)) == len(self.bn_positions), f"BN position listed twice: {self.bn_positions}")
-        object.__setattr__(self, "bn_positions", tuple(p for p in BN_POSITIONS if p in self.bn_positions))
+        """The declared bounds of every field (option), then the rules between fields."""
+        self._positions()
+        _check_declared(self)
+        _check(self.input_size % 4 == 0, f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}")
         _check(
-            self.activation in ACTIVATIONS,
-            f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}",
-        )
-        _check(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
-        _check(
-            self.bn_placement in PLACEMENTS,
-            f"unknown BN placement {self.bn_placement!r}; choose from {', '.join(PLACEMENTS)}",
-        )
-        _check(
-            _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"
-        )
-        _check(isinstance(self.bias_before_bn, bool), "bias_before_bn must be true or false")
-        _check(isinstance(self.freeze_gamma_beta, bool), "freeze_gamma_beta must be true or false")
-        _check(
-            _is_number(self.decay) and 0.0 <= self.decay < 1.0,
-            f"decay must be in [0, 1), got {self.decay!r} (PyTorch's momentum m is decay 1 - m)",
-        )
-        _check(
-            _is_number(self.epsilon) and self.epsilon > 0, f"epsilon must be a positive number, got {self.epsilon!r}"
-        )
-        _check(
-            isinstance(self.input_size, int)
-            and not isinstance(self.input_size, bool)
-            and self.input_size >= 28
-            and self.input_size % 4 == 0,
-            f"input_size must be a multiple of 4 and at least 28, got {self.input_size!r}",
-        )
-        _check(
-            isinstance(self.image_size, int)
-            and not isinstance(self.image_size, bool)
-            and self.image_size >= MIN_IMAGE_SIZE
-            and self.image_size % 4 == 0,
+            self.image_size >= MIN_IMAGE_SIZE and self.image_size % 4 == 0,
             f"image_size (--image-size) must be a multiple of 4 and at least {MIN_IMAGE_SIZE}, got "
             f"{self.image_size!r}: two 5x5 convolutions and two 2x2 poolings leave no feature map below "
             f"{MIN_IMAGE_SIZE} (16 -> 12 -> 6 -> 2 -> 1), and a multiple of 4 keeps every pooling exact",
@@ -204,47 +263,6 @@ class ModelSpec:
             self.image_size == 28 or self.input_size == 28,
             f"image_size {self.image_size} (resize) and input_size {self.input_size} (zero-padding) both change the "
             "input's side: set one",
-        )
-        _check(
-            self.norm in NORMALISATIONS,
-            f"unknown normalisation {self.norm!r} (--norm); choose from {', '.join(NORMALISATIONS)}",
-        )
-        _check(
-            isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
-            f"groups (--groups) must be an integer >= 1, got {self.groups!r}",
-        )
-        _check(
-            isinstance(self.whiten_group, int) and not isinstance(self.whiten_group, bool) and self.whiten_group >= 1,
-            f"whiten_group (--whiten-group) must be an integer >= 1 (channels whitened together), got "
-            f"{self.whiten_group!r}",
-        )
-        _check(
-            isinstance(self.whiten_iterations, int)
-            and not isinstance(self.whiten_iterations, bool)
-            and self.whiten_iterations >= 1,
-            f"whiten_iterations (--whiten-iterations) must be an integer >= 1 (Newton-Schulz needs at least one "
-            f"iteration; 5 is IterNorm's), got {self.whiten_iterations!r}",
-        )
-        _check(isinstance(self.norm_noise, bool), "norm_noise must be true or false")
-        _check(
-            _is_number(self.noise_scale) and self.noise_scale >= 1,
-            f"noise_scale (--noise-scale) must be a number >= 1, got {self.noise_scale!r}",
-        )
-        _check(
-            _is_number(self.noise_shift) and self.noise_shift >= 0,
-            f"noise_shift (--noise-shift) must be a number >= 0, got {self.noise_shift!r}",
-        )
-        _check(
-            self.noise_form in NOISE_FORMS,
-            f"unknown noise_form {self.noise_form!r} (--noise-form); choose from {', '.join(NOISE_FORMS)}",
-        )
-        _check(
-            self.noise_eval in NOISE_EVALS,
-            f"unknown noise_eval {self.noise_eval!r} (--noise-eval); choose from {', '.join(NOISE_EVALS)}",
-        )
-        _check(
-            self.pit_scale in PIT_SCALES,
-            f"unknown pit_scale {self.pit_scale!r} (--pit-scale); choose from {', '.join(PIT_SCALES)}",
         )
         if self.row.kind not in ("pit", "pit-rank"):  # the PITs' option only: one configuration, one id elsewhere
             object.__setattr__(self, "pit_scale", "unit")
@@ -257,24 +275,18 @@ class ModelSpec:
             f"(variant {self.variant}, norm positions {','.join(self.bn_positions) or 'none'}); use a variant with "
             "a normalisation (scratch, builtin)",
         )
-        _check(
-            _is_number(self.renorm_rmax) and self.renorm_rmax >= 1,
-            f"renorm_rmax (--renorm-rmax) must be a number >= 1, got {self.renorm_rmax!r}",
-        )
-        _check(
-            _is_number(self.renorm_dmax) and self.renorm_dmax >= 0,
-            f"renorm_dmax (--renorm-dmax) must be a number >= 0, got {self.renorm_dmax!r}",
-        )
-        _check(
-            isinstance(self.renorm_warmup, int)
-            and not isinstance(self.renorm_warmup, bool)
-            and self.renorm_warmup >= 0,
-            f"renorm_warmup (--renorm-warmup) must be an integer >= 0, got {self.renorm_warmup!r}",
-        )
-        _check(
-            isinstance(self.ghost_batch, int) and not isinstance(self.ghost_batch, bool) and self.ghost_batch >= 0,
-            f"ghost_batch (--ghost-batch) must be an integer >= 0 (0 = off), got {self.ghost_batch!r}",
-        )
+        self._ghost_batches()
+        self._norm_at_positions()
+
+    def _positions(self) -> None:
+        """bn_positions: known positions, each once, kept in network order."""
+        object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
+        for pos in self.bn_positions:
+            _check(pos in BN_POSITIONS, f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
+        _check(len(set(self.bn_positions)) == len(self.bn_positions), f"BN position listed twice: {self.bn_positions}")
+        object.__setattr__(self, "bn_positions", tuple(p for p in BN_POSITIONS if p in self.bn_positions))
+
+    def _ghost_batches(self) -> None:
         if self.ghost_batch:
             _check(
                 self.ghost_batch >= 2,
@@ -286,6 +298,10 @@ class ModelSpec:
                 f"--variants scratch (got --norm {self.norm}, variant {self.variant}; no framework's built-in "
                 f"layer normalises slices of a batch)",
             )
+
+    def _norm_at_positions(self) -> None:
+        """The normalisation fits every position it is put at: its groups divide the channels, a per-position norm
+        needs H x W values."""
         if self.variant != "none" and self.row.groups == "option":
             for pos in self.bn_positions:
                 _check(
@@ -349,38 +365,19 @@ class ModelSpec:
         return data
 
 
-# fields added after results were stored, with the value those results had (config_id leaves a field at it out,
-# and from_dict fills it in where a stored configuration lacks the field); model fields as "model.NAME". It is the
-# field's default but for noise_eval: noisy runs from before it evaluated without the noise, new ones with its mean.
-LATE_FIELDS = {
-    "trace_every": 0,
-    "model.norm_noise": False,
-    "model.noise_scale": 2.0,
-    "model.noise_shift": 1.0,
-    # noisy runs recorded before noise_eval existed evaluated without the noise
-    "model.noise_eval": "none",
-    "model.noise_form": "channel",
-    "model.ghost_batch": 0,
-    "model.image_size": 28,
-    "replicas": 1,
-    "bn_sync": "local",
-    "model.whiten_group": 4,
-    "model.whiten_iterations": 5,
-    "model.pit_scale": "unit",
-}
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """One training run of one variant with one seed (the framework is chosen apart)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    lr: float = option(1.0, "plain SGD learning rate")
-    batch_size: int = option(256, "images per SGD step (and per BN batch)")
-    epochs: int = option(10, "passes over the training images")
-    seed: int = 0  # compare.run --seeds
-    dtype: str = "float32"  # parameters, data and the optimizer update (and the compute dtype unless mixed)
-    mixed: str = "off"  # "bfloat16": the framework's mixed-precision mechanism (--precision mixed-bfloat16)
+    lr: float = option(1.0, "plain SGD learning rate", positive=True)
+    batch_size: int = option(256, "images per SGD step (and per BN batch)", minimum=2)
+    epochs: int = option(10, "passes over the training images", minimum=1)
+    seed: int = option(0, minimum=0)  # compare.run --seeds
+    # parameters, data and the optimizer update (and the compute dtype unless mixed)
+    dtype: str = option("float32", choices=DTYPES)
+    # "bfloat16": the framework's mixed-precision mechanism (--precision mixed-bfloat16)
+    mixed: str = option("off", choices=MIXED_DTYPES, noun="mixed-precision compute dtype")
     device: str = option(
         "auto", "auto = the GPU when the framework sees one; gpu without one is an error", choices=DEVICES
     )
@@ -391,33 +388,39 @@ class RunConfig:
         "TensorFlow's jit_compile, JAX's jax.jit (not PyTorch or MXNet)",
         choices=EXECUTIONS,
     )
-    warmup_steps: int = option(5, "first steps of each epoch, timed apart from the throughput figure")
-    eval_batch_size: int = 1000
-    probe_size: int = option(512, "test images in the divergence probe")
-    train_limit: int = option(0, "use the first N training images (0 = all)")
-    test_limit: int = option(0, "use the first N test images (0 = all)")
-    trace_steps: int = option(0, "also record the loss of each of the first N steps of every epoch")
+    warmup_steps: int = option(5, "first steps of each epoch, timed apart from the throughput figure", minimum=0)
+    eval_batch_size: int = option(1000, minimum=1)
+    probe_size: int = option(512, "test images in the divergence probe", minimum=2)
+    train_limit: int = option(0, "use the first N training images (0 = all)", minimum=0)
+    test_limit: int = option(0, "use the first N test images (0 = all)", minimum=0)
+    trace_steps: int = option(0, "also record the loss of each of the first N steps of every epoch", minimum=0)
     trace_every: int = option(
         0,
         "every K SGD steps, before the step: activation percentiles, internal covariate shift and the loss "
         "landscape (common.trace, docs/why-bn.md), timed apart; 0 = off",
+        minimum=0,
+        since="why-BN traces",
     )
     replicas: int = option(
         1,
         "train data-parallel on K replicas, each on its own contiguous B/K slice of every batch, gradients "
         "averaged over the whole batch, on the framework's own distributed engine (docs/data-parallel.md)",
+        minimum=1,
+        since="data-parallel BN",
     )
     bn_sync: str = option(
         "local",
         "with --replicas: local = each replica's BN uses its own slice's statistics (every framework's "
         "default), global = the whole batch's (synchronised BN)",
         choices=BN_SYNCS,
+        since="data-parallel BN",
     )
     population_size: int = option(
         2048,
         "after each epoch, also evaluate with BN population statistics from this many training images "
         "(train-mode batches of --batch-size, weights fixed, timed apart: common.population); 0 = off; not for "
         "--norm whiten, whose running covariance has no population form in the spec (its runs skip the pass)",
+        minimum=0,
     )
     recalibrate: bool = option(
         False,
@@ -426,36 +429,27 @@ class RunConfig:
     )
 
     def __post_init__(self):
+        """The declared bounds of every field (option), then the rules between fields."""
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelSpec(**self.model))
         _check(isinstance(self.model, ModelSpec), "model must be a ModelSpec")
-        _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
-        for name, low in (
-            ("batch_size", 2),
-            ("epochs", 1),
-            ("eval_batch_size", 1),
-            ("probe_size", 2),
-            ("warmup_steps", 0),
-            ("seed", 0),
-            ("train_limit", 0),
-            ("test_limit", 0),
-            ("trace_steps", 0),
-            ("trace_every", 0),
-            ("population_size", 0),
-            ("replicas", 1),
-        ):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                f"{name} must be an integer >= {low}, got {value!r}",
-            )
+        _check_declared(self)
         _check(self.seed < 2**32, f"seed must be below 2**32, got {self.seed}")
+        _check(
+            self.mixed == "off" or self.dtype == "float32",
+            f"mixed precision keeps parameters and the update in float32, so it needs dtype float32, not "
+            f"{self.dtype} (--precision mixed-bfloat16 sets both)",
+        )
+        self._check_population()
+        self._check_slices()
+        self._check_noise()
+
+    def _check_population(self) -> None:
         _check(
             self.population_size == 0 or self.population_size >= self.batch_size,
             f"population_size (--population-size) must be 0 (off) or at least one batch ({self.batch_size} images), "
             f"got {self.population_size}",
         )
-        _check(isinstance(self.recalibrate, bool), "recalibrate must be true or false")
         _check(
             not self.recalibrate or self.population_size > 0,
             "recalibrate (--recalibrate) needs population statistics: set population_size (--population-size) above 0",
@@ -465,7 +459,9 @@ class RunConfig:
             f"recalibrate (--recalibrate) keeps population statistics, and --norm {self.model.norm} has none "
             f"({self.model.row.why_not or 'it keeps no running statistics'}); drop --recalibrate",
         )
-        self._check_slices()
+
+    def _check_noise(self) -> None:
+        """The paper's per-example noise against what a step's batch it does not fit."""
         example = self.model.norm_noise and self.model.noise_form == "example"
         _check(
             not (example and self.trace_every),
@@ -478,25 +474,10 @@ class RunConfig:
             "--noise-form example with --replicas is not supported: each replica would need its slice of the "
             "batch's noise; use --noise-form channel (the same noise for every example) or one process",
         )
-        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        _check(
-            self.mixed in MIXED_DTYPES,
-            f"unknown mixed-precision compute dtype {self.mixed!r}; choose from {', '.join(MIXED_DTYPES)}",
-        )
-        _check(
-            self.mixed == "off" or self.dtype == "float32",
-            f"mixed precision keeps parameters and the update in float32, so it needs dtype float32, not "
-            f"{self.dtype} (--precision mixed-bfloat16 sets both)",
-        )
-        _check(
-            self.execution in EXECUTIONS, f"unknown execution {self.execution!r}; choose from {', '.join(EXECUTIONS)}"
-        )
-        _check(self.device in DEVICES, f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     def _check_slices(self) -> None:
         """--replicas, --bn-sync and --ghost-batch against the batch and the normalisation."""
         spec = self.model
-        _check(self.bn_sync in BN_SYNCS, f"unknown bn_sync {self.bn_sync!r}; choose from {', '.join(BN_SYNCS)}")
         _check(
             self.batch_size % self.replicas == 0,
             f"--replicas {self.replicas} does not divide --batch-size {self.batch_size}: every replica takes an equal "
@@ -590,3 +571,18 @@ class RunConfig:
             if holder.get(key) == default:
                 del holder[key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _late_fields() -> dict:
+    """The fields added after results were stored (option's since), with the value those results had (its before):
+    config_id leaves a field at that value out, and from_dict fills it in where a stored configuration lacks it, so
+    the ids and meanings of results on disk hold. Model fields as "model.NAME"."""
+    late = {}
+    for prefix, cls in (("", RunConfig), ("model.", ModelSpec)):
+        for f in fields(cls):
+            if f.metadata.get("since"):
+                late[prefix + f.name] = f.metadata["before"]
+    return late
+
+
+LATE_FIELDS = _late_fields()

@@ -15,8 +15,8 @@ def test_defaults_are_the_textbook_setting():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"lr": 0}, "lr must be a positive"),
-        ({"lr": float("nan")}, "lr must be a positive"),
+        ({"lr": 0}, "lr \\(--lr\\) must be a positive"),
+        ({"lr": float("nan")}, "lr \\(--lr\\) must be a positive"),
         ({"batch_size": 1}, "batch_size"),
         ({"epochs": 0}, "epochs"),
         ({"dtype": "float16"}, "dtype"),
@@ -34,8 +34,8 @@ def test_bad_run_config_values(changes, match):
     "changes, match",
     [
         ({"variant": "fancy"}, "unknown variant 'fancy'"),
-        ({"decay": 1.0}, "decay must be in"),
-        ({"epsilon": 0}, "epsilon must be a positive"),
+        ({"decay": 1.0}, "decay \\(--decay\\) must be in"),
+        ({"epsilon": 0}, "epsilon \\(--epsilon\\) must be a positive"),
         ({"dropout": 1.0}, "dropout"),
         ({"bn_positions": ("conv3",)}, "unknown BN position"),
         ({"activation": "tanh"}, "activation"),

@@ -77,7 +77,7 @@ def test_bad_data_parallel_options_are_clear_errors():
     for kwargs, message in (
         (dict(replicas=3), "--replicas 3 does not divide --batch-size 256"),
         (dict(replicas=2, batch_size=2), "leaves 1 image per replica"),
-        (dict(replicas=0), "replicas must be an integer >= 1"),
+        (dict(replicas=0), "replicas \\(--replicas\\) must be an integer >= 1"),
         (dict(replicas=2, bn_sync="global", model=ModelSpec(norm="layer")), "nothing to synchronise"),
         (dict(replicas=2, model=ModelSpec(norm="renorm")), "--replicas with --norm renorm"),
         (dict(replicas=2, model=ModelSpec(ghost_batch=64)), "--ghost-batch and --replicas together"),

@@ -144,7 +144,7 @@ def test_a_broken_framework_costs_only_its_rows(tmp_path, capsys):
         (["--frameworks", "torch,paddle"], "unknown framework 'paddle'"),
         (["--variants", "fancy"], "unknown variant"),
         (["--seeds", "a"], "--seeds takes comma-separated integers"),
-        (["--lr", "-1"], "lr must be a positive"),
+        (["--lr", "-1"], "lr (--lr) must be a positive"),
         (["--data-dir", "/no/such/dir"], "does not exist"),
         (["--python", "torch"], "--python takes FW=PATH"),
     ],

@@ -133,12 +133,15 @@ def test_scale_gives_an_integer_field_an_integer(tmp_path):
         (("[grid]\nlr", "[grid]\nlrr"), r"s\.toml:11: \[grid\] lrr: unknown field; choose from lr, batch_size"),
         (
             ("lr = [0.1, 1.0]", "lr = [0.1, -1.0]"),
-            r"s\.toml:11: \[grid\] lr: -1\.0 is not valid: lr must be a positive",
+            r"s\.toml:11: \[grid\] lr: -1\.0 is not valid: lr \(--lr\) must be a positive",
         ),
         (("lr = [0.1, 1.0]", "lr = []"), r"s\.toml:11: \[grid\] lr: must be a non-empty list"),
         (("lr = [0.1, 1.0]", "lr = [0.1, 0.1]"), r"s\.toml:11: \[grid\] lr: lists a value twice"),
         (("epochs = 4", "epochs = 4\nlr = 0.5"), r"s\.toml:12: \[grid\] lr: is also set in \[base\]"),
-        (("epochs = 4", "epochs = 0"), r"s\.toml:8: \[base\] epochs: 0 is not valid: epochs must be an integer >= 1"),
+        (
+            ("epochs = 4", "epochs = 0"),
+            r"s\.toml:8: \[base\] epochs: 0 is not valid: epochs \(--epochs\) must be an integer >= 1",
+        ),
         (('activation = "relu"', 'activation = "tanh"'), r"s\.toml:7: \[base\] activation: 'tanh' is not valid"),
         (("seeds = [0, 1]", "seed = [0, 1]"), r"s\.toml:4: seed: unknown field"),
         (

@@ -150,7 +150,7 @@ def test_steps_are_traced_every_k_across_epochs():
 
 
 def test_trace_every_is_checked_and_leaves_earlier_ids_alone():
-    with pytest.raises(ConfigError, match="trace_every must be an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"trace_every \(--trace-every\) must be an integer >= 0"):
         RunConfig(trace_every=-1)
     off = RunConfig()
     assert "trace_every" in off.to_dict() and RunConfig(trace_every=3).config_id != off.config_id

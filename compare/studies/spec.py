@@ -251,7 +251,7 @@ def _check_values(reader, section, values: dict, base: dict) -> None:
 
 
 def load(path, name: str | None = None) -> Study:
-    """The study in `path`, validated; its name is the file's stem unless given."""
+    """The study in `path`, validated section by section; its name is the file's stem unless given."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
@@ -260,6 +260,47 @@ def load(path, name: str | None = None) -> Study:
         raise StudyError(f"{path}: not valid TOML: {exc}") from None
     r = _Reader(path, text)
     _known(r, None, data, TOP_KEYS)
+    question, frameworks, variants, seeds = _top(r, data)
+    tables = {}
+    for section in ("base", "grid", "scale", "quick", "failure", "answer", "plot"):
+        tables[section] = data.get(section, {})
+        if not isinstance(tables[section], dict):
+            raise r.error(None, section, f"must be a table ([{section}])")
+    base = tables["base"]
+    _known(r, "base", base, FIELDS)
+    _check_values(r, "base", base, {})
+    grid = _grid(r, tables["grid"], base)
+    scale = _scale(r, tables["scale"], grid)
+    quick, quick_grid = _quick(r, tables["quick"], base, grid)
+    failure = _failure(r, tables["failure"])
+    axes = tuple(grid) + tuple(scale)
+    answer = _answer(r, tables["answer"], grid, axes, failure, frameworks, variants)
+    exclude = _exclude(r, data, grid, variants)
+    _names(r, answer, grid, frameworks, variants)
+    plot = _plot(r, tables["plot"], answer, axes)
+    return Study(
+        name=name or path.stem,
+        path=path,
+        text=text,
+        question=question.strip(),
+        about=str(data.get("about", "")).strip(),
+        frameworks=frameworks,
+        variants=variants,
+        seeds=tuple(seeds),
+        base=base,
+        grid=grid,
+        scale=scale,
+        quick=quick,
+        quick_grid=quick_grid,
+        failure=failure,
+        answer=answer,
+        plot=plot,
+        exclude=tuple({k: coord_value(v) for k, v in rule.items()} for rule in exclude),
+    )
+
+
+def _top(r, data) -> tuple:
+    """(question, frameworks, variants, seeds): the file's top level."""
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
         raise r.error(None, "question", 'every study states its question in words (question = "...")')
@@ -274,18 +315,14 @@ def load(path, name: str | None = None) -> Study:
     ):
         raise r.error(None, "seeds", "must be a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
 
-    tables = {}
-    for section in ("base", "grid", "scale", "quick", "failure", "answer", "plot"):
-        tables[section] = data.get(section, {})
-        if not isinstance(tables[section], dict):
-            raise r.error(None, section, f"must be a table ([{section}])")
-    base = tables["base"]
-    _known(r, "base", base, FIELDS)
-    _check_values(r, "base", base, {})
+    return question, frameworks, variants, seeds
 
+
+def _grid(r, table: dict, base: dict) -> dict:
+    """[grid]: each field over its values, each checked as a configuration takes it."""
     grid = {}
-    _known(r, "grid", tables["grid"], FIELDS)
-    for key, values in tables["grid"].items():
+    _known(r, "grid", table, FIELDS)
+    for key, values in table.items():
         if key in base:
             raise r.error("grid", key, "is also set in [base]; keep it in one place")
         if not isinstance(values, list) or not values:
@@ -296,8 +333,13 @@ def load(path, name: str | None = None) -> Study:
             _check_values(r, "grid", {key: value}, base)
         grid[key] = tuple(values)
 
+    return grid
+
+
+def _scale(r, table: dict, grid: dict) -> dict:
+    """[scale]: the fields that follow a grid field by a rule."""
     scale = {}
-    for key, rule in tables["scale"].items():
+    for key, rule in table.items():
         if key not in FIELDS:
             raise r.error("scale", key, f"unknown field; choose from {', '.join(FIELDS)}")
         if not isinstance(rule, dict) or set(rule) != {"with", "reference", "rule"}:
@@ -318,7 +360,12 @@ def load(path, name: str | None = None) -> Study:
             raise r.error("scale", key, "reference must be a positive number")
         scale[key] = {"field": key, **rule}
 
-    quick = dict(tables["quick"])
+    return scale
+
+
+def _quick(r, table: dict, base: dict, grid: dict) -> tuple:
+    """([quick], [quick.grid]): the --quick budget's fields and grid values."""
+    quick = dict(table)
     quick_grid = quick.pop("grid", {})
     _known(r, "quick", quick, FIELDS + ("grid",))
     _check_values(r, "quick", quick, base)
@@ -333,14 +380,24 @@ def load(path, name: str | None = None) -> Study:
             _check_values(r, "quick.grid", {key: value}, base)
         quick_grid[key] = tuple(values)
 
-    failure = tables["failure"] or None
+    return quick, quick_grid
+
+
+def _failure(r, table: dict):
+    """[failure]: the threshold below which a run failed, or None."""
+    failure = table or None
     if failure is not None:
         _known(r, "failure", failure, ("min_best_test_acc",))
         threshold = failure.get("min_best_test_acc")
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
             raise r.error("failure", "min_best_test_acc", "must be a number in [0, 1]")
 
-    answer = dict(tables["answer"])
+    return failure
+
+
+def _answer(r, table: dict, grid: dict, axes: tuple, failure, frameworks, variants) -> dict:
+    """[answer]: the kind, the metric and the further ones, x or the axis and its baseline, the names."""
+    answer = dict(table)
     _known(r, "answer", answer, ("kind", "metric", "x", "axis", "baseline", "best", "also", "names"))
     names = answer.get("names", {})
     if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
@@ -373,7 +430,6 @@ def load(path, name: str | None = None) -> Study:
     answer.setdefault("metric", "best_test_acc")
     if answer["metric"] not in METRICS:
         raise r.error("answer", "metric", f"unknown metric {answer['metric']!r}; choose from {', '.join(METRICS)}")
-    axes = tuple(grid) + tuple(scale)
     if answer["kind"] in ("largest-stable", "trend"):
         if answer.get("x") not in grid:
             raise r.error("answer", "x", f"must name a [grid] field; the grid has {', '.join(grid) or 'none'}")
@@ -402,6 +458,11 @@ def load(path, name: str | None = None) -> Study:
                     raise r.error("answer", "baseline", f"{key} = {value!r} is not among {list(options[key])}")
             answer["baseline"] = {k: coord_value(baseline[k]) for k in axis}
 
+    return answer
+
+
+def _exclude(r, data: dict, grid: dict, variants) -> list:
+    """exclude: the cells left out, each rule naming variants and grid values that exist."""
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise r.error(None, "exclude", 'must be a list of tables, e.g. [{ variant = "none", norm_noise = true }]')
@@ -413,6 +474,12 @@ def load(path, name: str | None = None) -> Study:
             if coord_value(value) not in options[key]:
                 raise r.error(None, "exclude", f"{key} = {value!r} is not among {list(options[key])}")
 
+    return exclude
+
+
+def _names(r, answer: dict, grid: dict, frameworks, variants) -> None:
+    """[answer] names: every key names an arm of the comparison or a coordinate of the grid."""
+    axis = answer.get("axis", ())
     known = {f"{k}={num(coord_value(v))}" for k in grid for v in grid[k]}
     known |= {f"variant={v}" for v in variants}
     if answer["kind"] == "compare":
@@ -424,7 +491,10 @@ def load(path, name: str | None = None) -> Study:
             "answer", "names", f"{', '.join(map(repr, unknown))} names no arm or coordinate; they are: {sorted(known)}"
         )
 
-    plot = dict(tables["plot"])
+
+def _plot(r, table: dict, answer: dict, axes: tuple) -> dict:
+    """[plot]: x, a log x axis or not, and the metrics drawn."""
+    plot = dict(table)
     _known(r, "plot", plot, ("x", "log_x", "metrics"))
     plot.setdefault("x", answer.get("x") or (answer.get("axis") or (None,))[0])
     plot.setdefault("log_x", False)
@@ -435,22 +505,4 @@ def load(path, name: str | None = None) -> Study:
         raise r.error("plot", "metrics", f"must be a non-empty list from: {', '.join(METRICS)}")
     if plot["x"] is not None and plot["x"] not in ("framework", "variant") + axes:
         raise r.error("plot", "x", "must name a grid field, 'framework' or 'variant'")
-    return Study(
-        name=name or path.stem,
-        path=path,
-        text=text,
-        question=question.strip(),
-        about=str(data.get("about", "")).strip(),
-        frameworks=frameworks,
-        variants=variants,
-        seeds=tuple(seeds),
-        base=base,
-        grid=grid,
-        scale=scale,
-        quick=quick,
-        quick_grid=quick_grid,
-        failure=failure,
-        answer=answer,
-        plot=plot,
-        exclude=tuple({k: coord_value(v) for k, v in rule.items()} for rule in exclude),
-    )
+    return plot
