@@ -369,8 +369,8 @@ def stateless_norms(norms) -> list:
     return [n for n in norms if n in NORMALISATIONS and not NORMALISATIONS[n].running]
 
 
-def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
-    s = t["summary"]
+def _header(env: dict) -> list:
+    """The report's title and what ran where: command, machine, data, reference, interpreters."""
     parts = [f"# bn-compare report {env.get('run_id', '')}\n"]
     if env.get("interrupted"):
         parts.append(
@@ -392,8 +392,13 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             f"- {', '.join(here)}: from the Python that ran the command, whatever its version (the table of "
             "conventions gives it), not the pinned tox env",
         )
-    if problems:
-        parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
+    return parts
+
+
+def _summary_section(t: dict) -> list:
+    """The summary table, the two-seed and one-seed notes, and the rows still on their plateau."""
+    s = t["summary"]
+    parts = []
     parts += [
         "## Summary\n",
         "Test accuracy is measured in eval mode (running statistics) after each epoch; `best_test_acc` is "
@@ -413,6 +418,11 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             f"{who} on one seed (or none): no spread between seeds is measured, so no interval is "
             f"given; `--seeds 0,1,2` gives one.\n"
         )
+    return parts
+
+
+def _unfinished_section(t: dict) -> list:
+    parts = []
     runs = t["runs"]
     unfinished = runs[runs.status != "complete"] if not runs.empty else runs
     if not unfinished.empty:
@@ -423,6 +433,13 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             "`failed`: an error before training.\n",
             markdown_table(unfinished, UNFINISHED_COLUMNS),
         ]
+    return parts
+
+
+def _divergence_section(t: dict) -> list:
+    """Train/eval-mode divergence, with the normalisations whose divergence is 0 by construction said once."""
+    s = t["summary"]
+    parts = []
     norms = sorted(set(s.norm.dropna())) if "norm" in s else []
     stateless = stateless_norms(norms)
     parts += [
@@ -438,9 +455,12 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
         ),
         markdown_table(s, DIVERGENCE_COLUMNS),
     ]
-    parts += mixed_precision_section(t)
-    parts += population_section(t)
-    parts += trace_section(t)
+    return parts
+
+
+def _layers_section(t: dict) -> list:
+    """Per layer: batch against running statistics, and how white or uniform the research transforms' output is."""
+    parts = []
     gap = t["bn_gap"]
     if not gap.empty:
         last = final_epoch_gaps(gap)
@@ -461,6 +481,12 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
                 "pit-rank: 1/(2m) by construction, more with ties).\n",
                 markdown_table(last.dropna(subset=shape, how="all"), ["framework", "variant", "layer", *shape]),
             ]
+    return parts
+
+
+def _drift_section(t: dict) -> list:
+    """Cross-framework drift, or why it was not measured."""
+    parts = []
     drift = t["drift"]
     if not drift.empty:
         last = drift[drift.epoch == drift.epoch.max()]
@@ -494,13 +520,26 @@ def render_markdown(t: dict, env: dict, plots: list, written: list, problems: li
             )
             + "\n",
         ]
+    return parts
+
+
+def render_markdown(t: dict, env: dict, plots: list, written: list, problems: list) -> str:
+    """report.md of a run: its header, then each section of its tables, the plots and the files."""
+    parts = _header(env)
+    if problems:
+        parts += ["## Problems reading this run\n"] + [f"- {p}" for p in problems] + [""]
+    parts += _summary_section(t) + _unfinished_section(t) + _divergence_section(t)
+    parts += mixed_precision_section(t)
+    parts += population_section(t)
+    parts += trace_section(t)
+    parts += _layers_section(t) + _drift_section(t)
     parts += [
         "## Normalisation conventions in effect\n",
         "The normalisation (`--norm`; batch is BN) and the decay and epsilon its layers really used "
         "(builtin-defaults shows each framework's own; no decay: no running statistics); under --replicas or "
         "--ghost-batch, how the batch statistics were split and which running statistics eval mode used "
         "(docs/data-parallel.md).\n",
-        markdown_table(s, CONVENTION_COLUMNS),
+        markdown_table(t["summary"], CONVENTION_COLUMNS),
     ]
     if not t["errors"].empty:
         parts += [
