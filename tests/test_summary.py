@@ -57,7 +57,7 @@ def test_frameworks_and_strata_that_agree_are_said_once(tmp_path):
     s = study(tmp_path)
     got = summarised(compare_runs(0.05), s)
     assert got.sentences == [
-        "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in all four frameworks (ReLU: 0.8600 "
+        "lr 1 against lr 0.1, in all four frameworks: best test accuracy higher beyond seed noise (ReLU: 0.8600 "
         "against 0.8100; activation sigmoid: 0.8600 against 0.8100)."
     ]
     assert list(got.table.columns) == [
@@ -94,8 +94,32 @@ def test_strata_that_differ_are_said_apart(tmp_path):
     sigmoid = compare_runs(0.0, noisy=FOUR, activations=("sigmoid",))
     got = summarised(pd.concat([relu, sigmoid], ignore_index=True), s)
     assert got.sentences == [
+        "lr 1 against lr 0.1 (ReLU), in all four frameworks: best test accuracy higher beyond seed noise (0.8600 "
+        "against 0.8100).",
+        "lr 1 against lr 0.1 (activation sigmoid), in all four frameworks: best test accuracy within seed noise "
+        "(0.8100 against 0.8100).",
+    ]
+
+
+def test_an_arm_is_one_sentence_with_a_clause_per_metric(tmp_path):
+    """Two metrics (answer.also): one sentence for the arm, a clause each, 'in all four frameworks' said once where
+    every clause holds in every framework, and in each clause where one does not (MXNet within seed noise on the
+    loss)."""
+    s = study(tmp_path, STUDY.replace("baseline = 0.1", 'baseline = 0.1\nalso = ["final_train_loss"]'))
+    runs = compare_runs(0.05, activations=("relu",))
+    runs["final_train_loss"] = 1.0 - runs.best_test_acc
+    got = summarised(runs, s)
+    assert got.sentences == [
+        "lr 1 against lr 0.1, in all four frameworks: best test accuracy higher beyond seed noise (0.8600 against "
+        "0.8100); final training loss lower beyond seed noise (0.14 against 0.19)."
+    ]
+    mxnet = (runs.framework == "mxnet") & (runs.lr == 1.0)
+    runs.loc[mxnet, "final_train_loss"] = runs.loc[mxnet, "final_train_loss"] + [0.05, -0.1, 0.1]
+    got = summarised(runs, s)
+    assert got.sentences == [
         "lr 1 against lr 0.1: best test accuracy higher beyond seed noise in all four frameworks (0.8600 against "
-        "0.8100) (ReLU); within seed noise in all four frameworks (0.8100 against 0.8100) (activation sigmoid)."
+        "0.8100); final training loss lower beyond seed noise in 3 of 4 frameworks (0.14 against 0.19), within "
+        "seed noise in MXNet Gluon (0.1567 against 0.19)."
     ]
 
 
@@ -103,7 +127,7 @@ def test_one_seed_and_no_complete_run(tmp_path):
     s = study(tmp_path)
     got = summarised(compare_runs(0.05, seeds=(0,), activations=("relu",)), s)
     assert got.sentences == [
-        "lr 1 against lr 0.1: best test accuracy not told apart (one seed) in all four frameworks (0.8500 against "
+        "lr 1 against lr 0.1, in all four frameworks: best test accuracy not told apart (one seed) (0.8500 against "
         "0.8000).",
         "Every cell rests on one seed: no difference can be told from seed noise.",
     ]

@@ -33,6 +33,11 @@ class Metric:
     kind: str  # a key of BOUNDS
     better: str | None = None  # "higher", "lower", or None
     speed: bool = False  # examples/s: printed with thousands separators
+    short: str = ""  # the label in a sentence where the long one would crowd it (study answers); else the label
+
+    @property
+    def said(self) -> str:
+        return self.short or self.label
 
     @property
     def bounds(self) -> tuple:
@@ -101,7 +106,7 @@ def _entries():
         Metric("final_test_acc", "final test accuracy", F, hi),
         Metric("final_train_loss", "final training loss", N, lo),
         # the final epoch's training accuracy, as the steps saw it: train mode, and a noisy run's noise
-        Metric("final_train_acc", "final training accuracy (train mode, as trained)", F, hi),
+        Metric("final_train_acc", "final training accuracy (train mode, as trained)", F, hi, short="training accuracy"),
         Metric("final_probe_disagreement", "train/eval prediction disagreement", F, lo),
         Metric("final_probe_logit_mad", "train/eval mean |logit difference|", N, lo),
         Metric("final_probe_acc_eval", "probe accuracy in eval mode", F, hi),
@@ -140,16 +145,16 @@ def _entries():
         Metric("bn_decay", "the decay the normalisation layers used", R),
         Metric("bn_epsilon", "the epsilon the normalisation layers used", R),
     ]
-    for name, label, kind in (  # per traced step (and layer), and per run their mean over the steps (TRACE_METRICS)
-        ("ics_rel_diff", "internal covariate shift ||G - G'|| / ||G||", N),
-        ("ics_cos", "internal covariate shift cos(G, G')", R),
-        ("loss_variation", "loss variation along the gradient", N),
-        ("grad_predictiveness", "gradient change along the gradient", N),
-        ("beta_smoothness", "effective beta-smoothness", N),
-        ("grad_norm", "gradient norm", N),
+    for name, label, kind, short in (  # per traced step (and layer), and per run their mean over steps (TRACE_METRICS)
+        ("ics_rel_diff", "internal covariate shift ||G - G'|| / ||G||", N, "ICS"),
+        ("ics_cos", "internal covariate shift cos(G, G')", R, "ICS cosine"),
+        ("loss_variation", "loss variation along the gradient", N, "loss variation"),
+        ("grad_predictiveness", "gradient change along the gradient", N, "gradient change"),
+        ("beta_smoothness", "effective beta-smoothness", N, "beta-smoothness"),
+        ("grad_norm", "gradient norm", N, "gradient norm"),
     ):
         yield Metric(name, label, kind)
-        yield Metric(f"mean_{name}", f"{label}, mean over traced steps", kind)
+        yield Metric(f"mean_{name}", f"{label}, mean over traced steps", kind, short=short)
     for precision in ("mixed", "float32"):  # mixed_precision table: each mixed run beside its float32 twin
         yield Metric(f"test_acc_{precision}", f"test accuracy ({precision})", F, hi)
         yield Metric(f"probe_disagreement_{precision}", f"train/eval prediction disagreement ({precision})", F, lo)

@@ -122,14 +122,15 @@ def _by_verdict(rows: pd.DataFrame) -> list:
     return sorted(found.items(), key=lambda item: (-item[1].framework.nunique(), order.index(item[0])))
 
 
-def verdict_text(rows: pd.DataFrame, metric: str, total: int, wheres: dict | None = None) -> str:
+def verdict_text(rows: pd.DataFrame, metric: str, total: int, wheres: dict | None = None, named: bool = True) -> str:
     """How the frameworks' comparisons of one arm came out: 'lower beyond seed noise in all four frameworks
     (0.3876 against 0.4457)', or the most frequent verdict first, then the others naming their frameworks. wheres:
-    {row index: its stratum in words} where the rows come from several strata, whose figures are then given apart."""
+    {row index: its stratum in words} where the rows come from several strata, whose figures are then given apart.
+    named=False leaves out 'in all four frameworks' (the sentence says it once for all its clauses)."""
     parts = []
     for verdict, group in _by_verdict(rows):
         frameworks = list(dict.fromkeys(group.framework))
-        text = f"{VERDICTS.get(verdict, verdict)} in {frameworks_text(frameworks, total)}"
+        text = VERDICTS.get(verdict, verdict) + (f" in {frameworks_text(frameworks, total)}" if named else "")
         if verdict not in (NO_PAIR, NO_VALUE):
             places = list(dict.fromkeys(wheres[i] for i in group.index)) if wheres else [None]
             figures = []
@@ -180,34 +181,61 @@ def _pattern(rows: pd.DataFrame) -> tuple:
 
 # compare ---------------------------------------------------------------------------------------------------------
 def _compare_sentences(comparisons: pd.DataFrame, study: Study, runs: pd.DataFrame) -> list:
-    """One sentence per arm and metric: its verdict against the baseline in each framework, the strata whose
-    frameworks came out the same said once."""
+    """One sentence per arm (per arm and stratum where the strata came out differently): a clause per metric with
+    its verdict against the baseline in each framework; where every clause holds in every framework, the sentence
+    says so once ('noisy BN against BN, in all four frameworks: best test accuracy within seed noise (...); final
+    training loss higher beyond seed noise (...).'). study.md's appendix keeps each metric's full label."""
     if comparisons.empty:
         return []
     everyone = list(dict.fromkeys(runs.framework))
     strata = shown(study, comparisons, [k for k in strata_of(study, runs) if k != "framework"])
     sentences = []
-    for (metric, arm, baseline), rows in comparisons.groupby(["metric", "arm", "baseline"], sort=False):
-        merged = {}  # verdict pattern -> [(stratum values, its rows)]: strata that came out the same, said once
-        for values, stratum in groups(rows, strata):
-            merged.setdefault(_pattern(stratum), []).append((values, stratum))
-        said = []
-        for found in merged.values():
-            group = pd.concat([stratum for _, stratum in found])
-            if len(merged) == 1:  # every stratum came out the same: said once, each one's figures apart
-                wheres = {i: where_of(study, strata, r) for i, r in group.iterrows()}
-                several = len(set(wheres.values())) > 1
-                said.append(verdict_text(group, metric, len(everyone), wheres if several else None))
-            else:
-                where = places(study, strata, [values for values, _ in found])
-                said.append(f"{verdict_text(group, metric, len(everyone))} ({where})")
-        absent = [f for f in everyone if f not in set(rows.framework)]
-        if absent:
-            said.append(f"no complete runs to compare in {' and '.join(label(f) for f in absent)}")
-        sentences.append(
-            f"{name(study, arm)} against {name(study, baseline)}: {METRICS[metric].label} " + "; ".join(said) + "."
+    for (arm, baseline), of_arm in comparisons.groupby(["arm", "baseline"], sort=False):
+        by_stratum = list(groups(of_arm, strata))
+        outcomes = {
+            tuple((m, _pattern(rows)) for m, rows in stratum.groupby("metric", sort=False)) for _, stratum in by_stratum
+        }
+        parts = (
+            [("", of_arm)] if len(outcomes) <= 1 else [(where_of(study, strata, s.iloc[0]), s) for _, s in by_stratum]
         )
+        for where, rows in parts:
+            sentences.append(_arm_sentence(rows, study, strata if not where else [], everyone, arm, baseline, where))
     return sentences
+
+
+def _arm_sentence(rows, study: Study, strata: list, everyone: list, arm: str, baseline: str, where: str) -> str:
+    agreed = all(
+        stratum.verdict.nunique() == 1 and set(stratum.framework) == set(everyone)
+        for _, by_metric in rows.groupby("metric", sort=False)
+        for _, stratum in groups(by_metric, strata)
+    )
+    clauses = [
+        f"{METRICS[metric].said} {_metric_clause(mine, metric, study, strata, everyone, not agreed)}"
+        for metric, mine in rows.groupby("metric", sort=False)
+    ]
+    where = f" ({where})" if where else ""
+    everywhere = f", in {frameworks_text(everyone, len(everyone))}" if agreed and len(everyone) > 1 else ""
+    return f"{name(study, arm)} against {name(study, baseline)}{where}{everywhere}: " + "; ".join(clauses) + "."
+
+
+def _metric_clause(rows: pd.DataFrame, metric: str, study: Study, strata: list, everyone: list, named: bool) -> str:
+    """One metric's verdicts for an arm, the strata whose frameworks came out the same said once."""
+    merged = {}  # verdict pattern -> [(stratum values, its rows)]: strata that came out the same, said once
+    for values, stratum in groups(rows, strata):
+        merged.setdefault(_pattern(stratum), []).append((values, stratum))
+    said = []
+    for found in merged.values():
+        group = pd.concat([stratum for _, stratum in found])
+        if len(merged) == 1:  # every stratum came out the same: said once, each one's figures apart
+            wheres = {i: where_of(study, strata, r) for i, r in group.iterrows()}
+            several = len(set(wheres.values())) > 1
+            said.append(verdict_text(group, metric, len(everyone), wheres if several else None, named))
+        else:
+            where = places(study, strata, [values for values, _ in found])
+            said.append(f"{verdict_text(group, metric, len(everyone), named=named)} ({where})")
+    text = ", ".join(said) if len(merged) == 1 else "; ".join(said)
+    absent = [f for f in everyone if f not in set(rows.framework)]
+    return text + (f"; no complete runs to compare in {' and '.join(label(f) for f in absent)}" if absent else "")
 
 
 def where_of(study: Study, strata: list, row) -> str:
