@@ -22,7 +22,7 @@ WIDTH = 16.0  # inches: 1,600 px at DPI
 MARKERS = {"torch": "o", "mxnet": "s", "tensorflow": "^", "jax": "D"}
 
 
-def _figure(panels: int, height: float = 3.6):
+def _figure(panels: int, height: float = 3.6, panel_width: float = 4.6):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +30,7 @@ def _figure(panels: int, height: float = 3.6):
 
     if panels > 6:
         raise ValueError(f"{panels} panels: a figure holds at most six; split it by question")
-    width = min(WIDTH, 4.6 * panels + 0.6)
+    width = min(WIDTH, panel_width * panels + 0.6)
     fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False)
     return fig, list(axes[0])
 
@@ -64,7 +64,8 @@ def compare_figure(cell_table: pd.DataFrame, study: Study, metric: str | None = 
     axis = list(study.answer["axis"])
     strata = shown(study, cell_table, [k for k in strata_of(study, cell_table) if k != "framework"])
     found = groups(cell_table, strata)
-    fig, axes = _figure(len(found))
+    most = max(len({arm_label(axis, a) for a in g[axis].itertuples(index=False)}) for _, g in found)
+    fig, axes = _figure(len(found), panel_width=max(4.6, 1.15 * most))  # room for each arm's name
     for ax, (values, group) in zip(axes, found):
         arms = list(dict.fromkeys(arm_label(axis, a) for a in group[axis].itertuples(index=False)))
         baseline = study.answer.get("baseline")
@@ -146,7 +147,7 @@ def answer_figure(cell_table: pd.DataFrame, study: Study):
 
 
 def _y(ax, metric: str) -> None:
-    ax.set_ylabel(METRICS[metric].label if len(METRICS[metric].label) < 40 else metric.replace("_", " "), fontsize=8)
+    ax.set_ylabel(METRICS[metric].label if len(METRICS[metric].label) < 40 else METRICS[metric].said, fontsize=8)
     if METRICS[metric].kind == "fraction":
         ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, axis="y")
