@@ -204,24 +204,49 @@ metric = "final_probe_disagreement"
 """
 
 
-def test_a_trend_said_once_where_the_frameworks_agree(tmp_path):
-    """Disagreement 0.3, 0.2, 0.1 at batch 16, 64, 256 in three frameworks; JAX's 0.3, 0.1, 0.2 is not monotone."""
-    s = study(tmp_path, TREND)
+def trend_runs(spread=None):
+    """Disagreement 0.3, 0.2, 0.1 at batch 16, 64, 256 in three frameworks; JAX's 0.3, 0.1, 0.2 is not monotone;
+    seed 1 above seed 0 by 0.01, or in the frameworks of `spread` by their value."""
     rows = []
     for framework in FOUR:
         values = (0.3, 0.1, 0.2) if framework == "jax" else (0.3, 0.2, 0.1)
+        step = (spread or {}).get(framework, 0.01)
         for batch, value in zip((16, 64, 256), values):
             for seed in (0, 1):
                 rows.append(
-                    dict(framework=framework, batch_size=batch, seed=seed, final_probe_disagreement=value + seed / 100)
+                    dict(framework=framework, batch_size=batch, seed=seed, final_probe_disagreement=value + seed * step)
                 )
-    got = summarised(runs_frame(rows), s)
+    return runs_frame(rows)
+
+
+def test_a_trend_said_once_where_the_frameworks_agree(tmp_path):
+    """The shapes said once for the frameworks that share one; the extremes' intervals (two seeds 0.01 apart) do
+    not overlap anywhere, so the trend is beyond seed noise."""
+    s = study(tmp_path, TREND)
+    got = summarised(trend_runs(), s)
     assert got.sentences == [
         "train/eval prediction disagreement falls as batch_size grows in 3 of 4 frameworks, from 0.3050 at "
         "batch_size 16 to 0.1050 at 256; is not monotone in batch_size in JAX/Flax, from 0.3050 at batch_size 16 "
-        "to 0.2050 at 256."
+        "to 0.2050 at 256. The lowest and highest cells' 95% intervals do not overlap in all four frameworks: the "
+        "trend is beyond seed noise."
     ]
     assert got.table.batch_size.tolist() == ["16", "64", "256"]
+
+
+def test_a_trend_whose_extremes_overlap_is_not_told_apart_from_seed_noise(tmp_path):
+    """PyTorch's seeds 0.3 apart: its lowest and highest cells' intervals overlap, so its fall is said to be
+    within seed noise there (a trend in the means alone is not an answer)."""
+    s = study(tmp_path, TREND)
+    got = summarised(trend_runs({"torch": 0.3}), s)
+    assert got.sentences[0].endswith(
+        "The lowest and highest cells' 95% intervals do not overlap in 3 of 4 frameworks (the trend is beyond seed "
+        "noise there) and overlap in PyTorch."
+    ), got.sentences[0]
+    got = summarised(trend_runs(dict.fromkeys(FOUR, 0.3)), s)
+    assert got.sentences[0].endswith(
+        "The lowest and highest cells' 95% intervals overlap in all four frameworks: the trend is not told apart "
+        "from seed noise."
+    ), got.sentences[0]
 
 
 def test_the_appendix_keeps_every_strata_sentence(tmp_path):

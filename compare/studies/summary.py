@@ -430,8 +430,34 @@ def _trend_sentences(cell_table: pd.DataFrame, study: Study) -> list:
         sentence = f"{where + ': ' if where else ''}{METRICS[metric].label} " + "; ".join(said) + "."
         if metric.endswith("_gain"):  # a per-seed paired difference: where its interval leaves 0
             sentence += " " + _against_zero(stratum, x, metric, total)
+        else:
+            sentence += " " + _extremes_apart(stratum, metric, total)
         sentences.append(sentence)
     return sentences
+
+
+def _extremes_apart(stratum: pd.DataFrame, metric: str, total: int) -> str:
+    """Whether the lowest and the highest cell of each framework are told apart: their 95% intervals do not
+    overlap (the trend is beyond seed noise) or do (it is not)."""
+    found = {}
+    for framework, group in stratum.dropna(subset=[metric]).groupby("framework", sort=False):
+        if len(group) < 2:
+            continue
+        low, high = group.loc[group[metric].idxmin()], group.loc[group[metric].idxmax()]
+        apart = bool(low[f"{metric}_ci_high"] < high[f"{metric}_ci_low"])
+        found.setdefault(apart, []).append(framework)
+    if not found:
+        return ""
+    if len(found) == 1:
+        apart, fws = next(iter(found.items()))
+        return (
+            f"The lowest and highest cells' 95% intervals {'do not overlap' if apart else 'overlap'} in "
+            f"{frameworks_text(fws, total)}: the trend is {'beyond' if apart else 'not told apart from'} seed noise."
+        )
+    return (
+        f"The lowest and highest cells' 95% intervals do not overlap in {frameworks_text(found[True], total)} (the "
+        f"trend is beyond seed noise there) and overlap in {frameworks_text(found[False], total)}."
+    )
 
 
 def _against_zero(stratum: pd.DataFrame, x: str, metric: str, total: int) -> str:
