@@ -34,7 +34,7 @@ from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"epochs": 2, "train_limit": 6000, "test_limit": 2000}
-# the chapter's settings by edition (docs/running.md, "Which edition"): classic is the defaults, the MXNet original
+# the chapter's settings by edition (docs/answers.md, "Which edition"): classic is the defaults, the MXNet original
 # of the chapter and its earlier PyTorch port (lr 1.0, batch 256, 10 epochs); online is the chapter on d2l.ai today
 # (PyTorch: BNLeNetScratch(lr=0.1), batch 128, 10 epochs). Both: sigmoid, plain SGD, BN after every layer.
 PRESETS = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs" / "reference").glob("*.md"))
 COMMANDS = {
     "run": "compare.run",
     "study": "compare.study",
@@ -304,6 +304,19 @@ def test_the_answers_page_is_what_its_records_give():
         )
 
 
+def test_the_studies_durations_are_what_their_records_give():
+    """docs/studies.md's table of how long each shipped study takes is generated: the --quick times from the
+    committed records' environment.json, the full budget's multiple from each study file."""
+    from compare.reporting.excerpt import DURATIONS, durations_block
+
+    found = DURATIONS.search((ROOT / "docs" / "studies.md").read_text())
+    assert found, "docs/studies.md has a `<!-- durations -->` block"
+    assert found.group(0) == found.group(1) + durations_block(ROOT / "docs" / "measured") + found.group(2), (
+        "docs/studies.md's durations are not what the records give: "
+        "`python -m compare.reporting.excerpt --answers docs/studies.md`"
+    )
+
+
 def png_size(path: Path) -> tuple:
     """(width, height) in pixels, from a PNG's header."""
     head = path.read_bytes()[:24]
@@ -330,3 +343,86 @@ def test_every_image_is_drawn_from_committed_records_by_todays_code():
         assert made["code"] == code, f"{name}: the plotting code changed since it was drawn; `{made['command']}`"
         width, _ = png_size(ROOT / "docs" / "images" / name)
         assert width <= 1600 and made.get("panels", 1) <= 6, (name, width, made.get("panels"))
+
+
+# The learner's guides (docs/reference/ holds the porter's and contributor's detail), in reading order: a term is
+# first met in the first of them that uses it.
+READING = ["README.md"] + [
+    f"docs/{name}.md"
+    for name in (
+        "first-hour",
+        "answers",
+        "running",
+        "studies",
+        "why-bn",
+        "population",
+        "normalisations",
+        "data-parallel",
+        "precision",
+        "benchmark",
+    )
+]
+HALF_HOUR = ["README.md"] + [f"docs/{n}.md" for n in ("first-hour", "running", "answers", "why-bn", "population")]
+HALF_HOUR += ["docs/normalisations.md"]
+WORDS_PER_MINUTE = 230  # a careful reader of technical prose
+GENERATED = re.compile(r"<!-- (answer: [\w-]+|durations) -->.*?<!-- /(answer|durations) -->", re.S)
+
+
+def prose(text: str, generated: bool = True) -> str:
+    """What a reader reads of a guide: no code blocks, tables, images or comments; the generated answers' sentences
+    kept (generated=True) or left out (they are not the guide's own words)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    if not generated:
+        text = GENERATED.sub("", text)
+        text = MEASURED.sub("", text)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    skip = ("|", "![", "#") if generated else ("|", "![", "#", ">")  # a quotation's words are not the guide's
+    keep = [line for line in text.splitlines() if not line.lstrip().startswith(skip)]
+    return "\n".join(keep)
+
+
+def words(path: str) -> int:
+    return len(prose((ROOT / path).read_text()).split())
+
+
+def test_a_learner_reads_the_guides_in_half_an_hour():
+    """README and the guides a learner needs (first hour, running, answers, why-bn, population, normalisations),
+    generated answers included, read in 30 minutes; every learner's guide together stays under 10,000 words (the
+    detail lives in docs/reference/)."""
+    half_hour = {path: words(path) for path in HALF_HOUR}
+    assert sum(half_hour.values()) <= 30 * WORDS_PER_MINUTE, half_hour
+    learner = ["README.md"] + [f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))]
+    assert sum(words(path) for path in learner) <= 10_000, {path: words(path) for path in learner}
+
+
+def glossary_terms() -> dict:
+    """anchor -> the words that name it in prose (its heading, and the short forms the glossary gives)."""
+    text = (ROOT / "docs" / "glossary.md").read_text()
+    terms = {slug(h): [h] for h in re.findall(r"^## (.+)$", text, flags=re.M)}
+    aliases = {"running-average": ["EMA"], "internal-covariate-shift": ["ICS"], "beta-smoothness": ["β-smoothness"]}
+    for anchor, more in aliases.items():
+        terms[anchor] += more
+    return terms
+
+
+def test_every_glossary_term_is_linked_where_a_reader_first_meets_it():
+    """For each glossary term, its first use in the guides (the learner's in reading order, then the reference's;
+    outside code, tables, headings, quotations and generated text) is a link to its glossary entry."""
+    problems = []
+    reference = [f"docs/reference/{p.name}" for p in sorted((ROOT / "docs" / "reference").glob("*.md"))]
+    for anchor, names in glossary_terms().items():
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in names) + r")(?:s|es)?(?![\w-])", re.I)
+        for path in READING + reference:
+            text = re.sub(r"`[^`]*`", "", prose((ROOT / path).read_text(), generated=False))
+            found = pattern.search(text)
+            if not found:
+                continue
+            start = text.rfind("[", 0, found.start())
+            link = re.match(r"\[[^\]]*\]\(([^)]*)\)", text[start:]) if start >= 0 else None
+            if not (link and start + link.end() > found.end() and link.group(1).endswith(f"glossary.md#{anchor}")):
+                line = text[: found.start()].count("\n") + 1
+                problems.append(f"{path}: '{found.group(0)}' (prose line {line}) is not linked to glossary.md#{anchor}")
+            break
+        else:
+            problems.append(f"glossary term {names[0]!r} is used in no guide")
+    assert not problems, "\n".join(problems)

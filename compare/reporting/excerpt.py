@@ -294,8 +294,46 @@ ANSWER = re.compile(r"(<!-- answer: ([\w-]+) -->\n)(.*?)(<!-- /answer -->)", re.
 
 
 def answer_blocks(page: Path, measured: Path) -> str:
-    """page's text with every `<!-- answer: NAME -->` block made again from measured/NAME."""
-    return ANSWER.sub(lambda m: m.group(1) + answer_block(measured / m.group(2)) + m.group(4), page.read_text())
+    """page's text with every `<!-- answer: NAME -->` block made again from measured/NAME, and a
+    `<!-- durations -->` block (the shipped studies' times) made again from measured/*."""
+    text = ANSWER.sub(lambda m: m.group(1) + answer_block(measured / m.group(2)) + m.group(4), page.read_text())
+    return DURATIONS.sub(lambda m: m.group(1) + durations_block(measured) + m.group(2), text)
+
+
+DURATIONS = re.compile(r"(<!-- durations -->\n).*?(<!-- /durations -->)", re.S)
+FULL_IMAGES = 60000  # Fashion-MNIST's training images: an epoch of the full budget
+
+
+def _images(study, quick: bool) -> int:
+    """Training images over every run of a study's file (its frameworks and seeds), at a budget."""
+    configs, _ = study.cells(quick=quick)
+    return sum(c.epochs * min(c.train_limit or FULL_IMAGES, FULL_IMAGES) for c in configs)
+
+
+def durations_block(measured: Path) -> str:
+    """A table of every shipped study: how long its --quick budget took where docs/measured holds its records
+    (the frameworks and seeds it ran, the machine), and how many times as many training images its full budget
+    trains (from the file: an estimate of the full budget's time, not a measurement)."""
+    lines = [
+        "| study | `--quick` took | measured with | the full budget trains |",
+        "|---|---|---|---|",
+    ]
+    for name in spec.shipped():
+        study = spec.load(spec.find(name), name=name)
+        factor = _images(study, False) / _images(study, True)
+        folder = Path(measured) / name
+        took, what = "not measured", ""
+        if (folder / "study.json").is_file() and json.loads((folder / "study.json").read_text())["study"] == name:
+            env = json.loads((folder / "environment.json").read_text())
+            if env.get("seconds"):
+                took = f"{env['seconds'] / 60:.0f} min"
+                fws = env.get("frameworks", [])
+                what = (
+                    f"{len(fws)} framework{'s' if len(fws) != 1 else ''}, {len(env.get('seeds', []))} seeds, "
+                    f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores)"
+                )
+        lines.append(f"| `{name}` | {took} | {what} | {factor:.0f}x the images |")
+    return "\n".join(lines) + "\n"
 
 
 def excerpt(folder: Path) -> str:

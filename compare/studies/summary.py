@@ -209,17 +209,23 @@ def _arm_sentence(rows, study: Study, strata: list, everyone: list, arm: str, ba
         for _, by_metric in rows.groupby("metric", sort=False)
         for _, stratum in groups(by_metric, strata)
     )
+    absent = [f for f in everyone if f not in set(rows.framework)]  # no metric to compare: said once, at the end
     clauses = [
-        f"{METRICS[metric].said} {_metric_clause(mine, metric, study, strata, everyone, not agreed)}"
+        f"{METRICS[metric].said} {_metric_clause(mine, metric, study, strata, everyone, not agreed, absent)}"
         for metric, mine in rows.groupby("metric", sort=False)
     ]
+    if absent:
+        clauses.append(f"no complete runs to compare in {' and '.join(label(f) for f in absent)}")
     where = f" ({where})" if where else ""
     everywhere = f", in {frameworks_text(everyone, len(everyone))}" if agreed and len(everyone) > 1 else ""
     return f"{name(study, arm)} against {name(study, baseline)}{where}{everywhere}: " + "; ".join(clauses) + "."
 
 
-def _metric_clause(rows: pd.DataFrame, metric: str, study: Study, strata: list, everyone: list, named: bool) -> str:
-    """One metric's verdicts for an arm, the strata whose frameworks came out the same said once."""
+def _metric_clause(
+    rows: pd.DataFrame, metric: str, study: Study, strata: list, everyone: list, named: bool, said_apart: list
+) -> str:
+    """One metric's verdicts for an arm, the strata whose frameworks came out the same said once; a framework
+    with no complete run for this metric alone is named here (said_apart: those the sentence names once)."""
     merged = {}  # verdict pattern -> [(stratum values, its rows)]: strata that came out the same, said once
     for values, stratum in groups(rows, strata):
         merged.setdefault(_pattern(stratum), []).append((values, stratum))
@@ -234,7 +240,7 @@ def _metric_clause(rows: pd.DataFrame, metric: str, study: Study, strata: list, 
             where = places(study, strata, [values for values, _ in found])
             said.append(f"{verdict_text(group, metric, len(everyone), named=named)} ({where})")
     text = ", ".join(said) if len(merged) == 1 else "; ".join(said)
-    absent = [f for f in everyone if f not in set(rows.framework)]
+    absent = [f for f in everyone if f not in set(rows.framework) and f not in said_apart]
     return text + (f"; no complete runs to compare in {' and '.join(label(f) for f in absent)}" if absent else "")
 
 
