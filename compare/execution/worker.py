@@ -77,126 +77,128 @@ def bench(job: dict) -> int:
     module = load_backend_module(framework)
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
     datasets = {}
-    image_size = job.get("image_size", 28)
-    population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the population pass
     # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
-    size = PEAK_MATMUL
-    peak = matmul_gflops_per_s(size, loops["bare"].matmul_seconds(RunConfig(device=job["device"]), size))
+    peak = matmul_gflops_per_s(PEAK_MATMUL, loops["bare"].matmul_seconds(RunConfig(device=job["device"]), PEAK_MATMUL))
     done = {}  # (norm, variant, batch size, execution name) -> the --execution that measured it
     for cell in job["cells"]:
-        norm = cell.get("norm", "batch")
-        model = ModelSpec(
-            variant=cell["variant"],
-            norm=norm,
-            image_size=image_size,
-            **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
-        )
-        label = "" if norm == "batch" else f" --norm {norm}"
-        config = RunConfig(
-            model=model,
-            epochs=1,
-            batch_size=cell["batch_size"],
-            execution=cell["execution"],
-            device=job["device"],
-            train_limit=job["train_limit"],
-            test_limit=1000,
-            probe_size=64,
-            population_size=0,
-        )
-        if config.dtype not in datasets:
-            datasets[config.dtype] = load_fashion_mnist(
-                job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=image_size
-            )
-        dataset, described = datasets[config.dtype], {}
-        epochs = {"suite": [], "population": []}  # each suite run's epoch records
-        # the population pass as a run has it: two epochs (the second's figures are without the first's
-        # compilation), the whole test set and the run's probe
-        defaults = RunConfig()
-        with_population = config.replace(
-            population_size=population_size, epochs=2, test_limit=defaults.test_limit, probe_size=defaults.probe_size
-        )
-
-        def suite(config=config, kept=epochs["suite"]):
-            got = []
-            run_loop(
-                module.BACKEND,
-                config,
-                dataset,
-                lambda record, arrays=None: (
-                    got.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
-                ),
-            )
-            kept.append(got)
-            return got[-1]["train_examples_per_s"]
-
-        measure = {
-            "suite": suite,
-            "bare": lambda: loops["bare"].epoch(config, dataset)[0],
-            "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
-            "population": lambda: suite(with_population, epochs["population"]),
-        }
-        figures = {name: [] for name in measure}
+        config = _bench_config(cell, job)
+        label = f"{config.model.variant}{_norm_label(config)} {config.execution} batch {config.batch_size}"
         try:
             # a mode this framework lacks (or cannot run here) skips the cell, not the rest; so does one that is
             # another name for a mode already measured (JAX's xla is its jit, MXNet's default its hybridized)
             mode = module.BACKEND(config).execution_name()
-            same = done.get((norm, config.model.variant, config.batch_size, mode))
-            if same is not None:
-                raise BackendUnavailable(f"it runs {mode}, measured above as --execution {same}")
-            done[(norm, config.model.variant, config.batch_size, mode)] = config.execution
+            key = (config.model.norm, config.model.variant, config.batch_size, mode)
+            if key in done:
+                raise BackendUnavailable(f"it runs {mode}, measured above as --execution {done[key]}")
+            done[key] = config.execution
         except BackendUnavailable as exc:
-            send(
-                {
-                    "kind": "bench_skipped",
-                    "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
-                    f"{config.batch_size} skipped: {exc}",
-                }
-            )
+            send({"kind": "bench_skipped", "message": f"{framework} {label} skipped: {exc}"})
             continue
-        # a model without running statistics has no population pass (common.population)
-        names = LOOPS + (("population",) if population_size and model.has_population else ())
-        for r in range(job["repeats"]):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
-                figures[name].append(measure[name]())
-            send(
-                {
-                    "kind": "bench_repeat",
-                    "message": f"{framework} {config.model.variant}{label} {config.execution} batch "
-                    f"{config.batch_size} repeat {r + 1}: "
-                    + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in names)
-                    + " ex/s",
-                }
+        if config.dtype not in datasets:
+            datasets[config.dtype] = load_fashion_mnist(
+                job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=config.model.image_size
             )
+        record = _bench_cell(module, loops, config, datasets[config.dtype], job, f"{framework} {label}")
+        send({"kind": "bench", "framework": framework, "peak_gflops_per_s": peak, "peak_matmul": PEAK_MATMUL, **record})
+    return 0
+
+
+def _norm_label(config: RunConfig) -> str:
+    return "" if config.model.norm == "batch" else f" --norm {config.model.norm}"
+
+
+def _bench_config(cell: dict, job: dict) -> RunConfig:
+    """One benchmark cell's run: one epoch of train_limit images, a short evaluation, no population pass."""
+    norm = cell.get("norm", "batch")
+    model = ModelSpec(
+        variant=cell["variant"],
+        norm=norm,
+        image_size=job.get("image_size", 28),
+        **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
+    )
+    return RunConfig(
+        model=model,
+        epochs=1,
+        batch_size=cell["batch_size"],
+        execution=cell["execution"],
+        device=job["device"],
+        train_limit=job["train_limit"],
+        test_limit=1000,
+        probe_size=64,
+        population_size=0,
+    )
+
+
+def _bench_cell(module, loops: dict, config: RunConfig, dataset, job: dict, label: str) -> dict:
+    """The repeats of one cell, the loops alternating (the order rotating each repeat): each loop's median
+    examples/s and every repeat's figure, the suite's first steps, and with --population-size the two-epoch runs
+    with the population pass."""
+    population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the population pass
+    described = {}
+    epochs = {"suite": [], "population": []}  # each suite run's epoch records
+    # the population pass as a run has it: two epochs (the second's figures are without the first's compilation),
+    # the whole test set and the run's probe
+    defaults = RunConfig()
+    with_population = config.replace(
+        population_size=population_size, epochs=2, test_limit=defaults.test_limit, probe_size=defaults.probe_size
+    )
+
+    def suite(config=config, kept=epochs["suite"]):
+        got = []
+        run_loop(
+            module.BACKEND,
+            config,
+            dataset,
+            lambda record, arrays=None: (
+                got.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
+            ),
+        )
+        kept.append(got)
+        return got[-1]["train_examples_per_s"]
+
+    measure = {
+        "suite": suite,
+        "bare": lambda: loops["bare"].epoch(config, dataset)[0],
+        "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
+        "population": lambda: suite(with_population, epochs["population"]),
+    }
+    figures = {name: [] for name in measure}
+    # a model without running statistics has no population pass (common.population)
+    names = LOOPS + (("population",) if population_size and config.model.has_population else ())
+    for r in range(job["repeats"]):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
+            figures[name].append(measure[name]())
         send(
             {
-                "kind": "bench",
-                "framework": framework,
-                "norm": norm,
-                "variant": config.model.variant,
-                "execution": config.execution,
-                "execution_name": described.get("execution"),
-                "batch_size": config.batch_size,
-                "image_size": image_size,
-                "peak_gflops_per_s": peak,
-                "peak_matmul": size,
-                "device_name": described.get("device_name"),
-                **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
-                **{f"{name}_all": figures[name] for name in LOOPS},
-                "suite_first_step_seconds": [run[0]["first_step_seconds"] for run in epochs["suite"]],
-                # with --population-size: each two-epoch run's population pass (its own time, per epoch) and
-                # its epochs' time without it (training, warm-up included, and the test evaluation)
-                "population_size": population_size,
-                "population_seconds": [[e["population_seconds"] for e in run] for run in epochs["population"]],
-                "population_epoch_seconds": [
-                    [e["train_seconds"] + e["eval_seconds"] for e in run] for run in epochs["population"]
-                ],
-                "population_all": figures.get("population", []),  # the second epochs' training examples/s
-                "bare": loops["bare"].DESCRIPTION,
-                "textbook": loops["textbook"].DESCRIPTION,
+                "kind": "bench_repeat",
+                "message": f"{label} repeat {r + 1}: "
+                + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in names)
+                + " ex/s",
             }
         )
-    return 0
+    return {
+        "norm": config.model.norm,
+        "variant": config.model.variant,
+        "execution": config.execution,
+        "execution_name": described.get("execution"),
+        "batch_size": config.batch_size,
+        "image_size": config.model.image_size,
+        "device_name": described.get("device_name"),
+        **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
+        **{f"{name}_all": figures[name] for name in LOOPS},
+        "suite_first_step_seconds": [run[0]["first_step_seconds"] for run in epochs["suite"]],
+        # with --population-size: each two-epoch run's population pass (its own time, per epoch) and its epochs'
+        # time without it (training, warm-up included, and the test evaluation)
+        "population_size": population_size,
+        "population_seconds": [[e["population_seconds"] for e in run] for run in epochs["population"]],
+        "population_epoch_seconds": [
+            [e["train_seconds"] + e["eval_seconds"] for e in run] for run in epochs["population"]
+        ],
+        "population_all": figures.get("population", []),  # the second epochs' training examples/s
+        "bare": loops["bare"].DESCRIPTION,
+        "textbook": loops["textbook"].DESCRIPTION,
+    }
 
 
 def port(job: dict) -> int:

@@ -125,25 +125,44 @@ def render(
     unfinished: pd.DataFrame,
     problems: list,
 ) -> str:
+    """study.md: the question, the answer (summary), how it was measured, the evidence, the runs without a
+    result, the plots, the appendix of every comparison and the files."""
     cell_table = frames["study"]
-    n_seeds = int(cell_table.seeds.max()) if not cell_table.empty else 0
     parts = [f"# Study: {study.name}\n", f"**Question.** {study.question}\n"]
     if study.about:
         parts.append(study.about + "\n")
-    parts += ["## Answer (measured)\n", summary.markdown()]
+    parts += ["## Answer (measured)\n", summary.markdown(), *_caveats(cell_table, env)]
+    parts += _how_measured(study, cell_table, env)
+    if problems:
+        parts += ["## Problems reading this study\n"] + [f"- {p}" for p in problems] + [""]
+    parts += _evidence_section(study, frames)
+    parts += _unfinished_section(study, unfinished, frames.get("runs_retried"))
+    if plots:
+        parts += ["## Plots\n"] + [f"![{p}]({p})\n" for p in plots]
+    parts += [
+        "## Appendix: every comparison\n",
+        "The answer above says once what the frameworks and strata share; here is each one's own sentence.\n",
+        *[f"- {s}" for s in answer],
+        "",
+    ]
+    parts += ["## Files\n", ", ".join(f"`{w}`" for w in written) + "\n"]
+    return "\n".join(parts)
+
+
+def _caveats(cell_table: pd.DataFrame, env: dict) -> list:
+    """What the answer cannot rest on: an interruption, no complete run, one seed."""
+    n_seeds = int(cell_table.seeds.max()) if not cell_table.empty else 0
+    parts = []
     if env.get("interrupted"):
         parts.append(
             f"**This study was interrupted ({env.get('signal')}).** Start it again with the same "
             f"`--run-id` to run the cells that have no result; the answer above uses what was measured.\n"
         )
     if cell_table.empty or cell_table.complete.sum() == 0:
+        diverged = int(cell_table.diverged.sum()) if not cell_table.empty else 0
         parts.append(
             "**No run has a complete result**, so the answer above has nothing to rest on"
-            + (
-                f" ({int(cell_table.diverged.sum())} diverged)"
-                if not cell_table.empty and cell_table.diverged.sum()
-                else ""
-            )
+            + (f" ({diverged} diverged)" if diverged else "")
             + "; the tables below say what each cell is missing.\n"
         )
     elif n_seeds <= 1:
@@ -151,6 +170,11 @@ def render(
             "**Every cell rests on one seed**: no spread between seeds is measured, so no interval "
             "is given and no difference can be told from seed noise; `--seeds 0,1,2` gives one.\n"
         )
+    return parts
+
+
+def _how_measured(study: Study, cell_table: pd.DataFrame, env: dict) -> list:
+    """The commands (each session of a resumed study), the grid, budget, machine and statistics."""
     grid = (
         "; ".join(
             f"{k} = {', '.join(num(v) for v in dict.fromkeys(cell_table[k]))}" for k in study.axes if k in cell_table
@@ -171,11 +195,13 @@ def render(
     ran = [x for x in sessions if x.get("runs_run")] or sessions
     jobs = max(int(x.get("jobs") or 1) for x in ran)
     threads = sorted({x.get("threads_per_worker") or "default" for x in ran}, key=str)
-    parts += [
+    listed = {
+        k: ", ".join(dict.fromkeys(cell_table[k])) if not cell_table.empty else "" for k in ("variant", "framework")
+    }
+    parts = [
         "## How it was measured\n",
         *commands,
-        f"- grid: {grid}; variants: {', '.join(dict.fromkeys(cell_table.variant)) if not cell_table.empty else ''}; "
-        f"frameworks: {', '.join(dict.fromkeys(cell_table.framework)) if not cell_table.empty else ''}; "
+        f"- grid: {grid}; variants: {listed['variant']}; frameworks: {listed['framework']}; "
         f"seeds: {', '.join(map(str, env.get('seeds', [])))}",
         f"- budget: {env.get('budget', '?')}" + (" (`--quick`)" if env.get("quick") else ""),
         f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); "
@@ -199,10 +225,13 @@ def render(
             "each worker's share, not what one run alone would reach; use `compare.run` or "
             "`compare.bench` to measure speed."
         )
-    parts.append("")
-    if problems:
-        parts += ["## Problems reading this study\n"] + [f"- {p}" for p in problems] + [""]
-    parts += [
+    return parts + [""]
+
+
+def _evidence_section(study: Study, frames: dict) -> list:
+    """The per-cell evidence table and the answer's own tables (stability, comparisons, against the best)."""
+    cell_table = frames["study"]
+    parts = [
         "## Evidence\n",
         "Per cell, over seeds (complete runs).\n",
         evidence(cell_table, study),
@@ -212,41 +241,29 @@ def render(
         if name in frames:
             shown = [c for c in frames[name].columns if not c.startswith("difference_ci")]  # shown as [low, high]
             parts += [f"### {name.replace('_', ' ').capitalize()}\n", _table(frames[name], shown)]
+    return parts
+
+
+def _unfinished_section(study: Study, unfinished: pd.DataFrame, retried) -> list:
+    """The runs without a complete result, and those a lost worker or node made the executor run again."""
+    parts = []
     if not unfinished.empty:
+        columns = ["framework", "variant", "seed", *study.axes, "status", "epochs_done", "detail"]
         parts += [
             "## Runs without a complete result\n",
             "`diverged` is a result (counted above); the others are missing and are run again when the "
             "study is started again with the same `--run-id`.\n",
-            markdown_table(
-                unfinished,
-                [
-                    c
-                    for c in ["framework", "variant", "seed", *study.axes, "status", "epochs_done", "detail"]
-                    if c in unfinished
-                ],
-            ),
+            markdown_table(unfinished, [c for c in columns if c in unfinished]),
         ]
-    retried = frames.get("runs_retried")
     if retried is not None and not retried.empty:
+        columns = ["framework", "variant", "seed", *study.axes, "attempts", "status"]
         parts += [
             "## Runs tried again\n",
             "Their worker or node was lost; the executor ran them again elsewhere (the tables hold the last "
             "attempt).\n",
-            markdown_table(
-                retried,
-                [c for c in ["framework", "variant", "seed", *study.axes, "attempts", "status"] if c in retried],
-            ),
+            markdown_table(retried, [c for c in columns if c in retried]),
         ]
-    if plots:
-        parts += ["## Plots\n"] + [f"![{p}]({p})\n" for p in plots]
-    parts += [
-        "## Appendix: every comparison\n",
-        "The answer above says once what the frameworks and strata share; here is each one's own sentence.\n",
-        *[f"- {s}" for s in answer],
-        "",
-    ]
-    parts += ["## Files\n", ", ".join(f"`{w}`" for w in written) + "\n"]
-    return "\n".join(parts)
+    return parts
 
 
 def _table(frame: pd.DataFrame, columns: list) -> str:
