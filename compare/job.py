@@ -180,6 +180,48 @@ def execute(
     return pythons
 
 
+class Job:
+    """One command's workers from start to report: the records file, the progress display, the tracker and the
+    signal handling that compare.run and compare.study share. `run` executes the work and calls `finish`
+    (which writes environment.json and builds the report) before the executor shuts down, whatever happens;
+    `exit_status` ends the tracker and says how the command ends."""
+
+    def __init__(self, out_dir: Path, live: bool, total: int, tracker=None, **progress):
+        from .execution.executor import Signals
+        from .execution.progress import Progress
+
+        self.progress = Progress(live=live, total=total, **progress)
+        self.tracker = tracker
+        self.writer = RecordWriter(Path(out_dir) / "records.jsonl", self.progress, tracker)
+        self.signals = Signals(on_signal=self.progress.mute)
+
+    def run(self, runner, work: dict, explicit, out_dir, data_dir, verify, options: dict, finish):
+        """execute(...), then finish(pythons, started, interrupted signal name or None): its result."""
+        import time
+
+        started = time.time()
+        try:
+            pythons = execute(runner, work, explicit, out_dir, data_dir, verify, self.writer, self.signals, options)
+            return finish(pythons, started, self.signal_name)
+        finally:
+            self.signals.restore()
+            runner.shutdown()
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signals.signum).name if self.signals.signum else None
+
+    def exit_status(self, interrupted_note: str) -> int:
+        """After the report: end the tracker (a slow one never holds the files up); 128 + the signal after an
+        interruption (saying interrupted_note), 1 where a run ended in error, else 0."""
+        if self.tracker is not None:
+            self.tracker.finish(interrupted=self.signals.signum is not None)
+        if self.signals.signum is not None:
+            print(f"\ninterrupted by {self.signal_name}: {interrupted_note}", file=sys.stderr)
+            return 128 + self.signals.signum
+        return 1 if self.progress.errors else 0
+
+
 def build(run_dir, reference: str | None = None) -> tuple:
     """(Re)build every table, plot and report.md in run_dir. Returns (the summary as Markdown, the number
     of usable records)."""

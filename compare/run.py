@@ -8,7 +8,6 @@ they arrive, then the reports are built from them (compare.report).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,9 +26,16 @@ from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter, options
 from .execution import choose, extras
-from .execution.executor import RecordWriter, Signals
-from .execution.progress import Progress
-from .job import build, check_run_dir, environment_record, execute, parse_list, parse_pythons, parse_seeds, plan_records
+from .job import (
+    Job,
+    build,
+    check_run_dir,
+    environment_record,
+    parse_list,
+    parse_pythons,
+    parse_seeds,
+    plan_records,
+)
 from .reporting import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,57 +193,34 @@ def main(argv=None) -> int:
         f"bn-compare run {run_id}: {len(configs)} configuration(s) x {len(frameworks)} framework(s) -> {run_dir}",
         file=sys.stderr,
     )
-    progress = Progress(live=not args.no_progress and sys.stderr.isatty(), total=len(configs) * len(frameworks))
     tracker = tracking.Tracker(tracking_uri, run_id, run_dir, "run") if tracking_uri else None
-    writer = RecordWriter(run_dir / "records.jsonl", progress, tracker)
+    job = Job(run_dir, not args.no_progress and sys.stderr.isatty(), len(configs) * len(frameworks), tracker)
     # more than one precision: each run's is a coordinate, so the tables keep them apart
     coords = (
         {c.config_id: {"precision": c.precision} for c in configs} if len({c.precision for c in configs}) > 1 else None
     )
-    plan_records(writer, frameworks, configs, coords)
-    signals = Signals(on_signal=progress.mute)
-    started = time.time()
-    try:
-        pythons = execute(
-            runner,
-            {fw: configs for fw in frameworks},
-            explicit,
-            run_dir,
-            data_dir,
-            not args.no_verify_data,
-            writer,
-            signals,
-            options=placement,
-        )
+    plan_records(job.writer, frameworks, configs, coords)
+
+    def finish(pythons, started, signal_name):
+        from .reporting.files import write_json
+
         env_record = environment_record(args, argv, frameworks, pythons, data_dir, started)
         env_record.update(
             reference=reference,
             run_id=run_id,
             seconds=round(time.time() - started, 1),
-            interrupted=signals.signum is not None,
+            interrupted=signal_name is not None,
             **runner.describe(),
-            signal=signal.Signals(signals.signum).name if signals.signum else None,
+            signal=signal_name,
         )
-        from .reporting.files import write_json
-
         write_json(run_dir / "environment.json", env_record)
-        summary, _ = build(run_dir)
-    finally:
-        signals.restore()
-        runner.shutdown()
-    if tracker is not None:  # after the report: a slow tracker never holds it up
-        tracker.finish(interrupted=signals.signum is not None)
-    if signals.signum is not None:
-        print(
-            f"\ninterrupted by {signal.Signals(signals.signum).name}: what was measured is in the report; "
-            f"unfinished runs are marked interrupted",
-            file=sys.stderr,
-        )
+        return build(run_dir)[0]
+
+    work = {fw: configs for fw in frameworks}
+    summary = job.run(runner, work, explicit, run_dir, data_dir, not args.no_verify_data, placement, finish)
     print(f"\nreport: {run_dir / 'report.md'}", file=sys.stderr)
     print(summary, file=sys.stderr)
-    if signals.signum is not None:
-        return 128 + signals.signum
-    return 1 if progress.errors else 0
+    return job.exit_status("what was measured is in the report; unfinished runs are marked interrupted")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,10 +25,9 @@ from common.errors import BNCompareError, ConfigError
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter
-from .execution import choose
-from .execution.executor import RecordWriter, Signals, default_jobs
-from .execution.progress import Progress
-from .job import check_run_dir, environment_record, execute, parse_pythons, parse_seeds, plan_records
+from .execution import choose, extras
+from .execution.executor import default_jobs
+from .job import Job, check_run_dir, environment_record, parse_pythons, parse_seeds, plan_records
 from .reporting import files, tables, tracking
 from .reporting.plots import save, trace_figures
 from .studies import analysis, answers, render, spec, summary
@@ -156,77 +154,90 @@ def main(argv=None) -> int:
         return 2
     run_id = args.run_id if args.run_id is not None else datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     try:
-        study = spec.load(spec.find(args.study))
-        settings = _settings(study, args)
-        configs, coords = study.cells(args.quick, settings["seeds"])
-        explicit = parse_pythons(args.python)
+        plan = _plan(args, run_id)
         if args.dry_run:
-            for config in configs:
-                print(config.config_id, config.model.variant, f"seed {config.seed}", coords[config.config_id])
-            print(f"{len(configs)} configuration(s) x {len(settings['frameworks'])} framework(s); {budget(configs)}")
+            for config in plan["configs"]:
+                print(config.config_id, config.model.variant, f"seed {config.seed}", plan["coords"][config.config_id])
+            print(f"{len(plan['configs'])} configuration(s) x {len(plan['frameworks'])} framework(s); {plan['budget']}")
             return 0
-        data_dir = str(find_data_dir(args.data_dir))
-        work = work_left(Path(args.out) / study.name / run_id, settings["frameworks"], configs)  # all, if new
-        todo = sum(len(v) for v in work.values())
-        total = len(configs) * len(settings["frameworks"])
-        study_dir = Path(args.out) / study.name / run_id
-        tracking_uri = None
-        if args.mlflow is not None:
-            tracking.require_mlflow()
-            tracking_uri = tracking.resolve_uri(args.mlflow, study_dir)
-        placement = choose.replica_nodes(args, settings["frameworks"], configs)
-        runner = choose.make(args, explicit, todo, gpu=any(c.device == "gpu" for c in configs))
+        plan["runner"] = choose.make(
+            args, plan["explicit"], plan["todo"], gpu=any(c.device == "gpu" for c in plan["configs"])
+        )
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        study_dir, resumed = open_study_dir(args.out, study.name, run_id, settings)
+        study_dir, resumed = open_study_dir(args.out, plan["study"].name, run_id, plan["settings"])
     except (BNCompareError, OSError) as exc:
-        runner.shutdown()
+        plan["runner"].shutdown()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _run(args, argv, plan, run_id, study_dir, resumed)
+
+
+def _plan(args, run_id: str) -> dict:
+    """Everything checked before a worker starts: the study and its cells, the frameworks' interpreters given,
+    the data, what is left to run (all of it, for a new study), the tracker and the replicas' placement."""
+    extras.require_reporting("compare.study")
+    study = spec.load(spec.find(args.study))
+    settings = _settings(study, args)
+    configs, coords = study.cells(args.quick, settings["seeds"])
+    plan = dict(
+        study=study,
+        settings=settings,
+        frameworks=settings["frameworks"],
+        configs=configs,
+        coords=coords,
+        explicit=parse_pythons(args.python),
+        budget=budget(configs),
+    )
+    if args.dry_run:
+        return plan
+    study_dir = Path(args.out) / study.name / run_id
+    plan["data_dir"] = str(find_data_dir(args.data_dir))
+    plan["work"] = work_left(study_dir, settings["frameworks"], configs)  # all, if new
+    plan["todo"] = sum(len(v) for v in plan["work"].values())
+    plan["tracking_uri"] = None
+    if args.mlflow is not None:
+        tracking.require_mlflow()
+        plan["tracking_uri"] = tracking.resolve_uri(args.mlflow, study_dir)
+    plan["placement"] = choose.replica_nodes(args, settings["frameworks"], configs)
+    return plan
+
+
+def _run(args, argv, plan: dict, run_id: str, study_dir: Path, resumed: bool) -> int:
+    """The study's runs on the executor, then environment.json (each start of a resumed study kept as a
+    session) and the study's files."""
+    study, runner, todo = plan["study"], plan["runner"], plan["todo"]
+    total = len(plan["configs"]) * len(plan["frameworks"])
     print(
-        f"study {study.name} ({run_id}): {total} run(s) = {len(configs)} cell(s) x "
-        f"{len(settings['frameworks'])} framework(s); "
+        f"study {study.name} ({run_id}): {total} run(s) = {len(plan['configs'])} cell(s) x "
+        f"{len(plan['frameworks'])} framework(s); "
         + (f"resumed: {total - todo} already have a result, {todo} to run" if resumed else f"{todo} to run")
         + f"; {runner.describe()['jobs']} at once ({runner.name}) -> {study_dir}",
         file=sys.stderr,
     )
-    labels = {cid: " ".join(f"{k}={analysis.num(v)}" for k, v in c.items()) for cid, c in coords.items()}
-    progress = Progress(
-        live=not args.no_progress and sys.stderr.isatty(), total=todo, labels=labels, epoch_lines=False, unit="run"
-    )
+    labels = {cid: " ".join(f"{k}={analysis.num(v)}" for k, v in c.items()) for cid, c in plan["coords"].items()}
     tracker = (
-        tracking.Tracker(tracking_uri, tracking.study_experiment(study.name, run_id), study_dir, "study")
-        if tracking_uri
+        tracking.Tracker(plan["tracking_uri"], tracking.study_experiment(study.name, run_id), study_dir, "study")
+        if plan["tracking_uri"]
         else None
     )
-    writer = RecordWriter(study_dir / "records.jsonl", progress, tracker)
-    for fw, mine in work.items():
-        plan_records(writer, [fw], mine, coords)
-    signals = Signals(on_signal=progress.mute)
-    started = time.time()
-    try:
-        pythons = execute(
-            runner,
-            work,
-            explicit,
-            study_dir,
-            data_dir,
-            not args.no_verify_data,
-            writer,
-            signals,
-            options={"snapshots": "final", **placement},
-        )
-        env = environment_record(args, argv, settings["frameworks"], pythons, data_dir, started)
+    live = not args.no_progress and sys.stderr.isatty()
+    job = Job(study_dir, live, todo, tracker, labels=labels, epoch_lines=False, unit="run")
+    for fw, mine in plan["work"].items():
+        plan_records(job.writer, [fw], mine, plan["coords"])
+
+    def finish(pythons, started, signal_name):
+        env = environment_record(args, argv, plan["frameworks"], pythons, plan["data_dir"], started)
         session = {
             "command": " ".join(["python -m compare.study"] + list(argv)),
             "started": env["started"],
             "seconds": round(time.time() - started, 1),
             "runs_run": todo,
             **runner.describe(),
-            "interrupted": signals.signum is not None,
-            "signal": signal.Signals(signals.signum).name if signals.signum else None,
+            "interrupted": signal_name is not None,
+            "signal": signal_name,
         }
         before, _ = files.read_environment(study_dir) if resumed else ({}, None)
         sessions = before.get("sessions", []) + [session]  # each start of the study, in order
@@ -235,28 +246,20 @@ def main(argv=None) -> int:
             run_id=run_id,
             study=study.name,
             quick=args.quick,
-            seeds=settings["seeds"],
-            budget=budget(configs),
+            seeds=plan["settings"]["seeds"],
+            budget=plan["budget"],
             sessions=sessions,
             seconds=round(sum(s["seconds"] for s in sessions), 1),
         )
         files.write_json(study_dir / "environment.json", env)
-        answer = build(study_dir, study)
-    finally:
-        signals.restore()
-        runner.shutdown()
-    if tracker is not None:  # after the study's files: a slow tracker never holds them up
-        tracker.finish(interrupted=signals.signum is not None)
+        return build(study_dir, study)
+
+    verify = not args.no_verify_data
+    options = {"snapshots": "final", **plan["placement"]}
+    answer = job.run(runner, plan["work"], plan["explicit"], study_dir, plan["data_dir"], verify, options, finish)
     print(f"\nstudy: {study_dir / 'study.md'}\n", file=sys.stderr)
     print("\n".join(f"- {s}" for s in answer), file=sys.stderr)
-    if signals.signum is not None:
-        print(
-            f"\ninterrupted by {signal.Signals(signals.signum).name}; run the same command with "
-            f"--run-id {run_id} to finish the cells without a result",
-            file=sys.stderr,
-        )
-        return 128 + signals.signum
-    return 1 if progress.errors else 0
+    return job.exit_status(f"run the same command with --run-id {run_id} to finish the cells without a result")
 
 
 def build(study_dir: Path, study=None) -> list:

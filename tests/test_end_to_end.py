@@ -13,17 +13,8 @@ from compare import report
 from compare.reporting import tables
 from compare.run import main as run_main
 from tests.helpers import make_idx_dir
+from tests.made import TIMING
 
-TIMING = {
-    "train_examples_per_s",
-    "train_seconds",
-    "warmup_examples_per_s",
-    "warmup_seconds",
-    "first_step_seconds",
-    "eval_examples_per_s",
-    "eval_seconds",
-    "population_seconds",
-}
 FILES = ["records.jsonl", "environment.json", "report.md", "curves.png", "divergence.png", "throughput.png"] + [
     f"{t}.csv" for t in tables.TABLES
 ]

@@ -102,3 +102,20 @@ def test_compare_has_no_import_cycle_and_each_module_says_what_it_owns():
     commands = {f"compare.{c}" for c in ("run", "study", "bench", "report", "port")}
     importing = {name: sorted(graph[name] & commands) for name in graph if graph[name] & commands}
     assert not importing, f"modules that import a command: {importing}"
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in modules made for it (tests/helpers.py, tests/made.py, tests/conventions.py, ...),
+    so a test module can be read, moved or split on its own."""
+    import ast
+
+    tests = Path(__file__).resolve().parent
+    importing = {}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.test_"):
+                importing.setdefault(path.name, []).append(node.module)
+            elif isinstance(node, ast.Import):
+                named = [a.name for a in node.names if a.name.startswith("tests.test_")]
+                importing.setdefault(path.name, []).extend(named)
+    assert not {k: v for k, v in importing.items() if v}, importing

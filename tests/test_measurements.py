@@ -21,6 +21,7 @@ from common.interface import ProbeResult
 from common.loop import run as run_loop
 from compare import report
 from compare.reporting import files, markdown, tables
+from tests.made import drift_run, epoch_record, summary_records, write_snapshot
 from tests.scripted_backend import Script, scripted_backend
 
 # 5 test images; the probe takes 4 of them (probe_indices(5, 4) = 0, 2, 3, 4, pinned below), labels 0, 1, 2, 3.
@@ -240,59 +241,6 @@ def test_population_images_are_capped_by_the_training_set():
     assert first["population_images"] == 40, "population_images: capped by the 40 training images"
 
 
-# Report tables from hand-made records -------------------------------------------
-def epoch_record(framework="torch", variant="scratch", seed=0, epoch=1, **values):
-    fields = {k: 0.0 for k in records.EPOCH_KEYS}
-    fields.update(
-        framework=framework,
-        variant=variant,
-        seed=seed,
-        config_id=f"{variant}-{seed}",
-        epoch=epoch,
-        timed_steps=10,
-        warmup_steps=5,
-        bn_gap=[],
-        step_losses=[],
-        snapshot=f"snapshots/{framework}_{variant}_s{seed}_e{epoch:03d}.npz",
-    )
-    fields.update(values)
-    return records.make("epoch", **{k: v for k, v in fields.items() if k not in ("kind", "schema")})
-
-
-# test accuracy per seed and epoch: best 0.8 / 0.75 / 0.9, final 0.7 / 0.75 / 0.6
-CURVES = {0: [0.5, 0.8, 0.7], 1: [0.6, 0.7, 0.75], 2: [0.4, 0.9, 0.6]}
-THROUGHPUT = [100, 200, 300, 400, 500, 600, 700, 800, 10000]
-
-
-def run_records(framework="torch", variant="scratch", seed=0, epochs=3, status="complete", **fields):
-    """The plan and end records of one run (the epoch records go between them)."""
-    ident = dict(framework=framework, variant=variant, seed=seed, config_id=f"{variant}-{seed}")
-    kind = "error" if status in ("crashed", "failed") else "run_end"
-    return (records.make("plan", **ident, epochs=epochs), records.make(kind, **ident, status=status, **fields))
-
-
-def summary_records():
-    out, throughput = [], iter(THROUGHPUT)
-    for seed in CURVES:
-        out += run_records(seed=seed)
-    for seed, curve in CURVES.items():
-        for epoch, acc in enumerate(curve, 1):
-            out.append(
-                epoch_record(
-                    seed=seed,
-                    epoch=epoch,
-                    test_acc=acc,
-                    train_loss=seed + epoch,
-                    train_examples_per_s=next(throughput),
-                    eval_examples_per_s=50.0 * epoch,
-                    probe_disagreement=0.1 * seed,
-                    probe_acc_eval=0.5 + 0.1 * seed,
-                    bn_gap=[{"layer": "bn1", "mean_gap": seed + 0.5, "var_log_ratio": epoch * 0.25}],
-                )
-            )
-    return out
-
-
 def test_summary_best_final_and_medians(tmp_path):
     t = tables.tables(summary_records(), tmp_path)
     row = t["summary"].iloc[0]
@@ -317,36 +265,6 @@ def test_bn_gap_table(tmp_path):
     assert len(gap) == 9 and set(gap.layer) == {"bn1"}
     row = gap[(gap.seed == 2) & (gap.epoch == 3)].iloc[0]
     assert row.mean_gap == 2.5 and row.var_log_ratio == 0.75, "bn_gap keeps each record's values"
-
-
-def write_snapshot(run_dir, record, **arrays):
-    path = run_dir / record["snapshot"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-
-
-def drift_run(tmp_path):
-    torch_rec = epoch_record("torch")
-    mx_rec = epoch_record("mxnet")
-    write_snapshot(
-        tmp_path,
-        torch_rec,
-        **{
-            "param/conv1.weight": np.array([3.0, 4.0]),
-            "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 1.0]),
-            "probe/logits_eval": np.array([[1.0, 0.0], [0.0, 1.0]]),
-        },
-    )
-    write_snapshot(
-        tmp_path,
-        mx_rec,
-        **{
-            "param/conv1.weight": np.array([3.0, 4.5]),
-            "param/bn1.running_var": np.array([1.0, 1.0, 1.0, 2.0]),
-            "probe/logits_eval": np.array([[1.0, 0.25], [2.0, 1.0]]),
-        },
-    )
-    return [torch_rec, mx_rec]
 
 
 def test_drift_from_made_up_snapshots(tmp_path):

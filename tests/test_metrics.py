@@ -14,9 +14,7 @@ from compare import report
 from compare.reporting import markdown, metrics, stats, tables, tracking
 from compare.studies import answers, render, spec, summary
 from tests.helpers import runs_frame, write
-from tests.test_measurements import drift_run, epoch_record, summary_records, write_snapshot
-from tests.test_population import population_records
-from tests.test_study import BASE_LR
+from tests.made import BASE_LR, drift_run, epoch_record, population_records, summary_records, write_snapshot
 
 # Columns a report or study prints that are not metrics: identities, counts of runs, labels, coordinates.
 NOT_METRICS = {framework.label for framework in FRAMEWORKS.values()} | {

@@ -12,6 +12,7 @@ from common.interface import ProbeResult
 from common.reference import lenet_forward
 from tests.conventions import EVAL_DRAWS_DROPOUT
 from tests.helpers import epochs_of, make_idx_dir, random_bn_params, tiny_config
+from tests.made import population_records
 
 
 # The spec, framework-free ---------------------------------------------------------------------------
@@ -253,57 +254,6 @@ def test_recalibrate_keeps_the_population_statistics_in_the_final_snapshot(fw, f
             )
             assert not np.allclose(ema_arrays[f"param/{name}.{stat}"], arrays[f"param/{name}.{stat}"])
     assert last["pop_test_acc"] == last_ema["pop_test_acc"] and last["test_acc"] == last_ema["test_acc"]
-
-
-# Reports, from hand-made records ----------------------------------------------------------------------
-def population_records():
-    from tests.test_measurements import epoch_record, run_records
-
-    out = []
-    # seed: (EMA test acc, population test acc, EMA disagreement, population disagreement), final epoch
-    final = {0: (0.80, 0.84, 0.10, 0.02), 1: (0.82, 0.85, 0.12, 0.03)}
-    for seed, (acc, pop, dis, pop_dis) in final.items():
-        out += run_records(seed=seed, epochs=2)
-        gap = [
-            {
-                "layer": "bn1",
-                "mean_gap": 0.2,
-                "var_log_ratio": 0.1,
-                "lag_mean_gap": 0.15 + seed,
-                "lag_var_log_ratio": 0.05,
-                "noise_mean_gap": 0.01,
-                "noise_var_log_ratio": 0.02,
-            }
-        ]
-        out.append(
-            epoch_record(
-                seed=seed,
-                epoch=1,
-                test_acc=0.5,
-                pop_test_acc=0.9,
-                probe_disagreement=0.3,
-                pop_probe_disagreement=0.1,
-                population_images=2048,
-                population_seconds=0.4,
-                bn_gap=gap,
-            )
-        )
-        out.append(
-            epoch_record(
-                seed=seed,
-                epoch=2,
-                test_acc=acc,
-                pop_test_acc=pop,
-                probe_disagreement=dis,
-                pop_probe_disagreement=pop_dis,
-                population_images=2048,
-                population_seconds=0.5,
-                bn_gap=gap,
-            )
-        )
-    out += run_records(variant="none", seed=0, epochs=1)
-    out.append(epoch_record(variant="none", seed=0, epoch=1, test_acc=0.3))
-    return out
 
 
 def test_population_figures_reach_runs_summary_and_report(tmp_path):

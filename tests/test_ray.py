@@ -25,8 +25,7 @@ import pytest
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir
 from tests.loopback import loopback_only
-from tests.test_end_to_end import TIMING
-from tests.test_study import TINY
+from tests.made import TIMING, TINY
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,8 +27,8 @@ from compare import report
 from compare.reporting import files, tables
 from compare.run import main as run_main
 from tests.helpers import make_idx_dir
+from tests.made import epoch_record, run_records
 from tests.scripted_backend import Script, scripted_backend
-from tests.test_measurements import epoch_record, run_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

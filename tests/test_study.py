@@ -20,6 +20,7 @@ from compare.reporting import tables
 from compare.studies import analysis, answers, render, spec, summary
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir, runs_frame, write
+from tests.made import BASE_LR, LR_STUDY, TINY, epoch_record
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [
@@ -42,31 +43,6 @@ SHIPPED = [
     "research-norms",
     "why-bn",
 ]
-
-LR_STUDY = """\
-question = "How large can the learning rate go?"
-frameworks = ["torch"]
-variants = ["scratch", "none"]
-seeds = [0, 1]
-
-[base]
-activation = "relu"
-epochs = 4
-
-[grid]
-lr = [0.1, 1.0]
-batch_size = [32, 64]
-
-[scale]
-probe_size = { with = "batch_size", reference = 32, rule = "linear" }
-
-[failure]
-min_best_test_acc = 0.5
-
-[answer]
-kind = "largest-stable"
-x = "lr"
-"""
 
 
 # The file ------------------------------------------------------------------------------------
@@ -546,8 +522,6 @@ def test_a_paired_gain_says_where_it_leaves_zero(tmp_path):
 
 def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
     ident = dict(framework="torch", variant="scratch", seed=0, config_id="c0")
-    from tests.test_measurements import epoch_record
-
     first = [
         records.make("plan", **ident, epochs=2, coords={"lr": 1.0}),
         epoch_record(config_id="c0", epoch=1, test_acc=0.3),
@@ -565,10 +539,6 @@ def test_a_resumed_run_counts_only_its_latest_attempt(tmp_path):
     assert t["summary"][["lr", "seeds", "best_test_acc"]].values.tolist() == [[1.0, 1, 0.6]]
 
 
-# Every answer kind with what is missing ------------------------------------------------------
-BASE_LR = LR_STUDY.replace("batch_size = [32, 64]\n", "").replace(
-    '[scale]\nprobe_size = { with = "batch_size", reference = 32, rule = "linear" }\n', ""
-)
 ANSWER_KINDS = {
     "largest-stable": 'kind = "largest-stable"\nx = "lr"',
     "compare": 'kind = "compare"\naxis = "lr"\nbaseline = 0.1',
@@ -800,29 +770,6 @@ def test_also_metrics_reach_the_tables_and_the_plot(tmp_path):
     assert [ax.get_ylabel() for ax in fig.axes] == ["best test accuracy", "train/eval prediction disagreement"]
     line = next(drawn for drawn in fig.axes[1].get_lines() if len(drawn.get_ydata()) == 2)
     np.testing.assert_allclose(line.get_ydata(), [0.16 / 3, 0.11])
-
-
-# Real studies (tox -e torch) -----------------------------------------------------------------
-TINY = """\
-question = "Does a larger learning rate help here?"
-frameworks = ["torch"]
-variants = ["scratch"]
-seeds = [0, 1]
-
-[base]
-epochs = 2
-batch_size = 32
-probe_size = 32
-eval_batch_size = 100
-
-[grid]
-lr = [0.1, 1.0]
-
-[answer]
-kind = "compare"
-axis = "lr"
-baseline = 0.1
-"""
 
 
 def _study(framework, path, data, out, run_id, *extra):

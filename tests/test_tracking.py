@@ -25,7 +25,7 @@ from compare.reporting.tables import latest_attempts
 from compare.run import main as run_main
 from compare.study import main as study_main
 from tests.helpers import make_idx_dir, write
-from tests.test_study import TINY
+from tests.made import TINY, epoch_record
 
 pytestmark = pytest.mark.tracking
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,6 @@ def _status_records(folder):
     """A run folder whose records hold every status: complete, diverged, interrupted (no end record, and
     an interrupted end), crashed, failed."""
     from common.config import RunConfig
-    from tests.test_measurements import epoch_record
 
     out = []
     for seed, status in enumerate(["complete", "diverged", "interrupted", "crashed", "failed", None]):
