@@ -207,6 +207,7 @@ def run(
     progress: Callable[..., None] | None = None,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    initial: dict | None = None,
 ) -> None:
     """Train config.epochs epochs; emit one epoch record per epoch.
 
@@ -214,18 +215,19 @@ def run(
     caller to store; the record's "snapshot" field names where.
     progress(epoch, step, steps): called after each queued step.
     clock: seconds, read only at timing boundaries (tests pass one they control).
+    initial: canonical parameters to start from (compare.port's fine-tuning) instead of the seed's.
     """
     dataset = subset(dataset, config)
     check_finite("training images", dataset.train_images)
     check_finite("test images", dataset.test_images)
     backend = backend_cls(config)
     try:
-        _run(backend, config, dataset, emit, progress, clock)
+        _run(backend, config, dataset, emit, progress, clock, initial)
     finally:
         backend.close()
 
 
-def _run(backend: Backend, config: RunConfig, dataset: Dataset, emit, progress, clock) -> None:
+def _run(backend: Backend, config: RunConfig, dataset: Dataset, emit, progress, clock, initial=None) -> None:
     ident = dict(framework=backend.name, variant=config.model.variant, seed=config.seed, config_id=config.config_id)
     described = backend.describe()
     ntrain, ntest = len(dataset.train_labels), len(dataset.test_labels)
@@ -241,7 +243,7 @@ def _run(backend: Backend, config: RunConfig, dataset: Dataset, emit, progress, 
             test_examples=ntest,
         )
     )
-    backend.set_params(init_params(config.model, config.seed, config.dtype))
+    backend.set_params(initial if initial is not None else init_params(config.model, config.seed, config.dtype))
     train = backend.put(dataset.train_images, dataset.train_labels)
     test = backend.put(dataset.test_images, dataset.test_labels)
     probe_idx = probe_indices(ntest, config.probe_size)

@@ -1,10 +1,20 @@
-"""python -m compare.port: trained models moved, and what that costs or gains.
+"""python -m compare.port: trained models moved between frameworks, and what a port costs or gains.
 
 Takes the trained snapshots of a run folder (or trains them first: a `compare.run` of the given frameworks and
-variants, in a folder of its own) and loads each one elsewhere. Today: each BN folded into the layer before it
-(common.fold, the textbook's equivalent transformation) and run in the same framework, against the model itself:
-test accuracy, the largest logit difference, prediction agreement, and inference examples/s of both, measured
-alternately in one worker. Writes OUT/RUN_ID/port.md, port.json and fold.csv.
+variants, in a folder of its own) and loads each one elsewhere, in eval mode on the test set, against the model
+in its own framework:
+
+- **ports**: every model into every other framework's scratch and built-in model (the canonical arrays, laid
+  out by each backend): test accuracy at the source and the target, the largest logit difference, prediction
+  agreement. In float64 a port is exact; in float32 it agrees as the frameworks' float32 does.
+- **mistakes**: each plausible mistake of a port (common.port.MISTAKES: the target's default epsilon, fc1 in the
+  other flatten order, the running variance "corrected", gamma ignored, train mode, the momentum convention
+  followed by one epoch of fine-tuning) applied on purpose to each built-in model ported into each other
+  framework's built-in model, against the right port.
+- **fold**: each BN folded into the layer before it (common.fold, the textbook's equivalent transformation), in
+  the same framework, with inference examples/s of both, measured alternately in one worker.
+
+Writes OUT/RUN_ID/port.md, port.json, fold.csv, ports.csv and mistakes.csv.
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import RunConfig
+from common.config import DTYPES, RunConfig
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.fold import fold, folded_spec
+from common.port import MISTAKES, WRONG_DECAY, apply
 from common.registry import FRAMEWORKS, parse_frameworks
 
 from . import HelpFormatter
@@ -36,6 +47,7 @@ from .reporting.files import atomic, write_json
 from .reporting.markdown import markdown_table
 
 VARIANTS = ("scratch", "builtin", "builtin-defaults")
+TARGETS = ("scratch", "builtin")  # the models a port loads into
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="scratch,builtin", help="comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--epoch", type=int, help="the snapshot of this epoch (default: each run's last)")
     p.add_argument("--quick", action="store_true", help="when it trains: compare.run's --quick budget")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="when it trains: compare.run's --dtype")
     p.add_argument("--repeats", type=int, default=7, help="rounds of timed inference per model (alternating)")
     p.add_argument("--data-dir", help="Fashion-MNIST's folder (default: as compare.run finds it)")
     p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not the official ones")
@@ -79,6 +92,8 @@ def train(args, port_dir: Path, frameworks, variants, data_dir: str) -> Path:
         data_dir,
         "--no-progress",
         *(["--quick"] if args.quick else []),
+        "--dtype",
+        args.dtype,
         *(["--no-verify-data"] if args.no_verify_data else []),
         *[f"--python={p}" for p in args.python],
     ]
@@ -89,31 +104,76 @@ def train(args, port_dir: Path, frameworks, variants, data_dir: str) -> Path:
     return port_dir / "run"
 
 
+def load_params(path) -> dict:
+    with np.load(path) as arrays:
+        return {k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")}
+
+
+def save_params(path: Path, params: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{f"param/{k}": v for k, v in params.items()})
+    return str(path)
+
+
 def fold_tasks(model: dict, params_dir: Path) -> tuple:
-    """(tasks for the model's framework, None) to evaluate the model and its folded network, or ([], the reason it
-    does not fold)."""
+    """(tasks for the model's framework, None) to evaluate the model and its folded network, timed, or ([], the
+    reason it does not fold) with the model's own evaluation alone."""
     config = RunConfig.from_dict(model["config"])
-    spec = config.model
+    name = ports.own_name(model)
+    own = {"name": name, "params": model["snapshot"], "config": config.to_dict(), "time": True}
     try:
-        target = folded_spec(spec)
+        target = folded_spec(config.model)
     except ConfigError as exc:
-        return [], str(exc)
-    with np.load(model["snapshot"]) as arrays:
-        params = {k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")}
-    name = f"{model['variant']}_s{model['seed']}"
-    folded = params_dir / f"{model['framework']}_{name}_folded.npz"
-    folded.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(folded, **{f"param/{k}": v for k, v in fold(params, spec, model["epsilon"] or spec.epsilon).items()})
-    evaluated = config.to_dict()
+        return [{**own, "time": False}], str(exc)
+    folded = fold(load_params(model["snapshot"]), config.model, model["epsilon"] or config.model.epsilon)
     return [
-        {"name": name, "params": model["snapshot"], "config": evaluated, "time": True},
+        own,
         {
             "name": f"{name}_folded",
-            "params": str(folded),
+            "params": save_params(params_dir / f"{name}_folded.npz", folded),
             "config": replace(config, model=target).to_dict(),
             "time": True,
         },
     ], None
+
+
+def port_tasks(model: dict, framework: str) -> list:
+    """The model loaded into framework's scratch and built-in models (not into itself: that is its own
+    evaluation)."""
+    config = RunConfig.from_dict(model["config"])
+    return [
+        {
+            "name": ports.port_name(model, framework, variant),
+            "params": model["snapshot"],
+            "config": replace(config, model=replace(config.model, variant=variant)).to_dict(),
+        }
+        for variant in TARGETS
+        if (framework, variant) != (model["framework"], model["variant"])
+    ]
+
+
+def mistake_tasks(model: dict, framework: str, params_dir: Path) -> list:
+    """A built-in model ported into framework's built-in model with each mistake of common.port, and the right
+    port fine-tuned for one epoch (what the momentum mistake is compared with)."""
+    config = RunConfig.from_dict(model["config"])
+    into = replace(config, model=replace(config.model, variant="builtin"))
+    params = load_params(model["snapshot"])
+    base = ports.port_name(model, framework, "builtin")
+    tasks = []
+    for mistake in MISTAKES:
+        task = {"name": f"{base}_{mistake}", "params": model["snapshot"], "config": into.to_dict()}
+        if mistake in ("flatten", "variance", "gamma"):
+            task["params"] = save_params(params_dir / f"{base}_{mistake}.npz", apply(mistake, params, into))
+        elif mistake == "epsilon":
+            task["epsilon"] = "default"
+        elif mistake == "train-mode":
+            task["mode"] = "train"
+        elif mistake == "momentum":
+            task.update(finetune=True, config=into.replace(model=replace(into.model, decay=WRONG_DECAY)).to_dict())
+            right = {"name": f"{base}_finetuned", "params": model["snapshot"], "config": into.to_dict()}
+            tasks.append({**right, "finetune": True})
+        tasks.append(task)
+    return tasks
 
 
 def run_framework(framework: str, python: str, job: dict) -> list:
@@ -162,25 +222,54 @@ def main(argv=None) -> int:
     if not models:
         print(f"error: {run_dir} has no complete run of {', '.join(variants)} with a snapshot to port", file=sys.stderr)
         return 1
-    fold_rows, refused, status = [], [], 0
-    dtype = RunConfig.from_dict(models[0]["config"]).dtype
+    results, refused, failed = evaluate(args, frameworks, models, explicit, data_dir, port_dir)
+    data = {
+        "machine": {
+            "command": " ".join(["python -m compare.port"] + list(argv if argv is not None else sys.argv[1:])),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "source": str(run_dir),
+        "dtype": RunConfig.from_dict(models[0]["config"]).dtype,
+        **ports.compare(models, results, port_dir, frameworks),
+        "refused": refused,
+    }
+    write_json(port_dir / "port.json", data)
+    tables = {"fold": ports.fold_table(data["fold"]), "ports": ports.port_table(data["ports"])}
+    tables["mistakes"] = ports.mistake_table(data["mistakes"])
+    for name, table in tables.items():
+        atomic(port_dir / f"{name}.csv", lambda p, table=table: table.to_csv(p, index=False))
+    text = ports.render(data)
+    atomic(port_dir / "port.md", lambda p: p.write_text(text))
+    print(markdown_table(tables["fold"]) if not tables["fold"].empty else "nothing folded", file=sys.stderr)
+    print(f"\nreport: {port_dir / 'port.md'}", file=sys.stderr)
+    return 1 if failed or any(r.get("error") for r in results.values()) else 0
+
+
+def evaluate(args, frameworks, models: list, explicit, data_dir: str, port_dir: Path) -> tuple:
+    """Every framework's tasks in one worker each: (results by task name, the models that do not fold and why,
+    whether a framework could not run)."""
+    results, refused, failed = {}, [], False
     for framework in frameworks:
-        mine = [m for m in models if m["framework"] == framework]
         tasks = []
-        for model in mine:
-            more, why = fold_tasks(model, port_dir / "params")
-            tasks += more
-            if why:
-                refused.append({"framework": framework, "variant": model["variant"], "why": why})
-        if not tasks:
-            continue
+        for model in models:
+            if model["framework"] == framework:
+                more, why = fold_tasks(model, port_dir / "params")
+                tasks += more
+                if why:
+                    refused.append({"framework": framework, "variant": model["variant"], "why": why})
+            tasks += port_tasks(model, framework)
+            if model["variant"] == "builtin":
+                tasks += mistake_tasks(model, framework, port_dir / "params")
         try:
             python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
         except BNCompareError as exc:
             print(f"[{framework}] skipped: {exc}", file=sys.stderr)
-            status = 1
+            failed = True
             continue
-        print(f"[{framework}] {len(tasks)} evaluation(s), {args.repeats} timed round(s) each", file=sys.stderr)
+        print(f"[{framework}] {len(tasks)} evaluation(s); the folds timed {args.repeats} round(s)", file=sys.stderr)
         job = {
             "mode": "port",
             "framework": framework,
@@ -191,56 +280,18 @@ def main(argv=None) -> int:
             "verify": not args.no_verify_data,
         }
         got = run_framework(framework, python, job)
-        results = {r["name"]: r for r in got if r.get("kind") == "port"}
-        times = {r["name"]: r["examples_per_s"] for r in got if r.get("kind") == "port_time"}
-        for model in mine:
-            name = f"{model['variant']}_s{model['seed']}"
-            own, folded = results.get(name), results.get(f"{name}_folded")
-            if not own or not folded or "error" in own or "error" in folded:
-                errors = [r["error"] for r in (own, folded) if r and "error" in r] or ["the worker gave no result"]
-                if any(r["framework"] == framework and r["variant"] == model["variant"] for r in refused):
-                    continue
-                print(f"[{framework}] {model['variant']}: {'; '.join(errors)}", file=sys.stderr)
-                refused.append({"framework": framework, "variant": model["variant"], "why": "; ".join(errors)})
-                status = 1
-                continue
-            with np.load(port_dir / own["logits"]) as a, np.load(port_dir / folded["logits"]) as b:
-                distance = ports.logit_distance(a["logits"], b["logits"])
-            fold_rows.append(
-                {
-                    "framework": framework,
-                    "variant": model["variant"],
-                    "seed": model["seed"],
-                    "epoch": model["epoch"],
-                    "test_acc": own["test_acc"],
-                    "folded_test_acc": folded["test_acc"],
-                    **distance,
-                    "examples_per_s": times.get(name, []),
-                    "folded_examples_per_s": times.get(f"{name}_folded", []),
-                    "execution": own.get("execution"),
-                }
-            )
-    data = {
-        "machine": {
-            "command": " ".join(["python -m compare.port"] + list(argv if argv is not None else sys.argv[1:])),
-            "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-        },
-        "source": str(run_dir),
-        "dtype": dtype,
-        "fold": fold_rows,
-        "refused": refused,
-    }
-    write_json(port_dir / "port.json", data)
-    table = ports.fold_table(fold_rows)
-    atomic(port_dir / "fold.csv", lambda p: table.to_csv(p, index=False))
-    text = ports.render(data)
-    atomic(port_dir / "port.md", lambda p: p.write_text(text))
-    print(markdown_table(table) if not table.empty else "nothing folded", file=sys.stderr)
-    print(f"\nreport: {port_dir / 'port.md'}", file=sys.stderr)
-    return status
+        for r in got:
+            if r.get("kind") == "port":
+                results[r["name"]] = r
+            elif r.get("kind") == "port_time":
+                results[r["name"]]["examples_per_s"] = r["examples_per_s"]
+        for task in tasks:
+            if task["name"] not in results:
+                results[task["name"]] = {"name": task["name"], "error": "the worker gave no result"}
+        for r in got:
+            if r.get("kind") == "port" and r.get("error"):
+                print(f"[{framework}] {r['name']}: {r['error']}", file=sys.stderr)
+    return results, refused, failed
 
 
 if __name__ == "__main__":

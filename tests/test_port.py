@@ -1,13 +1,22 @@
-"""compare.port (--framework / tox -e NAME): a tiny trained run's models folded in their own framework, through the
-real command and worker; what does not fold said with its reason, and bad input refused before anything runs."""
+"""compare.port (--framework / tox -e NAME), through the real command and worker: a tiny trained run's models folded
+in their own framework; what does not fold said with its reason; in float64, a model loaded into the framework's
+other variant gives its logits exactly, and each mistake of a port (common.port) computes what it says, against
+the float64 reference with the mistake applied by hand; bad input refused before anything runs."""
 
 import json
 import sys
 
+import numpy as np
 import pytest
 
+from common.config import RunConfig
+from common.data import load_fashion_mnist
+from common.port import MISTAKES, apply
+from common.reference import lenet_forward
 from compare.port import main as port_main
+from compare.reporting import ports
 from compare.run import main as run_main
+from tests.conventions import BUILTIN
 from tests.helpers import make_idx_dir
 
 
@@ -20,6 +29,8 @@ def trained(tmp_path_factory, framework):
     common += ["--no-verify-data", "--python", f"{framework}={sys.executable}", "--out", str(root), "--no-progress"]
     assert run_main([*common, "--variants", "scratch,builtin", "--run-id", "bn"]) == 0
     assert run_main([*common, "--variants", "scratch", "--norm", "layer", "--run-id", "layer"]) == 0
+    float64 = [*common, "--dtype", "float64", "--population-size", "0"]
+    assert run_main([*float64, "--variants", "scratch,builtin", "--run-id", "bn64"]) == 0
     return root, data
 
 
@@ -77,6 +88,65 @@ def test_what_does_not_fold_is_said_with_its_reason(fw, framework, trained):
         }
     ]
     assert "## Not folded" in (folder / "port.md").read_text()
+
+
+def test_a_float64_model_in_the_other_variant_gives_its_logits_exactly(fw, framework, trained):
+    """The scratch model loaded into the built-in one and the reverse, in this framework: logits to 1e-10."""
+    code, folder = port(trained, framework, "bn64")
+    assert code == 0
+    rows = json.loads((folder / "port.json").read_text())["ports"]
+    assert sorted((r["variant"], r["target_variant"]) for r in rows) == [("builtin", "scratch"), ("scratch", "builtin")]
+    for r in rows:
+        assert r["max_logit_diff"] <= 1e-10 and r["agreement"] == 1.0, r
+        assert r["target_test_acc"] == r["source_test_acc"]
+
+
+def test_each_mistake_of_a_port_computes_what_it_says(fw, framework, trained):
+    """float64, the built-in model ported into itself with each mistake: its logits are the float64 reference's
+    with that mistake made by hand (the layers' default epsilon, fc1's columns permuted, the variance scaled by
+    (m - 1) / m, gamma 1, every evaluation batch normalised with its own statistics), to 1e-9; the momentum mistake
+    fine-tunes with decay 0.1 beside the right port fine-tuned with 0.9, so only its logits' existence and the
+    table's row are checked here."""
+    root, data = trained
+    code, folder = port(trained, framework, "bn64")
+    assert code == 0
+    model = next(m for m in ports.trained_models(root / "bn64") if m["variant"] == "builtin")
+    config = RunConfig.from_dict(model["config"])
+    with np.load(model["snapshot"]) as arrays:
+        params = {k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")}
+    images = load_fashion_mnist(data, verify=False, dtype="float64").test_images[: config.test_limit or None]
+    base = ports.own_name(model)
+
+    def logits(name):
+        with np.load(folder / "logits" / f"{framework}_{name}.npz") as arrays:
+            return arrays["logits"]
+
+    def reference(p=params, **options):
+        return lenet_forward(p, config.model, images, training=False, **options)[0]
+
+    size = config.eval_batch_size  # train mode normalises each evaluation batch with its own statistics
+    default = BUILTIN[framework]["defaults"][1]  # its own layer's epsilon as constructed by default
+    want = {
+        "epsilon": reference(epsilon=default),
+        "flatten": reference(apply("flatten", params, config)),
+        "variance": reference(apply("variance", params, config)),
+        "gamma": reference(apply("gamma", params, config)),
+        "train-mode": np.concatenate(
+            [
+                lenet_forward(params, config.model, images[i : i + size], training=True)[0]
+                for i in range(0, len(images), size)
+            ]
+        ),
+    }
+    np.testing.assert_allclose(logits(base), reference(), rtol=0, atol=1e-9)
+    for mistake, expected in want.items():
+        np.testing.assert_allclose(logits(f"{base}_{mistake}"), expected, rtol=0, atol=1e-9, err_msg=mistake)
+    rows = json.loads((folder / "port.json").read_text())["mistakes"]
+    assert sorted(r["mistake"] for r in rows) == sorted(MISTAKES)
+    epsilon = next(r for r in rows if r["mistake"] == "epsilon")
+    assert epsilon["mistaken_epsilon"] == pytest.approx(default) and epsilon["right_epsilon"] == pytest.approx(1e-5)
+    assert (folder / "logits" / f"{framework}_{base}_momentum.npz").is_file()
+    assert "## Mistakes" in (folder / "port.md").read_text()
 
 
 @pytest.mark.parametrize(

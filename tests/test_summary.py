@@ -259,3 +259,22 @@ def test_the_appendix_keeps_every_strata_sentence(tmp_path):
     pairs = [line for line in appendix if " vs " in line]
     assert len(pairs) == 8 and len({p.split(":")[0] for p in pairs}) == 8
     assert len(summary.summarise(runs, s, frames).sentences) == 1
+
+
+def test_cells_on_the_plateau_in_the_same_frameworks_are_one_sentence(tmp_path):
+    """Two cells (lr 0.1 in both activations) whose final training loss stays near ln 10 in every framework: one
+    sentence naming both with their losses; a cell stuck in one framework only, a sentence of its own."""
+    s = study(tmp_path)
+    runs = compare_runs(0.05)
+    runs["final_train_loss"] = 0.5
+    runs.loc[runs.lr == 0.1, "final_train_loss"] = 2.30
+    runs.loc[(runs.lr == 1.0) & (runs.activation == "relu") & (runs.framework == "jax"), "final_train_loss"] = 2.25
+    got = [x for x in summarised(runs, s).sentences if "plateau" in x]
+    assert got == [
+        "Still on their initial plateau in all four frameworks, mean final training loss near ln 10 = 2.303: lr 0.1, "
+        "ReLU (2.3); and lr 0.1, activation sigmoid (2.3). They have not started learning in this budget, so what "
+        "is measured of them describes networks that are not moving.",
+        "Still on its initial plateau in JAX/Flax, mean final training loss near ln 10 = 2.303: lr 1, ReLU (2.25). "
+        "It has not started learning in this budget, so what is measured of it describes a network that is not "
+        "moving.",
+    ]

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -203,11 +204,13 @@ def _bench_cell(module, loops: dict, config: RunConfig, dataset, job: dict, labe
 
 def port(job: dict) -> int:
     """compare.port's evaluations, in this framework: for each task, canonical parameters (an npz of param/*
-    arrays) loaded into the model its configuration describes, eval mode over the test set. One "port" record per
-    task (its test accuracy, and its logits written to out/logits/FRAMEWORK_NAME.npz), then, for the tasks marked
-    "time", `repeats` rounds of a timed eval-mode pass over the test set each, alternating (the order rotating each
-    round, a garbage collection, untimed, before each): one "port_time" record per task with its examples/s per
-    round. A task that fails is recorded with its error; the others go on."""
+    arrays) loaded into the model its configuration describes, and the test set's logits in eval mode; a task may
+    ask for the layers' own default epsilon ("epsilon": "default"), train mode ("mode": "train"), or one epoch of
+    fine-tuning from those parameters first ("finetune": true; common.port). One "port" record per task (its test
+    accuracy, and its logits written to out/logits/FRAMEWORK_NAME.npz), then, for the tasks marked "time",
+    `repeats` rounds of a timed eval-mode pass over the test set each, alternating (the order rotating each round,
+    a garbage collection, untimed, before each): one "port_time" record per task with its examples/s per round. A
+    task that fails is recorded with its error; the others go on."""
     framework, out = job["framework"], Path(job["out"])
     module = load_backend_module(framework)
     datasets, timed = {}, []
@@ -223,16 +226,7 @@ def port(job: dict) -> int:
                     input_size=config.model.input_size,
                     image_size=config.model.image_size,
                 )
-            data = datasets[key]
-            images, labels = (
-                data.test_images[: config.test_limit or None],
-                data.test_labels[: config.test_limit or None],
-            )
-            backend = module.BACKEND(config)
-            with np.load(task["params"]) as arrays:
-                backend.set_params({k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")})
-            size = config.eval_batch_size
-            logits = np.concatenate([backend.predict(images[i : i + size]) for i in range(0, len(labels), size)])
+            backend, logits, labels = _port_task(module, task, config, datasets[key])
             path = Path("logits") / f"{framework}_{task['name']}.npz"
             save_npz(out / path, {"logits": logits})
             send(
@@ -243,12 +237,13 @@ def port(job: dict) -> int:
                     "test_acc": float(np.mean(logits.argmax(axis=1) == labels)),
                     "logits": str(path),
                     "execution": backend.execution_name(),
+                    "epsilon": backend.describe().get("bn_epsilon"),
                 }
             )
             if task.get("time"):
-                test = backend.put(images, labels)
-                backend.evaluate(test, size)  # a compiled mode compiles here, untimed
-                timed.append((task["name"], backend, test, len(labels), size))
+                test = backend.put(datasets[key].test_images[: len(labels)], labels)
+                backend.evaluate(test, config.eval_batch_size)  # a compiled mode compiles here, untimed
+                timed.append((task["name"], backend, test, len(labels), config.eval_batch_size))
         except Exception as exc:  # this task's evaluation only
             send(
                 {"kind": "port", "framework": framework, "name": task["name"], "error": f"{type(exc).__name__}: {exc}"}
@@ -265,6 +260,34 @@ def port(job: dict) -> int:
     for name, figures in rounds.items():
         send({"kind": "port_time", "framework": framework, "name": name, "examples_per_s": figures})
     return 0
+
+
+def _port_task(module, task: dict, config: RunConfig, data) -> tuple:
+    """(the backend holding the task's parameters, its test logits, the test labels)."""
+    with np.load(task["params"]) as arrays:
+        params = {k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")}
+    if task.get("epsilon") == "default":  # the target's layer as its constructor makes it: its own epsilon
+        _, epsilon = module.BACKEND(config).default_norm_constants()
+        config = config.replace(model=replace(config.model, epsilon=epsilon))
+    if task.get("finetune"):  # one epoch in this framework from the ported parameters; its final ones evaluated
+        trained = {}
+
+        def keep(record, arrays=None):
+            if arrays:
+                trained.update({k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")})
+
+        run_loop(module.BACKEND, config.replace(epochs=1, population_size=0), data, keep, initial=params)
+        params = trained
+    images = data.test_images[: config.test_limit or None]
+    labels = data.test_labels[: config.test_limit or None]
+    backend = module.BACKEND(config)
+    backend.set_params(params)
+    size = config.eval_batch_size
+    if task.get("mode") == "train":  # every test batch normalised with its own statistics
+        forward = [backend.train_mode_forward(images[i : i + size], False)[0] for i in range(0, len(labels), size)]
+    else:
+        forward = [backend.predict(images[i : i + size]) for i in range(0, len(labels), size)]
+    return backend, np.concatenate(forward), labels
 
 
 def main() -> int:

@@ -67,6 +67,174 @@ def logit_distance(mine: np.ndarray, theirs: np.ndarray) -> dict:
     }
 
 
+def own_name(model: dict) -> str:
+    """A trained model's evaluation in its own framework, as compare.port names the task."""
+    return f"{model['framework']}_{model['variant']}_s{model['seed']}"
+
+
+def port_name(model: dict, framework: str, variant: str) -> str:
+    """The model loaded into framework's variant model (the same name as own_name where that is the model)."""
+    if (framework, variant) == (model["framework"], model["variant"]):
+        return own_name(model)
+    return f"{own_name(model)}_to_{framework}_{variant}"
+
+
+def _logits(port_dir: Path, result: dict) -> np.ndarray:
+    with np.load(Path(port_dir) / result["logits"]) as arrays:
+        return arrays["logits"]
+
+
+def compare(models: list, results: dict, port_dir: Path, frameworks) -> dict:
+    """port.json's rows from the workers' results (by task name, compare.port): each fold against its model, each
+    port against the model in its own framework, each mistaken port against the right one. A comparison whose
+    evaluations failed is left out (the failure is in the results, and the command's exit status)."""
+
+    def ok(name):
+        return name in results and not results[name].get("error")
+
+    fold, ported = [], []
+    for model in models:
+        name = own_name(model)
+        if not ok(name):
+            continue
+        own = results[name]
+        ident = {k: model[k] for k in ("framework", "variant", "seed", "epoch")}
+        if ok(f"{name}_folded"):
+            folded = results[f"{name}_folded"]
+            fold.append(
+                {
+                    **ident,
+                    "test_acc": own["test_acc"],
+                    "folded_test_acc": folded["test_acc"],
+                    **logit_distance(_logits(port_dir, own), _logits(port_dir, folded)),
+                    "examples_per_s": own.get("examples_per_s", []),
+                    "folded_examples_per_s": folded.get("examples_per_s", []),
+                    "execution": own.get("execution"),
+                }
+            )
+        for target in frameworks:
+            for variant in ("scratch", "builtin"):
+                task = port_name(model, target, variant)
+                if task == name or not ok(task):
+                    continue
+                there = results[task]
+                ported.append(
+                    {
+                        **ident,
+                        "target": target,
+                        "target_variant": variant,
+                        "source_test_acc": own["test_acc"],
+                        "target_test_acc": there["test_acc"],
+                        **logit_distance(_logits(port_dir, own), _logits(port_dir, there)),
+                    }
+                )
+    return {"fold": fold, "ports": ported, "mistakes": _mistakes(models, results, port_dir, frameworks, ok)}
+
+
+def _mistakes(models, results, port_dir, frameworks, ok) -> list:
+    from common.port import MISTAKES
+
+    rows = []
+    for model in (m for m in models if m["variant"] == "builtin"):
+        for target in frameworks:
+            into = port_name(model, target, "builtin")
+            for mistake in MISTAKES:
+                right = f"{into}_finetuned" if mistake == "momentum" else into
+                wrong = f"{into}_{mistake}"
+                if not (ok(right) and ok(wrong)):
+                    continue
+                rows.append(
+                    {
+                        "framework": model["framework"],
+                        "seed": model["seed"],
+                        "target": target,
+                        "mistake": mistake,
+                        "right_test_acc": results[right]["test_acc"],
+                        "mistaken_test_acc": results[wrong]["test_acc"],
+                        "right_epsilon": results[right].get("epsilon"),
+                        "mistaken_epsilon": results[wrong].get("epsilon"),
+                        **logit_distance(_logits(port_dir, results[right]), _logits(port_dir, results[wrong])),
+                    }
+                )
+    return rows
+
+
+def port_table(rows: list) -> pd.DataFrame:
+    """One row per port: the model's framework and variant, the target framework and variant, accuracies at both
+    and the logit distance."""
+    return pd.DataFrame(rows)
+
+
+def mistake_table(rows: list) -> pd.DataFrame:
+    """One row per mistaken port: the accuracy change against the right port (points) and the share of test
+    images whose predicted class it changes."""
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["accuracy_change"] = frame.mistaken_test_acc - frame.right_test_acc
+        frame["predictions_changed"] = 1 - frame.agreement
+    return frame
+
+
+def port_markdown(frame: pd.DataFrame, dtype: str) -> list:
+    """Per (model variant, target variant), a matrix of the largest logit difference, sources as rows and targets
+    as columns, and the sentence it supports."""
+    if frame.empty:
+        return []
+    order = [f for f in FRAMEWORKS if f in set(frame.framework) | set(frame.target)]
+    lines = []
+    for (variant, into), group in frame.groupby(["variant", "target_variant"], sort=False):
+        lines += [
+            f"{variant} model into the {into} model: the largest |logit difference| on the test set",
+            "",
+            "| from \\ to | " + " | ".join(FRAMEWORKS[f].label for f in order) + " |",
+            "|---|" + "---|" * len(order),
+        ]
+        for source in order:
+            mine = group[group.framework == source].set_index("target")
+            cells = [f"{mine.max_logit_diff[t]:.2g}" if t in mine.index else "" for t in order]
+            lines.append(f"| {FRAMEWORKS[source].label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(
+        f"Every port ({len(frame)}, {dtype}) predicts the class its model predicts on "
+        f"{frame.agreement.min():.2%} or more of the test images, with logits within {frame.max_logit_diff.max():.2g} "
+        f"of the model's; test accuracy moves by at most "
+        f"{(frame.target_test_acc - frame.source_test_acc).abs().max():.4f}."
+    )
+    return lines
+
+
+def mistake_markdown(frame: pd.DataFrame) -> list:
+    """Per mistake, per target framework: the accuracy change against the right port, in points, and the share
+    of predictions it changes (the largest over the models ported in)."""
+    from common.port import MISTAKES
+
+    if frame.empty:
+        return []
+    order = [f for f in FRAMEWORKS if f in set(frame.target)]
+    lines = [
+        "| mistake | " + " | ".join(f"into {FRAMEWORKS[f].label}" for f in order) + " |",
+        "|---|" + "---|" * len(order),
+    ]
+    for mistake, group in frame.groupby("mistake", sort=False):
+        cells = []
+        for target in order:
+            mine = group[group.target == target]
+            if mine.empty:
+                cells.append("")
+                continue
+            low, high = 100 * mine.accuracy_change.min(), 100 * mine.accuracy_change.max()
+            change = f"{low:+.1f}" if f"{low:+.1f}" == f"{high:+.1f}" else f"{low:+.1f} to {high:+.1f}"
+            cells.append(f"{change} points; {mine.predictions_changed.max():.1%} changed")
+        lines.append(f"| {MISTAKES[mistake].what} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each cell: the test accuracy of the mistaken port minus the right port's (points, over the built-in models "
+        "ported in, its own framework's included), and the largest share of test images whose predicted class the "
+        "mistake changes.",
+    ]
+    return lines
+
+
 def fold_table(rows: list) -> pd.DataFrame:
     """One row per folded model: accuracies, the logit distance, and inference examples/s of both (medians over
     rounds) with the paired ratio folded / unfolded and its distribution-free 95% interval."""
@@ -143,6 +311,24 @@ def render(data: dict) -> str:
             "dense weights and biases have each BN folded in (w' = w gamma / sqrt(var + eps), b' = (b - mean) gamma "
             "/ sqrt(var + eps) + beta, common.fold), on the whole test set, in the same framework.\n",
             *fold_markdown(fold, dtype),
+            "",
+        ]
+    ported = port_table(data.get("ports", []))
+    if not ported.empty:
+        parts += [
+            "## Ports: each model in every other framework\n",
+            "Each trained model's canonical arrays loaded into the other frameworks' scratch and built-in models, "
+            "in eval mode on the test set, against the model in its own framework.\n",
+            *port_markdown(ported, dtype),
+            "",
+        ]
+    mistaken = mistake_table(data.get("mistakes", []))
+    if not mistaken.empty:
+        parts += [
+            "## Mistakes: what each plausible slip of a port costs\n",
+            "Each built-in model ported into another framework's built-in model with one mistake (common.port), "
+            "against the same port done right (for the momentum, both fine-tuned one epoch in the target).\n",
+            *mistake_markdown(mistaken),
             "",
         ]
     refused = data.get("refused", [])

@@ -484,7 +484,11 @@ def _names(r, answer: dict, grid: dict, frameworks, variants) -> None:
     known |= {f"variant={v}" for v in variants}
     if answer["kind"] == "compare":
         values = [variants if a == "variant" else frameworks if a == "framework" else grid.get(a, ()) for a in axis]
-        known |= {arm_label(axis, [coord_value(v) for v in combo]) for combo in itertools.product(*values)}
+        for combo in itertools.product(*values):
+            coords = dict(zip(axis, (coord_value(v) for v in combo)))
+            if coords.get("variant") == "none" and "norm" in coords:  # no normalisation: its norm is "none"
+                coords["norm"] = "none"
+            known.add(arm_label(axis, list(coords.values())))
     unknown = sorted(set(answer["names"]) - known)
     if unknown:
         raise r.error(

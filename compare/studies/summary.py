@@ -498,26 +498,35 @@ def cell_words(study: Study, coords: dict) -> str:
     axis = [a for a in study.answer.get("axis", ()) if a in coords] if study.answer["kind"] == "compare" else []
     arm = arm_label(axis, [coords[a] for a in axis]) if axis else ""
     named = name(study, arm) if arm else ""
-    rest = [coordinate(study, k, v) for k, v in coords.items() if not (named != arm and k in axis)]
+    rest = [  # a scaled field (lr with the batch size) follows its grid field, which is said already
+        coordinate(study, k, v) for k, v in coords.items() if not (named != arm and k in axis) and k not in study.scale
+    ]
     return ", ".join(([named] if named != arm else []) + rest)
 
 
 def _plateau_sentences(runs: pd.DataFrame, study: Study) -> list:
-    """The cells still on the initial plateau, said once for the frameworks where they are."""
+    """The cells still on the initial plateau, in one sentence for the cells stuck in the same frameworks: each
+    cell with its mean final training loss."""
     done = runs[runs.status == "complete"].dropna(subset=["final_train_loss"])
     total = runs.framework.nunique()
     keys = shown(study, runs, ["variant", *study.axes])
-    out = []
+    stuck_in = {}  # the frameworks where cells are stuck -> [(the cell in words, its losses there)]
     for values, group in groups(done, keys):
         losses = group.groupby("framework", sort=False).final_train_loss.mean()
-        stuck = [f for f, loss in losses.items() if on_plateau(loss)]
+        stuck = tuple(f for f, loss in losses.items() if on_plateau(loss))
         if stuck:
             cell = cell_words(study, dict(zip(keys, values))) or "Every run"
-            out.append(
-                f"{cell}: still on its initial plateau in {frameworks_text(stuck, total)} (mean final training "
-                f"loss {span(losses[stuck], 'final_train_loss')}, ln 10 = 2.303): it has not started learning in "
-                f"this budget, so what is measured of it describes a network that is not moving."
-            )
+            stuck_in.setdefault(stuck, []).append(f"{cell} ({span(losses[list(stuck)], 'final_train_loss')})")
+    out = []
+    for stuck, cells in stuck_in.items():
+        one = len(cells) == 1
+        listed = cells[0] if one else "; ".join(cells[:-1]) + f"; and {cells[-1]}"
+        what = "it describes a network that is" if one else "them describes networks that are"
+        out.append(
+            f"Still on {'its' if one else 'their'} initial plateau in {frameworks_text(list(stuck), total)}, mean "
+            f"final training loss near ln 10 = 2.303: {listed}. {'It has' if one else 'They have'} not started "
+            f"learning in this budget, so what is measured of {what} not moving."
+        )
     return out
 
 
