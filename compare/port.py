@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     if not models:
         print(f"error: {run_dir} has no complete run of {', '.join(variants)} with a snapshot to port", file=sys.stderr)
         return 1
-    results, refused, failed = evaluate(args, frameworks, models, explicit, data_dir, port_dir)
+    results, refused, not_ported, failed = evaluate(args, frameworks, models, explicit, data_dir, port_dir)
     data = {
         "machine": {
             "command": " ".join(["python -m compare.port"] + list(argv if argv is not None else sys.argv[1:])),
@@ -235,6 +235,7 @@ def main(argv=None) -> int:
         "dtype": RunConfig.from_dict(models[0]["config"]).dtype,
         **ports.compare(models, results, port_dir, frameworks),
         "refused": refused,
+        "not_ported": not_ported,
     }
     write_json(port_dir / "port.json", data)
     tables = {"fold": ports.fold_table(data["fold"]), "ports": ports.port_table(data["ports"])}
@@ -245,13 +246,13 @@ def main(argv=None) -> int:
     atomic(port_dir / "port.md", lambda p: p.write_text(text))
     print(markdown_table(tables["fold"]) if not tables["fold"].empty else "nothing folded", file=sys.stderr)
     print(f"\nreport: {port_dir / 'port.md'}", file=sys.stderr)
-    return 1 if failed or any(r.get("error") for r in results.values()) else 0
+    return 1 if failed or any(r.get("error") and not r.get("refused") for r in results.values()) else 0
 
 
 def evaluate(args, frameworks, models: list, explicit, data_dir: str, port_dir: Path) -> tuple:
     """Every framework's tasks in one worker each: (results by task name, the models that do not fold and why,
-    whether a framework could not run)."""
-    results, refused, failed = {}, [], False
+    the ports a framework refused and why, whether a framework could not run)."""
+    results, refused, not_ported, failed = {}, [], [], False
     for framework in frameworks:
         tasks = []
         for model in models:
@@ -291,7 +292,9 @@ def evaluate(args, frameworks, models: list, explicit, data_dir: str, port_dir: 
         for r in got:
             if r.get("kind") == "port" and r.get("error"):
                 print(f"[{framework}] {r['name']}: {r['error']}", file=sys.stderr)
-    return results, refused, failed
+                if r.get("refused"):  # a model the framework cannot build (no built-in layer that fits, ...)
+                    not_ported.append({"framework": framework, "task": r["name"], "why": r["error"]})
+    return results, refused, not_ported, failed
 
 
 if __name__ == "__main__":

@@ -244,9 +244,16 @@ def port(job: dict) -> int:
                 test = backend.put(datasets[key].test_images[: len(labels)], labels)
                 backend.evaluate(test, config.eval_batch_size)  # a compiled mode compiles here, untimed
                 timed.append((task["name"], backend, test, len(labels), config.eval_batch_size))
-        except Exception as exc:  # this task's evaluation only
+        except Exception as exc:  # this task's evaluation only; a model this framework cannot build is refused
+            refused = isinstance(exc, (BNCompareError, BackendUnavailable))
             send(
-                {"kind": "port", "framework": framework, "name": task["name"], "error": f"{type(exc).__name__}: {exc}"}
+                {
+                    "kind": "port",
+                    "framework": framework,
+                    "name": task["name"],
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "refused": refused,
+                }
             )
     rounds = {name: [] for name, *_ in timed}
     for r in range(job.get("repeats", 0) if timed else 0):
@@ -266,8 +273,9 @@ def _port_task(module, task: dict, config: RunConfig, data) -> tuple:
     """(the backend holding the task's parameters, its test logits, the test labels)."""
     with np.load(task["params"]) as arrays:
         params = {k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")}
-    if task.get("epsilon") == "default":  # the target's layer as its constructor makes it: its own epsilon
-        _, epsilon = module.BACKEND(config).default_norm_constants()
+    if task.get("epsilon") == "default":  # the epsilon of the target's layer as its constructor makes it
+        defaults = config.replace(model=replace(config.model, variant="builtin-defaults"))
+        _, epsilon = module.BACKEND(defaults).default_norm_constants()
         config = config.replace(model=replace(config.model, epsilon=epsilon))
     if task.get("finetune"):  # one epoch in this framework from the ported parameters; its final ones evaluated
         trained = {}

@@ -334,6 +334,9 @@ def render(data: dict) -> str:
     refused = data.get("refused", [])
     if refused:
         parts += ["## Not folded\n"] + [f"- {r['framework']} {r['variant']}: {r['why']}" for r in refused] + [""]
+    not_ported = data.get("not_ported", [])
+    if not_ported:
+        parts += ["## Not ported\n"] + [f"- into {r['framework']}: {r['task']}: {r['why']}" for r in not_ported] + [""]
     return "\n".join(parts) + "\n"
 
 
