@@ -223,6 +223,8 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} has no complete run of {', '.join(variants)} with a snapshot to port", file=sys.stderr)
         return 1
     results, refused, not_ported, failed = evaluate(args, frameworks, models, explicit, data_dir, port_dir)
+    inside = run_dir.resolve().is_relative_to(port_dir.resolve())  # trained here: said relative to the port
+    source = os.path.relpath(run_dir, port_dir) if inside else str(run_dir)
     data = {
         "machine": {
             "command": " ".join(["python -m compare.port"] + list(argv if argv is not None else sys.argv[1:])),
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
             "platform": platform.platform(),
             "python": sys.version.split()[0],
         },
-        "source": str(run_dir),
+        "source": source,
         "dtype": RunConfig.from_dict(models[0]["config"]).dtype,
         **ports.compare(models, results, port_dir, frameworks),
         "refused": refused,

@@ -158,7 +158,12 @@ def test_every_relative_link_and_image_resolves():
     problems = [p for path in DOCS for p in link_problems(path)]
     assert not problems, "\n".join(problems)
     readme = (ROOT / "README.md").read_text()
-    assert all(f"](docs/{p.name})" in readme for p in DOCS[1:]), "the front page links every guide"
+    guides = sorted((ROOT / "docs").glob("*.md"))
+    missing = [p.name for p in guides if f"](docs/{p.name})" not in readme]
+    assert not missing and "](docs/reference/README.md)" in readme, f"the front page links every guide: {missing}"
+    index = (ROOT / "docs" / "reference" / "README.md").read_text()
+    pages = [p.name for p in (ROOT / "docs" / "reference").glob("*.md") if p.name != "README.md"]
+    assert all(f"]({name})" in index for name in pages), "the reference's index links every reference page"
     assert len(readme) <= 10_000, f"README.md is {len(readme)} characters; the front page stays within 10,000"
 
 
@@ -287,34 +292,20 @@ def test_quoted_figures_come_from_generated_excerpts():
         assert not missing, f"{doc}: numbers quoted from {name} that its excerpt does not hold: {missing}"
 
 
-ANSWER = re.compile(r"<!-- answer: ([\w-]+) -->\n(.*?)<!-- /answer -->", re.S)
+def test_every_answer_block_is_what_its_records_give():
+    """Every `<!-- answer: NAME -->` (or `NAME#PART` of a port) block of the guides is exactly what
+    docs/measured/NAME's committed records give (compare.reporting.excerpt.answer_block): no number in it is
+    typed. docs/answers.md answers the chapter's questions with at least ten of them."""
+    from compare.reporting.excerpt import ANSWER, answer_block
 
-
-def test_the_answers_page_is_what_its_records_give():
-    """Every `<!-- answer: NAME -->` block of docs/answers.md is exactly what docs/measured/NAME's committed records
-    give (compare.reporting.excerpt.answer_block): no number on the page is typed."""
-    from compare.reporting.excerpt import answer_block
-
-    blocks = ANSWER.findall((ROOT / "docs" / "answers.md").read_text())
-    assert len(blocks) >= 10, "the chapter's questions each have a measured answer"
-    for name, text in blocks:
-        assert text == answer_block(ROOT / "docs" / "measured" / name), (
-            f"docs/answers.md's {name} block is not what its records give: a changed figure is a change of "
-            "behaviour to explain first; then `python -m compare.reporting.excerpt --answers docs/answers.md`"
-        )
-
-
-def test_the_studies_durations_are_what_their_records_give():
-    """docs/studies.md's table of how long each shipped study takes is generated: the --quick times from the
-    committed records' environment.json, the full budget's multiple from each study file."""
-    from compare.reporting.excerpt import DURATIONS, durations_block
-
-    found = DURATIONS.search((ROOT / "docs" / "studies.md").read_text())
-    assert found, "docs/studies.md has a `<!-- durations -->` block"
-    assert found.group(0) == found.group(1) + durations_block(ROOT / "docs" / "measured") + found.group(2), (
-        "docs/studies.md's durations are not what the records give: "
-        "`python -m compare.reporting.excerpt --answers docs/studies.md`"
-    )
+    answers = ANSWER.findall((ROOT / "docs" / "answers.md").read_text())
+    assert len(answers) >= 10, "the chapter's questions each have a measured answer"
+    for path in DOCS:
+        for _, name, part, text, _ in ANSWER.findall(path.read_text()):
+            assert text == answer_block(ROOT / "docs" / "measured" / name, part or "fold"), (
+                f"{path.name}'s {name} block is not what its records give: a changed figure is a change of "
+                f"behaviour to explain first; then `python -m compare.reporting.excerpt --answers docs/{path.name}`"
+            )
 
 
 def png_size(path: Path) -> tuple:
@@ -365,7 +356,7 @@ READING = ["README.md"] + [
 HALF_HOUR = ["README.md"] + [f"docs/{n}.md" for n in ("first-hour", "running", "answers", "why-bn", "population")]
 HALF_HOUR += ["docs/normalisations.md"]
 WORDS_PER_MINUTE = 230  # a careful reader of technical prose
-GENERATED = re.compile(r"<!-- (answer: [\w-]+|durations) -->.*?<!-- /(answer|durations) -->", re.S)
+GENERATED = re.compile(r"<!-- (answer: [\w#-]+|durations) -->.*?<!-- /(answer|durations) -->", re.S)
 
 
 def prose(text: str, generated: bool = True) -> str:

@@ -261,7 +261,7 @@ def test_the_appendix_keeps_every_strata_sentence(tmp_path):
     assert len(summary.summarise(runs, s, frames).sentences) == 1
 
 
-def test_cells_on_the_plateau_in_the_same_frameworks_are_one_sentence(tmp_path):
+def test_cells_at_chance_in_the_same_frameworks_are_one_sentence(tmp_path):
     """Two cells (lr 0.1 in both activations) whose final training loss stays near ln 10 in every framework: one
     sentence naming both with their losses; a cell stuck in one framework only, a sentence of its own."""
     s = study(tmp_path)
@@ -269,12 +269,49 @@ def test_cells_on_the_plateau_in_the_same_frameworks_are_one_sentence(tmp_path):
     runs["final_train_loss"] = 0.5
     runs.loc[runs.lr == 0.1, "final_train_loss"] = 2.30
     runs.loc[(runs.lr == 1.0) & (runs.activation == "relu") & (runs.framework == "jax"), "final_train_loss"] = 2.25
-    got = [x for x in summarised(runs, s).sentences if "plateau" in x]
+    got = [x for x in summarised(runs, s).sentences if "At chance" in x]
     assert got == [
-        "Still on their initial plateau in all four frameworks, mean final training loss near ln 10 = 2.303: lr 0.1, "
-        "ReLU (2.3); and lr 0.1, activation sigmoid (2.3). They have not started learning in this budget, so what "
-        "is measured of them describes networks that are not moving.",
-        "Still on its initial plateau in JAX/Flax, mean final training loss near ln 10 = 2.303: lr 1, ReLU (2.25). "
-        "It has not started learning in this budget, so what is measured of it describes a network that is not "
-        "moving.",
+        "At chance in all four frameworks, mean final training loss near ln 10 = 2.303 (a uniform guess's): lr 0.1, "
+        "ReLU (2.3); and lr 0.1, activation sigmoid (2.3). They have not learned in this budget (not yet started, "
+        "or thrown back to chance), so what is measured of them describes networks that are not learning.",
+        "At chance in JAX/Flax, mean final training loss near ln 10 = 2.303 (a uniform guess's): lr 1, ReLU (2.25). "
+        "It has not learned in this budget (not yet started, or thrown back to chance), so what is measured of it "
+        "describes a network that is not learning.",
+    ]
+
+
+def test_a_finite_loss_above_chance_is_thrown_off_not_on_the_plateau(tmp_path):
+    """lr 1 with ReLU ends at a training loss of 40 in every framework: finite, far above ln 10. That is a network
+    its steps threw off, said apart from the plateau (a loss near ln 10, not yet learning)."""
+    s = study(tmp_path)
+    runs = compare_runs(0.05)
+    runs["final_train_loss"] = 0.5
+    runs.loc[(runs.lr == 1.0) & (runs.activation == "relu"), "final_train_loss"] = 40.0
+    got = [x for x in summarised(runs, s).sentences if "At chance" in x or "Thrown" in x]
+    assert got == [
+        "Thrown off in all four frameworks, mean final training loss above a uniform guess's (ln 10 = 2.303) though "
+        "finite: lr 1, ReLU (40). Its steps were too large to learn, not yet large enough to diverge."
+    ]
+
+
+MANY = STUDY.replace("lr = [0.1, 1.0]", "lr = [0.1, 0.3, 1.0, 3.0]").replace(
+    'activation = ["relu", "sigmoid"]', 'activation = ["relu"]'
+)
+
+
+def test_arms_that_came_out_alike_are_one_sentence_with_each_arms_figures(tmp_path):
+    """lr 0.3 and lr 1 each 0.05 above lr 0.1 in every seed and framework, lr 3 within seed noise: the two alike
+    arms in one sentence (each with its figure, the baseline's last), lr 3 in its own."""
+    s = study(tmp_path, MANY)
+    rows = []
+    for framework in FOUR:
+        for seed in (0, 1, 2):
+            base = 0.80 + seed / 100
+            for lr, gain in ((0.1, 0.0), (0.3, 0.05), (1.0, 0.05), (3.0, (-0.05, 0.0, 0.05)[seed])):
+                rows.append(dict(framework=framework, lr=lr, activation="relu", seed=seed, best_test_acc=base + gain))
+    got = summarised(runs_frame(rows), s)
+    assert got.sentences == [
+        "lr=0.3 and lr 1 against lr 0.1, in all four frameworks: best test accuracy higher beyond seed noise "
+        "(lr=0.3 0.8600; lr 1 0.8600; lr 0.1 0.8100).",
+        "lr=3 against lr 0.1, in all four frameworks: best test accuracy within seed noise (0.8100 against 0.8100).",
     ]

@@ -269,14 +269,22 @@ def _trace_cost(t: dict) -> list:
     return ["", "One trace, median per framework: " + "; ".join(parts) + "."]
 
 
-def answer_block(folder: Path) -> str:
-    """The generated part of a docs/answers.md section: a study's summary (its sentences, compact table and
-    caption) or a port's fold table, and how and where it was measured, from the folder's committed records."""
+def answer_block(folder: Path, part: str = "fold") -> str:
+    """The generated part of a guide's section: a study's summary (its sentences, compact table and caption), or
+    one part of a port (fold, ports or mistakes: its table and sentence), and how and where it was measured, from
+    the folder's committed records."""
     folder = Path(folder)
     if (folder / "port.json").exists():
         data = ports.load(folder)
-        lines = ports.fold_markdown(ports.fold_table(data["fold"]), data.get("dtype", "float32"))
-        return "\n".join(lines) + f"\n\n*{_measured_with(data['machine'], 'port')}.*\n"
+        dtype = data.get("dtype", "float32")
+        tables = {
+            "fold": lambda: ports.fold_markdown(ports.fold_table(data["fold"]), dtype),
+            "ports": lambda: ports.port_markdown(ports.port_table(data.get("ports", [])), dtype),
+            "mistakes": lambda: ports.mistake_markdown(ports.mistake_table(data.get("mistakes", []))),
+        }
+        if part not in tables:
+            raise ValueError(f"{folder.name}#{part}: a port's parts are {', '.join(tables)}")
+        return "\n".join(tables[part]()) + f"\n\n*{_measured_with(data['machine'], 'port')}.*\n"
     name = json.loads((folder / "study.json").read_text())["study"]
     study = spec.load(folder / "study.toml", name=name)
     t, env, _, _ = load(folder)
@@ -290,13 +298,15 @@ def answer_block(folder: Path) -> str:
     )
 
 
-ANSWER = re.compile(r"(<!-- answer: ([\w-]+) -->\n)(.*?)(<!-- /answer -->)", re.S)
+ANSWER = re.compile(r"(<!-- answer: ([\w-]+)(?:#(\w+))? -->\n)(.*?)(<!-- /answer -->)", re.S)
 
 
 def answer_blocks(page: Path, measured: Path) -> str:
     """page's text with every `<!-- answer: NAME -->` block made again from measured/NAME, and a
     `<!-- durations -->` block (the shipped studies' times) made again from measured/*."""
-    text = ANSWER.sub(lambda m: m.group(1) + answer_block(measured / m.group(2)) + m.group(4), page.read_text())
+    text = ANSWER.sub(
+        lambda m: m.group(1) + answer_block(measured / m.group(2), m.group(3) or "fold") + m.group(5), page.read_text()
+    )
     return DURATIONS.sub(lambda m: m.group(1) + durations_block(measured) + m.group(2), text)
 
 
@@ -345,6 +355,8 @@ def excerpt(folder: Path) -> str:
         return study_excerpt(Path(folder))
     if (Path(folder) / "bench.json").exists():
         return bench_excerpt(Path(folder))
+    if (Path(folder) / "port.json").exists():  # its three parts, as the guides quote them
+        return "\n".join(answer_block(Path(folder), part) for part in ("ports", "mistakes", "fold"))
     t, env, _, _ = load(Path(folder))
     s = t["summary"]
     seeds = ", ".join(map(str, sorted(set(t["runs"].seed))))

@@ -292,7 +292,17 @@ CHANCE_LOSS = float(np.log(10))  # the cross-entropy of a uniform guess over the
 
 def on_plateau(final_train_loss) -> bool:
     """Whether a run is still on its initial plateau: a training loss within 10% of ln 10, a uniform guess."""
-    return bool(pd.notna(final_train_loss) and np.isfinite(final_train_loss) and final_train_loss >= 0.9 * CHANCE_LOSS)
+    return bool(
+        pd.notna(final_train_loss)
+        and np.isfinite(final_train_loss)
+        and 0.9 * CHANCE_LOSS <= final_train_loss <= 1.1 * CHANCE_LOSS
+    )
+
+
+def thrown_off(final_train_loss) -> bool:
+    """Whether a run's training loss ended finite but above a uniform guess's by more than 10%: its steps threw it
+    off (a learning rate too large to diverge outright), which is not the plateau of a network not yet learning."""
+    return bool(pd.notna(final_train_loss) and np.isfinite(final_train_loss) and final_train_loss > 1.1 * CHANCE_LOSS)
 
 
 def plateau_sentences(summary: pd.DataFrame) -> list:

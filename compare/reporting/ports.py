@@ -194,11 +194,13 @@ def port_markdown(frame: pd.DataFrame, dtype: str) -> list:
             cells = [f"{mine.max_logit_diff[t]:.2g}" if t in mine.index else "" for t in order]
             lines.append(f"| {FRAMEWORKS[source].label} | " + " | ".join(cells) + " |")
         lines.append("")
+    agree = frame.agreement.min()
+    moved = (frame.target_test_acc - frame.source_test_acc).abs().max()
     lines.append(
         f"Every port ({len(frame)}, {dtype}) predicts the class its model predicts on "
-        f"{frame.agreement.min():.2%} or more of the test images, with logits within {frame.max_logit_diff.max():.2g} "
-        f"of the model's; test accuracy moves by at most "
-        f"{(frame.target_test_acc - frame.source_test_acc).abs().max():.4f}."
+        + ("every test image" if agree == 1 else f"{agree:.2%} or more of the test images")
+        + f", with logits within {frame.max_logit_diff.max():.2g} of the model's; test accuracy "
+        + ("does not move." if moved == 0 else f"moves by at most {moved:.4f}.")
     )
     return lines
 
@@ -223,8 +225,8 @@ def mistake_markdown(frame: pd.DataFrame) -> list:
                 cells.append("")
                 continue
             low, high = 100 * mine.accuracy_change.min(), 100 * mine.accuracy_change.max()
-            change = f"{low:+.1f}" if f"{low:+.1f}" == f"{high:+.1f}" else f"{low:+.1f} to {high:+.1f}"
-            cells.append(f"{change} points; {mine.predictions_changed.max():.1%} changed")
+            change = f"{low:+.2f}" if f"{low:+.2f}" == f"{high:+.2f}" else f"{low:+.2f} to {high:+.2f}"
+            cells.append(f"{change} points; {mine.predictions_changed.max():.2%} changed")
         lines.append(f"| {MISTAKES[mistake].what} | " + " | ".join(cells) + " |")
     lines += [
         "",

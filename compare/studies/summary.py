@@ -19,7 +19,7 @@ import pandas as pd
 
 from common.registry import FRAMEWORKS
 
-from ..reporting.markdown import fmt, interval_text, on_plateau
+from ..reporting.markdown import fmt, interval_text, on_plateau, thrown_off
 from .analysis import NO_PAIR, NO_VALUE, ONE_SEED, arm_label, cell_keys, groups, num, strata_of
 from .spec import METRICS, Study
 
@@ -189,6 +189,7 @@ def _compare_sentences(comparisons: pd.DataFrame, study: Study, runs: pd.DataFra
         return []
     everyone = list(dict.fromkeys(runs.framework))
     strata = shown(study, comparisons, [k for k in strata_of(study, runs) if k != "framework"])
+    comparisons, merged = _merge_alike(comparisons, study, everyone, strata)
     sentences = []
     for (arm, baseline), of_arm in comparisons.groupby(["arm", "baseline"], sort=False):
         by_stratum = list(groups(of_arm, strata))
@@ -200,7 +201,62 @@ def _compare_sentences(comparisons: pd.DataFrame, study: Study, runs: pd.DataFra
         )
         for where, rows in parts:
             sentences.append(_arm_sentence(rows, study, strata if not where else [], everyone, arm, baseline, where))
-    return sentences
+    return merged + sentences
+
+
+def _merge_alike(comparisons: pd.DataFrame, study: Study, everyone: list, strata: list) -> tuple:
+    """(the comparisons left, sentences): arms against the same baseline whose every metric came out with one
+    verdict in every framework, in each stratum, the same for all of them, said in one sentence with each arm's
+    figures ('Every arm against no BN, in all four frameworks: best test accuracy higher beyond seed noise (BN
+    after conv1 0.4587; BN after conv2 0.5475; BN everywhere 0.7515; no BN 0.1068).')."""
+    alike = {}  # (baseline, ((metric, stratum, verdict), ...)) -> [arm]
+    for (arm, baseline), rows in comparisons.groupby(["arm", "baseline"], sort=False):
+        verdicts = []
+        for metric, mine in rows.groupby("metric", sort=False):
+            for values, stratum in groups(mine, strata):
+                if stratum.verdict.nunique() != 1 or set(stratum.framework) != set(everyone):
+                    break
+                verdicts.append((metric, tuple(values), stratum.verdict.iloc[0]))
+            else:
+                continue
+            break
+        else:
+            alike.setdefault((baseline, tuple(verdicts)), []).append(arm)
+    sentences, said = [], set()
+    for (baseline, verdicts), arms in alike.items():
+        if len(arms) < 2:
+            continue
+        clauses = []
+        for metric in dict.fromkeys(m for m, _, _ in verdicts):
+            mine = [(values, verdict) for m, values, verdict in verdicts if m == metric]
+            rows = comparisons[(comparisons.metric == metric) & (comparisons.baseline == baseline)]
+            per_verdict = {}
+            for values, verdict in mine:
+                here = rows
+                for k, v in zip(strata, values):
+                    here = here[here[k] == v]
+                figures = [f"{name(study, a)} {span(here[here.arm == a].arm_mean, metric)}" for a in arms]
+                figures.append(f"{name(study, baseline)} {span(here[here.arm.isin(arms)].baseline_mean, metric)}")
+                where = ", ".join(coordinate(study, k, v) for k, v in zip(strata, values))
+                per_verdict.setdefault(verdict, []).append((f"{where}: " if where else "") + "; ".join(figures))
+            clauses.append(
+                f"{METRICS[metric].said} "
+                + "; ".join(f"{VERDICTS.get(v, v)} ({' | '.join(f)})" for v, f in per_verdict.items())
+            )
+        against = set(comparisons.arm[comparisons.baseline == baseline])
+        listed = (
+            "Every arm"
+            if set(arms) == against
+            else ", ".join(name(study, a) for a in arms[:-1]) + f" and {name(study, arms[-1])}"
+        )
+        sentences.append(
+            f"{listed} against {name(study, baseline)}, in {frameworks_text(everyone, len(everyone))}: "
+            + "; ".join(clauses)
+            + "."
+        )
+        said |= {(a, baseline) for a in arms}
+    left = comparisons[[(a, b) not in said for a, b in zip(comparisons.arm, comparisons.baseline)]]
+    return left, sentences
 
 
 def _arm_sentence(rows, study: Study, strata: list, everyone: list, arm: str, baseline: str, where: str) -> str:
@@ -217,7 +273,7 @@ def _arm_sentence(rows, study: Study, strata: list, everyone: list, arm: str, ba
     if absent:
         clauses.append(f"no complete runs to compare in {' and '.join(label(f) for f in absent)}")
     where = f" ({where})" if where else ""
-    everywhere = f", in {frameworks_text(everyone, len(everyone))}" if agreed and len(everyone) > 1 else ""
+    everywhere = f", in {frameworks_text(everyone, len(everyone))}" if agreed else ""
     return f"{name(study, arm)} against {name(study, baseline)}{where}{everywhere}: " + "; ".join(clauses) + "."
 
 
@@ -505,28 +561,37 @@ def cell_words(study: Study, coords: dict) -> str:
 
 
 def _plateau_sentences(runs: pd.DataFrame, study: Study) -> list:
-    """The cells still on the initial plateau, in one sentence for the cells stuck in the same frameworks: each
-    cell with its mean final training loss."""
+    """The cells still on the initial plateau, and those whose loss ended above a uniform guess's, each kind in one
+    sentence for the cells in the same frameworks: each cell with its mean final training loss."""
     done = runs[runs.status == "complete"].dropna(subset=["final_train_loss"])
     total = runs.framework.nunique()
     keys = shown(study, runs, ["variant", *study.axes])
-    stuck_in = {}  # the frameworks where cells are stuck -> [(the cell in words, its losses there)]
+    found = {}  # (kind, the frameworks) -> [the cell in words, with its losses there]
     for values, group in groups(done, keys):
         losses = group.groupby("framework", sort=False).final_train_loss.mean()
-        stuck = tuple(f for f, loss in losses.items() if on_plateau(loss))
-        if stuck:
-            cell = cell_words(study, dict(zip(keys, values))) or "Every run"
-            stuck_in.setdefault(stuck, []).append(f"{cell} ({span(losses[list(stuck)], 'final_train_loss')})")
+        for kind, rule in (("plateau", on_plateau), ("thrown", thrown_off)):
+            where = tuple(f for f, loss in losses.items() if rule(loss))
+            if where:
+                cell = cell_words(study, dict(zip(keys, values))) or "Every run"
+                found.setdefault((kind, where), []).append(f"{cell} ({span(losses[list(where)], 'final_train_loss')})")
     out = []
-    for stuck, cells in stuck_in.items():
+    for (kind, where), cells in sorted(found.items(), key=lambda item: item[0][0] != "plateau"):
         one = len(cells) == 1
         listed = cells[0] if one else "; ".join(cells[:-1]) + f"; and {cells[-1]}"
-        what = "it describes a network that is" if one else "them describes networks that are"
-        out.append(
-            f"Still on {'its' if one else 'their'} initial plateau in {frameworks_text(list(stuck), total)}, mean "
-            f"final training loss near ln 10 = 2.303: {listed}. {'It has' if one else 'They have'} not started "
-            f"learning in this budget, so what is measured of {what} not moving."
-        )
+        frameworks = frameworks_text(list(where), total)
+        if kind == "plateau":
+            what = "it describes a network that is" if one else "them describes networks that are"
+            out.append(
+                f"At chance in {frameworks}, mean final training loss near ln 10 = 2.303 (a uniform guess's): "
+                f"{listed}. {'It has' if one else 'They have'} not learned in this budget (not yet started, or "
+                f"thrown back to chance), so what is measured of {what} not learning."
+            )
+        else:
+            out.append(
+                f"Thrown off in {frameworks}, mean final training loss above a uniform guess's (ln 10 = 2.303) though "
+                f"finite: {listed}. {'Its steps were' if one else 'Their steps were'} too large to learn, not yet "
+                "large enough to diverge."
+            )
     return out
 
 
@@ -560,4 +625,6 @@ def summarise(runs: pd.DataFrame, study: Study, frames: dict) -> Summary:
         table = _trend_table(cell_table, study)
     if cell_table.seeds.max() <= 1:
         sentences.append("Every cell rests on one seed: no difference can be told from seed noise.")
-    return Summary(sentences + _plateau_sentences(runs, study), table, caption)
+    if kind != "largest-stable":  # where the limit is the answer, the cells past it fail by definition
+        sentences += _plateau_sentences(runs, study)
+    return Summary(sentences, table, caption)
