@@ -30,9 +30,12 @@ def _figure(panels: int, height: float = 3.6, panel_width: float = 4.6):
 
     if panels > 6:
         raise ValueError(f"{panels} panels: a figure holds at most six; split it by question")
-    width = min(WIDTH, panel_width * panels + 0.6)
-    fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False)
-    return fig, list(axes[0])
+    if panel_width * panels + 0.6 <= WIDTH:  # side by side
+        fig, axes = plt.subplots(1, panels, figsize=(panel_width * panels + 0.6, height), squeeze=False)
+        return fig, list(axes[0])
+    # too wide for one row: one panel above the other, each as wide as its names need
+    fig, axes = plt.subplots(panels, 1, figsize=(min(WIDTH, panel_width + 0.6), height * panels), squeeze=False)
+    return fig, list(axes[:, 0])
 
 
 def _framework_marks(ax, positions, rows: dict, metric: str, spread: float) -> None:
