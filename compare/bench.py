@@ -36,6 +36,8 @@ from .execution.executor import start_worker, worker_records
 from .job import cpu_name, parse_list, parse_pythons
 from .reporting.benchmark import COLUMNS, line, plot, render, row
 from .reporting.files import atomic, write_json
+from .reporting.layer import COLUMNS as LAYER_COLUMNS
+from .reporting.layer import layer_line, layer_row, render_layers, scratch_over_builtin
 
 
 def _batch_sizes(text: str) -> list:
@@ -56,7 +58,7 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
         proc = start_worker(python, job, log, None)
         try:
             for record in worker_records(proc, log):
-                if record.get("kind") == "bench":
+                if record.get("kind") in ("bench", "layer"):
                     emit(record)
                 elif record.get("kind") in ("bench_repeat", "bench_skipped"):
                     skipped += record["kind"] == "bench_skipped"
@@ -123,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FW=PATH",
         help="interpreter for a framework (repeatable), as for compare.run",
     )
+    p.add_argument(
+        "--layer",
+        action="store_true",
+        help="time the normalisation layer alone (forward and backward, training mode, on bn1's and bn2's inputs "
+        "at --image-size and each batch size) against a STREAM triad: layer.md, .csv, .json (docs/benchmark.md)",
+    )
     p.add_argument("--out", help="write bench.md, .csv, .json and .png here (default reports/bench/<UTC time>)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
@@ -148,9 +156,11 @@ def main(argv=None) -> int:
                 f"--population-size {args.population_size} holds no batch of {max(batch_sizes)} images: give at "
                 "least the largest batch size, or 0 (not measured)"
             )
+        if args.layer and "none" in variants:
+            raise ConfigError("--layer times the normalisation layer, and --variants none has none: leave it out")
         ModelSpec(image_size=args.image_size)  # a size without a feature map is refused here, naming the smallest
         explicit = parse_pythons(args.python)
-        data_dir = str(find_data_dir(args.data_dir))
+        data_dir = None if args.layer else str(find_data_dir(args.data_dir))  # the layers take random inputs
     except BNCompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -171,6 +181,8 @@ def main(argv=None) -> int:
         for e in executions
         for b in batch_sizes
     ]
+    if args.layer:
+        return layers(args, frameworks, cells, explicit, out, machine)
     rows, measured, loops, status = [], [], {}, 0
 
     def emit(record):
@@ -220,6 +232,51 @@ def main(argv=None) -> int:
     if args.json:
         write_json(Path(args.json), rows)
     print(f"written: {out}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
+    return status
+
+
+def layers(args, frameworks, cells: list, explicit, out: Path, machine: dict) -> int:
+    """--layer: each framework's worker times its cells' layers and the triads (compare.execution.worker.layer);
+    the rows, the scratch against built-in pairs and the report (compare.reporting.layer)."""
+    rows, measured, status = [], [], 0
+
+    def emit(record):
+        rows.append(layer_row(record))
+        measured.append(record)
+        print(layer_line(rows[-1]), flush=True)
+
+    for framework in frameworks:
+        try:
+            python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
+        except BNCompareError as exc:
+            print(f"[{framework}] skipped: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"[{framework}] {len(cells)} cell(s) x 2 layers, {args.repeats} rounds", file=sys.stderr, flush=True)
+        job = {
+            "mode": "layer",
+            "framework": framework,
+            "cells": cells,
+            "repeats": args.repeats,
+            "train_limit": 0,
+            "image_size": args.image_size,
+            "device": args.device,
+        }
+        before = len(rows)
+        code, skipped = bench_framework(framework, python, job, emit)
+        if code != 0 or len(rows) - before + 2 * skipped < 2 * len(cells):
+            status = 1
+    if not rows:
+        print("error: no layer was timed; nothing written", file=sys.stderr)
+        return 1
+    frame = pd.DataFrame(rows)
+    ratios = scratch_over_builtin(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic(out / "layer.csv", lambda path: frame[LAYER_COLUMNS].to_csv(path, index=False))
+    write_json(out / "layer.json", {"machine": machine, "measured": records.clean(measured)})
+    text = render_layers(frame, ratios, machine)
+    atomic(out / "layer.md", lambda path: path.write_text(text))
+    print(f"written: {out}/layer.md, layer.csv, layer.json", file=sys.stderr)
     return status
 
 

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, help="the snapshot of this epoch (default: each run's last)")
     p.add_argument("--quick", action="store_true", help="when it trains: compare.run's --quick budget")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="when it trains: compare.run's --dtype")
+    p.add_argument(
+        "--mistakes",
+        default=",".join(MISTAKES),
+        help="comma-separated, from: " + ", ".join(MISTAKES) + "; none: the ports and folds only",
+    )
     p.add_argument("--repeats", type=int, default=7, help="rounds of timed inference per model (alternating)")
     p.add_argument("--data-dir", help="Fashion-MNIST's folder (default: as compare.run finds it)")
     p.add_argument("--no-verify-data", action="store_true", help="accept IDX files that are not the official ones")
@@ -152,15 +157,15 @@ def port_tasks(model: dict, framework: str) -> list:
     ]
 
 
-def mistake_tasks(model: dict, framework: str, params_dir: Path) -> list:
-    """A built-in model ported into framework's built-in model with each mistake of common.port, and the right
-    port fine-tuned for one epoch (what the momentum mistake is compared with)."""
+def mistake_tasks(model: dict, framework: str, mistakes, params_dir: Path) -> list:
+    """A built-in model ported into framework's built-in model with each of the given mistakes (common.port), and
+    for the momentum mistake the right port fine-tuned for one epoch (what it is compared with)."""
     config = RunConfig.from_dict(model["config"])
     into = replace(config, model=replace(config.model, variant="builtin"))
     params = load_params(model["snapshot"])
     base = ports.port_name(model, framework, "builtin")
     tasks = []
-    for mistake in MISTAKES:
+    for mistake in mistakes:
         task = {"name": f"{base}_{mistake}", "params": model["snapshot"], "config": into.to_dict()}
         if mistake in ("flatten", "variance", "gamma"):
             task["params"] = save_params(params_dir / f"{base}_{mistake}.npz", apply(mistake, params, into))
@@ -198,6 +203,7 @@ def main(argv=None) -> int:
         extras.require_reporting("compare.port")
         frameworks = parse_frameworks(args.frameworks)
         variants = parse_list(args.variants, "variant", VARIANTS)
+        mistakes = () if args.mistakes == "none" else parse_list(args.mistakes, "mistake", MISTAKES)
         explicit = parse_pythons(args.python)
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
     if not models:
         print(f"error: {run_dir} has no complete run of {', '.join(variants)} with a snapshot to port", file=sys.stderr)
         return 1
-    results, refused, not_ported, failed = evaluate(args, frameworks, models, explicit, data_dir, port_dir)
+    results, refused, not_ported, failed = evaluate(args, frameworks, models, mistakes, explicit, data_dir, port_dir)
     inside = run_dir.resolve().is_relative_to(port_dir.resolve())  # trained here: said relative to the port
     source = os.path.relpath(run_dir, port_dir) if inside else str(run_dir)
     data = {
@@ -251,7 +257,7 @@ def main(argv=None) -> int:
     return 1 if failed or any(r.get("error") and not r.get("refused") for r in results.values()) else 0
 
 
-def evaluate(args, frameworks, models: list, explicit, data_dir: str, port_dir: Path) -> tuple:
+def evaluate(args, frameworks, models: list, mistakes, explicit, data_dir: str, port_dir: Path) -> tuple:
     """Every framework's tasks in one worker each: (results by task name, the models that do not fold and why,
     the ports a framework refused and why, whether a framework could not run)."""
     results, refused, not_ported, failed = {}, [], [], False
@@ -265,7 +271,7 @@ def evaluate(args, frameworks, models: list, explicit, data_dir: str, port_dir: 
                     refused.append({"framework": framework, "variant": model["variant"], "why": why})
             tasks += port_tasks(model, framework)
             if model["variant"] == "builtin":
-                tasks += mistake_tasks(model, framework, port_dir / "params")
+                tasks += mistake_tasks(model, framework, mistakes, port_dir / "params")
         try:
             python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
         except BNCompareError as exc:

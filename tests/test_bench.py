@@ -20,9 +20,11 @@ from common.data import load_fashion_mnist
 from common.flops import training_flops
 from common.loop import run as run_loop
 from common.registry import load_backend_module
+from common.roofline import memory_rates, norm_bytes, norm_input_shapes, triad_bytes
 from compare.bench import main as bench_main
 from compare.reporting.benchmark import COLUMNS, row
 from compare.reporting.excerpt import excerpt
+from compare.reporting.layer import layer_row, scratch_over_builtin
 from compare.reporting.stats import median_interval, paired_ratio
 from tests.conventions import EXECUTION_NAMES
 from tests.helpers import make_idx_dir
@@ -271,3 +273,71 @@ def test_the_bare_loop_trains_exactly_as_the_suite(fw, framework, variant, norm,
     bare = backend.get_params()
     for name, value in bare.items():
         np.testing.assert_allclose(value, suite[0][f"param/{name}"], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_the_layers_traffic_and_fraction_of_roofline_by_hand():
+    """common.roofline and compare.reporting.layer against hand-worked values: the inputs of bn1 and bn2, the
+    minimal traffic (5 N + 9 C values), the triad's (3 values per element), the faster memory kernel per round,
+    and the fraction of the roofline as the median of the rounds' own ratios."""
+    assert norm_input_shapes(ModelSpec(image_size=28), 256) == {"bn1": (256, 6, 24, 24), "bn2": (256, 16, 8, 8)}
+    assert norm_input_shapes(ModelSpec(image_size=96), 32) == {"bn1": (32, 6, 92, 92), "bn2": (32, 16, 42, 42)}
+    # (2, 3, 4, 5): N = 120 values, C = 3 channels: (600 + 27) values of 4 bytes, or of 8
+    assert norm_bytes((2, 3, 4, 5), "float32") == 2508 and norm_bytes((2, 3, 4, 5), "float64") == 5016
+    assert triad_bytes(120, "float32") == 1440
+    assert memory_rates(100, [1.0, 4.0], [2.0, 2.0]) == [100.0, 50.0]  # per round, the faster kernel
+    record = {
+        "framework": "torch",
+        "norm": "batch",
+        "variant": "scratch",
+        "execution": "default",
+        "execution_name": "eager",
+        "batch_size": 2,
+        "image_size": 28,
+        "layer": "bn1",
+        "dtype": "float32",
+        "device_name": "CPU",
+        "shape": [2, 3, 4, 5],
+        "layer_bytes": 2508,
+        "triad_bytes": 1440,
+        # the layer: 2508 bytes in 1 us (2.508 GB/s) in every round but the last (2 us); the memory: the triad
+        # 1440 bytes in 0.5 us (2.88 GB/s) or numpy's add in 0.4 us (3.6 GB/s), whichever is faster per round
+        "seconds_all": [1e-6] * 6 + [2e-6],
+        "triad_seconds_all": [0.5e-6] * 7,
+        "add_seconds_all": [0.4e-6] * 3 + [1e-6] * 4,
+    }
+    r = layer_row(record)
+    assert r["shape"] == "2x3x4x5" and r["rounds"] == 7 and r["microseconds"] == pytest.approx(1.0)
+    assert r["layer_gb_per_s"] == pytest.approx(2.508) and r["memory_gb_per_s"] == pytest.approx(2.88)
+    # rounds' ratios: 2.508/3.6 = 0.6967 (x3), 2.508/2.88 = 0.8708 (x3), 1.254/2.88 = 0.4354: median 0.6967
+    assert r["of_roofline"] == pytest.approx(2.508 / 3.6)
+    assert r["of_roofline_low"] == pytest.approx(1.254 / 2.88) and r["of_roofline_high"] == pytest.approx(2.508 / 2.88)
+    builtin = layer_row({**record, "variant": "builtin", "seconds_all": [2e-6] * 7})
+    ratios = scratch_over_builtin([r, builtin])
+    assert len(ratios) == 1 and ratios.scratch_speed[0] == pytest.approx(2.0)  # builtin's 2 us over scratch's 1 us
+
+
+def test_the_layer_benchmark_times_each_variant_and_mode(framework, tmp_path, capsys):
+    """compare.bench --layer in this framework on a tiny batch, in its default mode: a row per variant and layer,
+    every figure positive, the scratch layer paired with the built-in one, the report written; --variants none
+    is refused (it has no layer). (A mode skipped as another's name: compare.execution.worker._cell_mode, tested
+    with the loops above.)"""
+    out = tmp_path / "layer"
+    argv = ["--layer", "--frameworks", framework, "--batch-sizes", "2", "--repeats", "2", "--device", "cpu"]
+    argv += ["--python", f"{framework}={sys.executable}", "--out", str(out)]
+    assert bench_main([*argv, "--variants", "scratch,none"]) == 2
+    assert "--variants none has none" in capsys.readouterr().err
+    code = bench_main([*argv, "--variants", "scratch,builtin"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    frame = pd.read_csv(out / "layer.csv")
+    assert list(frame.execution_name.unique()) == [EXECUTION_NAMES[framework]["default"]]
+    assert sorted(zip(frame.variant, frame["shape"])) == [
+        ("builtin", "2x16x8x8"),
+        ("builtin", "2x6x24x24"),
+        ("scratch", "2x16x8x8"),
+        ("scratch", "2x6x24x24"),
+    ]
+    assert (frame[["microseconds", "layer_gb_per_s", "memory_gb_per_s", "of_roofline"]] > 0).all().all()
+    text = (out / "layer.md").read_text()
+    assert "## Scratch against built-in" in text and text.count(f"| {framework} | ") == 4 + 2
+    assert excerpt(out) == text  # computed again from every round's figures, as docs/measured quotes it

@@ -160,6 +160,7 @@ def test_each_mistake_of_a_port_computes_what_it_says(fw, framework, trained):
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--variants", "scratch,none"], "unknown variant ['none']"),
         (["--frameworks", "caffe"], "unknown framework 'caffe'"),
+        (["--mistakes", "gamma,typo"], "unknown mistake ['typo']"),
     ],
 )
 def test_bad_port_options_are_refused_before_anything_runs(tmp_path, capsys, argv, message):

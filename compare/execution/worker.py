@@ -30,6 +30,7 @@ from common.errors import BackendUnavailable, BNCompareError
 from common.flops import PEAK_MATMUL, matmul_gflops_per_s
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
+from common.roofline import norm_bytes, norm_input_shapes, numpy_add, time_alternating, triad_bytes
 
 from ..reporting.benchmark import LOOPS
 
@@ -85,13 +86,7 @@ def bench(job: dict) -> int:
         config = _bench_config(cell, job)
         label = f"{config.model.variant}{_norm_label(config)} {config.execution} batch {config.batch_size}"
         try:
-            # a mode this framework lacks (or cannot run here) skips the cell, not the rest; so does one that is
-            # another name for a mode already measured (JAX's xla is its jit, MXNet's default its hybridized)
-            mode = module.BACKEND(config).execution_name()
-            key = (config.model.norm, config.model.variant, config.batch_size, mode)
-            if key in done:
-                raise BackendUnavailable(f"it runs {mode}, measured above as --execution {done[key]}")
-            done[key] = config.execution
+            _cell_mode(module, config, done)
         except BackendUnavailable as exc:
             send({"kind": "bench_skipped", "message": f"{framework} {label} skipped: {exc}"})
             continue
@@ -102,6 +97,18 @@ def bench(job: dict) -> int:
         record = _bench_cell(module, loops, config, datasets[config.dtype], job, f"{framework} {label}")
         send({"kind": "bench", "framework": framework, "peak_gflops_per_s": peak, "peak_matmul": PEAK_MATMUL, **record})
     return 0
+
+
+def _cell_mode(module, config: RunConfig, done: dict) -> str:
+    """The name of the mode a benchmark cell runs in, remembered in `done`. BackendUnavailable skips the cell, not
+    the rest: a mode this framework lacks (or cannot run here), or another name for a mode already measured
+    (JAX's xla is its jit, MXNet's default its hybridized)."""
+    mode = module.BACKEND(config).execution_name()
+    key = (config.model.norm, config.model.variant, config.batch_size, mode)
+    if key in done:
+        raise BackendUnavailable(f"it runs {mode}, measured above as --execution {done[key]}")
+    done[key] = config.execution
+    return mode
 
 
 def _norm_label(config: RunConfig) -> str:
@@ -200,6 +207,54 @@ def _bench_cell(module, loops: dict, config: RunConfig, dataset, job: dict, labe
         "bare": loops["bare"].DESCRIPTION,
         "textbook": loops["textbook"].DESCRIPTION,
     }
+
+
+def layer(job: dict) -> int:
+    """compare.bench --layer: each cell's normalisation layer alone, training-mode forward and backward, on the
+    inputs of BN-LeNet's bn1 and bn2 at the job's image size and the cell's batch size (frameworks/<fw>/bare.py
+    norm_step), and a STREAM triad (triad_step) and numpy's add as large as each input; every layer of every
+    cell and the memory kernels timed in alternation, `repeats` rounds (common.roofline.time_alternating). One
+    record per cell and layer, with its minimal traffic and the memory kernels'."""
+    framework = job["framework"]
+    module, bare = load_backend_module(framework), load_backend_module(framework, "bare")
+    steps, kept, done = {}, [], {}
+    for cell in job["cells"]:
+        config = _bench_config(cell, job)
+        label = f"{config.model.variant}{_norm_label(config)} {config.execution} batch {config.batch_size}"
+        try:
+            mode = _cell_mode(module, config, done)
+            for name, shape in norm_input_shapes(config.model, config.batch_size).items():
+                steps[(label, name)], _ = bare.norm_step(config, shape)
+                steps.setdefault(("triad", name), bare.triad_step(config, int(np.prod(shape))))
+                steps.setdefault(("add", name), numpy_add(int(np.prod(shape)), config.dtype))
+                kept.append((label, name, shape, config, mode))
+        except BackendUnavailable as exc:
+            send({"kind": "bench_skipped", "message": f"{framework} {label} skipped: {exc}"})
+    send({"kind": "bench_repeat", "message": f"{framework}: {len(steps)} steps x {job['repeats']} rounds"})
+    seconds = time_alternating(steps, job["repeats"])
+    for label, name, shape, config, mode in kept:
+        send(
+            {
+                "kind": "layer",
+                "framework": framework,
+                "norm": config.model.norm,
+                "variant": config.model.variant,
+                "execution": config.execution,
+                "execution_name": mode,
+                "batch_size": config.batch_size,
+                "image_size": config.model.image_size,
+                "dtype": config.dtype,
+                "device_name": module.BACKEND(config).device_info()[1],
+                "layer": name,
+                "shape": list(shape),
+                "layer_bytes": norm_bytes(shape, config.dtype),
+                "triad_bytes": triad_bytes(int(np.prod(shape)), config.dtype),
+                "seconds_all": seconds[(label, name)],
+                "triad_seconds_all": seconds[("triad", name)],
+                "add_seconds_all": seconds[("add", name)],
+            }
+        )
+    return 0
 
 
 def port(job: dict) -> int:
@@ -315,6 +370,8 @@ def run_job(job: dict) -> int:
         return bench(job)
     if job.get("mode") == "port":
         return port(job)
+    if job.get("mode") == "layer":
+        return layer(job)
     framework, out = job["framework"], Path(job["out"])
     configs = [RunConfig.from_dict(c) for c in job["configs"]]
     try:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..studies import answers, render, spec, summary
-from . import benchmark, ports
+from . import benchmark, layer, ports
 from .files import atomic
 from .markdown import fmt
 from .tables import load
@@ -346,6 +346,13 @@ def durations_block(measured: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layer_excerpt(folder: Path) -> str:
+    """compare.bench --layer's report, from every round's figures in layer.json (compare.reporting.layer)."""
+    data = json.loads((folder / "layer.json").read_text())
+    rows = [layer.layer_row(record) for record in data["measured"]]
+    return layer.render_layers(pd.DataFrame(rows), layer.scratch_over_builtin(rows), data["machine"])
+
+
 def excerpt(folder: Path) -> str:
     """excerpt.md of a measured folder: its command, a table of the final epoch per framework and variant
     (accuracy and train/eval disagreement with the running average and with population statistics), and the
@@ -355,6 +362,8 @@ def excerpt(folder: Path) -> str:
         return study_excerpt(Path(folder))
     if (Path(folder) / "bench.json").exists():
         return bench_excerpt(Path(folder))
+    if (Path(folder) / "layer.json").exists():  # compare.bench --layer: the report, computed again
+        return layer_excerpt(Path(folder))
     if (Path(folder) / "port.json").exists():  # its three parts, as the guides quote them
         return "\n".join(answer_block(Path(folder), part) for part in ("ports", "mistakes", "fold"))
     t, env, _, _ = load(Path(folder))

@@ -18,8 +18,10 @@ import optax
 
 from common.data import batch_order
 from common.layout import nchw_to_nhwc
+from common.norms import norm_layer
 
 from .backend import JaxBackend, enable_float64, resolve_device
+from .lenet import make_norm, mode_kwargs
 
 DESCRIPTION = (
     "bare loop: one jitted step (eager for eager runs) with optax SGD, arrays on the device, gather per "
@@ -102,3 +104,47 @@ def matmul_seconds(config, n):
 
     once()
     return float(np.median([once() for _ in range(5)]))
+
+
+def norm_step(config, shape):
+    """One training-mode forward and backward of the run's normalisation layer (config.model's norm and variant,
+    built as the model builds it, jitted unless the run is eager) over an NCHW input of `shape` (run channels
+    last, as in the model) on the run's device, the new running statistics carried to the next call as in
+    training: (a call that runs one and waits, the execution's name), for compare.bench --layer."""
+    backend = JaxBackend(config)  # the run's device, dtype and execution mode, resolved as for a run
+    enable_float64(config.dtype)
+    layer = make_norm(norm_layer(config.model, shape[1], len(shape)), config.dtype)
+    kwargs = mode_kwargs(layer, True)
+    rng, device = np.random.RandomState(0), resolve_device(config.device)
+    x, dy = (jax.device_put(nchw_to_nhwc(rng.standard_normal(shape)).astype(config.dtype), device) for _ in "ab")
+    variables = layer.init(jax.random.PRNGKey(0), x, **kwargs)
+
+    def step(params, stats, x, dy):
+        def forward(x, params):
+            return layer.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"], **kwargs)
+
+        y, backward, updates = jax.vjp(forward, x, params, has_aux=True)
+        return backward(dy), updates.get("batch_stats", {})
+
+    step = jax.jit(step) if backend.compiled else step
+    carried = {"stats": variables.get("batch_stats", {})}
+
+    def once():
+        grads, carried["stats"] = step(variables["params"], carried["stats"], x, dy)
+        jax.block_until_ready((grads, carried["stats"]))
+
+    return once, backend.execution_name()
+
+
+def triad_step(config, elements):
+    """A STREAM triad, a = b + 2 c, over `elements` values of the run's dtype on its device (common.roofline),
+    one jitted kernel."""
+    enable_float64(config.dtype)
+    rng, device = np.random.RandomState(0), resolve_device(config.device)
+    b, c = (jax.device_put(rng.standard_normal(elements).astype(config.dtype), device) for _ in "bc")
+    triad = jax.jit(lambda b, c: b + 2 * c)
+
+    def once():
+        triad(b, c).block_until_ready()
+
+    return once

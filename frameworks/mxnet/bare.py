@@ -15,8 +15,10 @@ from mxnet import autograd, nd
 
 from common.data import batch_order
 from common.init import init_params
+from common.norms import norm_layer
 
 from .backend import MXNetBackend, resolve_context
+from .lenet import make_norm
 
 DESCRIPTION = "bare loop: NDArrays in the context, take per batch, metrics summed as NDArrays, read once"
 
@@ -65,3 +67,45 @@ def matmul_seconds(config, n):
 
     once()
     return float(np.median([once() for _ in range(5)]))
+
+
+def norm_step(config, shape):
+    """One training-mode forward and backward of the run's normalisation layer (config.model's norm and variant,
+    built as the model builds it, hybridized as the run's net is) over an NCHW input of `shape` on the run's
+    device, a scratch layer's new running statistics stored as the net stores them: (a call that runs one and
+    waits, the execution's name), for compare.bench --layer."""
+    backend = MXNetBackend(config)  # the run's device and execution mode, resolved as for a run
+    ctx, rng = resolve_context(config.device), np.random.RandomState(0)
+    layer = make_norm(norm_layer(config.model, shape[1], len(shape)), config.dtype)
+    layer.initialize(ctx=ctx)
+    layer.cast(config.dtype)
+    if backend.hybridized:
+        layer.hybridize(static_alloc=True, static_shape=True)
+    x, dy = (nd.array(rng.standard_normal(shape), ctx=ctx, dtype=config.dtype) for _ in "ab")
+    x.attach_grad()
+    scratch = hasattr(layer, "state")  # our layers take the mode and return their new state
+    flag = nd.array([1.0], ctx=ctx, dtype=config.dtype)
+
+    def once():
+        with autograd.record():
+            out = layer(x, flag) if scratch else layer(x)
+        (out[0] if scratch else out).backward(dy)
+        if scratch:
+            layer.store(*out[1:])
+        nd.waitall()
+
+    return once, backend.execution_name()
+
+
+def triad_step(config, elements):
+    """A STREAM-like triad over `elements` values of the run's dtype on its device (common.roofline): a = a - s c
+    in place, as nd.sgd_update computes it, one fused kernel that reads two arrays and writes one (b + 2 c would
+    be two kernels in MXNet on a CPU, moving 5 values per element instead of 3)."""
+    ctx, rng = resolve_context(config.device), np.random.RandomState(0)
+    a, c = (nd.array(rng.standard_normal(elements), ctx=ctx, dtype=config.dtype) for _ in "ac")
+
+    def once():
+        nd.sgd_update(a, c, lr=1e-6, out=a)  # a drifts by 1e-6 c per call: no overflow in any run
+        a.wait_to_read()
+
+    return once

@@ -19,8 +19,10 @@ import tensorflow as tf
 from common.data import batch_order
 from common.init import init_params
 from common.layout import nchw_to_nhwc
+from common.norms import norm_layer
 
 from .backend import TensorFlowBackend, resolve_device
+from .lenet import make_norm
 
 DESCRIPTION = (
     "bare loop: the step under tf.function (XLA: jit_compile; eager runs: plain eager), Keras SGD, tensors on the "
@@ -89,3 +91,44 @@ def matmul_seconds(config, n):
 
         once()
         return float(np.median([once() for _ in range(5)]))
+
+
+def norm_step(config, shape):
+    """One training-mode forward and backward of the run's normalisation layer (config.model's norm and variant,
+    built as the model builds it, in the run's execution mode: eager, tf.function or XLA) over an NCHW input of
+    `shape` (run channels last, as in the model) on the run's device: (a call that runs one and waits, the
+    execution's name), for compare.bench --layer."""
+    backend = TensorFlowBackend(config)  # the run's device and execution mode, resolved as for a run
+    rng = np.random.RandomState(0)
+    with tf.device(resolve_device(config.device)):
+        layer = make_norm(norm_layer(config.model, shape[1], len(shape)), config.dtype)
+        x, dy = (tf.constant(nchw_to_nhwc(rng.standard_normal(shape)), dtype=config.dtype) for _ in "ab")
+        layer.build(x.shape)
+
+        def step(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, [*layer.trainable_variables, x], output_gradients=dy)
+
+        if backend.execution != "eager":
+            step = tf.function(step, jit_compile=backend.execution == "xla")
+
+    def once():
+        step(x, dy)[0].numpy()  # dgamma, C values: the call has finished
+
+    return once, backend.execution_name()
+
+
+def triad_step(config, elements):
+    """A STREAM triad, a = b + 2 c, over `elements` values of the run's dtype on its device (common.roofline),
+    one XLA-compiled kernel."""
+    rng = np.random.RandomState(0)
+    with tf.device(resolve_device(config.device)):
+        b, c = (tf.constant(rng.standard_normal(elements), dtype=config.dtype) for _ in "bc")
+        triad = tf.function(lambda b, c: b + 2 * c, jit_compile=True)
+
+    def once():
+        triad(b, c)[:1].numpy()
+
+    return once

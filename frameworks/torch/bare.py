@@ -16,8 +16,10 @@ from torch.nn import functional as F
 
 from common.data import batch_order
 from common.init import init_params
+from common.norms import norm_layer
 
 from .backend import DTYPES, TorchBackend, resolve_device
+from .lenet import make_norm
 
 DESCRIPTION = "bare loop: tensors on the device, index per batch, metrics summed on the device, read once"
 
@@ -67,3 +69,38 @@ def matmul_seconds(config, n):
 
     once()
     return float(np.median([once() for _ in range(5)]))
+
+
+def norm_step(config, shape):
+    """One training-mode forward and backward of the run's normalisation layer (config.model's norm and variant,
+    built as the model builds it, compiled as a run compiles its model) over an NCHW input of `shape` on the
+    run's device: (a call that runs one and waits, the execution's name), for compare.bench --layer."""
+    backend = TorchBackend(config)  # the run's device, dtype and execution mode, resolved as for a run
+    layer = make_norm(norm_layer(config.model, shape[1], len(shape)), config.dtype).to(backend.device).train()
+    forward = torch.compile(layer) if backend.compiled else layer
+    generator = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(*shape, generator=generator, dtype=backend.dtype).to(backend.device) for _ in "ab")
+    x.requires_grad_()
+
+    def once():
+        x.grad = None  # an accumulated gradient would add a read of N values
+        layer.zero_grad(set_to_none=True)
+        forward(x).backward(dy)
+        backend.synchronize()
+
+    return once, backend.execution_name()
+
+
+def triad_step(config, elements):
+    """A STREAM triad, a = b + 2 c, over `elements` values of the run's dtype on its device (common.roofline)."""
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    generator = torch.Generator().manual_seed(0)
+    b, c = (torch.randn(elements, generator=generator, dtype=dtype).to(device) for _ in "bc")
+    a = torch.empty_like(b)
+
+    def once():
+        torch.add(b, c, alpha=2.0, out=a)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return once
