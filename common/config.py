@@ -29,6 +29,8 @@ NOISE_FORMS = ("channel", "example")
 NOISE_EVALS = ("expectation", "none")
 # the PITs' output scale (--pit-scale): (0, 1) as the exercise asks, or standardised to BN's mean and variance
 PIT_SCALES = ("unit", "standard")
+# --norm-backward: how the scratch BN layer's gradient is taken (docs/reference/benchmark.md)
+NORM_BACKWARDS = ("autodiff", "closed-form")
 # --bn-sync under --replicas K: each replica's own batch statistics (local, every framework's default) or the
 # global batch's (global: synchronised BN); docs/data-parallel.md
 BN_SYNCS = ("local", "global")
@@ -248,6 +250,15 @@ class ModelSpec:
         since="data-parallel BN",
     )
 
+    norm_backward: str = option(
+        "autodiff",
+        "--norm batch, scratch: autodiff = the framework differentiates the textbook's forward; closed-form = "
+        "BN's backward written out, dx = gamma / sigma (dy - mean(dy) - x_hat mean(dy x_hat)), the same "
+        "mathematics in fewer passes over memory (docs/reference/benchmark.md); PyTorch, TensorFlow and JAX",
+        choices=NORM_BACKWARDS,
+        since="the closed-form backward",
+    )
+
     def __post_init__(self):
         """The declared bounds of every field (option), then the rules between fields."""
         self._positions()
@@ -266,6 +277,13 @@ class ModelSpec:
         )
         if self.row.kind not in ("pit", "pit-rank"):  # the PITs' option only: one configuration, one id elsewhere
             object.__setattr__(self, "pit_scale", "unit")
+        if self.variant != "scratch":  # the scratch layer's option only: one configuration, one id elsewhere
+            object.__setattr__(self, "norm_backward", "autodiff")
+        _check(
+            self.norm_backward == "autodiff" or (self.row.kind == "batch" and not self.ghost_batch),
+            f"--norm-backward closed-form is BN's own backward: it needs --norm batch without --ghost-batch (got "
+            f"--norm {self.norm}{f', --ghost-batch {self.ghost_batch}' if self.ghost_batch else ''})",
+        )
         if not self.norm_noise:  # without noise there is nothing to draw or fold: one configuration, one id
             object.__setattr__(self, "noise_form", "channel")
             object.__setattr__(self, "noise_eval", "none")
@@ -487,6 +505,11 @@ class RunConfig:
             self.replicas == 1 or self.batch_size // self.replicas >= 2 or not spec.has_running_stats,
             f"--replicas {self.replicas} leaves {self.batch_size // self.replicas} image per replica, and BN needs "
             "at least 2 for a batch variance; use fewer replicas or a larger --batch-size",
+        )
+        _check(
+            not (self.replicas > 1 and spec.norm_backward != "autodiff"),
+            "--norm-backward closed-form with --replicas is not supported: the replicas' BN pools its statistics "
+            "in its own forward, differentiated by the framework; use one process",
         )
         _check(
             not (self.replicas > 1 and spec.ghost_batch),

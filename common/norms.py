@@ -206,6 +206,7 @@ class NormLayer:
     # BN inside a data-parallel step (--replicas): "local" (each replica's slice) or "global" (the whole batch,
     # synchronised), for the layer that pools; None in one process, where the layer needs no replicas
     sync: str | None = None
+    closed_form: bool = False  # batch only: the training-mode backward written out (--norm-backward closed-form)
 
     def pit_kwargs(self) -> dict:
         """rank (the empirical PIT) and standard as keyword arguments of a PIT layer."""
@@ -250,6 +251,7 @@ def norm_layer(spec, features: int, dims: int, sync: str | None = None) -> NormL
         whiten=(spec.whiten_group, spec.whiten_iterations) if row.kind == "whiten" else None,
         standard=row.kind in ("pit", "pit-rank") and spec.pit_scale == "standard",
         sync=sync if sync in row.syncs and row.running else None,
+        closed_form=not builtin and spec.norm_backward == "closed-form",
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from common import records
-from common.config import EXECUTIONS, VARIANTS, ModelSpec
+from common.config import EXECUTIONS, NORM_BACKWARDS, VARIANTS, ModelSpec
 from common.data import find_data_dir
 from common.errors import BNCompareError, ConfigError
 from common.norms import NORMS
@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="interpreter for a framework (repeatable), as for compare.run",
     )
     p.add_argument(
+        "--norm-backward",
+        default="autodiff",
+        choices=NORM_BACKWARDS,
+        help="the scratch BN layer's backward (compare.run --norm-backward): autodiff, or closed-form (PyTorch, "
+        "TensorFlow and JAX)",
+    )
+    p.add_argument(
         "--layer",
         action="store_true",
         help="time the normalisation layer alone (forward and backward, training mode, on bn1's and bn2's inputs "
@@ -209,6 +216,7 @@ def main(argv=None) -> int:
             "train_limit": args.train_limit,
             "image_size": args.image_size,
             "population_size": args.population_size,
+            "norm_backward": args.norm_backward,
             "device": args.device,
             "data_dir": data_dir,
             "verify": not args.no_verify_data,
@@ -260,6 +268,7 @@ def layers(args, frameworks, cells: list, explicit, out: Path, machine: dict) ->
             "repeats": args.repeats,
             "train_limit": 0,
             "image_size": args.image_size,
+            "norm_backward": args.norm_backward,
             "device": args.device,
         }
         before = len(rows)

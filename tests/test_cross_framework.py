@@ -261,6 +261,21 @@ def test_every_norm_gives_the_same_losses_step_by_step(tmp_path, norm):
                 assert got[key] == pytest.approx(value, rel=1e-8, abs=1e-12), f"{framework} vs torch, noisy BN: {key}"
 
 
+def test_the_closed_form_backward_takes_autodiffs_steps(tmp_path):
+    """--norm-backward closed-form (BN's backward written out) in PyTorch, TensorFlow and JAX, the frameworks that
+    have it: float64 per-step losses of the autodiff run's, to 1e-10."""
+    closed = ["torch", "tensorflow", "jax"]
+    got, want = (
+        {r["framework"]: np.array(r["step_losses"]) for r in scratch_epochs(tmp_path, *run)}
+        for run in (("closed", closed, "--norm-backward", "closed-form"), ("autodiff", ["torch"]))
+    )
+    assert sorted(got) == sorted(closed) and list(want) == ["torch"]
+    for framework, losses in got.items():
+        np.testing.assert_allclose(
+            losses, want["torch"], rtol=1e-10, atol=0, err_msg=f"{framework} closed-form vs torch autodiff"
+        )
+
+
 # Bound on how far the frameworks' mixed-precision per-step losses may part from PyTorch's over the traced
 # steps: measured at most 1.4e-2 (12 steps, scratch and builtin). Every framework computes the convolutions and
 # dense layers in bfloat16, but each rounds at its own places (activations, pooling, where the casts sit),

@@ -58,12 +58,12 @@ def bound(dtype, offset, scale, values):
 
 @st.composite
 def cases(draw):
-    norm = draw(st.sampled_from(["layer", "group", "instance", "renorm"]))
+    norm = draw(st.sampled_from(["layer", "group", "instance", "renorm", "batch"]))
     dims = 4 if norm == "instance" else draw(st.sampled_from([2, 4]))
     groups = draw(st.integers(1, 3))
     channels = groups * draw(st.integers(1, 3)) if norm == "group" else draw(st.integers(1, 5))
     spatial = (draw(st.integers(1, 4)), draw(st.integers(1, 4))) if dims == 4 else ()
-    batch = draw(st.integers(2 if norm == "renorm" and dims == 2 else 1, 6))
+    batch = draw(st.integers(2 if norm in ("renorm", "batch") and dims == 2 else 1, 6))
     training = draw(st.booleans())
     dtype = draw(st.sampled_from(["float64", "float32"]))
     scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
@@ -77,6 +77,8 @@ def cases(draw):
         renorm_rmax=draw(st.sampled_from([1.0, 1.5, 3.0])),
         renorm_dmax=draw(st.sampled_from([0.0, 0.5, 5.0])),
         renorm_warmup=draw(st.sampled_from([0, 10])),
+        # BN's backward written out (torch, tensorflow, jax) against the reference's, as autodiff's is
+        norm_backward="closed-form" if norm == "batch" else "autodiff",
     )
     steps = draw(st.integers(0, 20))
     return spec, (batch, channels) + spatial, training, dtype, offset, scale, steps, draw(st.integers(0, 2**16))
@@ -86,10 +88,14 @@ def cases(draw):
 @given(case=cases())
 def test_scratch_norm_matches_reference(fw, harness, framework, case):
     spec, shape, training, dtype, offset, scale, steps, seed = case
-    if spec.norm == "renorm" and training and np.prod(shape) // shape[1] < 2:
+    if spec.norm in ("renorm", "batch") and training and np.prod(shape) // shape[1] < 2:
         return  # one value per channel: BN's error (tests/test_backend.py), not a case of renorm
     x, dy, state = layer_inputs(shape, spec, seed, offset, scale, steps)
     cast = {k: v.astype(dtype) for k, v in state.items()}
+    if spec.norm_backward == "closed-form" and framework == "mxnet":  # refused: no backward inside a hybrid graph
+        with pytest.raises(BackendUnavailable, match="--norm-backward closed-form is not available in MXNet"):
+            harness.run_norm(spec, x.astype(dtype), cast, dy.astype(dtype), training=training, dtype=dtype)
+        return
     got = harness.run_norm(spec, x.astype(dtype), cast, dy.astype(dtype), training=training, dtype=dtype)
     want = expected(spec, x.astype(dtype), cast, dy.astype(dtype), training)
     # the clip of r or d can flip when sigma_B / sigma lands within round-off of a limit: keep the
@@ -100,6 +106,28 @@ def test_scratch_norm_matches_reference(fw, harness, framework, case):
         bound(dtype, offset, scale, 1),
         f"{framework} scratch {spec.norm} {shape} {dtype} training={training} offset={offset} scale={scale}",
     )
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 4)])
+def test_the_closed_form_backward_is_autodiffs_in_float64(fw, harness, framework, shape):
+    """--norm-backward closed-form: the scratch BN layer's outputs, gradients and running statistics are
+    autodiff's, to 1e-12, in training mode (where it applies) and eval mode (where it does not); MXNet refuses
+    it with its reason."""
+    spec = ModelSpec(bn_positions=("conv1",))
+    closed = ModelSpec(bn_positions=("conv1",), norm_backward="closed-form")
+    x, dy, state = layer_inputs(shape, spec, 7, offset=3.0, scale=2.0)
+    for training in (True, False):
+        if framework == "mxnet":
+            with pytest.raises(BackendUnavailable, match="--norm-backward closed-form is not available in MXNet"):
+                harness.run_norm(closed, x, state, dy, training=training, dtype="float64")
+            return
+        want = harness.run_norm(spec, x, state, dy, training=training, dtype="float64")
+        check(
+            harness.run_norm(closed, x, state, dy, training=training, dtype="float64"),
+            want,
+            lambda w: {"rtol": 1e-12, "atol": 1e-12},
+            f"{framework} closed-form, training={training}",
+        )
 
 
 @pytest.mark.parametrize("norm", ["layer", "group", "instance"])

@@ -99,6 +99,12 @@ def bench(job: dict) -> int:
     return 0
 
 
+def variant_label(spec: ModelSpec) -> str:
+    """A benchmark row's variant: the spec's, with ", closed-form" where the scratch BN layer's backward is written
+    out (--norm-backward), so that the two forms are never mistaken for each other in a table."""
+    return spec.variant + (", closed-form" if spec.norm_backward == "closed-form" else "")
+
+
 def _cell_mode(module, config: RunConfig, done: dict) -> str:
     """The name of the mode a benchmark cell runs in, remembered in `done`. BackendUnavailable skips the cell, not
     the rest: a mode this framework lacks (or cannot run here), or another name for a mode already measured
@@ -122,6 +128,7 @@ def _bench_config(cell: dict, job: dict) -> RunConfig:
         variant=cell["variant"],
         norm=norm,
         image_size=job.get("image_size", 28),
+        norm_backward=job.get("norm_backward", "autodiff") if norm == "batch" else "autodiff",
         **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
     )
     return RunConfig(
@@ -187,7 +194,7 @@ def _bench_cell(module, loops: dict, config: RunConfig, dataset, job: dict, labe
         )
     return {
         "norm": config.model.norm,
-        "variant": config.model.variant,
+        "variant": variant_label(config.model),
         "execution": config.execution,
         "execution_name": described.get("execution"),
         "batch_size": config.batch_size,
@@ -238,7 +245,7 @@ def layer(job: dict) -> int:
                 "kind": "layer",
                 "framework": framework,
                 "norm": config.model.norm,
-                "variant": config.model.variant,
+                "variant": variant_label(config.model),
                 "execution": config.execution,
                 "execution_name": mode,
                 "batch_size": config.batch_size,

@@ -61,16 +61,20 @@ def layer_row(record: dict) -> dict:
 
 
 def scratch_over_builtin(rows: list) -> pd.DataFrame:
-    """Per framework, mode and layer shape: the scratch layer's speed against the built-in one's (built-in
-    seconds over scratch seconds, round by round; above 1, the scratch layer is faster), with its interval."""
+    """Per framework, mode and layer shape: each scratch layer's speed (autodiff's or closed-form's backward)
+    against the built-in one's (built-in seconds over scratch seconds, round by round; above 1, the scratch
+    layer is faster), with its interval."""
     frame = pd.DataFrame(rows)
     out = []
     for key, group in frame.groupby(KEY, sort=False):
         by = {r["variant"]: r for _, r in group.iterrows()}
-        if "scratch" in by and "builtin" in by:
-            ratio = paired_ratio(by["builtin"]["seconds_all"], by["scratch"]["seconds_all"])
-            out.append({**dict(zip(KEY, key)), **{f"scratch_speed{k}": v for k, v in ratio.items()}})
-    return pd.DataFrame(out, columns=KEY + ["scratch_speed", "scratch_speed_low", "scratch_speed_high"])
+        for variant in (v for v in by if v.startswith("scratch") and "builtin" in by):
+            ratio = paired_ratio(by["builtin"]["seconds_all"], by[variant]["seconds_all"])
+            out.append(
+                {**dict(zip(KEY, key)), "variant": variant, **{f"scratch_speed{k}": v for k, v in ratio.items()}}
+            )
+    columns = KEY + ["variant", "scratch_speed", "scratch_speed_low", "scratch_speed_high"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def layer_line(r: dict) -> str:
@@ -118,6 +122,8 @@ def render_layers(frame: pd.DataFrame, ratios: pd.DataFrame, machine: dict) -> s
             "\n## Scratch against built-in\n",
             "The built-in layer's seconds over the scratch layer's, round by round (above 1: the scratch layer "
             "is faster), median with its 95% interval.\n",
-            markdown_table(shown, ["framework", "execution", "layer", "batch_size", "scratch speed / built-in"]),
+            markdown_table(
+                shown, ["framework", "variant", "execution", "layer", "batch_size", "scratch speed / built-in"]
+            ),
         ]
     return "\n".join(parts)

@@ -20,6 +20,7 @@ running statistics), the statistics and the running blend included, and the
 result returned in the input's dtype.
 """
 
+import functools
 import math
 
 import jax
@@ -30,9 +31,42 @@ from jax import lax
 from common.norms import renorm_limits, whiten_mask
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
+def _closed_form_forward(x, gamma, beta, epsilon):
+    """(y, mean, var) of training-mode BN, channels last, and what its written-out backward keeps."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=axes)
+    rstd = lax.rsqrt(var + epsilon)
+    x_hat = centred * rstd
+    return (x_hat * gamma + beta, mean, var), (x_hat, gamma, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def closed_form_batch_norm(x, gamma, beta, epsilon):
+    """Training-mode BN with its backward written out (--norm-backward closed-form), channels last: (y, mean, var),
+    the statistics without gradient. With x_hat = (x - mean) / sigma over the n values of each channel, the
+    backward is dbeta = sum(dy), dgamma = sum(dy x_hat), dx = gamma / sigma (dy - dbeta / n - x_hat dgamma / n):
+    what autodiff derives from batch_norm's forward, in fewer passes (docs/reference/benchmark.md)."""
+    return _closed_form_forward(x, gamma, beta, epsilon)[0]
+
+
+def _closed_form_backward(epsilon, saved, cotangents):
+    x_hat, gamma, rstd = saved
+    dy = cotangents[0]  # the statistics' cotangents are zero: they feed only the running statistics
+    axes = tuple(range(dy.ndim - 1))
+    n = dy.size // dy.shape[-1]
+    dbeta, dgamma = jnp.sum(dy, axis=axes), jnp.sum(dy * x_hat, axis=axes)
+    return (gamma * rstd) * (dy - dbeta / n - x_hat * (dgamma / n)), dgamma, dbeta
+
+
+closed_form_batch_norm.defvjp(_closed_form_forward, _closed_form_backward)
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None, closed_form=False):
     """Return (y, new_running_mean, new_running_var); eval mode returns the running ones unchanged.
-    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
+    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient).
+    closed_form: training mode through closed_form_batch_norm (the same values, BN's backward written out)."""
     if x.ndim not in (2, 4):
         raise ValueError(
             f"batch_norm expects 2-D (N, C) or 4-D (N, H, W, C) input, got shape {tuple(x.shape)}; "
@@ -49,6 +83,11 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
                 f"training-mode batch_norm needs more than one value per channel, got input shape "
                 f"{tuple(x.shape)}; use a batch of at least 2 or eval mode"
             )
+        if closed_form and renorm is None:
+            y, mean, var = closed_form_batch_norm(x, gamma, beta, epsilon)
+            new_mean = decay * running_mean + (1.0 - decay) * lax.stop_gradient(mean)
+            new_var = decay * running_var + (1.0 - decay) * lax.stop_gradient(var)
+            return y.astype(out_dtype), new_mean, new_var
         mean = jnp.mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
         # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x (docs/benchmark.md,
@@ -148,6 +187,7 @@ class BatchNorm(nn.Module):
     dtype: str = "float32"
     ghost: int = 0  # ghost batches (common.norms): training-mode statistics per slice of this many examples
     replicas: tuple | None = None  # (axis name, pooled) inside a data-parallel step (backend.JaxBackend)
+    closed_form: bool = False  # the training-mode backward written out (--norm-backward closed-form)
 
     @nn.compact
     def __call__(self, x, *, training):
@@ -174,7 +214,9 @@ class BatchNorm(nn.Module):
 
     def normalise(self, *state, training, **constants):
         """(y, new running mean, new running variance) of one call outside the ghost and replica cases."""
-        return batch_norm(*state, training=training, renorm=self.limits(training), **constants)
+        return batch_norm(
+            *state, training=training, renorm=self.limits(training), closed_form=self.closed_form, **constants
+        )
 
 
 class BatchRenorm(BatchNorm):

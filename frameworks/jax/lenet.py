@@ -73,6 +73,7 @@ CONSTRUCTORS = {
         name=name,
         ghost=layer.ghost,
         replicas=(AXIS, layer.sync == "global") if layer.sync else None,
+        closed_form=layer.closed_form,
     ),
     "renorm": lambda layer, dtype, param_dtype, name: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, dtype=param_dtype, name=name, **layer.renorm_kwargs()

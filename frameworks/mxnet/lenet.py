@@ -39,9 +39,19 @@ def builtin_layer(layer):
     )
 
 
+def no_closed_form():
+    raise BackendUnavailable(
+        "--norm-backward closed-form is not available in MXNet Gluon: a hand-written backward is an "
+        "mx.autograd.Function, which runs imperatively only and cannot be part of a hybridized graph; use "
+        "--norm-backward autodiff for MXNet"
+    )
+
+
 CONSTRUCTORS = {
-    "batch": lambda layer: BatchNorm(
-        layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost
+    "batch": lambda layer: (
+        no_closed_form()
+        if layer.closed_form
+        else BatchNorm(layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost)
     ),
     "renorm": lambda layer: BatchRenorm(
         layer.features, layer.dims, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()

@@ -24,9 +24,36 @@ import tensorflow as tf
 from common.norms import renorm_limits, whiten_mask
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
+def closed_form_batch_norm(x, gamma, beta, epsilon):
+    """Training-mode BN with its backward written out (--norm-backward closed-form), channels last: (y, mean, var),
+    the statistics without gradient. With x_hat = (x - mean) / sigma over the n values of each channel, the
+    backward is dbeta = sum(dy), dgamma = sum(dy x_hat), dx = gamma / sigma (dy - dbeta / n - x_hat dgamma / n):
+    what autodiff derives from batch_norm's forward, in fewer passes (docs/reference/benchmark.md)."""
+    axes = list(range(x.shape.rank - 1))
+
+    @tf.custom_gradient
+    def normalise(x, gamma, beta):
+        mean = tf.reduce_mean(x, axis=axes)
+        centred = x - mean
+        var = tf.reduce_mean(tf.square(centred), axis=axes)
+        rstd = tf.math.rsqrt(var + epsilon)
+        x_hat = centred * rstd
+
+        def backward(dy, _mean, _var):
+            n = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
+            dbeta, dgamma = tf.reduce_sum(dy, axis=axes), tf.reduce_sum(dy * x_hat, axis=axes)
+            return (gamma * rstd) * (dy - dbeta / n - x_hat * (dgamma / n)), dgamma, dbeta
+
+        return (x_hat * gamma + beta, tf.stop_gradient(mean), tf.stop_gradient(var)), backward
+
+    # the variables' values as tensors: a custom gradient over a Keras variable itself must handle `variables`
+    return normalise(x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None, closed_form=False):
     """Return (y, new_running_mean, new_running_var); eval mode returns the running ones.
-    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient)."""
+    renorm = (rmax, dmax): batch renormalisation's training mode (r and d carry no gradient).
+    closed_form: training mode through closed_form_batch_norm (the same values, BN's backward written out)."""
     rank = x.shape.rank
     if rank not in (2, 4):
         raise ValueError(
@@ -44,6 +71,11 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
                 f"training-mode batch_norm needs more than one value per channel, got input shape "
                 f"{tuple(x.shape)}; use a batch of at least 2 or eval mode"
             )
+        if closed_form and renorm is None:
+            y, mean, var = closed_form_batch_norm(x, gamma, beta, epsilon)
+            new_mean = decay * running_mean + (1.0 - decay) * mean
+            new_var = decay * running_var + (1.0 - decay) * var
+            return tf.cast(y, out_dtype), new_mean, new_var
         mean = tf.reduce_mean(x, axis=axes)
         # Biased (1/n), two passes. The mean inside carries no gradient: the variance's gradient through it is
         # -2 * mean(x - mean) = 0, so this drops only rounding, and a backward pass over x, as tf.nn.moments
@@ -150,9 +182,10 @@ def group_norm(x, gamma, beta, *, groups, epsilon):
 class BatchNorm(keras.layers.Layer):
     """gamma, beta (trainable) and running_mean, running_var (non-trainable weights)."""
 
-    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, pooled=False, **kwargs):
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, pooled=False, closed_form=False, **kwargs):
         super().__init__(**kwargs)
         self.num_features, self.decay, self.epsilon, self.ghost = num_features, decay, epsilon, ghost
+        self.closed_form = closed_form
         self.pooled = pooled  # inside a data-parallel step: global sync (synced_batch_norm)
 
     def build(self, input_shape):
@@ -172,7 +205,7 @@ class BatchNorm(keras.layers.Layer):
 
     def normalise(self, *state, training, **constants):
         """(y, new running mean, new running variance) of one call outside the ghost batches."""
-        return batch_norm(*state, training=training, renorm=self.limits(), **constants)
+        return batch_norm(*state, training=training, renorm=self.limits(), closed_form=self.closed_form, **constants)
 
     def call(self, x, training=False):
         state = (x, self.gamma, self.beta, self.running_mean, self.running_var)

@@ -45,7 +45,13 @@ def builtin_group(layer, **kw):
 
 CONSTRUCTORS = {
     "batch": lambda layer, **kw: BatchNorm(
-        layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost, pooled=layer.sync == "global", **kw
+        layer.features,
+        decay=layer.decay,
+        epsilon=layer.epsilon,
+        ghost=layer.ghost,
+        pooled=layer.sync == "global",
+        closed_form=layer.closed_form,
+        **kw,
     ),
     "renorm": lambda layer, **kw: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs(), **kw

@@ -20,7 +20,39 @@ from torch import nn
 from common.norms import renorm_limits, whiten_mask
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None):
+class ClosedFormBatchNorm(torch.autograd.Function):
+    """Training-mode BN with its backward written out (--norm-backward closed-form): the forward is batch_norm's,
+    and with x_hat = (x - mean) / sigma over the n values of each channel, the backward is
+
+        dbeta = sum(dy), dgamma = sum(dy x_hat), dx = gamma / sigma (dy - dbeta / n - x_hat dgamma / n),
+
+    what autograd derives from the forward, in two reductions and one elementwise pass instead of the
+    dozens of operations it records (docs/reference/benchmark.md). Returns (y, mean, var); the statistics carry
+    no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, epsilon):
+        axes = (0,) if x.dim() == 2 else (0, 2, 3)
+        shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+        var, mean = torch.var_mean(x, dim=axes, correction=0)
+        rstd = torch.rsqrt(var + epsilon)
+        x_hat = (x - mean.view(shape)) * rstd.view(shape)
+        ctx.save_for_backward(x_hat, gamma, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return gamma.view(shape) * x_hat + beta.view(shape), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        x_hat, gamma, rstd = ctx.saved_tensors
+        axes = (0,) if dy.dim() == 2 else (0, 2, 3)
+        shape = (1, -1) if dy.dim() == 2 else (1, -1, 1, 1)
+        n = dy.numel() // dy.shape[1]
+        dbeta, dgamma = dy.sum(axes), (dy * x_hat).sum(axes)
+        dx = (gamma * rstd).view(shape) * (dy - (dbeta / n).view(shape) - x_hat * (dgamma / n).view(shape))
+        return dx, dgamma, dbeta, None
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, epsilon, renorm=None, closed_form=False):
     """Return (y, new_running_mean, new_running_var).
 
     Training: normalise with the batch mean and biased (1/n) batch variance over
@@ -28,6 +60,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
     running statistics. Eval: normalise with the running statistics, which are
     returned unchanged. renorm = (rmax, dmax), tensors: batch renormalisation's
     training mode, the batch-normalised values corrected by r and d (no gradient).
+    closed_form: training mode through ClosedFormBatchNorm (the same values, BN's backward written out).
     """
     if x.dim() not in (2, 4):
         raise ValueError(
@@ -43,6 +76,11 @@ def batch_norm(x, gamma, beta, running_mean, running_var, *, training, decay, ep
                 f"training-mode batch_norm needs more than one value per channel, "
                 f"got input shape {tuple(x.shape)}; use a batch of at least 2 or eval mode"
             )
+        if closed_form and renorm is None:
+            y, mean, var = ClosedFormBatchNorm.apply(x, gamma, beta, epsilon)
+            new_mean = decay * running_mean + (1.0 - decay) * mean
+            new_var = decay * running_var + (1.0 - decay) * var
+            return y.to(out_dtype), new_mean, new_var
         var, mean = torch.var_mean(x, dim=axes, correction=0)  # biased (1/n), as the spec says
         # .detach(): the running statistics must not carry autograd history
         new_mean = decay * running_mean + (1.0 - decay) * mean.detach()
@@ -124,9 +162,10 @@ class BatchNorm(nn.Module):
     """Holds gamma, beta (parameters) and the running statistics (buffers, so they are
     saved in state_dict and moved by .to())."""
 
-    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0):
+    def __init__(self, num_features, *, decay=0.9, epsilon=1e-5, ghost=0, closed_form=False):
         super().__init__()
         self.num_features, self.decay, self.epsilon, self.ghost = num_features, decay, epsilon, ghost
+        self.closed_form = closed_form
         self.replicas = None  # frameworks/torch/replicas.Replicas while a data-parallel step runs
         self.gamma = nn.Parameter(torch.ones(num_features))
         self.beta = nn.Parameter(torch.zeros(num_features))
@@ -139,7 +178,9 @@ class BatchNorm(nn.Module):
 
     def normalise(self, *state, **constants):
         """(y, new running mean, new running variance) of one forward outside the ghost and replica cases."""
-        return batch_norm(*state, training=self.training, renorm=self.limits(), **constants)
+        return batch_norm(
+            *state, training=self.training, renorm=self.limits(), closed_form=self.closed_form, **constants
+        )
 
     def forward(self, x):
         state = (x, self.gamma, self.beta, self.running_mean, self.running_var)
@@ -162,7 +203,8 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self):
         ghost = f", ghost={self.ghost}" if self.ghost else ""
-        return f"{self.num_features}, decay={self.decay}, epsilon={self.epsilon}{ghost}"
+        closed = ", closed_form=True" if self.closed_form else ""
+        return f"{self.num_features}, decay={self.decay}, epsilon={self.epsilon}{ghost}{closed}"
 
 
 class BatchRenorm(BatchNorm):

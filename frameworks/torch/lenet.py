@@ -41,7 +41,9 @@ def builtin_group(layer):
 
 
 CONSTRUCTORS = {
-    "batch": lambda layer: BatchNorm(layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost),
+    "batch": lambda layer: BatchNorm(
+        layer.features, decay=layer.decay, epsilon=layer.epsilon, ghost=layer.ghost, closed_form=layer.closed_form
+    ),
     "renorm": lambda layer: BatchRenorm(
         layer.features, decay=layer.decay, epsilon=layer.epsilon, **layer.renorm_kwargs()
     ),
