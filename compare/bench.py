@@ -71,6 +71,15 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
     return code, skipped
 
 
+def _python(framework: str, explicit: dict) -> str | None:
+    """The framework's interpreter (compare.execution.envs), or None where it has none, said on stderr."""
+    try:
+        return envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
+    except BNCompareError as exc:
+        print(f"[{framework}] skipped: {exc}", file=sys.stderr)
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m compare.bench", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
@@ -200,10 +209,8 @@ def main(argv=None) -> int:
         print(line(r), flush=True)
 
     for framework in frameworks:
-        try:
-            python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
-        except BNCompareError as exc:
-            print(f"[{framework}] skipped: {exc}", file=sys.stderr)
+        python = _python(framework, explicit)
+        if python is None:
             status = 1
             continue
         each = "4 loops (the fourth with the population pass)" if args.population_size else "3 loops"
@@ -254,10 +261,8 @@ def layers(args, frameworks, cells: list, explicit, out: Path, machine: dict) ->
         print(layer_line(rows[-1]), flush=True)
 
     for framework in frameworks:
-        try:
-            python = envs.resolve(framework, explicit, log=lambda m: print(m, file=sys.stderr))
-        except BNCompareError as exc:
-            print(f"[{framework}] skipped: {exc}", file=sys.stderr)
+        python = _python(framework, explicit)
+        if python is None:
             status = 1
             continue
         print(f"[{framework}] {len(cells)} cell(s) x 2 layers, {args.repeats} rounds", file=sys.stderr, flush=True)

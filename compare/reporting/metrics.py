@@ -145,6 +145,12 @@ def _entries():
         Metric("bn_decay", "the decay the normalisation layers used", R),
         Metric("bn_epsilon", "the epsilon the normalisation layers used", R),
     ]
+
+
+def _derived_entries():
+    """The metrics made per traced measure and per precision."""
+    F, N, R = "fraction", "nonnegative", "real"
+    hi, lo = "higher", "lower"
     for name, label, kind, short in (  # per traced step (and layer), and per run their mean over steps (TRACE_METRICS)
         ("ics_rel_diff", "internal covariate shift ||G - G'|| / ||G||", N, "ICS"),
         ("ics_cos", "internal covariate shift cos(G, G')", R, "ICS cosine"),
@@ -162,7 +168,7 @@ def _entries():
         yield Metric(f"train_examples_per_s_{precision}", f"training examples/s ({precision})", N, hi, speed=True)
 
 
-REGISTRY = {m.name: m for m in _entries()}
+REGISTRY = {m.name: m for m in (*_entries(), *_derived_entries())}
 # the runs table's metrics, in its column order: what a study answers and compares with
 RUN_METRICS = {
     name: REGISTRY[name]
