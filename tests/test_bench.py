@@ -22,6 +22,7 @@ from common.loop import run as run_loop
 from common.registry import load_backend_module
 from common.roofline import memory_rates, norm_bytes, norm_input_shapes, triad_bytes
 from compare.bench import main as bench_main
+from compare.execution.worker import variant_label
 from compare.reporting.benchmark import COLUMNS, row
 from compare.reporting.excerpt import excerpt
 from compare.reporting.layer import layer_row, scratch_over_builtin
@@ -312,8 +313,13 @@ def test_the_layers_traffic_and_fraction_of_roofline_by_hand():
     assert r["of_roofline"] == pytest.approx(2.508 / 3.6)
     assert r["of_roofline_low"] == pytest.approx(1.254 / 2.88) and r["of_roofline_high"] == pytest.approx(2.508 / 2.88)
     builtin = layer_row({**record, "variant": "builtin", "seconds_all": [2e-6] * 7})
-    ratios = scratch_over_builtin([r, builtin])
-    assert len(ratios) == 1 and ratios.scratch_speed[0] == pytest.approx(2.0)  # builtin's 2 us over scratch's 1 us
+    closed = layer_row({**record, "variant": "scratch, closed-form", "seconds_all": [4e-6] * 7})
+    ratios = scratch_over_builtin([r, builtin, closed])
+    # each scratch form against the built-in: builtin's 2 us over scratch's 1 us, and over closed-form's 4 us
+    assert list(ratios.variant) == ["scratch", "scratch, closed-form"]
+    assert list(ratios.scratch_speed) == pytest.approx([2.0, 0.5])
+    assert variant_label(ModelSpec(norm_backward="closed-form")) == "scratch, closed-form"
+    assert variant_label(ModelSpec(variant="builtin", norm_backward="closed-form")) == "builtin"
 
 
 def test_the_layer_benchmark_times_each_variant_and_mode(framework, tmp_path, capsys):

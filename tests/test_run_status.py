@@ -164,6 +164,10 @@ def test_report_exit_status(tmp_path, capsys):
         (["--variants", "scratch,scratch"], "variant scratch listed twice"),
         (["--run-id", "a/b"], "--run-id 'a/b' must be a plain folder name"),
         (["--run-id", ".."], "must be a plain folder name"),
+        # BN's backward written out: plain BN only, one process
+        (["--norm", "layer", "--norm-backward", "closed-form"], "--norm-backward closed-form is BN's own backward"),
+        (["--variants", "scratch", "--norm-backward", "closed-form", "--ghost-batch", "8"], "without --ghost-batch"),
+        (["--variants", "scratch", "--norm-backward", "closed-form", "--replicas", "2"], "closed-form with --replicas"),
         # PyTorch's replicas over several machines (docs/clusters.md)
         (["--replica-nodes", "2"], "--replica-nodes 2 needs --replica-address HOST:PORT"),
         (["--replica-nodes", "0", "--replica-address", "h:1"], "--replica-nodes must be at least 1, got 0"),

@@ -233,10 +233,14 @@ def _execution_modes(rows: pd.DataFrame) -> list:
             f"{'n/a' if eager is None else f'{r.suite_examples_per_s / eager:.2f}x'} | "
             f"{r.first_step_seconds:.2f} s | {later} |"
         )
+
+    def form(variant):  # a scratch layer with its backward written out is named so (compare.bench --norm-backward)
+        return "" if variant == "scratch" else ", " + variant.split(", ", 1)[1]
+
     pairs = [
-        f"{r.framework} {mode(r)} {r.suite_examples_per_s / speed[key]:.2f}x"
+        f"{r.framework} {mode(r)}{form(r.variant)} {r.suite_examples_per_s / speed[key]:.2f}x"
         for r in rows.itertuples()
-        if r.variant == "scratch" and (key := (r.framework, "builtin", r.execution)) in speed
+        if r.variant.startswith("scratch") and (key := (r.framework, "builtin", r.execution)) in speed
     ]
     if pairs:
         lines += ["", "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + "."]
