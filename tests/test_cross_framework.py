@@ -19,6 +19,9 @@ from tests.helpers import make_idx_dir
 
 pytestmark = pytest.mark.cross
 STEPS = 12
+# two frameworks' workers at once (the machine's two cores, one thread each): no figure here depends on time, and
+# each worker's start-up (the framework's import, its compiles) is most of a small run's time
+TWO_WORKERS = ("--jobs", "2")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,7 @@ def run_dir(tmp_path_factory):
             "--trace-every",
             "10",
             "--no-progress",
+            *TWO_WORKERS,
         ]
     )
     assert code == 0, "a framework failed: see the errors table of the run"
@@ -207,6 +211,7 @@ def scratch_epochs(tmp_path, run_id, frameworks, *args) -> list:
             "--trace-steps",
             str(STEPS),
             "--no-progress",
+            *TWO_WORKERS,
         ]
     )
     assert code == 0, "a framework failed: see the errors table of the run"
@@ -323,6 +328,7 @@ def test_mixed_precision_runs_agree_within_bfloat16s_precision(tmp_path):
             "--trace-steps",
             str(STEPS),
             "--no-progress",
+            *TWO_WORKERS,
         ]
     )
     assert code == 1  # MXNet's mixed runs failed, the rest completed
