@@ -133,8 +133,7 @@ def bench_excerpt(folder: Path) -> str:
     )
     lines += [
         "",
-        f"suite/bare {_span(list(rows.suite_over_bare), 3)} in all {len(rows)} cells{within}; suite/textbook: "
-        f"{textbook}.",
+        f"suite/bare {_span(list(rows.suite_over_bare), 3)}{_in_all(rows)}{within}; suite/textbook: {textbook}.",
     ]
     return "\n".join(lines + _execution_modes(rows) + _of_peak(rows) + _population(rows)) + "\n"
 
@@ -174,6 +173,10 @@ def _of_peak(rows: pd.DataFrame) -> list:
     return lines + ["", f"Fraction of peak per framework: {spans}."]
 
 
+def _in_all(rows) -> str:
+    return f" in all {len(rows)} cells" if len(rows) > 1 else " in its one cell"
+
+
 def _population(rows: pd.DataFrame) -> list:
     """For a benchmark with --population-size: the population pass against an epoch without it."""
     rows = rows[rows.population_share.notna()]
@@ -201,7 +204,7 @@ def _population(rows: pd.DataFrame) -> list:
     top = rows.loc[rows.population_share.idxmax()]
     return lines + [
         "",
-        f"Share of an epoch: {_span([100 * f for f in rows.population_share], 1, '%')} in all {len(rows)} cells, "
+        f"Share of an epoch: {_span([100 * f for f in rows.population_share], 1, '%')}{_in_all(rows)}, "
         f"the largest {top.framework} {top.variant}.",
     ]
 
