@@ -55,6 +55,7 @@ def option(
     why: str = "",
     since: str | None = None,
     before=MISSING,
+    stored: str | None = None,
 ):
     """A configuration field declared once: its default, its help text (an option of compare.run: compare/options.py
     makes `--field-name`, or `flag`, from it; a boolean default True is turned off by its option, so its flag reads
@@ -62,7 +63,9 @@ def option(
     bounds, which _check_declared enforces with one message per kind: minimum (an integer's, or a number's least
     value), below (a number's bound it stays under), positive (a number above 0); noun names a choice in its error
     and why adds a reason. since: the feature a field arrived with, after results were stored (it makes the field
-    one of LATE_FIELDS); before: what stored results without it meant (default: the field's default)."""
+    one of LATE_FIELDS); before: what stored results without it meant (default: the field's default). stored: the
+    name a renamed field had when results were stored (STORED_NAMES): config ids hash it by that name, so they hold,
+    and stored configurations and study files that spell it so are read as the field."""
     metadata = {
         "choices": choices,
         "flag": flag,
@@ -74,6 +77,7 @@ def option(
         "why": why,
         "since": since,
         "before": default if before is MISSING else before,
+        "stored": stored,
     }
     if help is not None:
         metadata["help"] = help
@@ -129,31 +133,33 @@ class ModelSpec:
     """What BN-LeNet looks like. All frameworks build the same network from it."""
 
     variant: str = option("scratch", choices=VARIANTS)  # compare.run --variants
-    # bn_positions, bias_before_bn, bn_placement: any normalisation's, as their flags say; the field names are the
-    # ones records and config ids were first written with, so results already on disk stay readable and resumable
-    bn_positions: tuple = option(
+    # the three below were named bn_... when the first results were stored (stored=): their ids hash that name
+    norm_positions: tuple = option(
         BN_POSITIONS,
         f"layers followed by the normalisation, from: {', '.join(BN_POSITIONS)}",
         choices=BN_POSITIONS,
         flag="--norm-positions",
         aliases=("--bn-positions",),
+        stored="bn_positions",
     )
-    bias_before_bn: bool = option(
+    bias_before_norm: bool = option(
         True,
         "drop the bias of layers followed by the normalisation (the textbook keeps it)",
         flag="--no-bias-before-norm",
         aliases=("--no-bias-before-bn",),
+        stored="bias_before_bn",
     )
     activation: str = option(
         "sigmoid", "after each normalised layer; the textbook's BN-LeNet uses sigmoid", choices=ACTIVATIONS
     )
     pooling: str = option("avg", "2x2, stride 2, after each convolution", choices=POOLINGS)
-    bn_placement: str = option(
+    norm_placement: str = option(
         "before_activation",
         "the normalisation before the activation (the textbook, the BN paper) or after it",
         choices=PLACEMENTS,
         flag="--norm-placement",
         aliases=("--bn-placement",),
+        stored="bn_placement",
     )
     dropout: float = option(0.0, "after the fc1 and fc2 activations; 0 = no dropout layer", minimum=0.0, below=1.0)
     freeze_gamma_beta: bool = option(False, "keep gamma=1, beta=0 (their initial values)")
@@ -290,19 +296,22 @@ class ModelSpec:
         _check(
             not self.norm_noise or self.has_norm,
             "norm_noise (--norm-noise) adds noise after each normalisation layer, and this model has none "
-            f"(variant {self.variant}, norm positions {','.join(self.bn_positions) or 'none'}); use a variant with "
+            f"(variant {self.variant}, norm positions {','.join(self.norm_positions) or 'none'}); use a variant with "
             "a normalisation (scratch, builtin)",
         )
         self._ghost_batches()
         self._norm_at_positions()
 
     def _positions(self) -> None:
-        """bn_positions: known positions, each once, kept in network order."""
-        object.__setattr__(self, "bn_positions", tuple(self.bn_positions))
-        for pos in self.bn_positions:
+        """norm_positions: known positions, each once, kept in network order."""
+        object.__setattr__(self, "norm_positions", tuple(self.norm_positions))
+        for pos in self.norm_positions:
             _check(pos in BN_POSITIONS, f"unknown BN position {pos!r}; choose from {', '.join(BN_POSITIONS)}")
-        _check(len(set(self.bn_positions)) == len(self.bn_positions), f"BN position listed twice: {self.bn_positions}")
-        object.__setattr__(self, "bn_positions", tuple(p for p in BN_POSITIONS if p in self.bn_positions))
+        _check(
+            len(set(self.norm_positions)) == len(self.norm_positions),
+            f"BN position listed twice: {self.norm_positions}",
+        )
+        object.__setattr__(self, "norm_positions", tuple(p for p in BN_POSITIONS if p in self.norm_positions))
 
     def _ghost_batches(self) -> None:
         if self.ghost_batch:
@@ -321,15 +330,15 @@ class ModelSpec:
         """The normalisation fits every position it is put at: its groups divide the channels, a per-position norm
         needs H x W values."""
         if self.variant != "none" and self.row.groups == "option":
-            for pos in self.bn_positions:
+            for pos in self.norm_positions:
                 _check(
                     CHANNELS[pos] % self.groups == 0,
                     f"--groups {self.groups} does not divide the {CHANNELS[pos]} channels of {pos}, where group "
                     f"normalisation was asked for; choose a divisor of "
-                    f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.bn_positions)} (2 divides them all)",
+                    f"{', '.join(f'{CHANNELS[p]} ({p})' for p in self.norm_positions)} (2 divides them all)",
                 )
         if self.variant != "none" and not self.row.dense:
-            dense = [pos for pos in self.bn_positions if pos.startswith("fc")]
+            dense = [pos for pos in self.norm_positions if pos.startswith("fc")]
             _check(
                 not dense,
                 f"{self.norm} normalisation normalises each channel over its H x W values, and a dense layer "
@@ -344,11 +353,11 @@ class ModelSpec:
 
     @property
     def has_norm(self) -> bool:
-        return self.variant != "none" and bool(self.bn_positions)
+        return self.variant != "none" and bool(self.norm_positions)
 
     def norm_at(self, position: str) -> bool:
         """Whether a normalisation layer (of self.norm) follows `position`."""
-        return self.variant != "none" and position in self.bn_positions
+        return self.variant != "none" and position in self.norm_positions
 
     @property
     def has_running_stats(self) -> bool:
@@ -379,7 +388,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["bn_positions"] = list(self.bn_positions)
+        data["norm_positions"] = list(self.norm_positions)
         return data
 
 
@@ -570,6 +579,8 @@ class RunConfig:
         _check(not unknown, f"unknown config keys: {sorted(unknown)}")
         data = dict(data)
         model = dict(data["model"]) if isinstance(data.get("model"), dict) else data.get("model", {})
+        if isinstance(model, dict):
+            model = stored_as_fields(model)
         for name, value in LATE_FIELDS.items():  # what a configuration stored before the field existed meant
             holder, key = (model, name[6:]) if name.startswith("model.") else (data, name)
             if isinstance(holder, dict):
@@ -589,6 +600,7 @@ class RunConfig:
         """A short stable hash of the configuration (the same on every framework). A field added after results
         were stored (LATE_FIELDS) enters it only away from its default, so the ids of earlier results still hold."""
         data = self.to_dict()
+        data["model"] = {STORED_NAMES.get(k, k): v for k, v in data["model"].items()}
         for name, default in LATE_FIELDS.items():
             holder, key = (data["model"], name[6:]) if name.startswith("model.") else (data, name)
             if holder.get(key) == default:
@@ -609,3 +621,16 @@ def _late_fields() -> dict:
 
 
 LATE_FIELDS = _late_fields()
+# field -> the name results were stored under (option's stored): the ModelSpec fields renamed since
+STORED_NAMES = {f.name: f.metadata["stored"] for f in fields(ModelSpec) if f.metadata.get("stored")}
+FIELD_NAMES = {stored: name for name, stored in STORED_NAMES.items()}
+
+
+def stored_as_fields(model: dict) -> dict:
+    """A stored model configuration (or a study's values) with each stored name as its field's name; refused where
+    both spellings are given."""
+    both = sorted(stored for stored, name in FIELD_NAMES.items() if stored in model and name in model)
+    _check(
+        not both, f"{', '.join(both)} given under its old and its new name ({', '.join(FIELD_NAMES[b] for b in both)})"
+    )
+    return {FIELD_NAMES.get(k, k): v for k, v in model.items()}

@@ -38,7 +38,7 @@ def check_foldable(spec: ModelSpec) -> None:
             f"--norm {spec.norm} does not fold into the layer before it: in eval mode only BN (and batch "
             "renormalisation, whose eval mode is BN's) is an affine map per channel"
         )
-    if spec.bn_placement != "before_activation":
+    if spec.norm_placement != "before_activation":
         raise ConfigError(
             "--norm-placement after_activation puts the activation between the layer and BN, so BN folds into "
             "the layer after it, not before; fold runs with the textbook's before_activation"

@@ -40,8 +40,8 @@ def layer_shapes(spec: ModelSpec) -> dict:
 
 
 def has_bias(spec: ModelSpec, layer: str) -> bool:
-    """A layer followed by BN keeps its bias only when spec.bias_before_bn is set."""
-    return not spec.norm_at(layer) or spec.bias_before_bn
+    """A layer followed by BN keeps its bias only when spec.bias_before_norm is set."""
+    return not spec.norm_at(layer) or spec.bias_before_norm
 
 
 def norm_features(spec: ModelSpec) -> dict:

@@ -35,8 +35,8 @@ def divergence_message(config: RunConfig, epoch: int, step: int, steps: int) -> 
             "; lower --lr, or add BN (--variants scratch or builtin), "
             "which keeps the activations in range at larger learning rates"
         )
-    hint = f"; lower --lr (this variant already has BN after {','.join(spec.bn_positions)}"
-    if len(spec.bn_positions) < len(norms.BN_POSITIONS):
+    hint = f"; lower --lr (this variant already has BN after {','.join(spec.norm_positions)}"
+    if len(spec.norm_positions) < len(norms.BN_POSITIONS):
         hint += "; BN after more layers, --norm-positions, may also help"
     if spec.freeze_gamma_beta:
         hint += "; gamma and beta are frozen, so BN cannot rescale what it normalises"

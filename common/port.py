@@ -77,7 +77,7 @@ def apply(mistake: str, params: dict, config: RunConfig) -> dict:
     if mistake == "flatten":
         out["fc1.weight"] = flatten_permuted(np.asarray(params["fc1.weight"]), spec).astype(params["fc1.weight"].dtype)
     elif mistake in ("variance", "gamma"):
-        for layer in (NORM_NAMES[p] for p in spec.bn_positions):
+        for layer in (NORM_NAMES[p] for p in spec.norm_positions):
             if mistake == "gamma" and f"{layer}.gamma" in params:
                 out[f"{layer}.gamma"] = np.ones_like(params[f"{layer}.gamma"])
             if mistake == "variance" and f"{layer}.running_var" in params:

@@ -483,10 +483,10 @@ def lenet_forward(
                 )
             return y
 
-        if bn and spec.bn_placement == "before_activation":
+        if bn and spec.norm_placement == "before_activation":
             h = norm(h)
         h = activate(h, spec.activation)
-        if bn and spec.bn_placement == "after_activation":
+        if bn and spec.norm_placement == "after_activation":
             h = norm(h)
         if layer.startswith("conv"):
             h = pool2d(h, spec.pooling)

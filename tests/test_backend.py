@@ -195,11 +195,11 @@ SPECS = {
     "builtin": ModelSpec(variant="builtin"),
     "none": ModelSpec(variant="none"),
     "knobs": ModelSpec(
-        bias_before_bn=False,
-        bn_positions=("conv2", "fc1"),
+        bias_before_norm=False,
+        norm_positions=("conv2", "fc1"),
         activation="relu",
         pooling="max",
-        bn_placement="after_activation",
+        norm_placement="after_activation",
         input_size=32,
     ),
     # the textbook's second configuration's input (--image-size 96): fc1 takes 16 x 21 x 21 = 7,056 inputs

@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ModelSpec, RunConfig
+from common.config import STORED_NAMES, ModelSpec, RunConfig
 from common.errors import ConfigError
 from common.init import init_params, parameter_shapes
 from common.registry import load_backend_module, parse_frameworks
@@ -37,7 +37,7 @@ def test_bad_run_config_values(changes, match):
         ({"decay": 1.0}, "decay \\(--decay\\) must be in"),
         ({"epsilon": 0}, "epsilon \\(--epsilon\\) must be a positive"),
         ({"dropout": 1.0}, "dropout"),
-        ({"bn_positions": ("conv3",)}, "unknown BN position"),
+        ({"norm_positions": ("conv3",)}, "unknown BN position"),
         ({"activation": "tanh"}, "activation"),
         ({"input_size": 30}, "input_size"),
     ],
@@ -48,8 +48,8 @@ def test_bad_model_spec_values(changes, match):
 
 
 def test_round_trip_hash_and_equality():
-    c = RunConfig(model=ModelSpec(variant="builtin", bn_positions=("fc1", "conv1")), seed=3)
-    assert c.model.bn_positions == ("conv1", "fc1")  # normalised to network order
+    c = RunConfig(model=ModelSpec(variant="builtin", norm_positions=("fc1", "conv1")), seed=3)
+    assert c.model.norm_positions == ("conv1", "fc1")  # normalised to network order
     again = RunConfig.from_dict(c.to_dict())
     assert again == c and hash(again) == hash(c) and again.config_id == c.config_id
     assert RunConfig(seed=4).config_id != RunConfig(seed=5).config_id
@@ -65,7 +65,7 @@ def test_unknown_framework_is_a_clear_error():
 
 
 def test_spec_knobs_change_the_parameter_layout():
-    spec = ModelSpec(bias_before_bn=False, bn_positions=("conv1", "fc2"), input_size=32)
+    spec = ModelSpec(bias_before_norm=False, norm_positions=("conv1", "fc2"), input_size=32)
     shapes = parameter_shapes(spec)
     assert "conv1.bias" not in shapes and "conv2.bias" in shapes and "fc2.bias" not in shapes
     assert "bn2.gamma" not in shapes and "bn4.running_var" in shapes
@@ -126,7 +126,7 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
     assert (config.seed, config.lr, config.epochs, config.train_limit, config.test_limit) == (3, 0.5, 4, 6000, 2000)
     assert config.population_size == 0 and config.batch_size == 256 and config.device == "auto"
     m = config.model
-    assert (m.norm, m.groups, m.bias_before_bn, m.bn_positions, m.activation, m.decay) == (
+    assert (m.norm, m.groups, m.bias_before_norm, m.norm_positions, m.activation, m.decay) == (
         "group",
         3,
         False,
@@ -147,7 +147,7 @@ def test_every_option_field_is_a_run_option_and_reaches_the_config():
         "--no-bias-before-bn",
     ]
     [config] = configs_from_args(parser.parse_args(old))
-    assert (config.model.bn_positions, config.model.bn_placement, config.model.bias_before_bn) == (
+    assert (config.model.norm_positions, config.model.norm_placement, config.model.bias_before_norm) == (
         ("conv2",),
         "after_activation",
         False,
@@ -172,17 +172,40 @@ def test_the_editions_preset_sets_the_chapters_settings_and_explicit_options_win
 
 
 def test_committed_records_keep_their_config_ids():
-    """Every configuration in the committed records (docs/measured), written before later fields existed, still
-    hashes to the id it was stored under: resuming and comparing old results depends on it (LATE_FIELDS)."""
+    """Every configuration in the committed records (docs/measured), written before later fields existed and before
+    three fields were renamed (bn_positions is norm_positions now, ...: STORED_NAMES), still hashes to the id it was
+    stored under, and reads back as the field: resuming and comparing old results depends on it."""
     import json
     from pathlib import Path
 
-    seen = 0
+    seen, renamed = 0, set()
     for path in sorted((Path(__file__).resolve().parents[1] / "docs" / "measured").glob("*/records.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if isinstance(record.get("config"), dict):
-                got = RunConfig.from_dict(record["config"]).config_id
-                assert got == record["config_id"], f"{path.parent.name}: {record['config']}"
+                config = RunConfig.from_dict(record["config"])
+                assert config.config_id == record["config_id"], f"{path.parent.name}: {record['config']}"
+                for name, stored in STORED_NAMES.items():
+                    value = record["config"]["model"][stored]
+                    assert getattr(config.model, name) == (tuple(value) if isinstance(value, list) else value)
+                    if getattr(config.model, name) != getattr(ModelSpec(), name):
+                        renamed.add(name)
                 seen += 1
     assert seen > 100
+    assert renamed == set(STORED_NAMES)  # each renamed field away from its default in some committed record
+
+
+def test_a_configuration_hashes_its_renamed_fields_by_their_stored_names():
+    """Written now, a configuration stores its fields' new names and reads back equal; its id is the one the same
+    configuration had under the old names, and a configuration giving a field under both names is refused."""
+    config = RunConfig(
+        model=ModelSpec(norm_positions=("conv2",), bias_before_norm=False, norm_placement="after_activation")
+    )
+    data = config.to_dict()
+    assert not set(STORED_NAMES.values()) & set(data["model"]) and RunConfig.from_dict(data) == config
+    old = {**data, "model": {STORED_NAMES.get(k, k): v for k, v in data["model"].items()}}
+    assert RunConfig.from_dict(old) == config and RunConfig.from_dict(old).config_id == config.config_id
+    assert config.config_id != RunConfig().config_id
+    both = {**data, "model": {**data["model"], "bn_positions": ["conv1"]}}
+    with pytest.raises(ConfigError, match="bn_positions given under its old and its new name \\(norm_positions\\)"):
+        RunConfig.from_dict(both)

@@ -26,7 +26,7 @@ def test_the_fold_is_the_eval_forward_and_the_slips_are_not(bias):
     """In float64 the folded network's logits are the BN network's eval-mode logits to 1e-12 (with and without the
     bias before BN); a fold that leaves epsilon out of the square root (running variances of about 1, epsilon 1e-3)
     or that takes the variance as PyTorch's unbiased n/(n - 1) one at batch 32 moves them by far more."""
-    spec = ModelSpec(bias_before_bn=bias, epsilon=1e-3)
+    spec = ModelSpec(bias_before_norm=bias, epsilon=1e-3)
     params = random_bn_params(spec)
     want = logits(params, spec, 1e-3)
     target = folded_spec(spec)
@@ -56,7 +56,7 @@ def test_what_does_not_fold_is_refused_with_the_reason():
         (ModelSpec(variant="none"), "variant none has no normalisation layer to fold"),
         (ModelSpec(norm="layer"), "--norm layer does not fold into the layer before it"),
         (ModelSpec(norm="pit"), "--norm pit does not fold"),
-        (ModelSpec(bn_placement="after_activation"), "BN folds into the layer after it"),
+        (ModelSpec(norm_placement="after_activation"), "BN folds into the layer after it"),
     ):
         with pytest.raises(ConfigError, match=message):
             check_foldable(spec)

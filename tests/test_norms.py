@@ -71,7 +71,7 @@ def cases(draw):
     # one position, conv1 (6 channels): every drawn group count divides it, and instance is allowed there
     spec = ModelSpec(
         norm=norm,
-        bn_positions=("conv1",),
+        norm_positions=("conv1",),
         groups=groups if norm == "group" else 2,
         epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
         renorm_rmax=draw(st.sampled_from([1.0, 1.5, 3.0])),
@@ -113,8 +113,8 @@ def test_the_closed_form_backward_is_autodiffs_in_float64(fw, harness, framework
     """--norm-backward closed-form: the scratch BN layer's outputs, gradients and running statistics are
     autodiff's, to 1e-12, in training mode (where it applies) and eval mode (where it does not); MXNet refuses
     it with its reason."""
-    spec = ModelSpec(bn_positions=("conv1",))
-    closed = ModelSpec(bn_positions=("conv1",), norm_backward="closed-form")
+    spec = ModelSpec(norm_positions=("conv1",))
+    closed = ModelSpec(norm_positions=("conv1",), norm_backward="closed-form")
     x, dy, state = layer_inputs(shape, spec, 7, offset=3.0, scale=2.0)
     for training in (True, False):
         if framework == "mxnet":
@@ -133,7 +133,7 @@ def test_the_closed_form_backward_is_autodiffs_in_float64(fw, harness, framework
 @pytest.mark.parametrize("norm", ["layer", "group", "instance"])
 def test_scratch_norms_take_a_batch_of_one(fw, harness, framework, norm):
     """Per-example normalisations need no batch: one image normalises on its own (BN cannot)."""
-    spec = ModelSpec(norm=norm, bn_positions=("conv1", "conv2"))
+    spec = ModelSpec(norm=norm, norm_positions=("conv1", "conv2"))
     x, dy, state = layer_inputs((1, 4, 3, 3), spec, seed=1)
     check(
         harness.run_norm(spec, x, state, dy, training=True, dtype="float64"),
@@ -178,7 +178,7 @@ def test_renorm_gradient_treats_r_and_d_as_constants(fw, harness, framework, sha
 def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, harness, framework, norm, dims, variant):
     default_eps = NORM_BUILTIN_EPSILON[framework][(norm, dims)]
     dtype = "float32" if "float64" in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).get(norm, ()) else "float64"
-    spec = ModelSpec(norm=norm, variant=variant, epsilon=1e-4, bn_positions=("conv1", "conv2"))
+    spec = ModelSpec(norm=norm, variant=variant, epsilon=1e-4, norm_positions=("conv1", "conv2"))
     shape = (5, 6, 3, 2) if dims == 4 else (5, 6)
     x, dy, state = layer_inputs(shape, spec, seed=4, offset=3.0, scale=2.0)
     if default_eps is None:
@@ -194,7 +194,7 @@ def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, harness, framewo
         dtype=dtype,
     )
     eps = spec.epsilon if variant == "builtin" else default_eps
-    want = expected(ModelSpec(norm=norm, epsilon=eps, bn_positions=("conv1",)), x, state, dy, True)
+    want = expected(ModelSpec(norm=norm, epsilon=eps, norm_positions=("conv1",)), x, state, dy, True)
     tol = bound(dtype, 3.0, 2.0, 4)
     extra = NORM_BUILTIN_ATOL.get(framework, {}).get(norm, 0)
     check(
@@ -204,13 +204,13 @@ def test_builtin_norm_matches_reference_or_is_a_clear_error(fw, harness, framewo
         f"{framework} {variant} {norm} {dims}-D (epsilon {eps:g})",
     )
     if variant == "builtin-defaults":  # the pinned default really is the layer's: another epsilon misses
-        other = expected(ModelSpec(norm=norm, epsilon=eps * 10, bn_positions=("conv1",)), x, state, dy, True)
+        other = expected(ModelSpec(norm=norm, epsilon=eps * 10, norm_positions=("conv1",)), x, state, dy, True)
         assert np.max(np.abs(got["y"] - other["y"])) > 1e-6
 
 
 def test_a_builtin_missing_for_a_dtype_fails_before_training(fw, framework):
     for norm, dtypes in NORM_BUILTIN_DTYPES_MISSING.get(framework, {}).items():
-        spec = ModelSpec(norm=norm, variant="builtin", bn_positions=("conv1", "conv2"))
+        spec = ModelSpec(norm=norm, variant="builtin", norm_positions=("conv1", "conv2"))
         for dtype in dtypes:
             with pytest.raises(BackendUnavailable, match=f"float32 only, not {dtype}"):
                 fw.BACKEND(RunConfig(model=spec, dtype=dtype, device="cpu"))
@@ -279,7 +279,7 @@ def test_bad_norm_combinations_are_clear_errors():
             ModelSpec(**kwargs)
     # what does not normalise is not checked: no norm layer, or positions where the groups divide
     ModelSpec(norm="instance", variant="none")
-    ModelSpec(norm="group", groups=4, bn_positions=("conv2", "fc1", "fc2"))
+    ModelSpec(norm="group", groups=4, norm_positions=("conv2", "fc1", "fc2"))
 
 
 @pytest.mark.parametrize("variant", ["scratch", "builtin", "builtin-defaults"])
@@ -287,7 +287,7 @@ def test_bad_norm_combinations_are_clear_errors():
 def test_norm_and_variant_make_one_layer_kind(norm, variant):
     """common.norms.norm_layer decides the layer once for every framework: its kind, and the constants it passes
     (none for builtin-defaults, the framework's own; no decay without running statistics)."""
-    spec = ModelSpec(norm=norm, variant=variant, groups=2, decay=0.8, epsilon=1e-3, bn_positions=("conv1", "conv2"))
+    spec = ModelSpec(norm=norm, variant=variant, groups=2, decay=0.8, epsilon=1e-3, norm_positions=("conv1", "conv2"))
     layer = norm_after(spec, "conv2")
     scratch_kind = {"layer": "group", "instance": "group"}.get(norm, norm)
     assert layer.kind == (scratch_kind if variant == "scratch" else f"builtin-{norm}")

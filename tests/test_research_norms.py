@@ -286,7 +286,7 @@ def research_cases(draw):
     spatial = (draw(st.integers(1, 3)), draw(st.integers(1, 3))) if dims == 4 else ()
     spec = ModelSpec(
         norm=norm,
-        bn_positions=("conv1",),
+        norm_positions=("conv1",),
         whiten_group=draw(st.integers(1, 8)),  # up to above the channels: one group of them all
         whiten_iterations=draw(st.integers(1, 7)),
         epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
@@ -355,7 +355,7 @@ def bound(spec, x, state, training, dtype, offset=0.0, scale=1.0):
 def test_scratch_whiten_groups_each_normalise_by_their_own_trace(fw, harness, framework, shape, training):
     """Groups of 2 over 5 channels (the last holds 1) and 2 iterations, far from converged, so that a trace taken
     over all channels, a mask that lets the groups mix or a block updated outside its group shows."""
-    spec = ModelSpec(norm="whiten", whiten_group=2, whiten_iterations=2, bn_positions=("conv1",))
+    spec = ModelSpec(norm="whiten", whiten_group=2, whiten_iterations=2, norm_positions=("conv1",))
     x, dy, state = research_inputs(shape, spec, seed=11, offset=1.0)
     got = harness.run_norm(spec, x, state, dy, training=training, dtype="float64")
     check_norm(
@@ -385,7 +385,7 @@ def test_scratch_whiten_converges_to_zca_for_every_t(fw, harness, framework, sha
     Near-singular groups: fewer values per channel than channels (a batch of 3 whitened as one group of 6, and
     2 x 2 x 1 positions for 5 channels), so Sigma is rank-deficient and only eps keeps it invertible; in eval mode
     the running covariance is made as singular (a rank-deficient covariance plus eps's share)."""
-    spec = ModelSpec(norm="whiten", whiten_group=group, bn_positions=("conv1",))
+    spec = ModelSpec(norm="whiten", whiten_group=group, norm_positions=("conv1",))
     x, dy, state = research_inputs(shape, spec, seed=17, offset=2.0)
     if singular and not training:  # the running covariance of a few values: rank-deficient
         few = np.random.RandomState(5).randn(shape[1], 2)
@@ -456,8 +456,8 @@ def test_scratch_pit_rank_outputs_the_mid_rank_grid_with_ties(fw, harness, frame
 def test_scratch_pit_standard_is_the_unit_pit_at_bns_scale(fw, harness, framework, norm):
     """--pit-scale standard: with gamma 1 and beta 0 the output is sqrt(12) (u - 1/2) of the unit PIT's u, its dx
     sqrt(12) times the unit PIT's, and the running statistics the same (float64, training mode)."""
-    unit = ModelSpec(norm=norm, bn_positions=("conv1",))
-    standard = ModelSpec(norm=norm, bn_positions=("conv1",), pit_scale="standard")
+    unit = ModelSpec(norm=norm, norm_positions=("conv1",))
+    standard = ModelSpec(norm=norm, norm_positions=("conv1",), pit_scale="standard")
     x, dy, state = research_inputs((6, 3, 2, 2), unit, seed=4, ties=norm == "pit-rank")
     state = {**state, "gamma": np.ones(3), "beta": np.zeros(3)}
     a = harness.run_norm(unit, x, state, dy, training=True, dtype="float64")

@@ -273,7 +273,7 @@ def test_divergence_is_a_result_with_its_epoch_and_step():
 def test_divergence_message_fits_the_variant():
     bn = divergence_message(RunConfig(lr=30.0), 1, 5, 10)
     assert "lr 30" in bn and "variant scratch" in bn and "already has BN" in bn and "add BN" not in bn
-    partial = divergence_message(RunConfig(model=ModelSpec(bn_positions=("fc1",), freeze_gamma_beta=True)), 1, 1, 9)
+    partial = divergence_message(RunConfig(model=ModelSpec(norm_positions=("fc1",), freeze_gamma_beta=True)), 1, 1, 9)
     assert "--norm-positions" in partial and "gamma and beta are frozen" in partial
     none = divergence_message(RunConfig(model=ModelSpec(variant="none"), lr=1000.0), 3, 2, 9)
     assert "add BN (--variants scratch or builtin)" in none and "lr 1000" in none

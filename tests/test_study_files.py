@@ -153,24 +153,57 @@ def test_exclude_leaves_out_the_cells_it_names_and_checks_them(tmp_path):
 
 
 def test_exclude_on_a_list_field_leaves_out_the_cells_it_names(tmp_path):
-    """A rule on a list field (bn_positions) compares as the cell's coordinate ('conv1,conv2'), so the cells it
+    """A rule on a list field (norm_positions) compares as the cell's coordinate ('conv1,conv2'), so the cells it
     names (one per seed) are left out and the others kept."""
     text = """\
 question = "Which positions?"
 frameworks = ["torch"]
 variants = ["scratch"]
 seeds = [0, 1]
-exclude = [{ bn_positions = ["conv1", "conv2"] }]
+exclude = [{ norm_positions = ["conv1", "conv2"] }]
 
 [grid]
-bn_positions = [["conv1"], ["conv1", "conv2"], ["fc1"]]
+norm_positions = [["conv1"], ["conv1", "conv2"], ["fc1"]]
 
 [answer]
 kind = "compare"
-axis = "bn_positions"
+axis = "norm_positions"
 baseline = ["conv1"]
 metric = "best_test_acc"
 """
     configs, coords = spec.load(write(tmp_path, text)).cells()
-    kept = sorted(coords[c.config_id]["bn_positions"] for c in configs)
+    kept = sorted(coords[c.config_id]["norm_positions"] for c in configs)
     assert kept == ["conv1", "conv1", "fc1", "fc1"], kept
+
+
+@pytest.mark.parametrize("name", ["bn-positions", "bias-before-bn", "bn-placement"])
+def test_a_study_written_before_the_rename_runs_the_same_cells(name):
+    """The committed study files in docs/measured spell the renamed fields by their stored names (bn_positions,
+    ...): they load, their coordinates keep that spelling (their records' and answers' labels), and their cells are
+    the shipped study's (which spells the new names), config id for config id, and the ones their records hold."""
+    import json
+    from pathlib import Path
+
+    from common.config import STORED_NAMES
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "measured" / name
+    settings = json.loads((folder / "study.json").read_text())
+    old, new = spec.load(folder / "study.toml", name=name), spec.load(spec.find(name))
+    [(field, stored)] = [(f, s) for f, s in STORED_NAMES.items() if s in old.grid]
+    assert field in new.grid and stored not in new.grid
+    (old_configs, old_coords), (new_configs, new_coords) = (
+        study.cells(settings["quick"], settings["seeds"]) for study in (old, new)
+    )
+    assert [c.config_id for c in old_configs] == [c.config_id for c in new_configs] and old_configs == new_configs
+    assert {stored} <= set(next(iter(old_coords.values()))) and {field} <= set(next(iter(new_coords.values())))
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    assert {c.config_id for c in old_configs} == {r["config_id"] for r in records if r["kind"] == "plan"}
+
+
+def test_a_study_giving_a_field_under_both_names_is_refused(tmp_path):
+    text = 'question = "?"\n[base]\nbn_positions = ["conv1"]\nnorm_positions = ["conv2"]\n[answer]\nkind = "trend"\n'
+    with pytest.raises(spec.StudyError, match=r"\[base\] bn_positions: is norm_positions's old name; give one"):
+        spec.load(write(tmp_path, text))
+    grid = text.replace('norm_positions = ["conv2"]\n[answer]', '[grid]\nnorm_positions = [["conv2"]]\n[answer]')
+    with pytest.raises(spec.StudyError, match=r"\[grid\] norm_positions: is also set in \[base\]"):
+        spec.load(write(tmp_path, grid))

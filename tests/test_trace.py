@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common import norms, trace
-from common.config import LATE_FIELDS, ModelSpec, RunConfig
+from common.config import LATE_FIELDS, STORED_NAMES, ModelSpec, RunConfig
 from common.data import load_fashion_mnist
 from common.errors import ConfigError
 from common.init import init_params, is_trainable, parameter_shapes
@@ -160,14 +160,15 @@ def test_trace_every_is_checked_and_leaves_earlier_ids_alone():
 
     late = {name.removeprefix("model.") for name in LATE_FIELDS}  # this field and those added after it
     before = {k: v for k, v in off.to_dict().items() if k not in late}
-    before["model"] = {k: v for k, v in before["model"].items() if k not in late}
+    # and the renamed fields by the names they had then (STORED_NAMES)
+    before["model"] = {STORED_NAMES.get(k, k): v for k, v in before["model"].items() if k not in late}
     assert {"trace_every", "norm_noise"} <= late
     assert off.config_id == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     assert RunConfig(model=ModelSpec(norm_noise=True)).config_id != off.config_id
 
 
 def test_noise_draws_are_seeded_bounded_and_exact_at_one_and_zero():
-    spec = ModelSpec(norm_noise=True, noise_scale=1.5, noise_shift=0.25, bn_positions=("conv2", "fc1"))
+    spec = ModelSpec(norm_noise=True, noise_scale=1.5, noise_shift=0.25, norm_positions=("conv2", "fc1"))
     a = norms.draw_noise(spec, seed=3, epoch=2, steps=5, dtype="float64")
     assert sorted(a) == ["bn2", "bn3"] and a["bn2"][0].shape == (5, 16) and a["bn3"][1].shape == (5, 120)
     for scales, shifts in a.values():
@@ -187,7 +188,7 @@ def test_the_papers_form_draws_per_example_around_a_centre_and_spread_that_move(
     step a spread w in [0, 1/2], per example s = 1 + (s0 - 1) U(1 - w, 1 + w) and m = m0 + U(-w b, w b). Over 200
     steps of 64 examples and 16 channels the means are E[s] = (1 + a) / 2 = 2 and E[m] = 0 (within 5 standard errors
     of the centres, 0.0102 each: the centres, 3,200 of them, carry the variance); a = 1, b = 0 is exact."""
-    spec = ModelSpec(norm_noise=True, noise_form="example", noise_scale=3.0, noise_shift=1.0, bn_positions=("conv2",))
+    spec = ModelSpec(norm_noise=True, noise_form="example", noise_scale=3.0, noise_shift=1.0, norm_positions=("conv2",))
     scales, shifts = norms.draw_noise(spec, seed=1, epoch=1, steps=200, dtype="float64", batch=64)["bn2"]
     assert scales.shape == shifts.shape == (200, 64, 16)
     assert abs(scales.mean() - 2.0) < 0.05 and abs(shifts.mean()) < 0.05
@@ -202,7 +203,7 @@ def test_the_papers_form_draws_per_example_around_a_centre_and_spread_that_move(
 def test_eval_mode_folds_the_noise_expectation_into_gamma_and_beta():
     """a = 3, b = 0.5: E[s] = 2, E[m] = 0; gamma (2, 0.5) -> (4, 1), beta (1, -1) -> (2, -2); the weights, the
     running statistics and the layers without noise stay as they are; a = 1, b = 0 is the identity, bit for bit."""
-    spec = ModelSpec(norm_noise=True, noise_scale=3.0, noise_shift=0.5, bn_positions=("conv1",))
+    spec = ModelSpec(norm_noise=True, noise_scale=3.0, noise_shift=0.5, norm_positions=("conv1",))
     params = {
         "conv1.weight": np.ones(2),
         "bn1.gamma": np.array([2.0, 0.5]),
@@ -254,7 +255,7 @@ SPECS = {
     "scratch": ModelSpec(variant="scratch", dropout=0.3),
     "builtin": ModelSpec(variant="builtin", dropout=0.3, activation="relu"),
     "none": ModelSpec(variant="none", dropout=0.3),
-    "frozen": ModelSpec(variant="scratch", freeze_gamma_beta=True, bn_placement="after_activation"),
+    "frozen": ModelSpec(variant="scratch", freeze_gamma_beta=True, norm_placement="after_activation"),
 }
 
 
@@ -404,7 +405,7 @@ def test_a_noisy_step_is_the_reference_step(fw, framework, form):
     """One float64 SGD step with noise: the parameters after it equal gradient() at the same parameters with the
     step's noise, followed by the SGD update in numpy (the noise is where the spec puts it, in both); per channel,
     and per example and channel (the paper's form)."""
-    spec = ModelSpec(norm_noise=True, bn_placement="after_activation", noise_form=form)
+    spec = ModelSpec(norm_noise=True, norm_placement="after_activation", noise_form=form)
     config = RunConfig(model=spec, dtype="float64", device="cpu", lr=0.5, batch_size=8)
     backend = fw.BACKEND(config)
     start = random_bn_params(spec)

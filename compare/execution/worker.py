@@ -129,7 +129,7 @@ def _bench_config(cell: dict, job: dict) -> RunConfig:
         norm=norm,
         image_size=job.get("image_size", 28),
         norm_backward=job.get("norm_backward", "autodiff") if norm == "batch" else "autodiff",
-        **({"bn_positions": ("conv1", "conv2")} if norm == "instance" else {}),
+        **({"norm_positions": ("conv1", "conv2")} if norm == "instance" else {}),
     )
     return RunConfig(
         model=model,

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import VARIANTS, ModelSpec, RunConfig
+from common.config import FIELD_NAMES, VARIANTS, ModelSpec, RunConfig, stored_as_fields
 from common.errors import ConfigError
 from common.registry import FRAMEWORKS
 
@@ -117,7 +117,7 @@ def arm_label(axis, values) -> str:
 
 
 def coord_value(value):
-    """A grid value as a table cell: lists (bn_positions) become 'conv1,conv2'."""
+    """A grid value as a table cell: lists (norm_positions) become 'conv1,conv2'."""
     return ",".join(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -178,9 +178,12 @@ def _scaled(rule: dict, base: dict, values: dict):
 
 
 def build_config(values: dict, variant: str, seed: int) -> RunConfig:
+    """A cell's RunConfig from its values (a field may be spelled by its stored name: common.config.STORED_NAMES;
+    the cell's coordinates keep the file's spelling, so a study written before a rename reads as it did)."""
+    values = stored_as_fields(values)
     model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
-    if "bn_positions" in model and isinstance(model["bn_positions"], str):
-        model["bn_positions"] = tuple(p for p in model["bn_positions"].split(",") if p)
+    if "norm_positions" in model and isinstance(model["norm_positions"], str):
+        model["norm_positions"] = tuple(p for p in model["norm_positions"].split(",") if p)
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     return RunConfig(model=ModelSpec(variant=variant, **model), seed=seed, **run)
 
@@ -225,8 +228,10 @@ class _Reader:
 
 def _known(reader, section, table, allowed) -> None:
     for key in table:
-        if key not in allowed:
+        if key not in allowed and FIELD_NAMES.get(key) not in allowed:
             raise reader.error(section, key, f"unknown field; choose from {', '.join(allowed)}")
+        if FIELD_NAMES.get(key) in table:
+            raise reader.error(section, key, f"is {FIELD_NAMES[key]}'s old name; give one of the two")
 
 
 def _string_list(reader, data, key, choices, default) -> tuple:
@@ -323,7 +328,7 @@ def _grid(r, table: dict, base: dict) -> dict:
     grid = {}
     _known(r, "grid", table, FIELDS)
     for key, values in table.items():
-        if key in base:
+        if FIELD_NAMES.get(key, key) in {FIELD_NAMES.get(k, k) for k in base}:
             raise r.error("grid", key, "is also set in [base]; keep it in one place")
         if not isinstance(values, list) or not values:
             raise r.error("grid", key, "must be a non-empty list of values, e.g. [0.1, 1.0]")

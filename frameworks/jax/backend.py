@@ -104,7 +104,7 @@ class JaxBackend(Backend):
         self.spec = config.model
         if config.model.has_norm:
             # a normalisation without a fitting Flax module fails here
-            make_norm(norm_after(config.model, config.model.bn_positions[0]), config.precision)
+            make_norm(norm_after(config.model, config.model.norm_positions[0]), config.precision)
         # mixed precision: Flax's own way, modules computing in bfloat16 with float32 parameters
         self.model = BNLeNet(config.layer_spec, config.precision)
         self.paths = variable_paths(config.model)
@@ -214,7 +214,7 @@ class JaxBackend(Backend):
         return "jax.jit" if self.compiled else "eager"
 
     def default_norm_constants(self):
-        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
+        layer = make_norm(norm_after(self.spec, self.spec.norm_positions[0]))
         return getattr(layer, "momentum", None), layer.epsilon
 
     def save_state(self):  # functional: a forward returns new state and changes none

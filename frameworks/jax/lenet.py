@@ -163,7 +163,7 @@ class BNLeNet(nn.Module):
                 return activation(h)
             name = NORM_NAMES[layer]
             bn = make_norm(norm_after(spec, layer, self.sync), self.precision, name=name)
-            before = spec.bn_placement == "before_activation"
+            before = spec.norm_placement == "before_activation"
             if not before:
                 h = activation(h)
             self.sow("intermediates", f"{name}_input", h)

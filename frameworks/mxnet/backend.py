@@ -123,7 +123,7 @@ class MXNetBackend(Backend):
         return "hybridized" if self.hybridized else "imperative"
 
     def default_norm_constants(self):
-        kwargs = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))._kwargs
+        kwargs = make_norm(norm_after(self.spec, self.spec.norm_positions[0]))._kwargs
         return kwargs.get("momentum"), kwargs["eps"]
 
     def train_mode_forward(self, images, capture):

@@ -99,7 +99,7 @@ def check_dtype(spec, precision):
     if precision == "mixed-bfloat16":
         raise BackendUnavailable(NO_MIXED)
     if spec.has_norm:
-        check_layer_dtype(norm_after(spec, spec.bn_positions[0]), precision)
+        check_layer_dtype(norm_after(spec, spec.norm_positions[0]), precision)
 
 
 def check_layer_dtype(layer, precision):
@@ -186,7 +186,7 @@ class BNLeNet(HybridBlock):
             shape = (-1, features, 1, 1) if layer.startswith("conv") else (-1, features)
             return F.broadcast_add(F.broadcast_mul(y, F.reshape(scale, shape=shape)), F.reshape(shift, shape=shape))
 
-        before = self.spec.bn_placement == "before_activation"
+        before = self.spec.norm_placement == "before_activation"
         if bn is not None and before:
             h = norm(h)
         if self.activation_inputs is not None:  # imperative calls only: the backend's gradient (common.trace)

@@ -153,7 +153,7 @@ class TensorFlowBackend(Backend):
         return EXECUTION_NAMES[self.execution]
 
     def default_norm_constants(self):
-        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
+        layer = make_norm(norm_after(self.spec, self.spec.norm_positions[0]))
         return getattr(layer, "momentum", None), layer.epsilon
 
     def train_mode_forward(self, images, capture):

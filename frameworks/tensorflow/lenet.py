@@ -123,7 +123,7 @@ class BNLeNet(keras.Model):
 
     def _block(self, layer, h, bn_training, noise):
         bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
-        before = self.spec.bn_placement == "before_activation"
+        before = self.spec.norm_placement == "before_activation"
 
         def norm(h):
             if self.norm_inputs is not None:  # the probe's and the population pass's (also while tracing)

@@ -143,7 +143,7 @@ class TorchBackend(Backend):
         return "torch.compile" if self.compiled else "eager"
 
     def default_norm_constants(self):
-        layer = make_norm(norm_after(self.spec, self.spec.bn_positions[0]))
+        layer = make_norm(norm_after(self.spec, self.spec.norm_positions[0]))
         momentum = getattr(layer, "momentum", None)
         return (None if momentum is None else 1.0 - momentum), layer.eps
 

@@ -91,7 +91,7 @@ class BNLeNet(nn.Module):
 
     def _block(self, layer, h, noise):
         bn = getattr(self, NORM_NAMES[layer]) if self.spec.norm_at(layer) else None
-        before = self.spec.bn_placement == "before_activation"
+        before = self.spec.norm_placement == "before_activation"
 
         def norm(h):
             h = bn(h)
