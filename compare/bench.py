@@ -71,6 +71,24 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
     return code, skipped
 
 
+def each_framework(frameworks, explicit, job: dict, emit, rows: list, header: str, rows_per_cell: int = 1) -> int:
+    """Each framework's worker over the job's cells in turn (job: all but the framework), saying `header` first;
+    emit adds to rows (rows_per_cell per finished cell). 1 where a framework has no interpreter, its worker failed
+    or a cell neither finished nor was skipped, else 0."""
+    status = 0
+    for framework in frameworks:
+        python = _python(framework, explicit)
+        if python is None:
+            status = 1
+            continue
+        print(f"[{framework}] {header}", file=sys.stderr, flush=True)
+        before = len(rows)
+        code, skipped = bench_framework(framework, python, {**job, "framework": framework}, emit)
+        if code != 0 or len(rows) - before + rows_per_cell * skipped < rows_per_cell * len(job["cells"]):
+            status = 1
+    return status
+
+
 def _python(framework: str, explicit: dict) -> str | None:
     """The framework's interpreter (compare.execution.envs), or None where it has none, said on stderr."""
     try:
@@ -199,7 +217,7 @@ def main(argv=None) -> int:
     ]
     if args.layer:
         return layers(args, frameworks, cells, explicit, out, machine)
-    rows, measured, loops, status = [], [], {}, 0
+    rows, measured, loops = [], [], {}
 
     def emit(record):
         r = row(record)
@@ -208,16 +226,12 @@ def main(argv=None) -> int:
         loops.update({(record["framework"], loop): record[loop] for loop in ("bare", "textbook")})
         print(line(r), flush=True)
 
-    for framework in frameworks:
-        python = _python(framework, explicit)
-        if python is None:
-            status = 1
-            continue
-        each = "4 loops (the fourth with the population pass)" if args.population_size else "3 loops"
-        print(f"[{framework}] {len(cells)} cell(s) x {each} x {args.repeats} repeats", file=sys.stderr, flush=True)
-        job = {
+    each = "4 loops (the fourth with the population pass)" if args.population_size else "3 loops"
+    status = each_framework(
+        frameworks,
+        explicit,
+        {
             "mode": "bench",
-            "framework": framework,
             "cells": cells,
             "repeats": args.repeats,
             "train_limit": args.train_limit,
@@ -227,11 +241,11 @@ def main(argv=None) -> int:
             "device": args.device,
             "data_dir": data_dir,
             "verify": not args.no_verify_data,
-        }
-        before = len(rows)
-        code, skipped = bench_framework(framework, python, job, emit)
-        if code != 0 or len(rows) - before + skipped < len(cells):
-            status = 1
+        },
+        emit,
+        rows,
+        f"{len(cells)} cell(s) x {each} x {args.repeats} repeats",
+    )
     if not rows:
         print("error: no benchmark cell finished; nothing written", file=sys.stderr)
         return 1
@@ -253,33 +267,24 @@ def main(argv=None) -> int:
 def layers(args, frameworks, cells: list, explicit, out: Path, machine: dict) -> int:
     """--layer: each framework's worker times its cells' layers and the triads (compare.execution.worker.layer);
     the rows, the scratch against built-in pairs and the report (compare.reporting.layer)."""
-    rows, measured, status = [], [], 0
+    rows, measured = [], []
 
     def emit(record):
         rows.append(layer_row(record))
         measured.append(record)
         print(layer_line(rows[-1]), flush=True)
 
-    for framework in frameworks:
-        python = _python(framework, explicit)
-        if python is None:
-            status = 1
-            continue
-        print(f"[{framework}] {len(cells)} cell(s) x 2 layers, {args.repeats} rounds", file=sys.stderr, flush=True)
-        job = {
-            "mode": "layer",
-            "framework": framework,
-            "cells": cells,
-            "repeats": args.repeats,
-            "train_limit": 0,
-            "image_size": args.image_size,
-            "norm_backward": args.norm_backward,
-            "device": args.device,
-        }
-        before = len(rows)
-        code, skipped = bench_framework(framework, python, job, emit)
-        if code != 0 or len(rows) - before + 2 * skipped < 2 * len(cells):
-            status = 1
+    job = {
+        "mode": "layer",
+        "cells": cells,
+        "repeats": args.repeats,
+        "train_limit": 0,
+        "image_size": args.image_size,
+        "norm_backward": args.norm_backward,
+        "device": args.device,
+    }
+    header = f"{len(cells)} cell(s) x 2 layers, {args.repeats} rounds"
+    status = each_framework(frameworks, explicit, job, emit, rows, header, rows_per_cell=2)
     if not rows:
         print("error: no layer was timed; nothing written", file=sys.stderr)
         return 1

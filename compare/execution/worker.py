@@ -105,16 +105,17 @@ def variant_label(spec: ModelSpec) -> str:
     return spec.variant + (", closed-form" if spec.norm_backward == "closed-form" else "")
 
 
-def _cell_mode(module, config: RunConfig, done: dict) -> str:
-    """The name of the mode a benchmark cell runs in, remembered in `done`. BackendUnavailable skips the cell, not
-    the rest: a mode this framework lacks (or cannot run here), or another name for a mode already measured
-    (JAX's xla is its jit, MXNet's default its hybridized)."""
-    mode = module.BACKEND(config).execution_name()
+def _cell_mode(module, config: RunConfig, done: dict) -> tuple:
+    """(the name of the mode a benchmark cell runs in, remembered in `done`; the name of its device), from one
+    backend. BackendUnavailable skips the cell, not the rest: a mode this framework lacks (or cannot run here), or
+    another name for a mode already measured (JAX's xla is its jit, MXNet's default its hybridized)."""
+    backend = module.BACKEND(config)
+    mode = backend.execution_name()
     key = (config.model.norm, config.model.variant, config.batch_size, mode)
     if key in done:
         raise BackendUnavailable(f"it runs {mode}, measured above as --execution {done[key]}")
     done[key] = config.execution
-    return mode
+    return mode, backend.device_info()[1]
 
 
 def _norm_label(config: RunConfig) -> str:
@@ -229,17 +230,17 @@ def layer(job: dict) -> int:
         config = _bench_config(cell, job)
         label = f"{config.model.variant}{_norm_label(config)} {config.execution} batch {config.batch_size}"
         try:
-            mode = _cell_mode(module, config, done)
+            mode, device = _cell_mode(module, config, done)
             for name, shape in norm_input_shapes(config.model, config.batch_size).items():
                 steps[(label, name)], _ = bare.norm_step(config, shape)
                 steps.setdefault(("triad", name), bare.triad_step(config, int(np.prod(shape))))
                 steps.setdefault(("add", name), numpy_add(int(np.prod(shape)), config.dtype))
-                kept.append((label, name, shape, config, mode))
+                kept.append((label, name, shape, config, mode, device))
         except BackendUnavailable as exc:
             send({"kind": "bench_skipped", "message": f"{framework} {label} skipped: {exc}"})
     send({"kind": "bench_repeat", "message": f"{framework}: {len(steps)} steps x {job['repeats']} rounds"})
     seconds = time_alternating(steps, job["repeats"])
-    for label, name, shape, config, mode in kept:
+    for label, name, shape, config, mode, device in kept:
         send(
             {
                 "kind": "layer",
@@ -251,7 +252,7 @@ def layer(job: dict) -> int:
                 "batch_size": config.batch_size,
                 "image_size": config.model.image_size,
                 "dtype": config.dtype,
-                "device_name": module.BACKEND(config).device_info()[1],
+                "device_name": device,
                 "layer": name,
                 "shape": list(shape),
                 "layer_bytes": norm_bytes(shape, config.dtype),
