@@ -209,12 +209,17 @@ def _population(rows: pd.DataFrame) -> list:
     ]
 
 
+def _mode(r) -> str:
+    return f"{r.execution_name or r.execution} (`{r.execution}`)"
+
+
 def _execution_modes(rows: pd.DataFrame) -> list:
     """For a benchmark of several execution modes: each mode's suite examples/s against the same variant's eager
-    cell and its first step (the compilation), and the scratch layer against the built-in per mode. Cells run
-    one after another, so these are ratios of two cells' medians, not paired within a repeat."""
+    cell and its first step (the compilation); then, for any benchmark, the scratch layer against the built-in
+    per mode. Cells run one after another, so these are ratios of two cells' medians, not paired within a
+    repeat."""
     if rows.groupby(["framework", "variant"]).execution.nunique().max() < 2:
-        return []
+        return _scratch_over_builtin(rows)
     lines = [
         "",
         "Execution modes (ratios of two cells' medians: the cells ran one after the other, not alternating):",
@@ -225,29 +230,38 @@ def _execution_modes(rows: pd.DataFrame) -> list:
     ]
     speed = {(r.framework, r.variant, r.execution): r.suite_examples_per_s for r in rows.itertuples()}
 
-    def mode(r):
-        return f"{r.execution_name or r.execution} (`{r.execution}`)"
-
     for r in rows.itertuples():
         eager = speed.get((r.framework, r.variant, "eager"))
         later = "n/a" if r.first_step_seconds_later is None else f"{r.first_step_seconds_later:.2f} s"
         lines.append(
-            f"| {r.framework} | {r.variant} | {mode(r)} | {r.suite_examples_per_s:,.0f} | "
+            f"| {r.framework} | {r.variant} | {_mode(r)} | {r.suite_examples_per_s:,.0f} | "
             f"{'n/a' if eager is None else f'{r.suite_examples_per_s / eager:.2f}x'} | "
             f"{r.first_step_seconds:.2f} s | {later} |"
         )
+    return lines + _scratch_over_builtin(rows)
+
+
+def _scratch_over_builtin(rows: pd.DataFrame) -> list:
+    """The scratch layer's suite examples/s over the built-in's, per framework and mode: ratios of two cells'
+    medians, the cells measured one after the other (so the machine's drift between them is in the ratio)."""
+    speed = {(r.framework, r.variant, r.execution): r.suite_examples_per_s for r in rows.itertuples()}
 
     def form(variant):  # a scratch layer with its backward written out is named so (compare.bench --norm-backward)
         return "" if variant == "scratch" else ", " + variant.split(", ", 1)[1]
 
     pairs = [
-        f"{r.framework} {mode(r)}{form(r.variant)} {r.suite_examples_per_s / speed[key]:.2f}x"
+        f"{r.framework} {_mode(r)}{form(r.variant)} {r.suite_examples_per_s / speed[key]:.2f}x"
         for r in rows.itertuples()
         if r.variant.startswith("scratch") and (key := (r.framework, "builtin", r.execution)) in speed
     ]
-    if pairs:
-        lines += ["", "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + "."]
-    return lines
+    if not pairs:
+        return []
+    return [
+        "",
+        "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + ". Each is "
+        "a ratio of two cells' medians, the cells measured one after the other, so the machine's drift between "
+        "them is in it.",
+    ]
 
 
 def study_excerpt(folder: Path) -> str:
