@@ -96,6 +96,36 @@ def test_row_keeps_each_loops_median_and_spread():
     assert (r["population_share"], r["population_over_suite"]) == (0.25, 0.5)
 
 
+def test_the_scratch_layer_over_the_built_in_is_paired_where_the_cells_took_turns(tmp_path):
+    """A benchmark's excerpt sets the scratch cell against the built-in cell of its mode. Cells that took turns
+    within each repeat (interleaved): the median of the six repeats' own ratios, 0.5 0.6 0.7 1.6 1.8 2.0, is 1.15
+    with the interval [0.50, 2.00] (not the ratio of the medians, 75 / 75); older records, whose cells ran one
+    after the other: the ratio of the medians, said so."""
+    base = {
+        "framework": "tensorflow",
+        "execution": "default",
+        "execution_name": "XLA",
+        "batch_size": 32,
+        "bare_all": [100.0] * 6,
+        "textbook_all": [100.0] * 6,
+        "suite_first_step_seconds": [1.0] * 6,
+    }
+    scratch = {**base, "variant": "scratch", "suite_all": [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]}
+    builtin = {**base, "variant": "builtin", "suite_all": [100.0, 100.0, 100.0, 50.0, 50.0, 50.0]}
+    machine = {"command": "python -m compare.bench --frameworks tensorflow", "cpu": "CPU", "cpu_count": 2}
+    said = {}
+    for interleaved in (True, False):
+        folder = tmp_path / str(interleaved)
+        folder.mkdir()
+        measured = [{**r, **({"interleaved": True} if interleaved else {})} for r in (scratch, builtin)]
+        (folder / "bench.json").write_text(json.dumps({"machine": machine, "measured": measured}))
+        said[interleaved] = excerpt(folder)
+    assert (
+        "per mode: tensorflow XLA (`default`) 1.15x [0.50, 2.00]. Each is the median of the repeats' own" in said[True]
+    )
+    assert "per mode: tensorflow XLA (`default`) 1.00x. Each is a ratio of two cells' medians" in said[False]
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -181,6 +211,15 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     )
     assert f"- {framework} bare loop:" in text and f"- {framework} textbook loop:" in text
     assert f"{framework:>10} renorm   scratch" in captured.out and f"{framework:>10} renorm   none" in captured.out
+    # the cells take turns within each repeat: both cells' first repeats before either's second
+    said = [line for line in captured.err.splitlines() if " repeat " in line and framework in line]
+    assert [(" scratch " in line, line.split(" repeat ")[1][0]) for line in said] == [
+        (True, "1"),
+        (False, "1"),
+        (True, "2"),
+        (False, "2"),
+    ], said
+    assert all(m["interleaved"] for m in saved["measured"])
     # the per-repeat figures are kept, and the rows computed from them again are the rows written (docs/measured)
     assert [records.clean([row(m)])[0] for m in saved["measured"]] == saved["rows"]
     quoted = excerpt(out)

@@ -71,10 +71,10 @@ def _terminate(signum, frame):
 
 
 def bench(job: dict) -> int:
-    """compare.bench's cells, one at a time: in each, one epoch of the suite's loop, the bare loop
-    (frameworks/<fw>/bare.py) and the textbook loop (textbook.py), alternating, `repeats` times;
-    the order of the three rotates each repeat, and a garbage collection (untimed) precedes each
-    loop. One record per cell."""
+    """compare.bench's cells, taking turns: in each of `repeats` rounds every cell in turn runs one epoch of the
+    suite's loop, the bare loop (frameworks/<fw>/bare.py) and the textbook loop (textbook.py), alternating, the
+    order of the three rotating each round, a garbage collection (untimed) before each loop; so the r-th figures
+    of any two cells were measured side by side. One record per cell, once every round is done."""
     framework = job["framework"]
     module = load_backend_module(framework)
     loops = {"bare": load_backend_module(framework, "bare"), "textbook": load_backend_module(framework, "textbook")}
@@ -82,6 +82,7 @@ def bench(job: dict) -> int:
     # the machine's peak in this framework, measured once before any cell, never inside a timed epoch
     peak = matmul_gflops_per_s(PEAK_MATMUL, loops["bare"].matmul_seconds(RunConfig(device=job["device"]), PEAK_MATMUL))
     done = {}  # (norm, variant, batch size, execution name) -> the --execution that measured it
+    cells = []
     for cell in job["cells"]:
         config = _bench_config(cell, job)
         label = f"{config.model.variant}{_norm_label(config)} {config.execution} batch {config.batch_size}"
@@ -94,7 +95,12 @@ def bench(job: dict) -> int:
             datasets[config.dtype] = load_fashion_mnist(
                 job["data_dir"], verify=job["verify"], dtype=config.dtype, image_size=config.model.image_size
             )
-        record = _bench_cell(module, loops, config, datasets[config.dtype], job, f"{framework} {label}")
+        cells.append(_BenchCell(module, loops, config, datasets[config.dtype], job, f"{framework} {label}"))
+    for r in range(job["repeats"]):
+        for cell in cells:
+            cell.repeat(r)
+    for cell in cells:
+        record = cell.record()
         send({"kind": "bench", "framework": framework, "peak_gflops_per_s": peak, "peak_matmul": PEAK_MATMUL, **record})
     return 0
 
@@ -145,76 +151,87 @@ def _bench_config(cell: dict, job: dict) -> RunConfig:
     )
 
 
-def _bench_cell(module, loops: dict, config: RunConfig, dataset, job: dict, label: str) -> dict:
-    """The repeats of one cell, the loops alternating (the order rotating each repeat): each loop's median
-    examples/s and every repeat's figure, the suite's first steps, and with --population-size the two-epoch runs
-    with the population pass."""
-    population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the population pass
-    described = {}
-    epochs = {"suite": [], "population": []}  # each suite run's epoch records
-    # the population pass as a run has it: two epochs (the second's figures are without the first's compilation),
-    # the whole test set and the run's probe
-    defaults = RunConfig()
-    with_population = config.replace(
-        population_size=population_size, epochs=2, test_limit=defaults.test_limit, probe_size=defaults.probe_size
-    )
+class _BenchCell:
+    """One benchmark cell: the suite's loop, the bare and the textbook loop (and with --population-size the suite's
+    two-epoch runs with the population pass), timed one repeat at a time, the loops alternating (the order
+    rotating each repeat); `record` gives each loop's median examples/s and every repeat's figure, the suite's
+    first steps and the population runs."""
 
-    def suite(config=config, kept=epochs["suite"]):
-        got = []
-        run_loop(
-            module.BACKEND,
-            config,
-            dataset,
-            lambda record, arrays=None: (
-                got.append(record) if record["kind"] == "epoch" else described.update(record.get("backend", {}))
-            ),
+    def __init__(self, module, loops: dict, config: RunConfig, dataset, job: dict, label: str):
+        self.config, self.loops, self.label = config, loops, label
+        self.population_size = job.get("population_size", 0)  # > 0: a fourth loop, the suite with the pass
+        self.described = {}
+        self.epochs = {"suite": [], "population": []}  # each suite run's epoch records
+        # the population pass as a run has it: two epochs (the second's figures are without the first's
+        # compilation), the whole test set and the run's probe
+        defaults = RunConfig()
+        with_population = config.replace(
+            population_size=self.population_size,
+            epochs=2,
+            test_limit=defaults.test_limit,
+            probe_size=defaults.probe_size,
         )
-        kept.append(got)
-        return got[-1]["train_examples_per_s"]
 
-    measure = {
-        "suite": suite,
-        "bare": lambda: loops["bare"].epoch(config, dataset)[0],
-        "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
-        "population": lambda: suite(with_population, epochs["population"]),
-    }
-    figures = {name: [] for name in measure}
-    # a model without running statistics has no population pass (common.population)
-    names = LOOPS + (("population",) if population_size and config.model.has_population else ())
-    for r in range(job["repeats"]):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        def suite(config=config, kept=self.epochs["suite"]):
+            got = []
+            run_loop(
+                module.BACKEND,
+                config,
+                dataset,
+                lambda record, arrays=None: (
+                    got.append(record)
+                    if record["kind"] == "epoch"
+                    else self.described.update(record.get("backend", {}))
+                ),
+            )
+            kept.append(got)
+            return got[-1]["train_examples_per_s"]
+
+        self.measure = {
+            "suite": suite,
+            "bare": lambda: loops["bare"].epoch(config, dataset)[0],
+            "textbook": lambda: loops["textbook"].examples_per_second(config, dataset),
+            "population": lambda: suite(with_population, self.epochs["population"]),
+        }
+        self.figures = {name: [] for name in self.measure}
+        # a model without running statistics has no population pass (common.population)
+        with_pass = self.population_size and config.model.has_population
+        self.names = LOOPS + (("population",) if with_pass else ())
+
+    def repeat(self, r: int) -> None:
+        names = self.names[r % len(self.names) :] + self.names[: r % len(self.names)]
+        for name in names:
             gc.collect()  # each loop starts on a clean heap: none pays for the garbage of the one before it
-            figures[name].append(measure[name]())
-        send(
-            {
-                "kind": "bench_repeat",
-                "message": f"{label} repeat {r + 1}: "
-                + ", ".join(f"{n} {figures[n][-1]:,.0f}" for n in names)
-                + " ex/s",
-            }
-        )
-    return {
-        "norm": config.model.norm,
-        "variant": variant_label(config.model),
-        "execution": config.execution,
-        "execution_name": described.get("execution"),
-        "batch_size": config.batch_size,
-        "image_size": config.model.image_size,
-        "device_name": described.get("device_name"),
-        **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
-        **{f"{name}_all": figures[name] for name in LOOPS},
-        "suite_first_step_seconds": [run[0]["first_step_seconds"] for run in epochs["suite"]],
-        # with --population-size: each two-epoch run's population pass (its own time, per epoch) and its epochs'
-        # time without it (training, warm-up included, and the test evaluation)
-        "population_size": population_size,
-        "population_seconds": [[e["population_seconds"] for e in run] for run in epochs["population"]],
-        "population_epoch_seconds": [
-            [e["train_seconds"] + e["eval_seconds"] for e in run] for run in epochs["population"]
-        ],
-        "population_all": figures.get("population", []),  # the second epochs' training examples/s
-        "bare": loops["bare"].DESCRIPTION,
-        "textbook": loops["textbook"].DESCRIPTION,
-    }
+            self.figures[name].append(self.measure[name]())
+        figures = ", ".join(f"{n} {self.figures[n][-1]:,.0f}" for n in self.names)
+        send({"kind": "bench_repeat", "message": f"{self.label} repeat {r + 1}: {figures} ex/s"})
+
+    def record(self) -> dict:
+        config, epochs, figures = self.config, self.epochs, self.figures
+        return {
+            "norm": config.model.norm,
+            "variant": variant_label(config.model),
+            "execution": config.execution,
+            "execution_name": self.described.get("execution"),
+            "batch_size": config.batch_size,
+            "image_size": config.model.image_size,
+            "device_name": self.described.get("device_name"),
+            **{f"{name}_examples_per_s": float(np.median(figures[name])) for name in LOOPS},
+            **{f"{name}_all": figures[name] for name in LOOPS},
+            "suite_first_step_seconds": [run[0]["first_step_seconds"] for run in epochs["suite"]],
+            # with --population-size: each two-epoch run's population pass (its own time, per epoch) and its
+            # epochs' time without it (training, warm-up included, and the test evaluation)
+            "population_size": self.population_size,
+            "population_seconds": [[e["population_seconds"] for e in run] for run in epochs["population"]],
+            "population_epoch_seconds": [
+                [e["train_seconds"] + e["eval_seconds"] for e in run] for run in epochs["population"]
+            ],
+            "population_all": figures.get("population", []),  # the second epochs' training examples/s
+            "bare": self.loops["bare"].DESCRIPTION,
+            "textbook": self.loops["textbook"].DESCRIPTION,
+            # the cells took turns within each repeat: the r-th figures of two cells were measured side by side
+            "interleaved": True,
+        }
 
 
 def layer(job: dict) -> int:

@@ -26,6 +26,7 @@ from ..studies import answers, render, spec, summary
 from . import benchmark, layer, ports
 from .files import atomic
 from .markdown import fmt
+from .stats import paired_ratio
 from .tables import load
 
 
@@ -113,6 +114,9 @@ def bench_excerpt(folder: Path) -> str:
     per-repeat figures the benchmark measured, and the ranges the guides quote."""
     data = json.loads((folder / "bench.json").read_text())
     rows = pd.DataFrame([benchmark.row(result) for result in data["measured"]])  # the benchmark's own arithmetic
+    # what pairs two cells repeat by repeat: the suite's figures, and whether the cells took turns in each repeat
+    rows["suite_all"] = [result["suite_all"] for result in data["measured"]]
+    rows["interleaved"] = [result.get("interleaved", False) for result in data["measured"]]
     lines = [
         f"{_measured_with(data['machine'], 'bench')}; suite/bare and suite/textbook are medians of the repeats' "
         f"own ratios, with their 95% intervals:",
@@ -242,25 +246,45 @@ def _execution_modes(rows: pd.DataFrame) -> list:
 
 
 def _scratch_over_builtin(rows: pd.DataFrame) -> list:
-    """The scratch layer's suite examples/s over the built-in's, per framework and mode: ratios of two cells'
-    medians, the cells measured one after the other (so the machine's drift between them is in the ratio)."""
-    speed = {(r.framework, r.variant, r.execution): r.suite_examples_per_s for r in rows.itertuples()}
+    """The scratch layer's suite examples/s over the built-in's, per framework and mode. Where the two cells took
+    turns within each repeat (compare.bench since it interleaves them): the median of the repeats' own ratios,
+    with its 95% interval from 6 repeats; in older records, whose cells ran one after the other, the ratio of
+    the two cells' medians (the machine's drift between them is in it)."""
+    cells = {(r.framework, r.variant, r.execution): r for r in rows.itertuples()}
+
+    def ratio(r, builtin) -> str:
+        if not (r.interleaved and builtin.interleaved):
+            return f"{r.suite_examples_per_s / builtin.suite_examples_per_s:.2f}x"
+        paired = paired_ratio(r.suite_all, builtin.suite_all)
+        interval = "" if np.isnan(paired["_low"]) else f" [{paired['_low']:.2f}, {paired['_high']:.2f}]"
+        return f"{paired['']:.2f}x{interval}"
 
     def form(variant):  # a scratch layer with its backward written out is named so (compare.bench --norm-backward)
         return "" if variant == "scratch" else ", " + variant.split(", ", 1)[1]
 
     pairs = [
-        f"{r.framework} {_mode(r)}{form(r.variant)} {r.suite_examples_per_s / speed[key]:.2f}x"
+        (f"{r.framework} {_mode(r)}{form(r.variant)} {ratio(r, cells[key])}", r.interleaved and cells[key].interleaved)
         for r in rows.itertuples()
-        if r.variant.startswith("scratch") and (key := (r.framework, "builtin", r.execution)) in speed
+        if r.variant.startswith("scratch") and (key := (r.framework, "builtin", r.execution)) in cells
     ]
     if not pairs:
         return []
+    if all(paired for _, paired in pairs):
+        how = (
+            "Each is the median of the repeats' own ratios (the cells took turns within each repeat), with its 95% "
+            "interval from 6 repeats."
+        )
+    else:
+        how = (
+            "Each is a ratio of two cells' medians, the cells measured one after the other, so the machine's drift "
+            "between them is in it."
+        )
     return [
         "",
-        "The scratch layer's suite examples/s over the built-in's, per mode: " + "; ".join(pairs) + ". Each is "
-        "a ratio of two cells' medians, the cells measured one after the other, so the machine's drift between "
-        "them is in it.",
+        "The scratch layer's suite examples/s over the built-in's, per mode: "
+        + "; ".join(p for p, _ in pairs)
+        + ". "
+        + how,
     ]
 
 
