@@ -220,13 +220,14 @@ def _mode(r) -> str:
 def _execution_modes(rows: pd.DataFrame) -> list:
     """For a benchmark of several execution modes: each mode's suite examples/s against the same variant's eager
     cell and its first step (the compilation); then, for any benchmark, the scratch layer against the built-in
-    per mode. Cells run one after another, so these are ratios of two cells' medians, not paired within a
-    repeat."""
+    per mode. The table's ratios are of two cells' medians; in records from before compare.bench interleaved
+    its cells, those cells ran one after the other."""
     if rows.groupby(["framework", "variant"]).execution.nunique().max() < 2:
         return _scratch_over_builtin(rows)
     lines = [
         "",
-        "Execution modes (ratios of two cells' medians: the cells ran one after the other, not alternating):",
+        "Execution modes (ratios of two cells' medians"
+        + ("):" if rows.interleaved.all() else ": the cells ran one after the other, not alternating):"),
         "",
         "| framework | variant | execution | suite examples/s | against eager | first step, first repeat | "
         "first step, later repeats |",
@@ -272,7 +273,7 @@ def _scratch_over_builtin(rows: pd.DataFrame) -> list:
     if all(paired for _, paired in pairs):
         how = (
             "Each is the median of the repeats' own ratios (the cells took turns within each repeat), with its 95% "
-            "interval from 6 repeats."
+            "interval where there were 6 repeats or more."
         )
     else:
         how = (
