@@ -310,6 +310,12 @@ class Backend(ABC):
             activations={pos: channels_first(h, axis) for pos, (h, axis) in activations.items()},
         )
 
+    def export_onnx(self, path: str) -> dict:
+        """Write the model in eval mode to path as ONNX, with the framework's own exporter (compare.port). Returns
+        {"exporter": its name and version, "layout": the input's, "NCHW" or "NHWC"}; raises what the exporter raises
+        where it cannot export this model (the reason compare.port records)."""
+        raise BackendUnavailable(f"{type(self).__name__} has no ONNX exporter")
+
     # the primitives the loop calls ------------------------------------------------------------------------
     @abstractmethod
     def set_params(self, params: dict) -> None:

@@ -11,10 +11,13 @@ in its own framework:
   other flatten order, the running variance "corrected", gamma ignored, train mode, the momentum convention
   followed by one epoch of fine-tuning) applied on purpose to each built-in model ported into each other
   framework's built-in model, against the right port.
+- **onnx**: each model exported with its framework's own exporter (Backend.export_onnx), checked with
+  onnx.checker and run in ONNX Runtime with its graph optimisations off and on, against the model in its own
+  framework; what each normalisation became in the graph; a model an exporter refuses, with the reason.
 - **fold**: each BN folded into the layer before it (common.fold, the textbook's equivalent transformation), in
   the same framework, with inference examples/s of both, measured alternately in one worker.
 
-Writes OUT/RUN_ID/port.md, port.json, fold.csv, ports.csv and mistakes.csv.
+Writes OUT/RUN_ID/port.md, port.json, fold.csv, ports.csv, mistakes.csv and onnx.csv (the exported models in onnx/).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import onnx
 from common.config import DTYPES, RunConfig
-from common.data import find_data_dir
+from common.data import find_data_dir, load_fashion_mnist
 from common.errors import BNCompareError, ConfigError
 from common.fold import fold, folded_spec
 from common.port import MISTAKES, WRONG_DECAY, apply
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mistakes",
         default=",".join(MISTAKES),
         help="comma-separated, from: " + ", ".join(MISTAKES) + "; none: the ports and folds only",
+    )
+    p.add_argument(
+        "--no-onnx", action="store_true", help="no ONNX export (default: each model exported and run in ONNX Runtime)"
     )
     p.add_argument("--repeats", type=int, default=7, help="rounds of timed inference per model (alternating)")
     p.add_argument("--data-dir", help="Fashion-MNIST's folder (default: as compare.run finds it)")
@@ -181,6 +188,54 @@ def mistake_tasks(model: dict, framework: str, mistakes, params_dir: Path) -> li
     return tasks
 
 
+def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify: bool) -> list:
+    """port.json's ONNX rows: each model's export (its worker's "port_onnx" record) checked and run in ONNX Runtime
+    on the test set, graph optimisations off and on, against the model's own eval-mode logits; a model not exported
+    has its reason. The test images are read here, as the workers read them (common.data)."""
+    rows, images = [], {}
+    for model in models:
+        result = results.get(f"{ports.own_name(model)}_onnx", {})
+        if result.get("error") or "onnx" not in result:
+            continue  # its evaluation failed, and the command's exit status says so
+        record = result["onnx"]
+        row = {k: model[k] for k in ("framework", "variant", "seed", "epoch")}
+        if record.get("error"):
+            rows.append({**row, "exported": False, "why": record["error"]})
+            continue
+        config = RunConfig.from_dict(model["config"])
+        key = (config.model.input_size, config.model.image_size)
+        if key not in images:
+            images[key] = load_fashion_mnist(data_dir, verify=verify, input_size=key[0], image_size=key[1])
+        own = ports.logits(port_dir, result)
+        test = images[key]
+        path = str(port_dir / record["path"])
+        row.update(
+            layers=len(config.model.norm_positions),
+            exported=True,
+            file=record["path"],
+            exporter=record["exporter"],
+            checker=onnx.check(path),
+            test_acc=result["test_acc"],
+        )
+        for level, optimize in (("plain", False), ("optimized", True)):
+            try:
+                logits, ops = onnx.run(path, test.test_images[: len(own)], record["layout"], optimize)
+            except Exception as exc:  # ONNX Runtime's own words: the model does not run there
+                row[f"{level}_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                continue
+            distance = ports.logit_distance(own, logits)
+            row.update(
+                {
+                    f"{level}_test_acc": float(np.mean(logits.argmax(axis=1) == test.test_labels[: len(own)])),
+                    f"{level}_max_logit_diff": distance["max_logit_diff"],
+                    f"{level}_agreement": distance["agreement"],
+                    f"{level}_ops": ops,
+                }
+            )
+        rows.append(row)
+    return rows
+
+
 def run_framework(framework: str, python: str, job: dict) -> list:
     """One framework's port worker: its records (a failed worker: none, and its log on stderr)."""
     got = []
@@ -211,6 +266,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"{args.run_dir} holds no records.jsonl: give a compare.run folder, or none to train")
         data_dir = str(find_data_dir(args.data_dir))
         port_dir = check_run_dir(args.out, run_id)
+        if not args.no_onnx:
+            extras.ensure("onnxruntime")
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -242,17 +299,21 @@ def main(argv=None) -> int:
         "source": source,
         "dtype": RunConfig.from_dict(models[0]["config"]).dtype,
         **ports.compare(models, results, port_dir, frameworks),
+        "onnx": [] if args.no_onnx else onnx_rows(models, results, port_dir, data_dir, not args.no_verify_data),
         "refused": refused,
         "not_ported": not_ported,
     }
     write_json(port_dir / "port.json", data)
     tables = {"fold": ports.fold_table(data["fold"]), "ports": ports.port_table(data["ports"])}
     tables["mistakes"] = ports.mistake_table(data["mistakes"])
+    tables["onnx"] = ports.onnx_table(data["onnx"])
     for name, table in tables.items():
         atomic(port_dir / f"{name}.csv", lambda p, table=table: table.to_csv(p, index=False))
     text = ports.render(data)
     atomic(port_dir / "port.md", lambda p: p.write_text(text))
     print(markdown_table(tables["fold"]) if not tables["fold"].empty else "nothing folded", file=sys.stderr)
+    for lines in (ports.port_markdown(tables["ports"], data["dtype"]), ports.onnx_markdown(tables["onnx"])):
+        print("\n" + "\n".join(lines), file=sys.stderr)
     print(f"\nreport: {port_dir / 'port.md'}", file=sys.stderr)
     return 1 if failed or any(r.get("error") and not r.get("refused") for r in results.values()) else 0
 
@@ -269,6 +330,8 @@ def evaluate(args, frameworks, models: list, mistakes, explicit, data_dir: str, 
                 tasks += more
                 if why:
                     refused.append({"framework": framework, "variant": model["variant"], "why": why})
+                if not args.no_onnx:
+                    tasks.append({**more[0], "name": f"{more[0]['name']}_onnx", "time": False, "onnx": True})
             tasks += port_tasks(model, framework)
             if model["variant"] == "builtin":
                 tasks += mistake_tasks(model, framework, mistakes, port_dir / "params")
@@ -292,6 +355,8 @@ def evaluate(args, frameworks, models: list, mistakes, explicit, data_dir: str, 
         for r in got:
             if r.get("kind") == "port":
                 results[r["name"]] = r
+            elif r.get("kind") == "port_onnx":
+                results[r["name"]]["onnx"] = r
             elif r.get("kind") == "port_time":
                 results[r["name"]]["examples_per_s"] = r["examples_per_s"]
         for task in tasks:

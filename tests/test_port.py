@@ -59,13 +59,20 @@ def port(trained, framework, run, *extra):
     return code, root / run_id
 
 
-def test_a_trained_models_fold_keeps_its_predictions(fw, framework, trained):
+@pytest.fixture(scope="module")
+def ported(trained, framework):
+    """The float32 scratch and built-in models folded and exported to ONNX (no mistakes): port.json's contents,
+    and the folder."""
+    code, folder = port(trained, framework, "bn", "--mistakes", "none")
+    assert code == 0
+    return json.loads((folder / "port.json").read_text()), folder
+
+
+def test_a_trained_models_fold_keeps_its_predictions(fw, framework, ported):
     """float32: the folded network's logits within 1e-4 of the model's (rounding the folded weights), the same
     prediction on every test image but where two logits tie that closely, the same test accuracy to 1 image in 200,
     and an inference speed per round for both."""
-    code, folder = port(trained, framework, "bn", "--mistakes", "none")
-    assert code == 0
-    data = json.loads((folder / "port.json").read_text())
+    data, folder = ported
     rows = {r["variant"]: r for r in data["fold"]}
     assert sorted(rows) == ["builtin", "scratch"] and not data["refused"]
     for variant, r in rows.items():
@@ -76,8 +83,49 @@ def test_a_trained_models_fold_keeps_its_predictions(fw, framework, trained):
     assert "BN folded into the layer before it" in text and "folded / BN" in text
 
 
+# what each framework's exporter does with BN-LeNet (measured with the pinned exporters; docs/porting.md): the
+# models it exports, and for the one it refuses the words of its refusal
+EXPORTS = {
+    "torch": {"scratch": None, "builtin": None},
+    "mxnet": {"scratch": "No conversion function registered for op type rsqrt", "builtin": None},
+    "tensorflow": {"scratch": None, "builtin": None},
+    "jax": {"scratch": None, "builtin": None},
+}
+BN_NODES = {
+    "torch": {"builtin"},
+    "mxnet": {"builtin"},
+    "jax": {"builtin"},
+}  # the exports that keep BatchNormalization nodes (some)
+
+
+def test_each_model_exported_to_onnx_runs_in_onnx_runtime_as_in_its_framework(fw, framework, ported):
+    """Each model this framework's exporter takes: the file passes onnx.checker's structural check, ONNX Runtime
+    with its graph optimisations off and on gives the framework's eval-mode logits within float32 agreement (1e-4)
+    and every prediction; the normalisations are BatchNormalization nodes where the exporter keeps the built-in
+    layer, elementwise ops elsewhere. A model it refuses is recorded with the exporter's reason, and said."""
+    data, folder = ported
+    rows = {r["variant"]: r for r in data["onnx"]}
+    assert sorted(rows) == ["builtin", "scratch"]
+    text = (folder / "port.md").read_text()
+    assert "## ONNX: each model exported and run in ONNX Runtime" in text
+    for variant, refusal in EXPORTS[framework].items():
+        r = rows[variant]
+        if refusal:
+            assert not r["exported"] and refusal in r["why"], r
+            assert f"not exported: {r['why']}" in text
+            continue
+        assert r["exported"] and r["checker"].startswith("pass"), r
+        assert (folder / r["file"]).is_file()
+        for level in ("plain", "optimized"):
+            assert r[f"{level}_max_logit_diff"] < 1e-4 and r[f"{level}_agreement"] == 1.0, (variant, level, r)
+            assert r[f"{level}_test_acc"] == pytest.approx(r["test_acc"], abs=1 / 200)
+        bn = r["plain_ops"].get("BatchNormalization", 0)
+        assert (bn > 0) == (variant in BN_NODES.get(framework, ())), r["plain_ops"]
+        assert bn or sum(r["plain_ops"].get(op, 0) for op in ("Sub", "Mul", "Div")) >= 4, r["plain_ops"]
+
+
 def test_what_does_not_fold_is_said_with_its_reason(fw, framework, trained):
-    code, folder = port(trained, framework, "layer", "--mistakes", "none")
+    code, folder = port(trained, framework, "layer", "--mistakes", "none", "--no-onnx")
     assert code == 0
     data = json.loads((folder / "port.json").read_text())
     assert data["fold"] == [] and data["refused"] == [
@@ -98,7 +146,7 @@ def test_what_does_not_fold_is_said_with_its_reason(fw, framework, trained):
 def test_a_float64_model_in_the_other_variant_gives_its_logits_exactly(fw, framework, trained):
     """The scratch model loaded into the built-in one and the reverse, in this framework: logits to 1e-10; with
     --mistakes none, no mistake measured."""
-    code, folder = port(trained, framework, "bn64", "--mistakes", "none")
+    code, folder = port(trained, framework, "bn64", "--mistakes", "none", "--no-onnx")
     assert code == 0
     rows = json.loads((folder / "port.json").read_text())["ports"]
     assert sorted((r["variant"], r["target_variant"]) for r in rows) == [("builtin", "scratch"), ("scratch", "builtin")]
@@ -115,7 +163,7 @@ def test_each_mistake_of_a_port_computes_what_it_says(fw, framework, trained):
     fine-tunes with decay 0.1 beside the right port fine-tuned with 0.9, so only its logits' existence and the
     table's row are checked here."""
     root, data = trained
-    code, folder = port(trained, framework, "bn64")
+    code, folder = port(trained, framework, "bn64", "--no-onnx")
     assert code == 0
     model = next(m for m in ports.trained_models(root / "bn64") if m["variant"] == "builtin")
     config = RunConfig.from_dict(model["config"])

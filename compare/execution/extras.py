@@ -1,5 +1,5 @@
 """The orchestrator's packages: the ones every report needs (checked before a run starts), and the optional
-ones, Ray (for --executor ray) and MLflow (for --mlflow).
+ones, Ray (for --executor ray), MLflow (for --mlflow) and ONNX Runtime (for compare.port's ONNX part).
 
 A first run installs only what every run uses (requirements/compare.txt). Each
 optional package is pinned in requirements/<name>.txt and installed the first
@@ -22,7 +22,11 @@ from common.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # import name -> (what needs it, requirements file)
-EXTRAS = {"ray": ("--executor ray", "requirements/ray.txt"), "mlflow": ("--mlflow", "requirements/tracking.txt")}
+EXTRAS = {
+    "ray": ("--executor ray", "requirements/ray.txt"),
+    "mlflow": ("--mlflow", "requirements/tracking.txt"),
+    "onnxruntime": ("compare.port's ONNX part (--no-onnx: without it)", "requirements/onnx.txt"),
+}
 
 
 # what writing a report takes (requirements/compare.txt): tables, Parquet, plots, intervals, progress bars

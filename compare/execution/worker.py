@@ -286,8 +286,9 @@ def port(job: dict) -> int:
     """compare.port's evaluations, in this framework: for each task, canonical parameters (an npz of param/*
     arrays) loaded into the model its configuration describes, and the test set's logits in eval mode; a task may
     ask for the layers' own default epsilon ("epsilon": "default"), train mode ("mode": "train"), or one epoch of
-    fine-tuning from those parameters first ("finetune": true; common.port). One "port" record per task (its test
-    accuracy, and its logits written to out/logits/FRAMEWORK_NAME.npz), then, for the tasks marked "time",
+    fine-tuning from those parameters first ("finetune": true; common.port), or the model exported to ONNX ("onnx":
+    true). One "port" record per task (its test accuracy, and its logits written to out/logits/FRAMEWORK_NAME.npz;
+    then a "port_onnx" record where asked), then, for the tasks marked "time",
     `repeats` rounds of a timed eval-mode pass over the test set each, alternating (the order rotating each round,
     a garbage collection, untimed, before each): one "port_time" record per task with its examples/s per round. A
     task that fails is recorded with its error; the others go on."""
@@ -320,6 +321,8 @@ def port(job: dict) -> int:
                     "epsilon": backend.describe().get("bn_epsilon"),
                 }
             )
+            if task.get("onnx"):
+                send(_export_onnx(framework, backend, task["name"], out))
             if task.get("time"):
                 test = backend.put(datasets[key].test_images[: len(labels)], labels)
                 backend.evaluate(test, config.eval_batch_size)  # a compiled mode compiles here, untimed
@@ -347,6 +350,20 @@ def port(job: dict) -> int:
     for name, figures in rounds.items():
         send({"kind": "port_time", "framework": framework, "name": name, "examples_per_s": figures})
     return 0
+
+
+def _export_onnx(framework: str, backend, name: str, out: Path) -> dict:
+    """The task's model exported to out/onnx/ (Backend.export_onnx): a "port_onnx" record with the file, the
+    exporter and the input's layout, or the exporter's error where it cannot export the model (its reason)."""
+    path = Path("onnx") / f"{name}.onnx"  # the task's name begins with its framework's
+    (out / path).parent.mkdir(parents=True, exist_ok=True)
+    record = {"kind": "port_onnx", "framework": framework, "name": name}
+    try:
+        return {**record, "path": str(path), **backend.export_onnx(str(out / path))}
+    except Exception as exc:  # the exporter's own words are the measured reason
+        (out / path).unlink(missing_ok=True)
+        text = " ".join(str(exc).split())
+        return {**record, "error": f"{type(exc).__name__}: {text[:300]}"}
 
 
 def _port_task(module, task: dict, config: RunConfig, data) -> tuple:

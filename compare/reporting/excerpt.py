@@ -317,7 +317,7 @@ def _trace_cost(t: dict) -> list:
 
 def answer_block(folder: Path, part: str = "fold") -> str:
     """The generated part of a guide's section: a study's summary (its sentences, compact table and caption), or
-    one part of a port (fold, ports or mistakes: its table and sentence), and how and where it was measured, from
+    one part of a port (fold, ports, mistakes or onnx: its table and sentence), and how and where it was measured, from
     the folder's committed records."""
     folder = Path(folder)
     if (folder / "port.json").exists():
@@ -327,6 +327,7 @@ def answer_block(folder: Path, part: str = "fold") -> str:
             "fold": lambda: ports.fold_markdown(ports.fold_table(data["fold"]), dtype),
             "ports": lambda: ports.port_markdown(ports.port_table(data.get("ports", [])), dtype),
             "mistakes": lambda: ports.mistake_markdown(ports.mistake_table(data.get("mistakes", []))),
+            "onnx": lambda: ports.onnx_markdown(ports.onnx_table(data.get("onnx", []))),
         }
         if part not in tables:
             raise ValueError(f"{folder.name}#{part}: a port's parts are {', '.join(tables)}")
@@ -411,7 +412,8 @@ def excerpt(folder: Path) -> str:
     if (Path(folder) / "layer.json").exists():  # compare.bench --layer: the report, computed again
         return layer_excerpt(Path(folder))
     if (Path(folder) / "port.json").exists():  # its three parts, as the guides quote them
-        return "\n".join(answer_block(Path(folder), part) for part in ("ports", "mistakes", "fold"))
+        parts = ("ports", "mistakes", "fold") + (("onnx",) if ports.load(folder).get("onnx") else ())
+        return "\n".join(answer_block(Path(folder), part) for part in parts)
     t, env, _, _ = load(Path(folder))
     s = t["summary"]
     seeds = ", ".join(map(str, sorted(set(t["runs"].seed))))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import onnx
 from common.config import VARIANTS
 from common.registry import FRAMEWORKS
 
@@ -79,7 +80,7 @@ def port_name(model: dict, framework: str, variant: str) -> str:
     return f"{own_name(model)}_to_{framework}_{variant}"
 
 
-def _logits(port_dir: Path, result: dict) -> np.ndarray:
+def logits(port_dir: Path, result: dict) -> np.ndarray:
     with np.load(Path(port_dir) / result["logits"]) as arrays:
         return arrays["logits"]
 
@@ -106,7 +107,7 @@ def compare(models: list, results: dict, port_dir: Path, frameworks) -> dict:
                     **ident,
                     "test_acc": own["test_acc"],
                     "folded_test_acc": folded["test_acc"],
-                    **logit_distance(_logits(port_dir, own), _logits(port_dir, folded)),
+                    **logit_distance(logits(port_dir, own), logits(port_dir, folded)),
                     "examples_per_s": own.get("examples_per_s", []),
                     "folded_examples_per_s": folded.get("examples_per_s", []),
                     "execution": own.get("execution"),
@@ -125,7 +126,7 @@ def compare(models: list, results: dict, port_dir: Path, frameworks) -> dict:
                         "target_variant": variant,
                         "source_test_acc": own["test_acc"],
                         "target_test_acc": there["test_acc"],
-                        **logit_distance(_logits(port_dir, own), _logits(port_dir, there)),
+                        **logit_distance(logits(port_dir, own), logits(port_dir, there)),
                     }
                 )
     return {"fold": fold, "ports": ported, "mistakes": _mistakes(models, results, port_dir, frameworks, ok)}
@@ -153,7 +154,7 @@ def _mistakes(models, results, port_dir, frameworks, ok) -> list:
                         "mistaken_test_acc": results[wrong]["test_acc"],
                         "right_epsilon": results[right].get("epsilon"),
                         "mistaken_epsilon": results[wrong].get("epsilon"),
-                        **logit_distance(_logits(port_dir, results[right]), _logits(port_dir, results[wrong])),
+                        **logit_distance(logits(port_dir, results[right]), logits(port_dir, results[wrong])),
                     }
                 )
     return rows
@@ -233,6 +234,55 @@ def mistake_markdown(frame: pd.DataFrame) -> list:
         "Each cell: the test accuracy of the mistaken port minus the right port's (points, over the built-in models "
         "ported in, its own framework's included), and the largest share of test images whose predicted class the "
         "mistake changes.",
+    ]
+    return lines
+
+
+def onnx_table(rows: list) -> pd.DataFrame:
+    """One row per model: exported or not (and why), the exporter, onnx.checker's verdict, and per ONNX Runtime
+    level (plain: no graph optimisation; optimized: all) the largest |logit difference| from the framework's own
+    eval mode, the agreement, and the graph's BatchNormalization nodes and elementwise ops (common.onnx)."""
+    frame = pd.DataFrame(rows)
+    for level in ("plain", "optimized"):
+        if f"{level}_ops" in frame:
+            counted = frame[f"{level}_ops"].map(lambda ops: ops if isinstance(ops, dict) else {})
+            frame[f"{level}_bn_nodes"] = counted.map(lambda ops: ops.get("BatchNormalization", 0))
+            frame[f"{level}_elementwise"] = counted.map(lambda ops: sum(ops.get(op, 0) for op in onnx.ELEMENTWISE))
+    return frame.drop(columns=[c for c in frame if c.endswith("_ops")])
+
+
+def onnx_markdown(frame: pd.DataFrame) -> list:
+    """Per model: its exporter, the checker's verdict, what its normalisations became before and after ONNX
+    Runtime's optimisations, and how close ONNX Runtime comes to the framework; the models not exported, and why."""
+    if frame.empty:
+        return []
+    lines = [
+        "| model | exporter | onnx.checker | norm layers | BatchNormalization nodes; elementwise ops | after ONNX "
+        r"Runtime's optimisations | largest \|logit difference\| (plain; optimised) | predictions kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(FRAMEWORKS)
+    for r in sorted(frame.to_dict("records"), key=lambda r: (order.index(r["framework"]), r["variant"])):
+        model = f"{FRAMEWORKS[r['framework']].label} {r['variant']}"
+        if not r["exported"]:
+            lines.append(f"| {model} | not exported: {r['why']} | | | | | | |")
+            continue
+        cells = [r["exporter"], r["checker"], f"{r['layers']:.0f}"]
+        for level in ("plain", "optimized"):
+            error = r.get(f"{level}_error")
+            ran = f"{r.get(f'{level}_bn_nodes'):.0f}; {r.get(f'{level}_elementwise'):.0f}"
+            cells.append(f"does not run: {error}" if isinstance(error, str) else ran)
+        diffs = [r.get(f"{level}_max_logit_diff", math.nan) for level in ("plain", "optimized")]
+        cells.append("; ".join(f"{d:.2g}" for d in diffs))
+        agree = min(r.get(f"{level}_agreement", math.nan) for level in ("plain", "optimized"))
+        cells.append(f"{agree:.2%}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each model's eval mode exported by its framework's exporter and run in ONNX Runtime on the CPU over the test "
+        "set, with no graph optimisation (plain) and with all (optimised), against the model in its own framework. "
+        "Elementwise ops (" + ", ".join(onnx.ELEMENTWISE) + ") include the dense layers' bias additions where an "
+        "exporter writes them apart.",
     ]
     return lines
 
@@ -333,6 +383,9 @@ def render(data: dict) -> str:
             *mistake_markdown(mistaken),
             "",
         ]
+    exported = onnx_table(data.get("onnx", []))
+    if not exported.empty:
+        parts += ["## ONNX: each model exported and run in ONNX Runtime\n", *onnx_markdown(exported), ""]
     refused = data.get("refused", [])
     if refused:
         parts += ["## Not folded\n"] + [f"- {r['framework']} {r['variant']}: {r['why']}" for r in refused] + [""]

@@ -379,6 +379,23 @@ class JaxBackend(Backend):
         ]
         return self.reduce_stats(totals)
 
+    def export_onnx(self, path):
+        from importlib.metadata import version
+
+        import jax2onnx  # the port's exporter only (compare.port)
+        import onnx
+
+        side = self.spec.side
+        variables = self.variables
+        model = jax2onnx.to_onnx(
+            lambda images: self.model.apply(variables, images, training=False),
+            [("B", side, side, 1)],
+            model_name="bn_lenet",
+            enable_double_precision=self.dtype == "float64",
+        )
+        onnx.save(model, path)
+        return {"exporter": f"jax2onnx {version('jax2onnx')}", "layout": "NHWC"}
+
     def predict(self, images):
         x = jax.device_put(nchw_to_nhwc(images).astype(self.dtype), self.device)
         return np.asarray(self._logits(self.variables, x))

@@ -174,8 +174,8 @@ class BNLeNet(nn.Module):
                 h = h * scale.reshape(shape) + shift.reshape(shape)
             return activation(h) if before else h
 
-        h = pool(block("conv1", x), (2, 2), strides=(2, 2))
-        h = pool(block("conv2", h), (2, 2), strides=(2, 2))
+        h = pool(block("conv1", x), window_shape=(2, 2), strides=(2, 2))  # a keyword, as jax2onnx needs
+        h = pool(block("conv2", h), window_shape=(2, 2), strides=(2, 2))
         h = h.reshape(h.shape[0], -1)  # (H, W, C) order: common.layout permutes fc1's rows
         for layer in ("fc1", "fc2"):
             h = block(layer, h)

@@ -28,6 +28,7 @@ reads after that write). Once per epoch, so it costs nothing measurable.
 """
 
 import platform
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -262,6 +263,30 @@ class MXNetBackend(Backend):
             logits = self._eval_logits(x)
             total.append(nd.concat(self.loss(logits, y).sum(), (logits.argmax(axis=1) == y).sum(), dim=0))
         return self.reduce_stats(total)
+
+    def export_onnx(self, path):
+        # MXNet's exporter takes a symbol file: the hybridized graph as net.export writes it, with its mode flags
+        # as a second input (BNLeNet.inputs)
+        side = self.spec.side
+        prefix = str(Path(path).with_suffix(""))
+        if not self.hybridized:
+            self.net.hybridize(static_alloc=True, static_shape=True)
+        self.predict(np.zeros((2, 1, side, side), dtype=self.dtype))
+        self.net.export(prefix)
+        try:
+            mx.onnx.export_model(
+                f"{prefix}-symbol.json",
+                f"{prefix}-0000.params",
+                in_shapes=[(2, 1, side, side), (2,)],
+                in_types=[np.dtype(self.dtype)] * 2,
+                onnx_file_path=path,
+                dynamic=True,
+                dynamic_input_shapes=[(None, 1, side, side), (2,)],
+            )
+        finally:
+            Path(f"{prefix}-symbol.json").unlink(missing_ok=True)
+            Path(f"{prefix}-0000.params").unlink(missing_ok=True)
+        return {"exporter": f"mx.onnx {mx.__version__}", "layout": "NCHW"}
 
     def predict(self, images):
         nd.waitall()  # see the module docstring

@@ -299,6 +299,15 @@ class TensorFlowBackend(Backend):
             ]
         return self.reduce_stats(totals)
 
+    def export_onnx(self, path):
+        import tf2onnx  # the port's exporter only (compare.port)
+
+        side = self.spec.side
+        signature = [tf.TensorSpec((None, side, side, 1), self.dtype, name="images")]
+        logits = tf.function(lambda images: self.model(images, training=False))
+        tf2onnx.convert.from_function(logits, input_signature=signature, output_path=path)
+        return {"exporter": f"tf2onnx {tf2onnx.__version__}", "layout": "NHWC"}
+
     def predict(self, images):
         with tf.device(self.device):
             return self.model(tf.constant(nchw_to_nhwc(images).astype(self.dtype)), training=False).numpy()

@@ -339,6 +339,22 @@ class TorchBackend(Backend):
         self._mode(False)
         return self._forward(self.model, torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
 
+    def export_onnx(self, path):
+        # the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, which this env lacks
+        self._mode(False)
+        side = self.spec.side
+        sample = torch.zeros((2, 1, side, side), dtype=self.dtype, device=self.device)
+        torch.onnx.export(
+            self.model,
+            (sample,),
+            path,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+        return {"exporter": f"torch.onnx (TorchScript) {torch.__version__}", "layout": "NCHW"}
+
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
