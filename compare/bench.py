@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -63,6 +64,10 @@ def bench_framework(framework: str, python: str, job: dict, emit) -> tuple:
                 elif record.get("kind") in ("bench_repeat", "bench_skipped"):
                     skipped += record["kind"] == "bench_skipped"
                     print(f"  {record['message']}", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C: the worker, in a session of its own, got none; stop it too
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # tox forwards a second SIGINT: wait for the worker anyway
+            proc.terminate()
+            raise
         finally:
             code = proc.wait()
         if code != 0:
@@ -299,5 +304,15 @@ def layers(args, frameworks, cells: list, explicit, out: Path, machine: dict) ->
     return status
 
 
+def interruptible(argv=None) -> int:
+    """main, with Ctrl-C (SIGINT) ending the benchmark cleanly: its worker stopped and waited for, exit 130, and
+    nothing written (a benchmark's files are written once every framework has finished)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("compare.bench: interrupted; its worker is stopped and nothing was written", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible())

@@ -8,7 +8,12 @@ bad options are refused before anything runs.
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +34,8 @@ from compare.reporting.layer import layer_row, scratch_over_builtin
 from compare.reporting.stats import median_interval, paired_ratio
 from tests.conventions import EXECUTION_NAMES
 from tests.helpers import make_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_median_interval_follows_the_binomial_order_statistics():
@@ -230,6 +237,46 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
     )
     for r in saved["rows"]:
         assert f"| {framework} | {r['variant']} | " in quoted and f"{r['suite_examples_per_s']:,.0f}" in quoted
+
+
+def test_ctrl_c_stops_the_benchmark_and_its_worker_and_writes_nothing(framework, tmp_path):
+    """SIGINT to the command's process group, twice, as a terminal's Ctrl-C under tox: compare.bench stops its
+    worker (which runs in a session of its own and gets neither), waits for it, says so and exits 130, with no
+    traceback and nothing written."""
+    data = make_idx_dir(tmp_path / "data", 640, 100)
+    out = tmp_path / "bench"
+    argv = ["--frameworks", framework, "--variants", "scratch", "--repeats", "50", "--batch-sizes", "64"]
+    argv += ["--train-limit", "640", "--device", "cpu", "--data-dir", str(data), "--no-verify-data"]
+    argv += ["--python", f"{framework}={sys.executable}", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compare.bench", *argv],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for text in proc.stderr:  # the first round's progress: the worker is timing
+            lines.append(text)
+            if "repeat 1:" in text:
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; its worker is stopped and nothing was written" in err and "Traceback" not in err, err
+    for child in map(int, children):  # no worker left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    assert not out.exists()
 
 
 def test_a_mode_the_framework_lacks_skips_only_its_cells(framework, tmp_path, capsys):
