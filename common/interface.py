@@ -310,8 +310,9 @@ class Backend(ABC):
             activations={pos: channels_first(h, axis) for pos, (h, axis) in activations.items()},
         )
 
-    def export_onnx(self, path: str) -> dict:
-        """Write the model in eval mode to path as ONNX, with the framework's own exporter (compare.port). Returns
+    def export_onnx(self, path: str, opset: int | None = None) -> dict:
+        """Write the model in eval mode to path as ONNX, with the framework's own exporter at the given opset (None:
+        the exporter's default) (compare.port). Returns
         {"exporter": its name and version, "layout": the input's, "NCHW" or "NHWC"}; raises what the exporter raises
         where it cannot export this model (the reason compare.port records)."""
         raise BackendUnavailable(f"{type(self).__name__} has no ONNX exporter")

@@ -21,6 +21,13 @@ def op_counts(model) -> dict:
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
 
+def opset(path: str) -> int:
+    """The default-domain opset the model at path is written for."""
+    import onnx
+
+    return next(o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx"))
+
+
 def check(path: str) -> str:
     """onnx.checker on the model at path, in words: "passed" (with full_check: the graph's declared shapes agree
     with ONNX's shape inference), or what fails. Raises nothing: ONNX Runtime may still run a model that fails."""

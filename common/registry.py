@@ -28,6 +28,11 @@ FRAMEWORKS = {
 }
 
 
+# not a framework of the comparison: the env where compare.port --onnx-import brings ONNX models back into PyTorch
+# (frameworks/torch/onnx_import.py)
+ONNX_IMPORTER = FrameworkInfo("onnx2torch", "onnx2torch", "onnx-import", "PyTorch (onnx2torch)")
+
+
 def framework_info(name: str) -> FrameworkInfo:
     try:
         return FRAMEWORKS[name]

@@ -40,7 +40,7 @@ from common.data import find_data_dir, load_fashion_mnist
 from common.errors import BNCompareError, ConfigError
 from common.fold import fold, folded_spec
 from common.port import MISTAKES, WRONG_DECAY, apply
-from common.registry import FRAMEWORKS, parse_frameworks
+from common.registry import FRAMEWORKS, ONNX_IMPORTER, parse_frameworks
 
 from . import HelpFormatter
 from .execution import envs, extras
@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-onnx", action="store_true", help="no ONNX export (default: each model exported and run in ONNX Runtime)"
+    )
+    p.add_argument("--opset", type=int, help="the ONNX opset every exporter writes (default: each exporter's own)")
+    p.add_argument(
+        "--onnx-import",
+        nargs="?",
+        const="tox",
+        metavar="PYTHON",
+        help="also bring each ONNX export back into PyTorch with onnx2torch, in PYTHON (default: the tox env "
+        "onnx-import, created on first use: a CUDA build of PyTorch, about 5.6 GB)",
     )
     p.add_argument("--repeats", type=int, default=7, help="rounds of timed inference per model (alternating)")
     p.add_argument("--data-dir", help="Fashion-MNIST's folder (default: as compare.run finds it)")
@@ -188,6 +197,39 @@ def mistake_tasks(model: dict, framework: str, mistakes, params_dir: Path) -> li
     return tasks
 
 
+def import_onnx(python: str, models: list, results: dict, port_dir: Path, data_dir: str, verify: bool) -> bool:
+    """--onnx-import: every ONNX export brought back into PyTorch by onnx2torch in its own worker; its result joins
+    the export's ("imported": the logits' file, or the error). True where the importer's env could not run."""
+    files = []
+    for model in models:
+        result = results.get(f"{ports.own_name(model)}_onnx", {})
+        record = result.get("onnx", {})
+        if record.get("path"):
+            spec = RunConfig.from_dict(model["config"]).model
+            files.append(
+                {
+                    "name": result["name"],
+                    "path": record["path"],
+                    "layout": record["layout"],
+                    "input_size": spec.input_size,
+                    "image_size": spec.image_size,
+                    "count": len(ports.logits(port_dir, result)),
+                }
+            )
+    try:
+        explicit = {} if python == "tox" else {"onnx2torch": python}
+        python = envs.resolve("onnx2torch", explicit, log=lambda m: print(m, file=sys.stderr), info=ONNX_IMPORTER)
+    except BNCompareError as exc:
+        print(f"[onnx2torch] skipped: {exc}", file=sys.stderr)
+        return True
+    print(f"[onnx2torch] {len(files)} ONNX model(s) back into PyTorch", file=sys.stderr)
+    job = {"mode": "onnx_import", "out": str(port_dir), "files": files, "data_dir": data_dir, "verify": verify}
+    for r in run_framework("onnx2torch", python, job):
+        if r.get("kind") == "onnx_import":
+            results[r["name"]]["imported"] = r
+    return False
+
+
 def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify: bool) -> list:
     """port.json's ONNX rows: each model's export (its worker's "port_onnx" record) checked and run in ONNX Runtime
     on the test set, graph optimisations off and on, against the model's own eval-mode logits; a model not exported
@@ -210,6 +252,7 @@ def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify
         test = images[key]
         path = str(port_dir / record["path"])
         row.update(
+            opset=onnx.opset(path),
             layers=len(config.model.norm_positions),
             exported=True,
             file=record["path"],
@@ -232,6 +275,12 @@ def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify
                     f"{level}_ops": ops,
                 }
             )
+        imported = result.get("imported")
+        if imported and imported.get("error"):
+            row["import_error"] = imported["error"]
+        elif imported:
+            distance = ports.logit_distance(own, ports.logits(port_dir, imported))
+            row.update(importer=imported["importer"], **{f"torch_{k}": v for k, v in distance.items()})
         rows.append(row)
     return rows
 
@@ -262,12 +311,16 @@ def main(argv=None) -> int:
         explicit = parse_pythons(args.python)
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
+        if args.opset is not None and args.opset < 7:
+            raise ConfigError(f"--opset must be an ONNX opset, 7 or later, got {args.opset}")
         if args.run_dir and not (Path(args.run_dir) / "records.jsonl").is_file():
             raise ConfigError(f"{args.run_dir} holds no records.jsonl: give a compare.run folder, or none to train")
         data_dir = str(find_data_dir(args.data_dir))
         port_dir = check_run_dir(args.out, run_id)
         if not args.no_onnx:
             extras.ensure("onnxruntime")
+        elif args.onnx_import:
+            raise ConfigError("--onnx-import brings the ONNX exports back into PyTorch: drop --no-onnx")
     except (BNCompareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -286,6 +339,8 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} has no complete run of {', '.join(variants)} with a snapshot to port", file=sys.stderr)
         return 1
     results, refused, not_ported, failed = evaluate(args, frameworks, models, mistakes, explicit, data_dir, port_dir)
+    if args.onnx_import:
+        failed |= import_onnx(args.onnx_import, models, results, port_dir, data_dir, not args.no_verify_data)
     inside = run_dir.resolve().is_relative_to(port_dir.resolve())  # trained here: said relative to the port
     source = os.path.relpath(run_dir, port_dir) if inside else str(run_dir)
     data = {
@@ -331,7 +386,9 @@ def evaluate(args, frameworks, models: list, mistakes, explicit, data_dir: str, 
                 if why:
                     refused.append({"framework": framework, "variant": model["variant"], "why": why})
                 if not args.no_onnx:
-                    tasks.append({**more[0], "name": f"{more[0]['name']}_onnx", "time": False, "onnx": True})
+                    tasks.append(
+                        {**more[0], "name": f"{more[0]['name']}_onnx", "time": False, "onnx": True, "opset": args.opset}
+                    )
             tasks += port_tasks(model, framework)
             if model["variant"] == "builtin":
                 tasks += mistake_tasks(model, framework, mistakes, port_dir / "params")

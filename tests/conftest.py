@@ -29,6 +29,11 @@ def pytest_addoption(parser):
     parser.addoption(
         "--tracking", action="store_true", help="run the MLflow tracking tests (needs MLflow: tox -e tracking)"
     )
+    parser.addoption(
+        "--onnx-import",
+        action="store_true",
+        help="run the ONNX-back-into-PyTorch tests (needs onnx2torch: tox -e onnx-import)",
+    )
 
 
 def pytest_configure(config):
@@ -39,6 +44,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cross: needs every framework's environment (run with --cross)")
     config.addinivalue_line("markers", "ray: starts a Ray cluster (run with --ray; tox -e ray)")
     config.addinivalue_line("markers", "tracking: MLflow, embedded and a server (run with --tracking; tox -e tracking)")
+    config.addinivalue_line("markers", "onnx_import: onnx2torch (run with --onnx-import; tox -e onnx-import)")
     config.addinivalue_line("markers", "every_env: a framework-free test that runs in every framework's env")
 
 
@@ -76,6 +82,7 @@ def pytest_collection_modifyitems(config, items):
         ("--cross", "cross", "cross-framework test: run with --cross (tox -e cross)"),
         ("--ray", "ray", "Ray executor test: run with --ray (tox -e ray)"),
         ("--tracking", "tracking", "MLflow test: run with --tracking (tox -e tracking)"),
+        ("--onnx-import", "onnx_import", "onnx2torch test: run with --onnx-import (tox -e onnx-import)"),
     ):
         if not config.getoption(option):
             for item in items:

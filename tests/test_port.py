@@ -36,7 +36,7 @@ def trained(tmp_path_factory, framework):
 
 def port(trained, framework, run, *extra):
     root, data = trained
-    run_id = f"port-{run}" + ("-ports" if "none" in extra else "")
+    run_id = f"port-{run}" + "".join(f"-{a.lstrip('-')}" for a in extra if a.startswith("--"))  # one per option set
     code = port_main(
         [
             str(root / run),
@@ -59,13 +59,17 @@ def port(trained, framework, run, *extra):
     return code, root / run_id
 
 
-@pytest.fixture(scope="module")
-def ported(trained, framework):
+def ported_with(trained, framework, *extra) -> tuple:
     """The float32 scratch and built-in models folded and exported to ONNX (no mistakes): port.json's contents,
     and the folder."""
-    code, folder = port(trained, framework, "bn", "--mistakes", "none")
+    code, folder = port(trained, framework, "bn", "--mistakes", "none", *extra)
     assert code == 0
     return json.loads((folder / "port.json").read_text()), folder
+
+
+@pytest.fixture(scope="module")
+def ported(trained, framework):
+    return ported_with(trained, framework)
 
 
 def test_a_trained_models_fold_keeps_its_predictions(fw, framework, ported):
@@ -122,6 +126,23 @@ def test_each_model_exported_to_onnx_runs_in_onnx_runtime_as_in_its_framework(fw
         bn = r["plain_ops"].get("BatchNormalization", 0)
         assert (bn > 0) == (variant in BN_NODES.get(framework, ())), r["plain_ops"]
         assert bn or sum(r["plain_ops"].get(op, 0) for op in ("Sub", "Mul", "Div")) >= 4, r["plain_ops"]
+
+
+@pytest.mark.onnx_import
+def test_onnx_exports_come_back_into_pytorch_at_an_opset_onnx2torch_converts(fw, framework, trained):
+    """--onnx-import (tox -e onnx-import: onnx2torch beside its own PyTorch build). At the exporter's default opset
+    onnx2torch 1.5.15 converts neither model, and each row says which operator it lacks; with --opset 17 each export
+    comes back into PyTorch with the model's logits within float32 agreement (1e-4) and every prediction, and the
+    report's ONNX table says so."""
+    data, _ = ported_with(trained, framework, "--onnx-import", sys.executable)
+    assert sorted(r["variant"] for r in data["onnx"] if r["exported"]) == ["builtin", "scratch"]
+    for r in data["onnx"]:
+        assert r["opset"] > 18 and "Converter is not implemented" in r["import_error"], r
+    data, folder = ported_with(trained, framework, "--onnx-import", sys.executable, "--opset", "17")
+    for r in data["onnx"]:
+        assert r["opset"] == 17 and r["importer"].startswith("onnx2torch ") and "import_error" not in r, r
+        assert r["torch_max_logit_diff"] < 1e-4 and r["torch_agreement"] == 1.0, r
+    assert "back in PyTorch (onnx2torch)" in (folder / "port.md").read_text()
 
 
 def test_what_does_not_fold_is_said_with_its_reason(fw, framework, trained):
@@ -212,6 +233,8 @@ def test_each_mistake_of_a_port_computes_what_it_says(fw, framework, trained):
         (["--variants", "scratch,none"], "unknown variant ['none']"),
         (["--frameworks", "caffe"], "unknown framework 'caffe'"),
         (["--mistakes", "gamma,typo"], "unknown mistake ['typo']"),
+        (["--opset", "3"], "--opset must be an ONNX opset, 7 or later"),
+        (["--no-onnx", "--onnx-import"], "--onnx-import brings the ONNX exports back into PyTorch: drop --no-onnx"),
     ],
 )
 def test_bad_port_options_are_refused_before_anything_runs(tmp_path, capsys, argv, message):

@@ -63,8 +63,8 @@ def tox_command() -> list | None:
     return [sys.executable, "-m", "tox"] if probe.returncode == 0 else None
 
 
-def resolve(framework: str, explicit: dict, *, create: bool = True, log=print) -> str:
-    info = framework_info(framework)
+def resolve(framework: str, explicit: dict, *, create: bool = True, log=print, info=None) -> str:
+    info = info or framework_info(framework)
     if framework in explicit:
         given = explicit[framework]
         # absolute, so that it works from the folders the checks and workers run in

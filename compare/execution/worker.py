@@ -11,6 +11,7 @@ failure of one configuration becomes an error record and the next one runs.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import platform
@@ -322,7 +323,7 @@ def port(job: dict) -> int:
                 }
             )
             if task.get("onnx"):
-                send(_export_onnx(framework, backend, task["name"], out))
+                send(_export_onnx(framework, backend, task["name"], out, task.get("opset")))
             if task.get("time"):
                 test = backend.put(datasets[key].test_images[: len(labels)], labels)
                 backend.evaluate(test, config.eval_batch_size)  # a compiled mode compiles here, untimed
@@ -352,14 +353,39 @@ def port(job: dict) -> int:
     return 0
 
 
-def _export_onnx(framework: str, backend, name: str, out: Path) -> dict:
+def onnx_import(job: dict) -> int:
+    """compare.port --onnx-import: each exported model (job["files"]: name, path under out, layout, input_size,
+    image_size, count) converted into PyTorch (frameworks/torch/onnx_import.py) and run on the first `count` test
+    images: an "onnx_import" record per file with its logits written to out/logits/NAME_onnx2torch.npz, or the
+    error where it does not convert or run."""
+    importer = importlib.import_module("frameworks.torch.onnx_import")
+    out, datasets = Path(job["out"]), {}
+    for item in job["files"]:
+        record = {"kind": "onnx_import", "name": item["name"]}
+        try:
+            key = (item["input_size"], item["image_size"])
+            if key not in datasets:
+                datasets[key] = load_fashion_mnist(
+                    job.get("data_dir"), verify=job.get("verify", True), input_size=key[0], image_size=key[1]
+                )
+            images = datasets[key].test_images[: item["count"]]
+            logits = importer.logits(str(out / item["path"]), images, item["layout"])
+            path = Path("logits") / f"{item['name']}_onnx2torch.npz"
+            save_npz(out / path, {"logits": logits})
+            send({**record, "logits": str(path), "importer": importer.importer()})
+        except Exception as exc:  # onnx2torch's own words: this model does not come back into PyTorch
+            send({**record, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+    return 0
+
+
+def _export_onnx(framework: str, backend, name: str, out: Path, opset: int | None) -> dict:
     """The task's model exported to out/onnx/ (Backend.export_onnx): a "port_onnx" record with the file, the
     exporter and the input's layout, or the exporter's error where it cannot export the model (its reason)."""
     path = Path("onnx") / f"{name}.onnx"  # the task's name begins with its framework's
     (out / path).parent.mkdir(parents=True, exist_ok=True)
     record = {"kind": "port_onnx", "framework": framework, "name": name}
     try:
-        return {**record, "path": str(path), **backend.export_onnx(str(out / path))}
+        return {**record, "path": str(path), **backend.export_onnx(str(out / path), opset)}
     except Exception as exc:  # the exporter's own words are the measured reason
         (out / path).unlink(missing_ok=True)
         text = " ".join(str(exc).split())
@@ -410,6 +436,8 @@ def main() -> int:
 def run_job(job: dict) -> int:
     if job.get("mode") == "bench":
         return bench(job)
+    if job.get("mode") == "onnx_import":
+        return onnx_import(job)
     if job.get("mode") == "port":
         return port(job)
     if job.get("mode") == "layer":

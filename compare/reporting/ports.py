@@ -256,18 +256,20 @@ def onnx_markdown(frame: pd.DataFrame) -> list:
     Runtime's optimisations, and how close ONNX Runtime comes to the framework; the models not exported, and why."""
     if frame.empty:
         return []
+    imported = "importer" in frame or "import_error" in frame  # compare.port --onnx-import
     lines = [
         "| model | exporter | onnx.checker | norm layers | BatchNormalization nodes; elementwise ops | after ONNX "
-        r"Runtime's optimisations | largest \|logit difference\| (plain; optimised) | predictions kept |",
-        "|---|---|---|---|---|---|---|---|",
+        r"Runtime's optimisations | largest \|logit difference\| (plain; optimised) | predictions kept |"
+        + (r" back in PyTorch (onnx2torch): largest \|logit difference\|; predictions kept |" if imported else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if imported else ""),
     ]
     order = list(FRAMEWORKS)
     for r in sorted(frame.to_dict("records"), key=lambda r: (order.index(r["framework"]), r["variant"])):
         model = f"{FRAMEWORKS[r['framework']].label} {r['variant']}"
         if not r["exported"]:
-            lines.append(f"| {model} | not exported: {r['why']} | | | | | | |")
+            lines.append(f"| {model} | not exported: {r['why']} | | | | | | |" + (" |" if imported else ""))
             continue
-        cells = [r["exporter"], r["checker"], f"{r['layers']:.0f}"]
+        cells = [f"{r['exporter']}, opset {r['opset']:.0f}", r["checker"], f"{r['layers']:.0f}"]
         for level in ("plain", "optimized"):
             error = r.get(f"{level}_error")
             ran = f"{r.get(f'{level}_bn_nodes'):.0f}; {r.get(f'{level}_elementwise'):.0f}"
@@ -276,15 +278,25 @@ def onnx_markdown(frame: pd.DataFrame) -> list:
         cells.append("; ".join(f"{d:.2g}" for d in diffs))
         agree = min(r.get(f"{level}_agreement", math.nan) for level in ("plain", "optimized"))
         cells.append(f"{agree:.2%}")
+        if imported:
+            error = r.get("import_error")
+            back = f"{r.get('torch_max_logit_diff', math.nan):.2g}; {r.get('torch_agreement', math.nan):.2%}"
+            cells.append(f"not imported: {error}" if isinstance(error, str) else back)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Each model's eval mode exported by its framework's exporter and run in ONNX Runtime on the CPU over the test "
-        "set, with no graph optimisation (plain) and with all (optimised), against the model in its own framework. "
-        "Elementwise ops (" + ", ".join(onnx.ELEMENTWISE) + ") include the dense layers' bias additions where an "
-        "exporter writes them apart.",
+        "Each model in eval mode, exported and run in ONNX Runtime on the CPU over the test set, graph optimisations "
+        "off (plain) and on (optimised), against the model in its own framework. Elementwise ops ("
+        + ", ".join(onnx.ELEMENTWISE)
+        + ") include bias additions an exporter writes apart."
+        + (f" Back in PyTorch: converted by {_importer(frame)}, run on the CPU." if imported else ""),
     ]
     return lines
+
+
+def _importer(frame: pd.DataFrame) -> str:
+    names = frame.importer.dropna().unique() if "importer" in frame else []
+    return ", ".join(names) or "onnx2torch"
 
 
 def fold_table(rows: list) -> pd.DataFrame:

@@ -379,7 +379,7 @@ class JaxBackend(Backend):
         ]
         return self.reduce_stats(totals)
 
-    def export_onnx(self, path):
+    def export_onnx(self, path, opset=None):
         from importlib.metadata import version
 
         import jax2onnx  # the port's exporter only (compare.port)
@@ -392,6 +392,7 @@ class JaxBackend(Backend):
             [("B", side, side, 1)],
             model_name="bn_lenet",
             enable_double_precision=self.dtype == "float64",
+            **({"opset": opset} if opset else {}),
         )
         onnx.save(model, path)
         return {"exporter": f"jax2onnx {version('jax2onnx')}", "layout": "NHWC"}

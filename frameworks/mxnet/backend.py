@@ -264,9 +264,17 @@ class MXNetBackend(Backend):
             total.append(nd.concat(self.loss(logits, y).sum(), (logits.argmax(axis=1) == y).sum(), dim=0))
         return self.reduce_stats(total)
 
-    def export_onnx(self, path):
+    def export_onnx(self, path, opset=None):
         # MXNet's exporter takes a symbol file: the hybridized graph as net.export writes it, with its mode flags
         # as a second input (BNLeNet.inputs)
+        import onnx  # mx.onnx's own dependency
+
+        written = onnx.defs.onnx_opset_version()
+        if opset and opset != written:
+            raise BackendUnavailable(
+                f"mx.onnx {mx.__version__} writes the opset of the installed onnx {onnx.__version__} ({written}) and "
+                f"takes no other: --opset {written}, or none"
+            )
         side = self.spec.side
         prefix = str(Path(path).with_suffix(""))
         if not self.hybridized:

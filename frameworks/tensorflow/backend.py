@@ -299,13 +299,13 @@ class TensorFlowBackend(Backend):
             ]
         return self.reduce_stats(totals)
 
-    def export_onnx(self, path):
+    def export_onnx(self, path, opset=None):
         import tf2onnx  # the port's exporter only (compare.port)
 
         side = self.spec.side
         signature = [tf.TensorSpec((None, side, side, 1), self.dtype, name="images")]
         logits = tf.function(lambda images: self.model(images, training=False))
-        tf2onnx.convert.from_function(logits, input_signature=signature, output_path=path)
+        tf2onnx.convert.from_function(logits, input_signature=signature, opset=opset, output_path=path)
         return {"exporter": f"tf2onnx {tf2onnx.__version__}", "layout": "NHWC"}
 
     def predict(self, images):

@@ -339,7 +339,7 @@ class TorchBackend(Backend):
         self._mode(False)
         return self._forward(self.model, torch.as_tensor(images).to(self.device, self.dtype)).cpu().numpy()
 
-    def export_onnx(self, path):
+    def export_onnx(self, path, opset=None):
         # the TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, which this env lacks
         self._mode(False)
         side = self.spec.side
@@ -352,6 +352,7 @@ class TorchBackend(Backend):
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            **({"opset_version": opset} if opset else {}),
         )
         return {"exporter": f"torch.onnx (TorchScript) {torch.__version__}", "layout": "NCHW"}
 
