@@ -19,3 +19,10 @@ class BackendUnavailable(BNCompareError):
 
 class NonFiniteError(BNCompareError):
     """Training produced a NaN or infinite loss or input."""
+
+
+def in_words(exc: BaseException, limit: int = 300) -> str:
+    """An exception on one line, its type and its words, at most `limit` characters of them: the reason a report
+    records for what a tool refused (an exporter, a converter)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text if len(text) <= limit else text[: limit - 3] + '...'}"

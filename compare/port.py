@@ -37,7 +37,7 @@ import numpy as np
 from common import onnx
 from common.config import DTYPES, RunConfig
 from common.data import find_data_dir, load_fashion_mnist
-from common.errors import BNCompareError, ConfigError
+from common.errors import BNCompareError, ConfigError, in_words
 from common.fold import fold, folded_spec
 from common.port import MISTAKES, WRONG_DECAY, apply
 from common.registry import FRAMEWORKS, ONNX_IMPORTER, parse_frameworks
@@ -227,7 +227,10 @@ def import_onnx(python: str, models: list, results: dict, port_dir: Path, data_d
     for r in run_framework("onnx2torch", python, job):
         if r.get("kind") == "onnx_import":
             results[r["name"]]["imported"] = r
-    return False
+    missing = [f["name"] for f in files if "imported" not in results[f["name"]]]
+    for name in missing:  # the worker failed (its log is on stderr): said in the table, and in the exit status
+        results[name]["imported"] = {"error": "the onnx2torch worker gave no result"}
+    return bool(missing)
 
 
 def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify: bool) -> list:
@@ -264,7 +267,7 @@ def onnx_rows(models: list, results: dict, port_dir: Path, data_dir: str, verify
             try:
                 logits, ops = onnx.run(path, test.test_images[: len(own)], record["layout"], optimize)
             except Exception as exc:  # ONNX Runtime's own words: the model does not run there
-                row[f"{level}_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                row[f"{level}_error"] = in_words(exc)
                 continue
             distance = ports.logit_distance(own, logits)
             row.update(

@@ -225,6 +225,28 @@ def test_each_mistake_of_a_port_computes_what_it_says(fw, framework, trained):
     assert "## Mistakes" in (folder / "port.md").read_text()
 
 
+def test_the_onnx_table_says_what_was_not_exported_and_what_did_not_run():
+    """An export ONNX Runtime cannot run (a float64 convolution, say) and one the exporter refused each get their
+    words in the table, beside one that ran; nothing is made up for them (no counts, differences or agreement)."""
+    base = {"seed": 0, "epoch": 1, "opset": 17, "layers": 4, "file": "f.onnx", "exporter": "x 1.0", "test_acc": 0.5}
+    ops = {"Conv": 2, "BatchNormalization": 2, "Mul": 3}
+    ran = {"max_logit_diff": 2e-6, "agreement": 1.0, "test_acc": 0.5}
+    rows = [
+        {**base, "framework": "torch", "variant": "scratch", "exported": True, "checker": "passed"}
+        | {f"{level}_error": "NotImplemented: Conv(double)" for level in ("plain", "optimized")},
+        {**base, "framework": "torch", "variant": "builtin", "exported": True, "checker": "passed"}
+        | {f"{level}_{k}": v for level in ("plain", "optimized") for k, v in {**ran, "ops": ops}.items()},
+        {**base, "framework": "mxnet", "variant": "scratch", "exported": False, "why": "AttributeError: rsqrt"},
+    ]
+    table = ports.onnx_table(rows)
+    assert table.set_index("variant").loc["builtin"][["plain_bn_nodes", "plain_elementwise"]].tolist() == [2, 3]
+    lines = ports.onnx_markdown(table)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:5]}
+    assert cells["PyTorch scratch"][3:] == ["does not run: NotImplemented: Conv(double)"] * 2 + ["-; -", ""]
+    assert cells["PyTorch builtin"][3:] == ["2; 3", "2; 3", "2e-06; 2e-06", "100.00%"]
+    assert cells["MXNet Gluon scratch"][0] == "not exported: AttributeError: rsqrt"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

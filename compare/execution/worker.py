@@ -27,7 +27,7 @@ import numpy as np
 from common import records
 from common.config import ModelSpec, RunConfig
 from common.data import load_fashion_mnist
-from common.errors import BackendUnavailable, BNCompareError
+from common.errors import BackendUnavailable, BNCompareError, in_words
 from common.flops import PEAK_MATMUL, matmul_gflops_per_s
 from common.loop import run as run_loop
 from common.registry import framework_info, load_backend_module
@@ -374,7 +374,7 @@ def onnx_import(job: dict) -> int:
             save_npz(out / path, {"logits": logits})
             send({**record, "logits": str(path), "importer": importer.importer()})
         except Exception as exc:  # onnx2torch's own words: this model does not come back into PyTorch
-            send({**record, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+            send({**record, "error": in_words(exc)})
     return 0
 
 
@@ -388,8 +388,7 @@ def _export_onnx(framework: str, backend, name: str, out: Path, opset: int | Non
         return {**record, "path": str(path), **backend.export_onnx(str(out / path), opset)}
     except Exception as exc:  # the exporter's own words are the measured reason
         (out / path).unlink(missing_ok=True)
-        text = " ".join(str(exc).split())
-        return {**record, "error": f"{type(exc).__name__}: {text[:300]}"}
+        return {**record, "error": in_words(exc)}
 
 
 def _port_task(module, task: dict, config: RunConfig, data) -> tuple:

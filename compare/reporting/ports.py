@@ -270,14 +270,13 @@ def onnx_markdown(frame: pd.DataFrame) -> list:
             lines.append(f"| {model} | not exported: {r['why']} | | | | | | |" + (" |" if imported else ""))
             continue
         cells = [f"{r['exporter']}, opset {r['opset']:.0f}", r["checker"], f"{r['layers']:.0f}"]
-        for level in ("plain", "optimized"):
-            error = r.get(f"{level}_error")
-            ran = f"{r.get(f'{level}_bn_nodes'):.0f}; {r.get(f'{level}_elementwise'):.0f}"
-            cells.append(f"does not run: {error}" if isinstance(error, str) else ran)
-        diffs = [r.get(f"{level}_max_logit_diff", math.nan) for level in ("plain", "optimized")]
-        cells.append("; ".join(f"{d:.2g}" for d in diffs))
-        agree = min(r.get(f"{level}_agreement", math.nan) for level in ("plain", "optimized"))
-        cells.append(f"{agree:.2%}")
+        levels = ("plain", "optimized")
+        ran = [level for level in levels if not isinstance(r.get(f"{level}_error"), str)]  # ONNX Runtime ran it
+        for level in levels:
+            counts = f"{r.get(f'{level}_bn_nodes', 0):.0f}; {r.get(f'{level}_elementwise', 0):.0f}"
+            cells.append(counts if level in ran else f"does not run: {r[f'{level}_error']}")
+        cells.append("; ".join(f"{r[f'{level}_max_logit_diff']:.2g}" if level in ran else "-" for level in levels))
+        cells.append(f"{min(r[f'{level}_agreement'] for level in ran):.2%}" if ran else "")
         if imported:
             error = r.get("import_error")
             back = f"{r.get('torch_max_logit_diff', math.nan):.2g}; {r.get('torch_agreement', math.nan):.2%}"
