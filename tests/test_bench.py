@@ -242,7 +242,10 @@ def test_bench_writes_the_three_loops_side_by_side(framework, tmp_path, capsys):
 def test_ctrl_c_stops_the_benchmark_and_its_worker_and_writes_nothing(framework, tmp_path):
     """SIGINT to the command's process group, twice, as a terminal's Ctrl-C under tox: compare.bench stops its
     worker (which runs in a session of its own and gets neither), waits for it, says so and exits 130, with no
-    traceback and nothing written."""
+    traceback and nothing written. compare.bench's own behaviour, whatever its worker runs: in the torch env only
+    (in TensorFlow's a first round of 50 repeats' cells took minutes before the signal could be sent)."""
+    if framework != "torch":
+        pytest.skip("compare.bench's handling of Ctrl-C, the same for every worker: run in tox -e torch")
     data = make_idx_dir(tmp_path / "data", 640, 100)
     out = tmp_path / "bench"
     argv = ["--frameworks", framework, "--variants", "scratch", "--repeats", "50", "--batch-sizes", "64"]
