@@ -52,8 +52,8 @@ def _first_line(exc: Exception, limit: int = 120) -> str:
 def run(path: str, images: np.ndarray, layout: str, optimize: bool, batch_size: int = 1000) -> tuple:
     """(the logits of images, NCHW, through the model at path in ONNX Runtime on the CPU, its graph's op counts
     after ONNX Runtime's own rewriting): with `optimize` every graph optimisation (ORT_ENABLE_ALL: constant
-    folding, BatchNormalization into Conv, activation fusion), without it none. The model is checked with
-    its first input takes the images in `layout` ("NCHW" or "NHWC")."""
+    folding, BatchNormalization into Conv, activation fusion), without it none. Its
+    first input takes the images in `layout` ("NCHW" or "NHWC")."""
     import onnx
     import onnxruntime as ort
 
@@ -79,11 +79,3 @@ def run(path: str, images: np.ndarray, layout: str, optimize: bool, batch_size: 
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(logits), ops
-
-
-def norm_ops(ops: dict) -> str:
-    """What the normalisations became, in words, from a graph's op counts."""
-    if ops.get("BatchNormalization"):
-        return f"{ops['BatchNormalization']} BatchNormalization"
-    elementwise = sum(ops.get(op, 0) for op in ELEMENTWISE)
-    return f"{elementwise} elementwise ops" if elementwise else "none left (folded)"
