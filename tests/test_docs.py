@@ -194,7 +194,7 @@ def test_ci_runs_readmes_test_command_as_written():
 
     assert packages(compare_cmd) <= packages(test_cmd), "the tests install what the comparison command installs"
     assert compare_cmd.endswith(".venv/bin/tox -e run -- --frameworks torch,mxnet") and test_cmd.endswith(
-        ".venv/bin/tox p"
+        ".venv/bin/tox"
     )
 
 
