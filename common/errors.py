@@ -21,8 +21,9 @@ class NonFiniteError(BNCompareError):
     """Training produced a NaN or infinite loss or input."""
 
 
-def in_words(exc: BaseException, limit: int = 300) -> str:
-    """An exception on one line, its type and its words, at most `limit` characters of them: the reason a report
-    records for what a tool refused (an exporter, a converter)."""
+def in_words(exc: BaseException, limit: int = 300, named: bool = True) -> str:
+    """An exception on one line, its type (unless not `named`) and its words, at most `limit` characters of them:
+    the reason a report records for what a tool refused (an exporter, a converter, a checker)."""
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text if len(text) <= limit else text[: limit - 3] + '...'}"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if named else text

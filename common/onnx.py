@@ -12,6 +12,8 @@ from collections import Counter
 
 import numpy as np
 
+from .errors import in_words
+
 # the ops a normalisation becomes when an exporter writes it out elementwise (the scratch layers' math)
 ELEMENTWISE = ("Sub", "Mul", "Div", "Add", "Sqrt", "Reciprocal", "Pow", "ReduceMean")
 
@@ -36,17 +38,12 @@ def check(path: str) -> str:
     try:
         onnx.checker.check_model(path)
     except Exception as exc:  # the checker's own message
-        return f"fails: {_first_line(exc)}"
+        return f"fails: {in_words(exc, 120, named=False)}"
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:
-        return f"passes, but not with full_check (shape inference): {_first_line(exc)}"
+        return f"passes, but not with full_check (shape inference): {in_words(exc, 120, named=False)}"
     return "passed"
-
-
-def _first_line(exc: Exception, limit: int = 120) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run(path: str, images: np.ndarray, layout: str, optimize: bool, batch_size: int = 1000) -> tuple:
@@ -72,10 +69,14 @@ def run(path: str, images: np.ndarray, layout: str, optimize: bool, batch_size: 
         raise ValueError(
             f"the exported graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}), not the images alone"
         )
-    x = images.transpose(0, 2, 3, 1) if layout == "NHWC" else images
     dtype = np.float64 if "double" in inputs[0].type else np.float32
-    logits = [
-        session.run(None, {inputs[0].name: np.ascontiguousarray(x[i : i + batch_size], dtype=dtype)})[0]
-        for i in range(0, len(x), batch_size)
-    ]
+    logits = [session.run(None, {inputs[0].name: x})[0] for x in batches(images, layout, dtype, batch_size)]
     return np.concatenate(logits), ops
+
+
+def batches(images: np.ndarray, layout: str, dtype, batch_size: int):
+    """images (NCHW) as an exported model's input takes them: in `layout` ("NCHW" or "NHWC"), `dtype`, contiguous,
+    `batch_size` at a time."""
+    x = images.transpose(0, 2, 3, 1) if layout == "NHWC" else images
+    for i in range(0, len(x), batch_size):
+        yield np.ascontiguousarray(x[i : i + batch_size], dtype=dtype)

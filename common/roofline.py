@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from .config import ModelSpec
 from .init import CHANNELS
 
@@ -58,8 +60,6 @@ def triad_bytes(elements: int, dtype: str) -> int:
 
 def numpy_add(elements: int, dtype: str):
     """STREAM's add, a = b + c, over `elements` values in numpy (one kernel, one core): a call that runs one."""
-    import numpy as np
-
     rng = np.random.RandomState(0)
     b, c = (rng.standard_normal(elements).astype(dtype) for _ in "bc")
     a = np.empty_like(b)

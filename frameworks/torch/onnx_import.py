@@ -13,6 +13,8 @@ import numpy as np
 import onnx2torch
 import torch
 
+from common.onnx import batches
+
 
 def importer() -> str:
     return f"onnx2torch {version('onnx2torch')} (torch {torch.__version__})"
@@ -22,10 +24,6 @@ def logits(path: str, images: np.ndarray, layout: str, batch_size: int = 1000) -
     """The logits of images (NCHW) through the ONNX model at path converted into a torch.nn.Module, in eval mode on
     the CPU; its input takes them in `layout` ("NCHW" or "NHWC"), float32."""
     module = onnx2torch.convert(path).eval()
-    x = images.transpose(0, 2, 3, 1) if layout == "NHWC" else images
     with torch.no_grad():
-        out = [
-            module(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))).numpy()
-            for i in range(0, len(x), batch_size)
-        ]
+        out = [module(torch.from_numpy(x)).numpy() for x in batches(images, layout, np.float32, batch_size)]
     return np.concatenate(out)
