@@ -108,6 +108,21 @@ def test_the_scratch_layer_over_the_built_in_is_paired_where_the_cells_took_turn
     within each repeat (interleaved): the median of the six repeats' own ratios, 0.5 0.6 0.7 1.6 1.8 2.0, is 1.15
     with the interval [0.50, 2.00] (not the ratio of the medians, 75 / 75); older records, whose cells ran one
     after the other: the ratio of the medians, said so."""
+    scratch = {"variant": "scratch", "suite_all": [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]}
+    builtin = {"variant": "builtin", "suite_all": [100.0, 100.0, 100.0, 50.0, 50.0, 50.0]}
+    said = {
+        interleaved: _excerpt_of(tmp_path / str(interleaved), [scratch, builtin], interleaved)
+        for interleaved in (True, False)
+    }
+    assert (
+        "per mode: tensorflow XLA (`default`) 1.15x [0.50, 2.00]. Each is the median of the repeats' own" in said[True]
+    )
+    assert "per mode: tensorflow XLA (`default`) 1.00x. Each is a ratio of two cells' medians" in said[False]
+
+
+def _excerpt_of(folder, cells: list, interleaved: bool) -> str:
+    """The excerpt of a benchmark folder holding these TensorFlow XLA cells (variant and suite examples/s per repeat),
+    taken in turns within each repeat or not."""
     base = {
         "framework": "tensorflow",
         "execution": "default",
@@ -117,20 +132,25 @@ def test_the_scratch_layer_over_the_built_in_is_paired_where_the_cells_took_turn
         "textbook_all": [100.0] * 6,
         "suite_first_step_seconds": [1.0] * 6,
     }
-    scratch = {**base, "variant": "scratch", "suite_all": [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]}
-    builtin = {**base, "variant": "builtin", "suite_all": [100.0, 100.0, 100.0, 50.0, 50.0, 50.0]}
     machine = {"command": "python -m compare.bench --frameworks tensorflow", "cpu": "CPU", "cpu_count": 2}
-    said = {}
-    for interleaved in (True, False):
-        folder = tmp_path / str(interleaved)
-        folder.mkdir()
-        measured = [{**r, **({"interleaved": True} if interleaved else {})} for r in (scratch, builtin)]
-        (folder / "bench.json").write_text(json.dumps({"machine": machine, "measured": measured}))
-        said[interleaved] = excerpt(folder)
+    folder.mkdir()
+    measured = [{**base, **cell, **({"interleaved": True} if interleaved else {})} for cell in cells]
+    (folder / "bench.json").write_text(json.dumps({"machine": machine, "measured": measured}))
+    return excerpt(folder)
+
+
+def test_the_normalisations_share_of_the_step_is_measured_against_the_network_without_it(tmp_path):
+    """With the `none` cell beside it at 100 examples/s every repeat: the scratch cell's 50 to 100 examples/s make
+    the normalisation 1 - 50/100 = 50% to 0% of its step, the median 25% with the interval [0%, 50%] from six
+    repeats; the built-in's 80 every repeat, 20%. Cells that did not take turns: nothing said."""
+    none = {"variant": "none", "suite_all": [100.0] * 6}
+    scratch = {"variant": "scratch", "suite_all": [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]}
+    builtin = {"variant": "builtin", "suite_all": [80.0] * 6}
+    said = _excerpt_of(tmp_path / "turns", [scratch, builtin, none], True)
     assert (
-        "per mode: tensorflow XLA (`default`) 1.15x [0.50, 2.00]. Each is the median of the repeats' own" in said[True]
+        "tensorflow XLA (`default`) scratch 25% [0%, 50%]; tensorflow XLA (`default`) builtin 20% [20%, 20%]." in said
     )
-    assert "per mode: tensorflow XLA (`default`) 1.00x. Each is a ratio of two cells' medians" in said[False]
+    assert "share of the training step" not in _excerpt_of(tmp_path / "apart", [scratch, builtin, none], False)
 
 
 @pytest.mark.parametrize(

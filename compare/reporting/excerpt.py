@@ -139,7 +139,7 @@ def bench_excerpt(folder: Path) -> str:
         "",
         f"suite/bare {_span(list(rows.suite_over_bare), 3)}{_in_all(rows)}{within}; suite/textbook: {textbook}.",
     ]
-    return "\n".join(lines + _execution_modes(rows) + _of_peak(rows) + _population(rows)) + "\n"
+    return "\n".join(lines + _execution_modes(rows) + _norm_share(rows) + _of_peak(rows) + _population(rows)) + "\n"
 
 
 def _variant(r) -> str:
@@ -286,6 +286,30 @@ def _scratch_over_builtin(rows: pd.DataFrame) -> list:
         + "; ".join(p for p, _ in pairs)
         + ". "
         + how,
+    ]
+
+
+def _norm_share(rows: pd.DataFrame) -> list:
+    """Where a benchmark has the `none` variant (the network without normalisation) beside a variant in the same
+    mode, and the cells took turns within each repeat: the normalisation's share of the variant's training step,
+    1 - (none's step time / the variant's) = 1 - (the variant's examples/s / none's), repeat by repeat; the median
+    with its 95% interval where there were 6 repeats or more. Negative: the variant's step was the faster."""
+    nones = {(r.framework, r.execution, r.batch_size): r for r in rows.itertuples() if r.variant == "none"}
+    shares = []
+    for r in rows.itertuples():
+        none = nones.get((r.framework, r.execution, r.batch_size))
+        if r.variant == "none" or none is None or not (r.interleaved and none.interleaved):
+            continue
+        paired = paired_ratio(r.suite_all, none.suite_all)
+        interval = "" if np.isnan(paired["_low"]) else f" [{1 - paired['_high']:.0%}, {1 - paired['_low']:.0%}]"
+        shares.append(f"{r.framework} {_mode(r)} {_variant(r)} {1 - paired['']:.0%}{interval}")
+    if not shares:
+        return []
+    return [
+        "",
+        "The normalisation's share of the training step, 1 - (the step time without normalisation, the `none` "
+        "cell of the same mode / the cell's), the median of the repeats' own figures with its 95% interval where "
+        "there were 6 repeats or more: " + "; ".join(shares) + ".",
     ]
 
 
